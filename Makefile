@@ -1,0 +1,31 @@
+# Two entry points: `make demo` and `make test`. Each builds its own .venv with pinned
+# dependencies; torch is installed first so that the CPU wheel satisfies `torch>=`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+
+.PHONY: venv demo test bench clean
+
+$(BIN)/bida: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(BIN)/bida
+
+venv: $(BIN)/bida
+
+demo: venv
+	$(BIN)/bida demo
+
+test: venv
+	$(BIN)/python -m pytest
+
+bench: venv
+	$(BIN)/python benchmarks/method_extras.py
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/evaluation.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
