@@ -1,0 +1,7 @@
+"""``python -m bida`` (what ``torchrun -m bida train ...`` runs)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,189 @@
+"""The ``bida`` command line: train, evaluate, predict, demo, ablate, data check.
+
+Every user-facing error (:class:`~bida.errors.BidaError`) is printed as one line on stderr
+with exit code 2; tracebacks are kept for genuine bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import BidaError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", help="YAML config (default: the embedded synthetic pair)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. train.iters=200")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bida", description="Unsupervised domain adaptive semantic segmentation (BiDA).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (source-only or adaptation)")
+    _add_config_args(p)
+    p.add_argument("--out", help="run directory (default: runs/<method>-<time>)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where it stopped")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on the target validation split")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", help="directory for metrics.json")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("predict", help="predict label maps and overlays for images or folders")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("demo", help="source-only, self-training and BiDA on the embedded domain pair")
+    p.add_argument("--out", default="runs/demo", help="demo directory (a fresh suffix is added if it exists)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+    p = sub.add_parser("ablate", help="run the BiDA ablation grid and write a Markdown table")
+    _add_config_args(p)
+    p.add_argument("--out", default="runs/ablation")
+    p.add_argument("--init-checkpoint", help="source-only checkpoint shared by every row (trained if absent)")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("data", help="dataset utilities")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    d = dsub.add_parser("check", help="check the configured datasets")
+    _add_config_args(d)
+    d.add_argument("--quick", action="store_true", help="read only a few files per split")
+
+    p = sub.add_parser("check-data", help="alias of 'bida data check'")
+    _add_config_args(p)
+    p.add_argument("--quick", action="store_true")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import default_run_dir, train
+
+    if args.resume:
+        if args.config or args.overrides:
+            raise BidaError("--resume continues with the run's saved config; do not pass -c or overrides")
+        train(None, Path(args.resume), resume=True)  # type: ignore[arg-type]
+        return 0
+    overrides = list(args.overrides) + (["train.quiet=true"] if args.quiet else [])
+    cfg = load_config(args.config, overrides)
+    out = Path(args.out) if args.out else default_run_dir(cfg)
+    train(cfg, out, overwrite=args.overwrite)
+    print(f"run directory: {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import from_dict, load_config
+    from .datasets import build_eval_dataset, check_same_classes, resolve_domain
+    from .evaluate import evaluate, markdown_table, write_metrics
+    from .checkpoint import load_checkpoint
+    from .predict import model_from_checkpoint
+
+    if args.config:
+        cfg = load_config(args.config, args.overrides)
+    else:
+        state = load_checkpoint(args.checkpoint)
+        if "config" not in state:
+            raise BidaError(f"{args.checkpoint} is not a bida checkpoint; pass -c CONFIG")
+        cfg = from_dict(state["config"], args.overrides)
+    if args.out and (Path(args.out) / "metrics.json").exists() and not args.overwrite:
+        raise BidaError(f"{Path(args.out) / 'metrics.json'} already exists; use --overwrite to replace it")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg, names, _ = model_from_checkpoint(args.checkpoint, cfg, device)
+    src, tgt = resolve_domain(cfg, "source"), resolve_domain(cfg, "target")
+    classes = check_same_classes(src, tgt)
+    if not cfg.data.target.val_split:
+        raise BidaError("data.target.val_split is not set: nothing to evaluate")
+    ds = build_eval_dataset(cfg, tgt, cfg.data.target.val_split)
+    metrics = evaluate(model, ds, cfg.eval, classes.names, cfg.data.eval_classes, quiet=args.quiet,
+                       ignore_index=classes.ignore_index, device=device, per_image=True)
+    metrics["checkpoint"] = str(args.checkpoint)
+    print(markdown_table(metrics))
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_metrics(metrics, Path(args.out) / "metrics.json")
+        print(f"wrote {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict
+
+    written = predict(args.checkpoint, args.inputs, args.out, overwrite=args.overwrite, quiet=args.quiet)
+    print(f"wrote {len(written)} predictions to {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), overrides=args.overrides, quiet=args.quiet)
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from .demo import run_ablation
+
+    run_ablation(args.config, Path(args.out), overrides=args.overrides, init_checkpoint=args.init_checkpoint, quiet=args.quiet)
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .data_check import check_domain
+    from .datasets import resolve_domain
+
+    cfg = load_config(args.config, args.overrides)
+    ok = True
+    for which in ("source", "target"):
+        dom_cfg = getattr(cfg.data, which)
+        dom = resolve_domain(cfg, which)
+        splits = {dom_cfg.train_split: which == "source"}
+        if dom_cfg.val_split:
+            splits[dom_cfg.val_split] = True
+        report = check_domain(dom.kind, dom.root, splits, num_classes=dom.classes.num_classes, full=not args.quick)
+        print(f"## {which}: {dom.kind} at {dom.root}\n")
+        print(report.to_markdown())
+        ok = ok and report.ok()
+    if not ok:
+        print("data check found errors", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo,
+                "ablate": cmd_ablate, "check-data": cmd_data_check}
+    try:
+        if args.command == "data":
+            return cmd_data_check(args)
+        return handlers[args.command](args)
+    except BidaError as err:
+        print(f"bida: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bida: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:  # pragma: no cover
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

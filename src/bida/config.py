@@ -1,0 +1,327 @@
+"""Typed, validated experiment configuration.
+
+A config is a tree of frozen dataclasses. YAML files under ``configs/`` give one complete
+experiment each (no inheritance); command-line overrides use ``dotted.key=value``, the
+value parsed as YAML. Unknown keys, wrong types and values outside a ``Literal`` fail with
+a :class:`~bida.errors.ConfigError` naming the key. Nothing mutates a config after loading:
+use :func:`replace_path` to derive a new one.
+
+``method`` is both the name of the method and a section of options: ``method: bida`` in
+YAML or ``method=bida`` on the command line set ``method.name``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+Methods = Literal["source_only", "minent", "self_training", "bida"]
+DomainKinds = Literal["synthetic", "gta5", "synthia", "cityscapes", "folder"]
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The embedded procedural domain pair (used when a domain's kind is ``synthetic``)."""
+
+    num_train: int = 200  # images per domain; enough for the classes to co-occur often
+    num_val: int = 60
+    height: int = 64  # small so that a narrow network trains in minutes on a CPU
+    width: int = 128
+    seed: int = 0
+    cache_dir: Optional[str] = None  # default: $BIDA_CACHE or ~/.cache/bida
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    """One domain: a reader kind, its root and the splits used for training and validation."""
+
+    kind: DomainKinds = "synthetic"
+    root: Optional[str] = None  # ignored for ``synthetic`` (the cache directory is used)
+    train_split: str = "train"
+    val_split: Optional[str] = "val"  # target: the split evaluated during training
+    synthetic_domain: Optional[Literal["source", "target"]] = None  # which synthetic rendering (default: the role)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: DomainConfig = field(default_factory=DomainConfig)
+    target: DomainConfig = field(default_factory=DomainConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    resize: Optional[int] = None  # shorter side before augmentation (paper: 850; source-only stage: 720)
+    crop: tuple[int, int] = (64, 128)  # (h, w) random crop; paper: 730x730
+    scale_range: tuple[float, float] = (0.75, 1.25)  # random rescale; paper's source stage 0.5-1.5
+    flip: bool = True
+    normalize: Literal["imagenet", "caffe"] = "imagenet"  # caffe = BGR minus mean, for DeepLab_init.pth
+    eval_classes: Optional[list[int]] = None  # class subset for mIoU (SYNTHIA 16/13 protocols)
+    num_workers: int = 0
+    check: bool = True  # cheap data check at the start of training
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet18"
+    width: float = 1.0  # channel multiplier; < 1 for CPU demos and tests
+    pretrained: Optional[str] = None  # ImageNet/DeepLab init weights (local file)
+    init_checkpoint: Optional[str] = None  # start from a bida checkpoint (e.g. source-only)
+    freeze_bn: bool = False  # the paper freezes BN (pretrained stats); random init needs training BN
+    separate_target_stem: bool = False  # official code: own conv1/bn1/layer1 for target images
+    proj_dim: int = 256  # projection head size when method.feature = backbone
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: Methods = "source_only"
+    t2s: bool = True  # target pixels vs source prototypes (L_t2s)
+    s2t: bool = True  # source pixels vs target prototypes (L_s2t)
+    dynamic_labels: bool = True  # complete static pseudo labels by label transfer
+    calibration: bool = True  # shift source prototypes by the EMA domain bias
+    feature: Literal["aspp_branches", "backbone"] = "aspp_branches"  # official code: aspp_branches
+    prototype_scope: Literal["batch", "pair"] = "batch"  # official code: pair
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    iters: int = 1500  # length of a source_only run (and of the source stage of adaptation)
+    batch_size: int = 2  # per domain
+    lr: float = 2.5e-3  # backbone; the classifier gets head_lr_mult x this
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    rounds: int = 3  # self-training rounds (paper: 10)
+    iters_per_round: int = 300  # paper: 10000 for GTA5
+    adapt_lr: Optional[float] = None  # base LR of the adaptation rounds (paper 7.5e-5); default lr
+    round_lr_decay: float = 0.5  # base LR multiplied by this after each round
+    poly_horizon: float = 1.2  # poly LR max_iter = horizon x iters of the round
+    eval_every: int = 500
+    checkpoint_every: int = 100
+    log_every: int = 10
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+    compile: bool = False
+    max_bad_steps: int = 10  # stop after this many non-finite steps in a row
+    quiet: bool = False  # no progress bar
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    temperature: float = 0.1
+    seg_tgt_weight: float = 0.3  # lambda_t
+    entropy_weight: float = 0.4  # lambda_e
+    contrast_t2s_weight: float = 0.2  # lambda_1
+    contrast_s2t_weight: float = 0.2  # lambda_2
+    contrast_resolution: Literal["feature", "label"] = "feature"  # official code: label
+
+
+@dataclass(frozen=True)
+class PseudoConfig:
+    class_fraction: float = 0.1  # top share of each predicted class kept (class-balanced)
+    image_fraction: float = 0.1  # top share of each image kept
+    transfer_threshold: float = 0.8  # min label-transfer probability for a dynamic label
+    dynamic_for_segmentation: bool = False  # train target CE on y_F (false) or fused y_T (true)
+    max_pixels_per_image: int = 20000  # subsample for the class thresholds (bounded memory)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    momentum: float = 0.99
+    max_weight: float = 1.0
+    ramp_iters: int = 600
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    mode: Literal["whole", "slide"] = "whole"
+    crop: tuple[int, int] = (512, 512)  # sliding window size
+    stride: tuple[int, int] = (341, 341)
+    flip: bool = False  # horizontal-flip test-time augmentation
+    size: Optional[tuple[int, int]] = None  # (h, w) to predict at, e.g. (730, 1460) for Cityscapes
+    max_images: Optional[int] = None  # evaluate a subset (quick checks)
+
+
+@dataclass(frozen=True)
+class Config:
+    method: MethodConfig = field(default_factory=MethodConfig)
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert YAML lists to tuples."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: must not be null")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"unknown config key '{full}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _normalise_method(data: dict) -> dict:
+    # ``method: bida`` is shorthand for ``method: {name: bida}``.
+    if isinstance(data.get("method"), str):
+        data = dict(data)
+        data["method"] = {"name": data["method"]}
+    return data
+
+
+def to_dict(cfg: Any) -> Any:
+    """A plain dict/list tree of a config (tuples become lists), for YAML and logs."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into (["a", "b", "c"], parsed YAML value)."""
+    if "=" not in text:
+        raise ConfigError(f"malformed override '{text}': expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not key.strip() or any(not p or not p.replace("_", "a").isalnum() for p in parts):
+        raise ConfigError(f"malformed override '{text}': bad key '{key}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"malformed override '{text}': value is not valid YAML") from None
+    if parts == ["method"] and isinstance(value, str):
+        parts = ["method", "name"]
+    return parts, value
+
+
+def _set_path(tree: dict, parts: list[str], value: Any, text: str) -> None:
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if not isinstance(child, dict):
+            raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}' in override '{text}'")
+        node = child
+    if parts[-1] not in node:
+        raise ConfigError(f"unknown config key '{'.'.join(parts)}' in override '{text}'")
+    node[parts[-1]] = value
+
+
+def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a validated :class:`Config` from a (partial) dict and dotted overrides."""
+    tree = to_dict(_build(Config, _normalise_method(data or {})))
+    for text in overrides:
+        parts, value = parse_override(text)
+        _set_path(tree, parts, value, text)
+    return _build(Config, tree)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides.
+
+    Raises:
+        ConfigError: unreadable file, invalid YAML, unknown key, wrong type or bad override.
+    """
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping")
+    return from_dict(data, overrides)
+
+
+def replace_path(cfg: Config, **dotted: Any) -> Config:
+    """A copy of ``cfg`` with ``a__b=value`` (for ``a.b``) replaced and re-validated."""
+    tree = to_dict(cfg)
+    for key, value in dotted.items():
+        parts = key.split("__")
+        _set_path(tree, parts, to_dict(value), key)
+    return _build(Config, tree)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,216 @@
+"""Segmentation datasets, domain resolution and the resumable infinite sampler.
+
+A domain (``DomainConfig``) names a reader kind and a root; :func:`resolve_domain` turns it
+into a concrete (kind, root) pair, generating the embedded synthetic pair on first use.
+:class:`SegmentationDataset` reads samples with :mod:`bida.readers` and applies the joint
+transforms. Training batches come from :class:`InfiniteBatchSampler`, whose position is a
+single integer: a resumed or distributed run sees exactly the batches of a plain run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .config import Config, DomainConfig
+from .errors import DataError
+from .labels import ClassInfo
+from .readers import Sample, class_info, list_samples, read_pair
+from .synthetic import SyntheticSpec, ensure_synthetic
+from .transforms import random_scale_crop_flip, resize_pair, shorter_side_size, to_tensor
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A resolved domain: reader kind, root directory and class information."""
+
+    kind: str
+    root: Path
+    classes: ClassInfo
+
+
+def resolve_domain(cfg: Config, which: str) -> Domain:
+    """The concrete domain behind ``data.source`` or ``data.target``."""
+    dom: DomainConfig = getattr(cfg.data, which)
+    if dom.kind == "synthetic":
+        syn = cfg.data.synthetic
+        spec = SyntheticSpec(num_train=syn.num_train, num_val=syn.num_val, height=syn.height, width=syn.width, seed=syn.seed)
+        root = ensure_synthetic(spec, Path(syn.cache_dir) if syn.cache_dir else None) / (dom.synthetic_domain or which)
+        kind = "folder"
+    else:
+        if not dom.root:
+            raise DataError(f"data.{which}.root is not set (required for kind '{dom.kind}')")
+        root, kind = Path(dom.root).expanduser(), dom.kind
+        if not root.is_dir():
+            raise DataError(f"data.{which}.root: dataset root {root} does not exist")
+    return Domain(kind=kind, root=root, classes=class_info(kind, root))
+
+
+def check_same_classes(src: Domain, tgt: Domain) -> ClassInfo:
+    """Source and target must list the same classes; returns them."""
+    if tuple(src.classes.names) != tuple(tgt.classes.names):
+        raise DataError(
+            f"source ({src.root}) and target ({tgt.root}) list different classes: "
+            f"{list(src.classes.names)} vs {list(tgt.classes.names)}"
+        )
+    return src.classes
+
+
+def pseudo_label_name(name: str) -> str:
+    """File name of a sample's pseudo label (sample names may contain '/')."""
+    return name.replace("/", "__") + ".png"
+
+
+class SegmentationDataset(Dataset):
+    """Images and labels of one domain split.
+
+    Items are dicts: ``image`` (3, H, W) float32, ``label`` (H, W) int64 (all ignore when the
+    sample has no label), ``index`` int. Training items are addressed by ``(index, seed)``
+    and augmented with an RNG made from that seed; evaluation items by a plain index.
+
+    Args:
+        samples: from :func:`bida.readers.list_samples`.
+        kind: reader kind (label mapping).
+        num_classes: labels outside [0, K) and not ignore are an error.
+        train: apply random scale/crop/flip.
+        label_dir: read labels from ``label_dir/<name>.png`` instead (pseudo labels).
+    """
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        kind: str,
+        num_classes: int,
+        *,
+        train: bool,
+        crop: tuple[int, int] = (512, 512),
+        scale_range: tuple[float, float] = (1.0, 1.0),
+        flip: bool = False,
+        resize: int | None = None,
+        normalize: str = "imagenet",
+        ignore_index: int = 255,
+        label_dir: Path | None = None,
+    ):
+        self.samples = samples
+        self.kind = kind
+        self.num_classes = num_classes
+        self.train = train
+        self.crop, self.scale_range, self.flip = crop, scale_range, flip
+        self.resize, self.normalize, self.ignore_index = resize, normalize, ignore_index
+        self.label_dir = label_dir
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image (H, W, 3) uint8, label (H, W) uint8) of a sample, before augmentation.
+
+        With ``label_dir`` the label is (H, W, 2): the pseudo label and the true label
+        (all ignore when the sample has none), augmented together.
+        """
+        sample = self.samples[index]
+        image, label = read_pair(sample, self.kind, self.num_classes)
+        if label is None:
+            label = np.full(image.shape[:2], self.ignore_index, np.uint8)
+        if self.label_dir is not None:
+            pseudo = np.asarray(Image.open(self.label_dir / pseudo_label_name(sample.name)))
+            if pseudo.shape != image.shape[:2]:
+                _, pseudo = resize_pair(image, pseudo, image.shape[:2])
+            label = np.stack([pseudo, label], -1)
+        return image, label
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, seed = (key, None) if isinstance(key, (int, np.integer)) else key
+        image, label = self.load(int(index))
+        if self.train:
+            if self.resize:
+                image, label = resize_pair(image, label, shorter_side_size(label.shape, self.resize))
+            rng = np.random.default_rng(seed)
+            image, label = random_scale_crop_flip(image, label, rng, self.crop, self.scale_range, self.flip, self.ignore_index)
+        item = {"image": to_tensor(image, self.normalize), "index": int(index)}
+        if label.ndim == 3:
+            item["label"] = torch.from_numpy(label[..., 0].astype(np.int64))
+            item["gt"] = torch.from_numpy(label[..., 1].astype(np.int64))
+        else:
+            item["label"] = torch.from_numpy(label.astype(np.int64))
+        return item
+
+
+def _mix(*values: int) -> int:
+    """A stable 63-bit integer from a few integers (augmentation seeds)."""
+    digest = hashlib.blake2b(np.array(values, dtype=np.int64).tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class InfiniteBatchSampler:
+    """Endless batches of ``(index, augmentation seed)`` from per-epoch permutations.
+
+    Position p of the global stream is image ``perm_e[p % n]`` of epoch ``e = p // n``; global
+    batch t covers positions [t*B*W, (t+1)*B*W) and rank r takes its r-th slice of B. So a
+    run resumed at batch t, or W processes with batch B, see exactly the images (and crops)
+    that one process with batch W*B sees.
+
+    Args:
+        n: dataset size. batch_size: per process. seed: run seed. start: first batch index.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
+        if n <= 0:
+            raise DataError("cannot sample batches from an empty dataset")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start, self.rank, self.world_size = start, rank, world_size
+        self._perm_epoch, self._perm = -1, None
+
+    def _perm_for(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(_mix(self.seed, epoch, 17))
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g).numpy(), epoch
+        return self._perm
+
+    def batch(self, t: int) -> list[tuple[int, int]]:
+        first = (t * self.world_size + self.rank) * self.batch_size
+        out = []
+        for p in range(first, first + self.batch_size):
+            epoch, i = divmod(p, self.n)
+            out.append((int(self._perm_for(epoch)[i]), _mix(self.seed, epoch, i)))
+        return out
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        t = self.start
+        while True:
+            yield self.batch(t)
+            t += 1
+
+
+def train_loader(dataset: SegmentationDataset, batch_size: int, seed: int, start: int, num_workers: int,
+                 rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> Iterator[dict]:
+    """An endless iterator of training batches starting at batch ``start``."""
+    sampler = InfiniteBatchSampler(len(dataset), batch_size, seed, start, rank, world_size)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                        persistent_workers=num_workers > 0)
+    return iter(loader)
+
+
+def build_train_dataset(cfg: Config, domain: Domain, split: str, *, require_labels: bool,
+                        label_dir: Path | None = None) -> SegmentationDataset:
+    samples = list_samples(domain.kind, domain.root, split, require_labels=require_labels)
+    return SegmentationDataset(
+        samples, domain.kind, domain.classes.num_classes, train=True, crop=tuple(cfg.data.crop),
+        scale_range=tuple(cfg.data.scale_range), flip=cfg.data.flip, resize=cfg.data.resize,
+        normalize=cfg.data.normalize, ignore_index=domain.classes.ignore_index, label_dir=label_dir,
+    )
+
+
+def build_eval_dataset(cfg: Config, domain: Domain, split: str, *, require_labels: bool = True) -> SegmentationDataset:
+    samples = list_samples(domain.kind, domain.root, split, require_labels=require_labels)
+    if cfg.eval.max_images is not None:
+        samples = samples[: cfg.eval.max_images]
+    return SegmentationDataset(samples, domain.kind, domain.classes.num_classes, train=False,
+                               normalize=cfg.data.normalize, ignore_index=domain.classes.ignore_index)

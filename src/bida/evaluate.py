@@ -1,0 +1,170 @@
+"""Inference (whole image, sliding window, flip) and confusion-matrix metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from .config import EvalConfig
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def confusion_matrix(pred: Tensor, label: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
+    """(K, K) int64 counts, rows = ground truth, columns = prediction; ignore pixels skipped.
+
+    Shape:
+        pred, label: any matching shape of class indices.
+    """
+    valid = (label != ignore_index) & (label >= 0) & (label < num_classes)
+    idx = label[valid].long() * num_classes + pred[valid].long().clamp(0, num_classes - 1)
+    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes).cpu()
+
+
+def iou_from_confusion(conf: Tensor) -> Tensor:
+    """Per-class IoU = TP / (TP + FP + FN); NaN where the class is in neither GT nor prediction."""
+    conf = conf.double()
+    tp = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+
+
+def metrics_from_confusion(conf: Tensor, class_names: Sequence[str], eval_classes: Sequence[int] | None = None) -> dict:
+    """mIoU (over ``eval_classes`` or all classes, NaNs skipped), per-class IoU and pixel accuracy.
+
+    Returns:
+        ``{"mIoU": float, "per_class_iou": {name: float | None}, "pixel_acc": float,
+        "num_classes_evaluated": int}``; None marks a class absent from GT and prediction.
+    """
+    classes = list(range(conf.shape[0])) if eval_classes is None else list(eval_classes)
+    sub = conf[classes][:, classes]
+    iou = iou_from_confusion(sub)
+    valid = ~torch.isnan(iou)
+    miou = float(iou[valid].mean()) if valid.any() else 0.0
+    total = conf.sum()
+    return {
+        "mIoU": miou,
+        "per_class_iou": {class_names[c]: (None if math.isnan(v) else float(v)) for c, v in zip(classes, iou.tolist())},
+        "pixel_acc": float(conf.diag().sum() / total) if total > 0 else 0.0,
+        "num_classes_evaluated": int(valid.sum()),
+    }
+
+
+def markdown_table(metrics: dict, title: str = "target val") -> str:
+    """A Markdown table of per-class IoU, mIoU and pixel accuracy (percent)."""
+    lines = [f"| class | IoU ({title}) |", "|---|---:|"]
+    for name, v in metrics["per_class_iou"].items():
+        lines.append(f"| {name} | {'n/a' if v is None else f'{100 * v:.1f}'} |")
+    lines.append(f"| **mIoU** | **{100 * metrics['mIoU']:.1f}** |")
+    lines.append(f"| pixel acc | {100 * metrics['pixel_acc']:.1f} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def _forward_logits(model: torch.nn.Module, x: Tensor, domain: str) -> Tensor:
+    return model(x, domain).logits.float()
+
+
+def slide_logits(model: torch.nn.Module, x: Tensor, crop: tuple[int, int], stride: tuple[int, int],
+                 num_classes: int, domain: str = "target") -> Tensor:
+    """Sliding-window class scores at input resolution, overlapping windows averaged.
+
+    Shape:
+        x (B, 3, H, W) -> (B, K, H, W).
+    """
+    b, _, h, w = x.shape
+    ch, cw = min(crop[0], h), min(crop[1], w)
+    sh, sw = stride
+    rows = max(1, math.ceil((h - ch) / sh) + 1)
+    cols = max(1, math.ceil((w - cw) / sw) + 1)
+    out = x.new_zeros((b, num_classes, h, w), dtype=torch.float32)
+    count = x.new_zeros((1, 1, h, w), dtype=torch.float32)
+    for r in range(rows):
+        for c in range(cols):
+            y0 = min(r * sh, h - ch)
+            x0 = min(c * sw, w - cw)
+            logits = _forward_logits(model, x[:, :, y0 : y0 + ch, x0 : x0 + cw], domain)
+            out[:, :, y0 : y0 + ch, x0 : x0 + cw] += F.interpolate(logits, (ch, cw), mode="bilinear", align_corners=False)
+            count[:, :, y0 : y0 + ch, x0 : x0 + cw] += 1
+    return out / count
+
+
+@torch.no_grad()
+def predict_probs(model: torch.nn.Module, x: Tensor, cfg: EvalConfig, num_classes: int,
+                  out_size: tuple[int, int] | None = None, domain: str = "target") -> Tensor:
+    """Softmax probabilities at ``out_size`` (default: input size).
+
+    The image is optionally resized to ``cfg.size`` first; ``whole`` runs the network once,
+    ``slide`` averages windows; ``flip`` averages with the mirrored prediction.
+
+    Shape:
+        x (B, 3, H, W) -> (B, K, *out_size).
+    """
+    out_size = tuple(out_size or x.shape[-2:])
+    if cfg.size is not None and tuple(cfg.size) != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=tuple(cfg.size), mode="bilinear", align_corners=False)
+    views = [x, x.flip(-1)] if cfg.flip else [x]
+    probs = None
+    for i, v in enumerate(views):
+        if cfg.mode == "slide":
+            logits = slide_logits(model, v, tuple(cfg.crop), tuple(cfg.stride), num_classes, domain)
+        else:
+            logits = _forward_logits(model, v, domain)
+        p = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False).softmax(1)
+        p = p.flip(-1) if i == 1 else p
+        probs = p if probs is None else probs + p
+    return probs / len(views)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset, cfg: EvalConfig, class_names: Sequence[str],
+             eval_classes: Sequence[int] | None = None, quiet: bool = True, ignore_index: int = 255,
+             device: torch.device | str = "cpu", per_image: bool = False, autocast_dtype: torch.dtype | None = None,
+             confusion_hook=None) -> dict:
+    """Evaluate ``model`` on a labelled dataset (items with ``image`` and ``label``).
+
+    Returns ``metrics_from_confusion`` plus ``confusion`` (list of lists) and, with
+    ``per_image``, ``per_image_miou`` (list of floats, dataset order).
+    ``confusion_hook`` (e.g. an all-reduce) is applied to the summed confusion matrix.
+    """
+    was_training = model.training
+    model.eval()
+    k = len(class_names)
+    conf = torch.zeros(k, k, dtype=torch.int64)
+    per_image_scores: list[float] = []
+    indices: Iterable[int] = range(len(dataset))
+    for i in tqdm(indices, desc="evaluate", disable=quiet, leave=False, dynamic_ncols=True):
+        item = dataset[i]
+        x = item["image"].unsqueeze(0).to(device)
+        label = item["label"].to(device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            probs = predict_probs(model, x, cfg, k, tuple(label.shape[-2:]))
+        c = confusion_matrix(probs.argmax(1)[0], label, k, ignore_index)
+        conf += c
+        if per_image:
+            per_image_scores.append(metrics_from_confusion(c, class_names, eval_classes)["mIoU"])
+    if confusion_hook is not None:
+        conf = confusion_hook(conf)
+    model.train(was_training)
+    result = metrics_from_confusion(conf, class_names, eval_classes)
+    result["confusion"] = conf.tolist()
+    if per_image:
+        result["per_image_miou"] = per_image_scores
+    return result
+
+
+def write_metrics(metrics: dict, path: Path) -> None:
+    """``metrics.json``: mIoU, per-class IoU, pixel accuracy (+ whatever else is in the dict)."""
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(metrics, indent=2))

@@ -1,0 +1,200 @@
+"""Losses of BiDA and its baselines, as pure functions of tensors (METHOD.md sections 2, 5).
+
+Every loss is computed in float32 and returns a float32 scalar. When nothing qualifies
+(all pixels ignored, no class present) it returns a zero that is still connected to the
+inputs' graph, so that ``backward()`` works in every iteration without special cases.
+Loss weights are applied by the caller.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bida.prototypes import scaled_similarity
+
+__all__ = ["seg_cross_entropy", "entropy", "pixel_prototype_contrast"]
+
+# Logit given to absent classes: exp() of it is exactly 0 next to any cos/tau for a sane
+# temperature, yet it stays finite, so that a pixel with every class masked gives a finite
+# (uniform) log-softmax instead of NaN.
+MASKED_LOGIT = -1.0e9
+
+
+def seg_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 255) -> Tensor:
+    """Pixel-wise cross entropy, averaged over the labelled pixels.
+
+    Logits at a lower resolution than the labels are upsampled bilinearly first
+    (align_corners=False), so that the loss is taken at full label resolution.
+
+    Args:
+        logits: Class scores (any float dtype; the loss is computed in float32).
+        labels: Class ids; ``ignore_index`` pixels do not count.
+        ignore_index: Label value that marks pixels without a class.
+
+    Returns:
+        float32 scalar; 0 (with graph) when no pixel is labelled, where
+        ``F.cross_entropy(reduction="mean")`` would return NaN.
+
+    Shape:
+        - logits: (B, K, h, w)
+        - labels: (B, H, W)
+        - output: ()
+
+    Examples:
+        >>> logits, y = torch.randn(2, 19, 8, 8), torch.randint(0, 19, (2, 64, 64))
+        >>> seg_cross_entropy(logits, y).shape
+        torch.Size([])
+    """
+    logits = logits.float()
+    if logits.shape[-2:] != labels.shape[-2:]:
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    total = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="sum")
+    # Dividing by a clamped count (a tensor, no host sync) is the mean when pixels are
+    # labelled and an exact 0 / 1 when none is.
+    num_labelled = (labels != ignore_index).sum().clamp_min(1)
+    return total / num_labelled
+
+
+def entropy(logits: Tensor) -> Tensor:
+    """Mean per-pixel Shannon entropy of the softmax over classes.
+
+    This is the true entropy ``-(p * log p).sum(1).mean()``; the official code applies
+    ``log_softmax`` to probabilities instead (METHOD.md section 5). ``log_softmax`` is
+    used for ``log p`` so that saturated pixels give 0 * (-large), not 0 * log(0) = NaN.
+
+    Args:
+        logits: Class scores (any float dtype; computed in float32).
+
+    Returns:
+        float32 scalar in [0, log K].
+
+    Shape:
+        - logits: (B, K, H, W)
+        - output: ()
+
+    Examples:
+        >>> float(entropy(torch.zeros(1, 4, 2, 2)))  # log(4)
+        1.3862943649291992
+    """
+    log_prob = logits.float().log_softmax(dim=1)
+    return -(log_prob.exp() * log_prob).sum(dim=1).mean()
+
+
+def _label_to_feature_index(
+    label_size: tuple[int, int],
+    feature_size: tuple[int, int],
+    resolution: str,
+    device: torch.device,
+) -> Tensor:
+    """For each label pixel, the flat index of the feature pixel whose logits it uses.
+
+    Nearest upsampling only copies pixels, so reading the per-pixel log-softmax at the
+    feature size through this index gives exactly the loss of upsampling the similarity
+    logits first (the official code) without materialising K maps at crop size.
+    """
+    if resolution not in ("feature", "label"):
+        raise ValueError(f"resolution must be 'feature' or 'label', got {resolution!r}")
+    height, width = feature_size
+    if label_size == feature_size:
+        return torch.arange(height * width, device=device)
+    if resolution == "feature":
+        raise ValueError(
+            f"labels of size {label_size} do not match the features {feature_size}: "
+            "downsample them with downsample_labels, or pass resolution='label'"
+        )
+    if label_size[0] < height or label_size[1] < width:
+        raise ValueError(
+            f"resolution='label' needs labels at least as large as the features, got "
+            f"labels {label_size} and features {feature_size}"
+        )
+    # Let F.interpolate pick the source pixels so the mapping is exactly its "nearest";
+    # flat indices of a stride-8 map are far below 2**24, hence exact in float32.
+    grid = torch.arange(height * width, device=device, dtype=torch.float32)
+    grid = grid.view(1, 1, height, width)
+    return F.interpolate(grid, size=label_size, mode="nearest").flatten().long()
+
+
+def pixel_prototype_contrast(
+    features: Tensor,
+    labels: Tensor,
+    prototypes: Tensor,
+    present: Tensor,
+    temperature: float,
+    ignore_index: int = 255,
+    resolution: str = "feature",
+) -> Tensor:
+    """Pixel-to-prototype contrast, one direction of BiDA's loss (METHOD.md section 2).
+
+    For every pixel whose label is a present class:
+    ``-log softmax_{c present}(cos(f(p), rho_c) / tau)[y(p)]``, averaged over those pixels.
+    Absent classes are excluded from the denominator (not given a made-up similarity).
+    ``L_t2s`` is (target features, fused target labels, source prototypes); ``L_s2t`` is
+    (source features, source labels, target prototypes).
+
+    Args:
+        features: Pixel features (any float dtype; computed in float32).
+        labels: Class ids, at the feature size (``resolution="feature"``) or larger
+            (``resolution="label"``).
+        prototypes: One prototype set for the batch, or one per image (pair scope: image
+            ``b``'s pixels against ``prototypes[b]``). Gradients flow through them.
+        present: Which prototypes are real means.
+        temperature: tau.
+        ignore_index: Label value that marks pixels without a class.
+        resolution: ``"feature"``: labels must be at the feature size. ``"label"``: the
+            similarity logits are upsampled with nearest to the label size (the official
+            code's behaviour), so that every label pixel counts once.
+
+    Returns:
+        float32 scalar; 0 (with graph) when no pixel qualifies. Exactly 0 when a single
+        class is present (its only candidate has probability 1).
+
+    Shape:
+        - features: (B, D, h, w)
+        - labels: (B, h, w), or (B, H, W) with ``resolution="label"``
+        - prototypes: (K, D) or (B, K, D)
+        - present: (K,) or (B, K), bool
+        - output: ()
+
+    Examples:
+        >>> f, y = torch.randn(2, 8, 4, 4), torch.randint(0, 3, (2, 4, 4))
+        >>> protos, present = torch.randn(3, 8), torch.ones(3, dtype=torch.bool)
+        >>> pixel_prototype_contrast(f, y, protos, present, temperature=0.1).shape
+        torch.Size([])
+    """
+    if labels.dim() != 3 or labels.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"labels must be (B, H, W) with B={features.shape[0]}, got {tuple(labels.shape)}"
+        )
+    if present.shape != prototypes.shape[:-1]:
+        raise ValueError(
+            f"present {tuple(present.shape)} must match prototypes {tuple(prototypes.shape)} "
+            "without the feature dimension"
+        )
+    batch = features.shape[0]
+    logits = scaled_similarity(features, prototypes, 1.0 / temperature)  # (B, K, h, w)
+    num_classes = logits.shape[1]
+    present = present.to(device=logits.device, dtype=torch.bool)
+    present_map = present.view(-1, num_classes, 1, 1)  # (1 or B, K, 1, 1)
+    log_prob = logits.masked_fill(~present_map, MASKED_LOGIT).log_softmax(dim=1)
+    log_prob = log_prob.flatten(2)  # (B, K, h*w)
+
+    feature_index = _label_to_feature_index(
+        tuple(labels.shape[-2:]), tuple(features.shape[-2:]), resolution, logits.device
+    )  # (M,)
+    flat_labels = labels.flatten(1).long()  # (B, M)
+    valid = (flat_labels != ignore_index) & (flat_labels >= 0) & (flat_labels < num_classes)
+    safe_labels = torch.where(valid, flat_labels, 0)  # any in-range id; masked below
+    if present.dim() == 1:
+        label_present = present[safe_labels]
+    else:
+        label_present = present.gather(1, safe_labels)
+    qualifies = valid & label_present  # (B, M)
+
+    # One gather reads log q[y(p)] at (class y(p), feature pixel of p) for every pixel.
+    flat_index = safe_labels * log_prob.shape[-1] + feature_index
+    picked = log_prob.reshape(batch, -1).gather(1, flat_index)  # (B, M)
+    # where (not multiply) so that a masked value can never turn 0 * x into NaN.
+    total = torch.where(qualifies, picked, torch.zeros_like(picked)).sum()
+    return -total / qualifies.sum().clamp_min(1)

@@ -1,0 +1,115 @@
+"""Static pseudo labels y_F of a self-training round (class-balanced, METHOD.md section 3).
+
+Pass 1 predicts every target training image with the current model (scores upsampled to
+the full label size), keeps each image's argmax and confidence in a temporary folder and a
+bounded, seeded pixel subsample for the per-class thresholds. Pass 2 applies the union of
+the class rule and the per-image rule and writes one uint8 PNG per image. Everything is
+written under ``<out>.tmp`` and renamed to ``<out>`` when complete, so a crash never leaves
+a half-written round behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .config import Config
+from .datasets import SegmentationDataset, pseudo_label_name
+from .evaluate import predict_probs
+from .pseudo_labels import class_thresholds, sample_confidences, static_labels
+
+IGNORE = 255
+
+
+def round_stats(conf_matrix: np.ndarray, labelled: np.ndarray, gt_pixels: np.ndarray, class_names: Sequence[str]) -> dict:
+    """Coverage and accuracy per class from pseudo-label vs GT counts.
+
+    Args:
+        conf_matrix: (K, K) counts of (gt, pseudo) over pixels with both labels.
+        labelled: (K,) pseudo-labelled pixels per predicted class (with or without GT).
+        gt_pixels: (K,) GT pixels per class (0 when the target has no labels).
+    """
+    tp = np.diag(conf_matrix)
+    per_class = {}
+    for k, name in enumerate(class_names):
+        per_class[name] = {
+            "pixels": int(labelled[k]),
+            "accuracy": float(tp[k] / conf_matrix[:, k].sum()) if conf_matrix[:, k].sum() else None,
+            "coverage": float(conf_matrix[k].sum() / gt_pixels[k]) if gt_pixels[k] else None,
+        }
+    has_gt = gt_pixels.sum() > 0
+    return {
+        "accuracy": float(tp.sum() / conf_matrix.sum()) if conf_matrix.sum() else None,
+        "coverage": float(conf_matrix.sum() / gt_pixels.sum()) if has_gt else None,
+        "labelled_fraction": None,
+        "per_class": per_class,
+    }
+
+
+@torch.no_grad()
+def generate_static_labels(model: torch.nn.Module, dataset: SegmentationDataset, cfg: Config, out_dir: Path,
+                           class_names: Sequence[str], seed: int, device: torch.device | str = "cpu",
+                           quiet: bool = True) -> dict:
+    """Write y_F for every image of ``dataset`` to ``out_dir`` and return statistics.
+
+    ``dataset`` is the target training split without augmentation; its labels (when the
+    target has any) are used only to measure pseudo-label accuracy and coverage.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / "stats.json").is_file():  # finished earlier (resumed run)
+        return json.loads((out_dir / "stats.json").read_text())
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "raw").mkdir(parents=True)
+    k = len(class_names)
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    conf_samples, pred_samples = [], []
+    for i in tqdm(range(len(dataset)), desc="pseudo labels", disable=quiet, leave=False, dynamic_ncols=True):
+        item = dataset[i]
+        probs = predict_probs(model, item["image"].unsqueeze(0).to(device), cfg.eval, k, tuple(item["label"].shape[-2:]))
+        conf, pred = probs[0].max(0)  # (H, W)
+        conf, pred = conf.cpu(), pred.cpu()
+        c, p = sample_confidences(conf, pred, cfg.pseudo.max_pixels_per_image, gen)
+        conf_samples.append(c)
+        pred_samples.append(p)
+        np.savez(tmp / "raw" / f"{i}.npz", conf=conf.half().numpy(), pred=pred.to(torch.uint8).numpy())
+    thresholds = class_thresholds(torch.cat(conf_samples), torch.cat(pred_samples), k, cfg.pseudo.class_fraction)
+
+    cm = np.zeros((k, k), np.int64)
+    labelled = np.zeros(k, np.int64)
+    gt_pixels = np.zeros(k, np.int64)
+    total_labelled, total_pixels = 0, 0
+    for i in range(len(dataset)):
+        raw = np.load(tmp / "raw" / f"{i}.npz")
+        conf = torch.from_numpy(raw["conf"]).float()[None]
+        pred = torch.from_numpy(raw["pred"]).long()[None]
+        y = static_labels(conf, pred, thresholds, cfg.pseudo.image_fraction)[0].numpy().astype(np.uint8)
+        Image.fromarray(y).save(tmp / pseudo_label_name(dataset.samples[i].name))
+        sel = y != IGNORE
+        labelled += np.bincount(y[sel], minlength=k)[:k]
+        total_labelled += int(sel.sum())
+        total_pixels += y.size
+        if dataset.samples[i].label is not None:
+            gt = dataset[i]["label"].numpy()
+            valid = gt != IGNORE
+            gt_pixels += np.bincount(gt[valid], minlength=k)[:k]
+            both = valid & sel
+            cm += np.bincount(gt[both] * k + y[both], minlength=k * k)[: k * k].reshape(k, k)
+    shutil.rmtree(tmp / "raw")
+    stats = round_stats(cm, labelled, gt_pixels, class_names)
+    stats["labelled_fraction"] = total_labelled / max(1, total_pixels)
+    stats["class_thresholds"] = {n: (None if not np.isfinite(t) else float(t)) for n, t in zip(class_names, thresholds.tolist())}
+    (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    model.train(was_training)
+    return stats

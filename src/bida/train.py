@@ -1,0 +1,463 @@
+"""The training loop: source-only stage and self-training rounds, resumable exactly.
+
+A run is a list of phases: ``source`` (``train.iters`` iterations of source CE) and, for
+the adaptation methods, ``train.rounds`` rounds of ``train.iters_per_round`` iterations.
+Each phase builds a fresh SGD optimizer with its own poly schedule; each round first
+writes the static pseudo labels of the target training set with the current model and
+halves the base LR of the previous round. The checkpoint records the phase, the iteration
+and everything stateful, and the data samplers are addressed by the global step, so
+``--resume`` continues exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint, model_state_for_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import Config, dump_config, load_config, to_dict
+from .datasets import Domain, SegmentationDataset, build_eval_dataset, build_train_dataset, check_same_classes, resolve_domain, train_loader
+from .deeplabv2 import DeepLabV2, build_model
+from .errors import BidaError, DataError, RunDirError
+from .evaluate import evaluate, markdown_table, write_metrics
+from .pseudo_labels import Calibration
+from .readers import list_samples
+from .round_labels import generate_static_labels
+from .train_step import adapt_step, source_step
+from .weights import load_model_weights, load_pretrained
+
+
+class TrainingDiverged(BidaError):
+    """Too many non-finite losses or gradients in a row."""
+
+
+class Interrupted(BidaError):
+    """SIGTERM/SIGINT: a checkpoint was saved and the run can be resumed."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    kind: str  # "source" or "round"
+    iters: int
+    round: int = -1
+
+
+def plan_phases(cfg: Config) -> list[Phase]:
+    """The phases of a run, from the method and whether it starts from a checkpoint."""
+    if cfg.method.name == "source_only":
+        return [Phase("source", cfg.train.iters)]
+    phases = [] if cfg.model.init_checkpoint else [Phase("source", cfg.train.iters)]
+    return phases + [Phase("round", cfg.train.iters_per_round, r) for r in range(cfg.train.rounds)]
+
+
+def poly_lr(base_lr: float, it: int, max_iter: float, power: float) -> float:
+    """Polynomial decay ``base * (1 - it / max_iter) ** power`` (clamped at 0)."""
+    return base_lr * max(0.0, 1.0 - it / max_iter) ** power
+
+
+def phase_base_lr(cfg: Config, phase: Phase) -> float:
+    if phase.kind == "source":
+        return cfg.train.lr
+    base = cfg.train.adapt_lr if cfg.train.adapt_lr is not None else cfg.train.lr
+    return base * cfg.train.round_lr_decay ** phase.round
+
+
+def seed_everything(seed: int) -> None:
+    """The one seeding call of a run (python, numpy, torch)."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class RunLogger:
+    """``log.jsonl`` (one JSON object a line) and TensorBoard scalars; silent off rank 0."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.path = run_dir / "log.jsonl"
+        self.tb = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, record: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **record}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record, default=_json_default) + "\n")
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj)}")
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Create (or check) the run directory; never clobber a run without --overwrite."""
+    if resume:
+        if not (run_dir / "checkpoints" / "last.pt").is_file():
+            raise RunDirError(f"cannot resume {run_dir}: no checkpoints/last.pt")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise RunDirError(f"run directory {run_dir} already exists; use --resume to continue it or --overwrite to replace it")
+        shutil.rmtree(run_dir)
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise RunDirError(f"output directory {run_dir} is not writable: {err.strerror or err}") from None
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Trainer:
+    """Owns the model, the phases and the run directory of one training run."""
+
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False):
+        self.run_dir = Path(run_dir)
+        prepare_run_dir(self.run_dir, resume, overwrite)
+        if resume:
+            cfg = load_config(self.run_dir / "config.yaml")
+        self.cfg = cfg
+        self.device = pick_device()
+        self.rank, self.world_size = 0, 1
+        from . import distributed
+
+        self.dist = distributed.init_from_env()
+        self.rank, self.world_size = self.dist.rank, self.dist.world_size
+        if self.dist.device is not None:
+            self.device = self.dist.device
+        self.is_main = self.rank == 0
+        seed_everything(cfg.seed)
+        self.src: Domain = resolve_domain(cfg, "source")
+        self.tgt: Domain = resolve_domain(cfg, "target")
+        self.classes = check_same_classes(self.src, self.tgt)
+        self.num_classes = self.classes.num_classes
+        if cfg.data.check:
+            self._check_data()
+        self.model: DeepLabV2 = build_model(cfg.model, self.num_classes, cfg.method.feature).to(self.device)
+        if cfg.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.phases = plan_phases(cfg)
+        self.calibration = None
+        if cfg.method.name == "bida" and cfg.method.calibration:
+            self.calibration = Calibration(self.num_classes, self.model.feature_dim, cfg.calibration.momentum,
+                                           cfg.calibration.max_weight, cfg.calibration.ramp_iters)
+            self.calibration.to(self.device)
+        self.phase_idx, self.iter, self.step = 0, 0, 0
+        self.best_miou, self.best_step, self.bad_steps = -1.0, -1, 0
+        self.optimizer_state: dict | None = None
+        self.scaler_state: dict | None = None
+        if resume:
+            self._load_resume()
+        else:
+            if cfg.model.pretrained:
+                report = load_pretrained(self.model, cfg.model.pretrained)
+                self._info(f"loaded {len(report['loaded'])} tensors from {cfg.model.pretrained} "
+                           f"(skipped {len(report['skipped'])}, fresh {len(report['missing'])})")
+            if cfg.model.init_checkpoint:
+                load_model_weights(self.model, cfg.model.init_checkpoint)
+            if self.is_main:
+                dump_config(cfg, self.run_dir / "config.yaml")
+                (self.run_dir / "run.json").write_text(json.dumps({
+                    "git_revision": git_revision(), "torch": torch.__version__, "device": str(self.device),
+                    "world_size": self.world_size, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "classes": list(self.classes.names)}, indent=2))
+        self.logger = RunLogger(self.run_dir, enabled=self.is_main)
+        self.total_steps = sum(p.iters for p in self.phases)
+        self._stop_signal: int | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def _info(self, msg: str) -> None:
+        if self.is_main and not self.cfg.train.quiet:
+            tqdm.write(msg)
+
+    def _check_data(self) -> None:
+        from .data_check import check_domain
+
+        t = self.cfg.data.target
+        for name, dom, splits in (
+            ("source", self.src, {self.cfg.data.source.train_split: True}),
+            ("target", self.tgt, {t.train_split: False, **({t.val_split: True} if t.val_split else {})}),
+        ):
+            report = check_domain(dom.kind, dom.root, splits, num_classes=self.num_classes, full=False, max_files=2)
+            if not report.ok():
+                raise DataError(f"data.{name}: {report.errors[0]}")
+
+    def _autocast(self):
+        amp = self.cfg.train.amp
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        return torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def _state(self, optimizer: torch.optim.Optimizer, scaler) -> dict:
+        return {
+            "model": model_state_for_checkpoint(self.model),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
+            "phase": self.phase_idx, "iter": self.iter, "step": self.step,
+            "best_miou": self.best_miou, "best_step": self.best_step, "bad_steps": self.bad_steps,
+            "calibration": self.calibration.state_dict() if self.calibration is not None else {},
+            "rng": rng_state(),
+            "config": to_dict(self.cfg),
+            "num_classes": self.num_classes,
+            "class_names": list(self.classes.names),
+            "method": self.cfg.method.name,
+        }
+
+    def save(self, name: str, optimizer, scaler) -> None:
+        if self.is_main:
+            save_checkpoint(self._state(optimizer, scaler), self.run_dir / "checkpoints" / f"{name}.pt")
+        self.dist.barrier()
+
+    def _load_resume(self) -> None:
+        state = load_checkpoint(self.run_dir / "checkpoints" / "last.pt", map_location=self.device)
+        load_model_weights(self.model, self.run_dir / "checkpoints" / "last.pt")
+        self.phase_idx, self.iter, self.step = int(state["phase"]), int(state["iter"]), int(state["step"])
+        self.best_miou, self.best_step = float(state["best_miou"]), int(state["best_step"])
+        self.bad_steps = int(state.get("bad_steps", 0))
+        if self.calibration is not None and state.get("calibration"):
+            self.calibration.load_state_dict(state["calibration"])
+        self.optimizer_state = state["optimizer"] if self.iter > 0 else None
+        self.scaler_state = state.get("scaler") or None
+        set_rng_state(state["rng"])
+
+    def _make_optimizer(self, phase: Phase) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        groups = getattr(self.model, "module", self.model).param_groups(phase_base_lr(self.cfg, phase), t.head_lr_mult)
+        return torch.optim.SGD(groups, lr=phase_base_lr(self.cfg, phase), momentum=t.momentum, weight_decay=t.weight_decay)
+
+    def _set_lr(self, optimizer: torch.optim.Optimizer, phase: Phase) -> float:
+        horizon = self.cfg.train.poly_horizon if phase.kind == "round" else 1.0
+        lr = poly_lr(phase_base_lr(self.cfg, phase), self.iter, horizon * phase.iters, self.cfg.train.poly_power)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+        return lr
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):  # noqa: ARG001 - signal API
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not in the main thread (e.g. embedded use)
+                pass
+
+    def evaluate_target(self) -> dict | None:
+        t = self.cfg.data.target
+        if not t.val_split:
+            return None
+        ds = build_eval_dataset(self.cfg, self.tgt, t.val_split)
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.train.amp)
+        ds_part = self.dist.shard(ds)
+        return evaluate(self.model, ds_part, self.cfg.eval, self.classes.names, self.cfg.data.eval_classes,
+                        quiet=self.cfg.train.quiet or not self.is_main, ignore_index=self.classes.ignore_index,
+                        device=self.device, autocast_dtype=amp, confusion_hook=self.dist.all_reduce_sum)
+
+    # ------------------------------------------------------------------ main loop
+    def fit(self) -> dict:
+        """Run (or continue) every phase; return the final target-val metrics."""
+        self._install_signal_handlers()
+        cfg = self.cfg
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=cfg.train.quiet or not self.is_main,
+                   desc=cfg.method.name, dynamic_ncols=True)
+        model = self.dist.wrap(self.model)
+        try:
+            while self.phase_idx < len(self.phases):
+                phase = self.phases[self.phase_idx]
+                self._run_phase(model, phase, bar)
+            metrics = self._finish()
+        finally:
+            bar.close()
+            self.logger.close()
+        return metrics
+
+    def _target_labels_dir(self, phase: Phase) -> Path | None:
+        if phase.kind != "round" or self.cfg.method.name not in ("self_training", "bida"):
+            return None
+        out = self.run_dir / "pseudo_labels" / f"round_{phase.round}"
+        if self.is_main:
+            t = self.cfg.data.target
+            samples = list_samples(self.tgt.kind, self.tgt.root, t.train_split, require_labels=False)
+            full = SegmentationDataset(samples, self.tgt.kind, self.num_classes, train=False,
+                                       normalize=self.cfg.data.normalize, ignore_index=self.classes.ignore_index)
+            self._info(f"round {phase.round}: generating static pseudo labels for {len(full)} target images")
+            stats = generate_static_labels(self.model, full, self.cfg, out, self.classes.names,
+                                           seed=self.cfg.seed + phase.round, device=self.device, quiet=self.cfg.train.quiet)
+            self.logger.log({"round": phase.round, "pseudo/static_accuracy": stats["accuracy"],
+                             "pseudo/static_coverage": stats["coverage"],
+                             "pseudo/static_labelled_fraction": stats["labelled_fraction"],
+                             "pseudo/per_class": stats["per_class"]}, self.step)
+        self.dist.barrier()
+        return out
+
+    def _run_phase(self, model: torch.nn.Module, phase: Phase, bar: tqdm) -> None:
+        cfg = self.cfg
+        label_dir = self._target_labels_dir(phase)
+        src_ds = build_train_dataset(cfg, self.src, cfg.data.source.train_split, require_labels=True)
+        src_iter = train_loader(src_ds, cfg.train.batch_size, cfg.seed, self.step, cfg.data.num_workers,
+                                self.rank, self.world_size)
+        tgt_iter = None
+        if phase.kind == "round":
+            tgt_ds = build_train_dataset(cfg, self.tgt, cfg.data.target.train_split, require_labels=False, label_dir=label_dir)
+            tgt_iter = train_loader(tgt_ds, cfg.train.batch_size, cfg.seed + 1, self.step, cfg.data.num_workers,
+                                    self.rank, self.world_size)
+        optimizer = self._make_optimizer(phase)
+        use_scaler = cfg.train.amp == "fp16" and self.device.type == "cuda"
+        scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        if self.optimizer_state is not None:
+            optimizer.load_state_dict(self.optimizer_state)
+            if self.scaler_state and use_scaler:
+                scaler.load_state_dict(self.scaler_state)
+            self.optimizer_state = self.scaler_state = None
+        model.train()
+        t_last = time.time()
+        while self.iter < phase.iters:
+            lr = self._set_lr(optimizer, phase)
+            batch_src = {k: v.to(self.device, non_blocking=True) for k, v in next(src_iter).items()}
+            optimizer.zero_grad(set_to_none=True)
+            with self._autocast():
+                if phase.kind == "source":
+                    result = source_step(model, batch_src, cfg)
+                else:
+                    batch_tgt = {k: v.to(self.device, non_blocking=True) for k, v in next(tgt_iter).items()}
+                    if label_dir is None:  # minent: no pseudo labels
+                        batch_tgt["label"] = torch.full_like(batch_tgt["label"], 255)
+                    result = adapt_step(model, batch_src, batch_tgt, cfg, self.calibration, self.num_classes,
+                                        reduce_sums=self.dist.prototype_reducer(self.num_classes))
+            if not self._backward_and_step(result.loss, optimizer, scaler):
+                continue
+            self.iter += 1
+            self.step += 1
+            bar.update(1)
+            if self.step % cfg.train.log_every == 0 or self.iter == phase.iters:
+                now = time.time()
+                rec = {"phase": phase.kind, "round": phase.round, "lr": lr, **result.logs}
+                rec["time/step_s"] = (now - t_last) / max(1, cfg.train.log_every)
+                t_last = now
+                self.logger.log(rec, self.step)
+                bar.set_postfix(loss=f"{result.logs['loss/total' if 'loss/total' in result.logs else 'loss/seg_src']:.3f}",
+                                lr=f"{lr:.2e}")
+            last_of_phase = self.iter == phase.iters
+            if self.step % cfg.train.eval_every == 0 or last_of_phase:
+                self._evaluate_and_maybe_best(optimizer, scaler)
+            if last_of_phase:
+                self.phase_idx += 1
+                self.iter = 0
+                self.save("last", optimizer, scaler)
+                self._check_stop(last_of_phase)
+                return
+            elif self.step % cfg.train.checkpoint_every == 0:
+                self.save("last", optimizer, scaler)
+            if self._stop_signal is not None:
+                if self.step % cfg.train.checkpoint_every != 0:
+                    self.save("last", optimizer, scaler)
+                self._check_stop(True)
+
+    def _check_stop(self, saved: bool) -> None:
+        """After a checkpoint: leave cleanly if SIGTERM/SIGINT arrived."""
+        if self._stop_signal is not None and saved:
+            raise Interrupted(f"stopped by signal {self._stop_signal} at step {self.step}; "
+                              f"continue with: bida train --resume {self.run_dir}")
+
+    def _backward_and_step(self, loss: torch.Tensor, optimizer, scaler) -> bool:
+        """Backward and step unless the loss or a gradient is not finite (then skip and count)."""
+        finite = bool(torch.isfinite(loss.detach()))
+        if finite:
+            scaler.scale(loss).backward()
+            if scaler.is_enabled():
+                scaler.unscale_(optimizer)
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf")) if params else torch.tensor(0.0)
+            finite = bool(torch.isfinite(grad_norm))
+            if finite or scaler.is_enabled():  # the fp16 scaler skips non-finite steps itself
+                scaler.step(optimizer)
+                scaler.update()
+                if scaler.is_enabled() and not finite:
+                    return False
+        if finite:
+            self.bad_steps = 0
+            return True
+        optimizer.zero_grad(set_to_none=True)
+        self.bad_steps += 1
+        self.logger.log({"numerics/skipped_step": 1, "numerics/bad_steps_in_row": self.bad_steps}, self.step)
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
+            raise TrainingDiverged(
+                f"{self.bad_steps} non-finite steps in a row at step {self.step} (train.max_bad_steps); "
+                f"the last good checkpoint is {self.run_dir / 'checkpoints' / 'last.pt'}")
+        return False
+
+    def _evaluate_and_maybe_best(self, optimizer, scaler) -> None:
+        metrics = self.evaluate_target()
+        if metrics is None:
+            return
+        self.logger.log({"eval/mIoU": metrics["mIoU"], "eval/pixel_acc": metrics["pixel_acc"],
+                         **{f"eval/iou/{k}": v for k, v in metrics["per_class_iou"].items() if v is not None}}, self.step)
+        self._info(f"step {self.step}: target val mIoU {100 * metrics['mIoU']:.2f}")
+        if metrics["mIoU"] > self.best_miou:
+            self.best_miou, self.best_step = metrics["mIoU"], self.step
+            self.save("best", optimizer, scaler)
+
+    def _finish(self) -> dict:
+        metrics = self.evaluate_target() or {"mIoU": float("nan"), "per_class_iou": {}, "pixel_acc": float("nan")}
+        metrics = {k: v for k, v in metrics.items() if k != "confusion"} | {"confusion": metrics.get("confusion")}
+        metrics["checkpoint"] = "last"
+        metrics["step"] = self.step
+        metrics["method"] = self.cfg.method.name
+        metrics["best"] = {"mIoU": self.best_miou, "step": self.best_step,
+                           "note": "selected on target val (as the official code does); report 'last' as the main number"}
+        if self.is_main:
+            write_metrics(metrics, self.run_dir / "metrics.json")
+            self._info(markdown_table(metrics))
+        self.dist.barrier()
+        return metrics
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train according to ``cfg`` into ``run_dir``; returns the final metrics."""
+    trainer = Trainer(cfg, Path(run_dir), resume=resume, overwrite=overwrite)
+    return trainer.fit()
+
+
+def default_run_dir(cfg: Config) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.method.name}-{stamp}-{os.getpid()}"
