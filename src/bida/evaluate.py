@@ -45,15 +45,16 @@ def metrics_from_confusion(conf: Tensor, class_names: Sequence[str], eval_classe
         "num_classes_evaluated": int}``; None marks a class absent from GT and prediction.
     """
     classes = list(range(conf.shape[0])) if eval_classes is None else list(eval_classes)
-    sub = conf[classes][:, classes]
-    iou = iou_from_confusion(sub)
+    # IoU from the full matrix, then the subset: pixels predicted as an excluded class still
+    # count as misses (the 16/13-class SYNTHIA protocols of UDA papers).
+    iou = iou_from_confusion(conf)[classes]
     valid = ~torch.isnan(iou)
     miou = float(iou[valid].mean()) if valid.any() else 0.0
     total = conf.sum()
     return {
         "mIoU": miou,
         "per_class_iou": {class_names[c]: (None if math.isnan(v) else float(v)) for c, v in zip(classes, iou.tolist())},
-        "pixel_acc": float(conf.diag().sum() / total) if total > 0 else 0.0,
+        "pixel_acc": float(conf.diag().sum().double() / total.double()) if total > 0 else 0.0,
         "num_classes_evaluated": int(valid.sum()),
     }
 

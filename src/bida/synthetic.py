@@ -553,18 +553,18 @@ def _render_target(rng: np.random.Generator, c: _Canvas) -> np.ndarray:
     hp = max(2, int(round(rng.uniform(3.0, 5.0) * scale)))
     ox, oy = rng.integers(wp), rng.integers(hp)
     windows = (((xs + ox) % wp) < max(1, wp // 2)) & (((ys + oy) % hp) < max(1, hp // 2))
-    mul(BUILDING, np.where(windows, 0.62, 1.0) * (1.0 + 0.06 * coarse + 0.05 * fine))
+    mul(BUILDING, np.where(windows, 0.72, 1.0) * (1.0 + 0.06 * coarse + 0.05 * fine))
     # road: asphalt grain and patches; sidewalk: paving tiles
     mul(ROAD, 1.0 + 0.07 * fine + 0.08 * coarse + 0.04 * mid)
     tp = max(2, int(round(3 * scale)))
     tiles = ((ys % tp) == 0) | (((xs + (ys // tp) * 2) % (2 * tp)) == 0)
-    mul(SIDEWALK, np.where(tiles, 0.8, 1.0) * (1.0 + 0.05 * fine + 0.05 * coarse))
+    mul(SIDEWALK, np.where(tiles, 0.87, 1.0) * (1.0 + 0.05 * fine + 0.05 * coarse))
     # vegetation and terrain: foliage blotches
-    mul(VEGETATION, np.clip(1.0 + 0.35 * mid + 0.12 * fine + 0.1 * coarse, 0.3, 2.0))
+    mul(VEGETATION, np.clip(1.0 + 0.25 * mid + 0.1 * fine + 0.08 * coarse, 0.3, 2.0))
     mul(TERRAIN, 1.0 + 0.18 * mid + 0.08 * fine)
     # fence: vertical slats; wall: plaster
     sp = max(2, int(round(2 * scale)))
-    mul(FENCE, np.where((xs % sp) == 0, 0.55, 1.05))
+    mul(FENCE, np.where((xs % sp) == 0, 0.7, 1.05))
     mul(WALL, 1.0 + 0.08 * mid + 0.05 * fine)
     mul(PERSON, 1.0 + 0.1 * mid)
     mul(CAR, 1.0 + 0.04 * fine)
@@ -576,16 +576,16 @@ def _render_target(rng: np.random.Generator, c: _Canvas) -> np.ndarray:
             img[m] = np.asarray(rgb, np.float32) * (1.0 + 0.05 * fine[m, None])
 
     # camera: illumination gradient, exposure, colour cast
-    gx, gy = rng.uniform(-0.45, 0.45), rng.uniform(-0.3, 0.3)
+    gx, gy = rng.uniform(-0.35, 0.35), rng.uniform(-0.25, 0.25)
     illum = 1.0 + gx * (xs / W - 0.5) + gy * (ys / H - 0.5)
-    img *= (illum * rng.uniform(0.75, 1.15))[..., None].astype(np.float32)
+    img *= (illum * rng.uniform(0.8, 1.15))[..., None].astype(np.float32)
     cast = rng.uniform(0.88, 1.12, 3).astype(np.float32)
     img *= cast / cast.mean() * 1.0
     img = np.clip(img, 0, 255).astype(np.uint8)
     # lens blur then sensor noise
-    radius = rng.uniform(0.45, 0.9) * scale
+    radius = rng.uniform(0.4, 0.8) * scale
     img = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius)), np.float32)
-    sigma = rng.uniform(3.0, 8.0)
+    sigma = rng.uniform(2.0, 6.0)
     img += rng.standard_normal((H, W, 1)).astype(np.float32) * sigma
     img += rng.standard_normal((H, W, 3)).astype(np.float32) * (0.4 * sigma)
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)

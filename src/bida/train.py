@@ -47,6 +47,10 @@ class Interrupted(BidaError):
     """SIGTERM/SIGINT: a checkpoint was saved and the run can be resumed."""
 
 
+class _StopRequested(Exception):
+    """Internal: ``stop_after`` reached."""
+
+
 @dataclass(frozen=True)
 class Phase:
     kind: str  # "source" or "round"
@@ -180,8 +184,8 @@ class Trainer:
         self.phases = plan_phases(cfg)
         self.calibration = None
         if cfg.method.name == "bida" and cfg.method.calibration:
-            self.calibration = Calibration(self.num_classes, self.model.feature_dim, cfg.calibration.momentum,
-                                           cfg.calibration.max_weight, cfg.calibration.ramp_iters)
+            self.calibration = Calibration(self.num_classes, self.model.feature_dim, momentum=cfg.calibration.momentum,
+                                           max_weight=cfg.calibration.max_weight, ramp_iters=cfg.calibration.ramp_iters)
             self.calibration.to(self.device)
         self.phase_idx, self.iter, self.step = 0, 0, 0
         self.best_miou, self.best_step, self.bad_steps = -1.0, -1, 0
@@ -205,6 +209,7 @@ class Trainer:
         self.logger = RunLogger(self.run_dir, enabled=self.is_main)
         self.total_steps = sum(p.iters for p in self.phases)
         self._stop_signal: int | None = None
+        self._stop_after: int | None = None
 
     # ------------------------------------------------------------------ helpers
     def _info(self, msg: str) -> None:
@@ -294,8 +299,13 @@ class Trainer:
                         device=self.device, autocast_dtype=amp, confusion_hook=self.dist.all_reduce_sum)
 
     # ------------------------------------------------------------------ main loop
-    def fit(self) -> dict:
-        """Run (or continue) every phase; return the final target-val metrics."""
+    def fit(self, stop_after: int | None = None) -> dict | None:
+        """Run (or continue) every phase; return the final target-val metrics.
+
+        ``stop_after``: stop at that global step with a checkpoint, as a pre-empted job would
+        (returns None; continue with ``--resume``).
+        """
+        self._stop_after = stop_after
         self._install_signal_handlers()
         cfg = self.cfg
         bar = tqdm(total=self.total_steps, initial=self.step, disable=cfg.train.quiet or not self.is_main,
@@ -306,6 +316,8 @@ class Trainer:
                 phase = self.phases[self.phase_idx]
                 self._run_phase(model, phase, bar)
             metrics = self._finish()
+        except _StopRequested:
+            return None
         finally:
             bar.close()
             self.logger.close()
@@ -352,6 +364,9 @@ class Trainer:
         model.train()
         t_last = time.time()
         while self.iter < phase.iters:
+            if self._stop_after is not None and self.step >= self._stop_after:
+                self.save("last", optimizer, scaler)
+                raise _StopRequested()
             lr = self._set_lr(optimizer, phase)
             batch_src = {k: v.to(self.device, non_blocking=True) for k, v in next(src_iter).items()}
             optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,87 @@
+from pathlib import Path
+
+import pytest
+
+from bida.config import Config, dump_config, from_dict, load_config, parse_override, replace_path
+from bida.errors import ConfigError
+
+
+def test_defaults_are_the_embedded_pair():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.data.source.kind == "synthetic" and cfg.data.target.kind == "synthetic"
+    assert cfg.method.name == "source_only"
+
+
+def test_method_shorthand_in_yaml_and_override(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("method: bida\ntrain:\n  iters: 7\n")
+    cfg = load_config(p, ["method.t2s=false", "loss.temperature=0.2"])
+    assert cfg.method.name == "bida" and cfg.method.t2s is False
+    assert cfg.train.iters == 7 and cfg.loss.temperature == 0.2
+    assert load_config(p, ["method=minent"]).method.name == "minent"
+
+
+def test_tuple_fields_and_int_to_float():
+    cfg = load_config(None, ["data.crop=[10,20]", "train.lr=1"])
+    assert cfg.data.crop == (10, 20)
+    assert isinstance(cfg.train.lr, float)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.itres=5", "train.itres"),
+        ("train.iters=abc", "train.iters"),
+        ("train.iters=1.5", "train.iters"),
+        ("method=unknown_method", "method.name"),
+        ("model.freeze_bn=3", "model.freeze_bn"),
+        ("data.crop=[1,2,3]", "data.crop"),
+        ("nokeyvalue", "malformed override"),
+        ("=3", "malformed override"),
+        ("a..b=3", "malformed override"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  iters: 3\n  colour: red\n")
+    with pytest.raises(ConfigError, match="train.colour"):
+        load_config(p)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_roundtrip_and_frozen(tmp_path):
+    cfg = load_config(None, ["method=bida", "data.eval_classes=[0,1,2]"])
+    dump_config(cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again == cfg
+    with pytest.raises(Exception):
+        cfg.seed = 3  # type: ignore[misc]
+    assert replace_path(cfg, train__iters=9).train.iters == 9
+
+
+def test_parse_override_values():
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    assert parse_override("model.pretrained=null") == (["model", "pretrained"], None)
+    assert parse_override("method=bida") == (["method", "name"], "bida")
+
+
+def test_shipped_configs_load():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.glob("*.yaml"))
+    assert files, "configs/ is empty"
+    for f in files:
+        load_config(f)

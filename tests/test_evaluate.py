@@ -1,0 +1,70 @@
+import math
+
+import torch
+
+from bida.config import EvalConfig
+from bida.evaluate import confusion_matrix, iou_from_confusion, markdown_table, metrics_from_confusion, predict_probs
+
+
+def test_confusion_matrix_hand_computed():
+    label = torch.tensor([[0, 0, 1, 1], [2, 255, 2, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 0, 2]])
+    conf = confusion_matrix(pred, label, 3)
+    expected = torch.tensor([[1, 1, 0], [0, 2, 1], [1, 0, 1]])
+    assert torch.equal(conf, expected)
+
+
+def test_metrics_hand_computed():
+    conf = torch.tensor([[1, 1, 0], [0, 2, 1], [1, 0, 1]])
+    m = metrics_from_confusion(conf, ["a", "b", "c"])
+    # IoU a = 1/(2+2-1)=1/3, b = 2/(3+3-2)=1/2, c = 1/(2+2-1)=1/3
+    assert math.isclose(m["per_class_iou"]["a"], 1 / 3)
+    assert math.isclose(m["per_class_iou"]["b"], 1 / 2)
+    assert math.isclose(m["mIoU"], (1 / 3 + 1 / 2 + 1 / 3) / 3)
+    assert math.isclose(m["pixel_acc"], 4 / 7)
+    assert "mIoU" in markdown_table(m)
+
+
+def test_absent_class_is_skipped_and_subset():
+    conf = torch.tensor([[3, 0, 0], [0, 0, 0], [0, 0, 1]])
+    iou = iou_from_confusion(conf)
+    assert math.isnan(iou[1])
+    m = metrics_from_confusion(conf, ["a", "b", "c"])
+    assert m["per_class_iou"]["b"] is None and m["mIoU"] == 1.0 and m["num_classes_evaluated"] == 2
+    m2 = metrics_from_confusion(torch.tensor([[3, 1], [0, 0]]), ["a", "b"], eval_classes=[0])
+    assert m2["mIoU"] == 0.75 and list(m2["per_class_iou"]) == ["a"]
+
+
+class _Tiny(torch.nn.Module):
+    """Stand-in network: class scores from a fixed 1x1 conv at stride 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x, domain="source"):
+        from bida.deeplabv2 import SegOutput
+
+        y = self.conv(x)
+        return SegOutput(y, y)
+
+
+def test_whole_slide_and_flip_agree_for_a_local_model():
+    torch.manual_seed(0)
+    model = _Tiny().eval()
+    x = torch.randn(1, 3, 24, 40)
+    whole = predict_probs(model, x, EvalConfig(mode="whole"), 4)
+    slide = predict_probs(model, x, EvalConfig(mode="slide", crop=(24, 40), stride=(8, 8)), 4)
+    torch.testing.assert_close(whole, slide)
+    flipped = predict_probs(model, x, EvalConfig(flip=True), 4)
+    assert flipped.shape == (1, 4, 24, 40)
+    torch.testing.assert_close(flipped.sum(1), torch.ones(1, 24, 40))
+    resized = predict_probs(model, x, EvalConfig(size=(12, 20)), 4, out_size=(24, 40))
+    assert resized.shape == (1, 4, 24, 40)
+
+
+def test_slide_windows_cover_everything():
+    model = _Tiny().eval()
+    x = torch.randn(2, 3, 30, 50)
+    out = predict_probs(model, x, EvalConfig(mode="slide", crop=(16, 16), stride=(10, 10)), 4)
+    assert out.shape == (2, 4, 30, 50) and torch.isfinite(out).all()
