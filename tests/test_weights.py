@@ -1,0 +1,110 @@
+"""Initial weights in the layouts users hold: DeepLab_init (Scale.), torchvision, bida, safetensors."""
+
+import pickle
+
+import pytest
+import torch
+
+from bida.checkpoint import load_checkpoint, save_checkpoint
+from bida.deeplabv2 import DeepLabV2
+from bida.errors import CheckpointError
+from bida.weights import load_model_weights, load_pretrained
+
+
+def _model(k=19, **kw):
+    return DeepLabV2(k, "resnet50", width=0.0625, freeze_bn=True, **kw)
+
+
+def _backbone_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("layer5.")}
+
+
+def test_deeplab_init_layout(tmp_path):
+    src = _model()
+    state = {f"Scale.{k}": v for k, v in _backbone_state(src).items()}
+    # the init checkpoint's classifier is for another label set (VOC, 21 classes)
+    for i in range(4):
+        state[f"Scale.layer5.conv2d_list.{i}.weight"] = torch.randn(21, src.backbone_channels, 3, 3)
+        state[f"Scale.layer5.conv2d_list.{i}.bias"] = torch.randn(21)
+    torch.save(state, tmp_path / "DeepLab_init.pth")
+    dst = _model()
+    report = load_pretrained(dst, tmp_path / "DeepLab_init.pth")
+    assert torch.equal(dst.layer3[0].conv2.weight, src.layer3[0].conv2.weight)
+    assert torch.equal(dst.bn1.running_var, src.bn1.running_var)
+    assert "layer5.conv2d_list.0.weight" in report["skipped"]
+    assert not torch.equal(dst.layer5.conv2d_list[0].bias[:19], state["Scale.layer5.conv2d_list.0.bias"][:19])
+
+
+def test_torchvision_layout_and_target_stem_sync(tmp_path):
+    src = _model()
+    state = _backbone_state(src)
+    state["fc.weight"], state["fc.bias"] = torch.randn(1000, src.backbone_channels), torch.randn(1000)
+    torch.save(state, tmp_path / "resnet50.pth")
+    dst = _model(separate_target_stem=True)
+    report = load_pretrained(dst, tmp_path / "resnet50.pth")
+    assert "fc.weight" in report["skipped"]
+    assert torch.equal(dst.target_stem.conv1.weight, src.conv1.weight)  # target stem starts from the same weights
+
+
+def test_safetensors_and_bida_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    src = _model()
+    save_file({k: v.contiguous() for k, v in _backbone_state(src).items()}, str(tmp_path / "w.safetensors"))
+    dst = _model()
+    load_pretrained(dst, tmp_path / "w.safetensors")
+    assert torch.equal(dst.conv1.weight, src.conv1.weight)
+    save_checkpoint({"model": src.state_dict(), "config": {}, "num_classes": 19}, tmp_path / "c.pt")
+    dst = _model()
+    load_model_weights(dst, tmp_path / "c.pt")
+    assert torch.equal(dst.layer5.conv2d_list[2].weight, src.layer5.conv2d_list[2].weight)
+
+
+def test_unexpected_keys_are_refused(tmp_path):
+    state = _backbone_state(_model())
+    state["decoder.head.weight"] = torch.zeros(3)
+    torch.save(state, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError, match=r"odd\.pth.*unexpected keys: decoder\.head\.weight"):
+        load_pretrained(_model(), tmp_path / "odd.pth")
+
+
+def test_wrong_depth_or_width_is_refused(tmp_path):
+    torch.save(_backbone_state(DeepLabV2(19, "resnet50", width=0.125)), tmp_path / "wide.pth")
+    with pytest.raises(CheckpointError, match="shape"):
+        load_pretrained(_model(), tmp_path / "wide.pth")
+    torch.save(_backbone_state(DeepLabV2(19, "resnet18", width=0.0625)), tmp_path / "r18.pth")
+    with pytest.raises(CheckpointError):
+        load_pretrained(_model(), tmp_path / "r18.pth")
+
+
+def test_checkpoint_of_another_class_count(tmp_path):
+    save_checkpoint({"model": _model(7).state_dict()}, tmp_path / "k7.pt")
+    with pytest.raises(CheckpointError, match="7 classes, the config has 19"):
+        load_model_weights(_model(19), tmp_path / "k7.pt")
+    save_checkpoint({"model": DeepLabV2(19, "resnet18", width=0.0625).state_dict()}, tmp_path / "r18.pt")
+    with pytest.raises(CheckpointError, match="architecture"):
+        load_model_weights(_model(19), tmp_path / "r18.pt")
+
+
+def test_truncated_checkpoint(tmp_path):
+    save_checkpoint({"model": _model().state_dict()}, tmp_path / "ok.pt")
+    data = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.pt.*(truncated|corrupt)"):
+        load_checkpoint(tmp_path / "cut.pt")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this would run code",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": _Evil()}, path)
+    with pytest.raises(CheckpointError, match="could run code"):
+        load_checkpoint(path)
+    with open(tmp_path / "evil.pkl", "wb") as fh:
+        pickle.dump(_Evil(), fh)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "evil.pkl")
