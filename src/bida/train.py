@@ -130,16 +130,26 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj)}")
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Create (or check) the run directory; never clobber a run without --overwrite."""
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a run without --overwrite, or to resume what has no checkpoint.
+
+    Changes nothing on disk: the directory is created only once every input is valid.
+    """
     if resume:
         if not (run_dir / "checkpoints" / "last.pt").is_file():
             raise RunDirError(f"cannot resume {run_dir}: no checkpoints/last.pt")
         return
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         if not overwrite:
             raise RunDirError(f"run directory {run_dir} already exists; use --resume to continue it or --overwrite to replace it")
-        shutil.rmtree(run_dir)
+
+
+def create_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Create the run directory (emptying it first with --overwrite) and check it is writable."""
+    if resume:
+        return
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir) if run_dir.is_dir() else run_dir.unlink()
     try:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -158,7 +168,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False):
         self.run_dir = Path(run_dir)
-        prepare_run_dir(self.run_dir, resume, overwrite)
+        check_run_dir(self.run_dir, resume, overwrite)
         if resume:
             cfg = load_config(self.run_dir / "config.yaml")
         self.cfg = cfg
@@ -200,6 +210,9 @@ class Trainer:
                            f"(skipped {len(report['skipped'])}, fresh {len(report['missing'])})")
             if cfg.model.init_checkpoint:
                 load_model_weights(self.model, cfg.model.init_checkpoint)
+            if self.is_main:  # every input is valid: only now touch the disk
+                create_run_dir(self.run_dir, resume, overwrite)
+            self.dist.barrier()
             if self.is_main:
                 dump_config(cfg, self.run_dir / "config.yaml")
                 (self.run_dir / "run.json").write_text(json.dumps({

@@ -1,0 +1,204 @@
+"""Every row of the bad-input table: one line naming the culprit, exit code 2, disk untouched."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bida.checkpoint import save_checkpoint
+from bida.cli import main
+from bida.deeplabv2 import DeepLabV2
+from fixtures import make_folder_tree
+
+TINY = ["model.width=0.125", "train.iters=2", "train.quiet=true", "data.crop=[8,12]", "train.eval_every=100"]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` with a hash of its bytes (dirs as markers)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = "dir" if p.is_dir() else hashlib.sha1(p.read_bytes()).hexdigest()
+    return out
+
+
+def folder_pair(tmp_path: Path) -> tuple[Path, Path]:
+    src = tmp_path / "data" / "src"
+    tgt = tmp_path / "data" / "tgt"
+    make_folder_tree(src)
+    make_folder_tree(tgt, target_without_train_labels=True)
+    return src, tgt
+
+
+def folder_args(src: Path, tgt: Path) -> list[str]:
+    return ["data.source.kind=folder", f"data.source.root={src}", "data.source.val_split=null",
+            "data.target.kind=folder", f"data.target.root={tgt}", *TINY]
+
+
+def run_cli(tmp_path: Path, args: list[str], capsys, needle: str) -> None:
+    """Run ``bida ...``; expect exit 2, one stderr line containing ``needle``, nothing changed."""
+    before = snapshot(tmp_path)
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("bida: error:") and "\n" not in err, err
+    assert needle in err, err
+    assert snapshot(tmp_path) == before
+
+
+def train_args(tmp_path: Path, extra: list[str]) -> list[str]:
+    return ["train", "--out", str(tmp_path / "run"), *extra]
+
+
+def test_valid_folder_pair_trains(tmp_path, capsys):
+    src, tgt = folder_pair(tmp_path)
+    assert main(train_args(tmp_path, folder_args(src, tgt))) == 0
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_missing_dataset_root(tmp_path, capsys):
+    src, tgt = folder_pair(tmp_path)
+    args = folder_args(src, tgt) + [f"data.source.root={tmp_path / 'nowhere'}"]
+    run_cli(tmp_path, train_args(tmp_path, args), capsys, "nowhere")
+
+
+def test_empty_split(tmp_path, capsys):
+    src, tgt = folder_pair(tmp_path)
+    for f in (src / "images" / "train").iterdir():
+        f.unlink()
+    run_cli(tmp_path, train_args(tmp_path, folder_args(src, tgt)), capsys, str(src / "images" / "train"))
+
+
+def test_image_without_label(tmp_path, capsys):
+    src, tgt = folder_pair(tmp_path)
+    (src / "labels" / "train" / "img_000.png").unlink()
+    run_cli(tmp_path, train_args(tmp_path, folder_args(src, tgt)), capsys, "img_000")
+
+
+def test_image_label_size_mismatch(tmp_path, capsys):
+    src, tgt = folder_pair(tmp_path)
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(src / "labels" / "train" / "img_000.png")
+    run_cli(tmp_path, train_args(tmp_path, folder_args(src, tgt)), capsys, "img_000")
+
+
+def test_corrupt_image(tmp_path, capsys):
+    src, tgt = folder_pair(tmp_path)
+    (src / "images" / "train" / "img_000.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    run_cli(tmp_path, train_args(tmp_path, folder_args(src, tgt)), capsys, "img_000.png")
+
+
+def test_label_values_outside_class_set(tmp_path, capsys):
+    src, tgt = folder_pair(tmp_path)
+    Image.fromarray(np.full((8, 12), 7, np.uint8)).save(src / "labels" / "train" / "img_000.png")
+    run_cli(tmp_path, train_args(tmp_path, folder_args(src, tgt)), capsys, "img_000.png")
+
+
+@pytest.mark.parametrize("content", [None, "{not json", '{"classes": "sky"}', '{"classes": ["a"], "palette": [[1, 2]]}'])
+def test_classes_json_missing_or_malformed(tmp_path, capsys, content):
+    src, tgt = folder_pair(tmp_path)
+    if content is None:
+        (src / "classes.json").unlink()
+    else:
+        (src / "classes.json").write_text(content)
+    run_cli(tmp_path, train_args(tmp_path, folder_args(src, tgt)), capsys, "classes.json")
+
+
+def test_source_and_target_classes_differ(tmp_path, capsys):
+    src, tgt = folder_pair(tmp_path)
+    spec = json.loads((tgt / "classes.json").read_text())
+    spec["classes"] = ["sky", "tree", "car"]
+    (tgt / "classes.json").write_text(json.dumps(spec))
+    run_cli(tmp_path, train_args(tmp_path, folder_args(src, tgt)), capsys, "different classes")
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.colour=3", "train.colour"),          # unknown key
+    ("train.iters=many", "train.iters"),         # wrong type
+    ("train.iters", "malformed override"),       # malformed override
+])
+def test_config_errors(tmp_path, capsys, override, needle):
+    run_cli(tmp_path, train_args(tmp_path, [override]), capsys, needle)
+
+
+def test_unknown_key_in_config_file(tmp_path, capsys):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("model:\n  depth: 50\n")
+    run_cli(tmp_path, ["train", "-c", str(cfg), "--out", str(tmp_path / "run")], capsys, "model.depth")
+
+
+def test_checkpoint_of_other_class_count_or_architecture(tmp_path, capsys):
+    src, tgt = folder_pair(tmp_path)  # 3 classes
+    ckpt = tmp_path / "k19.pt"
+    save_checkpoint({"model": DeepLabV2(19, "resnet18", width=0.125).state_dict()}, ckpt)
+    run_cli(tmp_path, train_args(tmp_path, folder_args(src, tgt) + [f"model.init_checkpoint={ckpt}"]), capsys,
+            "19 classes, the config has 3")
+    ckpt50 = tmp_path / "r50.pt"
+    save_checkpoint({"model": DeepLabV2(3, "resnet50", width=0.125).state_dict()}, ckpt50)
+    run_cli(tmp_path, train_args(tmp_path, folder_args(src, tgt) + [f"model.init_checkpoint={ckpt50}"]), capsys,
+            "architecture")
+
+
+def test_truncated_checkpoint(tmp_path, capsys):
+    src, tgt = folder_pair(tmp_path)
+    ckpt = tmp_path / "cut.pt"
+    save_checkpoint({"model": DeepLabV2(3, "resnet18", width=0.125).state_dict()}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    run_cli(tmp_path, train_args(tmp_path, folder_args(src, tgt) + [f"model.init_checkpoint={ckpt}"]), capsys, "cut.pt")
+
+
+def test_pretrained_with_unexpected_keys(tmp_path, capsys):
+    src, tgt = folder_pair(tmp_path)
+    import torch
+
+    state = DeepLabV2(3, "resnet18", width=0.125).state_dict()
+    state["transformer.blocks.0.attn.weight"] = torch.zeros(2)
+    torch.save(state, tmp_path / "odd.pth")
+    run_cli(tmp_path, train_args(tmp_path, folder_args(src, tgt) + [f"model.pretrained={tmp_path / 'odd.pth'}"]),
+            capsys, "unexpected keys")
+
+
+def test_output_directory_not_writable(tmp_path, capsys):
+    src, tgt = folder_pair(tmp_path)
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    run_cli(tmp_path, ["train", "--out", str(blocker / "run"), *folder_args(src, tgt)], capsys, "not writable")
+
+
+def test_existing_run_dir_needs_resume_or_overwrite(tmp_path, capsys):
+    src, tgt = folder_pair(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    run_cli(tmp_path, train_args(tmp_path, folder_args(src, tgt)), capsys, "--overwrite")
+
+
+def test_disk_full_while_writing_checkpoint(tmp_path, capsys, monkeypatch):
+    from bida.config import load_config
+    from bida.train import Trainer
+
+    src, tgt = folder_pair(tmp_path)
+    run = tmp_path / "run"
+    cfg = load_config(None, folder_args(src, tgt) + ["train.iters=4", "train.checkpoint_every=1"])
+    Trainer(cfg, run).fit(stop_after=1)  # a pre-empted run with a good checkpoint at step 1
+    before = snapshot(tmp_path)
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    import bida.checkpoint
+
+    monkeypatch.setattr(bida.checkpoint.os, "fsync", full_disk)
+    code = main(["train", "--resume", str(run)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "No space left on device" in err and "last.pt" in err and "\n" not in err
+    after = snapshot(tmp_path)
+    # the checkpoint and config are untouched; no temporary file is left behind
+    for key in ("run/checkpoints/last.pt", "run/config.yaml"):
+        assert after[key] == before[key]
+    assert not [k for k in after if ".tmp-" in k]
