@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, model_state_for_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import atomic_write_text, load_checkpoint, model_state_for_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, dump_config, load_config, to_dict
 from .datasets import Domain, SegmentationDataset, build_eval_dataset, build_train_dataset, check_same_classes, resolve_domain, train_loader
 from .deeplabv2 import DeepLabV2, build_model
@@ -277,6 +277,21 @@ class Trainer:
         self.optimizer_state = state["optimizer"] if self.iter > 0 else None
         self.scaler_state = state.get("scaler") or None
         set_rng_state(state["rng"])
+        self._truncate_log(self.step)
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log records written after the checkpoint (they will be produced again)."""
+        log = self.run_dir / "log.jsonl"
+        if not self.is_main or not log.is_file():
+            return
+        kept = []
+        for line in log.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line cut by the crash
+                continue
+        atomic_write_text(log, "".join(k + "\n" for k in kept))
 
     def _make_optimizer(self, phase: Phase) -> torch.optim.Optimizer:
         t = self.cfg.train
