@@ -23,6 +23,7 @@ import yaml
 
 from .errors import ConfigError
 
+DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
 Methods = Literal["source_only", "minent", "self_training", "bida"]
 DomainKinds = Literal["synthetic", "gta5", "synthia", "cityscapes", "folder"]
 
@@ -293,12 +294,15 @@ def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides.
+    """Load a YAML config (or the packaged ``defaults.yaml`` when ``path`` is None) and apply overrides.
 
     Raises:
         ConfigError: unreadable file, invalid YAML, unknown key, wrong type or bad override.
     """
     data: dict = {}
+    if path is None:
+        # Without -c: the packaged CPU-sized experiment on the embedded synthetic pair.
+        path = DEFAULTS_FILE
     if path is not None:
         path = Path(path)
         try:
