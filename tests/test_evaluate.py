@@ -68,3 +68,18 @@ def test_slide_windows_cover_everything():
     x = torch.randn(2, 3, 30, 50)
     out = predict_probs(model, x, EvalConfig(mode="slide", crop=(16, 16), stride=(10, 10)), 4)
     assert out.shape == (2, 4, 30, 50) and torch.isfinite(out).all()
+
+
+def test_synthia_protocols_on_cityscapes_classes():
+    from bida.evaluate import protocol_metrics
+    from bida.labels import CITYSCAPES_CLASSES, SYNTHIA_13_CLASSES
+
+    conf = torch.eye(19, dtype=torch.int64) * 10
+    conf[3, 3] = 0  # wall never right: IoU 0 counts in 19 and 16, not in 13
+    conf[3, 0] = 10
+    p = protocol_metrics(conf, CITYSCAPES_CLASSES)
+    iou_road = 10 / 20
+    assert math.isclose(p["mIoU_19"], (17 + iou_road) / 19)
+    assert math.isclose(p["mIoU_16"], (14 + iou_road) / 16)
+    assert math.isclose(p["mIoU_13"], (12 + iou_road) / 13) and 3 not in SYNTHIA_13_CLASSES
+    assert protocol_metrics(torch.eye(3, dtype=torch.int64), ["a", "b", "c"]) == {}

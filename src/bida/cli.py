@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-checkpoint", help="source-only checkpoint shared by every row (trained if absent)")
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("report", help="an HTML report comparing run directories (the first is the baseline)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="report directory (index.html and figures/)")
+    p.add_argument("--overwrite", action="store_true", help="replace the report in a non-empty directory")
+    p.add_argument("--max-images", type=int, default=6, help="target validation images shown (best and worst)")
+
     p = sub.add_parser("data", help="dataset utilities")
     dsub = p.add_subparsers(dest="data_command", required=True)
     d = dsub.add_parser("check", help="check the configured datasets")
@@ -142,6 +148,18 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    import torch
+
+    from .report import write_report
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    page = write_report([Path(r) for r in args.runs], Path(args.out), max_images=args.max_images, device=device,
+                        overwrite=args.overwrite)
+    print(page)
+    return 0
+
+
 def cmd_data_check(args: argparse.Namespace) -> int:
     from .config import load_config
     from .data_check import check_domain
@@ -168,7 +186,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo,
-                "ablate": cmd_ablate, "check-data": cmd_data_check}
+                "ablate": cmd_ablate, "check-data": cmd_data_check, "report": cmd_report}
     try:
         if args.command == "data":
             return cmd_data_check(args)

@@ -1,22 +1,109 @@
 """Distributed data parallel through ``torchrun`` (nccl on GPU, gloo on CPU).
 
 :func:`init_from_env` reads torchrun's environment; without it every method is a cheap
-no-op, so the trainer has one code path. Per-class prototype sums and counts are
-all-reduced with a differentiable all-reduce, so W processes with batch b build the same
-prototypes as one process with batch W*b.
+no-op, so the trainer has one code path. W processes with batch b compute what one
+process computes with batch W*b (the sampler gives rank r the r-th slice of each global
+batch, see :class:`~bida.datasets.InfiniteBatchSampler`):
+
+- Prototypes: per-class feature sums and pixel counts are all-reduced (differentiably)
+  before dividing (METHOD.md section 1), so every rank holds the prototypes of the global
+  batch. Label transfer, the target prototypes and the calibration EMAs follow from
+  them, hence agree across ranks without any further communication.
+- Per-pixel mean losses (cross entropy with ignored pixels, entropy, contrast): a rank's
+  local mean weighs its pixels by its own count. :meth:`GlobalBatch.global_means` turns
+  it into ``W * local_sum / global_count``; DDP averages gradients over the W ranks, so
+  the gradient (and the mean of the rank losses) is that of the global-batch mean.
+- Logs: :meth:`DistContext.mean_logs` averages them over ranks, so that rank 0 logs the
+  losses of the global batch.
+
+Not reproduced: trainable BatchNorm (the synthetic demo's default) normalises with
+per-rank batch statistics, as plain DDP does (SyncBatchNorm has no CPU kernel). The
+paper freezes BN, which has no batch statistics, so its runs are exact.
+
+A rank that fails or stalls must not hang the others forever: every collective times
+out after ``BIDA_DIST_TIMEOUT_S`` seconds (default 1800). Only rank 0 generates a round's
+pseudo labels while the others wait at a barrier, so the timeout must exceed that.
 """
 
 from __future__ import annotations
 
+import datetime
+import math
 import os
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .prototypes import class_sums, prototypes_from_sums
+
+TIMEOUT_ENV = "BIDA_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 1800.0  # 30 min: longer than a round's pseudo labels on rank 0 take
+
+# Whether init_from_env created the default process group (and so must destroy it):
+# a group that a caller created itself is left to that caller.
+_owns_group = False
+
+
+class GlobalBatch:
+    """Statistics of the global batch, computed from this rank's slice of it.
+
+    What :func:`~bida.train_step.adapt_step` takes as ``reduce_sums``: calling it gives the
+    prototypes of the global batch; :meth:`global_means` rescales per-pixel mean losses.
+
+    Examples:
+        >>> # in every rank of a running process group
+        >>> reduce_sums = GlobalBatch(num_classes=19, world_size=dist.get_world_size())
+        >>> protos, present = reduce_sums(features, labels)  # doctest: +SKIP
+    """
+
+    def __init__(self, num_classes: int, world_size: int) -> None:
+        self.num_classes = num_classes
+        self.world_size = world_size
+
+    def __call__(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Prototypes of the global batch from all-reduced class sums and counts.
+
+        Sums and counts travel in one tensor (one collective forwards, one backwards);
+        the all-reduce is differentiable, so every rank's features get the gradient of
+        every rank's use of the prototypes.
+
+        Shape:
+            - features: (b, D, h, w), this rank's slice
+            - labels: (b, h, w)
+            - output: (K, D) prototypes and (K,) bool present
+        """
+        from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
+
+        sums, counts = class_sums(features, labels, self.num_classes)  # (K, D), (K,)
+        packed = differentiable_all_reduce(torch.cat([sums, counts[:, None]], dim=1))  # (K, D+1)
+        return prototypes_from_sums(packed[:, :-1], packed[:, -1])
+
+    def global_means(self, means: dict[str, Tensor], counts: dict[str, Tensor]) -> dict[str, Tensor]:
+        """This rank's share of each global-batch mean: ``W * local_sum / global_count``.
+
+        ``means[k]`` is a local mean over ``counts[k]`` pixels (0 when there are none, as
+        every bida loss returns); terms without a count are returned unchanged. The counts
+        of all terms are all-reduced in one collective.
+
+        Args:
+            means: Local per-pixel means (with graph).
+            counts: Number of pixels behind each local mean.
+
+        Returns:
+            The rescaled terms, same keys as ``means``.
+        """
+        keys = sorted(k for k in means if k in counts)
+        if not keys:
+            return dict(means)
+        device = means[keys[0]].device
+        # float64: a global pixel count can pass 2**24, where float32 stops being exact.
+        local = torch.stack([counts[k].to(device=device, dtype=torch.float64) for k in keys])
+        total = local.clone()
+        dist.all_reduce(total)
+        scale = (local.clamp_min(1) * self.world_size / total.clamp_min(1)).float()
+        return {k: means[k] * scale[keys.index(k)] if k in keys else means[k] for k in means}
 
 
 @dataclass
@@ -53,21 +140,57 @@ class DistContext:
         dist.all_reduce(t)
         return t.to(tensor.device)
 
-    def prototype_reducer(self, num_classes: int) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None:
-        """Global prototypes from all-reduced class sums and counts (None when single process)."""
+    def all_ranks(self, flag: bool) -> bool:
+        """True when ``flag`` holds in every rank (e.g. "the loss is finite").
+
+        Decisions that skip a collective (a backward pass) must be the same everywhere, or
+        the ranks that go ahead wait for the others until the timeout.
+        """
+        if not self.enabled:
+            return flag
+        t = torch.tensor([0.0 if flag else 1.0], device=self.device or "cpu")
+        dist.all_reduce(t)
+        return float(t) == 0.0
+
+    def mean_logs(self, logs: dict[str, float]) -> dict[str, float]:
+        """Log values averaged over ranks (NaNs skipped), so that rank 0 logs the global batch.
+
+        Loss terms rescaled by :meth:`GlobalBatch.global_means` average to the global-batch
+        loss; coverages (equal pixels per rank) to the global coverage; per-rank accuracies
+        to the mean of the ranks' accuracies. Every rank must call this with the same keys.
+        """
+        if not self.enabled or not logs:
+            return logs
+        keys = sorted(logs)
+        values = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64)
+        finite = torch.isfinite(values)
+        packed = torch.stack([torch.where(finite, values, 0.0), finite.double()]).to(self.device or "cpu")
+        dist.all_reduce(packed)
+        sums, counts = packed.cpu()
+        return {k: float(s / n) if n > 0 else math.nan for k, s, n in zip(keys, sums, counts)}
+
+    def prototype_reducer(self, num_classes: int) -> GlobalBatch | None:
+        """The global-batch statistics ``adapt_step`` takes as ``reduce_sums`` (None when single process)."""
         if not self.enabled:
             return None
-        from torch.distributed.nn.functional import all_reduce as diff_all_reduce
+        return GlobalBatch(num_classes, self.world_size)
 
-        def reduce(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-            sums, counts = class_sums(features, labels, num_classes)
-            return prototypes_from_sums(diff_all_reduce(sums), diff_all_reduce(counts.detach().clone()))
 
-        return reduce
+def timeout_from_env() -> datetime.timedelta:
+    """Collective timeout: ``$BIDA_DIST_TIMEOUT_S`` seconds, default 30 minutes."""
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        seconds = float(raw) if raw.strip() else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
+    if not seconds > 0:
+        raise ValueError(f"{TIMEOUT_ENV} must be positive, got {raw!r}")
+    return datetime.timedelta(seconds=seconds)
 
 
 def init_from_env() -> DistContext:
     """Join the process group that torchrun describes, or a single-process context."""
+    global _owns_group
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistContext()
@@ -79,5 +202,18 @@ def init_from_env() -> DistContext:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=timeout_from_env())
+        _owns_group = True
     return DistContext(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def shutdown() -> None:
+    """Destroy the process group :func:`init_from_env` created (no-op otherwise).
+
+    Called from a ``finally``: a rank that fails leaves the group at once, so the others'
+    next collective fails (or times out) instead of waiting for it.
+    """
+    global _owns_group
+    if _owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+    _owns_group = False

@@ -59,6 +59,20 @@ def metrics_from_confusion(conf: Tensor, class_names: Sequence[str], eval_classe
     }
 
 
+def protocol_metrics(conf: Tensor, class_names: Sequence[str]) -> dict:
+    """The standard class subsets of UDA papers when the classes are Cityscapes' 19.
+
+    Returns ``{"mIoU_19": .., "mIoU_16": .., "mIoU_13": ..}`` (GTA5 is reported on 19
+    classes, SYNTHIA on 16 and 13), or ``{}`` for another class list.
+    """
+    from .labels import CITYSCAPES_CLASSES, SYNTHIA_13_CLASSES, SYNTHIA_16_CLASSES
+
+    if tuple(class_names) != tuple(CITYSCAPES_CLASSES):
+        return {}
+    return {f"mIoU_{len(ids)}": metrics_from_confusion(conf, class_names, ids)["mIoU"]
+            for ids in (range(19), SYNTHIA_16_CLASSES, SYNTHIA_13_CLASSES)}
+
+
 def markdown_table(metrics: dict, title: str = "target val") -> str:
     """A Markdown table of per-class IoU, mIoU and pixel accuracy (percent)."""
     lines = [f"| class | IoU ({title}) |", "|---|---:|"]
@@ -158,6 +172,7 @@ def evaluate(model: torch.nn.Module, dataset, cfg: EvalConfig, class_names: Sequ
         conf = confusion_hook(conf)
     model.train(was_training)
     result = metrics_from_confusion(conf, class_names, eval_classes)
+    result.update(protocol_metrics(conf, class_names))
     result["confusion"] = conf.tolist()
     if per_image:
         result["per_image_miou"] = per_image_scores

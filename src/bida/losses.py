@@ -124,7 +124,8 @@ def pixel_prototype_contrast(
     temperature: float,
     ignore_index: int = 255,
     resolution: str = "feature",
-) -> Tensor:
+    return_count: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Pixel-to-prototype contrast, one direction of BiDA's loss (METHOD.md section 2).
 
     For every pixel whose label is a present class:
@@ -145,10 +146,13 @@ def pixel_prototype_contrast(
         resolution: ``"feature"``: labels must be at the feature size. ``"label"``: the
             similarity logits are upsampled with nearest to the label size (the official
             code's behaviour), so that every label pixel counts once.
+        return_count: Also return the number of qualifying pixels, which distributed
+            runs all-reduce to turn each rank's mean into the global batch's.
 
     Returns:
         float32 scalar; 0 (with graph) when no pixel qualifies. Exactly 0 when a single
-        class is present (its only candidate has probability 1).
+        class is present (its only candidate has probability 1). With ``return_count``,
+        ``(loss, count)`` where ``count`` is an int64 scalar tensor.
 
     Shape:
         - features: (B, D, h, w)
@@ -197,4 +201,6 @@ def pixel_prototype_contrast(
     picked = log_prob.reshape(batch, -1).gather(1, flat_index)  # (B, M)
     # where (not multiply) so that a masked value can never turn 0 * x into NaN.
     total = torch.where(qualifies, picked, torch.zeros_like(picked)).sum()
-    return -total / qualifies.sum().clamp_min(1)
+    count = qualifies.sum()
+    loss = -total / count.clamp_min(1)
+    return (loss, count) if return_count else loss

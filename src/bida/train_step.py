@@ -9,6 +9,7 @@ calibrated source prototypes. Returns the weighted loss and a flat dict of log v
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,11 @@ def forward_pair(model: torch.nn.Module, img_src: Tensor, img_tgt: Tensor, share
     return model(img_src, "source"), model(img_tgt, "target")
 
 
+def _labelled(labels: Tensor) -> Tensor:
+    """Number of labelled pixels: what a cross entropy over ``labels`` averages over."""
+    return (labels != IGNORE).sum()
+
+
 def _label_accuracy(pred: Tensor, gt: Tensor) -> tuple[float, float]:
     """(coverage, accuracy) of pseudo labels ``pred`` against ``gt`` at the same size."""
     valid_gt = gt != IGNORE
@@ -47,9 +53,11 @@ def _label_accuracy(pred: Tensor, gt: Tensor) -> tuple[float, float]:
     return coverage, acc
 
 
-def source_step(model: torch.nn.Module, batch_src: dict, cfg: Config) -> StepResult:
+def source_step(model: torch.nn.Module, batch_src: dict, cfg: Config, reduce_sums=None) -> StepResult:
     out = model(batch_src["image"], "source")
     loss = seg_cross_entropy(out.logits, batch_src["label"])
+    if reduce_sums is not None:  # distributed: this rank's share of the global-batch mean
+        loss = reduce_sums.global_means({"seg_src": loss}, {"seg_src": _labelled(batch_src["label"])})["seg_src"]
     return StepResult(loss, {"loss/seg_src": float(loss.detach())})
 
 
@@ -59,6 +67,8 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
 
     ``batch_tgt["label"]`` holds the round's static pseudo labels y_F (all ignore for
     ``minent``); ``batch_tgt["gt"]``, when present, the true labels, used only for logging.
+    ``reduce_sums`` (distributed runs, :class:`~bida.distributed.GlobalBatch`): prototypes
+    and per-pixel means over the global batch rather than this rank's slice.
     """
     m, lw = cfg.method, cfg.loss
     out_src, out_tgt = forward_pair(model, batch_src["image"], batch_tgt["image"], not cfg.model.separate_target_stem)
@@ -67,6 +77,7 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
     # Segmentation and entropy terms (weights applied here, never inside the losses).
     terms: dict[str, Tensor] = {"seg_src": seg_cross_entropy(out_src.logits, y_src)}
     weights: dict[str, float] = {"seg_src": 1.0}
+    counts: dict[str, Tensor] = {}  # pixels behind each per-pixel mean (for distributed runs)
     if m.name == "minent":
         terms["ent_tgt"] = entropy(out_tgt.logits)
         weights["ent_tgt"] = lw.entropy_weight
@@ -87,9 +98,8 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
         y_static_f = downsample_labels(y_static, feat_size)
 
         # 1. Source prototypes (masked average pooling; gradients flow through them).
-        protos_src, present_src = class_prototypes(f_src, y_src_f, num_classes)
-        if reduce_sums is not None:
-            protos_src, present_src = reduce_sums(f_src, y_src_f)
+        prototypes = reduce_sums or partial(class_prototypes, num_classes=num_classes)
+        protos_src, present_src = prototypes(f_src, y_src_f)
 
         # 2. Target pseudo labels: static y_F completed by label transfer to calibrated prototypes.
         y_tgt_f = y_static_f
@@ -106,9 +116,7 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
                 cov, acc = _label_accuracy(y_dyn_f, downsample_labels(batch_tgt["gt"], feat_size))
                 logs["pseudo/dynamic_acc"] = acc
         # 3. Target prototypes from target features and fused labels.
-        protos_tgt, present_tgt = class_prototypes(f_tgt, y_tgt_f, num_classes)
-        if reduce_sums is not None:
-            protos_tgt, present_tgt = reduce_sums(f_tgt, y_tgt_f)
+        protos_tgt, present_tgt = prototypes(f_tgt, y_tgt_f)
 
         # 4. Bi-directional contrast (optionally per image pair, as the official code).
         if m.prototype_scope == "pair":
@@ -124,12 +132,12 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
         else:
             y_tgt_c, y_src_c = y_tgt_f, y_src_f
         if m.t2s:
-            terms["contrast_t2s"] = pixel_prototype_contrast(f_tgt, y_tgt_c, ps_src, pp_src, lw.temperature,
-                                                             resolution=lw.contrast_resolution)
+            terms["contrast_t2s"], counts["contrast_t2s"] = pixel_prototype_contrast(
+                f_tgt, y_tgt_c, ps_src, pp_src, lw.temperature, resolution=lw.contrast_resolution, return_count=True)
             weights["contrast_t2s"] = lw.contrast_t2s_weight
         if m.s2t:
-            terms["contrast_s2t"] = pixel_prototype_contrast(f_src, y_src_c, ps_tgt, pp_tgt, lw.temperature,
-                                                             resolution=lw.contrast_resolution)
+            terms["contrast_s2t"], counts["contrast_s2t"] = pixel_prototype_contrast(
+                f_src, y_src_c, ps_tgt, pp_tgt, lw.temperature, resolution=lw.contrast_resolution, return_count=True)
             weights["contrast_s2t"] = lw.contrast_s2t_weight
 
         # 5. Calibration state follows both prototype sets.
@@ -143,6 +151,10 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
 
     if "seg_tgt" in weights:
         terms["seg_tgt"] = seg_cross_entropy(out_tgt.logits, y_seg_tgt)
+    if reduce_sums is not None:  # distributed: each per-pixel mean over the global batch
+        counts |= {"seg_src": _labelled(y_src), "seg_tgt": _labelled(y_seg_tgt),
+                   "ent_src": out_src.logits[:, 0].numel(), "ent_tgt": out_tgt.logits[:, 0].numel()}
+        terms = reduce_sums.global_means(terms, counts)
 
     loss = sum(weights[k] * terms[k] for k in terms)
     logs.update({f"loss/{k}": float(v.detach()) for k, v in terms.items()})
