@@ -92,3 +92,29 @@ def test_existing_run_dir_is_refused_without_overwrite(tmp_path, tiny_overrides)
     assert (run / "precious.txt").read_text() == "keep"
     with pytest.raises(RunDirError, match="cannot resume"):
         Trainer(cfg, run, resume=True)
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, tiny_overrides, monkeypatch):
+    import bida.train as tr
+    from bida.train_step import StepResult
+
+    real = tr.source_step
+    calls = {"n": 0}
+
+    def flaky(model, batch, cfg, **kwargs):
+        calls["n"] += 1
+        result = real(model, batch, cfg, **kwargs)
+        if calls["n"] == 2 or calls["n"] >= 5:  # one isolated NaN, later NaN forever
+            return StepResult(result.loss * float("nan"), result.logs)
+        return result
+
+    monkeypatch.setattr(tr, "source_step", flaky)
+    cfg = load_config(None, tiny_overrides + ["train.max_bad_steps=3", "train.iters=20", "train.checkpoint_every=1"])
+    run = tmp_path / "nan"
+    with pytest.raises(tr.TrainingDiverged, match="3 non-finite steps"):
+        train(cfg, run)
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["step"] == 3  # steps 1, 3, 4 succeeded (call 2 skipped); then 3 bad in a row
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    skipped = [r for r in _records(run) if "numerics/skipped_step" in r]
+    assert len(skipped) == 4

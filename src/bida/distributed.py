@@ -89,7 +89,7 @@ class GlobalBatch:
 
         Args:
             means: Local per-pixel means (with graph).
-            counts: Number of pixels behind each local mean.
+            counts: Number of pixels behind each local mean (tensor or int).
 
         Returns:
             The rescaled terms, same keys as ``means``.
@@ -99,11 +99,12 @@ class GlobalBatch:
             return dict(means)
         device = means[keys[0]].device
         # float64: a global pixel count can pass 2**24, where float32 stops being exact.
-        local = torch.stack([counts[k].to(device=device, dtype=torch.float64) for k in keys])
+        local = torch.stack([torch.as_tensor(counts[k], dtype=torch.float64).to(device) for k in keys])
         total = local.clone()
         dist.all_reduce(total)
-        scale = (local.clamp_min(1) * self.world_size / total.clamp_min(1)).float()
-        return {k: means[k] * scale[keys.index(k)] if k in keys else means[k] for k in means}
+        scale = (local.clamp_min(1) * self.world_size / total.clamp_min(1)).float()  # (len(keys),)
+        scaled = {k: means[k] * scale[i] for i, k in enumerate(keys)}
+        return {k: scaled.get(k, v) for k, v in means.items()}
 
 
 @dataclass

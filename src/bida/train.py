@@ -400,7 +400,7 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             with self._autocast():
                 if phase.kind == "source":
-                    result = source_step(model, batch_src, cfg)
+                    result = source_step(model, batch_src, cfg, reduce_sums=self.dist.prototype_reducer(self.num_classes))
                 else:
                     batch_tgt = {k: v.to(self.device, non_blocking=True) for k, v in next(tgt_iter).items()}
                     if label_dir is None:  # minent: no pseudo labels
@@ -414,7 +414,7 @@ class Trainer:
             bar.update(1)
             if self.step % cfg.train.log_every == 0 or self.iter == phase.iters:
                 now = time.time()
-                rec = {"phase": phase.kind, "round": phase.round, "lr": lr, **result.logs}
+                rec = {"phase": phase.kind, "round": phase.round, "lr": lr, **self.dist.mean_logs(result.logs)}
                 rec["time/step_s"] = (now - t_last) / max(1, cfg.train.log_every)
                 t_last = now
                 self.logger.log(rec, self.step)
@@ -444,7 +444,8 @@ class Trainer:
 
     def _backward_and_step(self, loss: torch.Tensor, optimizer, scaler) -> bool:
         """Backward and step unless the loss or a gradient is not finite (then skip and count)."""
-        finite = bool(torch.isfinite(loss.detach()))
+        # Every rank skips or none does: a rank skipping backward would leave DDP's all-reduce waiting.
+        finite = self.dist.all_ranks(bool(torch.isfinite(loss.detach())))
         if finite:
             scaler.scale(loss).backward()
             if scaler.is_enabled():
@@ -497,8 +498,13 @@ class Trainer:
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> dict:
     """Train according to ``cfg`` into ``run_dir``; returns the final metrics."""
-    trainer = Trainer(cfg, Path(run_dir), resume=resume, overwrite=overwrite)
-    return trainer.fit()
+    from . import distributed
+
+    try:
+        trainer = Trainer(cfg, Path(run_dir), resume=resume, overwrite=overwrite)
+        return trainer.fit()
+    finally:  # also on error: leave the process group so that the other ranks do not wait for this one
+        distributed.shutdown()
 
 
 def default_run_dir(cfg: Config) -> Path:

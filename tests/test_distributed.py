@@ -1,0 +1,209 @@
+"""Distributed data parallel: 2 CPU processes (gloo) with batch b equal 1 process with 2b.
+
+The equivalence tests run a few BiDA iterations of ``adapt_step`` in each rank on its slice
+of fixed global batches, through DDP and the rank's ``GlobalBatch`` reducer, and compare
+with one process on the whole global batch: logged losses (all-reduced), calibration EMAs
+(the global prototypes after the first step) and the weights after the SGD steps. BN is
+frozen, as in the paper: trainable BN normalises with per-rank statistics (see
+distributed.py). The smoke test runs ``torchrun --nproc_per_node=2 -m bida train``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from bida import distributed
+from bida.config import load_config
+from bida.datasets import build_train_dataset, resolve_domain, train_loader
+from bida.deeplabv2 import build_model
+from bida.distributed import DistContext, init_from_env, timeout_from_env
+from bida.pseudo_labels import Calibration
+from bida.train_step import adapt_step
+
+WORLD = 2
+BATCH = 2  # per rank; the single process takes WORLD * BATCH
+ITERS = 3
+STATIC_SHARE = 0.4  # share of target pixels given a static pseudo label (the rest: 255)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _static_labels(labels: torch.Tensor, step: int) -> torch.Tensor:
+    """Round labels y_F stand-in: the true labels on a fixed random share of pixels."""
+    keep = torch.rand(labels.shape, generator=torch.Generator().manual_seed(100 + step)) < STATIC_SHARE
+    return torch.where(keep, labels, torch.full_like(labels, 255))
+
+
+def _run_iterations(rank: int, world: int, overrides: list[str], out: str, port: int = 0) -> None:
+    """ITERS BiDA iterations on the global batches; rank ``rank`` of ``world`` takes its slice."""
+    if world > 1:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), BIDA_DIST_TIMEOUT_S="60")
+    torch.set_num_threads(1)
+    ctx = init_from_env() if world > 1 else DistContext()
+    try:
+        cfg = load_config(None, overrides)
+        src, tgt = resolve_domain(cfg, "source"), resolve_domain(cfg, "target")
+        num_classes = src.classes.num_classes
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, num_classes, cfg.method.feature)
+        model.train()
+        ddp = ctx.wrap(model)
+        optimizer = torch.optim.SGD(model.param_groups(cfg.train.lr), lr=cfg.train.lr, momentum=0.9, weight_decay=5e-4)
+        calibration = Calibration(num_classes, model.feature_dim, momentum=cfg.calibration.momentum,
+                                  ramp_iters=cfg.calibration.ramp_iters)
+        global_batch = BATCH * WORLD
+        loaders, own = {}, {}
+        for name, dom, seed in (("src", src, cfg.seed), ("tgt", tgt, cfg.seed + 1)):
+            ds = build_train_dataset(cfg, dom, "train", require_labels=True)
+            loaders[name] = train_loader(ds, global_batch, seed, 0, 0)
+            own[name] = train_loader(ds, global_batch // world, seed, 0, 0, rank, world)
+        records = []
+        for step in range(ITERS):
+            batch_src, batch_tgt = next(loaders["src"]), next(loaders["tgt"])
+            batch_tgt["label"] = _static_labels(batch_tgt["label"], step)
+            part = slice(rank * global_batch // world, (rank + 1) * global_batch // world)
+            batch_src = {k: v[part] for k, v in batch_src.items()}
+            batch_tgt = {k: v[part] for k, v in batch_tgt.items()}
+            # The sampler's promise: a rank's own loader yields its slice of the global batch.
+            mine_src, mine_tgt = next(own["src"]), next(own["tgt"])
+            assert torch.equal(mine_src["image"], batch_src["image"]) and torch.equal(mine_tgt["image"], batch_tgt["image"])
+            optimizer.zero_grad(set_to_none=True)
+            result = adapt_step(ddp, batch_src, batch_tgt, cfg, calibration, num_classes,
+                                reduce_sums=ctx.prototype_reducer(num_classes))
+            result.loss.backward()
+            optimizer.step()
+            records.append({"logs": ctx.mean_logs(result.logs), "calibration": calibration.state_dict()})
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        torch.save({"records": records, "model": state}, Path(out) / f"rank{rank}-of-{world}.pt")
+    finally:
+        distributed.shutdown()
+
+
+# Default BiDA (batch prototypes, feature resolution, shared stem), and the official code's
+# choices (per-pair prototypes, label-resolution contrast, separate target stem).
+VARIANTS = {
+    "default": [],
+    "official": ["method.prototype_scope=pair", "loss.contrast_resolution=label", "model.separate_target_stem=true"],
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path, tiny_overrides, variant):
+    overrides = tiny_overrides + ["method=bida", "model.freeze_bn=true", "calibration.ramp_iters=2",
+                                  "pseudo.transfer_threshold=0.3"] + VARIANTS[variant]
+    load_config(None, overrides)  # fail here, not in a child, on a bad override
+    resolve_domain(load_config(None, overrides), "source")  # build the synthetic cache once
+    mp.spawn(_run_iterations, args=(WORLD, overrides, str(tmp_path), _free_port()), nprocs=WORLD, join=True)
+    _run_iterations(0, 1, overrides, str(tmp_path))
+    single = torch.load(tmp_path / "rank0-of-1.pt", weights_only=True)
+    ranks = [torch.load(tmp_path / f"rank{r}-of-{WORLD}.pt", weights_only=True) for r in range(WORLD)]
+
+    for step, ref in enumerate(single["records"]):
+        for run in ranks:
+            got = run["records"][step]
+            assert set(got["logs"]) == set(ref["logs"])
+            for key in ref["logs"]:
+                assert got["logs"][key] == pytest.approx(ref["logs"][key], rel=1e-4, abs=1e-6), (step, key)
+            for domain in ("source", "target"):
+                mem, mem_ref = got["calibration"][domain], ref["calibration"][domain]
+                assert torch.equal(mem["initialized"], mem_ref["initialized"]), (step, domain)
+                torch.testing.assert_close(mem["value"], mem_ref["value"], rtol=1e-4, atol=1e-5)
+    logs = single["records"][-1]["logs"]
+    assert {"loss/contrast_t2s", "loss/contrast_s2t", "loss/seg_tgt"} <= set(logs)
+    assert logs["loss/contrast_t2s"] > 0 and logs["pseudo/dynamic_coverage"] > 0  # nothing trivially zero
+    for run in ranks:  # same gradients at every step <=> same weights after the steps
+        for key, value in single["model"].items():
+            torch.testing.assert_close(run["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_single_process_context_is_a_no_op():
+    ctx = DistContext()
+    assert not ctx.enabled and ctx.prototype_reducer(3) is None
+    assert ctx.mean_logs({"loss/total": 1.5}) == {"loss/total": 1.5}
+    assert ctx.all_ranks(False) is False and ctx.all_ranks(True) is True
+    model = torch.nn.Linear(2, 2)
+    assert ctx.wrap(model) is model
+    distributed.shutdown()  # no group: nothing to destroy
+
+
+def test_timeout_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("BIDA_DIST_TIMEOUT_S", raising=False)
+    assert timeout_from_env().total_seconds() == 1800
+    monkeypatch.setenv("BIDA_DIST_TIMEOUT_S", "7.5")
+    assert timeout_from_env().total_seconds() == 7.5
+    for bad in ("soon", "0", "-3"):
+        monkeypatch.setenv("BIDA_DIST_TIMEOUT_S", bad)
+        with pytest.raises(ValueError, match="BIDA_DIST_TIMEOUT_S"):
+            timeout_from_env()
+
+
+STALLED_PEER = textwrap.dedent("""
+    import sys, time
+    from bida import distributed
+    ctx = distributed.init_from_env()
+    try:
+        if ctx.rank == 1:
+            time.sleep(60)  # stuck: never reaches the barrier
+        ctx.barrier()
+    finally:
+        distributed.shutdown()
+""")
+
+
+def test_a_stalled_rank_makes_the_others_fail_after_the_timeout_not_hang():
+    port = _free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), BIDA_DIST_TIMEOUT_S="3")
+        procs.append(subprocess.Popen([sys.executable, "-c", STALLED_PEER], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        start = time.monotonic()
+        _, err = procs[0].communicate(timeout=45)
+        assert procs[0].returncode != 0
+        assert time.monotonic() - start < 45
+        assert "timed out" in err.lower() or "timeout" in err.lower(), err[-2000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _torchrun() -> list[str]:
+    exe = Path(sys.executable).with_name("torchrun")
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def test_torchrun_two_processes_end_to_end(tmp_path, tiny_overrides):
+    run = tmp_path / "run"
+    cmd = _torchrun() + ["--standalone", "--nproc_per_node=2", "-m", "bida", "train", *tiny_overrides,
+                         "method=bida", "train.rounds=1", "--out", str(run), "--quiet"]
+    env = dict(os.environ, BIDA_DIST_TIMEOUT_S="120", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((run / "run.json").read_text())["world_size"] == 2
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    # One writer (rank 0): every training step logged exactly once (a second writer would repeat it).
+    steps = [r["step"] for r in records if "phase" in r]
+    assert steps == list(range(1, 6 + 4 + 1))  # train.iters source steps + one round of iters_per_round
+    assert all(r["loss/total"] == r["loss/total"] for r in records if "loss/total" in r)
+    assert (run / "checkpoints" / "last.pt").is_file() and (run / "metrics.json").is_file()
+    assert len(list((run / "tensorboard").iterdir())) == 1

@@ -1,0 +1,199 @@
+"""The HTML run report (bida.report) and the feature sampler behind its feature view."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bida.cli import main
+from bida.config import load_config
+from bida.datasets import build_eval_dataset, resolve_domain
+from bida.features import SOURCE, TARGET, prototype_distances, sample_features
+from bida.predict import model_from_checkpoint
+from bida.prototypes import downsample_labels
+from bida.report import write_report
+from bida.train import train
+
+TINY = [
+    "data.synthetic.num_train=8", "data.synthetic.num_val=4", "data.synthetic.height=32",
+    "data.synthetic.width=64", "data.crop=[32,64]", "model.width=0.125", "train.iters=6",
+    "train.log_every=1", "train.quiet=true", "train.checkpoint_every=100",
+]
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # On small shared CPUs, torch's second intra-op thread made these tiny forward passes
+    # 5-100x slower (spinning workers); one thread keeps the module within seconds.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, synthetic_cache) -> list[Path]:
+    """A source-only run and a two-round BiDA run started from it."""
+    root = tmp_path_factory.mktemp("report-runs")
+    base = TINY + [f"data.synthetic.cache_dir={synthetic_cache}"]
+    train(load_config(None, base + ["method=source_only"]), root / "source_only")
+    init = root / "source_only" / "checkpoints" / "last.pt"
+    train(load_config(None, base + ["method=bida", f"model.init_checkpoint={init}", "train.iters_per_round=3",
+                                    "train.rounds=2"]), root / "bida")
+    return [root / "source_only", root / "bida"]
+
+
+@pytest.fixture(scope="module")
+def report(runs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report") / "report"
+    return write_report(runs, out, max_images=4, feature_points=200, feature_images=4)
+
+
+def _img_sources(page: str) -> list[str]:
+    return re.findall(r'<img[^>]*\ssrc="([^"]+)"', page)
+
+
+def test_page_and_every_figure_exist(report):
+    page = report.read_text()
+    assert report.name == "index.html" and len(page) > 1000
+    figures = sorted((report.parent / "figures").glob("*.png"))
+    names = {f.stem for f in figures}
+    assert {"curves_source_only", "curves_bida", "iou_bars", "confusion_source_only", "confusion_bida",
+            "predictions", "pseudo_bida", "tsne", "prototype_distance"} <= names
+    assert "pseudo_source_only" not in names  # no rounds: a note instead
+    for f in figures:
+        assert f.stat().st_size > 1000
+        with Image.open(f) as im:
+            assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+    sources = _img_sources(page)
+    assert sorted(sources) == sorted(f"figures/{f.name}" for f in figures)  # every figure is on the page
+    assert all((report.parent / s).is_file() for s in sources)
+
+
+def test_page_compares_runs_per_class(report, runs):
+    import json
+
+    page = report.read_text()
+    classes = json.loads((runs[0] / "run.json").read_text())["classes"]
+    table = page[page.index('id="iou"'):page.index('id="confusion"')]
+    for name in classes:
+        assert f"<td>{name}</td>" in table
+    for run in ("source_only", "bida"):
+        assert f"<td>{run}</td>" in page  # header table
+    assert "source_only (baseline)" in table and "Δ bida" in table
+    assert 'class="up"' in table or 'class="down"' in table or "+0.0" in table
+    assert "source_only: no self-training rounds" in page
+    git = json.loads((runs[1] / "run.json").read_text())["git_revision"]
+    assert (git or "unknown")[:12] in page
+
+
+def test_page_has_no_external_resources(report):
+    page = report.read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
+    assert "<script" not in page.lower() and "<link" not in page.lower()
+
+
+def test_section_without_target_labels_is_left_out_with_a_note(runs, tmp_path):
+    run = tmp_path / "no_val"
+    shutil.copytree(runs[0], run, ignore=shutil.ignore_patterns("best.pt", "tensorboard"))
+    cfg = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(cfg.replace("val_split: val", "val_split: null"))
+    page = write_report([run], tmp_path / "out", feature_points=50, feature_images=2).read_text()
+    assert page.count("No labelled target validation images") == 2  # predictions and features
+    assert not (tmp_path / "out" / "figures" / "predictions.png").exists()
+    assert not (tmp_path / "out" / "figures" / "tsne.png").exists()
+    assert all((tmp_path / "out" / s).is_file() for s in _img_sources(page))
+
+
+def test_cli_refuses_to_overwrite(runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["report", str(runs[0]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]) == 2
+    assert "not a bida run directory" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+
+
+def test_cli_writes_the_report(runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["report", str(runs[0]), "--out", str(out), "--max-images", "2"]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "index.html")
+    assert (out / "index.html").is_file() and (out / "figures" / "predictions.png").is_file()
+    assert main(["report", str(runs[0]), "--out", str(out), "--max-images", "2", "--overwrite"]) == 0
+
+
+@pytest.fixture(scope="module")
+def model_and_data(runs):
+    model, cfg, names, _ = model_from_checkpoint(runs[1] / "checkpoints" / "last.pt")
+    src = build_eval_dataset(cfg, resolve_domain(cfg, "source"), "train")
+    tgt = build_eval_dataset(cfg, resolve_domain(cfg, "target"), "val")
+    return model, src, tgt, len(names)
+
+
+def _pixel_counts(model, ds, k: int, max_images: int) -> np.ndarray:
+    """Labelled pixels per class at the feature size, counted independently of the sampler."""
+    counts = np.zeros(k, np.int64)
+    for i in range(min(len(ds), max_images)):
+        item = ds[i]
+        with torch.no_grad():
+            size = model(item["image"][None]).features.shape[-2:]
+        y = downsample_labels(item["label"][None], tuple(size)).numpy()
+        counts += np.bincount(y[y < k], minlength=k)
+    return counts
+
+
+def test_sample_features_are_balanced_and_bounded(model_and_data):
+    model, src, tgt, k = model_and_data
+    s = sample_features(model, src, tgt, k, max_points=120, max_images=3)
+    n = len(s["features"])
+    assert 0 < n <= 120
+    assert s["features"].shape == (n, model.feature_dim) and s["features"].dtype == np.float32
+    assert s["labels"].shape == s["domain"].shape == (n,)
+    assert set(np.unique(s["domain"])) == {SOURCE, TARGET}
+    for code, ds, suffix in ((SOURCE, src, "src"), (TARGET, tgt, "tgt")):
+        available = _pixel_counts(model, ds, k, 3)
+        np.testing.assert_array_equal(s[f"present_{suffix}"], available > 0)
+        got = np.bincount(s["labels"][s["domain"] == code], minlength=k)
+        quota = 60 // int((available > 0).sum())
+        # every present class gets its equal share, or all its pixels when it has fewer
+        np.testing.assert_array_equal(got, np.minimum(available, quota))
+        assert got.sum() <= 60
+    again = sample_features(model, src, tgt, k, max_points=120, max_images=3)
+    np.testing.assert_array_equal(again["features"], s["features"])
+
+
+def test_prototype_distances_in_range(model_and_data):
+    model, src, tgt, k = model_and_data
+    s = sample_features(model, src, tgt, k, max_points=20, max_images=2)
+    d = prototype_distances(s["prototypes_src"], s["present_src"], s["prototypes_tgt"], s["present_tgt"])
+    both = s["present_src"] & s["present_tgt"]
+    assert d.shape == (k,) and both.any()
+    assert np.all((d[both] >= 0) & (d[both] <= 2)) and np.isnan(d[~both]).all()
+    p = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    q = torch.tensor([[2.0, 0.0], [0.0, -1.0], [-1.0, 1.0]])
+    np.testing.assert_allclose(prototype_distances(p, [True] * 3, q, [True] * 3), [0.0, 2.0, 1.0], atol=1e-7)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs headless Chromium at /usr/bin/chromium")
+def test_page_renders_in_headless_chromium(report, tmp_path):
+    shot = tmp_path / "shot.png"
+    subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,2000",
+                    report.resolve().as_uri()], capture_output=True, timeout=60, check=False)
+    assert shot.is_file() and shot.stat().st_size > 0
+    with Image.open(shot) as im:
+        colors = im.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colors is None or len(colors) > 50  # None: more colours than maxcolors
