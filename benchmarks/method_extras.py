@@ -8,7 +8,7 @@ resolution, looping over classes and images (not pixels) the way a first impleme
 would. Both start from the same state; their losses, labels and gradients are checked
 to agree before anything is timed.
 
-    .venv/bin/python benchmarks/method_extras.py [--repeats 20] [--dim 76 256]
+    .venv/bin/python benchmarks/method_extras.py [--repeats 5] [--dim 76 256]
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ def time_both(inputs, calibration, device, repeats: int, warmup: int = 2):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=20, help="timed iterations per variant")
+    parser.add_argument("--repeats", type=int, default=5, help="timed iterations per variant")
     parser.add_argument(
         "--dim", type=int, nargs="+", default=[76, 256],
         help="feature dims (76 = 4 ASPP branches x 19 classes; 256 = projection head)",

@@ -83,7 +83,8 @@ def test_page_compares_runs_per_class(report, runs):
 
     page = report.read_text()
     classes = json.loads((runs[0] / "run.json").read_text())["classes"]
-    table = page[page.index('id="iou"'):page.index('id="confusion"')]
+    start = page.index('<h2 id="iou"')
+    table = page[start:page.index("<h2", start + 1)]
     for name in classes:
         assert f"<td>{name}</td>" in table
     for run in ("source_only", "bida"):

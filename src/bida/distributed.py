@@ -46,6 +46,26 @@ DEFAULT_TIMEOUT_S = 1800.0  # 30 min: longer than a round's pseudo labels on ran
 _owns_group = False
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the gradients over ranks too.
+
+    Rank r's loss depends on every rank's contribution to the sum, so the gradient of
+    rank q's contribution is the sum over r of dL_r/d(sum); DDP then averages over ranks.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:  # noqa: ARG004 - autograd API
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ARG004 - autograd API
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+
 class GlobalBatch:
     """Statistics of the global batch, computed from this rank's slice of it.
 
@@ -74,10 +94,8 @@ class GlobalBatch:
             - labels: (b, h, w)
             - output: (K, D) prototypes and (K,) bool present
         """
-        from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
-
         sums, counts = class_sums(features, labels, self.num_classes)  # (K, D), (K,)
-        packed = differentiable_all_reduce(torch.cat([sums, counts[:, None]], dim=1))  # (K, D+1)
+        packed = _AllReduceSum.apply(torch.cat([sums, counts[:, None]], dim=1))  # (K, D+1)
         return prototypes_from_sums(packed[:, :-1], packed[:, -1])
 
     def global_means(self, means: dict[str, Tensor], counts: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -107,6 +125,28 @@ class GlobalBatch:
         return {k: scaled.get(k, v) for k, v in means.items()}
 
 
+class DomainPair(torch.nn.Module):
+    """``model`` on one domain, or on both in one call (what DDP wraps).
+
+    DDP finds the parameters a step leaves unused from the outputs of one forward call.
+    With a separate target stem the two domains take two calls, and the second call
+    would declare the source stem unused and all-reduce its gradients twice; so
+    :func:`~bida.train_step.forward_pair` runs both through this one call instead.
+
+    Shape:
+        x (B, 3, H, W) -> SegOutput; with ``x_target``, (SegOutput, SegOutput).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, domain: str = "source", x_target: Tensor | None = None):
+        if x_target is None:
+            return self.model(x, domain)
+        return self.model(x, domain), self.model(x_target, "target")
+
+
 @dataclass
 class DistContext:
     rank: int = 0
@@ -126,7 +166,11 @@ class DistContext:
         if not self.enabled:
             return model
         ids = [self.local_rank] if self.device is not None and self.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+        # Parameters outside a step's loss: the target stem in the source stage, the projection
+        # head of method.feature=backbone in the baselines. Searching for them costs a graph
+        # traversal per step, so only models that have them pay it.
+        unused = getattr(model, "target_stem", None) is not None or getattr(model, "proj", None) is not None
+        return torch.nn.parallel.DistributedDataParallel(DomainPair(model), device_ids=ids, find_unused_parameters=unused)
 
     def shard(self, dataset):
         """Every world_size-th item from this rank (evaluation and pseudo labels)."""

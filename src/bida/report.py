@@ -3,7 +3,7 @@
 :func:`write_report` reads run directories (``config.yaml``, ``run.json``, ``log.jsonl``,
 ``metrics.json``, ``checkpoints/last.pt``, ``pseudo_labels/round_R/stats.json``) and
 writes ``OUT/index.html`` with its figures as PNG files in ``OUT/figures/``. The page
-needs nothing else: no scripts, no style sheets, no network. The first run is the
+needs nothing else: no scripts, no external style sheets, no network. The first run is the
 baseline that the others are compared with (as ``bida demo`` orders them: source-only
 first). A section that a run cannot fill (no rounds, no target labels, no checkpoint) is
 left out for that run with a note saying why.
@@ -31,7 +31,7 @@ from matplotlib.patches import Patch
 from .config import Config, load_config
 from .errors import BidaError, RunDirError
 
-GREEN, RED, NEUTRAL_POINTS = "#d8f0d2", "#f6d3d0", 0.05  # IoU deltas below 0.05 points are not coloured
+NEUTRAL_POINTS = 0.05  # IoU differences below 0.05 points are not coloured
 SOURCE_MARKER, TARGET_MARKER = "o", "^"
 
 
@@ -43,6 +43,7 @@ class Run:
     """What a run directory holds, read once."""
 
     name: str
+    slug: str  # unique, file-name safe: figures/curves_<slug>.png
     path: Path
     cfg: Config
     meta: dict  # run.json
@@ -56,7 +57,7 @@ class Run:
 
     def final(self) -> dict | None:
         """Final target metrics: ``metrics.json``, else the last evaluation in the log."""
-        if self.metrics is not None:
+        if self.metrics is not None and _finite(self.metrics.get("mIoU")):
             return self.metrics
         evals = [r for r in self.records if "eval/mIoU" in r]
         if not evals:
@@ -133,8 +134,13 @@ def load_runs(run_dirs: Sequence[str | Path]) -> list[Run]:
     if len(set(names)) < len(names):
         names = [f"{p.resolve().parent.name}/{p.resolve().name}" for p in paths]
     names = [n if names.count(n) == 1 else f"{n} #{i + 1}" for i, n in enumerate(names)]
-    return [Run(name, p, load_config(p / "config.yaml"), _read_json(p / "run.json") or {}, read_log(p / "log.jsonl"),
-                _read_json(p / "metrics.json")) for name, p in zip(names, paths)]
+    classes = {tuple(meta["classes"]) for p in paths if (meta := _read_json(p / "run.json")) and meta.get("classes")}
+    if len(classes) > 1:
+        raise BidaError("the runs were trained on different class sets; a report compares runs of one domain pair")
+    slugs = [_slug(n) for n in names]
+    slugs = [s if slugs.count(s) == 1 else f"{s}_{i + 1}" for i, s in enumerate(slugs)]
+    return [Run(name, slug, p, load_config(p / "config.yaml"), _read_json(p / "run.json") or {},
+                read_log(p / "log.jsonl"), _read_json(p / "metrics.json")) for name, slug, p in zip(names, slugs, paths)]
 
 
 # --------------------------------------------------------------------------- page
@@ -178,12 +184,13 @@ body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;
 h1{font-size:26px;margin-bottom:4px}h2{border-bottom:2px solid #ccc;padding-bottom:4px;margin-top:36px}
 nav{color:#666;margin-bottom:16px}a{color:#1a5fb4}
 table{border-collapse:collapse;margin:8px 0 16px;font-size:14px}
-th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f0f0f0}
-td:first-child,th:first-child{text-align:left}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}th{background:#f0f0f0}
+td:first-child,th:first-child{text-align:left}td.path{white-space:normal;word-break:break-all;text-align:left}
 td.up{background:#d8f0d2}td.down{background:#f6d3d0}tr.total td{font-weight:bold;border-top:2px solid #888}
 figure{margin:8px 0 20px}img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:13px}
 .note{color:#8a5a00;background:#fff6e0;border-left:4px solid #e0a000;padding:4px 10px}
-code{background:#f4f4f4;padding:0 3px}.grid{display:flex;flex-wrap:wrap;gap:12px}.grid figure{flex:1 1 560px}
+code{background:#f4f4f4;padding:0 3px}.row{display:flex;flex-wrap:wrap;gap:20px;align-items:flex-start}
+.row figure{flex:1 1 360px;margin-top:8px}.grid{display:flex;flex-wrap:wrap;gap:12px}.grid figure{flex:1 1 560px}
 """
 
 
@@ -236,13 +243,16 @@ def _header(page: _Page, runs: list[Run]) -> None:
                      (_pct(final["mIoU"]) if final else "n/a", ""),
                      (f"{_pct(best[0])} (step {best[1]})" if best else "n/a", ""),
                      (_pct(final.get("pixel_acc")) if final else "n/a", ""), (str(steps), ""),
-                     (rev[:12], ""), (str(run.meta.get("started", "")), ""), (str(run.path), "")])
+                     (rev[:12], ""), (str(run.meta.get("started", "")).replace("T", " "), ""), (str(run.path), "path")])
     page.add(_table(["run", "method", "target mIoU (last)", "best on val", "pixel acc", "steps", "git revision",
                      "started", "directory"], rows))
     page.add('<p>Target-validation numbers in percent. "last" is the final checkpoint (the number to report); '
              '"best" is selected on the target validation set itself, as the official code does.</p>')
     for run in runs:
-        if run.metrics is None:
+        final = run.final()
+        if final is None:
+            page.note(f"{run.name}: no target evaluation in metrics.json or log.jsonl.")
+        elif final.get("from_log"):
             page.note(f"{run.name}: no metrics.json (unfinished run?); its numbers come from the last evaluation in log.jsonl.")
 
 
@@ -267,7 +277,7 @@ def _curves(page: _Page, runs: list[Run]) -> None:
         ax_loss.set_title("losses")
         ax_loss.legend(fontsize=8, ncol=2)
         ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:gray")
-        ax_lr.set_title("learning rate (base group)")
+        ax_lr.set_title(f"learning rate (backbone; head ×{run.cfg.train.head_lr_mult:g})")
         evals = [(r["step"], 100 * r["eval/mIoU"]) for r in run.records if _finite(r.get("eval/mIoU"))]
         if evals:
             ax_miou.plot(*zip(*evals), marker="o", color="tab:green")
@@ -283,7 +293,7 @@ def _curves(page: _Page, runs: list[Run]) -> None:
         fig.suptitle(f"{run.name} ({run.method_label()})", fontsize=12)
         caption = f"{run.name}: losses, learning rate and target mIoU" + (
             "; dotted lines mark the start of each self-training round" if round_starts else "")
-        page.figure(fig, f"curves_{_slug(run.name)}", caption)
+        page.figure(fig, f"curves_{run.slug}", caption)
 
 
 def _iou(page: _Page, runs: list[Run]) -> None:
@@ -310,22 +320,28 @@ def _iou(page: _Page, runs: list[Run]) -> None:
             value, ref = get(f), get(base)
             row += [(_pct(value), ""), _delta_cell(value - ref if _finite(value) and _finite(ref) else None)]
         rows.append(row)
-    page.add(_table(header, rows, total_last=True))
     page.add("<p>IoU in percent; Δ in points against the first run (green: better, red: worse). "
              "n/a: the class is in neither the ground truth nor the prediction.</p>")
-    fig = Figure(figsize=(max(10, 0.6 * len(classes) * max(1, len(have)) ** 0.5 + 2), 4.2), layout="constrained")
+    page.add('<div class="row">' + _table(header, rows, total_last=True))
+    # Horizontal bars, classes top to bottom like the table beside it.
+    # Horizontal bars, classes top to bottom like the table beside it; classes without an
+    # IoU in any run (absent from the validation set) are left out of the chart only.
+    shown = [c for c in classes if any(_finite(f["per_class_iou"].get(c)) for _, f in have)] or classes
+    fig = Figure(figsize=(6.5, max(3.5, 0.08 * len(shown) * len(have) + 1.5)), layout="constrained")
     ax = fig.subplots()
-    width = 0.8 / len(have)
-    x = np.arange(len(classes))
+    height = 0.8 / len(have)
+    y = np.arange(len(shown))
     for i, (run, f) in enumerate(have):
-        vals = [100 * v if _finite(v := f["per_class_iou"].get(c)) else 0.0 for c in classes]
-        ax.bar(x + (i - (len(have) - 1) / 2) * width, vals, width, label=f"{run.name} ({_pct(f['mIoU'])})")
-    ax.set_xticks(x, classes, rotation=45, ha="right")
-    ax.set_ylabel("IoU (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(title="run (mIoU)", fontsize=9)
-    page.figure(fig, "iou_bars", "Per-class target IoU of every run")
+        vals = [100 * v if _finite(v := f["per_class_iou"].get(c)) else 0.0 for c in shown]
+        ax.barh(y + (i - (len(have) - 1) / 2) * height, vals, height, label=f"{run.name} (mIoU {_pct(f['mIoU'])})")
+    ax.set_yticks(y, shown)
+    ax.invert_yaxis()
+    ax.set_xlabel("IoU (%)")
+    ax.set_xlim(0, 100)
+    ax.grid(axis="x", alpha=0.3)
+    fig.legend(loc="outside upper center", ncol=min(3, len(have)), fontsize=9)
+    page.figure(fig, "iou_bars", "Per-class target IoU of every run (classes with no IoU in any run left out)")
+    page.add("</div>")
 
 
 def _confusion(page: _Page, runs: list[Run], class_names: Sequence[str]) -> None:
@@ -360,7 +376,7 @@ def _confusion(page: _Page, runs: list[Run], class_names: Sequence[str]) -> None
     if figs:
         page.add('<div class="grid">')
         for fig, run in figs:
-            page.figure(fig, f"confusion_{_slug(run.name)}",
+            page.figure(fig, f"confusion_{run.slug}",
                         f"{run.name}: row-normalised confusion (percent of each ground-truth class; grey rows: class absent)")
         page.add("</div>")
 
@@ -423,8 +439,8 @@ def _predictions(page: _Page, runs: list[Run], models: dict, max_images: int, sc
     if n_show <= 0:
         page.note("max_images is 0: no images shown.")
         return
-    scores = np.array([_image_miou(_predict(model_last, cfg_last, ds[i], k, device), ds[i]["label"], names, cfg_last, ignore)
-                       for i in range(n_scan)])
+    scores = np.array([_image_miou(_predict(model_last, cfg_last, item, k, device), item["label"], names, cfg_last, ignore)
+                       for item in (ds[i] for i in range(n_scan))])
     order = [int(i) for i in np.argsort(-scores, kind="stable")]
     n_best = math.ceil(n_show / 2)
     best = order[:n_best]
@@ -476,6 +492,9 @@ def _pseudo(page: _Page, runs: list[Run]) -> None:
         classes = list(dict.fromkeys(c for r in rounds for c in r["pseudo/per_class"]))
         acc = np.array([[_nan(r["pseudo/per_class"].get(c, {}).get("accuracy")) for r in rounds] for c in classes])
         cov = np.array([[_nan(r["pseudo/per_class"].get(c, {}).get("coverage")) for r in rounds] for c in classes])
+        if np.isnan(acc).all() and np.isnan(cov).all():
+            page.note(f"{run.name}: the target training images have no labels, so pseudo-label quality is unknown.")
+            continue
         dynamic = [r for r in run.records if "pseudo/dynamic_coverage" in r or "calibration/weight" in r]
         ncols = 4 if dynamic else 3
         fig = Figure(figsize=(4.2 * ncols, max(4.0, 0.28 * len(classes) + 1.5)), layout="constrained")
@@ -514,10 +533,12 @@ def _pseudo(page: _Page, runs: list[Run]) -> None:
             ax.legend(fontsize=8)
             ax.set_title("per iteration")
         fig.suptitle(run.name)
-        page.figure(fig, f"pseudo_{_slug(run.name)}",
-                    f"{run.name}: accuracy (share of pseudo-labelled pixels that are right) and coverage (share of each "
-                    "class's true pixels that got the right pseudo label) of the static labels of each round; grey: no "
-                    "pseudo-labelled pixels" + ("; right: dynamic labels and calibration during training" if dynamic else ""))
+        caption = (f"{run.name}: accuracy (share of the pixels pseudo-labelled as a class that truly belong to it) "
+                   "and coverage (share of a class's true pixels that received a pseudo label) of the static labels "
+                   "of each round; grey: undefined (no such pixels)")
+        if dynamic:
+            caption += "; right: dynamic labels and calibration during training"
+        page.figure(fig, f"pseudo_{run.slug}", caption)
         header = ["class"] + [f"acc r{l}" for l in labels] + [f"cov r{l}" for l in labels]
         rows = [[(c, "")] + [(_pct(v), "") for v in acc[i]] + [(_pct(v), "") for v in cov[i]] for i, c in enumerate(classes)]
         page.add(f"<details><summary>{_e(run.name)}: per-class table</summary>{_table(header, rows)}</details>")
@@ -598,9 +619,9 @@ def _tsne_figure(s: dict, names: Sequence[str], palette, title: str) -> Figure:
     colors = np.array(_colors(palette, k))
     fig = Figure(figsize=(11, 8), layout="constrained")
     ax = fig.subplots()
-    for code, marker, label in ((SOURCE, SOURCE_MARKER, "source pixels"), (TARGET, TARGET_MARKER, "target pixels")):
+    for code, marker in ((SOURCE, SOURCE_MARKER), (TARGET, TARGET_MARKER)):
         m = s["domain"] == code
-        ax.scatter(pts[m, 0], pts[m, 1], c=colors[s["labels"][m]], marker=marker, s=14, alpha=0.55, linewidths=0)
+        ax.scatter(pts[m, 0], pts[m, 1], c=colors[s["labels"][m]], marker=marker, s=18, alpha=0.6, linewidths=0)
     by_class: dict[int, dict[int, np.ndarray]] = {}
     for (code, c, _), xy in zip(protos, proto_pts):
         by_class.setdefault(c, {})[code] = xy
@@ -630,16 +651,19 @@ def _distance_section(page: _Page, runs: list[Run], dists: dict[str, np.ndarray]
     if not keep:
         page.note("No class is present in both domains' labelled images.")
         return
-    header = ["class", f"{base} (before)"]
+    before = " (before)" if len(runs) > 1 else ""
+    header = ["class", base + before]
     for run in runs[1:]:
         header += [run.name, f"Δ {run.name}"]
+    # One row per class, then the mean over the classes present in both domains.
+    values = {name: [float(d[c]) for c in keep] + [float(np.nanmean(d[keep])) if np.isfinite(d[keep]).any() else math.nan]
+              for name, d in dists.items()}
     rows = []
-    for c in keep + [-1]:
-        get = (lambda d: float(np.nanmean(d[keep])) if np.isfinite(d[keep]).any() else None) if c < 0 else (lambda d, c=c: d[c])
-        ref = get(dists[base])
-        row = [("mean" if c < 0 else names[c], ""), (_num(ref), "")]
+    for i, label in enumerate([names[c] for c in keep] + ["mean"]):
+        ref = values[base][i]
+        row = [(label, ""), (_num(ref), "")]
         for run in runs[1:]:
-            value = get(dists[run.name])
+            value = values[run.name][i]
             row += [(_num(value), ""), _delta_cell(value - ref if _finite(value) and _finite(ref) else None,
                                                    lower_is_better=True, scale=1.0, digits=3)]
         rows.append(row)
@@ -653,7 +677,7 @@ def _distance_section(page: _Page, runs: list[Run], dists: dict[str, np.ndarray]
     x = np.arange(len(keep))
     for i, run in enumerate(runs):
         vals = [v if _finite(v := float(dists[run.name][c])) else 0.0 for c in keep]
-        ax.bar(x + (i - (len(runs) - 1) / 2) * width, vals, width, label=run.name + (" (before)" if i == 0 else ""))
+        ax.bar(x + (i - (len(runs) - 1) / 2) * width, vals, width, label=run.name + (before if i == 0 else ""))
     ax.set_xticks(x, [names[c] for c in keep], rotation=45, ha="right")
     ax.set_ylabel("1 − cos(source, target)")
     ax.grid(axis="y", alpha=0.3)
@@ -674,7 +698,8 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise RunDirError(f"report directory {out_dir} is a file")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not overwrite:
-            raise RunDirError(f"report directory {out_dir} already exists and is not empty; use --overwrite to replace the report")
+            raise RunDirError(f"report directory {out_dir} already exists and is not empty; "
+                              "use --overwrite to replace the report")
         for old in (out_dir / "figures").glob("*.png"):
             old.unlink()
     try:
@@ -706,14 +731,14 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, max_images
     prepare_out_dir(out, overwrite)
     page = _Page(out)
     class_names = list(runs[-1].meta.get("classes") or (runs[-1].final() or {}).get("per_class_iou", {}).keys())
-    _header(page, runs)
-    _curves(page, runs)
-    _iou(page, runs)
-    _confusion(page, runs, class_names)
     models = _load_models(runs, device)
+    _header(page, runs)
+    _iou(page, runs)
     _predictions(page, runs, models, max_images, scan_images, device)
+    _curves(page, runs)
     _pseudo(page, runs)
     _features(page, runs, models, feature_points, feature_images, device)
+    _confusion(page, runs, class_names)
     page.add(f'<p class="footer">Written by <code>bida report</code> on {_e(time.strftime("%Y-%m-%d %H:%M:%S"))}.</p>')
     index = out / "index.html"
     index.write_text(page.html("bida run report: " + ", ".join(run.name for run in runs)))

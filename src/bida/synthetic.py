@@ -391,7 +391,7 @@ def _layout(rng: np.random.Generator, height: int, width: int, style: str) -> _C
             uu, s = p
             zh = U(*P.pole_height)
             iid = c.new(POLE)
-            c.box(uu, t, 0.09, 0.0, zh, POLE, iid)
+            c.box(uu, t, 0.12, 0.0, zh, POLE, iid)
             r = rng.random()
             if r < 0.55:  # traffic sign, plate or disc, hanging towards the road
                 sid = c.new(SIGN)
@@ -415,9 +415,9 @@ def _layout(rng: np.random.Generator, height: int, width: int, style: str) -> _C
             (uu,) = p
             sc = U(*P.person_scale)
             iid = c.new(PERSON)
-            c.box(uu, t, 0.26 * sc, 0.0, 0.5 * sc, PERSON, iid)
-            c.blob(uu, t, 0.2 * sc, 0.72 * sc, 0.28 * sc, PERSON, iid)
-            c.blob(uu, t, 0.1 * sc, 1.05 * sc, 0.11 * sc, PERSON, iid, _D_SKIN)
+            c.box(uu, t, 0.3 * sc, 0.0, 0.5 * sc, PERSON, iid)
+            c.blob(uu, t, 0.24 * sc, 0.72 * sc, 0.28 * sc, PERSON, iid)
+            c.blob(uu, t, 0.11 * sc, 1.05 * sc, 0.12 * sc, PERSON, iid, _D_SKIN)
         elif kind == "car":
             (uu,) = p
             sc = U(*P.car_scale)
@@ -466,19 +466,19 @@ _SOURCE_DETAILS = {
 }
 
 _TARGET_COLOURS: dict[int, tuple[list[tuple[int, int, int]], float]] = {
-    ROAD: ([(106, 103, 104)], 0.08),
-    SIDEWALK: ([(190, 152, 128)], 0.07),
-    BUILDING: ([(166, 102, 76), (180, 160, 122), (126, 102, 140)], 0.12),
-    WALL: ([(150, 150, 186)], 0.08),
-    FENCE: ([(182, 160, 70)], 0.08),
-    POLE: ([(72, 72, 80)], 0.1),
+    ROAD: ([(118, 115, 114)], 0.08),
+    SIDEWALK: ([(184, 160, 140)], 0.07),
+    BUILDING: ([(150, 104, 82), (170, 152, 122), (112, 100, 124)], 0.12),
+    WALL: ([(150, 150, 178)], 0.08),
+    FENCE: ([(164, 144, 72)], 0.08),
+    POLE: ([(84, 84, 90)], 0.1),
     LIGHT: ([(36, 36, 30)], 0.1),
-    SIGN: ([(40, 90, 190), (200, 60, 50)], 0.08),
-    VEGETATION: ([(62, 124, 40)], 0.12),
-    TERRAIN: ([(150, 170, 80)], 0.08),
-    SKY: ([(142, 176, 214)], 0.05),
-    PERSON: ([(172, 46, 60), (56, 66, 150), (190, 160, 52), (50, 50, 60)], 0.12),
-    CAR: ([(172, 40, 40), (50, 70, 160), (190, 175, 62), (206, 206, 210), (40, 40, 46)], 0.08),
+    SIGN: ([(40, 90, 180), (196, 60, 50)], 0.08),
+    VEGETATION: ([(68, 112, 40)], 0.12),
+    TERRAIN: ([(150, 160, 84)], 0.08),
+    SKY: ([(156, 180, 206)], 0.05),
+    PERSON: ([(150, 44, 58), (54, 64, 130), (170, 146, 52), (50, 50, 60)], 0.12),
+    CAR: ([(160, 40, 40), (48, 68, 146), (180, 168, 66), (200, 200, 204), (40, 40, 46)], 0.08),
 }
 _TARGET_DETAILS = {
     _D_MARKING: (212, 212, 200), _D_GLASS: (42, 52, 62), _D_WHEEL: (14, 14, 14),
