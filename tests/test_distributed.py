@@ -29,6 +29,7 @@ from bida.datasets import build_train_dataset, resolve_domain, train_loader
 from bida.deeplabv2 import build_model
 from bida.distributed import DistContext, init_from_env, timeout_from_env
 from bida.pseudo_labels import Calibration
+from bida.train import train
 from bida.train_step import adapt_step
 
 WORLD = 2
@@ -197,17 +198,28 @@ def _torchrun() -> list[str]:
 
 
 def test_torchrun_two_processes_end_to_end(tmp_path, tiny_overrides):
-    run = tmp_path / "run"
-    cmd = _torchrun() + ["--standalone", "--nproc_per_node=2", "-m", "bida", "train", *tiny_overrides,
-                         "method=bida", "train.rounds=1", "--out", str(run), "--quiet"]
+    # Frozen BN: then the whole run (source stage, rank 0's pseudo labels, one BiDA round,
+    # sharded evaluation) must log what one process with the global batch logs.
+    overrides = tiny_overrides + ["method=bida", "train.rounds=1", "model.freeze_bn=true"]
+    run, single = tmp_path / "run", tmp_path / "single"
+    cmd = _torchrun() + ["--standalone", "--nproc_per_node=2", "-m", "bida", "train", *overrides,
+                         "--out", str(run), "--quiet"]
     env = dict(os.environ, BIDA_DIST_TIMEOUT_S="120", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads((run / "run.json").read_text())["world_size"] == 2
-    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    # One writer (rank 0): every training step logged exactly once (a second writer would repeat it).
-    steps = [r["step"] for r in records if "phase" in r]
-    assert steps == list(range(1, 6 + 4 + 1))  # train.iters source steps + one round of iters_per_round
-    assert all(r["loss/total"] == r["loss/total"] for r in records if "loss/total" in r)
     assert (run / "checkpoints" / "last.pt").is_file() and (run / "metrics.json").is_file()
-    assert len(list((run / "tensorboard").iterdir())) == 1
+    assert len(list((run / "tensorboard").iterdir())) == 1  # one writer
+
+    global_batch = load_config(None, overrides).train.batch_size * 2
+    train(load_config(None, overrides + [f"train.batch_size={global_batch}"]), single)
+    records = {name: [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
+               for name, d in (("ddp", run), ("single", single))}
+    # One writer (rank 0): every training step logged exactly once (a second writer would repeat it).
+    steps = [r["step"] for r in records["ddp"] if "phase" in r]
+    assert steps == list(range(1, 6 + 4 + 1))  # train.iters source steps + one round of iters_per_round
+    for got, ref in zip(*(([r for r in records[k] if "phase" in r]) for k in ("ddp", "single"))):
+        for key in (k for k in ref if k.startswith(("loss/", "pseudo/dynamic_coverage", "calibration/"))):
+            assert got[key] == pytest.approx(ref[key], rel=1e-3, abs=1e-5), (ref["step"], key)
+    metrics = {k: json.loads((d / "metrics.json").read_text()) for k, d in (("ddp", run), ("single", single))}
+    assert metrics["ddp"]["mIoU"] == pytest.approx(metrics["single"]["mIoU"], abs=1e-3)

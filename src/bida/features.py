@@ -50,6 +50,8 @@ def _domain_features(model: torch.nn.Module, dataset, num_classes: int, budget: 
         x = item["image"].unsqueeze(0).to(device)  # (1, 3, H, W)
         feats = model(x, domain).features.float()  # (1, D, h, w)
         labels = downsample_labels(item["label"].unsqueeze(0).to(device), tuple(feats.shape[-2:]))  # (1, h, w)
+        # Images may differ in size, so they cannot share one batch: accumulate sums and
+        # counts and divide once, which is class_prototypes over all the images together.
         s, c = class_sums(feats, labels, num_classes, ignore_index)
         sums = s.cpu() if sums is None else sums + s.cpu()
         counts += c.cpu()

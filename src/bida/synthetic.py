@@ -66,7 +66,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the generator's output changes, so old caches are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 IGNORE_INDEX = 255
 
@@ -276,12 +276,11 @@ def _layout(rng: np.random.Generator, height: int, width: int, style: str) -> _C
     P = _LAYOUT[style]
     U = rng.uniform
     c = _Canvas(height, width, horizon=U(0.36, 0.5), vanish=U(0.38, 0.62))
-    aspect = width / height
 
     # --- far background along the horizon: buildings, some trees, gaps of sky
     x = -U(0.0, 0.1) * width
     while x < width:
-        seg = U(0.06, 0.25) * width / aspect * 2
+        seg = U(0.12, 0.5) * height
         kind = rng.random()
         top = c.hz - U(0.04, 0.28) * height
         if kind < 0.7:
@@ -314,7 +313,7 @@ def _layout(rng: np.random.Generator, height: int, width: int, style: str) -> _C
     ]
     for m, cls in zip(bands[::2], bands[1::2]):
         c.mask(m & below, cls, c.new(cls))
-    # lane markings (still road): dashed centre line and sometimes edge lines
+    # lane markings (still road): a dashed centre line
     if rng.random() < 0.8:
         centre = road_l + (road_r - road_l) * U(0.4, 0.6)
         inv_depth = 1.0 / t_img
@@ -349,7 +348,7 @@ def _layout(rng: np.random.Generator, height: int, width: int, style: str) -> _C
                      c.new(VEGETATION))
             for _ in range(rng.poisson(3)):
                 t = 1.0 / U(1.5, 25.0)
-                objects.append((t * 0.999, "tree", (outer + side * U(0.5, 1.5), t)))
+                objects.append((t, "tree", (outer + side * U(0.5, 1.5),)))
         if rng.random() < 0.35:  # low wall or fence between sidewalk and what lies beyond
             cls = WALL if rng.random() < 0.5 else FENCE
             d0 = U(1.0, 5.0)
@@ -376,11 +375,11 @@ def _layout(rng: np.random.Generator, height: int, width: int, style: str) -> _C
             uu = edge + s * sw * U(0.25, 0.85)
         objects.append((1.0 / depth(1.2, 16.0), "person", (uu,)))
     for _ in range(rng.poisson(P.cars)):
-        uu = U(road_l + 0.6, road_r - 0.6) if road_r - road_l > 1.3 else 0.5 * (road_l + road_r)
+        uu = U(road_l + 0.6, road_r - 0.6)
         objects.append((1.0 / depth(1.1, 20.0), "car", (uu,)))
     for _ in range(rng.poisson(P.trees)):
         s, edge, sw = side_pick()
-        objects.append((1.0 / depth(1.5, 20.0), "tree", (edge + s * sw * U(0.5, 1.0), 1.0)))
+        objects.append((1.0 / depth(1.5, 20.0), "tree", (edge + s * sw * U(0.5, 1.0),)))
     if rng.random() < P.unlabelled_p:
         s, edge, sw = side_pick()
         objects.append((1.0 / depth(1.2, 10.0), "thing", (edge + s * sw * U(0.3, 0.8),)))
@@ -407,8 +406,8 @@ def _layout(rng: np.random.Generator, height: int, width: int, style: str) -> _C
                 zc = zh - U(0.2, 0.8)
                 c.box(uu, t, 0.35, zc - 0.5, zc + 0.5, LIGHT, lid)
                 lamp = rng.integers(3)
-                c.box(uu, t, 0.18, zc + 0.25 - 0.35 * lamp - 0.1, zc + 0.25 - 0.35 * lamp + 0.1,
-                      None, 0, _D_LAMP)
+                lz = zc + 0.3 - 0.3 * lamp  # red, amber or green, inside the housing
+                c.box(uu, t, 0.18, lz - 0.1, lz + 0.1, None, 0, _D_LAMP)
             if rng.random() < 0.3:  # street-lamp arm (pole)
                 c.box(uu - s * 0.5, t, 1.0, zh - 0.06, zh + 0.02, POLE, iid)
         elif kind == "person":
@@ -429,7 +428,7 @@ def _layout(rng: np.random.Generator, height: int, width: int, style: str) -> _C
             for sx in (-1, 1):
                 c.box(uu + sx * wd * 0.36, t, wd * 0.2, 0.0, 0.14 * sc, CAR, iid, _D_WHEEL)
         elif kind == "tree":
-            uu, _ = p
+            (uu,) = p
             iid = c.new(VEGETATION)
             trunk = U(1.0, 2.0)
             rx = U(0.7, 1.5)
@@ -581,7 +580,7 @@ def _render_target(rng: np.random.Generator, c: _Canvas) -> np.ndarray:
     illum = 1.0 + gx * (xs / W - 0.5) + gy * (ys / H - 0.5)
     img *= (illum * rng.uniform(0.8, 1.15))[..., None].astype(np.float32)
     cast = rng.uniform(0.88, 1.12, 3).astype(np.float32)
-    img *= cast / cast.mean() * 1.0
+    img *= cast / cast.mean()
     img = np.clip(img, 0, 255).astype(np.uint8)
     # lens blur then sensor noise
     radius = rng.uniform(0.4, 0.8) * scale
