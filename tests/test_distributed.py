@@ -1,11 +1,12 @@
 """Distributed data parallel: 2 CPU processes (gloo) with batch b equal 1 process with 2b.
 
-The equivalence tests run a few BiDA iterations of ``adapt_step`` in each rank on its slice
-of fixed global batches, through DDP and the rank's ``GlobalBatch`` reducer, and compare
-with one process on the whole global batch: logged losses (all-reduced), calibration EMAs
-(the global prototypes after the first step) and the weights after the SGD steps. BN is
-frozen, as in the paper: trainable BN normalises with per-rank statistics (see
-distributed.py). The smoke test runs ``torchrun --nproc_per_node=2 -m bida train``.
+The equivalence test runs a source step and a few BiDA iterations (``source_step``,
+``adapt_step``) in each rank on its slice of fixed global batches, through DDP and the
+rank's ``GlobalBatch`` reducer, and compares with one process on the whole global batch:
+logged losses (averaged over ranks), calibration EMAs (built from the global prototypes)
+and gradients. BN is frozen, as in the paper: trainable BN normalises with per-rank
+statistics (see distributed.py). The end-to-end test runs
+``torchrun --nproc_per_node=2 -m bida train`` and one process with the global batch.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from bida.deeplabv2 import build_model
 from bida.distributed import DistContext, init_from_env, timeout_from_env
 from bida.pseudo_labels import Calibration
 from bida.train import train
-from bida.train_step import adapt_step
+from bida.train_step import adapt_step, source_step
 
 WORLD = 2
 BATCH = 2  # per rank; the single process takes WORLD * BATCH
@@ -50,8 +51,18 @@ def _static_labels(labels: torch.Tensor, step: int) -> torch.Tensor:
     return torch.where(keep, labels, torch.full_like(labels, 255))
 
 
+def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
 def _run_iterations(rank: int, world: int, overrides: list[str], out: str, port: int = 0) -> None:
-    """ITERS BiDA iterations on the global batches; rank ``rank`` of ``world`` takes its slice."""
+    """One source step and ITERS BiDA iterations; rank ``rank`` of ``world`` takes its slice.
+
+    No optimizer step: the weights stay identical in every process, so that every iteration
+    compares the same computation (after SGD steps, last-bit differences of the weights
+    could move a label-transfer confidence across its threshold). The gradients, which
+    DDP averages over ranks, are compared instead; the calibration state evolves.
+    """
     if world > 1:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), BIDA_DIST_TIMEOUT_S="60")
@@ -64,34 +75,44 @@ def _run_iterations(rank: int, world: int, overrides: list[str], out: str, port:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, num_classes, cfg.method.feature)
         model.train()
-        ddp = ctx.wrap(model)
-        optimizer = torch.optim.SGD(model.param_groups(cfg.train.lr), lr=cfg.train.lr, momentum=0.9, weight_decay=5e-4)
         calibration = Calibration(num_classes, model.feature_dim, momentum=cfg.calibration.momentum,
                                   ramp_iters=cfg.calibration.ramp_iters)
         global_batch = BATCH * WORLD
+        part = slice(rank * BATCH * WORLD // world, (rank + 1) * BATCH * WORLD // world)
         loaders, own = {}, {}
         for name, dom, seed in (("src", src, cfg.seed), ("tgt", tgt, cfg.seed + 1)):
             ds = build_train_dataset(cfg, dom, "train", require_labels=True)
             loaders[name] = train_loader(ds, global_batch, seed, 0, 0)
             own[name] = train_loader(ds, global_batch // world, seed, 0, 0, rank, world)
-        records = []
-        for step in range(ITERS):
+
+        def batches(step: int) -> tuple[dict, dict]:
             batch_src, batch_tgt = next(loaders["src"]), next(loaders["tgt"])
             batch_tgt["label"] = _static_labels(batch_tgt["label"], step)
-            part = slice(rank * global_batch // world, (rank + 1) * global_batch // world)
-            batch_src = {k: v[part] for k, v in batch_src.items()}
-            batch_tgt = {k: v[part] for k, v in batch_tgt.items()}
-            # The sampler's promise: a rank's own loader yields its slice of the global batch.
             mine_src, mine_tgt = next(own["src"]), next(own["tgt"])
-            assert torch.equal(mine_src["image"], batch_src["image"]) and torch.equal(mine_tgt["image"], batch_tgt["image"])
-            optimizer.zero_grad(set_to_none=True)
+            # The sampler's promise: a rank's own loader yields its slice of the global batch.
+            assert torch.equal(mine_src["image"], batch_src["image"][part])
+            assert torch.equal(mine_tgt["image"], batch_tgt["image"][part])
+            return {k: v[part] for k, v in batch_src.items()}, {k: v[part] for k, v in batch_tgt.items()}
+
+        records = []
+        # A source-stage step (CE over the global batch's labelled pixels), then BiDA rounds;
+        # a new DDP wrapper per phase, as the trainer makes.
+        batch_src, _ = batches(-1)
+        ddp = ctx.wrap(model, uses_features=False)  # held until backward: DDP syncs in its hooks
+        result = source_step(ddp, batch_src, cfg, reduce_sums=ctx.prototype_reducer(num_classes))
+        result.loss.backward()
+        records.append({"logs": ctx.mean_logs(result.logs), "calibration": calibration.state_dict(),
+                        "grads": _gradients(model)})
+        ddp = ctx.wrap(model)
+        for step in range(ITERS):
+            batch_src, batch_tgt = batches(step)
+            model.zero_grad(set_to_none=True)
             result = adapt_step(ddp, batch_src, batch_tgt, cfg, calibration, num_classes,
                                 reduce_sums=ctx.prototype_reducer(num_classes))
             result.loss.backward()
-            optimizer.step()
-            records.append({"logs": ctx.mean_logs(result.logs), "calibration": calibration.state_dict()})
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        torch.save({"records": records, "model": state}, Path(out) / f"rank{rank}-of-{world}.pt")
+            records.append({"logs": ctx.mean_logs(result.logs), "calibration": calibration.state_dict(),
+                            "grads": _gradients(model)})
+        torch.save(records, Path(out) / f"rank{rank}-of-{world}.pt")
     finally:
         distributed.shutdown()
 
@@ -117,24 +138,25 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path, tiny_override
     single = torch.load(tmp_path / "rank0-of-1.pt", weights_only=True)
     ranks = [torch.load(tmp_path / f"rank{r}-of-{WORLD}.pt", weights_only=True) for r in range(WORLD)]
 
-    for step, ref in enumerate(single["records"]):
-        for run in ranks:
-            got = run["records"][step]
+    for step, ref in enumerate(single):
+        for got in (run[step] for run in ranks):
             assert set(got["logs"]) == set(ref["logs"])
             for key in ref["logs"]:
                 assert got["logs"][key] == pytest.approx(ref["logs"][key], rel=1e-4, abs=1e-6), (step, key)
+            # The EMAs start at the batch prototypes: the global prototypes of every step.
             for domain in ("source", "target"):
                 mem, mem_ref = got["calibration"][domain], ref["calibration"][domain]
                 assert torch.equal(mem["initialized"], mem_ref["initialized"]), (step, domain)
                 torch.testing.assert_close(mem["value"], mem_ref["value"], rtol=1e-4, atol=1e-5)
-    logs = [record["logs"] for record in single["records"]]
+            assert got["grads"].keys() == ref["grads"].keys()
+            for name, grad in ref["grads"].items():
+                torch.testing.assert_close(got["grads"][name], grad, rtol=1e-3, atol=1e-6, msg=f"{step} {name}")
+    logs = [record["logs"] for record in single[1:]]  # the BiDA iterations
     assert {"loss/contrast_t2s", "loss/contrast_s2t", "loss/seg_tgt"} <= set(logs[-1])
     # Nothing trivially zero: contrast, and label transfer labelling some but not all pixels.
     assert all(log["loss/contrast_t2s"] > 0 and log["loss/contrast_s2t"] > 0 for log in logs)
     assert any(0 < log["pseudo/dynamic_coverage"] < 1 for log in logs), logs
-    for run in ranks:  # same gradients at every step <=> same weights after the steps
-        for key, value in single["model"].items():
-            torch.testing.assert_close(run["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+    assert all(log["calibration/mean_shift"] > 0 for log in logs[1:])
 
 
 def test_single_process_context_is_a_no_op():
@@ -198,9 +220,14 @@ def _torchrun() -> list[str]:
 
 
 def test_torchrun_two_processes_end_to_end(tmp_path, tiny_overrides):
-    # Frozen BN: then the whole run (source stage, rank 0's pseudo labels, one BiDA round,
-    # sharded evaluation) must log what one process with the global batch logs.
-    overrides = tiny_overrides + ["method=bida", "train.rounds=1", "model.freeze_bn=true"]
+    # From a shared source-only checkpoint with frozen BN, a BiDA round (rank 0's pseudo
+    # labels, training, sharded evaluation) must log what one process with the global batch
+    # logs. (Through a source stage, the last-bit differences of the weights can move a
+    # pseudo-label threshold past a tied pixel; the source stage's step is covered above.)
+    init = tmp_path / "source"
+    train(load_config(None, tiny_overrides + ["method=source_only", "train.iters=2", "model.freeze_bn=true"]), init)
+    overrides = tiny_overrides + ["method=bida", "train.rounds=1", "model.freeze_bn=true",
+                                  f"model.init_checkpoint={init / 'checkpoints' / 'last.pt'}"]
     run, single = tmp_path / "run", tmp_path / "single"
     cmd = _torchrun() + ["--standalone", "--nproc_per_node=2", "-m", "bida", "train", *overrides,
                          "--out", str(run), "--quiet"]
@@ -213,13 +240,16 @@ def test_torchrun_two_processes_end_to_end(tmp_path, tiny_overrides):
 
     global_batch = load_config(None, overrides).train.batch_size * 2
     train(load_config(None, overrides + [f"train.batch_size={global_batch}"]), single)
+    labels = sorted((single / "pseudo_labels" / "round_0").glob("*.png"))
+    assert labels and all(f.read_bytes() == (run / f.relative_to(single)).read_bytes() for f in labels)
     records = {name: [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
                for name, d in (("ddp", run), ("single", single))}
     # One writer (rank 0): every training step logged exactly once (a second writer would repeat it).
     steps = [r["step"] for r in records["ddp"] if "phase" in r]
-    assert steps == list(range(1, 6 + 4 + 1))  # train.iters source steps + one round of iters_per_round
+    assert steps == list(range(1, 4 + 1))  # one round of train.iters_per_round
     for got, ref in zip(*(([r for r in records[k] if "phase" in r]) for k in ("ddp", "single"))):
-        for key in (k for k in ref if k.startswith(("loss/", "pseudo/dynamic_coverage", "calibration/"))):
-            assert got[key] == pytest.approx(ref[key], rel=1e-3, abs=1e-5), (ref["step"], key)
+        # pseudo/dynamic_acc: the mean of the ranks' accuracies, not the global batch's.
+        for key in (k for k in ref if k.startswith(("loss/", "pseudo/", "calibration/")) and k != "pseudo/dynamic_acc"):
+            assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (ref["step"], key)
     metrics = {k: json.loads((d / "metrics.json").read_text()) for k, d in (("ddp", run), ("single", single))}
-    assert metrics["ddp"]["mIoU"] == pytest.approx(metrics["single"]["mIoU"], abs=1e-3)
+    assert metrics["ddp"]["confusion"] == metrics["single"]["confusion"]

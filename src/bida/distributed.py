@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .deeplabv2 import SegOutput
 from .prototypes import class_sums, prototypes_from_sums
 
 TIMEOUT_ENV = "BIDA_DIST_TIMEOUT_S"
@@ -126,25 +127,35 @@ class GlobalBatch:
 
 
 class DomainPair(torch.nn.Module):
-    """``model`` on one domain, or on both in one call (what DDP wraps).
+    """What DDP wraps: ``model`` on one domain, or on both in one call.
 
-    DDP finds the parameters a step leaves unused from the outputs of one forward call.
-    With a separate target stem the two domains take two calls, and the second call
-    would declare the source stem unused and all-reduce its gradients twice; so
-    :func:`~bida.train_step.forward_pair` runs both through this one call instead.
+    DDP learns which parameters a step uses by walking back from the tensors one forward
+    call returns, and expects a gradient for every parameter it reaches. Hence:
+
+    - both domains in one call: with a separate target stem, a second call would declare
+      the source stem unused and its gradient would arrive twice
+      (:func:`~bida.train_step.forward_pair` makes this call under DDP);
+    - ``uses_features=False`` (phases whose losses ignore the contrast features) returns
+      them detached: a projection head (``method.feature: backbone``) that no loss uses
+      would otherwise wait for a gradient forever.
 
     Shape:
         x (B, 3, H, W) -> SegOutput; with ``x_target``, (SegOutput, SegOutput).
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, uses_features: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.uses_features = uses_features
+
+    def _run(self, x: Tensor, domain: str):
+        out = self.model(x, domain)
+        return out if self.uses_features else SegOutput(out.logits, out.features.detach())
 
     def forward(self, x: Tensor, domain: str = "source", x_target: Tensor | None = None):
         if x_target is None:
-            return self.model(x, domain)
-        return self.model(x, domain), self.model(x_target, "target")
+            return self._run(x, domain)
+        return self._run(x, domain), self._run(x_target, "target")
 
 
 @dataclass
@@ -162,7 +173,12 @@ class DistContext:
         if self.enabled:
             dist.barrier()
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+    def wrap(self, model: torch.nn.Module, uses_features: bool = True) -> torch.nn.Module:
+        """``model`` in DDP (unchanged when single process); see :class:`DomainPair`.
+
+        ``uses_features``: whether the phase's losses use ``SegOutput.features`` (BiDA
+        rounds). Wrap once per phase: which outputs reach the loss depends on it.
+        """
         if not self.enabled:
             return model
         ids = [self.local_rank] if self.device is not None and self.device.type == "cuda" else None
@@ -170,7 +186,8 @@ class DistContext:
         # head of method.feature=backbone in the baselines. Searching for them costs a graph
         # traversal per step, so only models that have them pay it.
         unused = getattr(model, "target_stem", None) is not None or getattr(model, "proj", None) is not None
-        return torch.nn.parallel.DistributedDataParallel(DomainPair(model), device_ids=ids, find_unused_parameters=unused)
+        return torch.nn.parallel.DistributedDataParallel(DomainPair(model, uses_features), device_ids=ids,
+                                                         find_unused_parameters=unused)
 
     def shard(self, dataset):
         """Every world_size-th item from this rank (evaluation and pseudo labels)."""

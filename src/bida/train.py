@@ -338,10 +338,11 @@ class Trainer:
         cfg = self.cfg
         bar = tqdm(total=self.total_steps, initial=self.step, disable=cfg.train.quiet or not self.is_main,
                    desc=cfg.method.name, dynamic_ncols=True)
-        model = self.dist.wrap(self.model)
         try:
             while self.phase_idx < len(self.phases):
                 phase = self.phases[self.phase_idx]
+                # DDP per phase: it must know whether the losses use the contrast features.
+                model = self.dist.wrap(self.model, uses_features=phase.kind == "round" and cfg.method.name == "bida")
                 self._run_phase(model, phase, bar)
             metrics = self._finish()
         except _StopRequested:
