@@ -108,7 +108,7 @@ def main() -> None:
             for method in ts.METHODS:
                 seconds, peak = result[method]
                 cells = [precision, "channels_last" if channels_last else "contiguous", method, f"{1e3 * seconds:.1f}",
-                         f"{peak:.2f}", f"{ratio:.3f}" if method == "bida" else ""]
+                         f"{peak:.2f}" if device.type == "cuda" else "n/a", f"{ratio:.3f}" if method == "bida" else ""]
                 print(" | ".join(f"{c:>{w}}" for c, w in zip(cells, widths)), flush=True)
             if baseline is None:
                 baseline = result["bida"][0]

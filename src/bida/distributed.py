@@ -48,7 +48,7 @@ _owns_group = False
 
 
 class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks whose backward sums the gradients over ranks too.
+    """Sum over ranks, differentiable: the backward sums the gradients over ranks too.
 
     Rank r's loss depends on every rank's contribution to the sum, so the gradient of
     rank q's contribution is the sum over r of dL_r/d(sum); DDP then averages over ranks.
@@ -70,13 +70,10 @@ class _AllReduceSum(torch.autograd.Function):
 class GlobalBatch:
     """Statistics of the global batch, computed from this rank's slice of it.
 
-    What :func:`~bida.train_step.adapt_step` takes as ``reduce_sums``: calling it gives the
-    prototypes of the global batch; :meth:`global_means` rescales per-pixel mean losses.
-
-    Examples:
-        >>> # in every rank of a running process group
-        >>> reduce_sums = GlobalBatch(num_classes=19, world_size=dist.get_world_size())
-        >>> protos, present = reduce_sums(features, labels)  # doctest: +SKIP
+    What :func:`~bida.train_step.adapt_step` takes as ``reduce_sums`` (made by
+    :meth:`DistContext.prototype_reducer`, in every rank of a running process group):
+    ``reduce_sums(features, labels)`` gives the prototypes of the global batch and
+    :meth:`global_means` rescales per-pixel mean losses.
     """
 
     def __init__(self, num_classes: int, world_size: int) -> None:
@@ -160,6 +157,8 @@ class DomainPair(torch.nn.Module):
 
 @dataclass
 class DistContext:
+    """This process's place in the run; every method is a no-op when single process."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
