@@ -49,3 +49,14 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
 def test_console_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "bida", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "train" in out.stdout
+
+
+def test_ablate_writes_one_table(tmp_path, tiny_overrides, capsys):
+    out = tmp_path / "abl"
+    assert main(["ablate", "--out", str(out), "--quiet", *tiny_overrides]) == 0
+    table = (out / "ablation.md").read_text()
+    for row in ("self-training", "t2s only", "s2t only", "t2s + s2t", "dynamic labels", "calibration"):
+        assert row in table
+    assert table.count("\n| ") == 7  # header + 6 rows
+    cfg = (out / "row1" / "config.yaml").read_text()
+    assert "s2t: false" in cfg and "dynamic_labels: false" in cfg

@@ -66,7 +66,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the generator's output changes, so old caches are not reused.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 IGNORE_INDEX = 255
 
