@@ -1,9 +1,7 @@
 """Builders of tiny dataset trees in each real layout, for tests of any module.
 
-Import from a test with::
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from fixtures import make_gta5_tree, ...
+Import from a test with ``from fixtures import make_gta5_tree, ...`` (``conftest.py``
+puts this directory on ``sys.path``).
 
 Each builder writes under ``root`` and returns a :class:`Tree` holding, per sample name,
 the image and the raw label ids it wrote, so tests can check mappings pixel by pixel.

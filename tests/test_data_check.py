@@ -1,5 +1,3 @@
-import sys
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -7,8 +5,7 @@ from PIL import Image
 from bida.data_check import IGNORE_NAME, QUICK_CHECK_FILES, CheckReport, check_domain
 from bida.labels import CITYSCAPES_CLASSES
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fixtures import (  # noqa: E402
+from fixtures import (
     EXPECTED_CITYSCAPES_TRAIN_IDS,
     EXPECTED_SYNTHIA_TRAIN_IDS,
     expected_train_ids,

@@ -1,5 +1,3 @@
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +18,6 @@ from bida.labels import (
     map_ids,
 )
 
-sys.path.insert(0, str(Path(__file__).parent))
 from fixtures import EXPECTED_CITYSCAPES_TRAIN_IDS, EXPECTED_SYNTHIA_TRAIN_IDS  # noqa: E402
 
 

@@ -1,8 +1,6 @@
 import struct
-import sys
 import warnings
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,8 +21,7 @@ from bida.readers import (
     read_pair,
 )
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fixtures import (  # noqa: E402
+from fixtures import (
     EXPECTED_CITYSCAPES_TRAIN_IDS,
     EXPECTED_SYNTHIA_TRAIN_IDS,
     expected_train_ids,

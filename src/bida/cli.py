@@ -93,23 +93,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from .config import from_dict, load_config
+    from .config import load_config
     from .datasets import build_eval_dataset, check_same_classes, resolve_domain
     from .evaluate import evaluate, markdown_table, write_metrics
-    from .checkpoint import load_checkpoint
     from .predict import model_from_checkpoint
 
-    if args.config:
-        cfg = load_config(args.config, args.overrides)
-    else:
-        state = load_checkpoint(args.checkpoint)
-        if "config" not in state:
-            raise BidaError(f"{args.checkpoint} is not a bida checkpoint; pass -c CONFIG")
-        cfg = from_dict(state["config"], args.overrides)
+    cfg = load_config(args.config, args.overrides) if args.config else None
     if args.out and (Path(args.out) / "metrics.json").exists() and not args.overwrite:
         raise BidaError(f"{Path(args.out) / 'metrics.json'} already exists; use --overwrite to replace it")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg, names, _ = model_from_checkpoint(args.checkpoint, cfg, device)
+    model, cfg, names, _ = model_from_checkpoint(args.checkpoint, cfg, device, overrides=args.overrides)
     src, tgt = resolve_domain(cfg, "source"), resolve_domain(cfg, "target")
     classes = check_same_classes(src, tgt)
     if not cfg.data.target.val_split:

@@ -208,9 +208,11 @@ def build_train_dataset(cfg: Config, domain: Domain, split: str, *, require_labe
     )
 
 
-def build_eval_dataset(cfg: Config, domain: Domain, split: str, *, require_labels: bool = True) -> SegmentationDataset:
+def build_eval_dataset(cfg: Config, domain: Domain, split: str, *, require_labels: bool = True,
+                       limit: bool = True) -> SegmentationDataset:
+    """Un-augmented images of a split; ``limit`` applies ``eval.max_images``."""
     samples = list_samples(domain.kind, domain.root, split, require_labels=require_labels)
-    if cfg.eval.max_images is not None:
+    if limit and cfg.eval.max_images is not None:
         samples = samples[: cfg.eval.max_images]
     return SegmentationDataset(samples, domain.kind, domain.classes.num_classes, train=False,
                                normalize=cfg.data.normalize, ignore_index=domain.classes.ignore_index)

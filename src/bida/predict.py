@@ -23,9 +23,9 @@ from .weights import load_model_weights
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-def model_from_checkpoint(path: str | Path, cfg: Config | None = None,
-                          device: torch.device | str = "cpu") -> tuple[DeepLabV2, Config, list[str], list]:
-    """Rebuild the network of a bida checkpoint (its own config unless ``cfg`` is given).
+def model_from_checkpoint(path: str | Path, cfg: Config | None = None, device: torch.device | str = "cpu",
+                          overrides: Sequence[str] = ()) -> tuple[DeepLabV2, Config, list[str], list]:
+    """Rebuild the network of a bida checkpoint (its own config, with ``overrides``, unless ``cfg`` is given).
 
     Returns:
         (model in eval mode, config, class names, palette).
@@ -34,11 +34,11 @@ def model_from_checkpoint(path: str | Path, cfg: Config | None = None,
     if "config" not in state or "num_classes" not in state:
         raise CheckpointError(f"{path} is not a bida checkpoint (no config); use model.pretrained for weight files")
     if cfg is None:
-        cfg = from_dict(state["config"])
+        cfg = from_dict(state["config"], overrides)
     names = list(state.get("class_names") or [])
     k = int(state["num_classes"])
     model = build_model(cfg.model, k, cfg.method.feature)
-    load_model_weights(model, path)
+    load_model_weights(model, path, checkpoint=state)
     palette = list(state.get("palette") or (CITYSCAPES.palette if tuple(names) == tuple(CITYSCAPES.names) else default_palette(k)))
     return model.to(device).eval(), cfg, names, palette
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .config import Config
 from .datasets import SegmentationDataset, pseudo_label_name
-from .evaluate import predict_probs
+from .evaluate import confusion_matrix, predict_probs
 from .pseudo_labels import class_thresholds, sample_confidences, static_labels
 
 IGNORE = 255
@@ -81,7 +81,9 @@ def generate_static_labels(model: torch.nn.Module, dataset: SegmentationDataset,
         c, p = sample_confidences(conf, pred, cfg.pseudo.max_pixels_per_image, gen)
         conf_samples.append(c)
         pred_samples.append(p)
-        np.savez(tmp / "raw" / f"{i}.npz", conf=conf.half().numpy(), pred=pred.to(torch.uint8).numpy())
+        # Keep the true label (all ignore when absent) so pass 2 need not decode the image again.
+        np.savez(tmp / "raw" / f"{i}.npz", conf=conf.half().numpy(), pred=pred.to(torch.uint8).numpy(),
+                 gt=item["label"].to(torch.uint8).numpy())
     thresholds = class_thresholds(torch.cat(conf_samples), torch.cat(pred_samples), k, cfg.pseudo.class_fraction)
 
     cm = np.zeros((k, k), np.int64)
@@ -99,11 +101,12 @@ def generate_static_labels(model: torch.nn.Module, dataset: SegmentationDataset,
         total_labelled += int(sel.sum())
         total_pixels += y.size
         if dataset.samples[i].label is not None:
-            gt = dataset[i]["label"].numpy()
+            gt = raw["gt"].astype(np.int64)
             valid = gt != IGNORE
             gt_pixels += np.bincount(gt[valid], minlength=k)[:k]
-            both = valid & sel
-            cm += np.bincount(gt[both] * k + y[both], minlength=k * k)[: k * k].reshape(k, k)
+            # (gt, pseudo) counts over pixels that carry both labels
+            both_gt = torch.from_numpy(np.where(sel, gt, IGNORE))
+            cm += confusion_matrix(torch.from_numpy(y.astype(np.int64)), both_gt, k).numpy()
     shutil.rmtree(tmp / "raw")
     stats = round_stats(cm, labelled, gt_pixels, class_names)
     stats["labelled_fraction"] = total_labelled / max(1, total_pixels)

@@ -28,12 +28,11 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write_text, load_checkpoint, model_state_for_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, dump_config, load_config, to_dict
-from .datasets import Domain, SegmentationDataset, build_eval_dataset, build_train_dataset, check_same_classes, resolve_domain, train_loader
+from .datasets import Domain, build_eval_dataset, build_train_dataset, check_same_classes, resolve_domain, train_loader
 from .deeplabv2 import DeepLabV2, build_model
 from .errors import BidaError, DataError, RunDirError
 from .evaluate import evaluate, markdown_table, write_metrics
 from .pseudo_labels import Calibration
-from .readers import list_samples
 from .round_labels import generate_static_labels
 from .train_step import adapt_step, source_step
 from .weights import load_model_weights, load_pretrained
@@ -268,7 +267,7 @@ class Trainer:
 
     def _load_resume(self) -> None:
         state = load_checkpoint(self.run_dir / "checkpoints" / "last.pt", map_location=self.device)
-        load_model_weights(self.model, self.run_dir / "checkpoints" / "last.pt")
+        load_model_weights(self.model, self.run_dir / "checkpoints" / "last.pt", checkpoint=state)
         self.phase_idx, self.iter, self.step = int(state["phase"]), int(state["iter"]), int(state["step"])
         self.best_miou, self.best_step = float(state["best_miou"]), int(state["best_step"])
         self.bad_steps = int(state.get("bad_steps", 0))
@@ -358,9 +357,7 @@ class Trainer:
         out = self.run_dir / "pseudo_labels" / f"round_{phase.round}"
         if self.is_main:
             t = self.cfg.data.target
-            samples = list_samples(self.tgt.kind, self.tgt.root, t.train_split, require_labels=False)
-            full = SegmentationDataset(samples, self.tgt.kind, self.num_classes, train=False,
-                                       normalize=self.cfg.data.normalize, ignore_index=self.classes.ignore_index)
+            full = build_eval_dataset(self.cfg, self.tgt, t.train_split, require_labels=False, limit=False)
             self._info(f"round {phase.round}: generating static pseudo labels for {len(full)} target images")
             stats = generate_static_labels(self.model, full, self.cfg, out, self.classes.names,
                                            seed=self.cfg.seed + phase.round, device=self.device, quiet=self.cfg.train.quiet)

@@ -46,13 +46,10 @@ def _labelled(labels: Tensor) -> Tensor:
     return (labels != IGNORE).sum()
 
 
-def _label_accuracy(pred: Tensor, gt: Tensor) -> tuple[float, float]:
-    """(coverage, accuracy) of pseudo labels ``pred`` against ``gt`` at the same size."""
-    valid_gt = gt != IGNORE
-    labelled = (pred != IGNORE) & valid_gt
-    coverage = float(labelled.sum()) / max(1, int(valid_gt.sum()))
-    acc = float((pred[labelled] == gt[labelled]).float().mean()) if labelled.any() else float("nan")
-    return coverage, acc
+def _label_accuracy(pred: Tensor, gt: Tensor) -> float:
+    """Accuracy of pseudo labels ``pred`` on the pixels that carry both them and a true label."""
+    labelled = (pred != IGNORE) & (gt != IGNORE)
+    return float((pred[labelled] == gt[labelled]).float().mean()) if labelled.any() else float("nan")
 
 
 def source_step(model: torch.nn.Module, batch_src: dict, cfg: Config, reduce_sums=None) -> StepResult:
@@ -115,8 +112,7 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
             logs["pseudo/dynamic_coverage"] = float((y_dyn_f != IGNORE).float().mean())
             logs["pseudo/fused_coverage"] = float((y_tgt_f != IGNORE).float().mean())
             if "gt" in batch_tgt:
-                cov, acc = _label_accuracy(y_dyn_f, downsample_labels(batch_tgt["gt"], feat_size))
-                logs["pseudo/dynamic_acc"] = acc
+                logs["pseudo/dynamic_acc"] = _label_accuracy(y_dyn_f, downsample_labels(batch_tgt["gt"], feat_size))
         # 3. Target prototypes from target features and fused labels.
         protos_tgt, present_tgt = prototypes(f_tgt, y_tgt_f)
 

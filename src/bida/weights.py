@@ -37,7 +37,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as err:  # safetensors raises its own error types
             raise CheckpointError(f"weight file {path} is corrupt: {err}") from None
-    state = load_checkpoint(path)
+    return tensor_state(load_checkpoint(path), path)
+
+
+def tensor_state(state: dict, path: str | Path) -> dict[str, torch.Tensor]:
+    """The model state dict inside a loaded checkpoint dict (``model``/``state_dict`` or itself)."""
     for key in ("model", "state_dict"):
         if key in state and isinstance(state[key], dict):
             state = state[key]
@@ -99,13 +103,15 @@ def load_pretrained(model: torch.nn.Module, path: str | Path) -> dict[str, list[
     return {"loaded": sorted(load), "skipped": sorted(skipped), "missing": missing}
 
 
-def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
+def load_model_weights(model: torch.nn.Module, path: str | Path, checkpoint: dict | None = None) -> None:
     """Strictly load a bida checkpoint's model (``model.init_checkpoint``, evaluation, prediction).
+
+    ``checkpoint``: the already loaded contents of ``path`` (saves reading it twice).
 
     Raises:
         CheckpointError: naming the file when class count or architecture differ.
     """
-    state = _normalise_keys(read_state_dict(path))
+    state = _normalise_keys(read_state_dict(path) if checkpoint is None else tensor_state(checkpoint, path))
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
