@@ -86,6 +86,18 @@ class MethodConfig:
     calibration: bool = True  # shift source prototypes by the EMA domain bias
     feature: Literal["aspp_branches", "backbone"] = "aspp_branches"  # official code: aspp_branches
     prototype_scope: Literal["batch", "pair"] = "batch"  # official code: pair
+    # Which target pixels L_t2s scores. fused: y_T = y_F, completed by y_D (the paper).
+    # separate: y_F pixels and y_D-only pixels as two means, the second weighted by
+    # dynamic_t2s_weight, so that self-labelled pixels cannot swamp the informative ones.
+    # prototypes_only: y_D builds the target prototypes (and their EMA) but L_t2s reads y_F.
+    t2s_dynamic: Literal["fused", "separate", "prototypes_only"] = "fused"
+    dynamic_t2s_weight: float = 1.0  # weight of the y_D-only mean when t2s_dynamic = separate
+    # Subtract the batch's mean contrast feature (both domains pooled, detached) before
+    # prototypes and cosines: removes the class-prior component shared by every pixel.
+    center_features: Literal["none", "batch"] = "none"
+    # Complete each prototype set with its moving average (calibration state) for classes
+    # absent from the batch, so that every pixel meets more negatives.
+    memory_partners: bool = False
 
 
 @dataclass(frozen=True)

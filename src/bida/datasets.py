@@ -72,7 +72,8 @@ class SegmentationDataset(Dataset):
     """Images and labels of one domain split.
 
     Items are dicts: ``image`` (3, H, W) float32, ``label`` (H, W) int64 (all ignore when the
-    sample has no label), ``index`` int. Training items are addressed by ``(index, seed)``
+    sample has no label), ``valid`` (H, W) bool (False on the padding a crop larger than
+    the rescaled image adds: no loss or prototype may read those pixels), ``index`` int. Training items are addressed by ``(index, seed)``
     and augmented with an RNG made from that seed; evaluation items by a plain index.
 
     Args:
@@ -129,17 +130,23 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, seed = (key, None) if isinstance(key, (int, np.integer)) else key
         image, label = self.load(int(index))
+        maps = label if label.ndim == 3 else label[..., None]  # (H, W, C): label [, gt]
         if self.train:
+            # One more map marks padding: 0 on image pixels, and the crop pads every map with
+            # ignore, so after augmentation ``pad == ignore`` is exactly the padded area.
+            maps = np.concatenate([maps, np.zeros(maps.shape[:2] + (1,), np.uint8)], -1)
             if self.resize:
-                image, label = resize_pair(image, label, shorter_side_size(label.shape, self.resize))
+                image, maps = resize_pair(image, maps, shorter_side_size(maps.shape[:2], self.resize))
             rng = np.random.default_rng(seed)
-            image, label = random_scale_crop_flip(image, label, rng, self.crop, self.scale_range, self.flip, self.ignore_index)
-        item = {"image": to_tensor(image, self.normalize), "index": int(index)}
-        if label.ndim == 3:
-            item["label"] = torch.from_numpy(label[..., 0].astype(np.int64))
-            item["gt"] = torch.from_numpy(label[..., 1].astype(np.int64))
+            image, maps = random_scale_crop_flip(image, maps, rng, self.crop, self.scale_range, self.flip, self.ignore_index)
+            valid, maps = maps[..., -1] != self.ignore_index, maps[..., :-1]
         else:
-            item["label"] = torch.from_numpy(label.astype(np.int64))
+            valid = np.ones(maps.shape[:2], bool)
+        item = {"image": to_tensor(image, self.normalize), "index": int(index),
+                "label": torch.from_numpy(maps[..., 0].astype(np.int64)),
+                "valid": torch.from_numpy(np.ascontiguousarray(valid))}
+        if maps.shape[-1] == 2:
+            item["gt"] = torch.from_numpy(maps[..., 1].astype(np.int64))
         return item
 
 

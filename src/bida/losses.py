@@ -57,7 +57,7 @@ def seg_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 255) -
     return total / num_labelled
 
 
-def entropy(logits: Tensor) -> Tensor:
+def entropy(logits: Tensor, valid: Tensor | None = None) -> Tensor:
     """Mean per-pixel Shannon entropy of the softmax over classes.
 
     This is the true entropy ``-(p * log p).sum(1).mean()``; the official code applies
@@ -66,12 +66,15 @@ def entropy(logits: Tensor) -> Tensor:
 
     Args:
         logits: Class scores (any float dtype; computed in float32).
+        valid: Optional mask of the pixels that count (e.g. not crop padding); the mean
+            is taken over them, and is 0 (with graph) when there are none.
 
     Returns:
         float32 scalar in [0, log K].
 
     Shape:
         - logits: (B, K, H, W)
+        - valid: (B, H, W), bool
         - output: ()
 
     Examples:
@@ -79,7 +82,14 @@ def entropy(logits: Tensor) -> Tensor:
         1.3862943649291992
     """
     log_prob = logits.float().log_softmax(dim=1)
-    return -(log_prob.exp() * log_prob).sum(dim=1).mean()
+    per_pixel = -(log_prob.exp() * log_prob).sum(dim=1)  # (B, H, W)
+    if valid is None:
+        return per_pixel.mean()
+    if valid.shape != per_pixel.shape:
+        raise ValueError(f"valid {tuple(valid.shape)} must match the logits' (B, H, W) {tuple(per_pixel.shape)}")
+    valid = valid.to(device=per_pixel.device, dtype=torch.bool)
+    total = torch.where(valid, per_pixel, torch.zeros_like(per_pixel)).sum()
+    return total / valid.sum().clamp_min(1)
 
 
 def _label_to_feature_index(

@@ -56,6 +56,16 @@ def downsample_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
     return resized[:, 0].long()
 
 
+def _full_precision(tensor: Tensor) -> torch.autocast:
+    """A context that disables autocast on ``tensor``'s device type.
+
+    Under ``torch.autocast`` a ``bmm``/``matmul`` of float32 inputs still runs in bf16/fp16;
+    prototype sums and cosine similarities must not (bf16 sums carry ~0.5% error, fp16
+    sums overflow), so every such product runs inside this context.
+    """
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
 def _check_features_labels(features: Tensor, labels: Tensor) -> None:
     if features.dim() != 4:
         raise ValueError(f"features must be (B, D, h, w), got shape {tuple(features.shape)}")
@@ -82,8 +92,10 @@ def _per_image_sums(
     # A one-hot matmul rather than scatter_add: on GPUs a scatter into K bins serialises
     # on atomics, while a (D, N) x (N, K) product is a single dense kernel.
     # fp32: a sum over thousands of fp16 pixels loses precision and can overflow (max 65504).
-    flat = features.float().flatten(2)  # (B, D, N)
-    sums = torch.bmm(flat, one_hot)[..., :num_classes].transpose(1, 2)  # (B, K, D)
+    # Autocast would re-cast the bmm to half despite .float(), so it is switched off here.
+    with _full_precision(features):
+        flat = features.float().flatten(2)  # (B, D, N)
+        sums = torch.bmm(flat, one_hot)[..., :num_classes].transpose(1, 2)  # (B, K, D)
     counts = one_hot.sum(1)[:, :num_classes]  # (B, K)
     return sums, counts
 
@@ -250,11 +262,12 @@ def scaled_similarity(features: Tensor, prototypes: Tensor, scale: float = 1.0) 
             f"prototypes must be (K, {dim}) or ({batch}, K, {dim}), got shape "
             f"{tuple(prototypes.shape)}"
         )
-    flat = features.float().flatten(2)  # (B, D, N)
-    protos = F.normalize(prototypes.float(), dim=-1) * scale  # (K, D) or (B, K, D)
-    # Same eps as F.normalize, so that a zero feature gives 0 rather than NaN.
-    inv_norm = flat.norm(dim=1, keepdim=True).clamp_min(1e-12).reciprocal()  # (B, 1, N)
-    logits = torch.matmul(protos, flat) * inv_norm  # (B, K, N)
+    with _full_precision(features):  # autocast would run the matmul in half precision
+        flat = features.float().flatten(2)  # (B, D, N)
+        protos = F.normalize(prototypes.float(), dim=-1) * scale  # (K, D) or (B, K, D)
+        # Same eps as F.normalize, so that a zero feature gives 0 rather than NaN.
+        inv_norm = flat.norm(dim=1, keepdim=True).clamp_min(1e-12).reciprocal()  # (B, 1, N)
+        logits = torch.matmul(protos, flat) * inv_norm  # (B, K, N)
     return logits.view(batch, -1, height, width)
 
 

@@ -82,7 +82,9 @@ def generate_static_labels(model: torch.nn.Module, dataset: SegmentationDataset,
         conf_samples.append(c)
         pred_samples.append(p)
         # Keep the true label (all ignore when absent) so pass 2 need not decode the image again.
-        np.savez(tmp / "raw" / f"{i}.npz", conf=conf.half().numpy(), pred=pred.to(torch.uint8).numpy(),
+        # Confidences stay float32: in fp16 everything above 0.9995 ties at 1.0, and the
+        # class rule's top 10% would then keep every tied pixel (no class balance left).
+        np.savez(tmp / "raw" / f"{i}.npz", conf=conf.float().numpy(), pred=pred.to(torch.uint8).numpy(),
                  gt=item["label"].to(torch.uint8).numpy())
     thresholds = class_thresholds(torch.cat(conf_samples), torch.cat(pred_samples), k, cfg.pseudo.class_fraction)
 

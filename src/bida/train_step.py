@@ -60,31 +60,56 @@ def source_step(model: torch.nn.Module, batch_src: dict, cfg: Config, reduce_sum
     return StepResult(loss, {"loss/seg_src": float(loss.detach())})
 
 
+def _valid_at(batch: dict, size: tuple[int, int]) -> Tensor | None:
+    """The batch's valid-pixel mask (False on crop padding) at ``size``, or None if it has none."""
+    valid = batch.get("valid")
+    if valid is None:
+        return None
+    return downsample_labels(valid.long(), size).bool()
+
+
+def _mask_labels(labels: Tensor, valid: Tensor | None) -> Tensor:
+    """``labels`` with the pixels outside ``valid`` set to ignore."""
+    return labels if valid is None else torch.where(valid, labels, torch.full_like(labels, IGNORE))
+
+
+def _with_memory(protos: Tensor, present: Tensor, memory) -> tuple[Tensor, Tensor]:
+    """Batch prototypes, completed by the (detached) moving average for classes absent from the batch."""
+    if memory is None:
+        return protos, present
+    fill = memory.initialized.to(present.device) & ~present
+    return torch.where(fill[:, None], memory.value.to(protos.device), protos), present | fill
+
+
 def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Config,
                calibration: Calibration | None, num_classes: int, reduce_sums=None) -> StepResult:
     """One adaptation iteration (``minent``, ``self_training`` or ``bida``).
 
     ``batch_tgt["label"]`` holds the round's static pseudo labels y_F (all ignore for
-    ``minent``); ``batch_tgt["gt"]``, when present, the true labels, used only for logging.
+    ``minent``); ``batch_tgt["gt"]``, when present, the true labels, used only for logging;
+    ``batch_*["valid"]``, when present, marks the pixels that are not crop padding: no loss,
+    prototype, pseudo label or moving average reads the others.
     ``reduce_sums`` (distributed runs, :class:`~bida.distributed.GlobalBatch`): prototypes
     and per-pixel means over the global batch rather than this rank's slice.
     """
     m, lw = cfg.method, cfg.loss
     out_src, out_tgt = forward_pair(model, batch_src["image"], batch_tgt["image"], not cfg.model.separate_target_stem)
     y_src, y_static = batch_src["label"], batch_tgt["label"]
+    logit_size = tuple(out_src.logits.shape[-2:])
+    valid_src_l, valid_tgt_l = _valid_at(batch_src, logit_size), _valid_at(batch_tgt, logit_size)
 
     # Segmentation and entropy terms (weights applied here, never inside the losses).
     terms: dict[str, Tensor] = {"seg_src": seg_cross_entropy(out_src.logits, y_src)}
     weights: dict[str, float] = {"seg_src": 1.0}
     counts: dict[str, Tensor] = {}  # pixels behind each per-pixel mean (for distributed runs)
     if m.name == "minent":
-        terms["ent_tgt"] = entropy(out_tgt.logits)
+        terms["ent_tgt"] = entropy(out_tgt.logits, valid_tgt_l)
         weights["ent_tgt"] = lw.entropy_weight
     logs: dict[str, float] = {}
 
     if m.name in ("self_training", "bida"):
-        terms["ent_src"] = entropy(out_src.logits)
-        terms["ent_tgt"] = entropy(out_tgt.logits)
+        terms["ent_src"] = entropy(out_src.logits, valid_src_l)
+        terms["ent_tgt"] = entropy(out_tgt.logits, valid_tgt_l)
         weights["ent_src"] = lw.entropy_weight
         weights["ent_tgt"] = lw.entropy_weight * lw.seg_tgt_weight
         weights["seg_tgt"] = lw.seg_tgt_weight
@@ -93,8 +118,11 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
     if m.name == "bida":
         feat_size = tuple(out_src.features.shape[-2:])
         f_src, f_tgt = out_src.features, out_tgt.features
+        valid_tgt_f = _valid_at(batch_tgt, feat_size)
         y_src_f = downsample_labels(y_src, feat_size)
-        y_static_f = downsample_labels(y_static, feat_size)
+        y_static_f = _mask_labels(downsample_labels(y_static, feat_size), valid_tgt_f)
+        if m.center_features == "batch":
+            f_src, f_tgt = center_features(f_src, f_tgt, _valid_at(batch_src, feat_size), valid_tgt_f)
 
         # 1. Source prototypes (masked average pooling; gradients flow through them).
         prototypes = reduce_sums or partial(class_prototypes, num_classes=num_classes)
@@ -102,15 +130,18 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
 
         # 2. Target pseudo labels: static y_F completed by label transfer to calibrated prototypes.
         y_tgt_f = y_static_f
+        y_dyn_f = torch.full_like(y_static_f, IGNORE)
         if m.dynamic_labels:
             if calibration is not None and m.calibration:
                 ref, ref_present = calibration.calibrate(protos_src.detach(), present_src)
             else:
                 ref, ref_present = protos_src.detach(), present_src
             y_dyn_f = label_transfer(f_tgt.detach(), ref, ref_present, lw.temperature, cfg.pseudo.transfer_threshold)
+            y_dyn_f = _mask_labels(y_dyn_f, valid_tgt_f)  # padding never gets a label
             y_tgt_f = fuse_labels(y_static_f, y_dyn_f)
-            logs["pseudo/dynamic_coverage"] = float((y_dyn_f != IGNORE).float().mean())
-            logs["pseudo/fused_coverage"] = float((y_tgt_f != IGNORE).float().mean())
+            num_valid = y_static_f.numel() if valid_tgt_f is None else valid_tgt_f.sum().clamp_min(1)
+            logs["pseudo/dynamic_coverage"] = float((y_dyn_f != IGNORE).sum() / num_valid)
+            logs["pseudo/fused_coverage"] = float((y_tgt_f != IGNORE).sum() / num_valid)
             if "gt" in batch_tgt:
                 logs["pseudo/dynamic_acc"] = _label_accuracy(y_dyn_f, downsample_labels(batch_tgt["gt"], feat_size))
         # 3. Target prototypes from target features and fused labels.
@@ -122,18 +153,33 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
             ps_tgt, pp_tgt = pair_prototypes(f_tgt, y_tgt_f, num_classes)
         else:
             ps_src, pp_src, ps_tgt, pp_tgt = protos_src, present_src, protos_tgt, present_tgt
+            if m.memory_partners and calibration is not None:  # classes absent from the batch
+                ps_src, pp_src = _with_memory(ps_src, pp_src, calibration.source)
+                ps_tgt, pp_tgt = _with_memory(ps_tgt, pp_tgt, calibration.target)
+        # Which target pixels L_t2s scores: y_T (the paper), or y_F with y_D pixels apart.
+        y_t2s_f = y_tgt_f if m.t2s_dynamic == "fused" else y_static_f
         full_res = lw.contrast_resolution == "label"
-        if full_res:
-            size = tuple(y_src.shape[-2:])
-            y_tgt_c = fuse_labels(y_static, F.interpolate(y_tgt_f[:, None].float(), size=size, mode="nearest")[:, 0].long())
-            y_src_c = y_src
-        else:
-            y_tgt_c, y_src_c = y_tgt_f, y_src_f
+
+        def at_contrast_res(y_f: Tensor, y_full: Tensor) -> Tensor:
+            if not full_res:
+                return y_f
+            up = F.interpolate(y_f[:, None].float(), size=tuple(y_full.shape[-2:]), mode="nearest")[:, 0].long()
+            return fuse_labels(_mask_labels(y_full, _valid_at(batch_tgt, tuple(y_full.shape[-2:]))), up)
+
         if m.t2s:
             terms["contrast_t2s"], counts["contrast_t2s"] = pixel_prototype_contrast(
-                f_tgt, y_tgt_c, ps_src, pp_src, lw.temperature, resolution=lw.contrast_resolution, return_count=True)
+                f_tgt, at_contrast_res(y_t2s_f, y_static), ps_src, pp_src, lw.temperature,
+                resolution=lw.contrast_resolution, return_count=True)
             weights["contrast_t2s"] = lw.contrast_t2s_weight
+            if m.t2s_dynamic == "separate" and m.dynamic_labels:
+                # y_D-only pixels as their own mean, so they cannot outweigh the y_F pixels.
+                y_dyn_only = torch.where(y_static_f == IGNORE, y_dyn_f, torch.full_like(y_dyn_f, IGNORE))
+                terms["contrast_t2s_dyn"], counts["contrast_t2s_dyn"] = pixel_prototype_contrast(
+                    f_tgt, at_contrast_res(y_dyn_only, torch.full_like(y_static, IGNORE)), ps_src, pp_src,
+                    lw.temperature, resolution=lw.contrast_resolution, return_count=True)
+                weights["contrast_t2s_dyn"] = lw.contrast_t2s_weight * m.dynamic_t2s_weight
         if m.s2t:
+            y_src_c = y_src if full_res else y_src_f
             terms["contrast_s2t"], counts["contrast_s2t"] = pixel_prototype_contrast(
                 f_src, y_src_c, ps_tgt, pp_tgt, lw.temperature, resolution=lw.contrast_resolution, return_count=True)
             weights["contrast_s2t"] = lw.contrast_s2t_weight
@@ -145,16 +191,46 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
             logs["calibration/mean_shift"] = calibration.mean_shift()
         if cfg.pseudo.dynamic_for_segmentation:
             size = tuple(y_static.shape[-2:])
-            y_seg_tgt = fuse_labels(y_static, F.interpolate(y_tgt_f[:, None].float(), size=size, mode="nearest")[:, 0].long())
+            up = F.interpolate(y_tgt_f[:, None].float(), size=size, mode="nearest")[:, 0].long()
+            y_seg_tgt = fuse_labels(y_static, _mask_labels(up, _valid_at(batch_tgt, size)))
 
     if "seg_tgt" in weights:
         terms["seg_tgt"] = seg_cross_entropy(out_tgt.logits, y_seg_tgt)
     if reduce_sums is not None:  # distributed: each per-pixel mean over the global batch
         counts |= {"seg_src": _labelled(y_src), "seg_tgt": _labelled(y_seg_tgt),
-                   "ent_src": out_src.logits[:, 0].numel(), "ent_tgt": out_tgt.logits[:, 0].numel()}
+                   "ent_src": _num_valid(out_src.logits, valid_src_l), "ent_tgt": _num_valid(out_tgt.logits, valid_tgt_l)}
         terms = reduce_sums.global_means(terms, counts)
 
     loss = sum(weights[k] * terms[k] for k in terms)
     logs.update({f"loss/{k}": float(v.detach()) for k, v in terms.items()})
     logs["loss/total"] = float(loss.detach())
     return StepResult(loss, logs)
+
+
+def _num_valid(logits: Tensor, valid: Tensor | None) -> Tensor | int:
+    """Pixels an entropy term averages over."""
+    return logits[:, 0].numel() if valid is None else valid.sum()
+
+
+def center_features(f_src: Tensor, f_tgt: Tensor, valid_src: Tensor | None, valid_tgt: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Subtract the (detached) mean feature of the batch's valid pixels, both domains pooled.
+
+    The ASPP-branch features are class scores: every pixel carries a large shared
+    component (the class prior), so raw cosines between different classes' prototypes sit
+    near 0.7 and label transfer rarely passes its threshold. One common mean for both
+    domains removes that component and keeps the domain difference the contrast works on.
+
+    Shape:
+        - f_src, f_tgt: (B, D, h, w)
+        - valid_src, valid_tgt: (B, h, w), bool, or None (all valid)
+    """
+    def sums(f: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+        f = f.detach().float()
+        if valid is None:
+            return f.sum((0, 2, 3)), torch.tensor(f[:, 0].numel(), device=f.device, dtype=torch.float32)
+        w = valid[:, None].float()
+        return (f * w).sum((0, 2, 3)), w.sum()
+
+    (s_src, n_src), (s_tgt, n_tgt) = sums(f_src, valid_src), sums(f_tgt, valid_tgt)
+    mean = ((s_src + s_tgt) / (n_src + n_tgt).clamp_min(1.0)).view(1, -1, 1, 1)
+    return f_src - mean.to(f_src.dtype), f_tgt - mean.to(f_tgt.dtype)

@@ -1,0 +1,167 @@
+"""Regressions on the adaptation path: numerics under autocast, fp32 round confidences,
+crop padding kept out of every target loss, prototype and moving average."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import bida.round_labels as round_labels
+from bida.config import load_config
+from bida.datasets import SegmentationDataset
+from bida.deeplabv2 import SegOutput
+from bida.losses import entropy, pixel_prototype_contrast
+from bida.prototypes import class_sums, scaled_similarity
+from bida.pseudo_labels import Calibration, label_transfer
+from bida.readers import Sample
+from bida.train_step import adapt_step
+
+
+# ----------------------------------------------------------------- autocast (bug 3)
+def _features(seed=0, b=2, d=76, h=23, w=23, offset=30.0):
+    g = torch.Generator().manual_seed(seed)
+    # a large shared component, as the ASPP class scores have: what half precision loses
+    return torch.randn(b, d, h, w, generator=g) + offset, torch.randint(0, 5, (b, h, w), generator=g)
+
+
+def test_class_sums_exact_in_fp32_under_autocast():
+    f, y = _features()
+    ref_sums, ref_counts = class_sums(f, y, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sums, counts = class_sums(f, y, 5)
+        half_sums, _ = class_sums(f.bfloat16(), y, 5)  # the network's output dtype under autocast
+    assert sums.dtype == torch.float32
+    torch.testing.assert_close(sums, ref_sums, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(counts, ref_counts)
+    torch.testing.assert_close(half_sums, class_sums(f.bfloat16().float(), y, 5)[0], rtol=1e-6, atol=1e-4)
+
+
+def test_similarity_label_transfer_and_contrast_exact_under_autocast():
+    f, y = _features(1)
+    protos = torch.randn(5, 76) + 30.0
+    present = torch.tensor([True, True, False, True, True])
+    ref_sim = scaled_similarity(f, protos, 10.0)
+    ref_loss = pixel_prototype_contrast(f, y, protos, present, 0.1)
+    ref_lab = label_transfer(f, protos, present, 0.1, 0.8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sim = scaled_similarity(f, protos, 10.0)
+        loss = pixel_prototype_contrast(f, y, protos, present, 0.1)
+        lab = label_transfer(f, protos, present, 0.1, 0.8)
+    assert sim.dtype == torch.float32
+    torch.testing.assert_close(sim, ref_sim, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert torch.equal(lab, ref_lab)
+
+
+# ------------------------------------------------------- round confidences (bug 2)
+def test_static_labels_stay_class_balanced_for_confident_classes(tmp_path, monkeypatch):
+    """Confidences in (0.9995, 1): the class rule keeps ~10%, not every pixel that fp16 rounds to 1."""
+    n, h, w, k = 6, 16, 16, 3
+    samples = [Sample(name=f"img{i}", image=tmp_path / f"img{i}.png", label=None) for i in range(n)]
+
+    class Images(SegmentationDataset):
+        def __getitem__(self, index):
+            return {"image": torch.zeros(3, h, w), "label": torch.full((h, w), 255), "index": index}
+
+    ds = Images(samples, "folder", k, train=False)
+    gen = torch.Generator().manual_seed(0)
+
+    def fake_probs(model, image, eval_cfg, num_classes, out_size):
+        conf = 1 - 5e-4 * torch.rand(out_size, generator=gen)  # half of them are 1.0 in fp16
+        probs = torch.zeros(1, num_classes, *out_size)
+        probs[0, 0] = conf
+        probs[0, 1] = 1 - conf
+        return probs
+
+    monkeypatch.setattr(round_labels, "predict_probs", fake_probs)
+    cfg = load_config(None, [])
+    stats = round_labels.generate_static_labels(torch.nn.Identity(), ds, cfg, tmp_path / "round_0",
+                                                ["a", "b", "c"], seed=0)
+    # class rule: top 10% of the set; image rule: top 10% of each image; their union <= 20%
+    assert 0.1 <= stats["labelled_fraction"] <= 0.2, stats["labelled_fraction"]
+
+
+# ------------------------------------------------------------ crop padding (bug 4)
+def test_training_items_mark_crop_padding_invalid(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.full((10, 12, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.ones((10, 12), np.uint8)).save(tmp_path / "a_label.png")
+    samples = [Sample(name="a", image=tmp_path / "a.png", label=tmp_path / "a_label.png")]
+    ds = SegmentationDataset(samples, "folder", 3, train=True, crop=(16, 16), scale_range=(1.0, 1.0),
+                             flip=False, resize=8)  # resize: the path the paper configs take
+    item = ds[(0, 0)]
+    valid, label = item["valid"], item["label"]
+    assert valid.shape == label.shape == (16, 16) and valid.dtype == torch.bool
+    assert int(valid.sum()) == 8 * 10  # resized to 8x10, padded to the 16x16 crop
+    assert torch.all(label[~valid] == 255) and torch.all(label[valid] == 1)
+
+
+class _Replay(torch.nn.Module):
+    """A "network" that returns fixed outputs per domain, so that the test controls features."""
+
+    def __init__(self, src: SegOutput, tgt: SegOutput):
+        super().__init__()
+        self.src, self.tgt = src, tgt
+        self.weight = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x, domain="source"):
+        if x.shape[0] == 2 * self.src.logits.shape[0]:  # both domains in one call
+            logits, features = torch.cat([self.src.logits, self.tgt.logits]), torch.cat([self.src.features, self.tgt.features])
+        else:
+            out = self.src if bool(x[0, 0, 0, 0] == 0) else self.tgt  # source images are zeros
+            logits, features = out.logits, out.features
+        return SegOutput(logits * self.weight, features * self.weight)
+
+
+def _bida_batch(pad_feature: torch.Tensor):
+    g = torch.Generator().manual_seed(0)
+    b, k, d, h, w = 2, 4, 16, 8, 8
+    f_src = torch.randn(b, d, h, w, generator=g)
+    y_src = torch.randint(0, k, (b, h * 8, w * 8), generator=g)
+    f_tgt = torch.randn(b, d, h, w, generator=g)
+    f_tgt[:, :, :, 6:] = pad_feature.view(1, d, 1, 1)  # the padded columns' features
+    logits_tgt = torch.randn(b, k, h, w, generator=g)
+    logits_tgt[:, :, :, 6:] = pad_feature[:k].view(1, k, 1, 1) * 5
+    y_static = torch.randint(0, k, (b, h * 8, w * 8), generator=g)
+    y_static[..., 24:] = 255
+    valid = torch.ones(b, h * 8, w * 8, dtype=torch.bool)
+    valid[..., 48:] = False  # crop padding: the last two feature columns
+    src = SegOutput(torch.randn(b, k, h, w, generator=g), f_src)
+    tgt = SegOutput(logits_tgt, f_tgt)
+    batch_src = {"image": torch.zeros(b, 3, h * 8, w * 8), "label": y_src}
+    batch_tgt = {"image": torch.ones(b, 3, h * 8, w * 8), "label": y_static, "valid": valid}
+    return _Replay(src, tgt), batch_src, batch_tgt, k, d
+
+
+@pytest.mark.parametrize("method", ["minent", "self_training", "bida"])
+def test_padding_never_reaches_a_target_loss_prototype_or_ema(method):
+    cfg = load_config(None, [f"method={method}", "calibration.ramp_iters=0", "pseudo.transfer_threshold=0.3",
+                             "pseudo.dynamic_for_segmentation=true"])
+    results = []
+    for pad in (torch.zeros(16), torch.linspace(-3, 3, 16)):  # two different paddings
+        model, bs, bt, k, d = _bida_batch(pad)
+        cal = Calibration(k, d, ramp_iters=0)
+        # a calibration with history, so that label transfer runs on calibrated prototypes
+        g = torch.Generator().manual_seed(1)
+        seen = torch.ones(k, dtype=torch.bool)
+        cal.update(torch.randn(k, d, generator=g), seen, torch.randn(k, d, generator=g), seen)
+        result = adapt_step(model, bs, bt, cfg, cal, k)
+        results.append((result, cal))
+    (a, cal_a), (b, cal_b) = results
+    # seg_tgt is left out: the logits are upsampled bilinearly to the labels, so valid pixels
+    # next to the padding blend its scores (as a real network's receptive field does).
+    for key in a.logs:
+        if key.startswith("loss/") and key not in ("loss/seg_tgt", "loss/total"):
+            assert a.logs[key] == pytest.approx(b.logs[key], rel=1e-6, abs=1e-7), key
+    torch.testing.assert_close(cal_a.target.value, cal_b.target.value)
+
+
+def test_entropy_over_valid_pixels():
+    logits = torch.randn(2, 5, 4, 6)
+    valid = torch.rand(2, 4, 6) > 0.4
+    p = logits.softmax(1)
+    ref = -(p * p.log()).sum(1)[valid].mean()
+    torch.testing.assert_close(entropy(logits, valid), ref)
+    assert float(entropy(logits, torch.zeros_like(valid))) == 0.0
