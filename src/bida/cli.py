@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="source-only, self-training and BiDA on the embedded domain pair")
     p.add_argument("--out", default="runs/demo", help="demo directory (a fresh suffix is added if it exists)")
+    p.add_argument("--seeds", type=int, default=1, help="training seeds (each with its own source-only model)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--init-checkpoint", help="source-only checkpoint shared by every row (trained if absent)")
+    p.add_argument("--seeds", type=int, default=1, help="training seeds (each with its own source-only model)")
+    p.add_argument("--candidates", action="store_true", help="also run the candidate rows (contrast variants)")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("report", help="an HTML report comparing run directories (the first is the baseline)")
@@ -130,14 +133,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), overrides=args.overrides, quiet=args.quiet)
+    run_demo(Path(args.out), overrides=args.overrides, quiet=args.quiet, seeds=args.seeds)
     return 0
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     from .demo import run_ablation
 
-    run_ablation(args.config, Path(args.out), overrides=args.overrides, init_checkpoint=args.init_checkpoint, quiet=args.quiet)
+    run_ablation(args.config, Path(args.out), overrides=args.overrides, init_checkpoint=args.init_checkpoint,
+                 quiet=args.quiet, seeds=args.seeds, candidates=args.candidates)
     return 0
 
 
