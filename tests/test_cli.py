@@ -55,8 +55,39 @@ def test_ablate_writes_one_table(tmp_path, tiny_overrides, capsys):
     out = tmp_path / "abl"
     assert main(["ablate", "--out", str(out), "--quiet", *tiny_overrides]) == 0
     table = (out / "ablation.md").read_text()
-    for row in ("self-training", "t2s only", "s2t only", "t2s + s2t", "dynamic labels", "calibration"):
+    for row in ("source_only", "self-training", "t2s only", "s2t only", "t2s + s2t", "dynamic labels", "calibration"):
         assert row in table
-    assert table.count("\n| ") == 7  # header + 6 rows
-    cfg = (out / "row1" / "config.yaml").read_text()
+    assert table.count("\n| ") == 8  # header + source-only + 6 rows
+    cfg = (out / "t2s_only" / "config.yaml").read_text()
     assert "s2t: false" in cfg and "dynamic_labels: false" in cfg
+    summary = json.loads((out / "ablation.json").read_text())
+    assert summary["+ t2s only"]["vs_self-training (no contrast)"]["per_seed"]
+
+
+def test_demo_over_seeds_pairs_every_method_on_its_own_source_model(tmp_path, tiny_overrides, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--seeds", "2", "--quiet", *tiny_overrides]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert set(summary) == {"source_only", "self_training", "bida"}
+    for method, entry in summary.items():
+        metrics = [json.loads((out / f"seed_{s}" / method / "metrics.json").read_text()) for s in (0, 1)]
+        assert entry["per_seed"] == [m["mIoU"] for m in metrics] and entry["seeds"] == [0, 1]
+        assert entry["mean"] == np.mean(entry["per_seed"])
+        assert np.isclose(entry["std"], np.std(entry["per_seed"], ddof=1))
+        assert 0.0 <= entry["mean"] <= 1.0
+        assert {"mean_margin", "nearest_own_share"} <= set(entry["alignment"])
+    for s in (0, 1):  # each seed adapts from its own source-only model
+        cfg = (out / f"seed_{s}" / "bida" / "config.yaml").read_text()
+        assert f"seed_{s}/source_only/checkpoints/last.pt" in cfg and f"seed: {s}" in cfg
+    vs = summary["bida"]["vs_self_training"]
+    assert np.allclose(vs["per_seed"], np.subtract(summary["bida"]["per_seed"], summary["self_training"]["per_seed"]))
+    assert vs["wins"] == sum(d > 0 for d in vs["per_seed"])
+    text = (out / "results.md").read_text()
+    assert "±" in text and "bida" in text and "Mean per-class IoU" in text
+    assert text in capsys.readouterr().out
+
+
+def test_seeds_must_be_positive(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "d"), "--seeds", "0"]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

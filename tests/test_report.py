@@ -198,3 +198,16 @@ def test_page_renders_in_headless_chromium(report, tmp_path):
     with Image.open(shot) as im:
         colors = im.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colors is None or len(colors) > 50  # None: more colours than maxcolors
+
+
+def test_prototype_alignment_hand_example():
+    from bida.features import prototype_alignment
+
+    src = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    tgt = np.array([[1.0, 0.1], [1.0, 0.0], [0.0, 0.0]])  # class 1's target sits on class 0's source
+    a = prototype_alignment(src, np.array([True, True, False]), tgt, np.array([True, True, True]))
+    cos01 = 0.1 / np.hypot(1.0, 0.1)
+    assert np.isclose(a["margin"][0], 1 / np.hypot(1.0, 0.1) - cos01)  # own minus class 1 (class 2 absent in source)
+    assert np.isclose(a["margin"][1], 0.0 - 1.0) and np.isnan(a["margin"][2])
+    assert a["nearest_own"][:2].tolist() == [1.0, 0.0] and a["num_classes"] == 2
+    assert np.isclose(a["nearest_own_share"], 0.5)

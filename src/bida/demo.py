@@ -17,6 +17,7 @@ import numpy as np
 
 from .config import Config, load_config
 from .errors import ConfigError
+from .features import run_alignment
 from .train import train
 
 # Demo settings: a narrow ResNet-18 DeepLab-V2 on 64x128 images trains in minutes on a CPU.
@@ -69,6 +70,8 @@ def _train(cfg_path: str | None, overrides: Sequence[str], out: Path, quiet: boo
     t0 = time.time()
     metrics = train(cfg, out)
     metrics["wall_s"] = time.time() - t0
+    # Prototype alignment of the final model (source train vs target val ground truth).
+    metrics["alignment"] = run_alignment(out)
     return metrics
 
 
@@ -146,6 +149,10 @@ def summarise(results: dict[str, list[dict]], baseline: str) -> dict[str, dict]:
             "wall_s": float(sum(r.get("wall_s", 0.0) for r in runs)),
             "per_class_iou": _mean_per_class([r.get("per_class_iou", {}) for r in runs]),
         }
+        aligned = [r["alignment"] for r in runs if r.get("alignment")]
+        if aligned:
+            entry["alignment"] = {key: {"per_seed": [a[key] for a in aligned], "mean": mean_std([a[key] for a in aligned])[0]}
+                                  for key in ("mean_margin", "nearest_own_share")}
         if name != baseline and base_runs and len(base_runs) == len(runs):
             diffs = [a["mIoU"] - b["mIoU"] for a, b in zip(runs, base_runs)]
             d_mean, d_std = mean_std(diffs)
@@ -170,14 +177,17 @@ def _mean_per_class(per_run: Sequence[dict]) -> dict[str, float | None]:
 
 def seeds_table(summary: dict[str, dict], baseline: str, title: str = "method") -> str:
     """Markdown: mean ± std, per-seed values and the paired difference against ``baseline``."""
-    lines = [f"| {title} | target mIoU mean ± std | per seed | − {baseline} (paired, mean ± std) | wins |",
-             "|---|---:|---|---:|---:|"]
+    lines = [f"| {title} | target mIoU mean ± std | per seed | − {baseline} (paired, mean ± std) | wins "
+             "| prototype margin | nearest-own |", "|---|---:|---|---:|---:|---:|---:|"]
     for name, e in summary.items():
         per_seed = ", ".join(f"{100 * v:.1f}" for v in e["per_seed"])
         vs = e.get(f"vs_{baseline}")
         vs_s = f"{100 * vs['mean']:+.1f} ± {100 * vs['std']:.1f} ({', '.join(f'{100 * d:+.1f}' for d in vs['per_seed'])})" if vs else "—"
         wins = f"{vs['wins']}/{len(vs['per_seed'])}" if vs else "—"
-        lines.append(f"| {name} | {100 * e['mean']:.1f} ± {100 * e['std']:.1f} | {per_seed} | {vs_s} | {wins} |")
+        al = e.get("alignment", {})
+        margin = f"{al['mean_margin']['mean']:+.3f}" if al else "—"
+        own = f"{100 * al['nearest_own_share']['mean']:.0f}%" if al else "—"
+        lines.append(f"| {name} | {100 * e['mean']:.1f} ± {100 * e['std']:.1f} | {per_seed} | {vs_s} | {wins} | {margin} | {own} |")
     return "\n".join(lines)
 
 
@@ -235,7 +245,11 @@ def _results_text(title: str, results: dict[str, list[dict]], summary: dict[str,
                   f"source-only model and every other row starts from it (paired on seeds). Target-val mIoU of the last "
                   f"checkpoint, in percent.", "", seeds_table(summary, baseline, what), "",
                   "Mean per-class IoU (percent) and paired differences:", "",
-                  per_class_table(summary, baseline, [k for k in summary if f"vs_{baseline}" in summary[k]]), ""]
+                  per_class_table(summary, baseline, [k for k in summary if f"vs_{baseline}" in summary[k]]), "",
+                  "Prototype margin: per class, cos(target prototype, own source prototype) minus the best "
+                  "cos with another class's source prototype (ground truth, source train vs target val, "
+                  "mean over classes and seeds); nearest-own: share of target prototypes whose nearest "
+                  "source prototype is their own class.", ""]
     parts.append(f"Wall time: {wall / 60:.1f} min.")
     return "\n".join(parts) + "\n"
 
@@ -251,7 +265,7 @@ def run_ablation(cfg_path: str | None, out: Path, overrides: Sequence[str] = (),
     t0 = time.time()
     rows = ([("source_only", ())] if init_checkpoint is None else []) + list(ABLATION_ROWS)
     rows += list(CANDIDATE_ROWS) if candidates else []
-    results = run_grid(cfg_path, out, rows, seed_values, overrides, init_checkpoint, quiet)
+    results = run_grid(cfg_path, out, rows, seed_values, overrides, init_checkpoint, quiet, flat=seeds == 1)
     baseline = ABLATION_ROWS[0][0]
     summary = summarise(results, baseline)
     text = _results_text("BiDA ablation", results, summary, baseline, time.time() - t0, "ablation")

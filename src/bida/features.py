@@ -139,3 +139,85 @@ def prototype_distances(prototypes_src: np.ndarray | Tensor, present_src: np.nda
     cos = F.cosine_similarity(src, tgt, dim=1).clamp(-1.0, 1.0)
     both = torch.as_tensor(np.asarray(present_src), dtype=torch.bool) & torch.as_tensor(np.asarray(present_tgt), dtype=torch.bool)
     return torch.where(both, 1.0 - cos, torch.full_like(cos, float("nan"))).numpy()
+
+
+def prototype_alignment(prototypes_src: np.ndarray | Tensor, present_src: np.ndarray | Tensor,
+                        prototypes_tgt: np.ndarray | Tensor, present_tgt: np.ndarray | Tensor) -> dict:
+    """How well each target prototype finds its own class among the source prototypes.
+
+    Raw cosine distances are not comparable across runs: on class-score features a shared
+    component dominates every cosine, and a method that makes classes more distinct also
+    moves each class's two prototypes apart in absolute terms. Two relative measures are:
+
+    - margin of class c: ``cos(rho_T^c, rho_S^c) - max_{c' != c} cos(rho_T^c, rho_S^c')``
+      (> 0: the target prototype is closer to its own source class than to any other);
+    - nearest-own: whether the nearest source prototype of ``rho_T^c`` is ``rho_S^c``.
+
+    Only classes present in both domains count; the other source prototypes present still
+    compete as "other classes".
+
+    Returns:
+        ``{"margin": (K,) float64 (NaN where absent), "nearest_own": (K,) float64 (1/0,
+        NaN where absent), "mean_margin": float, "nearest_own_share": float,
+        "num_classes": int}``; the two summaries are NaN when no class is in both domains.
+
+    Shape:
+        - prototypes_src, prototypes_tgt: (K, D)
+        - present_src, present_tgt: (K,)
+
+    Examples:
+        >>> p = np.eye(3, dtype=np.float32)
+        >>> a = prototype_alignment(p, np.ones(3, bool), p + 0.1, np.ones(3, bool))
+        >>> a["nearest_own_share"], round(a["mean_margin"], 3)
+        (1.0, 0.99)
+    """
+    src = F.normalize(torch.as_tensor(np.asarray(prototypes_src), dtype=torch.float64), dim=1)
+    tgt = F.normalize(torch.as_tensor(np.asarray(prototypes_tgt), dtype=torch.float64), dim=1)
+    p_src = torch.as_tensor(np.asarray(present_src), dtype=torch.bool)
+    p_tgt = torch.as_tensor(np.asarray(present_tgt), dtype=torch.bool)
+    k = src.shape[0]
+    cos = tgt @ src.T  # (K target, K source)
+    own = cos.diagonal()
+    others = cos.masked_fill(torch.eye(k, dtype=torch.bool) | ~p_src[None, :], float("-inf"))
+    best_other = others.max(dim=1).values  # -inf when no other source class is present
+    both = p_src & p_tgt
+    nan = torch.full((k,), float("nan"), dtype=torch.float64)
+    margin = torch.where(both & torch.isfinite(best_other), own - best_other, nan)
+    nearest_own = torch.where(both, (own > best_other).double(), nan)
+    n = int(both.sum())
+    return {
+        "margin": margin.numpy(), "nearest_own": nearest_own.numpy(),
+        "mean_margin": float(np.nanmean(margin.numpy())) if torch.isfinite(margin).any() else float("nan"),
+        "nearest_own_share": float(np.nanmean(nearest_own.numpy())) if n else float("nan"),
+        "num_classes": n,
+    }
+
+
+def run_alignment(run_dir, device: torch.device | str = "cpu", max_images: int = 32) -> dict:
+    """Prototype alignment of a run's last checkpoint on source train and target val labels.
+
+    Prototypes come from the ground truth of the first ``max_images`` images of each
+    domain (source train split, target val split), at the feature resolution.
+
+    Returns:
+        ``{"mean_margin", "nearest_own_share", "num_classes", "per_class_margin": {name: value}}``
+        (values None where a class is absent), or ``{}`` when the target has no labelled val split.
+    """
+    from pathlib import Path
+
+    from .datasets import build_eval_dataset, resolve_domain
+    from .predict import model_from_checkpoint
+
+    run_dir = Path(run_dir)
+    model, cfg, names = model_from_checkpoint(run_dir / "checkpoints" / "last.pt", device=device)[:3]
+    if not cfg.data.target.val_split:
+        return {}
+    dom_src, dom_tgt = resolve_domain(cfg, "source"), resolve_domain(cfg, "target")
+    src_ds = build_eval_dataset(cfg, dom_src, cfg.data.source.train_split, limit=False)
+    tgt_ds = build_eval_dataset(cfg, dom_tgt, cfg.data.target.val_split, limit=False)
+    with torch.no_grad():
+        s = sample_features(model, src_ds, tgt_ds, len(names), max_points=0, device=device, max_images=max_images,
+                            ignore_index=dom_tgt.classes.ignore_index)
+    a = prototype_alignment(s["prototypes_src"], s["present_src"], s["prototypes_tgt"], s["present_tgt"])
+    return {"mean_margin": a["mean_margin"], "nearest_own_share": a["nearest_own_share"], "num_classes": a["num_classes"],
+            "per_class_margin": {n: (None if not np.isfinite(v) else float(v)) for n, v in zip(names, a["margin"])}}
