@@ -41,6 +41,7 @@ def test_frozen_bn_stays_frozen():
     m(torch.randn(2, 3, 32, 32) * 5 + 3)
     assert torch.equal(before, m.bn1.running_mean)
     assert not m.bn1.weight.requires_grad and not m.bn1.training
+    assert m.concat_domains_ok
 
 
 def test_param_groups_head_lr():
@@ -60,3 +61,50 @@ def test_separate_target_stem():
         m.target_stem.conv1.weight.add_(1.0)
     assert not torch.allclose(m(x, "source").logits, m(x, "target").logits)
     assert any(k.startswith("target_stem.") for k in m.state_dict())
+
+
+def _bn_layers(m):
+    return [b for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+
+
+def test_bn_batch_stats_is_the_official_bn():
+    torch.manual_seed(0)
+    m = DeepLabV2(3, "resnet18", width=0.125, freeze_bn=True, bn_batch_stats=True).train()
+    assert all(b.training and not b.weight.requires_grad and not b.bias.requires_grad for b in _bn_layers(m))
+    assert not m.concat_domains_ok
+    x = torch.randn(2, 3, 32, 32) * 5 + 3
+    before = m.bn1.running_mean.clone()
+    train_out = m(x).logits
+    assert not torch.equal(before, m.bn1.running_mean)  # running statistics updated
+    # Batch statistics: an image's output depends on the rest of its batch.
+    assert not torch.allclose(m(x[:1]).logits, train_out[:1])
+    m.eval()
+    stats = m.bn1.running_mean.clone()
+    eval_out = m(x).logits
+    assert not torch.allclose(eval_out, train_out)
+    torch.testing.assert_close(m(x[:1]).logits, eval_out[:1])  # running statistics, per image
+    assert torch.equal(stats, m.bn1.running_mean)
+
+
+def test_bn_batch_stats_forwards_each_domain_alone():
+    from bida.train_step import forward_pair
+
+    torch.manual_seed(0)
+    m = DeepLabV2(3, "resnet18", width=0.125, freeze_bn=True, bn_batch_stats=True).train()
+    x_src, x_tgt = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32) * 3 + 2
+    out_src, out_tgt = forward_pair(m, x_src, x_tgt, shared_stem=True)
+    torch.testing.assert_close(out_src.logits, m(x_src, "source").logits)
+    torch.testing.assert_close(out_tgt.logits, m(x_tgt, "target").logits)
+
+
+def test_bn_batch_stats_needs_freeze_bn():
+    from bida.config import load_config
+    from bida.deeplabv2 import build_model
+    from bida.errors import ConfigError
+
+    with pytest.raises(ValueError, match="freeze_bn"):
+        DeepLabV2(3, "resnet18", width=0.125, freeze_bn=False, bn_batch_stats=True)
+    with pytest.raises(ConfigError, match="model.freeze_bn"):
+        build_model(load_config(None, ["model.bn_batch_stats=true"]).model, 3)
+    m = build_model(load_config(None, ["model.width=0.125", "model.freeze_bn=true", "model.bn_batch_stats=true"]).model, 3)
+    assert m.bn_batch_stats and m.bn1.weight.requires_grad is False

@@ -74,6 +74,9 @@ class ModelConfig:
     init_checkpoint: Optional[str] = None  # start from a bida checkpoint (e.g. source-only)
     freeze_bn: bool = False  # the paper freezes BN (pretrained stats); random init needs training BN
     separate_target_stem: bool = False  # official code: own conv1/bn1/layer1 for target images
+    # With freeze_bn: affine frozen but BN in train mode: per-forward batch statistics (each
+    # domain forwarded separately), running stats updated and used at evaluation -- the official code.
+    bn_batch_stats: bool = False
     proj_dim: int = 256  # projection head size when method.feature = backbone
 
 

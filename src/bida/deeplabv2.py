@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import ConfigError
+
 ARCHS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
     "resnet18": ("basic", (2, 2, 2, 2)),
     "resnet34": ("basic", (3, 4, 6, 3)),
@@ -127,6 +129,9 @@ class DeepLabV2(nn.Module):
         backbone: ``resnet18|resnet34|resnet50|resnet101``.
         width: channel multiplier (1.0 = standard ResNet).
         freeze_bn: keep BatchNorm in eval mode with frozen affine parameters (the paper).
+        bn_batch_stats: with ``freeze_bn``, freeze only the affine parameters and leave BN in
+            train mode: each training forward normalises with its own batch statistics and
+            updates the running statistics that evaluation uses (the official code).
         feature: ``aspp_branches`` (concatenated ASPP branch scores, 4K channels) or
             ``backbone`` (layer4 through a 2-layer 1x1 projection head, ``proj_dim`` channels).
         separate_target_stem: own conv1/bn1/layer1 for target images (the official code).
@@ -144,15 +149,19 @@ class DeepLabV2(nn.Module):
         feature: Literal["aspp_branches", "backbone"] = "aspp_branches",
         separate_target_stem: bool = False,
         proj_dim: int = 256,
+        bn_batch_stats: bool = False,
     ):
         super().__init__()
         if backbone not in ARCHS:
             raise ValueError(f"unknown backbone {backbone!r}; choose from {sorted(ARCHS)}")
+        if bn_batch_stats and not freeze_bn:
+            raise ValueError("bn_batch_stats needs freeze_bn: without it BN trains with batch statistics anyway")
         block_kind, layers = ARCHS[backbone]
         block = Bottleneck if block_kind == "bottleneck" else BasicBlock
         self.num_classes = num_classes
         self.feature_kind = feature
         self.freeze_bn = freeze_bn
+        self.bn_batch_stats = bn_batch_stats
         self.inplanes = _channels(64, width)
         self.conv1 = nn.Conv2d(3, self.inplanes, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(self.inplanes)
@@ -171,13 +180,12 @@ class DeepLabV2(nn.Module):
         self.backbone_channels = out_channels
         self.maxpool = nn.MaxPool2d(3, 2, 1, ceil_mode=True)
         self.relu = nn.ReLU(inplace=True)
-        self.target_stem: Stem | None = None
-        if separate_target_stem:
-            self.target_stem = Stem(nn.Identity(), nn.Identity(), nn.Identity())  # filled by sync
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and m not in set(self.layer5.conv2d_list):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        self.sync_target_stem()
+        self.target_stem: Stem | None = None
+        if separate_target_stem:  # after the random init: a copy draws no random numbers
+            self.target_stem = Stem(copy.deepcopy(self.conv1), copy.deepcopy(self.bn1), copy.deepcopy(self.layer1))
         self._apply_bn_freeze()
 
     def _make_layer(self, block: type, planes: int, blocks: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -194,26 +202,40 @@ class DeepLabV2(nn.Module):
 
     # ------------------------------------------------------------------ state helpers
     def sync_target_stem(self) -> None:
-        """Copy the shared stem into the target stem (after loading initial weights)."""
+        """Copy the source stem's weights and BN statistics into the target stem.
+
+        Called after loading weights without a trained target stem and after every step of
+        a source phase (which trains the source stem only). The copy is in place, so that an
+        optimizer or a DDP wrapper holding the target stem's parameters stays valid.
+        """
         if self.target_stem is None:
             return
-        self.target_stem.conv1 = copy.deepcopy(self.conv1)
-        self.target_stem.bn1 = copy.deepcopy(self.bn1)
-        self.target_stem.layer1 = copy.deepcopy(self.layer1)
-        self._apply_bn_freeze()
+        source = {f"{name}.{key}": value for name in ("conv1", "bn1", "layer1")
+                  for key, value in getattr(self, name).state_dict().items()}
+        self.target_stem.load_state_dict(source)
+
+    @property
+    def concat_domains_ok(self) -> bool:
+        """Whether source and target may share one forward (one BN batch) in training.
+
+        Not with ``bn_batch_stats``: the official code forwards each domain separately, so
+        BN normalises each with its own batch statistics.
+        """
+        return not self.bn_batch_stats
 
     def _apply_bn_freeze(self) -> None:
         if not self.freeze_bn:
             return
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.eval()
                 for p in m.parameters():
                     p.requires_grad_(False)
+                if not self.bn_batch_stats:  # eval mode: stored statistics, never updated
+                    m.eval()
 
     def train(self, mode: bool = True) -> "DeepLabV2":
         super().train(mode)
-        self._apply_bn_freeze()  # frozen BN keeps its statistics in training too
+        self._apply_bn_freeze()  # frozen BN stays in eval mode in training too (unless bn_batch_stats)
         return self
 
     def param_groups(self, lr: float, head_lr_mult: float = 10.0) -> list[dict]:
@@ -245,7 +267,14 @@ class DeepLabV2(nn.Module):
 
 
 def build_model(model_cfg, num_classes: int, feature: str = "aspp_branches") -> DeepLabV2:
-    """A :class:`DeepLabV2` from a ``ModelConfig``."""
+    """A :class:`DeepLabV2` from a ``ModelConfig``.
+
+    Raises:
+        ConfigError: ``model.bn_batch_stats`` without ``model.freeze_bn``.
+    """
+    if model_cfg.bn_batch_stats and not model_cfg.freeze_bn:
+        raise ConfigError("model.bn_batch_stats=true needs model.freeze_bn=true (the official code's BN: "
+                          "affine parameters frozen, batch statistics in training)")
     return DeepLabV2(
         num_classes=num_classes,
         backbone=model_cfg.backbone,
@@ -254,6 +283,7 @@ def build_model(model_cfg, num_classes: int, feature: str = "aspp_branches") -> 
         feature=feature,
         separate_target_stem=model_cfg.separate_target_stem,
         proj_dim=model_cfg.proj_dim,
+        bn_batch_stats=model_cfg.bn_batch_stats,
     )
 
 

@@ -208,7 +208,9 @@ class Trainer:
                 self._info(f"loaded {len(report['loaded'])} tensors from {cfg.model.pretrained} "
                            f"(skipped {len(report['skipped'])}, fresh {len(report['missing'])})")
             if cfg.model.init_checkpoint:
-                load_model_weights(self.model, cfg.model.init_checkpoint)
+                stem_copied = load_model_weights(self.model, cfg.model.init_checkpoint)
+                if stem_copied:  # a shared-stem checkpoint (METHOD.md, "Stem")
+                    self._info(f"{cfg.model.init_checkpoint} has no target stem: it starts as a copy of the source stem")
             if self.is_main:  # every input is valid: only now touch the disk
                 create_run_dir(self.run_dir, resume, overwrite)
             self.dist.barrier()
@@ -407,6 +409,8 @@ class Trainer:
                                         reduce_sums=self.dist.prototype_reducer(self.num_classes))
             if not self._backward_and_step(result.loss, optimizer, scaler):
                 continue
+            if phase.kind == "source":  # the target stem gets no gradient here: it follows the source stem
+                self.model.sync_target_stem()
             self.iter += 1
             self.step += 1
             bar.update(1)

@@ -32,7 +32,7 @@ class StepResult:
 
 def forward_pair(model: torch.nn.Module, img_src: Tensor, img_tgt: Tensor, shared_stem: bool) -> tuple[SegOutput, SegOutput]:
     """Run both domains; one concatenated forward when the stem is shared (also one BN batch)."""
-    if shared_stem and img_src.shape[-2:] == img_tgt.shape[-2:]:
+    if shared_stem and img_src.shape[-2:] == img_tgt.shape[-2:] and all(getattr(m, "concat_domains_ok", True) for m in model.modules()):
         out = model(torch.cat([img_src, img_tgt]), "source")
         b = img_src.shape[0]
         return (SegOutput(out.logits[:b], out.features[:b]), SegOutput(out.logits[b:], out.features[b:]))

@@ -103,16 +103,26 @@ def load_pretrained(model: torch.nn.Module, path: str | Path) -> dict[str, list[
     return {"loaded": sorted(load), "skipped": sorted(skipped), "missing": missing}
 
 
-def load_model_weights(model: torch.nn.Module, path: str | Path, checkpoint: dict | None = None) -> None:
+def load_model_weights(model: torch.nn.Module, path: str | Path, checkpoint: dict | None = None) -> bool:
     """Strictly load a bida checkpoint's model (``model.init_checkpoint``, evaluation, prediction).
 
     ``checkpoint``: the already loaded contents of ``path`` (saves reading it twice).
+
+    A model with a separate target stem also takes a checkpoint without one (a shared-stem
+    run): everything else loads strictly and the target stem starts as a copy of the loaded
+    source stem.
+
+    Returns:
+        True when the target stem was initialised from the source stem that way.
 
     Raises:
         CheckpointError: naming the file when class count or architecture differ.
     """
     state = _normalise_keys(read_state_dict(path) if checkpoint is None else tensor_state(checkpoint, path))
     own = model.state_dict()
+    sync_stem = getattr(model, "target_stem", None) is not None and not any(k.startswith("target_stem.") for k in state)
+    if sync_stem:
+        own = {k: v for k, v in own.items() if not k.startswith("target_stem.")}
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in own if k in state and own[k].shape != state[k].shape]
@@ -126,3 +136,6 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, checkpoint: dic
                            (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys)
         raise CheckpointError(f"checkpoint {path} does not fit this model architecture ({detail})")
     model.load_state_dict(state, strict=False)
+    if sync_stem:
+        model.sync_target_stem()
+    return sync_stem
