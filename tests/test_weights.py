@@ -108,3 +108,18 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
         pickle.dump(_Evil(), fh)
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "evil.pkl")
+
+
+def test_init_checkpoint_without_projection_head_keeps_a_fresh_head(tmp_path):
+    """A source-only checkpoint has no contrast projection head: adaptation with
+    method.feature=backbone starts from it with a fresh head; resume stays strict."""
+    src = _model()
+    save_checkpoint({"model": src.state_dict()}, tmp_path / "so.pt")
+    dst = _model(feature="backbone")
+    head = {k: v.clone() for k, v in dst.state_dict().items() if k.startswith("proj.")}
+    assert head
+    load_model_weights(dst, tmp_path / "so.pt", fresh_projection=True)
+    assert torch.equal(dst.layer3[0].conv2.weight, src.layer3[0].conv2.weight)
+    assert all(torch.equal(dst.state_dict()[k], v) for k, v in head.items())
+    with pytest.raises(CheckpointError, match="proj"):
+        load_model_weights(_model(feature="backbone"), tmp_path / "so.pt")

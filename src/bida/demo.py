@@ -40,8 +40,11 @@ CANDIDATE_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("cand: centred features", ("method=bida", "method.center_features=batch")),
     ("cand: memory prototypes as partners", ("method=bida", "method.memory_partners=true")),
     ("cand: projection-head feature", ("method=bida", "method.feature=backbone")),
-    ("cand: temperature 0.2", ("method=bida", "loss.temperature=0.2")),
+    ("cand: y_T for target segmentation", ("method=bida", "pseudo.dynamic_for_segmentation=true")),
     ("cand: contrast weights 0.5", ("method=bida", "loss.contrast_t2s_weight=0.5", "loss.contrast_s2t_weight=0.5")),
+    ("cand: contrast weights 1.0", ("method=bida", "loss.contrast_t2s_weight=1.0", "loss.contrast_s2t_weight=1.0")),
+    ("cand: memory partners + weights 0.5", ("method=bida", "method.memory_partners=true",
+                                              "loss.contrast_t2s_weight=0.5", "loss.contrast_s2t_weight=0.5")),
 )
 
 

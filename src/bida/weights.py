@@ -103,14 +103,17 @@ def load_pretrained(model: torch.nn.Module, path: str | Path) -> dict[str, list[
     return {"loaded": sorted(load), "skipped": sorted(skipped), "missing": missing}
 
 
-def load_model_weights(model: torch.nn.Module, path: str | Path, checkpoint: dict | None = None) -> bool:
+def load_model_weights(model: torch.nn.Module, path: str | Path, checkpoint: dict | None = None,
+                       fresh_projection: bool = False) -> bool:
     """Strictly load a bida checkpoint's model (``model.init_checkpoint``, evaluation, prediction).
 
     ``checkpoint``: the already loaded contents of ``path`` (saves reading it twice).
 
     A model with a separate target stem also takes a checkpoint without one (a shared-stem
     run): everything else loads strictly and the target stem starts as a copy of the loaded
-    source stem.
+    source stem. With ``fresh_projection`` (``model.init_checkpoint``), a checkpoint without
+    the contrast projection head (``method.feature=backbone``; a source-only run has none)
+    is accepted too: the head keeps its fresh initialisation.
 
     Returns:
         True when the target stem was initialised from the source stem that way.
@@ -123,6 +126,8 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, checkpoint: dic
     sync_stem = getattr(model, "target_stem", None) is not None and not any(k.startswith("target_stem.") for k in state)
     if sync_stem:
         own = {k: v for k, v in own.items() if not k.startswith("target_stem.")}
+    if fresh_projection and getattr(model, "proj", None) is not None and not any(k.startswith("proj.") for k in state):
+        own = {k: v for k, v in own.items() if not k.startswith("proj.")}
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in own if k in state and own[k].shape != state[k].shape]
