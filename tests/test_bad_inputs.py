@@ -202,3 +202,32 @@ def test_disk_full_while_writing_checkpoint(tmp_path, capsys, monkeypatch):
     for key in ("run/checkpoints/last.pt", "run/config.yaml"):
         assert after[key] == before[key]
     assert not [k for k in after if ".tmp-" in k]
+
+
+@pytest.mark.parametrize("override", [
+    "train.checkpoint_every=0", "train.eval_every=0", "train.log_every=0",  # were ZeroDivisionError
+    "train.batch_size=0", "data.num_workers=-1", "train.lr=-1", "pseudo.class_fraction=2",
+    "data.crop=[0,0]", "train.rounds=-1", "eval.max_images=0", "train.lr=.nan", "data.scale_range=[1.5,0.5]",
+])
+def test_numeric_config_values_are_range_checked(tmp_path, capsys, override):
+    # before: a traceback with a half-made run directory, or exit 0 with meaningless metrics
+    run_cli(tmp_path, train_args(tmp_path, [override]), capsys, override.split("=")[0])
+
+
+def test_every_numeric_config_key_has_a_range():
+    import dataclasses
+    import typing
+
+    from bida.config import RANGES, Config
+
+    def numeric_keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(tp):
+                yield from numeric_keys(tp, key + ".")
+            elif {int, float} & set(typing.get_args(tp) or (tp,)) or \
+                    any({int, float} & set(typing.get_args(a)) for a in typing.get_args(tp)):
+                yield key
+
+    assert sorted(set(numeric_keys(Config)) - set(RANGES)) == []

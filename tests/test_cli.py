@@ -31,11 +31,10 @@ def test_train_evaluate_predict(tmp_path, tiny_overrides, capsys):
     assert label.shape == (30, 50) and label.max() < 19
     assert np.asarray(Image.open(pred / "x1_overlay.png")).shape == (30, 50, 3)
     assert (pred / "x1_color.png").is_file()
-    # predicting again without --overwrite is refused and leaves files alone
+    # predicting again with the same checkpoint keeps the finished files (a resumed pass)
     before = (pred / "x0.png").read_bytes()
-    assert main(["predict", "--checkpoint", str(ckpt), str(imgs / "x0.png"), "--out", str(pred), "--quiet"]) == 2
+    assert main(["predict", "--checkpoint", str(ckpt), str(imgs / "x0.png"), "--out", str(pred), "--quiet"]) == 0
     assert (pred / "x0.png").read_bytes() == before
-    assert "already exists" in capsys.readouterr().err
 
 
 def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
@@ -91,3 +90,19 @@ def test_seeds_must_be_positive(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "d"), "--seeds", "0"]) == 2
     assert "--seeds" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_presets_are_overrides_that_user_overrides_beat(tmp_path, tiny_overrides):
+    from bida.config import load_config
+    from bida.presets import PRESETS, preset_overrides
+
+    assert preset_overrides("paper") == [] and preset_overrides(None) == []
+    plus = load_config(None, preset_overrides("plus"))
+    assert plus.method.memory_partners and plus.loss.contrast_t2s_weight > load_config(None).loss.contrast_t2s_weight
+    mine = load_config(None, preset_overrides("plus") + ["loss.contrast_t2s_weight=0.3"])
+    assert mine.loss.contrast_t2s_weight == 0.3
+    for name in PRESETS:  # every preset names real keys
+        load_config(None, preset_overrides(name))
+    run = tmp_path / "plus"
+    assert main(["train", "--out", str(run), "--preset", "plus", "method=bida", *tiny_overrides]) == 0
+    assert "memory_partners: true" in (run / "config.yaml").read_text()

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CheckpointError, RunDirError
+from .errors import BidaError, CheckpointError, RunDirError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -76,6 +76,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         CheckpointError: missing, truncated/corrupt, or a pickle that would execute code.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file (e.g. {path / 'checkpoints' / 'last.pt'})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -119,3 +121,18 @@ def model_state_for_checkpoint(model: torch.nn.Module) -> dict[str, Any]:
     inner = getattr(model, "module", model)
     inner = getattr(inner, "_orig_mod", inner)
     return inner.state_dict()
+
+
+def ensure_writable(directory: Path) -> None:
+    """Create ``directory`` and prove a file can be written there, before any long work.
+
+    Raises:
+        BidaError: naming the directory and the reason.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise BidaError(f"output directory {directory} is not writable: {err.strerror or err}") from None

@@ -1,17 +1,19 @@
 """The ``bida`` command line: train, evaluate, predict, demo, ablate, data check.
 
 Every user-facing error (:class:`~bida.errors.BidaError`) is printed as one line on stderr
-with exit code 2; tracebacks are kept for genuine bugs.
+with exit code 2; tracebacks are kept for genuine bugs. A run stopped cleanly by SIGINT or
+SIGTERM exits with 130 or 143 (128 + the signal) and says how to resume.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 
-from .errors import BidaError
+from .errors import BidaError, CheckpointError, Interrupted
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -29,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--preset", choices=("paper", "plus"),
+                   help="named method preset applied before the overrides (see bida.presets)")
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on the target validation split")
     _add_config_args(p)
@@ -47,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="source-only, self-training and BiDA on the embedded domain pair")
     p.add_argument("--out", default="runs/demo", help="demo directory (a fresh suffix is added if it exists)")
     p.add_argument("--seeds", type=int, default=1, help="training seeds (each with its own source-only model)")
+    p.add_argument("--preset", choices=("paper", "plus"), default="paper", help="method preset of the BiDA row")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
@@ -83,9 +88,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config or args.overrides:
             raise BidaError("--resume continues with the run's saved config; do not pass -c or overrides")
-        train(None, Path(args.resume), resume=True)  # type: ignore[arg-type]
+        train(None, Path(args.resume), resume=True, quiet=args.quiet)  # type: ignore[arg-type]
         return 0
-    overrides = list(args.overrides) + (["train.quiet=true"] if args.quiet else [])
+    from .presets import preset_overrides
+
+    overrides = preset_overrides(args.preset) + list(args.overrides) + (["train.quiet=true"] if args.quiet else [])
     cfg = load_config(args.config, overrides)
     out = Path(args.out) if args.out else default_run_dir(cfg)
     train(cfg, out, overwrite=args.overwrite)
@@ -108,15 +115,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model, cfg, names, _ = model_from_checkpoint(args.checkpoint, cfg, device, overrides=args.overrides)
     src, tgt = resolve_domain(cfg, "source"), resolve_domain(cfg, "target")
     classes = check_same_classes(src, tgt)
+    if model.num_classes != classes.num_classes:  # as train does: metrics of another class list are meaningless
+        raise CheckpointError(f"checkpoint {args.checkpoint} was trained for {model.num_classes} classes, "
+                              f"the config has {classes.num_classes}")
     if not cfg.data.target.val_split:
         raise BidaError("data.target.val_split is not set: nothing to evaluate")
+    if args.out:  # before the evaluation, not after it
+        from .checkpoint import ensure_writable
+
+        ensure_writable(Path(args.out))
     ds = build_eval_dataset(cfg, tgt, cfg.data.target.val_split)
     metrics = evaluate(model, ds, cfg.eval, classes.names, cfg.data.eval_classes, quiet=args.quiet,
                        ignore_index=classes.ignore_index, device=device, per_image=True)
     metrics["checkpoint"] = str(args.checkpoint)
     print(markdown_table(metrics))
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
         write_metrics(metrics, Path(args.out) / "metrics.json")
         print(f"wrote {Path(args.out) / 'metrics.json'}")
     return 0
@@ -133,7 +146,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), overrides=args.overrides, quiet=args.quiet, seeds=args.seeds)
+    run_demo(Path(args.out), overrides=args.overrides, quiet=args.quiet, seeds=args.seeds, preset=args.preset)
     return 0
 
 
@@ -180,6 +193,11 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+
+
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo,
@@ -188,8 +206,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "data":
             return cmd_data_check(args)
         return handlers[args.command](args)
+    except Interrupted as err:  # a clean stop, not bad input: 130 (SIGINT) or 143 (SIGTERM)
+        print(f"bida: {err}", file=sys.stderr)
+        return 128 + err.signum
     except BidaError as err:
         print(f"bida: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in _DISK_ERRNOS:
+            raise
+        # A full disk, a read-only or forbidden path in any writer (log, TensorBoard, pseudo
+        # labels, predictions): the environment, not a bug, so one line and code 2.
+        where = f" {err.filename}" if err.filename else ""
+        print(f"bida: error: cannot write{where}: {err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bida: interrupted", file=sys.stderr)

@@ -2,8 +2,9 @@
 
 A config is a tree of frozen dataclasses. YAML files under ``configs/`` give one complete
 experiment each (no inheritance); command-line overrides use ``dotted.key=value``, the
-value parsed as YAML. Unknown keys, wrong types and values outside a ``Literal`` fail with
-a :class:`~bida.errors.ConfigError` naming the key. Nothing mutates a config after loading:
+value parsed as YAML. Unknown keys, wrong types, values outside a ``Literal`` and numbers
+outside their :data:`RANGES` entry fail with a :class:`~bida.errors.ConfigError` naming
+the key. Nothing mutates a config after loading:
 use :func:`replace_path` to derive a new one.
 
 ``method`` is both the name of the method and a section of options: ``method: bida`` in
@@ -13,6 +14,7 @@ YAML or ``method=bida`` on the command line set ``method.name``.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -176,7 +178,95 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# --------------------------------------------------------------------------- ranges
+
+INF = float("inf")
+# Valid range of every numeric key: (low, high, low inclusive, high inclusive). A value
+# outside its range would end in a traceback (a zero divisor, an empty crop), a hang (a
+# phase of 0 iterations never ends) or meaningless metrics, so it fails at load time,
+# before anything is created. Tuple and list keys apply the range to every element.
+RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "seed": (0, 2**32 - 1, True, True),  # numpy's seed range
+    "data.synthetic.num_train": (1, INF, True, True),
+    "data.synthetic.num_val": (1, INF, True, True),
+    "data.synthetic.height": (8, INF, True, True),  # the network downsamples by 8
+    "data.synthetic.width": (8, INF, True, True),
+    "data.synthetic.seed": (0, 2**32 - 1, True, True),
+    "data.resize": (1, INF, True, True),
+    "data.crop": (1, INF, True, True),
+    "data.scale_range": (0, INF, False, True),
+    "data.eval_classes": (0, INF, True, True),
+    "data.num_workers": (0, INF, True, True),
+    "model.width": (0, INF, False, True),
+    "model.proj_dim": (1, INF, True, True),
+    "method.dynamic_t2s_weight": (0, INF, True, True),
+    "train.iters": (1, INF, True, True),
+    "train.batch_size": (1, INF, True, True),
+    "train.lr": (0, INF, False, True),
+    "train.head_lr_mult": (0, INF, False, True),
+    "train.momentum": (0, 1, True, False),
+    "train.weight_decay": (0, INF, True, True),
+    "train.poly_power": (0, INF, True, True),
+    "train.rounds": (1, INF, True, True),
+    "train.iters_per_round": (1, INF, True, True),
+    "train.adapt_lr": (0, INF, False, True),
+    "train.round_lr_decay": (0, 1, False, True),
+    "train.poly_horizon": (1, INF, True, True),  # below 1 the LR reaches 0 before the round ends
+    "train.eval_every": (1, INF, True, True),
+    "train.checkpoint_every": (1, INF, True, True),
+    "train.log_every": (1, INF, True, True),
+    "train.max_bad_steps": (1, INF, True, True),
+    "loss.temperature": (0, INF, False, True),
+    "loss.seg_tgt_weight": (0, INF, True, True),
+    "loss.entropy_weight": (0, INF, True, True),
+    "loss.contrast_t2s_weight": (0, INF, True, True),
+    "loss.contrast_s2t_weight": (0, INF, True, True),
+    "pseudo.class_fraction": (0, 1, False, True),
+    "pseudo.image_fraction": (0, 1, True, True),
+    "pseudo.transfer_threshold": (0, 1, True, True),
+    "pseudo.max_pixels_per_image": (1, INF, True, True),
+    "calibration.momentum": (0, 1, True, True),
+    "calibration.max_weight": (0, INF, True, True),
+    "calibration.ramp_iters": (0, INF, True, True),
+    "eval.crop": (1, INF, True, True),
+    "eval.stride": (1, INF, True, True),
+    "eval.size": (1, INF, True, True),
+    "eval.max_images": (1, INF, True, True),
+}
+
+
+def _range_text(lo: float, hi: float, lo_in: bool, hi_in: bool) -> str:
+    if hi == INF:
+        return f"{'>=' if lo_in else '>'} {lo:g}"
+    return f"in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+def check_ranges(cfg: "Config") -> None:
+    """Every numeric key within its :data:`RANGES` entry (NaN never is).
+
+    Raises:
+        ConfigError: naming the key, the value and the valid range.
+    """
+    for key, (lo, hi, lo_in, hi_in) in RANGES.items():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value is None:
+            continue
+        for i, v in enumerate(value if isinstance(value, (list, tuple)) else [value]):
+            ok = (v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)  # False for NaN
+            if not ok:
+                where = f"{key}[{i}]" if isinstance(value, (list, tuple)) else key
+                raise ConfigError(f"{where}: {v!r} is out of range (must be {_range_text(lo, hi, lo_in, hi_in)})")
+    lo, hi = cfg.data.scale_range
+    if lo > hi:
+        raise ConfigError(f"data.scale_range: {[lo, hi]} is not a range (min > max)")
+
+
 # --------------------------------------------------------------------------- building
+
+
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _type_name(tp: Any) -> str:
@@ -229,6 +319,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 and 1e6 (no dot) as strings
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -305,7 +397,9 @@ def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config
     for text in overrides:
         parts, value = parse_override(text)
         _set_path(tree, parts, value, text)
-    return _build(Config, tree)
+    cfg = _build(Config, tree)
+    check_ranges(cfg)
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -339,8 +433,13 @@ def replace_path(cfg: Config, **dotted: Any) -> Config:
     for key, value in dotted.items():
         parts = key.split("__")
         _set_path(tree, parts, to_dict(value), key)
-    return _build(Config, tree)
+    cfg_new = _build(Config, tree)
+    check_ranges(cfg_new)
+    return cfg_new
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write ``cfg`` as YAML atomically (a crash never leaves a half-written config)."""
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -10,6 +10,7 @@ single integer: a resumed or distributed run sees exactly the batches of a plain
 from __future__ import annotations
 
 import hashlib
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -196,13 +197,35 @@ class InfiniteBatchSampler:
             t += 1
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def ignore_stop_signals(worker_id: int) -> None:  # noqa: ARG001 - worker_init_fn API
+    """DataLoader workers ignore SIGTERM/SIGINT and leave shutdown to the main process.
+
+    SLURM, Kubernetes and ``timeout`` signal the whole process group: a worker that died
+    first would make the main process fail inside its final save instead of stopping cleanly.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by train_loader while forking
+
+
 def train_loader(dataset: SegmentationDataset, batch_size: int, seed: int, start: int, num_workers: int,
                  rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> Iterator[dict]:
     """An endless iterator of training batches starting at batch ``start``."""
     sampler = InfiniteBatchSampler(len(dataset), batch_size, seed, start, rank, world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                        persistent_workers=num_workers > 0)
-    return iter(loader)
+                        persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals)
+    if num_workers == 0:
+        return iter(loader)
+    # Workers inherit the blocked mask, so a signal sent while they start stays pending until
+    # ignore_stop_signals runs (then it is discarded); the main process gets its own on unblock.
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def build_train_dataset(cfg: Config, domain: Domain, split: str, *, require_labels: bool,

@@ -21,3 +21,15 @@ class CheckpointError(BidaError):
 
 class RunDirError(BidaError):
     """A run directory that exists, is not writable, or cannot be resumed."""
+
+
+class Interrupted(BidaError):
+    """SIGTERM/SIGINT: a checkpoint was saved and the run can be resumed.
+
+    The command line exits with ``128 + signum`` (130 for SIGINT, 143 for SIGTERM), the
+    codes a scheduler reads as "stopped by that signal", not 2 (bad input).
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -145,12 +145,14 @@ def predict_probs(model: torch.nn.Module, x: Tensor, cfg: EvalConfig, num_classe
 def evaluate(model: torch.nn.Module, dataset, cfg: EvalConfig, class_names: Sequence[str],
              eval_classes: Sequence[int] | None = None, quiet: bool = True, ignore_index: int = 255,
              device: torch.device | str = "cpu", per_image: bool = False, autocast_dtype: torch.dtype | None = None,
-             confusion_hook=None) -> dict:
+             confusion_hook=None, check_stop: Callable[[], None] | None = None) -> dict:
     """Evaluate ``model`` on a labelled dataset (items with ``image`` and ``label``).
 
     Returns ``metrics_from_confusion`` plus ``confusion`` (list of lists) and, with
     ``per_image``, ``per_image_miou`` (list of floats, dataset order).
     ``confusion_hook`` (e.g. an all-reduce) is applied to the summed confusion matrix.
+    ``check_stop`` is called before each image and may raise to abandon the evaluation
+    (a pending SIGTERM: the trainer evaluates again after ``--resume``).
     """
     was_training = model.training
     model.eval()
@@ -159,6 +161,12 @@ def evaluate(model: torch.nn.Module, dataset, cfg: EvalConfig, class_names: Sequ
     per_image_scores: list[float] = []
     indices: Iterable[int] = range(len(dataset))
     for i in tqdm(indices, desc="evaluate", disable=quiet, leave=False, dynamic_ncols=True):
+        if check_stop is not None:
+            try:
+                check_stop()
+            except BaseException:
+                model.train(was_training)
+                raise
         item = dataset[i]
         x = item["image"].unsqueeze(0).to(device)
         label = item["label"].to(device)

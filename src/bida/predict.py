@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -10,8 +12,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint
-from .config import Config, from_dict
+from .checkpoint import atomic_write_text, ensure_writable, load_checkpoint
+from .config import Config, from_dict, to_dict
 from .deeplabv2 import DeepLabV2, build_model
 from .errors import BidaError, CheckpointError, DataError
 from .evaluate import predict_probs
@@ -60,6 +62,17 @@ def collect_images(inputs: Sequence[str | Path]) -> list[tuple[Path, str]]:
     return found
 
 
+def _save_png(array: np.ndarray, path: Path) -> None:
+    """Write a PNG via a temporary file and a rename (no 0-byte file on a full disk)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise BidaError(f"cannot write {path}: {err.strerror or err}") from None
+
+
 @torch.no_grad()
 def predict(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, overwrite: bool = False,
             quiet: bool = False, cfg: Config | None = None) -> list[Path]:
@@ -68,23 +81,36 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str |
     model, cfg, names, palette = model_from_checkpoint(checkpoint, cfg, device)
     images = collect_images(inputs)
     out = Path(out_dir)
+    ensure_writable(out)
+    # A rerun with the same checkpoint continues a stopped or failed run: the images already
+    # predicted are kept. Another checkpoint's predictions are never replaced silently.
+    manifest = out / ".bida-predict.json"
+    ckpt = Path(checkpoint).resolve()
+    stat = ckpt.stat()
+    mine = {"checkpoint": str(ckpt), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "eval": to_dict(cfg.eval)}
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise BidaError(f"output directory {out} is not writable: {err.strerror}") from None
+        same_run = json.loads(manifest.read_text()) == mine
+    except (OSError, ValueError):
+        same_run = False
+    done = {stem for _, stem in images if same_run and not overwrite and all(
+        (out / f"{stem}{suffix}.png").is_file() for suffix in ("", "_color", "_overlay"))}
     if not overwrite:
-        clash = [out / f"{stem}.png" for _, stem in images if (out / f"{stem}.png").exists()]
+        clash = [out / f"{stem}.png" for _, stem in images if stem not in done and (out / f"{stem}.png").exists()]
         if clash:
             raise BidaError(f"{clash[0]} already exists; use --overwrite to replace predictions")
-    written = []
+    atomic_write_text(manifest, json.dumps(mine))
+    written = [out / f"{stem}.png" for _, stem in images if stem in done]
     for path, stem in tqdm(images, desc="predict", disable=quiet, dynamic_ncols=True):
+        if stem in done:
+            continue
         image = read_image(path)
         x = to_tensor(image, cfg.data.normalize).unsqueeze(0).to(device)
         pred = predict_probs(model, x, cfg.eval, len(names) or model.num_classes).argmax(1)[0].cpu().numpy().astype(np.uint8)
         color = colorize(pred, palette)
         overlay = (0.5 * image.astype(np.float32) + 0.5 * color.astype(np.float32)).astype(np.uint8)
-        Image.fromarray(pred).save(out / f"{stem}.png")
-        Image.fromarray(color).save(out / f"{stem}_color.png")
-        Image.fromarray(overlay).save(out / f"{stem}_overlay.png")
+        # The class-index PNG last and each file atomically: a PNG that exists is complete.
+        _save_png(color, out / f"{stem}_color.png")
+        _save_png(overlay, out / f"{stem}_overlay.png")
+        _save_png(pred, out / f"{stem}.png")
         written.append(out / f"{stem}.png")
     return written

@@ -5,15 +5,17 @@ the full label size), keeps each image's argmax and confidence in a temporary fo
 bounded, seeded pixel subsample for the per-class thresholds. Pass 2 applies the union of
 the class rule and the per-image rule and writes one uint8 PNG per image. Everything is
 written under ``<out>.tmp`` and renamed to ``<out>`` when complete, so a crash never leaves
-a half-written round behind.
+a half-written round behind; pass 1's per-image files survive a stop, so the pass resumes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import zipfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -53,27 +55,59 @@ def round_stats(conf_matrix: np.ndarray, labelled: np.ndarray, gt_pixels: np.nda
     }
 
 
+def _load_raw_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(sampled confidences, sampled classes, generator state after the image) of a finished image."""
+    try:
+        with np.load(path) as raw:
+            return (torch.from_numpy(raw["sample_conf"]), torch.from_numpy(raw["sample_pred"]),
+                    torch.from_numpy(raw["gen_state"]))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+
+
 @torch.no_grad()
 def generate_static_labels(model: torch.nn.Module, dataset: SegmentationDataset, cfg: Config, out_dir: Path,
                            class_names: Sequence[str], seed: int, device: torch.device | str = "cpu",
-                           quiet: bool = True) -> dict:
+                           quiet: bool = True, check_stop: Callable[[], None] | None = None) -> dict:
     """Write y_F for every image of ``dataset`` to ``out_dir`` and return statistics.
 
     ``dataset`` is the target training split without augmentation; its labels (when the
     target has any) are used only to measure pseudo-label accuracy and coverage.
+    ``check_stop`` is called before each image and may raise (a pending SIGTERM): pass 1
+    keeps one finished file per image (written atomically, with the sampler's generator
+    state), so a pass run again with the same model continues where it stopped and gives
+    the same labels.
     """
     out_dir = Path(out_dir)
     if (out_dir / "stats.json").is_file():  # finished earlier (resumed run)
         return json.loads((out_dir / "stats.json").read_text())
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "raw").mkdir(parents=True)
-    k = len(class_names)
+    (tmp / "raw").mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
+    try:
+        stats = _two_passes(model, dataset, cfg, tmp, class_names, seed, device, quiet, check_stop)
+    finally:
+        model.train(was_training)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return stats
+
+
+def _two_passes(model, dataset, cfg, tmp: Path, class_names, seed, device, quiet, check_stop) -> dict:
+    k = len(class_names)
     gen = torch.Generator().manual_seed(seed)
     conf_samples, pred_samples = [], []
     for i in tqdm(range(len(dataset)), desc="pseudo labels", disable=quiet, leave=False, dynamic_ncols=True):
+        raw_path = tmp / "raw" / f"{i}.npz"
+        done = _load_raw_samples(raw_path) if raw_path.is_file() else None
+        if done is not None:  # finished before a stop
+            conf_samples.append(done[0])
+            pred_samples.append(done[1])
+            gen.set_state(done[2])
+            continue
+        if check_stop is not None:
+            check_stop()
         item = dataset[i]
         probs = predict_probs(model, item["image"].unsqueeze(0).to(device), cfg.eval, k, tuple(item["label"].shape[-2:]))
         conf, pred = probs[0].max(0)  # (H, W)
@@ -84,8 +118,12 @@ def generate_static_labels(model: torch.nn.Module, dataset: SegmentationDataset,
         # Keep the true label (all ignore when absent) so pass 2 need not decode the image again.
         # Confidences stay float32: in fp16 everything above 0.9995 ties at 1.0, and the
         # class rule's top 10% would then keep every tied pixel (no class balance left).
-        np.savez(tmp / "raw" / f"{i}.npz", conf=conf.float().numpy(), pred=pred.to(torch.uint8).numpy(),
-                 gt=item["label"].to(torch.uint8).numpy())
+        part = raw_path.with_name(raw_path.name + ".part")
+        with open(part, "wb") as fh:
+            np.savez(fh, conf=conf.float().numpy(), pred=pred.to(torch.uint8).numpy(),
+                     gt=item["label"].to(torch.uint8).numpy(), sample_conf=c.numpy(), sample_pred=p.numpy(),
+                     gen_state=gen.get_state().numpy())
+        os.replace(part, raw_path)  # a file under raw/ is always a finished image
     thresholds = class_thresholds(torch.cat(conf_samples), torch.cat(pred_samples), k, cfg.pseudo.class_fraction)
 
     cm = np.zeros((k, k), np.int64)
@@ -114,7 +152,4 @@ def generate_static_labels(model: torch.nn.Module, dataset: SegmentationDataset,
     stats["labelled_fraction"] = total_labelled / max(1, total_pixels)
     stats["class_thresholds"] = {n: (None if not np.isfinite(t) else float(t)) for n, t in zip(class_names, thresholds.tolist())}
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    model.train(was_training)
     return stats

@@ -11,6 +11,7 @@ and everything stateful, and the data samplers are addressed by the global step,
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from .checkpoint import atomic_write_text, load_checkpoint, model_state_for_chec
 from .config import Config, dump_config, load_config, to_dict
 from .datasets import Domain, build_eval_dataset, build_train_dataset, check_same_classes, resolve_domain, train_loader
 from .deeplabv2 import DeepLabV2, build_model
-from .errors import BidaError, DataError, RunDirError
+from .errors import BidaError, DataError, Interrupted, RunDirError  # noqa: F401 - Interrupted re-exported
 from .evaluate import evaluate, markdown_table, write_metrics
 from .pseudo_labels import Calibration
 from .round_labels import generate_static_labels
@@ -42,12 +43,12 @@ class TrainingDiverged(BidaError):
     """Too many non-finite losses or gradients in a row."""
 
 
-class Interrupted(BidaError):
-    """SIGTERM/SIGINT: a checkpoint was saved and the run can be resumed."""
-
-
 class _StopRequested(Exception):
     """Internal: ``stop_after`` reached."""
+
+
+class _Stopping(Exception):
+    """Internal: a signal arrived during evaluation or the pseudo-label pass."""
 
 
 @dataclass(frozen=True)
@@ -123,39 +124,116 @@ class RunLogger:
             self.tb.close()
 
 
+def _first_non_finite(tree: Any, prefix: str = "") -> str | None:
+    """Dotted name of the first floating tensor holding NaN or inf in a state tree, else None."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            found = _first_non_finite(v, f"{prefix}.{k}" if prefix else str(k))
+            if found is not None:
+                return found
+    elif isinstance(tree, torch.Tensor) and tree.is_floating_point() and not bool(torch.isfinite(tree).all()):
+        return prefix
+    return None
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, (np.floating, np.integer)):
         return obj.item()
     raise TypeError(f"not JSON serialisable: {type(obj)}")
 
 
+LOCK_NAME = ".lock"
+
+
+class RunLock:
+    """An exclusive ``fcntl.flock`` on ``<run_dir>/.lock``, held for the life of a run.
+
+    The kernel drops the lock when the process dies, however it dies, so a stale lock file
+    never blocks a resume; the file itself stays (removing it would race with a new run).
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self._fh = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        fh = open(self.run_dir / LOCK_NAME, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            pid = fh.read().strip()
+            fh.close()
+            raise RunDirError(f"run directory {self.run_dir} is in use by another bida process"
+                              f"{f' (pid {pid})' if pid else ''}; wait for it to end or stop it first") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            # Unlock explicitly: forked DataLoader workers share the open file description,
+            # and a worker still alive would otherwise keep the lock after close().
+            import fcntl
+
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
+def _run_files(run_dir: Path) -> list[Path]:
+    return [p for p in run_dir.iterdir() if p.name != LOCK_NAME]
+
+
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a run without --overwrite, or to resume what has no checkpoint.
+    """Refuse to clobber a run without --overwrite, or to resume what cannot be resumed.
 
     Changes nothing on disk: the directory is created only once every input is valid.
     """
     if resume:
-        if not (run_dir / "checkpoints" / "last.pt").is_file():
-            raise RunDirError(f"cannot resume {run_dir}: no checkpoints/last.pt")
+        if not (run_dir / "checkpoints" / "last.pt").is_file() and not (run_dir / "config.yaml").is_file():
+            raise RunDirError(f"cannot resume {run_dir}: no checkpoints/last.pt and no config.yaml "
+                              f"(the run stopped before it saved its config); start it again with --overwrite")
         return
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+    if run_dir.exists() and (not run_dir.is_dir() or _run_files(run_dir)):
         if not overwrite:
             raise RunDirError(f"run directory {run_dir} already exists; use --resume to continue it or --overwrite to replace it")
 
 
-def create_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Create the run directory (emptying it first with --overwrite) and check it is writable."""
-    if resume:
-        return
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir) if run_dir.is_dir() else run_dir.unlink()
+def create_run_dir(run_dir: Path, overwrite: bool) -> RunLock:
+    """Create and lock the run directory (emptying it with --overwrite); check it is writable.
+
+    Raises:
+        RunDirError: not writable, locked by a live run, or filled by a concurrent run
+            since :func:`check_run_dir`.
+    """
     try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        if overwrite and run_dir.exists() and not run_dir.is_dir():
+            run_dir.unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(run_dir).acquire()
+        try:
+            leftovers = _run_files(run_dir)
+            if leftovers and not overwrite:  # another run created it after check_run_dir
+                raise RunDirError(f"run directory {run_dir} already exists; use --resume to continue it "
+                                  f"or --overwrite to replace it")
+            for p in leftovers:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            (run_dir / "checkpoints").mkdir()
+            probe = run_dir / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except BaseException:
+            lock.release()
+            raise
     except OSError as err:
         raise RunDirError(f"output directory {run_dir} is not writable: {err.strerror or err}") from None
+    return lock
 
 
 def pick_device() -> torch.device:
@@ -165,11 +243,12 @@ def pick_device() -> torch.device:
 class Trainer:
     """Owns the model, the phases and the run directory of one training run."""
 
-    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False):
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False,
+                 quiet: bool = False):
         self.run_dir = Path(run_dir)
         check_run_dir(self.run_dir, resume, overwrite)
         if resume:
-            cfg = load_config(self.run_dir / "config.yaml")
+            cfg = load_config(self.run_dir / "config.yaml", ["train.quiet=true"] if quiet else [])
         self.cfg = cfg
         self.device = pick_device()
         self.rank, self.world_size = 0, 1
@@ -180,6 +259,16 @@ class Trainer:
         if self.dist.device is not None:
             self.device = self.dist.device
         self.is_main = self.rank == 0
+        self._lock = RunLock(self.run_dir)
+        if resume and self.is_main:  # before anything is read from the run: a live run is refused
+            self._lock.acquire()
+        try:
+            self._setup(cfg, resume, overwrite)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _setup(self, cfg: Config, resume: bool, overwrite: bool) -> None:
         seed_everything(cfg.seed)
         self.src: Domain = resolve_domain(cfg, "source")
         self.tgt: Domain = resolve_domain(cfg, "target")
@@ -197,10 +286,13 @@ class Trainer:
                                            max_weight=cfg.calibration.max_weight, ramp_iters=cfg.calibration.ramp_iters)
             self.calibration.to(self.device)
         self.phase_idx, self.iter, self.step = 0, 0, 0
+        self.data_pos = 0  # batches drawn: step + skipped steps (a skipped step's batch stays consumed)
+        self._pending_eval = False  # stopped inside the evaluation after step ``step``
         self.best_miou, self.best_step, self.bad_steps = -1.0, -1, 0
         self.optimizer_state: dict | None = None
         self.scaler_state: dict | None = None
-        if resume:
+        # A run stopped before its first checkpoint restarts from step 0 with its saved config.
+        if resume and (self.run_dir / "checkpoints" / "last.pt").is_file():
             self._load_resume()
         else:
             if cfg.model.pretrained:
@@ -208,13 +300,16 @@ class Trainer:
                 self._info(f"loaded {len(report['loaded'])} tensors from {cfg.model.pretrained} "
                            f"(skipped {len(report['skipped'])}, fresh {len(report['missing'])})")
             if cfg.model.init_checkpoint:
-                stem_copied = load_model_weights(self.model, cfg.model.init_checkpoint)
+                stem_copied = load_model_weights(self.model, cfg.model.init_checkpoint, fresh_projection=True)
                 if stem_copied:  # a shared-stem checkpoint (METHOD.md, "Stem")
                     self._info(f"{cfg.model.init_checkpoint} has no target stem: it starts as a copy of the source stem")
-            if self.is_main:  # every input is valid: only now touch the disk
-                create_run_dir(self.run_dir, resume, overwrite)
+            if self.is_main and not resume:  # every input is valid: only now touch the disk
+                self._lock = create_run_dir(self.run_dir, overwrite)
             self.dist.barrier()
-            if self.is_main:
+            if self.is_main and resume:
+                self._truncate_log(0)
+                (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+            elif self.is_main:
                 dump_config(cfg, self.run_dir / "config.yaml")
                 (self.run_dir / "run.json").write_text(json.dumps({
                     "git_revision": git_revision(), "torch": torch.__version__, "device": str(self.device),
@@ -252,7 +347,8 @@ class Trainer:
             "model": model_state_for_checkpoint(self.model),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
-            "phase": self.phase_idx, "iter": self.iter, "step": self.step,
+            "phase": self.phase_idx, "iter": self.iter, "step": self.step, "data_pos": self.data_pos,
+            "pending_eval": self._pending_eval,
             "best_miou": self.best_miou, "best_step": self.best_step, "bad_steps": self.bad_steps,
             "calibration": self.calibration.state_dict() if self.calibration is not None else {},
             "rng": rng_state(),
@@ -263,14 +359,43 @@ class Trainer:
         }
 
     def save(self, name: str, optimizer, scaler) -> None:
+        """Write ``checkpoints/<name>.pt``; never one that holds a non-finite tensor."""
         if self.is_main:
-            save_checkpoint(self._state(optimizer, scaler), self.run_dir / "checkpoints" / f"{name}.pt")
+            state = self._state(optimizer, scaler)
+            bad = _first_non_finite({"model": state["model"], "calibration": state["calibration"]})
+            if bad is not None:
+                raise TrainingDiverged(f"refusing to save {name}.pt at step {self.step}: {bad} holds non-finite "
+                                       f"values; {self._last_good()}")
+            save_checkpoint(state, self.run_dir / "checkpoints" / f"{name}.pt")
         self.dist.barrier()
+
+    def _last_good(self) -> str:
+        last = self.run_dir / "checkpoints" / "last.pt"
+        if last.is_file():
+            return f"the last good checkpoint is {last}"
+        return "no checkpoint was saved (start again with --overwrite)"
+
+    def _snapshot(self) -> tuple[list[torch.Tensor], dict | None]:
+        """Model buffers (BatchNorm running statistics) and calibration state before a step."""
+        buffers = [b.detach().clone() for b in self.model.buffers()]
+        cal = copy.deepcopy(self.calibration.state_dict()) if self.calibration is not None else None
+        return buffers, cal
+
+    def _restore(self, snapshot: tuple[list[torch.Tensor], dict | None]) -> None:
+        """Undo what the forward of a skipped step changed: a NaN batch poisons BN running stats."""
+        buffers, cal = snapshot
+        with torch.no_grad():
+            for b, saved in zip(self.model.buffers(), buffers):
+                b.copy_(saved)
+        if cal is not None:
+            self.calibration.load_state_dict(cal)
 
     def _load_resume(self) -> None:
         state = load_checkpoint(self.run_dir / "checkpoints" / "last.pt", map_location=self.device)
         load_model_weights(self.model, self.run_dir / "checkpoints" / "last.pt", checkpoint=state)
         self.phase_idx, self.iter, self.step = int(state["phase"]), int(state["iter"]), int(state["step"])
+        self.data_pos = int(state.get("data_pos", self.step))
+        self._pending_eval = bool(state.get("pending_eval", False))
         self.best_miou, self.best_step = float(state["best_miou"]), int(state["best_step"])
         self.bad_steps = int(state.get("bad_steps", 0))
         if self.calibration is not None and state.get("calibration"):
@@ -279,6 +404,19 @@ class Trainer:
         self.scaler_state = state.get("scaler") or None
         set_rng_state(state["rng"])
         self._truncate_log(self.step)
+
+    def _round_logged(self, round_idx: int) -> bool:
+        log = self.run_dir / "log.jsonl"
+        if not log.is_file():
+            return False
+        for line in log.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("round") == round_idx and "pseudo/static_accuracy" in rec:
+                return True
+        return False
 
     def _truncate_log(self, step: int) -> None:
         """Drop log records written after the checkpoint (they will be produced again)."""
@@ -310,13 +448,24 @@ class Trainer:
         def handler(signum, frame):  # noqa: ARG001 - signal API
             self._stop_signal = signum
 
+        self._old_handlers = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
-                signal.signal(sig, handler)
+                self._old_handlers[sig] = signal.signal(sig, handler)
             except ValueError:  # not in the main thread (e.g. embedded use)
                 pass
 
-    def evaluate_target(self) -> dict | None:
+    def _restore_signal_handlers(self) -> None:
+        for sig, old in getattr(self, "_old_handlers", {}).items():
+            signal.signal(sig, old)
+        self._old_handlers = {}
+
+    def _raise_if_stopping(self) -> None:
+        """``check_stop`` of evaluation and the pseudo-label pass: give up at once on SIGTERM/SIGINT."""
+        if self._stop_signal is not None:
+            raise _Stopping()
+
+    def evaluate_target(self, check_stop=None) -> dict | None:
         t = self.cfg.data.target
         if not t.val_split:
             return None
@@ -325,7 +474,8 @@ class Trainer:
         ds_part = self.dist.shard(ds)
         return evaluate(self.model, ds_part, self.cfg.eval, self.classes.names, self.cfg.data.eval_classes,
                         quiet=self.cfg.train.quiet or not self.is_main, ignore_index=self.classes.ignore_index,
-                        device=self.device, autocast_dtype=amp, confusion_hook=self.dist.all_reduce_sum)
+                        device=self.device, autocast_dtype=amp, confusion_hook=self.dist.all_reduce_sum,
+                        check_stop=check_stop)
 
     # ------------------------------------------------------------------ main loop
     def fit(self, stop_after: int | None = None) -> dict | None:
@@ -339,8 +489,15 @@ class Trainer:
         cfg = self.cfg
         bar = tqdm(total=self.total_steps, initial=self.step, disable=cfg.train.quiet or not self.is_main,
                    desc=cfg.method.name, dynamic_ncols=True)
+        # all_ranks: every rank decides before rank 0 can write the file (save() holds a barrier).
+        no_checkpoint = not (self.run_dir / "checkpoints" / "last.pt").is_file()
+        if self.dist.all_ranks(no_checkpoint) and self.phase_idx < len(self.phases):
+            # Step 0 is a checkpoint too: a run stopped before its first periodic one resumes.
+            self.save("last", self._make_optimizer(self.phases[self.phase_idx]),
+                      torch.amp.GradScaler(self.device.type, enabled=False))
         try:
             while self.phase_idx < len(self.phases):
+                self._check_stop(True)  # the state here is the checkpoint of the phase boundary
                 phase = self.phases[self.phase_idx]
                 # DDP per phase: it must know whether the losses use the contrast features.
                 model = self.dist.wrap(self.model, uses_features=phase.kind == "round" and cfg.method.name == "bida")
@@ -349,8 +506,10 @@ class Trainer:
         except _StopRequested:
             return None
         finally:
+            self._restore_signal_handlers()
             bar.close()
             self.logger.close()
+            self._lock.release()
         return metrics
 
     def _target_labels_dir(self, phase: Phase) -> Path | None:
@@ -361,12 +520,17 @@ class Trainer:
             t = self.cfg.data.target
             full = build_eval_dataset(self.cfg, self.tgt, t.train_split, require_labels=False, limit=False)
             self._info(f"round {phase.round}: generating static pseudo labels for {len(full)} target images")
-            stats = generate_static_labels(self.model, full, self.cfg, out, self.classes.names,
-                                           seed=self.cfg.seed + phase.round, device=self.device, quiet=self.cfg.train.quiet)
-            self.logger.log({"round": phase.round, "pseudo/static_accuracy": stats["accuracy"],
-                             "pseudo/static_coverage": stats["coverage"],
-                             "pseudo/static_labelled_fraction": stats["labelled_fraction"],
-                             "pseudo/per_class": stats["per_class"]}, self.step)
+            try:  # last.pt is this phase's start: a stop here resumes the pass from its finished images
+                stats = generate_static_labels(self.model, full, self.cfg, out, self.classes.names,
+                                               seed=self.cfg.seed + phase.round, device=self.device,
+                                               quiet=self.cfg.train.quiet, check_stop=self._raise_if_stopping)
+            except _Stopping:
+                self._check_stop(True)
+            if not self._round_logged(phase.round):  # a resumed round kept its record in the log
+                self.logger.log({"round": phase.round, "pseudo/static_accuracy": stats["accuracy"],
+                                 "pseudo/static_coverage": stats["coverage"],
+                                 "pseudo/static_labelled_fraction": stats["labelled_fraction"],
+                                 "pseudo/per_class": stats["per_class"]}, self.step)
         self.dist.barrier()
         return out
 
@@ -374,12 +538,12 @@ class Trainer:
         cfg = self.cfg
         label_dir = self._target_labels_dir(phase)
         src_ds = build_train_dataset(cfg, self.src, cfg.data.source.train_split, require_labels=True)
-        src_iter = train_loader(src_ds, cfg.train.batch_size, cfg.seed, self.step, cfg.data.num_workers,
+        src_iter = train_loader(src_ds, cfg.train.batch_size, cfg.seed, self.data_pos, cfg.data.num_workers,
                                 self.rank, self.world_size)
         tgt_iter = None
         if phase.kind == "round":
             tgt_ds = build_train_dataset(cfg, self.tgt, cfg.data.target.train_split, require_labels=False, label_dir=label_dir)
-            tgt_iter = train_loader(tgt_ds, cfg.train.batch_size, cfg.seed + 1, self.step, cfg.data.num_workers,
+            tgt_iter = train_loader(tgt_ds, cfg.train.batch_size, cfg.seed + 1, self.data_pos, cfg.data.num_workers,
                                     self.rank, self.world_size)
         optimizer = self._make_optimizer(phase)
         use_scaler = cfg.train.amp == "fp16" and self.device.type == "cuda"
@@ -390,24 +554,37 @@ class Trainer:
                 scaler.load_state_dict(self.scaler_state)
             self.optimizer_state = self.scaler_state = None
         model.train()
+        if self._pending_eval and self._after_step(phase, optimizer, scaler):  # stopped inside that evaluation
+            return
         t_last = time.time()
         while self.iter < phase.iters:
             if self._stop_after is not None and self.step >= self._stop_after:
                 self.save("last", optimizer, scaler)
                 raise _StopRequested()
+            if self._stop_signal is not None:  # arrived while the loaders or pseudo labels were built
+                self.save("last", optimizer, scaler)
+                self._check_stop(True)
             lr = self._set_lr(optimizer, phase)
-            batch_src = {k: v.to(self.device, non_blocking=True) for k, v in next(src_iter).items()}
+            batch_src = {k: v.to(self.device, non_blocking=True) for k, v in self._next(src_iter, optimizer, scaler).items()}
             optimizer.zero_grad(set_to_none=True)
+            snapshot = self._snapshot()
             with self._autocast():
                 if phase.kind == "source":
                     result = source_step(model, batch_src, cfg, reduce_sums=self.dist.prototype_reducer(self.num_classes))
                 else:
-                    batch_tgt = {k: v.to(self.device, non_blocking=True) for k, v in next(tgt_iter).items()}
+                    batch_tgt = {k: v.to(self.device, non_blocking=True)
+                                 for k, v in self._next(tgt_iter, optimizer, scaler).items()}
                     if label_dir is None:  # minent: no pseudo labels
                         batch_tgt["label"] = torch.full_like(batch_tgt["label"], 255)
                     result = adapt_step(model, batch_src, batch_tgt, cfg, self.calibration, self.num_classes,
                                         reduce_sums=self.dist.prototype_reducer(self.num_classes))
+            self.data_pos += 1  # both loaders drew one batch
             if not self._backward_and_step(result.loss, optimizer, scaler):
+                self._restore(snapshot)  # a skipped step leaves no trace but its consumed batch
+                if self.bad_steps >= cfg.train.max_bad_steps:
+                    raise TrainingDiverged(
+                        f"{self.bad_steps} non-finite steps in a row at step {self.step} (train.max_bad_steps); "
+                        f"{self._last_good()}")
                 continue
             if phase.kind == "source":  # the target stem gets no gradient here: it follows the source stem
                 self.model.sync_target_stem()
@@ -422,27 +599,52 @@ class Trainer:
                 self.logger.log(rec, self.step)
                 bar.set_postfix(loss=f"{result.logs['loss/total' if 'loss/total' in result.logs else 'loss/seg_src']:.3f}",
                                 lr=f"{lr:.2e}")
-            last_of_phase = self.iter == phase.iters
-            if self.step % cfg.train.eval_every == 0 or last_of_phase:
-                self._evaluate_and_maybe_best(optimizer, scaler)
-            if last_of_phase:
-                self.phase_idx += 1
-                self.iter = 0
-                self.save("last", optimizer, scaler)
-                self._check_stop(last_of_phase)
+            if self._after_step(phase, optimizer, scaler):
                 return
-            elif self.step % cfg.train.checkpoint_every == 0:
+
+    def _next(self, batches, optimizer, scaler) -> dict:
+        """The next batch; a bad file met mid-run gives one line naming it and a checkpoint.
+
+        A worker process wraps the reader's DataError in a multi-line traceback: only its
+        last line (the reader's message) is kept.
+        """
+        try:
+            return next(batches)
+        except DataError as err:
+            lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+            message = lines[-1].split("DataError: ", 1)[-1] if lines else "unreadable data"
+        if self.world_size > 1:  # a save would wait for ranks that are inside a collective
+            raise DataError(f"{message} (fix or remove the file, then continue with: bida train --resume {self.run_dir})")
+        self.save("last", optimizer, scaler)  # the batch was not consumed: resume retries it
+        raise DataError(f"{message} (checkpoint saved at step {self.step}; fix or remove the file, then "
+                        f"continue with: bida train --resume {self.run_dir})")
+
+    def _after_step(self, phase: Phase, optimizer, scaler) -> bool:
+        """Evaluation, checkpoint and stop check after step ``self.step``; True when the phase ended."""
+        cfg = self.cfg
+        last_of_phase = self.iter == phase.iters
+        if self.step % cfg.train.eval_every == 0 or last_of_phase:
+            self._evaluate_and_maybe_best(optimizer, scaler)
+        if last_of_phase:
+            self.phase_idx += 1
+            self.iter = 0
+            self.save("last", optimizer, scaler)
+            self._check_stop(last_of_phase)
+            return True
+        elif self.step % cfg.train.checkpoint_every == 0:
+            self.save("last", optimizer, scaler)
+        if self._stop_signal is not None:
+            if self.step % cfg.train.checkpoint_every != 0:
                 self.save("last", optimizer, scaler)
-            if self._stop_signal is not None:
-                if self.step % cfg.train.checkpoint_every != 0:
-                    self.save("last", optimizer, scaler)
-                self._check_stop(True)
+            self._check_stop(True)
+        return False
 
     def _check_stop(self, saved: bool) -> None:
         """After a checkpoint: leave cleanly if SIGTERM/SIGINT arrived."""
         if self._stop_signal is not None and saved:
-            raise Interrupted(f"stopped by signal {self._stop_signal} at step {self.step}; "
-                              f"continue with: bida train --resume {self.run_dir}")
+            name = signal.Signals(self._stop_signal).name
+            raise Interrupted(f"stopped by {name} at step {self.step} (checkpoint saved); "
+                              f"continue with: bida train --resume {self.run_dir}", self._stop_signal)
 
     def _backward_and_step(self, loss: torch.Tensor, optimizer, scaler) -> bool:
         """Backward and step unless the loss or a gradient is not finite (then skip and count)."""
@@ -466,14 +668,16 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         self.bad_steps += 1
         self.logger.log({"numerics/skipped_step": 1, "numerics/bad_steps_in_row": self.bad_steps}, self.step)
-        if self.bad_steps >= self.cfg.train.max_bad_steps:
-            raise TrainingDiverged(
-                f"{self.bad_steps} non-finite steps in a row at step {self.step} (train.max_bad_steps); "
-                f"the last good checkpoint is {self.run_dir / 'checkpoints' / 'last.pt'}")
         return False
 
     def _evaluate_and_maybe_best(self, optimizer, scaler) -> None:
-        metrics = self.evaluate_target()
+        self._pending_eval = True  # saved with a stop: --resume evaluates this step first
+        try:
+            metrics = self.evaluate_target(check_stop=self._raise_if_stopping)
+        except _Stopping:
+            self.save("last", optimizer, scaler)
+            self._check_stop(True)
+        self._pending_eval = False
         if metrics is None:
             return
         self.logger.log({"eval/mIoU": metrics["mIoU"], "eval/pixel_acc": metrics["pixel_acc"],
@@ -484,7 +688,11 @@ class Trainer:
             self.save("best", optimizer, scaler)
 
     def _finish(self) -> dict:
-        metrics = self.evaluate_target() or {"mIoU": float("nan"), "per_class_iou": {}, "pixel_acc": float("nan")}
+        try:  # last.pt holds the end of the last phase: a stop here evaluates again on --resume
+            metrics = self.evaluate_target(check_stop=self._raise_if_stopping) or {
+                "mIoU": float("nan"), "per_class_iou": {}, "pixel_acc": float("nan")}
+        except _Stopping:
+            self._check_stop(True)
         metrics = {k: v for k, v in metrics.items() if k != "confusion"} | {"confusion": metrics.get("confusion")}
         metrics["checkpoint"] = "last"
         metrics["step"] = self.step
@@ -498,12 +706,12 @@ class Trainer:
         return metrics
 
 
-def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> dict:
-    """Train according to ``cfg`` into ``run_dir``; returns the final metrics."""
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
+    """Train according to ``cfg`` into ``run_dir``; returns the final metrics (``quiet``: with --resume)."""
     from . import distributed
 
     try:
-        trainer = Trainer(cfg, Path(run_dir), resume=resume, overwrite=overwrite)
+        trainer = Trainer(cfg, Path(run_dir), resume=resume, overwrite=overwrite, quiet=quiet)
         return trainer.fit()
     finally:  # also on error: leave the process group so that the other ranks do not wait for this one
         distributed.shutdown()

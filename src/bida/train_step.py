@@ -139,9 +139,10 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
             y_dyn_f = label_transfer(f_tgt.detach(), ref, ref_present, lw.temperature, cfg.pseudo.transfer_threshold)
             y_dyn_f = _mask_labels(y_dyn_f, valid_tgt_f)  # padding never gets a label
             y_tgt_f = fuse_labels(y_static_f, y_dyn_f)
-            num_valid = y_static_f.numel() if valid_tgt_f is None else valid_tgt_f.sum().clamp_min(1)
-            logs["pseudo/dynamic_coverage"] = float((y_dyn_f != IGNORE).sum() / num_valid)
-            logs["pseudo/fused_coverage"] = float((y_tgt_f != IGNORE).sum() / num_valid)
+            # Shares of all feature pixels (padding counts as unlabelled): equal denominators on
+            # every rank, so the mean over ranks is the global batch's share.
+            logs["pseudo/dynamic_coverage"] = float((y_dyn_f != IGNORE).float().mean())
+            logs["pseudo/fused_coverage"] = float((y_tgt_f != IGNORE).float().mean())
             if "gt" in batch_tgt:
                 logs["pseudo/dynamic_acc"] = _label_accuracy(y_dyn_f, downsample_labels(batch_tgt["gt"], feat_size))
         # 3. Target prototypes from target features and fused labels.

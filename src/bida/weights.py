@@ -30,7 +30,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix == ".safetensors":
         if not path.is_file():
-            raise CheckpointError(f"weight file {path} does not exist")
+            raise CheckpointError(f"weight file {path} {'is a directory' if path.is_dir() else 'does not exist'}")
         from safetensors.torch import load_file
 
         try:
