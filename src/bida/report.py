@@ -618,13 +618,8 @@ def _alignment_section(page: _Page, runs: list[Run], aligned: dict[str, dict], n
     rows = []
     for label, get in [(names[c], lambda a, c=c: float(a["margin"][c])) for c in keep] + [
             ("mean margin", lambda a: a["mean_margin"]), ("nearest-own share", lambda a: a["nearest_own_share"])]:
-        ref = get(aligned[base])
-        row = [(label, ""), (_num(ref), "")]
-        for run in runs[1:]:
-            value = get(aligned[run.name])
-            row += [(_num(value), ""), _delta_cell(value - ref if _finite(value) and _finite(ref) else None,
-                                                   lower_is_better=False, scale=1.0, digits=3)]
-        rows.append(row)
+        rows.append(_compare_row(label, get(aligned[base]), [get(aligned[run.name]) for run in runs[1:]],
+                                 lower_is_better=False))
     page.add(_table(header, rows, total_last=True))
     page.add("<p>A measure that is fair across runs: for each class, cos(target prototype, its own source "
              "prototype) minus the highest cos with another class's source prototype. Positive: the target "
@@ -690,13 +685,8 @@ def _distance_section(page: _Page, runs: list[Run], dists: dict[str, np.ndarray]
               for name, d in dists.items()}
     rows = []
     for i, label in enumerate([names[c] for c in keep] + ["mean"]):
-        ref = values[base][i]
-        row = [(label, ""), (_num(ref), "")]
-        for run in runs[1:]:
-            value = values[run.name][i]
-            row += [(_num(value), ""), _delta_cell(value - ref if _finite(value) and _finite(ref) else None,
-                                                   lower_is_better=True, scale=1.0, digits=3)]
-        rows.append(row)
+        rows.append(_compare_row(label, values[base][i], [values[run.name][i] for run in runs[1:]],
+                                 lower_is_better=True))
     page.add(_table(header, rows, total_last=True))
     page.add("<p>Cosine distance 1 − cos between the source prototype (source train, ground truth) and the target "
              "prototype (target val, ground truth) of each class, from each run's last checkpoint; 0 is perfectly "
@@ -713,6 +703,15 @@ def _distance_section(page: _Page, runs: list[Run], dists: dict[str, np.ndarray]
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=9)
     page.figure(fig, "prototype_distance", "Per-class cosine distance between source and target prototypes")
+
+
+def _compare_row(label: str, ref: float, others: Sequence[float], lower_is_better: bool) -> list:
+    """A table row: the baseline's value, then each other run's value and its delta."""
+    row = [(label, ""), (_num(ref), "")]
+    for value in others:
+        row += [(_num(value), ""), _delta_cell(value - ref if _finite(value) and _finite(ref) else None,
+                                               lower_is_better=lower_is_better, scale=1.0, digits=3)]
+    return row
 
 
 def _num(value) -> str:
