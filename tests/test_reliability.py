@@ -423,3 +423,27 @@ def test_predict_after_a_bad_file_resumes_without_overwrite(tmp_path, capsys, ti
     assert main(args) == 0
     assert (tmp_path / "pred" / "b_overlay.png").is_file()
     assert (tmp_path / "pred" / "a.png").stat().st_mtime_ns == first  # kept, not predicted again
+
+
+def test_loader_workers_are_shut_down_on_every_exit_path(tmp_path):
+    """Workers ignore SIGTERM, so a worker left to multiprocessing's exit handler (which
+    terminates by signal, then joins) would hang the interpreter forever: an error in a
+    phase must still stop them, even while the error (and its traceback) is kept alive."""
+    import multiprocessing
+
+    from fixtures import make_folder_tree
+
+    import bida.train as tr
+
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    make_folder_tree(src, n_train=4)
+    make_folder_tree(tgt, target_without_train_labels=True)
+    (src / "images" / "train" / "img_003.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    cfg = load_config(None, ["data.source.kind=folder", f"data.source.root={src}", "data.source.val_split=null",
+                             "data.target.kind=folder", f"data.target.root={tgt}", "model.width=0.125",
+                             "train.iters=4", "train.quiet=true", "data.crop=[8,12]", "train.eval_every=100",
+                             "data.num_workers=1"])
+    with pytest.raises(Exception) as err:
+        tr.Trainer(cfg, tmp_path / "run").fit()
+    assert "img_003.png" in str(err.value)
+    assert not multiprocessing.active_children()  # the traceback in ``err`` keeps the frames alive

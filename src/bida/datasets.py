@@ -211,6 +211,17 @@ def ignore_stop_signals(worker_id: int) -> None:  # noqa: ARG001 - worker_init_f
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by train_loader while forking
 
 
+def close_loader(batches: Iterator[dict] | None) -> None:
+    """Stop a training iterator's worker processes through the loader's own shutdown.
+
+    Workers ignore SIGTERM (:func:`ignore_stop_signals`), so they must never be left for
+    ``multiprocessing`` to terminate by signal at interpreter exit: that would wait forever.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
 def train_loader(dataset: SegmentationDataset, batch_size: int, seed: int, start: int, num_workers: int,
                  rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> Iterator[dict]:
     """An endless iterator of training batches starting at batch ``start``."""

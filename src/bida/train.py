@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write_text, load_checkpoint, model_state_for_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, dump_config, load_config, to_dict
-from .datasets import Domain, build_eval_dataset, build_train_dataset, check_same_classes, resolve_domain, train_loader
+from .datasets import (Domain, build_eval_dataset, build_train_dataset, check_same_classes, close_loader,
+                       resolve_domain, train_loader)
 from .deeplabv2 import DeepLabV2, build_model
 from .errors import BidaError, DataError, Interrupted, RunDirError  # noqa: F401 - Interrupted re-exported
 from .evaluate import evaluate, markdown_table, write_metrics
@@ -545,6 +546,15 @@ class Trainer:
             tgt_ds = build_train_dataset(cfg, self.tgt, cfg.data.target.train_split, require_labels=False, label_dir=label_dir)
             tgt_iter = train_loader(tgt_ds, cfg.train.batch_size, cfg.seed + 1, self.data_pos, cfg.data.num_workers,
                                     self.rank, self.world_size)
+        try:
+            self._train_phase(model, phase, bar, src_iter, tgt_iter, label_dir)
+        finally:  # workers ignore SIGTERM: they must be stopped through the loader, on every exit path
+            close_loader(src_iter)
+            close_loader(tgt_iter)
+
+    def _train_phase(self, model: torch.nn.Module, phase: Phase, bar: tqdm, src_iter, tgt_iter,
+                     label_dir: Path | None) -> None:
+        cfg = self.cfg
         optimizer = self._make_optimizer(phase)
         use_scaler = cfg.train.amp == "fp16" and self.device.type == "cuda"
         scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
