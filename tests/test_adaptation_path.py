@@ -165,3 +165,15 @@ def test_entropy_over_valid_pixels():
     ref = -(p * p.log()).sum(1)[valid].mean()
     torch.testing.assert_close(entropy(logits, valid), ref)
     assert float(entropy(logits, torch.zeros_like(valid))) == 0.0
+
+
+def test_labels_brought_to_label_size_keep_padding_ignored():
+    """Nearest upsampling 2 -> 5 columns copies feature column 1 onto label columns 3 and 4;
+    column 4 is padding and must stay ignore (static labels are ignore there too)."""
+    from bida.train_step import _fused_at_label_size
+
+    y_f = torch.tensor([[[1, 2]]])  # (1, 1, 2) at feature size
+    y_static = torch.tensor([[[255, 0, 255, 255, 255]]])  # (1, 1, 5)
+    valid = torch.tensor([[[True, True, True, True, False]]])
+    fused = _fused_at_label_size(y_static, y_f, {"valid": valid})
+    assert fused.tolist() == [[[1, 0, 1, 2, 255]]]

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .config import Config
@@ -73,6 +72,17 @@ def _mask_labels(labels: Tensor, valid: Tensor | None) -> Tensor:
     return labels if valid is None else torch.where(valid, labels, torch.full_like(labels, IGNORE))
 
 
+def _fused_at_label_size(y_static: Tensor, y_f: Tensor, batch_tgt: dict) -> Tensor:
+    """Feature-size labels ``y_f`` brought to the label size (nearest) under the static labels.
+
+    Crop padding stays ignore: nearest upsampling can copy a label from a valid feature
+    pixel onto padded label pixels next to it when the sizes are not exact multiples.
+    """
+    size = tuple(y_static.shape[-2:])
+    up = downsample_labels(y_f, size)  # a nearest resize, here upwards
+    return fuse_labels(y_static, _mask_labels(up, _valid_at(batch_tgt, size)))
+
+
 def _with_memory(protos: Tensor, present: Tensor, memory) -> tuple[Tensor, Tensor]:
     """Batch prototypes, completed by the (detached) moving average for classes absent from the batch."""
     if memory is None:
@@ -118,11 +128,13 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
     if m.name == "bida":
         feat_size = tuple(out_src.features.shape[-2:])
         f_src, f_tgt = out_src.features, out_tgt.features
-        valid_tgt_f = _valid_at(batch_tgt, feat_size)
+        # Features and logits share the output stride: reuse the masks when the sizes agree.
+        valid_src_f = valid_src_l if feat_size == logit_size else _valid_at(batch_src, feat_size)
+        valid_tgt_f = valid_tgt_l if feat_size == logit_size else _valid_at(batch_tgt, feat_size)
         y_src_f = downsample_labels(y_src, feat_size)
         y_static_f = _mask_labels(downsample_labels(y_static, feat_size), valid_tgt_f)
         if m.center_features == "batch":
-            f_src, f_tgt = center_features(f_src, f_tgt, _valid_at(batch_src, feat_size), valid_tgt_f)
+            f_src, f_tgt = center_features(f_src, f_tgt, valid_src_f, valid_tgt_f)
 
         # 1. Source prototypes (masked average pooling; gradients flow through them).
         prototypes = reduce_sums or partial(class_prototypes, num_classes=num_classes)
@@ -162,10 +174,7 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
         full_res = lw.contrast_resolution == "label"
 
         def at_contrast_res(y_f: Tensor, y_full: Tensor) -> Tensor:
-            if not full_res:
-                return y_f
-            up = F.interpolate(y_f[:, None].float(), size=tuple(y_full.shape[-2:]), mode="nearest")[:, 0].long()
-            return fuse_labels(_mask_labels(y_full, _valid_at(batch_tgt, tuple(y_full.shape[-2:]))), up)
+            return _fused_at_label_size(y_full, y_f, batch_tgt) if full_res else y_f
 
         if m.t2s:
             terms["contrast_t2s"], counts["contrast_t2s"] = pixel_prototype_contrast(
@@ -191,9 +200,7 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
             logs["calibration/weight"] = calibration.weight()
             logs["calibration/mean_shift"] = calibration.mean_shift()
         if cfg.pseudo.dynamic_for_segmentation:
-            size = tuple(y_static.shape[-2:])
-            up = F.interpolate(y_tgt_f[:, None].float(), size=size, mode="nearest")[:, 0].long()
-            y_seg_tgt = fuse_labels(y_static, _mask_labels(up, _valid_at(batch_tgt, size)))
+            y_seg_tgt = _fused_at_label_size(y_static, y_tgt_f, batch_tgt)
 
     if "seg_tgt" in weights:
         terms["seg_tgt"] = seg_cross_entropy(out_tgt.logits, y_seg_tgt)
