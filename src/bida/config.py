@@ -397,9 +397,7 @@ def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config
     for text in overrides:
         parts, value = parse_override(text)
         _set_path(tree, parts, value, text)
-    cfg = _build(Config, tree)
-    check_ranges(cfg)
-    return cfg
+    return _build_checked(tree)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -433,9 +431,14 @@ def replace_path(cfg: Config, **dotted: Any) -> Config:
     for key, value in dotted.items():
         parts = key.split("__")
         _set_path(tree, parts, to_dict(value), key)
-    cfg_new = _build(Config, tree)
-    check_ranges(cfg_new)
-    return cfg_new
+    return _build_checked(tree)
+
+
+def _build_checked(tree: dict) -> Config:
+    """The :class:`Config` of a full tree, with every numeric key range-checked."""
+    cfg = _build(Config, tree)
+    check_ranges(cfg)
+    return cfg
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

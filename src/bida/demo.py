@@ -33,7 +33,7 @@ ABLATION_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("+ calibration (full BiDA)", ("method=bida",)),
 )
 
-# Candidates for making the contrast count (README "Making the contrast count"); each row
+# Candidates for making the contrast count (README "Does the contrast count?"); each row
 # is full BiDA with one change, so each is compared with full BiDA and with self-training.
 CANDIDATE_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("cand: y_D separate mean in L_t2s", ("method=bida", "method.t2s_dynamic=separate", "method.dynamic_t2s_weight=0.5")),
@@ -141,13 +141,14 @@ def summarise(results: dict[str, list[dict]], baseline: str) -> dict[str, dict]:
     """
     summary: dict[str, dict] = {}
     base_runs = results.get(baseline, [])
+    base_pc = _mean_per_class([r.get("per_class_iou", {}) for r in base_runs])
     for name, runs in results.items():
         mious = [r["mIoU"] for r in runs]
         mean, std = mean_std(mious)
         best = [r.get("best", {}).get("mIoU") for r in runs]
         entry = {
             "per_seed": mious, "mean": mean, "std": std, "seeds": [r["seed"] for r in runs],
-            # what a one-seed results.json has always held (the first seed's run)
+            # the keys a one-seed results.json has always held (means over seeds here)
             "mIoU": mean, "pixel_acc": mean_std([r["pixel_acc"] for r in runs])[0],
             "best": runs[0].get("best", {}) if len(runs) == 1 else {"per_seed": best, "mean": mean_std(best)[0]},
             "wall_s": float(sum(r.get("wall_s", 0.0) for r in runs)),
@@ -160,7 +161,6 @@ def summarise(results: dict[str, list[dict]], baseline: str) -> dict[str, dict]:
         if name != baseline and base_runs and len(base_runs) == len(runs):
             diffs = [a["mIoU"] - b["mIoU"] for a, b in zip(runs, base_runs)]
             d_mean, d_std = mean_std(diffs)
-            base_pc = _mean_per_class([r.get("per_class_iou", {}) for r in base_runs])
             entry[f"vs_{baseline}"] = {
                 "per_seed": diffs, "mean": d_mean, "std": d_std, "wins": int(sum(d > 0 for d in diffs)),
                 "per_class_iou": {k: (v - base_pc[k]) if v is not None and base_pc.get(k) is not None else None

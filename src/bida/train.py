@@ -11,7 +11,6 @@ and everything stateful, and the data samplers are addressed by the global step,
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -376,17 +375,19 @@ class Trainer:
             return f"the last good checkpoint is {last}"
         return "no checkpoint was saved (start again with --overwrite)"
 
-    def _snapshot(self) -> tuple[list[torch.Tensor], dict | None]:
-        """Model buffers (BatchNorm running statistics) and calibration state before a step."""
-        buffers = [b.detach().clone() for b in self.model.buffers()]
-        cal = copy.deepcopy(self.calibration.state_dict()) if self.calibration is not None else None
+    def _snapshot(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict | None]:
+        """Buffers a forward can change (those of modules in training mode: BatchNorm running
+        statistics; frozen BN has none) and the calibration state, before a step."""
+        buffers = [(b, b.detach().clone()) for m in self.model.modules() if m.training
+                   for b in m.buffers(recurse=False)]
+        cal = self.calibration.state_dict() if self.calibration is not None else None  # already a copy
         return buffers, cal
 
-    def _restore(self, snapshot: tuple[list[torch.Tensor], dict | None]) -> None:
+    def _restore(self, snapshot: tuple[list[tuple[torch.Tensor, torch.Tensor]], dict | None]) -> None:
         """Undo what the forward of a skipped step changed: a NaN batch poisons BN running stats."""
         buffers, cal = snapshot
         with torch.no_grad():
-            for b, saved in zip(self.model.buffers(), buffers):
+            for b, saved in buffers:
                 b.copy_(saved)
         if cal is not None:
             self.calibration.load_state_dict(cal)

@@ -123,11 +123,11 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, checkpoint: dic
     """
     state = _normalise_keys(read_state_dict(path) if checkpoint is None else tensor_state(checkpoint, path))
     own = model.state_dict()
-    sync_stem = getattr(model, "target_stem", None) is not None and not any(k.startswith("target_stem.") for k in state)
-    if sync_stem:
-        own = {k: v for k, v in own.items() if not k.startswith("target_stem.")}
-    if fresh_projection and getattr(model, "proj", None) is not None and not any(k.startswith("proj.") for k in state):
-        own = {k: v for k, v in own.items() if not k.startswith("proj.")}
+    # Parts the model has and the checkpoint may lack: they are left out of the strict check.
+    optional = [prefix for prefix, allowed in (("target_stem.", True), ("proj.", fresh_projection))
+                if allowed and any(k.startswith(prefix) for k in own) and not any(k.startswith(prefix) for k in state)]
+    own = {k: v for k, v in own.items() if not k.startswith(tuple(optional))}
+    sync_stem = "target_stem." in optional
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in own if k in state and own[k].shape != state[k].shape]
