@@ -10,8 +10,8 @@ a half-written round behind; pass 1's per-image files survive a stop, so the pas
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .checkpoint import atomic_write_bytes
 from .config import Config
 from .datasets import SegmentationDataset, pseudo_label_name
 from .evaluate import confusion_matrix, predict_probs
@@ -118,12 +119,11 @@ def _two_passes(model, dataset, cfg, tmp: Path, class_names, seed, device, quiet
         # Keep the true label (all ignore when absent) so pass 2 need not decode the image again.
         # Confidences stay float32: in fp16 everything above 0.9995 ties at 1.0, and the
         # class rule's top 10% would then keep every tied pixel (no class balance left).
-        part = raw_path.with_name(raw_path.name + ".part")
-        with open(part, "wb") as fh:
-            np.savez(fh, conf=conf.float().numpy(), pred=pred.to(torch.uint8).numpy(),
-                     gt=item["label"].to(torch.uint8).numpy(), sample_conf=c.numpy(), sample_pred=p.numpy(),
-                     gen_state=gen.get_state().numpy())
-        os.replace(part, raw_path)  # a file under raw/ is always a finished image
+        buf = io.BytesIO()
+        np.savez(buf, conf=conf.float().numpy(), pred=pred.to(torch.uint8).numpy(),
+                 gt=item["label"].to(torch.uint8).numpy(), sample_conf=c.numpy(), sample_pred=p.numpy(),
+                 gen_state=gen.get_state().numpy())
+        atomic_write_bytes(raw_path, buf.getvalue())  # a file under raw/ is always a finished image
     thresholds = class_thresholds(torch.cat(conf_samples), torch.cat(pred_samples), k, cfg.pseudo.class_fraction)
 
     cm = np.zeros((k, k), np.int64)
