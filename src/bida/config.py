@@ -70,8 +70,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet18"
-    width: float = 1.0  # channel multiplier; < 1 for CPU demos and tests
+    # resnet*: DeepLab-V2 (output stride 8); mit_b*: Mix Transformer + decoder (stride 4)
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101",
+                      "mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5"] = "resnet18"
+    width: float = 1.0  # channel multiplier (ResNet channels, MiT stage widths); < 1 for CPU demos and tests
     pretrained: Optional[str] = None  # ImageNet/DeepLab init weights (local file)
     init_checkpoint: Optional[str] = None  # start from a bida checkpoint (e.g. source-only)
     freeze_bn: bool = False  # the paper freezes BN (pretrained stats); random init needs training BN
@@ -79,7 +81,11 @@ class ModelConfig:
     # With freeze_bn: affine frozen but BN in train mode: per-forward batch statistics (each
     # domain forwarded separately), running stats updated and used at evaluation -- the official code.
     bn_batch_stats: bool = False
-    proj_dim: int = 256  # projection head size when method.feature = backbone
+    proj_dim: int = 256  # projection head size when method.feature = backbone or decoder
+    # MiT only. segformer: all-MLP head; daformer: context-aware fusion (dilated separable convs)
+    decoder: Literal["segformer", "daformer"] = "segformer"
+    decoder_dim: int = 256  # MiT decoder channels: SegFormer-B0/B1 256, B2-B5 768; DAFormer 256
+    drop_path: float = 0.1  # MiT stochastic-depth rate of the last block (SegFormer, DAFormer: 0.1)
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,10 @@ class MethodConfig:
     s2t: bool = True  # source pixels vs target prototypes (L_s2t)
     dynamic_labels: bool = True  # complete static pseudo labels by label transfer
     calibration: bool = True  # shift source prototypes by the EMA domain bias
-    feature: Literal["aspp_branches", "backbone"] = "aspp_branches"  # official code: aspp_branches
+    # Which map the contrast reads. DeepLab-V2: aspp_branches (the official code) or backbone
+    # (layer4 through a projection head). MiT: decoder (the fused decoder feature through a
+    # projection head).
+    feature: Literal["aspp_branches", "backbone", "decoder"] = "aspp_branches"
     prototype_scope: Literal["batch", "pair"] = "batch"  # official code: pair
     # Which target pixels L_t2s scores. fused: y_T = y_F, completed by y_D (the paper).
     # separate: y_F pixels and y_D-only pixels as two means, the second weighted by
@@ -199,6 +208,8 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "data.num_workers": (0, INF, True, True),
     "model.width": (0, INF, False, True),
     "model.proj_dim": (1, INF, True, True),
+    "model.decoder_dim": (1, INF, True, True),
+    "model.drop_path": (0, 1, True, False),  # a rate of 1 drops every residual branch
     "method.dynamic_t2s_weight": (0, INF, True, True),
     "train.iters": (1, INF, True, True),
     "train.batch_size": (1, INF, True, True),
@@ -261,6 +272,41 @@ def check_ranges(cfg: "Config") -> None:
     lo, hi = cfg.data.scale_range
     if lo > hi:
         raise ConfigError(f"data.scale_range: {[lo, hi]} is not a range (min > max)")
+
+
+MIT_MIN_CROP = 32  # MiT's first stage (stride 4) reduces keys/values by 8 more
+
+
+def check_model_choices(cfg: "Config") -> None:
+    """Options that only one segmentor family has (or lacks) fit ``model.backbone``.
+
+    Raises:
+        ConfigError: naming the key that does not fit.
+    """
+    m, backbone = cfg.model, cfg.model.backbone
+    if not backbone.startswith("mit_"):
+        if cfg.method.feature == "decoder":
+            raise ConfigError(f"method.feature=decoder: model.backbone={backbone} (DeepLab-V2) has no decoder "
+                              "feature; use aspp_branches or backbone, or a mit_b* backbone")
+        return
+    deeplab_only = (
+        ("model.separate_target_stem", m.separate_target_stem, "MiT has no ResNet stem to duplicate"),
+        ("model.bn_batch_stats", m.bn_batch_stats, "MiT has no frozen BatchNorm"),
+        ("model.freeze_bn", m.freeze_bn, "MiT's only BatchNorms are in the randomly initialised decoder, "
+                                         "whose statistics must be learnt"),
+    )
+    for key, value, why in deeplab_only:
+        if value:
+            raise ConfigError(f"{key}=true is a DeepLab-V2 option: {why} (model.backbone={backbone})")
+    if cfg.data.normalize != "imagenet":
+        raise ConfigError(f"data.normalize={cfg.data.normalize}: model.backbone={backbone} takes RGB images with "
+                          "ImageNet normalisation (the MiT checkpoints' input); use data.normalize=imagenet")
+    if cfg.method.feature != "decoder":
+        raise ConfigError(f"method.feature={cfg.method.feature}: model.backbone={backbone} contrasts its decoder "
+                          "feature; use method.feature=decoder")
+    if min(cfg.data.crop) < MIT_MIN_CROP:
+        raise ConfigError(f"data.crop: {list(cfg.data.crop)} is too small for model.backbone={backbone} "
+                          f"(at least {MIT_MIN_CROP} pixels a side)")
 
 
 # --------------------------------------------------------------------------- building
@@ -438,6 +484,7 @@ def _build_checked(tree: dict) -> Config:
     """The :class:`Config` of a full tree, with every numeric key range-checked."""
     cfg = _build(Config, tree)
     check_ranges(cfg)
+    check_model_choices(cfg)
     return cfg
 
 

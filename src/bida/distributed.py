@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .deeplabv2 import SegOutput
+from .models import SegOutput
 from .prototypes import class_sums, prototypes_from_sums
 
 TIMEOUT_ENV = "BIDA_DIST_TIMEOUT_S"

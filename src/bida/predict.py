@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write_text, ensure_writable, load_checkpoint
 from .config import Config, from_dict, to_dict
-from .deeplabv2 import DeepLabV2, build_model
+from .models import DeepLabV2, MiTSegmentor, build_model
 from .errors import BidaError, CheckpointError, DataError
 from .evaluate import predict_probs
 from .labels import colorize, default_palette, CITYSCAPES
@@ -26,7 +26,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def model_from_checkpoint(path: str | Path, cfg: Config | None = None, device: torch.device | str = "cpu",
-                          overrides: Sequence[str] = ()) -> tuple[DeepLabV2, Config, list[str], list]:
+                          overrides: Sequence[str] = ()) -> tuple[DeepLabV2 | MiTSegmentor, Config, list[str], list]:
     """Rebuild the network of a bida checkpoint (its own config, with ``overrides``, unless ``cfg`` is given).
 
     Returns:

@@ -30,7 +30,7 @@ from .checkpoint import atomic_write_text, load_checkpoint, model_state_for_chec
 from .config import Config, dump_config, load_config, to_dict
 from .datasets import (Domain, build_eval_dataset, build_train_dataset, check_same_classes, close_loader,
                        resolve_domain, train_loader)
-from .deeplabv2 import DeepLabV2, build_model
+from .models import DeepLabV2, MiTSegmentor, build_model
 from .errors import BidaError, DataError, Interrupted, RunDirError  # noqa: F401 - Interrupted re-exported
 from .evaluate import evaluate, markdown_table, write_metrics
 from .pseudo_labels import Calibration
@@ -276,7 +276,7 @@ class Trainer:
         self.num_classes = self.classes.num_classes
         if cfg.data.check:
             self._check_data()
-        self.model: DeepLabV2 = build_model(cfg.model, self.num_classes, cfg.method.feature).to(self.device)
+        self.model: DeepLabV2 | MiTSegmentor = build_model(cfg.model, self.num_classes, cfg.method.feature).to(self.device)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.phases = plan_phases(cfg)

@@ -1,0 +1,56 @@
+"""Segmentors: anything that maps an image batch to a :class:`SegOutput`.
+
+- :mod:`bida.models.deeplabv2`: DeepLab-V2 (dilated ResNet + ASPP), ``model.backbone: resnet*``.
+- :mod:`bida.models.mit`: MiT-B0..B5 encoders with a decoder from :mod:`bida.models.heads`
+  (``model.decoder: segformer | daformer``), ``model.backbone: mit_b*``.
+
+Both expose the interface the trainer uses: ``forward(x, domain) -> SegOutput``,
+``param_groups(lr, head_lr_mult)``, ``num_classes``, ``feature_dim``, ``proj`` (or None),
+``target_stem`` (or None), ``sync_target_stem()`` and ``concat_domains_ok``.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..errors import ConfigError
+from .deeplabv2 import ARCHS as RESNET_ARCHS
+from .deeplabv2 import DeepLabV2, build_deeplabv2
+from .mit import ARCHS as MIT_ARCHS
+from .mit import MiTSegmentor, MixTransformer
+from .output import SegOutput, upsample
+
+__all__ = ["SegOutput", "DeepLabV2", "MiTSegmentor", "MixTransformer", "build_model", "upsample",
+           "RESNET_ARCHS", "MIT_ARCHS", "is_mit"]
+
+
+def is_mit(backbone: str) -> bool:
+    """Whether ``model.backbone`` names a Mix Transformer (else a DeepLab-V2 ResNet)."""
+    return backbone in MIT_ARCHS
+
+
+def build_model(model_cfg, num_classes: int, feature: str = "aspp_branches") -> nn.Module:
+    """The segmentor of a ``ModelConfig``: DeepLab-V2 for ``resnet*``, MiT for ``mit_b*``.
+
+    ``feature`` is ``method.feature``: which map the contrast reads (``decoder`` for MiT).
+    Combinations that make no sense are rejected when the config is loaded
+    (:func:`bida.config.check_model_choices`); the constructors check them again.
+
+    Raises:
+        ConfigError: ``model.bn_batch_stats`` without ``model.freeze_bn``; a ``method.feature``
+            the segmentor does not have.
+    """
+    if not is_mit(model_cfg.backbone):
+        return build_deeplabv2(model_cfg, num_classes, feature)
+    if feature != "decoder":
+        raise ConfigError(f"method.feature={feature}: model.backbone={model_cfg.backbone} contrasts its decoder "
+                          "feature (method.feature=decoder)")
+    return MiTSegmentor(
+        num_classes=num_classes,
+        backbone=model_cfg.backbone,
+        decoder=model_cfg.decoder,
+        decoder_dim=model_cfg.decoder_dim,
+        width=model_cfg.width,
+        drop_path=model_cfg.drop_path,
+        proj_dim=model_cfg.proj_dim,
+    )
