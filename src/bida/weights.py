@@ -1,19 +1,28 @@
 """Loading initial weights from local files (never downloaded).
 
-Three layouts are recognised:
+These layouts are recognised:
 
 * the DeepLab-V2 ResNet-101 init checkpoint of AdaptSegNet/ADVENT/IAST and the official BiDA
   code (``DeepLab_init.pth``): keys prefixed ``Scale.``; its classifier (``layer5``) is for
   another label set and is skipped;
 * torchvision ResNet ImageNet state dicts (``conv1.weight`` ... ``fc.bias``): ``fc`` skipped;
+* the SegFormer/mmseg MiT ImageNet files (``mit_b0.pth`` ... ``mit_b5.pth``: ``patch_embed1``,
+  ``block1.0.attn.kv``, ``norm1``..., an ImageNet ``head`` skipped), loaded into the MiT
+  encoder (``backbone.``); mmseg segmentation checkpoints already use ``backbone.``;
+* the Hugging Face ``segformer`` layout (``segformer.encoder.patch_embeddings.0.proj``,
+  ``segformer.encoder.block.0.0.attention.self.query``..., usually ``.safetensors``),
+  renamed to the mmseg names, with the separate ``key`` and ``value`` layers concatenated
+  into ``kv`` (keys first); its ImageNet ``classifier`` and any ``decode_head`` are skipped;
 * bida checkpoints (a dict with ``model``) and safetensors files.
 
-Keys that fit nowhere, backbone keys that are missing, or shapes that differ are errors
-that name the file and the first offending keys.
+Keys that fit nowhere, backbone keys that are missing, shapes that differ, or a file of the
+other segmentor family (ResNet weights for a MiT and vice versa) are errors that name the
+file and the first offending keys.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -21,8 +30,23 @@ import torch
 from .checkpoint import load_checkpoint
 from .errors import CheckpointError
 
-HEAD_PREFIXES = ("layer5.", "proj.")
+HEAD_PREFIXES = ("layer5.", "proj.", "decode_head.")
 SKIPPED_PREFIXES = ("fc.",)
+# The classifier bias of each segmentor: its length is the class count.
+CLASSIFIER_BIASES = ("layer5.conv2d_list.0.bias", "decode_head.classifier.bias")
+MIT_KEY = "backbone.patch_embed1.proj.weight"  # a MiT segmentor's state dict has it
+
+# Hugging Face segformer -> mmseg MiT names, inside one block (``key``/``value`` are merged apart).
+_HF_BLOCK_NAMES = {
+    "layer_norm_1.": "norm1.", "layer_norm_2.": "norm2.",
+    "attention.self.query.": "attn.q.", "attention.self.sr.": "attn.sr.",
+    "attention.self.layer_norm.": "attn.norm.", "attention.output.dense.": "attn.proj.",
+    "mlp.dense1.": "mlp.fc1.", "mlp.dwconv.dwconv.": "mlp.dwconv.dwconv.", "mlp.dense2.": "mlp.fc2.",
+}
+_HF_PATCH = re.compile(r"encoder\.patch_embeddings\.(\d+)\.(proj|layer_norm)\.(.+)")
+_HF_BLOCK = re.compile(r"encoder\.block\.(\d+)\.(\d+)\.(.+)")
+_HF_NORM = re.compile(r"encoder\.layer_norm\.(\d+)\.(.+)")
+_HF_KV = re.compile(r"attention\.self\.(key|value)\.(weight|bias)")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -61,18 +85,105 @@ def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def detect_layout(state: dict[str, torch.Tensor]) -> str:
+    """``hf_segformer``, ``mit`` (mmseg ``mit_b*.pth``), ``mit_segmentor`` (``backbone.`` prefixed),
+    ``resnet`` (torchvision / DeepLab-V2 / bida DeepLab-V2) or ``unknown``."""
+    keys = list(state)
+    if any(k.startswith(("segformer.encoder.", "encoder.patch_embeddings.")) for k in keys):
+        return "hf_segformer"
+    if any(k.startswith("patch_embed1.") for k in keys):
+        return "mit"
+    if MIT_KEY in state:
+        return "mit_segmentor"
+    if "conv1.weight" in state or any(k.startswith("layer1.") for k in keys):
+        return "resnet"
+    return "unknown"
+
+
+LAYOUT_NAMES = {
+    "hf_segformer": "Hugging Face segformer (MiT)", "mit": "SegFormer/mmseg MiT",
+    "mit_segmentor": "MiT segmentor", "resnet": "ResNet/DeepLab-V2",
+}
+
+
+def _hf_to_mmseg(key: str) -> str | None:
+    """The mmseg MiT name of a Hugging Face encoder key (``segformer.`` already removed), else None."""
+    if m := _HF_PATCH.fullmatch(key):
+        return f"patch_embed{int(m[1]) + 1}.{'proj' if m[2] == 'proj' else 'norm'}.{m[3]}"
+    if m := _HF_NORM.fullmatch(key):
+        return f"norm{int(m[1]) + 1}.{m[2]}"
+    if m := _HF_BLOCK.fullmatch(key):
+        for old, new in _HF_BLOCK_NAMES.items():
+            if m[3].startswith(old):
+                return f"block{int(m[1]) + 1}.{m[2]}.{new}{m[3][len(old):]}"
+    return None
+
+
+def _from_hf_segformer(state: dict[str, torch.Tensor], path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Hugging Face segformer keys as the bida MiT segmentor's (``backbone.`` + mmseg names).
+
+    Returns:
+        (converted state, skipped keys: the ImageNet classifier and any decode head).
+    """
+    out: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    kv: dict[str, dict[str, torch.Tensor]] = {}  # "block1.0.attn.kv.weight" -> {"key": ..., "value": ...}
+    for key, value in state.items():
+        if key.startswith(("classifier.", "decode_head.")):
+            skipped.append(key)
+            continue
+        name = key[len("segformer."):] if key.startswith("segformer.") else key
+        block = _HF_BLOCK.fullmatch(name)
+        if block and (m := _HF_KV.fullmatch(block[3])):
+            kv.setdefault(f"block{int(block[1]) + 1}.{block[2]}.attn.kv.{m[2]}", {})[m[1]] = value
+            continue
+        new = _hf_to_mmseg(name)
+        out[f"backbone.{new}" if new is not None else key] = value  # unknown keys stay, to be reported
+    for name, parts in kv.items():
+        if set(parts) != {"key", "value"}:
+            lacking = "value" if "key" in parts else "key"
+            raise CheckpointError(f"pretrained file {path}: the attention {lacking} layer of {name} is missing")
+        out[f"backbone.{name}"] = torch.cat([parts["key"], parts["value"]], 0)  # mmseg kv: keys, then values
+    return out, skipped
+
+
+def _to_model_layout(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], path: str | Path,
+                     arch: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``state`` renamed to the model's key layout, and the keys skipped on the way.
+
+    Raises:
+        CheckpointError: a file of the other segmentor family.
+    """
+    layout = detect_layout(state)
+    model_is_mit = MIT_KEY in own
+    file_is_mit = layout in ("hf_segformer", "mit", "mit_segmentor")
+    if layout != "unknown" and file_is_mit != model_is_mit:
+        needs = ("MiT weights (a SegFormer/mmseg mit_b*.pth or a Hugging Face segformer .safetensors)" if model_is_mit
+                 else "ResNet weights (torchvision, DeepLab_init.pth or a bida DeepLab-V2 checkpoint)")
+        raise CheckpointError(f"pretrained file {path} holds {LAYOUT_NAMES[layout]} weights; "
+                              f"model.backbone={arch} needs {needs}")
+    if layout == "hf_segformer":
+        return _from_hf_segformer(state, path)
+    if layout == "mit":  # ImageNet mit_b*.pth: encoder keys without a prefix, maybe an ImageNet head
+        skipped = [k for k in state if k.startswith("head.")]
+        return {f"backbone.{k}": v for k, v in state.items() if k not in skipped}, skipped
+    return state, []
+
+
 def load_pretrained(model: torch.nn.Module, path: str | Path) -> dict[str, list[str]]:
-    """Load ImageNet / DeepLab-init / bida weights into the backbone (and the head when it fits).
+    """Load ImageNet / DeepLab-init / MiT / bida weights into the backbone (and the head when it fits).
 
     Returns:
         ``{"loaded": [...], "skipped": [...], "missing": [...]}`` key lists.
 
     Raises:
-        CheckpointError: unexpected keys, missing backbone keys or shape mismatches.
+        CheckpointError: a file of the other segmentor family, unexpected keys, missing
+            backbone keys or shape mismatches.
     """
-    state = _normalise_keys(read_state_dict(path))
     own = model.state_dict()
-    skipped = [k for k in state if k.startswith(SKIPPED_PREFIXES)]
+    state, skipped = _to_model_layout(_normalise_keys(read_state_dict(path)), own, path,
+                                      getattr(model, "arch", type(model).__name__))
+    skipped += [k for k in state if k.startswith(SKIPPED_PREFIXES)]
     unexpected = [k for k in state if k not in own and k not in skipped and not k.startswith(HEAD_PREFIXES)]
     if unexpected:
         raise CheckpointError(f"pretrained file {path} has unexpected keys: {', '.join(unexpected[:5])}"
@@ -131,11 +242,10 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, checkpoint: dic
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in own if k in state and own[k].shape != state[k].shape]
-    bias_key = "layer5.conv2d_list.0.bias"
-    if bias_key in mismatched:
-        k = bias_key
-        raise CheckpointError(
-            f"checkpoint {path} was trained for {state[k].shape[0]} classes, the config has {own[k].shape[0]}")
+    for k in CLASSIFIER_BIASES:
+        if k in mismatched:
+            raise CheckpointError(
+                f"checkpoint {path} was trained for {state[k].shape[0]} classes, the config has {own[k].shape[0]}")
     if missing or unexpected or mismatched:
         detail = "; ".join(f"{name}: {', '.join(keys[:3])}" for name, keys in
                            (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys)

@@ -198,7 +198,8 @@ class MixTransformer(nn.Module):
         self.dims = scaled_dims(spec, width)
         self.depths = spec.depths
         self.sr_ratios = spec.sr_ratios
-        rates = torch.linspace(0, drop_path, sum(spec.depths)).tolist()  # stochastic depth decay rule
+        n = sum(spec.depths)
+        rates = [drop_path * i / (n - 1) for i in range(n)]  # stochastic depth: 0 at the first block, linear
         in_ch, first = 3, 0
         for i, (dim, depth, heads, sr) in enumerate(zip(self.dims, spec.depths, spec.heads, spec.sr_ratios), 1):
             kernel, stride = (7, 4) if i == 1 else (3, 2)
