@@ -31,7 +31,7 @@ import time
 import torch
 
 from bida.config import EvalConfig, ModelConfig
-from bida.deeplabv2 import build_model
+from bida.models import build_model
 from bida.evaluate import predict_probs
 
 NUM_CLASSES = 19  # Cityscapes train ids

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from bida.config import Config, load_config
-from bida.deeplabv2 import DeepLabV2, SegOutput, build_model
+from bida.models import DeepLabV2, SegOutput, build_model
 from bida.pseudo_labels import Calibration
 from bida.train_step import adapt_step
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from bida.checkpoint import save_checkpoint
 from bida.cli import main
-from bida.deeplabv2 import DeepLabV2
+from bida.models import DeepLabV2
 from fixtures import make_folder_tree
 
 TINY = ["model.width=0.125", "train.iters=2", "train.quiet=true", "data.crop=[8,12]", "train.eval_every=100"]

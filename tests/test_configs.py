@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from bida.cli import main
-from bida.deeplabv2 import DeepLabV2
+from bida.models import DeepLabV2
 from fixtures import make_cityscapes_tree, make_folder_tree, make_gta5_tree, make_synthia_tree
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from bida.deeplabv2 import DeepLabV2
+from bida.models import DeepLabV2
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
@@ -99,7 +99,7 @@ def test_bn_batch_stats_forwards_each_domain_alone():
 
 def test_bn_batch_stats_needs_freeze_bn():
     from bida.config import load_config
-    from bida.deeplabv2 import build_model
+    from bida.models import build_model
     from bida.errors import ConfigError
 
     with pytest.raises(ValueError, match="freeze_bn"):
@@ -108,3 +108,12 @@ def test_bn_batch_stats_needs_freeze_bn():
         build_model(load_config(None, ["model.bn_batch_stats=true"]).model, 3)
     m = build_model(load_config(None, ["model.width=0.125", "model.freeze_bn=true", "model.bn_batch_stats=true"]).model, 3)
     assert m.bn_batch_stats and m.bn1.weight.requires_grad is False
+
+
+def test_old_import_path_is_the_same_module():
+    import bida.deeplabv2 as old
+    import bida.models as models
+    from bida.models import deeplabv2
+
+    assert old.DeepLabV2 is deeplabv2.DeepLabV2 and old.SegOutput is models.SegOutput
+    assert old.build_model is models.build_model and old.ASPPClassifier is deeplabv2.ASPPClassifier

@@ -43,7 +43,7 @@ class _Tiny(torch.nn.Module):
         self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
 
     def forward(self, x, domain="source"):
-        from bida.deeplabv2 import SegOutput
+        from bida.models import SegOutput
 
         y = self.conv(x)
         return SegOutput(y, y)

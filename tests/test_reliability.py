@@ -122,7 +122,7 @@ def test_evaluate_refuses_a_checkpoint_of_another_class_count(tmp_path, capsys, 
     # before: exit 0 and metrics computed with 7 output channels against the dataset's classes
     from bida.checkpoint import save_checkpoint
     from bida.config import to_dict
-    from bida.deeplabv2 import build_model
+    from bida.models import build_model
 
     cfg = load_config(None, tiny_overrides)
     ckpt = tmp_path / "k7.pt"

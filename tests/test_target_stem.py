@@ -5,7 +5,7 @@ import torch
 
 from bida.checkpoint import load_checkpoint
 from bida.config import load_config
-from bida.deeplabv2 import DeepLabV2
+from bida.models import DeepLabV2
 from bida.train import Trainer, train
 from bida.weights import load_model_weights
 

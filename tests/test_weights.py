@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bida.checkpoint import load_checkpoint, save_checkpoint
-from bida.deeplabv2 import DeepLabV2
+from bida.models import DeepLabV2
 from bida.errors import CheckpointError
 from bida.weights import load_model_weights, load_pretrained
 
