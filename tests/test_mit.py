@@ -267,6 +267,7 @@ def test_checkpoint_of_another_class_count(tmp_path):
     (["method.feature=decoder", "model.freeze_bn=true"], "model.freeze_bn"),
     (["method.feature=decoder", "data.normalize=caffe"], "data.normalize"),
     (["method.feature=decoder", "data.crop=[16,64]"], "data.crop"),
+    (["method.feature=decoder", "eval.mode=slide", "eval.crop=[24,24]"], "eval.crop"),
     (["method.feature=decoder", "model.drop_path=1.0"], "model.drop_path"),
     (["method.feature=decoder", "model.decoder=aspp"], "model.decoder"),
 ])
@@ -283,6 +284,29 @@ def test_config_builds_each_family():
     with pytest.raises(ConfigError, match=r"method\.feature=decoder"):
         load_config(None, ["method.feature=decoder"])  # resnet18: no decoder feature
     assert isinstance(build_model(load_config().model, 4), DeepLabV2)
+
+
+@pytest.mark.parametrize("extra", [[], ["loss.contrast_resolution=label", "method.prototype_scope=pair",
+                                        "method.center_features=batch", "pseudo.dynamic_for_segmentation=true"]])
+def test_adapt_step_at_stride_4_with_padded_crops(extra):
+    """A BiDA step with features at 1/4 of sizes that are no multiple of 4, padded target crops, bf16."""
+    from bida.pseudo_labels import Calibration
+    from bida.train_step import adapt_step
+
+    cfg = load_config(None, MIT_TINY + ["method=bida", "data.crop=[38,70]"] + extra)
+    m = build_model(cfg.model, 4, cfg.method.feature)
+    g = torch.Generator().manual_seed(0)
+    valid = torch.ones(2, 38, 70, dtype=torch.bool)
+    valid[:, 30:] = False  # padding at the bottom of the target crops
+    batch_src = {"image": torch.randn(2, 3, 38, 70, generator=g), "label": torch.randint(0, 4, (2, 38, 70), generator=g)}
+    y_static = torch.randint(0, 4, (2, 38, 70), generator=g).masked_fill(~valid, 255)
+    batch_tgt = {"image": torch.randn(2, 3, 38, 70, generator=g), "label": y_static, "valid": valid}
+    cal = Calibration(4, m.feature_dim, momentum=0.9, max_weight=1.0, ramp_iters=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = adapt_step(m, batch_src, batch_tgt, cfg, cal, 4)
+    assert torch.isfinite(result.loss) and result.logs["loss/contrast_t2s"] > 0
+    result.loss.backward()
+    assert m.proj[0].weight.grad is not None and m.backbone.patch_embed1.proj.weight.grad.abs().sum() > 0
 
 
 def test_bida_train_runs_mit(tmp_path, tiny_overrides, capsys):

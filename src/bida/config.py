@@ -304,9 +304,10 @@ def check_model_choices(cfg: "Config") -> None:
     if cfg.method.feature != "decoder":
         raise ConfigError(f"method.feature={cfg.method.feature}: model.backbone={backbone} contrasts its decoder "
                           "feature; use method.feature=decoder")
-    if min(cfg.data.crop) < MIT_MIN_CROP:
-        raise ConfigError(f"data.crop: {list(cfg.data.crop)} is too small for model.backbone={backbone} "
-                          f"(at least {MIT_MIN_CROP} pixels a side)")
+    for key, crop in (("data.crop", cfg.data.crop), ("eval.crop", cfg.eval.crop if cfg.eval.mode == "slide" else None)):
+        if crop is not None and min(crop) < MIT_MIN_CROP:
+            raise ConfigError(f"{key}: {list(crop)} is too small for model.backbone={backbone} "
+                              f"(at least {MIT_MIN_CROP} pixels a side)")
 
 
 # --------------------------------------------------------------------------- building
