@@ -325,3 +325,17 @@ def test_bida_train_runs_mit(tmp_path, tiny_overrides, capsys):
 
     model = model_from_checkpoint(run / "checkpoints" / "last.pt")[0]
     assert isinstance(model, MiTSegmentor) and model.backbone.dims == (8, 16, 40, 64)
+
+
+def test_mit_resume_is_exact_with_drop_path_and_dropout(tmp_path, tiny_overrides):
+    """Stochastic depth and decoder dropout draw from the seeded generator that a resume restores."""
+    from bida.checkpoint import load_checkpoint
+    from bida.train import Trainer, train
+
+    cfg = load_config(None, tiny_overrides + MIT_TINY + ["method=bida", "model.drop_path=0.3", "train.iters=2",
+                                                         "train.iters_per_round=2", "train.rounds=1"])
+    train(cfg, tmp_path / "full")
+    assert Trainer(cfg, tmp_path / "part").fit(stop_after=3) is None  # mid round
+    Trainer(cfg, tmp_path / "part", resume=True).fit()
+    a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt")["model"] for run in ("full", "part"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -226,8 +226,12 @@ def train_loader(dataset: SegmentationDataset, batch_size: int, seed: int, start
                  rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> Iterator[dict]:
     """An endless iterator of training batches starting at batch ``start``."""
     sampler = InfiniteBatchSampler(len(dataset), batch_size, seed, start, rank, world_size)
+    # Its own generator: without one, every iter(loader) draws its base seed from the global
+    # torch generator, and a resumed run (which builds its loaders after restoring that
+    # generator) would draw different dropout and stochastic-depth masks than the run it continues.
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                        persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals)
+                        persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals,
+                        generator=torch.Generator().manual_seed(seed))
     if num_workers == 0:
         return iter(loader)
     # Workers inherit the blocked mask, so a signal sent while they start stays pending until
