@@ -39,10 +39,10 @@ def folder_run(tmp_path_factory) -> tuple[Path, list[str], str]:
     data = _folder_pair(root)
     run = root / "run"
     import io
-    from contextlib import redirect_stderr
+    from contextlib import redirect_stdout
 
     err = io.StringIO()
-    with redirect_stderr(err):
+    with redirect_stdout(err):
         assert main(["train", *data, *FOLDER_TINY, "--out", str(run)]) == 0
     return run, data, err.getvalue()
 
@@ -63,7 +63,8 @@ def test_random_init_is_warned_and_source_val_is_reported(folder_run):
 
 def test_no_random_init_warning_for_the_embedded_pair(tmp_path, tiny_overrides, capsys):
     assert main(["train", "--out", str(tmp_path / "r"), *tiny_overrides, "train.iters=1", "method=source_only"]) == 0
-    assert "random weights" not in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "random weights" not in captured.out + captured.err
 
 
 def _shapes(root: Path, n: int, size: int, seed: int, colours) -> None:

@@ -335,14 +335,14 @@ class Trainer:
 
     def _warn_random_init(self) -> None:
         """Random weights need many more iterations than ImageNet ones and reach far less on
-        real photos; say so on stderr (even with --quiet), except for the embedded pair,
-        which is designed to train from scratch."""
+        real photos; say so (even with --quiet; on stdout, as stderr is kept for the one-line
+        errors), except for the embedded pair, which is designed to train from scratch."""
         if not self.is_main or (self.cfg.data.source.kind == "synthetic" and self.cfg.data.target.kind == "synthetic"):
             return
-        print(f"bida: warning: training {self.cfg.model.backbone} from random weights (model.pretrained and "
-              "model.init_checkpoint are not set); for real data start from ImageNet weights, e.g. "
-              "model.backbone=resnet101 model.pretrained=weights/DeepLab_init.pth data.normalize=caffe "
-              "(README, 'Initial weights')", file=sys.stderr, flush=True)
+        tqdm.write(f"bida: warning: training {self.cfg.model.backbone} from random weights (model.pretrained and "
+                   "model.init_checkpoint are not set); for real data start from ImageNet weights, e.g. "
+                   "model.backbone=resnet101 model.pretrained=weights/DeepLab_init.pth data.normalize=caffe "
+                   "(README, 'Initial weights')")
 
     def _check_data(self) -> None:
         from .data_check import check_domain
