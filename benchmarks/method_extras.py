@@ -1,6 +1,6 @@
 """Time BiDA's per-iteration extras, vectorised (bida) against a naive per-class loop.
 
-The extras are everything BiDA adds to a plain segmentation step (METHOD.md sections
+The extras are everything BiDA adds to a plain segmentation step (docs/method.md sections
 1 to 4): source prototypes, label transfer to calibrated source prototypes and fusion
 with the static labels, target prototypes, both contrast losses (forward + backward),
 and the calibration update. The naive version does the same computation at the same

@@ -69,17 +69,37 @@ def save_checkpoint(state: dict, path: Path) -> None:
     atomic_write_bytes(Path(path), buf.getvalue())
 
 
+# torch.save writes a zip archive; files of torch < 1.6 (and raw pickles) start with the
+# pickle protocol opcode. Anything else (an image, a text file) is not a checkpoint at all.
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = 0x80
+
+
+def _check_checkpoint_magic(path: Path) -> None:
+    """Refuse a file that is no ``torch.save`` output (e.g. a JPEG) with a message saying so."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    if head and not head.startswith(_ZIP_MAGIC) and head[0] != _PICKLE_PROTO:
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (expected a file written by torch.save, "
+                              f"e.g. runs/NAME/checkpoints/last.pt)")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint safely.
 
     Raises:
-        CheckpointError: missing, truncated/corrupt, or a pickle that would execute code.
+        CheckpointError: missing, not a PyTorch checkpoint at all, truncated/corrupt, or a
+            pickle that would execute code.
     """
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file (e.g. {path / 'checkpoints' / 'last.pt'})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    _check_checkpoint_magic(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:

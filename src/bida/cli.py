@@ -16,69 +16,120 @@ from pathlib import Path
 from .errors import BidaError, CheckpointError, Interrupted
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", help="YAML config (default: the embedded synthetic pair)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. train.iters=200")
+_OVERRIDES_HELP = ("dotted config overrides (values parsed as YAML), e.g. train.iters=200; "
+                   "accepted anywhere after the command")
+
+
+def _add_config_args(p: argparse.ArgumentParser, config_help: str = "YAML config (default: the embedded synthetic pair)",
+                     example: str | None = "train.iters=200") -> None:
+    p.add_argument("-c", "--config", help=config_help)
+    overrides_help = _OVERRIDES_HELP if example is None else _OVERRIDES_HELP.replace("train.iters=200", example)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+
+
+def _version() -> str:
+    """The installed package's version, or the source tree's when bida is not installed."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover - Python < 3.8
+        PackageNotFoundError, version = Exception, None
+    try:
+        if version is not None:
+            return version("bida")
+    except PackageNotFoundError:
+        pass
+    from . import __version__
+
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bida", description="Unsupervised domain adaptive semantic segmentation (BiDA).")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"bida {_version()}",
+                        help="print the package version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model (source-only or adaptation)")
     _add_config_args(p)
     p.add_argument("--out", help="run directory (default: runs/<method>-<time>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
     p.add_argument("--preset", choices=("paper", "plus"),
                    help="named method preset applied before the overrides (see bida.presets)")
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on the target validation split")
-    _add_config_args(p)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", help="directory for metrics.json")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    _add_config_args(p, config_help="YAML config (default: the config saved in the checkpoint)", example="eval.flip=true")
+    p.add_argument("--checkpoint", required=True, help="bida checkpoint, e.g. runs/NAME/checkpoints/last.pt")
+    p.add_argument("--out", help="directory for metrics.json (default: print only)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing metrics.json in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("predict", help="predict label maps and overlays for images or folders")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("inputs", nargs="+", metavar="INPUT")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--checkpoint", required=True, help="bida checkpoint, e.g. runs/NAME/checkpoints/last.pt")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (walked recursively)")
+    p.add_argument("--out", required=True,
+                   help="output directory; folder inputs keep their relative paths under it")
+    p.add_argument("--overwrite", action="store_true", help="replace predictions already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("demo", help="source-only, self-training and BiDA on the embedded domain pair")
     p.add_argument("--out", default="runs/demo", help="demo directory (a fresh suffix is added if it exists)")
+    p.add_argument("--resume", metavar="DIR",
+                   help="finish an interrupted demo in DIR: train the missing runs, rebuild the table and report")
+    p.add_argument("--reevaluate", action="store_true",
+                   help="with --resume on a finished demo: evaluate every run again and rebuild the table and report")
     p.add_argument("--seeds", type=int, default=1, help="training seeds (each with its own source-only model)")
     p.add_argument("--preset", choices=("paper", "plus"), default="paper", help="method preset of the BiDA row")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-run messages")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help=_OVERRIDES_HELP.replace("train.iters=200", "seed=3") + "; applied to every run")
 
     p = sub.add_parser("ablate", help="run the BiDA ablation grid and write a Markdown table")
-    _add_config_args(p)
-    p.add_argument("--out", default="runs/ablation")
+    _add_config_args(p, example="seed=3")
+    p.add_argument("--out", default="runs/ablation", help="ablation directory (a fresh suffix is added if it exists)")
+    p.add_argument("--resume", metavar="DIR",
+                   help="finish an interrupted ablation in DIR: train the missing rows, rebuild the table")
+    p.add_argument("--reevaluate", action="store_true",
+                   help="with --resume on a finished ablation: evaluate every run again and rebuild the table")
     p.add_argument("--init-checkpoint", help="source-only checkpoint shared by every row (trained if absent)")
     p.add_argument("--seeds", type=int, default=1, help="training seeds (each with its own source-only model)")
     p.add_argument("--candidates", action="store_true", help="also run the candidate rows (contrast variants)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-run messages")
 
     p = sub.add_parser("report", help="an HTML report comparing run directories (the first is the baseline)")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories; the first is the baseline")
     p.add_argument("--out", required=True, help="report directory (index.html and figures/)")
     p.add_argument("--overwrite", action="store_true", help="replace the report in a non-empty directory")
     p.add_argument("--max-images", type=int, default=6, help="target validation images shown (best and worst)")
 
     p = sub.add_parser("data", help="dataset utilities")
-    dsub = p.add_subparsers(dest="data_command", required=True)
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     d = dsub.add_parser("check", help="check the configured datasets")
-    _add_config_args(d)
+    _add_config_args(d, example="data.source.root=A")
     d.add_argument("--quick", action="store_true", help="read only a few files per split")
 
     p = sub.add_parser("check-data", help="alias of 'bida data check'")
-    _add_config_args(p)
-    p.add_argument("--quick", action="store_true")
+    _add_config_args(p, example="data.source.root=A")
+    p.add_argument("--quick", action="store_true", help="read only a few files per split")
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; ``key=value`` overrides may follow options in any order.
+
+    argparse takes one run of positionals, so ``bida train --out D a=1 --quiet b=2`` would
+    leave ``b=2`` unrecognised: such extra ``key=value`` words are appended to the overrides
+    of commands that take them, in the order given. Anything else is still an error.
+    """
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        looks_like_override = all("=" in e and not e.startswith("-") for e in extra)
+        if not (looks_like_override and hasattr(args, "overrides")):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides or []) + extra
+    return args
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -143,18 +194,35 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grid_resume_args(args: argparse.Namespace, fixed: dict) -> None:
+    """``--resume DIR`` takes the recorded settings: refuse others given with it."""
+    if args.reevaluate and not args.resume:
+        raise BidaError("--reevaluate works with --resume DIR (evaluate a finished grid again)")
+    if args.resume:
+        given = [flag for flag, changed in fixed.items() if changed] + (["key=value overrides"] if args.overrides else [])
+        if given:
+            raise BidaError(f"--resume continues with the settings recorded in {args.resume}; "
+                            f"do not pass {', '.join(given)}")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), overrides=args.overrides, quiet=args.quiet, seeds=args.seeds, preset=args.preset)
+    _grid_resume_args(args, {"--seeds": args.seeds != 1, "--preset": args.preset != "paper",
+                             "--out": args.out != "runs/demo"})
+    run_demo(Path(args.resume or args.out), overrides=args.overrides, quiet=args.quiet, seeds=args.seeds,
+             preset=args.preset, resume=bool(args.resume), reevaluate=args.reevaluate)
     return 0
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     from .demo import run_ablation
 
-    run_ablation(args.config, Path(args.out), overrides=args.overrides, init_checkpoint=args.init_checkpoint,
-                 quiet=args.quiet, seeds=args.seeds, candidates=args.candidates)
+    _grid_resume_args(args, {"-c": bool(args.config), "--seeds": args.seeds != 1, "--candidates": args.candidates,
+                             "--init-checkpoint": bool(args.init_checkpoint), "--out": args.out != "runs/ablation"})
+    run_ablation(args.config, Path(args.resume or args.out), overrides=args.overrides,
+                 init_checkpoint=args.init_checkpoint, quiet=args.quiet, seeds=args.seeds,
+                 candidates=args.candidates, resume=bool(args.resume), reevaluate=args.reevaluate)
     return 0
 
 
@@ -173,20 +241,28 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_data_check(args: argparse.Namespace) -> int:
     from .config import load_config
     from .data_check import check_domain
-    from .datasets import resolve_domain
+    from .datasets import check_same_classes, resolve_domain
+    from .errors import DataError
 
     cfg = load_config(args.config, args.overrides)
     ok = True
+    domains = {}
     for which in ("source", "target"):
         dom_cfg = getattr(cfg.data, which)
-        dom = resolve_domain(cfg, which)
+        dom = domains[which] = resolve_domain(cfg, which)
         splits = {dom_cfg.train_split: which == "source"}
         if dom_cfg.val_split:
             splits[dom_cfg.val_split] = True
         report = check_domain(dom.kind, dom.root, splits, num_classes=dom.classes.num_classes, full=not args.quick)
-        print(f"## {which}: {dom.kind} at {dom.root}\n")
+        report.domain = f"{dom_cfg.kind} {dom.root}"  # the configured kind (the embedded pair reads as folders)
+        print(f"## {which}: {dom_cfg.kind} at {dom.root}\n")
         print(report.to_markdown())
         ok = ok and report.ok()
+    try:  # bida train refuses a pair whose class lists differ: so does the check
+        check_same_classes(domains["source"], domains["target"])
+    except DataError as err:
+        print(f"## source and target\n\n**Status:** 1 error(s)\n\n- {err}\n")
+        ok = False
     if not ok:
         print("data check found errors", file=sys.stderr)
         return 1
@@ -199,7 +275,7 @@ _DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQU
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo,
                 "ablate": cmd_ablate, "check-data": cmd_data_check, "report": cmd_report}
     try:

@@ -20,6 +20,7 @@ from bida.readers import (
     check_label_values,
     class_info,
     list_samples,
+    non_png_label_hint,
     orphan_labels,
     read_image,
     read_label,
@@ -42,6 +43,7 @@ class CheckReport:
     histogram: dict[str, dict[str, int]] = field(default_factory=dict)
     checked: dict[str, int] = field(default_factory=dict)  # samples read per split
     domain: str = ""  # "kind root", the title of the markdown report
+    class_names: tuple[str, ...] = ()  # the domain's classes: the order of the histogram
 
     def ok(self) -> bool:
         return not self.errors
@@ -60,7 +62,7 @@ class CheckReport:
                     lines.append(f"- ... and {len(items) - _MARKDOWN_LIST_LIMIT} more")
         if self.histogram:
             splits = list(self.histogram)
-            names = list(dict.fromkeys(n for h in self.histogram.values() for n in h))
+            names = self._histogram_rows()
             totals = {s: max(1, sum(self.histogram[s].values())) for s in splits}
             lines += ["", "## Class histogram (pixels, % of the split)", ""]
             lines += ["| class | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
@@ -71,6 +73,21 @@ class CheckReport:
                     cells.append(f"{count} ({100 * count / totals[s]:.2f}%)")
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
+
+
+    def _histogram_rows(self) -> list[str]:
+        """Histogram keys in class order: the domain's classes, other values by number, ignore last."""
+        keys = {n for h in self.histogram.values() for n in h}
+        order = {name: i for i, name in enumerate(self.class_names)}
+
+        def rank(key: str) -> tuple[int, int]:
+            if key in order:
+                return 0, order[key]
+            if key == IGNORE_NAME:
+                return 2, 0
+            return 1, int(key) if key.isdigit() else 0
+
+        return sorted(keys, key=rank)
 
 
 def _class_names(kind: str, root: Path, report: CheckReport) -> tuple[str, ...] | None:
@@ -115,6 +132,7 @@ def check_domain(
     root = Path(root)
     report = CheckReport(domain=f"{kind} {root}")
     names = _class_names(kind, root, report)
+    report.class_names = tuple(names or ())
     if num_classes is None and names is not None:
         num_classes = len(names)
     limit = max_files if max_files is not None else (None if full else QUICK_CHECK_FILES)
@@ -130,7 +148,8 @@ def check_domain(
         report.counts[split] = len(samples)
         for sample in samples:
             if sample.label is None and labels_required:
-                report.errors.append(f"image {sample.image} has no label (split {split!r})")
+                report.errors.append(f"image {sample.image} has no label (split {split!r})"
+                                     + non_png_label_hint(kind, root, split, sample))
         orphans.update(orphan_labels(kind, root, split))
 
         histogram: dict[str, int] = {}

@@ -15,8 +15,9 @@ from typing import Sequence
 
 import numpy as np
 
+from .checkpoint import atomic_write_text
 from .config import Config, load_config
-from .errors import ConfigError
+from .errors import ConfigError, RunDirError
 from .features import run_alignment
 from .presets import preset_overrides
 from .train import train
@@ -33,6 +34,16 @@ ABLATION_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("+ calibration (full BiDA)", ("method=bida",)),
 )
 
+# Run directory of each ablation row: the components it switches on.
+ROW_DIRS: dict[str, str] = {
+    "self-training (no contrast)": "self_training",
+    "+ t2s only": "t2s_only",
+    "+ s2t only": "s2t_only",
+    "+ t2s + s2t": "t2s_s2t",
+    "+ dynamic labels": "t2s_s2t_dynamic",
+    "+ calibration (full BiDA)": "t2s_s2t_dynamic_calibration",
+}
+
 # Candidates for making the contrast count (README "Does the contrast count?"); each row
 # is full BiDA with one change, so each is compared with full BiDA and with self-training.
 CANDIDATE_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -47,6 +58,10 @@ CANDIDATE_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("cand: memory partners + weights 0.5", ("method=bida", "method.memory_partners=true",
                                               "loss.contrast_t2s_weight=0.5", "loss.contrast_s2t_weight=0.5")),
 )
+
+GRID_FILE = "grid.json"  # what a demo or ablation directory was asked to run (read by --resume)
+RESULT_FILE = "demo_result.json"  # a finished run of a grid: its metrics, wall time and alignment
+LABEL_CACHE = "shared_labels"  # round-0 static pseudo labels shared by the rows of a seed
 
 
 def fresh_dir(path: Path) -> Path:
@@ -69,13 +84,51 @@ def results_table(rows: Sequence[tuple[str, dict]], title: str = "method") -> st
     return "\n".join(lines)
 
 
-def _train(cfg_path: str | None, overrides: Sequence[str], out: Path, quiet: bool) -> dict:
+def _train(cfg_path: str | None, overrides: Sequence[str], out: Path, quiet: bool, resume: bool = False,
+           label_cache: Path | None = None) -> dict:
     cfg: Config = load_config(cfg_path, list(overrides) + (["train.quiet=true"] if quiet else []))
     t0 = time.time()
-    metrics = train(cfg, out)
+    if resume and (out / "metrics.json").is_file():  # trained; stopped before its alignment was measured
+        metrics = json.loads((out / "metrics.json").read_text())
+    elif resume and (out / "config.yaml").is_file():
+        metrics = train(None, out, resume=True, quiet=quiet, label_cache=label_cache)  # type: ignore[arg-type]
+    else:
+        metrics = train(cfg, out, label_cache=label_cache)
     metrics["wall_s"] = time.time() - t0
     # Prototype alignment of the final model (source train vs target val ground truth).
     metrics["alignment"] = run_alignment(out)
+    atomic_write_text(out / RESULT_FILE, json.dumps(metrics, default=float))
+    return metrics
+
+
+def _finished(out: Path, reevaluate: bool) -> dict | None:
+    """The recorded result of a finished run (evaluated again with ``reevaluate``), else None."""
+    if not (out / RESULT_FILE).is_file():
+        return None
+    metrics = json.loads((out / RESULT_FILE).read_text())
+    if reevaluate:
+        metrics = reevaluate_run(out) | {"wall_s": metrics.get("wall_s", 0.0)}
+        metrics["alignment"] = run_alignment(out)
+        atomic_write_text(out / RESULT_FILE, json.dumps(metrics, default=float))
+    return metrics
+
+
+def reevaluate_run(run_dir: Path) -> dict:
+    """Evaluate a run's last checkpoint on target val again; updates and returns its ``metrics.json``."""
+    import torch
+
+    from .datasets import build_eval_dataset, resolve_domain
+    from .evaluate import evaluate, write_metrics
+    from .predict import model_from_checkpoint
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg, names, _ = model_from_checkpoint(run_dir / "checkpoints" / "last.pt", None, device)
+    tgt = resolve_domain(cfg, "target")
+    fresh = evaluate(model, build_eval_dataset(cfg, tgt, cfg.data.target.val_split), cfg.eval, names,
+                     cfg.data.eval_classes, quiet=True, ignore_index=tgt.classes.ignore_index, device=device)
+    old = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    metrics = old | fresh
+    write_metrics(metrics, run_dir / "metrics.json")
     return metrics
 
 
@@ -95,40 +148,59 @@ def seed_list(cfg_path: str | None, overrides: Sequence[str], num_seeds: int) ->
 
 def run_grid(cfg_path: str | None, out: Path, rows: Sequence[tuple[str, Sequence[str]]], seeds: Sequence[int],
              overrides: Sequence[str] = (), init_checkpoint: str | None = None, quiet: bool = False,
-             flat: bool = False) -> dict[str, list[dict]]:
+             flat: bool = False, resume: bool = False, reevaluate: bool = False,
+             timing: dict[str, float] | None = None) -> dict[str, list[dict]]:
     """Train every row for every seed; returns ``{row name: [metrics per seed]}``.
 
     Each seed first trains its own source-only model (unless ``init_checkpoint`` is given),
     and every row of that seed starts from it: rows are paired on seeds. A row named
-    ``source_only`` is that source-only run itself. Runs go to ``out/seed_S/<row>``
-    (``out/<row>`` when ``flat``).
+    ``source_only`` is that source-only run itself. Runs go to ``out/seed_S/<row dir>``
+    (``out/<row dir>`` when ``flat``); the round-0 pseudo labels, the same for every row
+    of a seed, are generated once (``<seed dir>/shared_labels``). With ``resume``, finished
+    runs are read back, stopped ones continued and missing ones trained. ``timing`` gets
+    each run's wall time in seconds, keyed by its directory relative to ``out``.
     """
     results: dict[str, list[dict]] = {name: [] for name, _ in rows}
     total = len(seeds) * (len(rows) + (init_checkpoint is None and not any(n == "source_only" for n, _ in rows)))
     done = 0
+
+    def one(run_dir: Path, args: list[str], label: str, cache: Path | None) -> dict:
+        nonlocal done
+        done += 1
+        metrics = _finished(run_dir, reevaluate) if resume else None
+        if metrics is not None:
+            print(f"[{done}/{total}] {label}: finished earlier -> {run_dir}", flush=True)
+        else:
+            print(f"[{done}/{total}] {label} -> {run_dir}", flush=True)
+            metrics = _train(cfg_path, args, run_dir, quiet, resume=resume, label_cache=cache)
+        if timing is not None:
+            timing[run_dir.relative_to(out).as_posix()] = float(metrics.get("wall_s", 0.0))
+        return metrics
+
     for seed in seeds:
         seed_dir = out if flat else out / f"seed_{seed}"
         base = list(overrides) + [f"seed={seed}"]
         init = init_checkpoint
         if init is None:
-            done += 1
-            print(f"[{done}/{total}] seed {seed}: source-only -> {seed_dir / 'source_only'}", flush=True)
-            so = _train(cfg_path, base + ["method=source_only"], seed_dir / "source_only", quiet)
+            so = one(seed_dir / "source_only", base + ["method=source_only"], f"seed {seed}: source-only", None)
             if "source_only" in results:
                 results["source_only"].append(so | {"seed": seed})
             init = str(seed_dir / "source_only" / "checkpoints" / "last.pt")
         for name, row in rows:
             if name == "source_only":
                 continue
-            done += 1
-            run_dir = seed_dir / _dir_name(name)
-            print(f"[{done}/{total}] seed {seed}: {name} -> {run_dir}", flush=True)
-            m = _train(cfg_path, base + list(row) + [f"model.init_checkpoint={init}"], run_dir, quiet)
+            m = one(seed_dir / _dir_name(name), base + list(row) + [f"model.init_checkpoint={init}"],
+                    f"seed {seed}: {name}", seed_dir / LABEL_CACHE)
             results[name].append(m | {"seed": seed})
     return results
 
 
 def _dir_name(name: str) -> str:
+    """A row's run directory: its components (``t2s_s2t_dynamic``), else its name made safe."""
+    if name in ROW_DIRS:
+        return ROW_DIRS[name]
+    if name.startswith("cand: "):
+        name = "cand_" + name[len("cand: "):]
     return "".join(c if c.isalnum() or c in "_-" else "_" for c in name).strip("_") or "row"
 
 
@@ -209,43 +281,111 @@ def per_class_table(summary: dict[str, dict], baseline: str, rows: Sequence[str]
     return "\n".join(lines)
 
 
-def run_demo(out: Path, overrides: Sequence[str] = (), quiet: bool = False, report: bool = True,
-             seeds: int = 1, preset: str = "paper") -> dict[str, dict]:
-    """Source-only, then self-training and BiDA from it, for each seed; writes ``results.{md,json}``.
-
-    ``preset`` (:mod:`bida.presets`) applies to the BiDA row only; ``results.json`` records it.
-    """
-    base = list(DEMO_OVERRIDES) + list(overrides)
-    seed_values = seed_list(None, base, seeds)
+def _open_grid(out: Path, spec: dict, resume: bool) -> tuple[Path, dict]:
+    """A fresh grid directory with its ``grid.json``, or (``resume``) the spec of an existing one."""
+    if resume:
+        path = Path(out) / GRID_FILE
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise RunDirError(f"{out} is not a bida {spec['command']} directory that can be resumed "
+                              f"(no readable {GRID_FILE})") from None
+        if saved.get("command") != spec["command"]:
+            raise RunDirError(f"{out} holds a bida {saved.get('command')}, not a {spec['command']}: "
+                              f"resume it with bida {saved.get('command')} --resume {out}")
+        return Path(out), saved
     out = fresh_dir(Path(out))
     out.mkdir(parents=True)
+    atomic_write_text(out / GRID_FILE, json.dumps(spec, indent=2))
+    return out, spec
+
+
+def _complete(out: Path, results_file: str, run_dirs: Sequence[Path]) -> bool:
+    return (out / results_file).is_file() and all((d / RESULT_FILE).is_file() for d in run_dirs)
+
+
+def run_demo(out: Path, overrides: Sequence[str] = (), quiet: bool = False, report: bool = True,
+             seeds: int = 1, preset: str = "paper", resume: bool = False, reevaluate: bool = False) -> dict[str, dict]:
+    """Source-only, then self-training and BiDA from it, for each seed; writes ``results.{md,json}``.
+
+    ``preset`` (:mod:`bida.presets`) applies to the BiDA row only; ``results.json`` records it,
+    and its ``timing`` field the wall-time breakdown (set-up, each run, report). ``resume``
+    continues the demo in ``out`` with its recorded settings: missing runs are trained,
+    stopped ones continued, then the table and report are rebuilt; a finished demo is left
+    as it is unless ``reevaluate`` asks for every run to be evaluated again.
+    """
     t0 = time.time()
+    spec = {"command": "demo", "overrides": list(DEMO_OVERRIDES) + list(overrides), "seeds": seeds, "preset": preset}
+    if not resume:
+        seed_list(None, spec["overrides"], seeds)  # validated before the directory is created
+    out, spec = _open_grid(Path(out), spec, resume)
+    base, seeds, preset = spec["overrides"], int(spec["seeds"]), spec["preset"]
+    seed_values = seed_list(None, base, seeds)
     rows = [("source_only", ()), ("self_training", ("method=self_training",)),
             ("bida", ("method=bida", *preset_overrides(preset)))]
-    results = run_grid(None, out, rows, seed_values, base, quiet=quiet, flat=seeds == 1)
+    seed_dirs = [out] if seeds == 1 else [out / f"seed_{s}" for s in seed_values]
+    if resume and not reevaluate and _complete(out, "results.json", [d / k for d in seed_dirs for k, _ in rows]):
+        print(f"demo {out} is complete ({out / 'results.md'}); nothing to do "
+              "(--reevaluate evaluates every run again and rebuilds the table and report)")
+        saved = json.loads((out / "results.json").read_text())
+        return {k: v for k, v in saved.items() if k != "timing"}
+    # Set-up: the embedded data are generated on first use (then read from the cache).
+    from .datasets import resolve_domain
+
+    setup_cfg = load_config(None, list(base))
+    resolve_domain(setup_cfg, "source"), resolve_domain(setup_cfg, "target")
+    timing: dict = {"setup_s": time.time() - t0, "runs_s": {}}
+    results = run_grid(None, out, rows, seed_values, base, quiet=quiet, flat=seeds == 1, resume=resume,
+                       reevaluate=reevaluate, timing=timing["runs_s"])
     summary = summarise(results, "self_training")
     summary["bida"]["preset"] = preset
-    wall = time.time() - t0
     title = "bida demo (embedded synthetic pair)" + ("" if preset == "paper" else f", BiDA with preset '{preset}'")
-    text = _results_text(title, results, summary, "self_training", wall, "method")
-    (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
-    print("\n" + text)
+
+    def write(timing: dict) -> str:
+        timing["total_s"] = time.time() - t0
+        text = _results_text(title, results, summary, "self_training", timing, "method")
+        atomic_write_text(out / "results.md", text)
+        atomic_write_text(out / "results.json", json.dumps(summary | {"timing": timing}, indent=2))
+        return text
+
+    text = write(timing)  # before the report: the table survives a failing report
     if report:
         try:
             from .report import write_report
         except ImportError:
             write_report = None
         if write_report is not None:
-            first = out if seeds == 1 else out / f"seed_{seed_values[0]}"
-            page = write_report([first / k for k, _ in rows], out / "report")
+            t_report = time.time()
+            first = seed_dirs[0]
+            page = write_report([first / k for k, _ in rows], out / "report", overwrite=resume)
+            timing["report_s"] = time.time() - t_report
+            text = write(timing)
             print(f"report ({'seed ' + str(seed_values[0]) if seeds > 1 else 'this run'}): {page}")
+    print("\n" + text)
     print(f"demo directory: {out}")
     return summary
 
 
+def timing_table(timing: dict) -> str:
+    """Markdown: wall time of the set-up, each run and the report, and their total."""
+    lines = ["| part | wall time |", "|---|---:|"]
+
+    def fmt(seconds: float) -> str:
+        return f"{int(seconds // 60)}m{seconds % 60:04.1f}s" if seconds >= 60 else f"{seconds:.1f}s"
+
+    if "setup_s" in timing:
+        lines.append(f"| set-up (data generation or cache, configs) | {fmt(timing['setup_s'])} |")
+    for name, secs in timing.get("runs_s", {}).items():
+        lines.append(f"| run `{name}` (training, evaluation, alignment) | {fmt(secs)} |")
+    if "report_s" in timing:
+        lines.append(f"| report | {fmt(timing['report_s'])} |")
+    if "total_s" in timing:
+        lines.append(f"| **total** | **{fmt(timing['total_s'])}** |")
+    return "\n".join(lines)
+
+
 def _results_text(title: str, results: dict[str, list[dict]], summary: dict[str, dict], baseline: str,
-                  wall: float, what: str) -> str:
+                  wall: float | dict, what: str) -> str:
     n = len(next(iter(results.values())))
     parts = [f"# {title}", ""]
     if n == 1:
@@ -260,26 +400,47 @@ def _results_text(title: str, results: dict[str, list[dict]], summary: dict[str,
                   "cos with another class's source prototype (ground truth, source train vs target val, "
                   "mean over classes and seeds); nearest-own: share of target prototypes whose nearest "
                   "source prototype is their own class.", ""]
-    parts.append(f"Wall time: {wall / 60:.1f} min.")
+    if isinstance(wall, dict):
+        parts += ["Wall time (this process; runs finished before a --resume keep their own time):", "",
+                  timing_table(wall)]
+    else:
+        parts.append(f"Wall time: {wall / 60:.1f} min.")
     return "\n".join(parts) + "\n"
 
 
 def run_ablation(cfg_path: str | None, out: Path, overrides: Sequence[str] = (), init_checkpoint: str | None = None,
-                 quiet: bool = False, seeds: int = 1, candidates: bool = False) -> str:
-    """Every row of :data:`ABLATION_ROWS` (and the candidates) over seeds; writes ``ablation.{md,json}``."""
-    seed_values = seed_list(cfg_path, overrides, seeds)
-    if init_checkpoint is not None and seeds > 1:
-        raise ConfigError("--init-checkpoint fixes one source-only model: it cannot be combined with --seeds > 1")
-    out = fresh_dir(Path(out))
-    out.mkdir(parents=True)
+                 quiet: bool = False, seeds: int = 1, candidates: bool = False, resume: bool = False,
+                 reevaluate: bool = False) -> str:
+    """Every row of :data:`ABLATION_ROWS` (and the candidates) over seeds; writes ``ablation.{md,json}``.
+
+    ``resume`` continues the ablation in ``out`` with its recorded settings (see :func:`run_demo`).
+    """
     t0 = time.time()
+    spec = {"command": "ablate", "config": cfg_path, "overrides": list(overrides), "seeds": seeds,
+            "init_checkpoint": init_checkpoint, "candidates": candidates}
+    if not resume:
+        seed_list(cfg_path, overrides, seeds)
+        if init_checkpoint is not None and seeds > 1:
+            raise ConfigError("--init-checkpoint fixes one source-only model: it cannot be combined with --seeds > 1")
+    out, spec = _open_grid(Path(out), spec, resume)
+    cfg_path, overrides, seeds = spec["config"], spec["overrides"], int(spec["seeds"])
+    init_checkpoint, candidates = spec["init_checkpoint"], bool(spec["candidates"])
+    seed_values = seed_list(cfg_path, overrides, seeds)
     rows = ([("source_only", ())] if init_checkpoint is None else []) + list(ABLATION_ROWS)
     rows += list(CANDIDATE_ROWS) if candidates else []
-    results = run_grid(cfg_path, out, rows, seed_values, overrides, init_checkpoint, quiet, flat=seeds == 1)
+    seed_dirs = [out] if seeds == 1 else [out / f"seed_{s}" for s in seed_values]
+    if resume and not reevaluate and _complete(out, "ablation.md", [d / _dir_name(k) for d in seed_dirs for k, _ in rows]):
+        print(f"ablation {out} is complete ({out / 'ablation.md'}); nothing to do "
+              "(--reevaluate evaluates every run again and rebuilds the table)")
+        return (out / "ablation.md").read_text()
+    timing: dict = {"setup_s": time.time() - t0, "runs_s": {}}
+    results = run_grid(cfg_path, out, rows, seed_values, overrides, init_checkpoint, quiet, flat=seeds == 1,
+                       resume=resume, reevaluate=reevaluate, timing=timing["runs_s"])
     baseline = ABLATION_ROWS[0][0]
     summary = summarise(results, baseline)
-    text = _results_text("BiDA ablation", results, summary, baseline, time.time() - t0, "ablation")
-    (out / "ablation.md").write_text(text)
-    (out / "ablation.json").write_text(json.dumps(summary, indent=2))
+    timing["total_s"] = time.time() - t0
+    text = _results_text("BiDA ablation", results, summary, baseline, timing, "ablation")
+    atomic_write_text(out / "ablation.md", text)
+    atomic_write_text(out / "ablation.json", json.dumps(summary | {"timing": timing}, indent=2))
     print("\n" + text + f"\nwritten to {out / 'ablation.md'}")
     return text

@@ -6,7 +6,7 @@ process computes with batch W*b (the sampler gives rank r the r-th slice of each
 batch, see :class:`~bida.datasets.InfiniteBatchSampler`):
 
 - Prototypes: per-class feature sums and pixel counts are all-reduced (differentiably)
-  before dividing (METHOD.md section 1), so every rank holds the prototypes of the global
+  before dividing (docs/method.md section 1), so every rank holds the prototypes of the global
   batch. Label transfer, the target prototypes and the calibration EMAs follow from
   them, hence agree across ranks without any further communication.
 - Per-pixel mean losses (cross entropy with ignored pixels, entropy, contrast): a rank's

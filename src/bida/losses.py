@@ -1,4 +1,4 @@
-"""Losses of BiDA and its baselines, as pure functions of tensors (METHOD.md sections 2, 5).
+"""Losses of BiDA and its baselines, as pure functions of tensors (docs/method.md sections 2, 5).
 
 Every loss is computed in float32 and returns a float32 scalar. When nothing qualifies
 (all pixels ignored, no class present) it returns a zero that is still connected to the
@@ -61,7 +61,7 @@ def entropy(logits: Tensor, valid: Tensor | None = None) -> Tensor:
     """Mean per-pixel Shannon entropy of the softmax over classes.
 
     This is the true entropy ``-(p * log p).sum(1).mean()``; the official code applies
-    ``log_softmax`` to probabilities instead (METHOD.md section 5). ``log_softmax`` is
+    ``log_softmax`` to probabilities instead (docs/method.md section 5). ``log_softmax`` is
     used for ``log p`` so that saturated pixels give 0 * (-large), not 0 * log(0) = NaN.
 
     Args:
@@ -136,7 +136,7 @@ def pixel_prototype_contrast(
     resolution: str = "feature",
     return_count: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Pixel-to-prototype contrast, one direction of BiDA's loss (METHOD.md section 2).
+    """Pixel-to-prototype contrast, one direction of BiDA's loss (docs/method.md section 2).
 
     For every pixel whose label is a present class:
     ``-log softmax_{c present}(cos(f(p), rho_c) / tau)[y(p)]``, averaged over those pixels.

@@ -41,25 +41,60 @@ def model_from_checkpoint(path: str | Path, cfg: Config | None = None, device: t
     k = int(state["num_classes"])
     model = build_model(cfg.model, k, cfg.method.feature)
     load_model_weights(model, path, checkpoint=state)
-    palette = list(state.get("palette") or (CITYSCAPES.palette if tuple(names) == tuple(CITYSCAPES.names) else default_palette(k)))
+    palette = list(state.get("palette") or _config_palette(cfg, names) or
+                   (CITYSCAPES.palette if tuple(names) == tuple(CITYSCAPES.names) else default_palette(k)))
     return model.to(device).eval(), cfg, names, palette
 
 
+def _config_palette(cfg: Config, names: Sequence[str]) -> list | None:
+    """The palette of the config's target classes (``classes.json``) when they are the
+    checkpoint's; for checkpoints written before the palette was saved in them."""
+    from .datasets import resolve_domain
+
+    if cfg.data.target.kind != "folder":  # the other kinds use the Cityscapes classes
+        return None
+    try:
+        classes = resolve_domain(cfg, "target").classes
+    except BidaError:  # data moved or not reachable here: fall back to the default colours
+        return None
+    return list(classes.palette) if tuple(classes.names) == tuple(names) else None
+
+
 def collect_images(inputs: Sequence[str | Path]) -> list[tuple[Path, str]]:
-    """(path, output stem) of every image among files and folders (folders walked recursively)."""
+    """(path, output name) of every image among files and folders (folders walked recursively).
+
+    A folder's images keep their path relative to it (``IN/a/b.jpg`` -> ``a/b``), a file
+    given by itself is named by its stem. A file met twice (given twice, or also inside a
+    given folder) is predicted once. Two different files that would write the same output
+    (``x.jpg`` and ``x.png``, or two ``x.png`` in different inputs) are refused, naming both:
+    nothing is overwritten silently.
+    """
     found: list[tuple[Path, str]] = []
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-            found += [(f, str(f.relative_to(p).with_suffix("")).replace("/", "__")) for f in files]
+            found += [(f, f.relative_to(p).with_suffix("").as_posix()) for f in files]
         elif p.is_file():
             found.append((p, p.stem))
         else:
             raise DataError(f"input {p} does not exist")
     if not found:
         raise DataError(f"no images found in {', '.join(map(str, inputs))}")
-    return found
+    unique: list[tuple[Path, str]] = []
+    seen_files: set[Path] = set()
+    by_name: dict[str, Path] = {}
+    for path, name in found:
+        real = path.resolve()
+        if real in seen_files:
+            continue
+        if name in by_name:
+            raise DataError(f"{by_name[name]} and {path} would both be written as {name}.png; "
+                            "rename one or predict them into different --out directories")
+        seen_files.add(real)
+        by_name[name] = path
+        unique.append((path, name))
+    return unique
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -76,7 +111,11 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 @torch.no_grad()
 def predict(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, overwrite: bool = False,
             quiet: bool = False, cfg: Config | None = None) -> list[Path]:
-    """Write ``NAME.png`` (class indices), ``NAME_color.png`` and ``NAME_overlay.png`` per image."""
+    """Write ``NAME.png`` (class indices), ``NAME_color.png`` and ``NAME_overlay.png`` per image.
+
+    ``NAME`` mirrors the image's path inside a folder input (see :func:`collect_images`);
+    colours come from the training classes' palette (``classes.json`` of a folder domain).
+    """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg, names, palette = model_from_checkpoint(checkpoint, cfg, device)
     images = collect_images(inputs)
@@ -109,6 +148,7 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str |
         color = colorize(pred, palette)
         overlay = (0.5 * image.astype(np.float32) + 0.5 * color.astype(np.float32)).astype(np.uint8)
         # The class-index PNG last and each file atomically: a PNG that exists is complete.
+        (out / stem).parent.mkdir(parents=True, exist_ok=True)
         _save_png(color, out / f"{stem}_color.png")
         _save_png(overlay, out / f"{stem}_overlay.png")
         _save_png(pred, out / f"{stem}.png")

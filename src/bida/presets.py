@@ -1,7 +1,7 @@
 """Named presets: a list of config overrides applied after the config file and before the
 user's own overrides (so a user's ``key=value`` still wins).
 
-``paper`` is BiDA as published (METHOD.md). ``plus`` is the variant that won over seeds on
+``paper`` is BiDA as published (docs/method.md). ``plus`` is the variant that won over seeds on
 the embedded pair (README, "Does the contrast count?"): the same losses, with the
 contrast weighted more and each prototype set completed by its moving average for the
 classes a batch lacks. The resolved config of a run holds the resulting values, and

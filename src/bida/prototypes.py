@@ -1,6 +1,6 @@
 """Class prototypes: masked average pooling of pixel features, and their moving average.
 
-A prototype is the mean feature of the pixels of one class (METHOD.md section 1). Every
+A prototype is the mean feature of the pixels of one class (docs/method.md section 1). Every
 function here returns a ``present`` mask next to the prototypes: a class without pixels
 has a zero row that must never be used as if it were a mean.
 """
@@ -295,7 +295,7 @@ def prototype_similarity(features: Tensor, prototypes: Tensor) -> Tensor:
 
 
 class PrototypeMemory:
-    """Exponential moving average of per-class prototypes (METHOD.md section 4).
+    """Exponential moving average of per-class prototypes (docs/method.md section 4).
 
     Only classes present in a batch move; a class seen for the first time starts at its
     batch prototype, because an average started from zero would be biased towards the

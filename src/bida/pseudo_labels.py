@@ -1,4 +1,4 @@
-"""Pseudo labels of target images (METHOD.md sections 3 and 4).
+"""Pseudo labels of target images (docs/method.md sections 3 and 4).
 
 - Dynamic labels: label transfer to calibrated source prototypes, every iteration.
 - Calibration: EMA source and target prototypes; their difference shifts the source
@@ -87,7 +87,7 @@ def label_transfer(
 
 
 def fuse_labels(static: Tensor, dynamic: Tensor, ignore_index: int = 255) -> Tensor:
-    """Static labels where they exist, dynamic labels elsewhere (y_T of METHOD.md section 3).
+    """Static labels where they exist, dynamic labels elsewhere (y_T of docs/method.md section 3).
 
     Args:
         static: Round labels y_F.
@@ -121,7 +121,7 @@ def calibrated_prototypes(
     mem_tgt: PrototypeMemory,
     weight: float,
 ) -> tuple[Tensor, Tensor]:
-    """Source prototypes shifted by the class-wise domain bias (METHOD.md section 4).
+    """Source prototypes shifted by the class-wise domain bias (docs/method.md section 4).
 
     ``rho_hat_c = base_c + weight * (ema_tgt_c - ema_src_c)`` where ``base_c`` is the batch
     prototype if class c is in the batch, else its source EMA (so classes missing from

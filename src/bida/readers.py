@@ -226,9 +226,25 @@ def list_samples(
         expected = _label_path(kind, label_dir, first.image.relative_to(image_dir))
         raise DataError(
             f"{len(unlabelled)} of {len(samples)} images in {image_dir} have no label, "
-            f"first: {first.image} (expected {expected})"
+            f"first: {first.image} (expected {expected})" + non_png_label_hint(kind, root, split, first)
         )
     return samples
+
+
+_NON_PNG_LABEL_SUFFIXES = (".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".JPG", ".JPEG")
+
+
+def non_png_label_hint(kind: str, root: Path | str, split: str, sample: Sample) -> str:
+    """``": found NAME.jpg, but labels must be PNG ..."`` when the missing label exists in
+    another format (lossy JPEG would blur class indices); else an empty string."""
+    image_dir, label_dir = _split_dirs(kind, Path(root), split)
+    expected = _label_path(kind, label_dir, sample.image.relative_to(image_dir))
+    for suffix in _NON_PNG_LABEL_SUFFIXES:
+        other = expected.with_suffix(suffix)
+        if other.is_file():
+            return (f": found {other}, but labels must be PNG (lossless class indices; "
+                    f"a JPEG changes the values at edges)")
+    return ""
 
 
 def orphan_labels(kind: str, root: Path | str, split: str) -> list[Path]:
@@ -250,14 +266,34 @@ def orphan_labels(kind: str, root: Path | str, split: str) -> list[Path]:
 # --------------------------------------------------------------------------- reading
 
 
+# Pillow modes of single-channel images with more than 8 bits per pixel. ``convert("RGB")``
+# clips them at 255 (a 16-bit photo becomes all white), so they are scaled here instead.
+_HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _high_depth_to_rgb(array: np.ndarray, path: Path) -> np.ndarray:
+    """A 16-bit grayscale image as 8-bit RGB: values scaled from 0..65535 to 0..255."""
+    values = array.astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise DataError(f"cannot read image {path}: 32-bit integer pixels (range {values.min()}..{values.max()}); "
+                        "save it as an 8-bit or 16-bit image")
+    gray = ((values * 255 + 32767) // 65535).astype(np.uint8)
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
 def read_image(path: Path) -> np.ndarray:
-    """An image file as RGB.
+    """An image file as RGB; 16-bit grayscale is scaled to 8 bits, float images are refused.
 
     Shape:
         returns (H, W, 3) uint8
     """
     try:
         with Image.open(path) as im:
+            if im.mode in _HIGH_DEPTH_MODES:
+                return _high_depth_to_rgb(np.array(im), path)
+            if im.mode == "F":
+                raise DataError(f"cannot read image {path}: floating-point pixels (mode F) have no defined "
+                                "range; save it as an 8-bit or 16-bit image")
             return np.array(im.convert("RGB"))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot read image {path}: {err}") from None

@@ -1,4 +1,4 @@
-"""Static pseudo labels y_F of a self-training round (class-balanced, METHOD.md section 3).
+"""Static pseudo labels y_F of a self-training round (class-balanced, docs/method.md section 3).
 
 Pass 1 predicts every target training image with the current model (scores upsampled to
 the full label size), keeps each image's argmax and confidence in a temporary folder and a

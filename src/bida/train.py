@@ -11,12 +11,14 @@ and everything stateful, and the data samplers are addressed by the global step,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,8 +246,10 @@ class Trainer:
     """Owns the model, the phases and the run directory of one training run."""
 
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False,
-                 quiet: bool = False):
+                 quiet: bool = False, label_cache: Path | None = None):
         self.run_dir = Path(run_dir)
+        # Round-0 static labels shared by runs that adapt from one checkpoint (bida demo/ablate).
+        self.label_cache = Path(label_cache) if label_cache is not None else None
         check_run_dir(self.run_dir, resume, overwrite)
         if resume:
             cfg = load_config(self.run_dir / "config.yaml", ["train.quiet=true"] if quiet else [])
@@ -301,8 +305,10 @@ class Trainer:
                            f"(skipped {len(report['skipped'])}, fresh {len(report['missing'])})")
             if cfg.model.init_checkpoint:
                 stem_copied = load_model_weights(self.model, cfg.model.init_checkpoint, fresh_projection=True)
-                if stem_copied:  # a shared-stem checkpoint (METHOD.md, "Stem")
+                if stem_copied:  # a shared-stem checkpoint (docs/method.md, "Stem")
                     self._info(f"{cfg.model.init_checkpoint} has no target stem: it starts as a copy of the source stem")
+            if not cfg.model.pretrained and not cfg.model.init_checkpoint:
+                self._warn_random_init()
             if self.is_main and not resume:  # every input is valid: only now touch the disk
                 self._lock = create_run_dir(self.run_dir, overwrite)
             self.dist.barrier()
@@ -319,11 +325,24 @@ class Trainer:
         self.total_steps = sum(p.iters for p in self.phases)
         self._stop_signal: int | None = None
         self._stop_after: int | None = None
+        self._saving = self._stop_now = self._labelling = False  # what a stop signal interrupts
+        self._saved_step: int | None = None  # step of the last last.pt written by this process
 
     # ------------------------------------------------------------------ helpers
     def _info(self, msg: str) -> None:
         if self.is_main and not self.cfg.train.quiet:
             tqdm.write(msg)
+
+    def _warn_random_init(self) -> None:
+        """Random weights need many more iterations than ImageNet ones and reach far less on
+        real photos; say so (even with --quiet; on stdout, as stderr is kept for the one-line
+        errors), except for the embedded pair, which is designed to train from scratch."""
+        if not self.is_main or (self.cfg.data.source.kind == "synthetic" and self.cfg.data.target.kind == "synthetic"):
+            return
+        tqdm.write(f"bida: warning: training {self.cfg.model.backbone} from random weights (model.pretrained and "
+                   "model.init_checkpoint are not set); for real data start from ImageNet weights, e.g. "
+                   "model.backbone=resnet101 model.pretrained=weights/DeepLab_init.pth data.normalize=caffe "
+                   "(README, 'Initial weights')")
 
     def _check_data(self) -> None:
         from .data_check import check_domain
@@ -355,6 +374,7 @@ class Trainer:
             "config": to_dict(self.cfg),
             "num_classes": self.num_classes,
             "class_names": list(self.classes.names),
+            "palette": [list(c) for c in self.classes.palette],  # bida predict colours with it
             "method": self.cfg.method.name,
         }
 
@@ -366,7 +386,16 @@ class Trainer:
             if bad is not None:
                 raise TrainingDiverged(f"refusing to save {name}.pt at step {self.step}: {bad} holds non-finite "
                                        f"values; {self._last_good()}")
-            save_checkpoint(state, self.run_dir / "checkpoints" / f"{name}.pt")
+            self._saving = True  # a second Ctrl-C now waits for the rename
+            try:
+                save_checkpoint(state, self.run_dir / "checkpoints" / f"{name}.pt")
+            finally:
+                self._saving = False
+            if name == "last":
+                self._saved_step = self.step
+            if self._stop_now:
+                raise Interrupted(f"stopped by a second {signal.Signals(self._stop_signal).name} after saving step "
+                                  f"{self.step}; continue with: bida train --resume {self.run_dir}", self._stop_signal)
         self.dist.barrier()
 
     def _last_good(self) -> str:
@@ -447,15 +476,42 @@ class Trainer:
         return lr
 
     def _install_signal_handlers(self) -> None:
+        """First SIGINT/SIGTERM: say at once where the run will save, and stop there. A second
+        one stops at once: right away, or just after a checkpoint being written (never a torn
+        file); what is kept is the last checkpoint written."""
+
         def handler(signum, frame):  # noqa: ARG001 - signal API
+            name = signal.Signals(signum).name
+            if self._stop_signal is None:
+                self._stop_signal = signum
+                at = self.step if (self._pending_eval or self._labelling) else self.step + 1
+                self._say(f"bida: stop requested ({name}): saving a checkpoint at step {at} and stopping; "
+                          f"press Ctrl-C again to stop at once (keeps the last checkpoint written)")
+                return
             self._stop_signal = signum
+            if self._saving:  # let the checkpoint being written finish; save() stops after it
+                self._stop_now = True
+                return
+            raise Interrupted(self._stopped_at_once_message(signum), signum)
 
         self._old_handlers = {}
+        self._saving = self._stop_now = self._labelling = False
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old_handlers[sig] = signal.signal(sig, handler)
             except ValueError:  # not in the main thread (e.g. embedded use)
                 pass
+
+    def _say(self, msg: str) -> None:
+        """A line on stderr from rank 0 at once, even with --quiet (stop messages)."""
+        if self.is_main:
+            print(msg, file=sys.stderr, flush=True)
+
+    def _stopped_at_once_message(self, signum: int) -> str:
+        kept = (f"the checkpoint of step {self._saved_step} is kept" if self._saved_step is not None
+                else self._last_good())
+        return (f"stopped at once by a second {signal.Signals(signum).name} during step {self.step + 1}; {kept}; "
+                f"continue with: bida train --resume {self.run_dir}")
 
     def _restore_signal_handlers(self) -> None:
         for sig, old in getattr(self, "_old_handlers", {}).items():
@@ -478,6 +534,33 @@ class Trainer:
                         quiet=self.cfg.train.quiet or not self.is_main, ignore_index=self.classes.ignore_index,
                         device=self.device, autocast_dtype=amp, confusion_hook=self.dist.all_reduce_sum,
                         check_stop=check_stop)
+
+    def _evaluate_source_val(self) -> dict | None:
+        """Source-val metrics of the final model, for runs that trained a source stage.
+
+        A low source-val mIoU means the model did not learn; a high one with a low target
+        mIoU means it did not transfer. None when ``data.source.val_split`` is not set.
+        """
+        s = self.cfg.data.source
+        if not s.val_split or not any(p.kind == "source" for p in self.phases):
+            return None
+        try:
+            ds = self.dist.shard(build_eval_dataset(self.cfg, self.src, s.val_split))
+        except DataError as err:  # optional: a source without that split is not an error
+            self._info(f"source val not evaluated (data.source.val_split={s.val_split}): {err}")
+            return None
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.train.amp)
+        try:
+            m = evaluate(self.model, ds, self.cfg.eval, self.classes.names, self.cfg.data.eval_classes,
+                         quiet=self.cfg.train.quiet or not self.is_main, ignore_index=self.classes.ignore_index,
+                         device=self.device, autocast_dtype=amp, confusion_hook=self.dist.all_reduce_sum,
+                         check_stop=self._raise_if_stopping)
+        except _Stopping:
+            self._check_stop(True)
+        self.logger.log({"eval/source_mIoU": m["mIoU"], "eval/source_pixel_acc": m["pixel_acc"]}, self.step)
+        self._info(f"step {self.step}: source val mIoU {100 * m['mIoU']:.2f} (how well the source was learnt)")
+        return {"mIoU": m["mIoU"], "pixel_acc": m["pixel_acc"], "per_class_iou": m["per_class_iou"],
+                "split": s.val_split}
 
     # ------------------------------------------------------------------ main loop
     def fit(self, stop_after: int | None = None) -> dict | None:
@@ -521,13 +604,28 @@ class Trainer:
         if self.is_main:
             t = self.cfg.data.target
             full = build_eval_dataset(self.cfg, self.tgt, t.train_split, require_labels=False, limit=False)
-            self._info(f"round {phase.round}: generating static pseudo labels for {len(full)} target images")
+            shared = self._shared_round_labels(phase)
+            if shared is not None and (shared / "stats.json").is_file() and not (out / "stats.json").is_file():
+                _copy_dir(shared, out)
+                self._info(f"round {phase.round}: loading static pseudo labels of round {phase.round} "
+                           f"shared by runs from the same checkpoint ({shared})")
+            elif (out / "stats.json").is_file():  # written before a stop: read, not generated again
+                self._info(f"round {phase.round}: loading static pseudo labels of round {phase.round} from {out}")
+            elif out.with_name(out.name + ".tmp").is_dir():
+                self._info(f"round {phase.round}: continuing the static pseudo labels of {len(full)} target images")
+            else:
+                self._info(f"round {phase.round}: generating static pseudo labels for {len(full)} target images")
+            self._labelling = True
             try:  # last.pt is this phase's start: a stop here resumes the pass from its finished images
                 stats = generate_static_labels(self.model, full, self.cfg, out, self.classes.names,
                                                seed=self.cfg.seed + phase.round, device=self.device,
                                                quiet=self.cfg.train.quiet, check_stop=self._raise_if_stopping)
             except _Stopping:
                 self._check_stop(True)
+            finally:
+                self._labelling = False
+            if shared is not None and not (shared / "stats.json").is_file():
+                _copy_dir(out, shared)
             if not self._round_logged(phase.round):  # a resumed round kept its record in the log
                 self.logger.log({"round": phase.round, "pseudo/static_accuracy": stats["accuracy"],
                                  "pseudo/static_coverage": stats["coverage"],
@@ -535,6 +633,25 @@ class Trainer:
                                  "pseudo/per_class": stats["per_class"]}, self.step)
         self.dist.barrier()
         return out
+
+    def _shared_round_labels(self, phase: Phase) -> Path | None:
+        """Where round-0 labels live in ``label_cache``, keyed by everything they depend on.
+
+        Round 0 labels the target with the init checkpoint itself, so runs that start from
+        the same checkpoint file with the same seed, data, model, evaluation and pseudo-label
+        settings get the same labels; they differ only from round 1 on.
+        """
+        if self.label_cache is None or phase.round != 0 or not self.cfg.model.init_checkpoint:
+            return None
+        digest = hashlib.sha256()
+        with open(self.cfg.model.init_checkpoint, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        cfg = to_dict(self.cfg)
+        key = {"checkpoint": digest.hexdigest(), "seed": self.cfg.seed, "data": cfg["data"], "eval": cfg["eval"],
+               "pseudo": cfg["pseudo"], "model": {k: v for k, v in cfg["model"].items() if k != "init_checkpoint"}}
+        name = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return self.label_cache / f"round_0-{name}"
 
     def _run_phase(self, model: torch.nn.Module, phase: Phase, bar: tqdm) -> None:
         cfg = self.cfg
@@ -705,6 +822,9 @@ class Trainer:
         except _Stopping:
             self._check_stop(True)
         metrics = {k: v for k, v in metrics.items() if k != "confusion"} | {"confusion": metrics.get("confusion")}
+        source_val = self._evaluate_source_val()
+        if source_val is not None:
+            metrics["source_val"] = source_val
         metrics["checkpoint"] = "last"
         metrics["step"] = self.step
         metrics["method"] = self.cfg.method.name
@@ -717,12 +837,26 @@ class Trainer:
         return metrics
 
 
-def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
-    """Train according to ``cfg`` into ``run_dir``; returns the final metrics (``quiet``: with --resume)."""
+def _copy_dir(src: Path, dst: Path) -> None:
+    """Copy a finished label directory: into ``<dst>.tmp``, then renamed (never half there)."""
+    tmp = dst.with_name(dst.name + ".copy-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: bool = False, quiet: bool = False,
+          label_cache: Path | None = None) -> dict:
+    """Train according to ``cfg`` into ``run_dir``; returns the final metrics (``quiet``: with --resume).
+
+    ``label_cache``: a directory where round-0 static pseudo labels are shared between runs
+    that start from the same checkpoint (see ``Trainer._shared_round_labels``).
+    """
     from . import distributed
 
     try:
-        trainer = Trainer(cfg, Path(run_dir), resume=resume, overwrite=overwrite, quiet=quiet)
+        trainer = Trainer(cfg, Path(run_dir), resume=resume, overwrite=overwrite, quiet=quiet, label_cache=label_cache)
         return trainer.fit()
     finally:  # also on error: leave the process group so that the other ranks do not wait for this one
         distributed.shutdown()
