@@ -96,6 +96,58 @@ def git_revision() -> str | None:
         return None
 
 
+class LogAccumulator:
+    """Step log values summed on the device, brought to the host once per log record.
+
+    ``add`` takes a step's log dict (detached 0-dim tensors, or host floats) and launches a
+    handful of small kernels (one stack, one masked add); :meth:`means` is the only host
+    transfer: the mean of each value over the steps added since the last call, NaNs (e.g.
+    an accuracy with no labelled pixel) left out of their key's mean.
+    """
+
+    def __init__(self) -> None:
+        self._keys: tuple[str, ...] = ()
+        self._sums: torch.Tensor | None = None  # (2, n_tensor_keys): finite sums, finite counts
+        self._host: dict[str, list[float]] = {}  # host floats: [sum, count]
+        self.steps = 0
+
+    def add(self, logs: dict[str, Any]) -> None:
+        tensors = {k: v for k, v in logs.items() if isinstance(v, torch.Tensor)}
+        for key, value in logs.items():
+            if key not in tensors and math.isfinite(value):
+                total = self._host.setdefault(key, [0.0, 0.0])
+                total[0] += float(value)
+                total[1] += 1.0
+        if tensors:
+            keys = tuple(sorted(tensors))
+            values = torch.stack([tensors[k].detach().float().reshape(()) for k in keys])
+            finite = torch.isfinite(values)
+            step = torch.stack([torch.where(finite, values, torch.zeros_like(values)), finite.float()])
+            if self._sums is None or keys != self._keys:
+                if self._sums is not None:  # the keys changed mid-record: keep what was summed
+                    self._fold_into_host()
+                self._keys, self._sums = keys, step
+            else:
+                self._sums += step
+        self.steps += 1
+
+    def _fold_into_host(self) -> None:
+        sums, counts = self._sums.tolist()  # the one device-to-host transfer of a record
+        for key, s, n in zip(self._keys, sums, counts):
+            total = self._host.setdefault(key, [0.0, 0.0])
+            total[0] += s
+            total[1] += n
+        self._keys, self._sums = (), None
+
+    def means(self) -> dict[str, float]:
+        """Mean of every value since the last call (NaN where no finite value came); resets."""
+        if self._sums is not None:
+            self._fold_into_host()
+        out = {k: (s / n if n > 0 else math.nan) for k, (s, n) in self._host.items()}
+        self._host, self.steps = {}, 0
+        return out
+
+
 class RunLogger:
     """``log.jsonl`` (one JSON object a line) and TensorBoard scalars; silent off rank 0."""
 
@@ -134,6 +186,16 @@ def _first_non_finite(tree: Any, prefix: str = "") -> str | None:
     elif isinstance(tree, torch.Tensor) and tree.is_floating_point() and not bool(torch.isfinite(tree).all()):
         return prefix
     return None
+
+
+def _grad_max_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Largest absolute gradient entry (inf-norm; NaN or inf when any entry is), on the device."""
+    return torch.stack(torch._foreach_norm(grads, float("inf"))).max()
+
+
+def _step_is_finite(flag: torch.Tensor) -> bool:
+    """Read the step's finiteness flag on the host: the one sync of a steady-state step."""
+    return bool(flag)
 
 
 def _json_default(obj: Any) -> Any:
@@ -540,13 +602,14 @@ class Trainer:
         cfg = self.cfg
         label_dir = self._target_labels_dir(phase)
         src_ds = build_train_dataset(cfg, self.src, cfg.data.source.train_split, require_labels=True)
+        pin = self.device.type == "cuda"  # page-locked batches: the host-to-device copy does not block
         src_iter = train_loader(src_ds, cfg.train.batch_size, cfg.seed, self.data_pos, cfg.data.num_workers,
-                                self.rank, self.world_size)
+                                self.rank, self.world_size, pin_memory=pin)
         tgt_iter = None
         if phase.kind == "round":
             tgt_ds = build_train_dataset(cfg, self.tgt, cfg.data.target.train_split, require_labels=False, label_dir=label_dir)
             tgt_iter = train_loader(tgt_ds, cfg.train.batch_size, cfg.seed + 1, self.data_pos, cfg.data.num_workers,
-                                    self.rank, self.world_size)
+                                    self.rank, self.world_size, pin_memory=pin)
         try:
             self._train_phase(model, phase, bar, src_iter, tgt_iter, label_dir)
         finally:  # workers ignore SIGTERM: they must be stopped through the loader, on every exit path
@@ -568,6 +631,7 @@ class Trainer:
         if self._pending_eval and self._after_step(phase, optimizer, scaler):  # stopped inside that evaluation
             return
         t_last = time.time()
+        logs = LogAccumulator()
         while self.iter < phase.iters:
             if self._stop_after is not None and self.step >= self._stop_after:
                 self.save("last", optimizer, scaler)
@@ -601,17 +665,27 @@ class Trainer:
                 self.model.sync_target_stem()
             self.iter += 1
             self.step += 1
-            bar.update(1)
+            logs.add(result.logs)
             if self.step % cfg.train.log_every == 0 or self.iter == phase.iters:
-                now = time.time()
-                rec = {"phase": phase.kind, "round": phase.round, "lr": lr, **self.dist.mean_logs(result.logs)}
-                rec["time/step_s"] = (now - t_last) / max(1, cfg.train.log_every)
-                t_last = now
-                self.logger.log(rec, self.step)
-                bar.set_postfix(loss=f"{result.logs['loss/total' if 'loss/total' in result.logs else 'loss/seg_src']:.3f}",
-                                lr=f"{lr:.2e}")
+                t_last = self._log_record(phase, lr, logs, bar, t_last)
             if self._after_step(phase, optimizer, scaler):
                 return
+
+    def _log_record(self, phase: Phase, lr: float, logs: LogAccumulator, bar: tqdm, t_last: float) -> float:
+        """One log record (means over the steps since the last one) and the progress bar; returns now.
+
+        The only point of a steady-state step where log values reach the host.
+        """
+        steps = logs.steps
+        means = self.dist.mean_logs(logs.means())
+        now = time.time()
+        rec = {"phase": phase.kind, "round": phase.round, "lr": lr, **means}
+        rec["time/step_s"] = (now - t_last) / max(1, steps)
+        self.logger.log(rec, self.step)
+        if not bar.disable:
+            bar.update(self.step - bar.n)
+        bar.set_postfix(loss=f"{means.get('loss/total', means.get('loss/seg_src', math.nan)):.3f}", lr=f"{lr:.2e}")
+        return now
 
     def _next(self, batches, optimizer, scaler) -> dict:
         """The next batch; a bad file met mid-run gives one line naming it and a checkpoint.
@@ -658,21 +732,29 @@ class Trainer:
                               f"continue with: bida train --resume {self.run_dir}", self._stop_signal)
 
     def _backward_and_step(self, loss: torch.Tensor, optimizer, scaler) -> bool:
-        """Backward and step unless the loss or a gradient is not finite (then skip and count)."""
-        # Every rank skips or none does: a rank skipping backward would leave DDP's all-reduce waiting.
-        finite = self.dist.all_ranks(bool(torch.isfinite(loss.detach())))
-        if finite:
-            scaler.scale(loss).backward()
-            if scaler.is_enabled():
-                scaler.unscale_(optimizer)
-            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf")) if params else torch.tensor(0.0)
-            finite = bool(torch.isfinite(grad_norm))
-            if finite or scaler.is_enabled():  # the fp16 scaler skips non-finite steps itself
-                scaler.step(optimizer)
-                scaler.update()
-                if scaler.is_enabled() and not finite:
-                    return False
+        """Backward and step unless the loss or a gradient is not finite (then skip and count).
+
+        The finiteness of the step is one device flag, read once (:func:`_step_is_finite`):
+        the one host sync of a steady-state step. The host must know before it counts the
+        step, sets the next step's learning rate, schedules checkpoints and restores what a
+        skipped forward changed; the flag is read after backward, so the sync waits for
+        work already queued and costs the launch gap before the optimizer step.
+        """
+        # Backward always runs (a NaN loss gives NaN gradients, caught below), so every rank
+        # takes part in DDP's gradient all-reduce; the flag is then the same on every rank.
+        scaler.scale(loss).backward()
+        if scaler.is_enabled():
+            scaler.unscale_(optimizer)
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        finite = torch.isfinite(loss.detach())
+        if grads:
+            finite = finite & torch.isfinite(_grad_max_norm(grads))
+        finite = _step_is_finite(self.dist.all_ranks_tensor(finite))
+        if finite or scaler.is_enabled():  # the fp16 scaler skips non-finite steps itself
+            scaler.step(optimizer)
+            scaler.update()
+            if scaler.is_enabled() and not finite:  # an fp16 overflow: the scale drops, no bad step
+                return False
         if finite:
             self.bad_steps = 0
             return True
