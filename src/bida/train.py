@@ -298,6 +298,23 @@ def create_run_dir(run_dir: Path, overwrite: bool) -> RunLock:
     return lock
 
 
+def compile_for_training(model: torch.nn.Module, train_cfg) -> torch.nn.Module:
+    """``model`` under ``torch.compile`` as ``train.compile`` and ``train.compile_backend`` say.
+
+    The trainer keeps the uncompiled module for checkpoints, evaluation and pseudo labels:
+    its state-dict keys stay those of an eager run (no ``_orig_mod.`` prefix) and the
+    compiled module shares its parameters, so resume is the same either way.
+    ``train.compile: true`` is the ``default`` mode; modes apply to the inductor backend only.
+    """
+    mode = train_cfg.compile
+    if mode is False:
+        return model
+    kwargs: dict[str, Any] = {"backend": train_cfg.compile_backend}
+    if train_cfg.compile_backend == "inductor" and mode not in (True, "default"):
+        kwargs["mode"] = mode
+    return torch.compile(model, **kwargs)
+
+
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -565,6 +582,7 @@ class Trainer:
                 phase = self.phases[self.phase_idx]
                 # DDP per phase: it must know whether the losses use the contrast features.
                 model = self.dist.wrap(self.model, uses_features=phase.kind == "round" and cfg.method.name == "bida")
+                model = compile_for_training(model, cfg.train)
                 self._run_phase(model, phase, bar)
             metrics = self._finish()
         except _StopRequested:

@@ -40,7 +40,8 @@ def forward_pair(model: torch.nn.Module, img_src: Tensor, img_tgt: Tensor, share
         out = model(torch.cat([img_src, img_tgt]), "source")
         b = img_src.shape[0]
         return (SegOutput(out.logits[:b], out.features[:b]), SegOutput(out.logits[b:], out.features[b:]))
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # DDP needs one call a step (DomainPair)
+    # DDP needs one call a step (DomainPair); a compiled DDP module is checked through its original.
+    if isinstance(getattr(model, "_orig_mod", model), torch.nn.parallel.DistributedDataParallel):
         return model(img_src, "source", img_tgt)
     return model(img_src, "source"), model(img_tgt, "target")
 
