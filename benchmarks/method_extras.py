@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
                         help="torch.compile mode of the compiled variant (inductor only)")
     parser.add_argument("--no-naive", action="store_true", help="leave the per-class loop out (it is slow)")
+    parser.add_argument("--json", default=None, help="also write the medians (ms per dim and variant) to this file")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes (16x16 features, D=8), 1 repeat, aot_eager: checks the script runs")
     args = parser.parse_args(argv)
@@ -323,6 +324,11 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print("Losses, fused labels, feature gradients and EMA updates of all variants agree "
           "(checked before timing).")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as fh:
+            json.dump({"device": name, "torch": torch.__version__, "ms": {str(d): r for d, r in results.items()}}, fh)
     return results
 
 

@@ -398,6 +398,7 @@ class Trainer:
         self.total_steps = sum(p.iters for p in self.phases)
         self._stop_signal: int | None = None
         self._stop_after: int | None = None
+        self._data_wait_s = 0.0
 
     # ------------------------------------------------------------------ helpers
     def _info(self, msg: str) -> None:
@@ -602,14 +603,17 @@ class Trainer:
             t = self.cfg.data.target
             full = build_eval_dataset(self.cfg, self.tgt, t.train_split, require_labels=False, limit=False)
             self._info(f"round {phase.round}: generating static pseudo labels for {len(full)} target images")
+            start = time.perf_counter()
             try:  # last.pt is this phase's start: a stop here resumes the pass from its finished images
                 stats = generate_static_labels(self.model, full, self.cfg, out, self.classes.names,
                                                seed=self.cfg.seed + phase.round, device=self.device,
                                                quiet=self.cfg.train.quiet, check_stop=self._raise_if_stopping)
             except _Stopping:
                 self._check_stop(True)
+            images_per_s = len(full) / max(time.perf_counter() - start, 1e-9)
             if not self._round_logged(phase.round):  # a resumed round kept its record in the log
-                self.logger.log({"round": phase.round, "pseudo/static_accuracy": stats["accuracy"],
+                self.logger.log({"round": phase.round, "time/pseudo_label_images_per_s": images_per_s,
+                                 "pseudo/static_accuracy": stats["accuracy"],
                                  "pseudo/static_coverage": stats["coverage"],
                                  "pseudo/static_labelled_fraction": stats["labelled_fraction"],
                                  "pseudo/per_class": stats["per_class"]}, self.step)
@@ -650,6 +654,7 @@ class Trainer:
             return
         t_last = time.time()
         logs = LogAccumulator()
+        self._data_wait_s = 0.0
         while self.iter < phase.iters:
             if self._stop_after is not None and self.step >= self._stop_after:
                 self.save("last", optimizer, scaler)
@@ -699,6 +704,8 @@ class Trainer:
         now = time.time()
         rec = {"phase": phase.kind, "round": phase.round, "lr": lr, **means}
         rec["time/step_s"] = (now - t_last) / max(1, steps)
+        rec["time/data_s"] = self._data_wait_s / max(1, steps)  # of it, waiting for batches
+        self._data_wait_s = 0.0
         self.logger.log(rec, self.step)
         if not bar.disable:
             bar.update(self.step - bar.n)
@@ -711,11 +718,14 @@ class Trainer:
         A worker process wraps the reader's DataError in a multi-line traceback: only its
         last line (the reader's message) is kept.
         """
+        start = time.perf_counter()
         try:
             return next(batches)
         except DataError as err:
             lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
             message = lines[-1].split("DataError: ", 1)[-1] if lines else "unreadable data"
+        finally:  # host time spent waiting for the loaders (logged as time/data_s)
+            self._data_wait_s += time.perf_counter() - start
         if self.world_size > 1:  # a save would wait for ranks that are inside a collective
             raise DataError(f"{message} (fix or remove the file, then continue with: bida train --resume {self.run_dir})")
         self.save("last", optimizer, scaler)  # the batch was not consumed: resume retries it
