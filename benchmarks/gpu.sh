@@ -41,8 +41,8 @@ part() {  # part SECONDS NAME SCRIPT ARGS...: one benchmark, bounded in time, fa
 }
 
 START=$SECONDS
-part 190 "train step (gpu_step.py)" benchmarks/gpu_step.py "${STEP[@]}" --json "$OUT/step.json"
-part 90 "BiDA extras (method_extras.py)" benchmarks/method_extras.py "${EXTRAS[@]}" --json "$OUT/extras.json"
-part 190 "trainer (train_loop.py)" benchmarks/train_loop.py "${LOOP[@]}" --json "$OUT/loop.json"
+part 210 "train step (gpu_step.py)" benchmarks/gpu_step.py "${STEP[@]}" --json "$OUT/step.json"
+part 100 "BiDA extras (method_extras.py)" benchmarks/method_extras.py "${EXTRAS[@]}" --json "$OUT/extras.json"
+part 160 "trainer (train_loop.py)" benchmarks/train_loop.py "${LOOP[@]}" --json "$OUT/loop.json"
 echo; echo "== summary ($((SECONDS - START)) s, $(date -u +%Y-%m-%d), results in $OUT)"
 "${PY[@]}" benchmarks/summary.py "$OUT"

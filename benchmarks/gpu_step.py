@@ -185,12 +185,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      f"{tflops:.3g}" if tflops else "n/a", f"{r['pct_peak']:.1f}" if r["pct_peak"] else "n/a",
                      f"{ratio:.3f}" if method == "bida" else ""]
             print(" | ".join(f"{c:>{w}}" for c, w in zip(cells, widths)), flush=True)
-    print(f"\ntotal {time.perf_counter() - start:.0f} s")
-    if args.json:
-        import json
+        if args.json:  # after every setting: a run stopped by a time limit keeps what it measured
+            import json
 
-        with open(args.json, "w") as fh:
-            json.dump({"device": name, "torch": torch.__version__, "rows": rows}, fh, indent=1)
+            with open(args.json, "w") as fh:
+                json.dump({"device": name, "torch": torch.__version__, "rows": rows}, fh, indent=1)
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
     return rows
 
 
