@@ -7,7 +7,7 @@ two methods alternate (A B B A ...) after warm-up steps; a step is timed between
 (weights, gradients, SGD momentum and activations). The step is the one
 benchmarks/train_step.py times (zero grad, ``adapt_step``, backward, SGD step).
 
-    benchmarks/gpu.sh                      # creates .venv if missing, then runs this
+    bash benchmarks/gpu.sh                 # runs this with --repeats 6 --channels-last --compile, then the rest
     .venv/bin/python benchmarks/gpu_step.py [--size 730] [--repeats 10] [--channels-last]
     .venv/bin/python benchmarks/gpu_step.py --smoke        # CPU, tiny network: checks the script runs
 
