@@ -1,23 +1,48 @@
 #!/usr/bin/env bash
-# Train step benchmark for a lent GPU machine (under 5 minutes on one H100 or H200):
-# DeepLab-V2 ResNet-101 at 730x730, 2 source + 2 target images, self_training vs bida,
-# fp32 vs bf16 autocast (add --channels-last for that memory format too); prints step
-# time (cuda synchronize, after warm-up) and torch.cuda.max_memory_allocated per method.
+# Every GPU figure in one command (about 5 minutes on one H100, at most 8): the train step
+# (fp32/bf16 x contiguous/channels_last x self_training/bida, plus bf16 under torch.compile)
+# with peak memory and TFLOP/s, BiDA's extras eager vs compiled, and `bida train` against
+# the step benchmark (data wait, pseudo-label and evaluation images/s). Prints each part as
+# it runs, then one summary table.
 #
-#   benchmarks/gpu.sh                                   # the default GPU run
-#   benchmarks/gpu.sh --channels-last --repeats 20      # any benchmarks/gpu_step.py flag
-#   benchmarks/gpu.sh --device cpu --size 128 --repeats 1   # smoke test without a GPU
+#   bash benchmarks/gpu.sh                 # on a machine with a CUDA GPU
+#   BIDA_BENCH_SMOKE=1 bash benchmarks/gpu.sh   # CPU, tiny shapes: checks the scripts run
 #
-# Creates .venv (torch 2.13.0, then this package editable) if it is missing; pip needs
-# an index or PIP_FIND_LINKS with the wheels for that.
-set -euo pipefail
+# Uses .venv/bin/python when there is a .venv, else the machine's python3 with src/ on the
+# path (BIDA_PYTHON=... picks another interpreter); installs nothing. A part that fails or
+# runs out of its time shows as n/a. BIDA_BENCH_OUT=DIR keeps the JSON files in DIR.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
-    .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q torch==2.13.0
-    .venv/bin/pip install -q -e .
+if [ -x .venv/bin/python ] && [ -z "${BIDA_PYTHON:-}" ]; then
+    PY=(.venv/bin/python)
+else  # BIDA_PYTHON: another interpreter with torch (default: python3)
+    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+    PY=("${BIDA_PYTHON:-python3}")
 fi
-.venv/bin/python -c 'import torch; print(f"torch {torch.__version__}, cuda available: {torch.cuda.is_available()}")'
-exec .venv/bin/python benchmarks/gpu_step.py "$@"
+OUT="${BIDA_BENCH_OUT:-$(mktemp -d)}"
+mkdir -p "$OUT"
+"${PY[@]}" -c 'import torch; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuda available: {torch.cuda.is_available()}")'
+
+if [ -n "${BIDA_BENCH_SMOKE:-}" ]; then
+    STEP=(--smoke --channels-last --compile)
+    EXTRAS=(--smoke)
+    LOOP=(--smoke)
+else
+    STEP=(--repeats 6 --channels-last --compile)
+    EXTRAS=(--device cuda --dim 76 --repeats 20)
+    LOOP=(--iters 300 --workers 8)
+fi
+
+part() {  # part SECONDS NAME SCRIPT ARGS...: one benchmark, bounded in time, failures reported
+    local limit=$1 name=$2; shift 2
+    echo; echo "== $name"
+    timeout --signal=TERM --kill-after=10 "$limit" "${PY[@]}" "$@" || echo "== $name: failed or timed out (exit $?)"
+}
+
+START=$SECONDS
+part 210 "train step (gpu_step.py)" benchmarks/gpu_step.py "${STEP[@]}" --json "$OUT/step.json"
+part 100 "BiDA extras (method_extras.py)" benchmarks/method_extras.py "${EXTRAS[@]}" --json "$OUT/extras.json"
+part 160 "trainer (train_loop.py)" benchmarks/train_loop.py "${LOOP[@]}" --json "$OUT/loop.json"
+echo; echo "== summary ($((SECONDS - START)) s, $(date -u +%Y-%m-%d), results in $OUT)"
+"${PY[@]}" benchmarks/summary.py "$OUT"

@@ -8,7 +8,11 @@ resolution, looping over classes and images (not pixels) the way a first impleme
 would. Both start from the same state; their losses, labels and gradients are checked
 to agree before anything is timed.
 
-    .venv/bin/python benchmarks/method_extras.py [--repeats 5] [--dim 76 256]
+    .venv/bin/python benchmarks/method_extras.py [--repeats 5] [--dim 76 256] [--device cuda]
+    .venv/bin/python benchmarks/method_extras.py --smoke          # tiny shapes, seconds on a CPU
+
+Three variants: eager (bida's functions as training runs them), compiled (the same
+forward under torch.compile; backward and the EMA update stay eager) and the naive loop.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch.nn.functional as F
 
 from bida.losses import pixel_prototype_contrast
 from bida.prototypes import class_prototypes
-from bida.pseudo_labels import Calibration, fuse_labels, label_transfer
+from bida.pseudo_labels import Calibration, calibrated_prototypes, fuse_labels, label_transfer
 
 IGNORE = 255
 NUM_CLASSES = 19  # Cityscapes train ids
@@ -122,26 +126,45 @@ def naive_step(f_src, y_src, f_tgt, y_static, calibration):
 # --- bida's vectorised functions --------------------------------------------------------
 
 
-def vectorised_step(f_src, y_src, f_tgt, y_static, calibration):
+def extras_forward(f_src, y_src, f_tgt, y_static, mem_src, mem_tgt, weight):
+    """Prototypes, calibrated label transfer, fusion and both contrasts: one pure function.
+
+    ``weight`` (lambda_cal) is a 0-dim tensor so that a compiled version does not
+    recompile as the ramp moves.
+    """
     protos_src, present_src = class_prototypes(f_src, y_src, NUM_CLASSES)
-    calibrated, cal_present = calibration.calibrate(protos_src.detach(), present_src)
+    calibrated, cal_present = calibrated_prototypes(protos_src.detach(), present_src, mem_src, mem_tgt, weight)
     y_dynamic = label_transfer(f_tgt, calibrated, cal_present, TEMPERATURE, TRANSFER_THRESHOLD)
     y_tgt = fuse_labels(y_static, y_dynamic)
     protos_tgt, present_tgt = class_prototypes(f_tgt, y_tgt, NUM_CLASSES)
     loss_t2s = pixel_prototype_contrast(f_tgt, y_tgt, protos_src, present_src, TEMPERATURE)
     loss_s2t = pixel_prototype_contrast(f_src, y_src, protos_tgt, present_tgt, TEMPERATURE)
-    (loss_t2s + loss_s2t).backward()
-    calibration.update(protos_src.detach(), present_src, protos_tgt.detach(), present_tgt)
-    return loss_t2s.detach(), loss_s2t.detach(), y_tgt
+    return loss_t2s, loss_s2t, y_tgt, protos_src.detach(), present_src, protos_tgt.detach(), present_tgt
+
+
+def make_step(forward):
+    """An extras step (forward, backward, calibration update) around ``forward``."""
+    def step(f_src, y_src, f_tgt, y_static, calibration):
+        # torch.full: a fill kernel, not a blocking host-to-device copy of the Python float
+        weight = torch.full((), calibration.weight(), device=f_src.device)
+        loss_t2s, loss_s2t, y_tgt, p_src, in_src, p_tgt, in_tgt = forward(
+            f_src, y_src, f_tgt, y_static, calibration.source, calibration.target, weight)
+        (loss_t2s + loss_s2t).backward()
+        calibration.update(p_src, in_src, p_tgt, in_tgt)
+        return loss_t2s.detach(), loss_s2t.detach(), y_tgt
+    return step
+
+
+vectorised_step = make_step(extras_forward)
 
 
 # --- harness ------------------------------------------------------------------------------
 
 
-def make_inputs(dim: int, device: torch.device, seed: int = 0):
+def make_inputs(dim: int, device: torch.device, seed: int = 0, size: int = FEATURE_SIZE):
     """Features clustered around class centres (target centres shifted: a domain bias)."""
     gen = torch.Generator().manual_seed(seed)
-    shape = (BATCH, FEATURE_SIZE, FEATURE_SIZE)
+    shape = (BATCH, size, size)
     centres = torch.randn(NUM_CLASSES, dim, generator=gen)
     centres_tgt = centres + 0.3 * torch.randn(NUM_CLASSES, dim, generator=gen)
 
@@ -185,23 +208,25 @@ def leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone().requires_grad_()
 
 
-def check_agreement(inputs, calibration, device) -> tuple[float, float]:
+def check_agreement(inputs, calibration, device, steps) -> tuple[float, float]:
+    """Run every variant of ``steps`` once from the same state; all must agree with the first."""
     f_src, y_src, f_tgt, y_static = inputs
     runs = []
-    for step in (vectorised_step, naive_step):
+    for step in steps.values():
         cal = copy_calibration(calibration, device)
         src, tgt = leaf(f_src), leaf(f_tgt)
         t2s, s2t, y_tgt = step(src, y_src, tgt, y_static, cal)
         runs.append((t2s, s2t, y_tgt, src.grad, tgt.grad, cal))
-    fast, slow = runs
-    torch.testing.assert_close(fast[0], slow[0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(fast[1], slow[1], rtol=1e-4, atol=1e-5)
-    # Label transfer may flip on exact probability ties only; allow a handful of pixels.
-    assert (fast[2] != slow[2]).float().mean() < 1e-4, "fused target labels differ"
-    torch.testing.assert_close(fast[3], slow[3], rtol=1e-3, atol=1e-7)
-    torch.testing.assert_close(fast[4], slow[4], rtol=1e-3, atol=1e-7)
-    torch.testing.assert_close(fast[5].source.value, slow[5].source.value)
-    torch.testing.assert_close(fast[5].target.value, slow[5].target.value)
+    fast = runs[0]
+    for slow in runs[1:]:
+        torch.testing.assert_close(fast[0], slow[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fast[1], slow[1], rtol=1e-4, atol=1e-5)
+        # Label transfer may flip on exact probability ties only; allow a handful of pixels.
+        assert (fast[2] != slow[2]).float().mean() < 1e-3, "fused target labels differ"
+        torch.testing.assert_close(fast[3], slow[3], rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(fast[4], slow[4], rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(fast[5].source.value, slow[5].source.value)
+        torch.testing.assert_close(fast[5].target.value, slow[5].target.value)
     return float(fast[0]), float(fast[1])
 
 
@@ -218,21 +243,26 @@ def time_once(step, inputs, calibration, device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def time_both(inputs, calibration, device, repeats: int, warmup: int = 2):
-    """Median ms of each variant, alternating them so that both see the same machine load."""
-    cal_fast = copy_calibration(calibration, device)
-    cal_slow = copy_calibration(calibration, device)
-    fast, slow = [], []
+def time_all(steps: dict, inputs, calibration, device, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median ms of each variant, alternating them so that all see the same machine load."""
+    cals = {name: copy_calibration(calibration, device) for name in steps}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
     for i in range(warmup + repeats):
-        t_fast = time_once(vectorised_step, inputs, cal_fast, device)
-        t_slow = time_once(naive_step, inputs, cal_slow, device)
-        if i >= warmup:
-            fast.append(t_fast)
-            slow.append(t_slow)
-    return statistics.median(fast), statistics.median(slow)
+        for name in names if i % 2 == 0 else names[::-1]:
+            elapsed = time_once(steps[name], inputs, cals[name], device)
+            if i >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def main() -> None:
+def compiled_step(backend: str, mode: str | None):
+    """The vectorised step with its forward under ``torch.compile`` (backward and EMA update eager)."""
+    kwargs = {"backend": backend} | ({"mode": mode} if mode and backend == "inductor" else {})
+    return make_step(torch.compile(extras_forward, dynamic=False, **kwargs))
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed iterations per variant")
     parser.add_argument(
@@ -240,31 +270,66 @@ def main() -> None:
         help="feature dims (76 = 4 ASPP branches x 19 classes; 256 = projection head)",
     )
     parser.add_argument("--device", default="cpu", help="torch device to run on")
-    args = parser.parse_args()
+    parser.add_argument("--size", type=int, default=FEATURE_SIZE, help="feature map side (92: a 730x730 crop)")
+    parser.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager", "none"],
+                        help="backend of the compiled variant (aot_eager: quick to compile, eager kernels; "
+                             "none: leave the compiled variant out)")
+    parser.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile mode of the compiled variant (inductor only)")
+    parser.add_argument("--no-naive", action="store_true", help="leave the per-class loop out (it is slow)")
+    parser.add_argument("--json", default=None, help="also write the medians (ms per dim and variant) to this file")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes (16x16 features, D=8), 1 repeat, aot_eager: checks the script runs")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.size, args.dim, args.repeats = 16, [8], 1
+        if args.compile_backend == "inductor":
+            args.compile_backend = "aot_eager"
     device = torch.device(args.device)
 
-    print(f"BiDA method extras: {BATCH} source + {BATCH} target images, {CROP}x{CROP} crop, "
-          f"features {FEATURE_SIZE}x{FEATURE_SIZE}, K={NUM_CLASSES}, ~{IGNORE_SHARE:.0%} ignore")
+    print(f"BiDA method extras: {BATCH} source + {BATCH} target images, "
+          f"features {args.size}x{args.size}{' (a 730x730 crop)' if args.size == FEATURE_SIZE else ''}, "
+          f"K={NUM_CLASSES}, ~{IGNORE_SHARE:.0%} ignore")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-          f"load average {load:.1f} on {os.cpu_count()} CPUs")
-    print(f"median of {args.repeats} repeats (after 2 warm-up), the two variants alternating")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, device {device} ({name}), load average {load:.1f} on {os.cpu_count()} CPUs")
+    print(f"median of {args.repeats} repeats (after 2 warm-up), the variants alternating; compiled: "
+          f"{args.compile_backend}{f' mode {args.compile_mode}' if args.compile_mode else ''}")
     print()
-    columns = ["D", "L_t2s", "L_s2t", "vectorised ms", "naive loop ms", "speedup"]
-    widths = [5, 8, 8, 13, 13, 8]
-    print(" | ".join(f"{name:>{width}}" for name, width in zip(columns, widths)))
-    print("-+-".join("-" * width for width in widths))
+    columns = ["D", "L_t2s", "L_s2t", "eager ms", "compiled ms", "eager/compiled", "naive loop ms", "naive/eager"]
+    widths = [5, 8, 8, 9, 11, 14, 13, 11]
+    print(" | ".join(f"{c:>{w}}" for c, w in zip(columns, widths)))
+    print("-+-".join("-" * w for w in widths))
+    results = {}
     for dim in args.dim:
-        inputs = make_inputs(dim, device)
+        inputs = make_inputs(dim, device, size=args.size)
         calibration = warm_calibration(dim, device)
-        loss_t2s, loss_s2t = check_agreement(inputs, calibration, device)
-        fast, slow = time_both(inputs, calibration, device, args.repeats)
-        cells = [f"{dim}", f"{loss_t2s:.4f}", f"{loss_s2t:.4f}", f"{fast:.2f}", f"{slow:.2f}",
-                 f"{slow / fast:.1f}x"]
-        print(" | ".join(f"{cell:>{width}}" for cell, width in zip(cells, widths)))
+        steps = {"eager": vectorised_step}
+        if args.compile_backend != "none":
+            torch._dynamo.reset()
+            steps["compiled"] = compiled_step(args.compile_backend, args.compile_mode)
+        if not args.no_naive:
+            steps["naive"] = naive_step
+        loss_t2s, loss_s2t = check_agreement(inputs, calibration, device, steps)
+        ms = time_all(steps, inputs, calibration, device, args.repeats)
+        results[dim] = ms
+
+        def cell(key, fmt="{:.2f}"):
+            return fmt.format(ms[key]) if key in ms else "n/a"
+        ratio_c = f"{ms['eager'] / ms['compiled']:.2f}x" if "compiled" in ms else "n/a"
+        ratio_n = f"{ms['naive'] / ms['eager']:.1f}x" if "naive" in ms else "n/a"
+        cells = [f"{dim}", f"{loss_t2s:.4f}", f"{loss_s2t:.4f}", cell("eager"), cell("compiled"), ratio_c,
+                 cell("naive"), ratio_n]
+        print(" | ".join(f"{c:>{w}}" for c, w in zip(cells, widths)), flush=True)
     print()
-    print("Losses, fused labels, feature gradients and EMA updates of both variants agree "
+    print("Losses, fused labels, feature gradients and EMA updates of all variants agree "
           "(checked before timing).")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as fh:
+            json.dump({"device": name, "torch": torch.__version__, "ms": {str(d): r for d, r in results.items()}}, fh)
+    return results
 
 
 if __name__ == "__main__":

@@ -132,8 +132,15 @@ class TrainConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     amp: Literal["none", "bf16", "fp16"] = "none"
+    # Measured slower on an H100 in every precision (see benchmarks/README.md): off by default.
     channels_last: bool = False
-    compile: bool = False
+    # torch.compile of the training forward: false (eager), true or "default", "reduce-overhead"
+    # (CUDA graphs: fewer launches, more memory) or "max-autotune" (longer compile, tuned kernels).
+    compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune"]] = False
+    # The compiler behind train.compile: "inductor" (generated kernels, the one that speeds
+    # training up) or "aot_eager" (traces and runs the same graphs with eager kernels: fast to
+    # compile, for checking that a model compiles; the mode is ignored).
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
     max_bad_steps: int = 10  # stop after this many non-finite steps in a row
     quiet: bool = False  # no progress bar
 

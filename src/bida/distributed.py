@@ -213,7 +213,15 @@ class DistContext:
         dist.all_reduce(t)
         return float(t) == 0.0
 
-    def mean_logs(self, logs: dict[str, float]) -> dict[str, float]:
+    def all_ranks_tensor(self, flag: Tensor) -> Tensor:
+        """:meth:`all_ranks` of a 0-dim bool tensor, on the device: no host sync."""
+        if not self.enabled:
+            return flag
+        t = (~flag).float().reshape(1)
+        dist.all_reduce(t)
+        return (t == 0).reshape(())
+
+    def mean_logs(self, logs: dict[str, float | Tensor]) -> dict[str, float]:
         """Log values averaged over ranks (NaNs skipped), so that rank 0 logs the global batch.
 
         Loss terms rescaled by :meth:`GlobalBatch.global_means` average to the global-batch
@@ -221,7 +229,7 @@ class DistContext:
         to the mean of the ranks' accuracies. Every rank must call this with the same keys.
         """
         if not self.enabled or not logs:
-            return logs
+            return {k: float(v) for k, v in logs.items()}
         keys = sorted(logs)
         values = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64)
         finite = torch.isfinite(values)

@@ -194,9 +194,13 @@ def pixel_prototype_contrast(
     log_prob = logits.masked_fill(~present_map, MASKED_LOGIT).log_softmax(dim=1)
     log_prob = log_prob.flatten(2)  # (B, K, h*w)
 
-    feature_index = _label_to_feature_index(
-        tuple(labels.shape[-2:]), tuple(features.shape[-2:]), resolution, logits.device
-    )  # (M,)
+    same_size = tuple(labels.shape[-2:]) == tuple(features.shape[-2:])
+    if not same_size:
+        feature_index = _label_to_feature_index(
+            tuple(labels.shape[-2:]), tuple(features.shape[-2:]), resolution, logits.device
+        )  # (M,)
+    elif resolution not in ("feature", "label"):
+        raise ValueError(f"resolution must be 'feature' or 'label', got {resolution!r}")
     flat_labels = labels.flatten(1).long()  # (B, M)
     valid = (flat_labels != ignore_index) & (flat_labels >= 0) & (flat_labels < num_classes)
     safe_labels = torch.where(valid, flat_labels, 0)  # any in-range id; masked below
@@ -206,9 +210,13 @@ def pixel_prototype_contrast(
         label_present = present.gather(1, safe_labels)
     qualifies = valid & label_present  # (B, M)
 
-    # One gather reads log q[y(p)] at (class y(p), feature pixel of p) for every pixel.
-    flat_index = safe_labels * log_prob.shape[-1] + feature_index
-    picked = log_prob.reshape(batch, -1).gather(1, flat_index)  # (B, M)
+    # One gather reads log q[y(p)] at (class y(p), feature pixel of p) for every pixel; at
+    # the feature size the pixel is its own, and the gather runs along the class axis.
+    if same_size:
+        picked = log_prob.gather(1, safe_labels[:, None]).squeeze(1)  # (B, M)
+    else:
+        flat_index = safe_labels * log_prob.shape[-1] + feature_index
+        picked = log_prob.reshape(batch, -1).gather(1, flat_index)  # (B, M)
     # where (not multiply) so that a masked value can never turn 0 * x into NaN.
     total = torch.where(qualifies, picked, torch.zeros_like(picked)).sum()
     count = qualifies.sum()

@@ -249,10 +249,14 @@ class Calibration:
         A logging figure for the size of the estimated domain bias; 0.0 before any class
         has been seen in both.
         """
+        return float(self.mean_shift_tensor())
+
+    def mean_shift_tensor(self) -> Tensor:
+        """:meth:`mean_shift` as a 0-dim float32 tensor on the memories' device (no host sync)."""
         device = self.source.value.device
         both = (self.source.initialized & self.target.initialized.to(device)).float()
         norms = (self.target.value.to(device) - self.source.value).norm(dim=1)
-        return float((norms * both).sum() / both.sum().clamp_min(1.0))
+        return (norms * both).sum() / both.sum().clamp_min(1.0)
 
     def state_dict(self) -> dict[str, object]:
         """Both memories and the step, loadable with ``torch.load(weights_only=True)``."""

@@ -98,6 +98,58 @@ def git_revision() -> str | None:
         return None
 
 
+class LogAccumulator:
+    """Step log values summed on the device, brought to the host once per log record.
+
+    ``add`` takes a step's log dict (detached 0-dim tensors, or host floats) and launches a
+    handful of small kernels (one stack, one masked add); :meth:`means` is the only host
+    transfer: the mean of each value over the steps added since the last call, NaNs (e.g.
+    an accuracy with no labelled pixel) left out of their key's mean.
+    """
+
+    def __init__(self) -> None:
+        self._keys: tuple[str, ...] = ()
+        self._sums: torch.Tensor | None = None  # (2, n_tensor_keys): finite sums, finite counts
+        self._host: dict[str, list[float]] = {}  # host floats: [sum, count]
+        self.steps = 0
+
+    def add(self, logs: dict[str, Any]) -> None:
+        tensors = {k: v for k, v in logs.items() if isinstance(v, torch.Tensor)}
+        for key, value in logs.items():
+            if key not in tensors and math.isfinite(value):
+                total = self._host.setdefault(key, [0.0, 0.0])
+                total[0] += float(value)
+                total[1] += 1.0
+        if tensors:
+            keys = tuple(sorted(tensors))
+            values = torch.stack([tensors[k].detach().float().reshape(()) for k in keys])
+            finite = torch.isfinite(values)
+            step = torch.stack([torch.where(finite, values, torch.zeros_like(values)), finite.float()])
+            if self._sums is None or keys != self._keys:
+                if self._sums is not None:  # the keys changed mid-record: keep what was summed
+                    self._fold_into_host()
+                self._keys, self._sums = keys, step
+            else:
+                self._sums += step
+        self.steps += 1
+
+    def _fold_into_host(self) -> None:
+        sums, counts = self._sums.tolist()  # the one device-to-host transfer of a record
+        for key, s, n in zip(self._keys, sums, counts):
+            total = self._host.setdefault(key, [0.0, 0.0])
+            total[0] += s
+            total[1] += n
+        self._keys, self._sums = (), None
+
+    def means(self) -> dict[str, float]:
+        """Mean of every value since the last call (NaN where no finite value came); resets."""
+        if self._sums is not None:
+            self._fold_into_host()
+        out = {k: (s / n if n > 0 else math.nan) for k, (s, n) in self._host.items()}
+        self._host, self.steps = {}, 0
+        return out
+
+
 class RunLogger:
     """``log.jsonl`` (one JSON object a line) and TensorBoard scalars; silent off rank 0."""
 
@@ -136,6 +188,16 @@ def _first_non_finite(tree: Any, prefix: str = "") -> str | None:
     elif isinstance(tree, torch.Tensor) and tree.is_floating_point() and not bool(torch.isfinite(tree).all()):
         return prefix
     return None
+
+
+def _grad_max_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Largest absolute gradient entry (inf-norm; NaN or inf when any entry is), on the device."""
+    return torch.stack(torch._foreach_norm(grads, float("inf"))).max()
+
+
+def _step_is_finite(flag: torch.Tensor) -> bool:
+    """Read the step's finiteness flag on the host: the one sync of a steady-state step."""
+    return bool(flag)
 
 
 def _json_default(obj: Any) -> Any:
@@ -238,6 +300,23 @@ def create_run_dir(run_dir: Path, overwrite: bool) -> RunLock:
     return lock
 
 
+def compile_for_training(model: torch.nn.Module, train_cfg) -> torch.nn.Module:
+    """``model`` under ``torch.compile`` as ``train.compile`` and ``train.compile_backend`` say.
+
+    The trainer keeps the uncompiled module for checkpoints, evaluation and pseudo labels:
+    its state-dict keys stay those of an eager run (no ``_orig_mod.`` prefix) and the
+    compiled module shares its parameters, so resume is the same either way.
+    ``train.compile: true`` is the ``default`` mode; modes apply to the inductor backend only.
+    """
+    mode = train_cfg.compile
+    if mode is False:
+        return model
+    kwargs: dict[str, Any] = {"backend": train_cfg.compile_backend}
+    if train_cfg.compile_backend == "inductor" and mode not in (True, "default"):
+        kwargs["mode"] = mode
+    return torch.compile(model, **kwargs)
+
+
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -327,6 +406,7 @@ class Trainer:
         self._stop_after: int | None = None
         self._saving = self._stop_now = self._labelling = False  # what a stop signal interrupts
         self._saved_step: int | None = None  # step of the last last.pt written by this process
+        self._data_wait_s = 0.0
 
     # ------------------------------------------------------------------ helpers
     def _info(self, msg: str) -> None:
@@ -586,6 +666,7 @@ class Trainer:
                 phase = self.phases[self.phase_idx]
                 # DDP per phase: it must know whether the losses use the contrast features.
                 model = self.dist.wrap(self.model, uses_features=phase.kind == "round" and cfg.method.name == "bida")
+                model = compile_for_training(model, cfg.train)
                 self._run_phase(model, phase, bar)
             metrics = self._finish()
         except _StopRequested:
@@ -605,6 +686,7 @@ class Trainer:
             t = self.cfg.data.target
             full = build_eval_dataset(self.cfg, self.tgt, t.train_split, require_labels=False, limit=False)
             shared = self._shared_round_labels(phase)
+            loaded = (out / "stats.json").is_file() or (shared is not None and (shared / "stats.json").is_file())
             if shared is not None and (shared / "stats.json").is_file() and not (out / "stats.json").is_file():
                 _copy_dir(shared, out)
                 self._info(f"round {phase.round}: loading static pseudo labels of round {phase.round} "
@@ -616,6 +698,7 @@ class Trainer:
             else:
                 self._info(f"round {phase.round}: generating static pseudo labels for {len(full)} target images")
             self._labelling = True
+            start = time.perf_counter()
             try:  # last.pt is this phase's start: a stop here resumes the pass from its finished images
                 stats = generate_static_labels(self.model, full, self.cfg, out, self.classes.names,
                                                seed=self.cfg.seed + phase.round, device=self.device,
@@ -626,8 +709,10 @@ class Trainer:
                 self._labelling = False
             if shared is not None and not (shared / "stats.json").is_file():
                 _copy_dir(out, shared)
+            speed = {} if loaded else {"time/pseudo_label_images_per_s": len(full) / max(time.perf_counter() - start, 1e-9)}
             if not self._round_logged(phase.round):  # a resumed round kept its record in the log
-                self.logger.log({"round": phase.round, "pseudo/static_accuracy": stats["accuracy"],
+                self.logger.log({"round": phase.round, **speed,
+                                 "pseudo/static_accuracy": stats["accuracy"],
                                  "pseudo/static_coverage": stats["coverage"],
                                  "pseudo/static_labelled_fraction": stats["labelled_fraction"],
                                  "pseudo/per_class": stats["per_class"]}, self.step)
@@ -657,13 +742,14 @@ class Trainer:
         cfg = self.cfg
         label_dir = self._target_labels_dir(phase)
         src_ds = build_train_dataset(cfg, self.src, cfg.data.source.train_split, require_labels=True)
+        pin = self.device.type == "cuda"  # page-locked batches: the host-to-device copy does not block
         src_iter = train_loader(src_ds, cfg.train.batch_size, cfg.seed, self.data_pos, cfg.data.num_workers,
-                                self.rank, self.world_size)
+                                self.rank, self.world_size, pin_memory=pin)
         tgt_iter = None
         if phase.kind == "round":
             tgt_ds = build_train_dataset(cfg, self.tgt, cfg.data.target.train_split, require_labels=False, label_dir=label_dir)
             tgt_iter = train_loader(tgt_ds, cfg.train.batch_size, cfg.seed + 1, self.data_pos, cfg.data.num_workers,
-                                    self.rank, self.world_size)
+                                    self.rank, self.world_size, pin_memory=pin)
         try:
             self._train_phase(model, phase, bar, src_iter, tgt_iter, label_dir)
         finally:  # workers ignore SIGTERM: they must be stopped through the loader, on every exit path
@@ -685,6 +771,8 @@ class Trainer:
         if self._pending_eval and self._after_step(phase, optimizer, scaler):  # stopped inside that evaluation
             return
         t_last = time.time()
+        logs = LogAccumulator()
+        self._data_wait_s = 0.0
         while self.iter < phase.iters:
             if self._stop_after is not None and self.step >= self._stop_after:
                 self.save("last", optimizer, scaler)
@@ -718,17 +806,29 @@ class Trainer:
                 self.model.sync_target_stem()
             self.iter += 1
             self.step += 1
-            bar.update(1)
+            logs.add(result.logs)
             if self.step % cfg.train.log_every == 0 or self.iter == phase.iters:
-                now = time.time()
-                rec = {"phase": phase.kind, "round": phase.round, "lr": lr, **self.dist.mean_logs(result.logs)}
-                rec["time/step_s"] = (now - t_last) / max(1, cfg.train.log_every)
-                t_last = now
-                self.logger.log(rec, self.step)
-                bar.set_postfix(loss=f"{result.logs['loss/total' if 'loss/total' in result.logs else 'loss/seg_src']:.3f}",
-                                lr=f"{lr:.2e}")
+                t_last = self._log_record(phase, lr, logs, bar, t_last)
             if self._after_step(phase, optimizer, scaler):
                 return
+
+    def _log_record(self, phase: Phase, lr: float, logs: LogAccumulator, bar: tqdm, t_last: float) -> float:
+        """One log record (means over the steps since the last one) and the progress bar; returns now.
+
+        The only point of a steady-state step where log values reach the host.
+        """
+        steps = logs.steps
+        means = self.dist.mean_logs(logs.means())
+        now = time.time()
+        rec = {"phase": phase.kind, "round": phase.round, "lr": lr, **means}
+        rec["time/step_s"] = (now - t_last) / max(1, steps)
+        rec["time/data_s"] = self._data_wait_s / max(1, steps)  # of it, waiting for batches
+        self._data_wait_s = 0.0
+        self.logger.log(rec, self.step)
+        if not bar.disable:
+            bar.update(self.step - bar.n)
+        bar.set_postfix(loss=f"{means.get('loss/total', means.get('loss/seg_src', math.nan)):.3f}", lr=f"{lr:.2e}")
+        return now
 
     def _next(self, batches, optimizer, scaler) -> dict:
         """The next batch; a bad file met mid-run gives one line naming it and a checkpoint.
@@ -736,11 +836,14 @@ class Trainer:
         A worker process wraps the reader's DataError in a multi-line traceback: only its
         last line (the reader's message) is kept.
         """
+        start = time.perf_counter()
         try:
             return next(batches)
         except DataError as err:
             lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
             message = lines[-1].split("DataError: ", 1)[-1] if lines else "unreadable data"
+        finally:  # host time spent waiting for the loaders (logged as time/data_s)
+            self._data_wait_s += time.perf_counter() - start
         if self.world_size > 1:  # a save would wait for ranks that are inside a collective
             raise DataError(f"{message} (fix or remove the file, then continue with: bida train --resume {self.run_dir})")
         self.save("last", optimizer, scaler)  # the batch was not consumed: resume retries it
@@ -775,21 +878,29 @@ class Trainer:
                               f"continue with: bida train --resume {self.run_dir}", self._stop_signal)
 
     def _backward_and_step(self, loss: torch.Tensor, optimizer, scaler) -> bool:
-        """Backward and step unless the loss or a gradient is not finite (then skip and count)."""
-        # Every rank skips or none does: a rank skipping backward would leave DDP's all-reduce waiting.
-        finite = self.dist.all_ranks(bool(torch.isfinite(loss.detach())))
-        if finite:
-            scaler.scale(loss).backward()
-            if scaler.is_enabled():
-                scaler.unscale_(optimizer)
-            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf")) if params else torch.tensor(0.0)
-            finite = bool(torch.isfinite(grad_norm))
-            if finite or scaler.is_enabled():  # the fp16 scaler skips non-finite steps itself
-                scaler.step(optimizer)
-                scaler.update()
-                if scaler.is_enabled() and not finite:
-                    return False
+        """Backward and step unless the loss or a gradient is not finite (then skip and count).
+
+        The finiteness of the step is one device flag, read once (:func:`_step_is_finite`):
+        the one host sync of a steady-state step. The host must know before it counts the
+        step, sets the next step's learning rate, schedules checkpoints and restores what a
+        skipped forward changed; the flag is read after backward, so the sync waits for
+        work already queued and costs the launch gap before the optimizer step.
+        """
+        # Backward always runs (a NaN loss gives NaN gradients, caught below), so every rank
+        # takes part in DDP's gradient all-reduce; the flag is then the same on every rank.
+        scaler.scale(loss).backward()
+        if scaler.is_enabled():
+            scaler.unscale_(optimizer)
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        finite = torch.isfinite(loss.detach())
+        if grads:
+            finite = finite & torch.isfinite(_grad_max_norm(grads))
+        finite = _step_is_finite(self.dist.all_ranks_tensor(finite))
+        if finite or scaler.is_enabled():  # the fp16 scaler skips non-finite steps itself
+            scaler.step(optimizer)
+            scaler.update()
+            if scaler.is_enabled() and not finite:  # an fp16 overflow: the scale drops, no bad step
+                return False
         if finite:
             self.bad_steps = 0
             return True

@@ -4,6 +4,9 @@
 + lambda_t CE on the round's static pseudo labels and the entropy terms. ``bida``: + the
 bi-directional pixel-prototype contrast with dynamic (label-transfer) pseudo labels and
 calibrated source prototypes. Returns the weighted loss and a flat dict of log values.
+
+Nothing here waits for the device: log values are detached 0-dim tensors (or Python
+floats computed on the host), and the trainer brings them to the host only when it logs.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ IGNORE = 255
 
 @dataclass
 class StepResult:
+    """The weighted loss and the step's log values (detached 0-dim tensors or host floats)."""
+
     loss: Tensor
-    logs: dict[str, float]
+    logs: dict[str, Tensor | float]
 
 
 def forward_pair(model: torch.nn.Module, img_src: Tensor, img_tgt: Tensor, shared_stem: bool) -> tuple[SegOutput, SegOutput]:
@@ -35,7 +40,8 @@ def forward_pair(model: torch.nn.Module, img_src: Tensor, img_tgt: Tensor, share
         out = model(torch.cat([img_src, img_tgt]), "source")
         b = img_src.shape[0]
         return (SegOutput(out.logits[:b], out.features[:b]), SegOutput(out.logits[b:], out.features[b:]))
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # DDP needs one call a step (DomainPair)
+    # DDP needs one call a step (DomainPair); a compiled DDP module is checked through its original.
+    if isinstance(getattr(model, "_orig_mod", model), torch.nn.parallel.DistributedDataParallel):
         return model(img_src, "source", img_tgt)
     return model(img_src, "source"), model(img_tgt, "target")
 
@@ -45,10 +51,14 @@ def _labelled(labels: Tensor) -> Tensor:
     return (labels != IGNORE).sum()
 
 
-def _label_accuracy(pred: Tensor, gt: Tensor) -> float:
-    """Accuracy of pseudo labels ``pred`` on the pixels that carry both them and a true label."""
+def _label_accuracy(pred: Tensor, gt: Tensor) -> Tensor:
+    """Accuracy of pseudo labels ``pred`` on the pixels that carry both them and a true label.
+
+    A 0-dim float32 tensor, NaN when no pixel carries both; computed without a
+    data-dependent selection, so that it never waits for the device.
+    """
     labelled = (pred != IGNORE) & (gt != IGNORE)
-    return float((pred[labelled] == gt[labelled]).float().mean()) if labelled.any() else float("nan")
+    return (labelled & (pred == gt)).sum().float() / labelled.sum().float()  # 0 / 0 is NaN
 
 
 def source_step(model: torch.nn.Module, batch_src: dict, cfg: Config, reduce_sums=None) -> StepResult:
@@ -56,7 +66,7 @@ def source_step(model: torch.nn.Module, batch_src: dict, cfg: Config, reduce_sum
     loss = seg_cross_entropy(out.logits, batch_src["label"])
     if reduce_sums is not None:  # distributed: this rank's share of the global-batch mean
         loss = reduce_sums.global_means({"seg_src": loss}, {"seg_src": _labelled(batch_src["label"])})["seg_src"]
-    return StepResult(loss, {"loss/seg_src": float(loss.detach())})
+    return StepResult(loss, {"loss/seg_src": loss.detach()})
 
 
 def _valid_at(batch: dict, size: tuple[int, int]) -> Tensor | None:
@@ -115,7 +125,7 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
     if m.name == "minent":
         terms["ent_tgt"] = entropy(out_tgt.logits, valid_tgt_l)
         weights["ent_tgt"] = lw.entropy_weight
-    logs: dict[str, float] = {}
+    logs: dict[str, Tensor | float] = {}
 
     if m.name in ("self_training", "bida"):
         terms["ent_src"] = entropy(out_src.logits, valid_src_l)
@@ -153,8 +163,8 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
             y_tgt_f = fuse_labels(y_static_f, y_dyn_f)
             # Shares of all feature pixels (padding counts as unlabelled): equal denominators on
             # every rank, so the mean over ranks is the global batch's share.
-            logs["pseudo/dynamic_coverage"] = float((y_dyn_f != IGNORE).float().mean())
-            logs["pseudo/fused_coverage"] = float((y_tgt_f != IGNORE).float().mean())
+            logs["pseudo/dynamic_coverage"] = (y_dyn_f != IGNORE).float().mean()
+            logs["pseudo/fused_coverage"] = (y_tgt_f != IGNORE).float().mean()
             if "gt" in batch_tgt:
                 logs["pseudo/dynamic_acc"] = _label_accuracy(y_dyn_f, downsample_labels(batch_tgt["gt"], feat_size))
         # 3. Target prototypes from target features and fused labels.
@@ -197,8 +207,8 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
         # 5. Calibration state follows both prototype sets.
         if calibration is not None and m.calibration:
             calibration.update(protos_src.detach(), present_src, protos_tgt.detach(), present_tgt)
-            logs["calibration/weight"] = calibration.weight()
-            logs["calibration/mean_shift"] = calibration.mean_shift()
+            logs["calibration/weight"] = calibration.weight()  # a host float: the ramp follows the step count
+            logs["calibration/mean_shift"] = calibration.mean_shift_tensor()
         if cfg.pseudo.dynamic_for_segmentation:
             y_seg_tgt = _fused_at_label_size(y_static, y_tgt_f, batch_tgt)
 
@@ -210,8 +220,8 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
         terms = reduce_sums.global_means(terms, counts)
 
     loss = sum(weights[k] * terms[k] for k in terms)
-    logs.update({f"loss/{k}": float(v.detach()) for k, v in terms.items()})
-    logs["loss/total"] = float(loss.detach())
+    logs.update({f"loss/{k}": v.detach() for k, v in terms.items()})
+    logs["loss/total"] = loss.detach()
     return StepResult(loss, logs)
 
 
@@ -235,7 +245,8 @@ def center_features(f_src: Tensor, f_tgt: Tensor, valid_src: Tensor | None, vali
     def sums(f: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
         f = f.detach().float()
         if valid is None:
-            return f.sum((0, 2, 3)), torch.tensor(f[:, 0].numel(), device=f.device, dtype=torch.float32)
+            # torch.full, not torch.tensor: a fill kernel rather than a blocking host-to-device copy
+            return f.sum((0, 2, 3)), torch.full((), float(f[:, 0].numel()), device=f.device)
         w = valid[:, None].float()
         return (f * w).sum((0, 2, 3)), w.sum()
 

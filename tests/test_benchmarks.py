@@ -1,0 +1,58 @@
+"""The benchmark scripts run (``--smoke``: CPU, tiny shapes) and feed the summary table.
+
+No figure is asserted: timings on a shared CPU say nothing. The GPU run is
+``benchmarks/gpu.sh``; these tests keep every part of it runnable without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_step
+    import method_extras
+    import summary
+    import train_loop
+
+    return gpu_step, method_extras, train_loop, summary
+
+
+def test_smoke_runs_of_every_gpu_script_make_one_table(tmp_path, bench, capsys, synthetic_cache):
+    gpu_step, method_extras, train_loop, summary = bench
+    rows = gpu_step.main(["--smoke", "--precisions", "fp32", "--compile", "--json", str(tmp_path / "step.json")])
+    assert {(r["format"], r["method"]) for r in rows} == {(f, m) for f in ("contiguous", "contiguous compiled")
+                                                          for m in ("self_training", "bida")}
+    assert all(r["tflops"] > 0 and r["pct_peak"] is None for r in rows)  # FLOPs counted; no peak for a CPU
+    extras = method_extras.main(["--smoke", "--json", str(tmp_path / "extras.json")])
+    assert set(extras[8]) == {"eager", "compiled", "naive"}
+    figures = train_loop.main(["--smoke", "--cache", str(synthetic_cache), "--json", str(tmp_path / "loop.json")])
+    for key in ("step_s", "data_s", "benchmark_step_s", "pseudo_label_images_per_s", "eval_whole_images_per_s",
+                "eval_slide_images_per_s"):
+        assert figures[key] >= 0, key
+    assert json.loads((tmp_path / "loop.json").read_text())["records"] >= 1
+    capsys.readouterr()
+    summary.main([str(tmp_path)])
+    table = capsys.readouterr().out
+    for line in ("step fp32 contiguous bida", "compiled bf16 bida", "extras D=8", "trainer / benchmark",
+                 "evaluation slide"):
+        assert line in table, line
+    assert "| step fp32 contiguous bida " in table and "n/a ms" not in table.split("compiled bf16")[0]
+
+
+def test_peak_table_knows_the_lent_devices(bench):
+    gpu_step = bench[0]
+    assert gpu_step.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
+    assert gpu_step.peak_tflops("NVIDIA H100 PCIe", "fp32") == 378.0
+    assert gpu_step.peak_tflops("NVIDIA H200", "bf16") == 989.4
+    assert gpu_step.peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
+    assert gpu_step.peak_tflops("NVIDIA GeForce RTX 4090", "bf16") is None
+    assert sys.modules["summary"]._fmt(None) == "n/a"

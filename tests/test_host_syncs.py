@@ -1,0 +1,127 @@
+"""A steady-state training step never waits for the device.
+
+On a GPU, every read of a device value on the host (``.item()``, ``float(t)``, ``bool(t)``,
+``.tolist()``, ``.cpu()``) and every op whose output size depends on the data
+(``nonzero``, boolean-mask indexing) stalls the launch queue. These tests run real CPU
+training steps of every method and record both kinds of reads inside the step (forward,
+losses, method extras, backward, optimizer, log accumulation); log records, evaluation
+and checkpoints are outside it. The one read allowed is the step's finiteness flag
+(:func:`bida.train._step_is_finite`), once a step.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bida.config import load_config
+
+HOST_READS = ("item", "__float__", "__int__", "__bool__", "__index__", "tolist", "cpu", "numpy")
+ATEN = torch.ops.aten
+DATA_DEPENDENT = {ATEN._local_scalar_dense.default, ATEN.nonzero.default, ATEN.masked_select.default,
+                  ATEN.is_nonzero.default, ATEN.unique_dim.default, ATEN._unique2.default}
+
+
+def _allowed() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name == "_step_is_finite":
+            return True
+        frame = frame.f_back
+    return False
+
+
+class _Recorder(TorchDispatchMode):
+    """Records data-dependent ops (the ones that synchronise on a GPU) while ``active``."""
+
+    def __init__(self, state: dict):
+        super().__init__()
+        self.state = state
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.state["depth"] and not _allowed():
+            bool_index = func is ATEN.index.Tensor and any(
+                i is not None and i.dtype == torch.bool for i in args[1])
+            if func in DATA_DEPENDENT or bool_index:
+                self.state["reads"].append(str(func))
+        return func(*args, **kwargs)
+
+
+def _watch(monkeypatch) -> dict:
+    import bida.train as tr
+
+    state = {"depth": 0, "reads": [], "flag_reads": 0, "steps": 0}
+    for name in HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def wrapped(self, *args, _real=real, _name=name, **kwargs):
+            if state["depth"]:
+                if _allowed():
+                    state["flag_reads"] += 1
+                else:
+                    state["reads"].append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+
+    def in_step(fn, count=False):
+        def run(*args, **kwargs):
+            state["depth"] += 1
+            state["steps"] += count
+            try:
+                with _Recorder(state):  # only inside the step: evaluation and pseudo labels run at full speed
+                    return fn(*args, **kwargs)
+            finally:
+                state["depth"] -= 1
+        return run
+
+    monkeypatch.setattr(tr, "source_step", in_step(tr.source_step, count=True))
+    monkeypatch.setattr(tr, "adapt_step", in_step(tr.adapt_step, count=True))
+    monkeypatch.setattr(tr.Trainer, "_backward_and_step", in_step(tr.Trainer._backward_and_step))
+    monkeypatch.setattr(tr.LogAccumulator, "add", in_step(tr.LogAccumulator.add))
+    return state
+
+
+# source_only's step is the source phase of each of these runs.
+# The last case turns on the BiDA options off by default that add work to the step.
+BIDA_OPTIONS = ["method.center_features=batch", "method.t2s_dynamic=separate", "loss.contrast_resolution=label",
+                "method.memory_partners=true"]
+
+
+# self_training's terms are a subset of bida's.
+@pytest.mark.parametrize("method, options", [("minent", []), ("bida", []), ("bida", BIDA_OPTIONS)],
+                         ids=["minent", "bida", "bida-options"])
+def test_steady_state_steps_read_nothing_from_the_device_but_their_finite_flag(tmp_path, tiny_overrides,
+                                                                               monkeypatch, method, options):
+    import bida.train as tr
+
+    cfg = load_config(None, tiny_overrides + options + [
+        f"method={method}", "train.iters=2", "train.iters_per_round=2", "train.rounds=1", "train.log_every=1000",
+        "train.checkpoint_every=1000", "train.eval_every=1000", "pseudo.dynamic_for_segmentation=true",
+        "eval.max_images=1"])
+    trainer = tr.Trainer(cfg, tmp_path / "run")
+    state = _watch(monkeypatch)
+    trainer.fit()
+    assert state["steps"] == 4  # 2 source steps, then 2 of the method
+    assert state["reads"] == [], f"host reads inside a {method} step: {sorted(set(state['reads']))}"
+    assert state["flag_reads"] == state["steps"]  # one finiteness read a step, no more
+    logged = [r for r in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"loss/' in r]
+    assert len(logged) == 2  # one record at the end of each phase
+
+
+def test_the_recorder_sees_the_reads_it_forbids(monkeypatch):
+    state = _watch(monkeypatch)
+    x = torch.arange(4.0)
+    state["depth"] = 1
+    with _Recorder(state):
+        float(x.sum())
+        x[x > 1].sum()
+        x.tolist()
+    state["depth"] = 0
+    assert "__float__" in state["reads"] and "tolist" in state["reads"]
+    assert str(ATEN._local_scalar_dense.default) in state["reads"]
+    assert str(ATEN.index.Tensor) in state["reads"]
