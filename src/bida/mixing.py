@@ -60,23 +60,40 @@ def mix(mask: Tensor, src: Tensor, tgt: Tensor) -> Tensor:
     return torch.where(m, src, tgt)
 
 
+_GRAY = (0.299, 0.587, 0.114)
+# RGB <-> YIQ: a hue shift is a rotation of the (I, Q) chroma plane.
+_RGB_TO_YIQ = torch.tensor(((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312)), dtype=torch.float64)
+_CONSTANTS = {
+    "caffe_mean": torch.tensor(CAFFE_MEAN_BGR).view(1, 3, 1, 1),
+    "imagenet_mean": torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1),
+    "imagenet_std": torch.tensor(IMAGENET_STD).view(1, 3, 1, 1),
+    "gray": torch.tensor(_GRAY).view(1, 3, 1, 1),
+    "rgb_to_yiq": _RGB_TO_YIQ.float(),
+    "yiq_to_rgb": torch.linalg.inv(_RGB_TO_YIQ).float(),
+}
+_on_device: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
+
+
+def _const(name: str, like: Tensor) -> Tensor:
+    """A constant on ``like``'s device and dtype, copied there once (a copy per step would wait for the device)."""
+    key = (name, like.device, like.dtype)
+    if key not in _on_device:
+        _on_device[key] = _CONSTANTS[name].to(like.device, like.dtype)
+    return _on_device[key]
+
+
 def to_unit_rgb(x: Tensor, normalize: Literal["imagenet", "caffe"]) -> Tensor:
     """Network-normalised images (B, 3, H, W) -> RGB in [0, 1] (inverse of ``transforms.to_tensor``)."""
     if normalize == "caffe":
-        return (x + x.new_tensor(CAFFE_MEAN_BGR).view(1, 3, 1, 1)).flip(1) / 255.0
-    return x * x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1) + x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        return (x + _const("caffe_mean", x)).flip(1) / 255.0
+    return x * _const("imagenet_std", x) + _const("imagenet_mean", x)
 
 
 def from_unit_rgb(x: Tensor, normalize: Literal["imagenet", "caffe"]) -> Tensor:
     """Inverse of :func:`to_unit_rgb`."""
     if normalize == "caffe":
-        return (x * 255.0).flip(1) - x.new_tensor(CAFFE_MEAN_BGR).view(1, 3, 1, 1)
-    return (x - x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-
-
-_GRAY = (0.299, 0.587, 0.114)
-# RGB <-> YIQ: a hue shift is a rotation of the (I, Q) chroma plane.
-_RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+        return (x * 255.0).flip(1) - _const("caffe_mean", x)
+    return (x - _const("imagenet_mean", x)) / _const("imagenet_std", x)
 
 
 def color_jitter(rgb: Tensor, u: Tensor, strength: float = JITTER_STRENGTH) -> Tensor:
@@ -91,19 +108,18 @@ def color_jitter(rgb: Tensor, u: Tensor, strength: float = JITTER_STRENGTH) -> T
     """
     f = (2 * u - 1) * strength  # (B, 4) in [-s, s]
     view = (-1, 1, 1, 1)
-    gray_w = rgb.new_tensor(_GRAY).view(1, 3, 1, 1)
+    gray_w = _const("gray", rgb)
     x = (rgb + f[:, 0].view(view)).clamp(0, 1)
     gray_mean = (x * gray_w).sum(1, keepdim=True).mean((2, 3), keepdim=True)
     x = ((x - gray_mean) * (1 + f[:, 1]).view(view) + gray_mean).clamp(0, 1)
     gray = (x * gray_w).sum(1, keepdim=True)
     x = ((x - gray) * (1 + f[:, 2]).view(view) + gray).clamp(0, 1)
-    to_yiq = rgb.new_tensor(_RGB_TO_YIQ)
     angle = f[:, 3] * 2 * math.pi
     cos, sin = angle.cos(), angle.sin()
     one, zero = torch.ones_like(cos), torch.zeros_like(cos)
     rot = torch.stack([torch.stack([one, zero, zero], -1), torch.stack([zero, cos, -sin], -1),
                        torch.stack([zero, sin, cos], -1)], -2)  # (B, 3, 3)
-    m = torch.linalg.inv(to_yiq) @ rot @ to_yiq  # (B, 3, 3) RGB -> RGB
+    m = _const("yiq_to_rgb", rgb) @ rot @ _const("rgb_to_yiq", rgb)  # (B, 3, 3) RGB -> RGB
     return torch.einsum("bij,bjhw->bihw", m, x).clamp(0, 1)
 
 

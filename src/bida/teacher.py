@@ -176,7 +176,10 @@ class FeatureDistance:
     def __init__(self, imagenet_model: torch.nn.Module, classes: list[int] | None, num_classes: int):
         self.model = imagenet_model.eval().requires_grad_(False)
         self.num_classes = num_classes
-        self.classes = classes
+        # Lookup table over class ids plus ignore (the last entry): which pixels count.
+        table = torch.zeros(num_classes + 1, dtype=torch.bool)
+        table[list(classes) if classes is not None else slice(0, num_classes)] = True
+        self._table_cpu, self._table = table, table
         self._captured: list[Tensor] = []
 
     def capture(self, student: torch.nn.Module):
@@ -194,10 +197,9 @@ class FeatureDistance:
             feat_imnet = frozen[0].float()
         dist = (feat - feat_imnet).norm(dim=1)  # (B, h, w)
         y = downscale_labels_by_ratio(y_src, tuple(feat.shape[-2:]), self.num_classes)
-        if self.classes is None:
-            mask = y != IGNORE
-        else:
-            mask = torch.isin(y, torch.tensor(self.classes, device=y.device))
+        if self._table.device != y.device:  # copied to the device once, not every step
+            self._table = self._table_cpu.to(y.device)
+        mask = self._table[torch.where(y == IGNORE, torch.full_like(y, self.num_classes), y)]
         return (dist * mask).sum() / mask.sum().clamp_min(1)
 
 
