@@ -278,3 +278,58 @@ def test_bida_teacher_run_with_feature_distance_stopped_mid_way_resumes_exactly(
     assert torch.equal(a["mean_teacher"]["mixer"]["generator"], b["mean_teacher"]["mixer"]["generator"])
     assert torch.equal(a["optimizer"]["state"][0]["exp_avg_sq"], b["optimizer"]["state"][0]["exp_avg_sq"])
     assert resumed["mIoU"] == ref["mIoU"]
+
+
+def test_feature_distance_reads_the_backbone_output_on_the_chosen_classes(tiny_overrides):
+    import copy
+
+    from bida.deeplabv2 import build_model
+    from bida.teacher import FeatureDistance
+
+    student = build_model(load_config(None, tiny_overrides).model, 19).eval()
+    fd = FeatureDistance(copy.deepcopy(student), [11, 13], 19)
+    x = torch.randn(2, 3, 32, 64)
+    y = torch.full((2, 32, 64), 13)
+    y[1] = 0  # road: not a chosen class
+
+    def distance(labels):
+        with fd.capture(student):
+            student(x, "source")
+        return fd.loss(x, labels)
+
+    assert distance(y).item() == 0.0  # the student is still the frozen copy
+    with torch.no_grad():
+        student.layer4[-1].conv2.weight.mul_(1.5)
+    d = distance(y)
+    assert d.item() > 0
+    feat = []
+    handle = student.layer4.register_forward_hook(lambda m, i, o: feat.append(o))
+    with torch.no_grad():
+        student(x[:1], "source")
+        fd.model.layer4.register_forward_hook(lambda m, i, o: feat.append(o))
+        fd.model(x[:1], "source")
+    handle.remove()
+    ref = (feat[0] - feat[1]).norm(dim=1).mean()  # image 0: every pixel is a chosen class
+    assert d.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert distance(torch.zeros_like(y)).item() == 0.0  # no chosen class: no distance
+
+
+def test_rare_class_crops_are_drawn_again_until_they_show_the_class():
+    from bida.rare_class import MAX_RECROPS, RareClassCrops
+
+    class Crops:
+        calls = 0
+
+        def __getitem__(self, key):
+            Crops.calls += 1
+            index, seed = key
+            label = torch.zeros(4, 4, dtype=torch.long)
+            label[: (seed % 5)] = 3  # 0 to 16 pixels of class 3, depending on the crop
+            return {"label": label, "seed": seed}
+
+    crops = RareClassCrops(Crops(), min_crop_pixels=10)
+    item = crops[(0, 0, 3)]  # seed 0: no pixel of class 3, drawn again
+    assert int((item["label"] == 3).sum()) > 10 and Crops.calls > 1
+    Crops.calls = 0
+    never = crops[(0, 0, 7)]  # class 7 never shows: the last of 1 + MAX_RECROPS crops is kept
+    assert Crops.calls == 1 + MAX_RECROPS and never["label"].max() < 7
