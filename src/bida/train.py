@@ -2,7 +2,7 @@
 
 A run is a list of phases: ``source`` (``train.iters`` iterations of source CE) and, for
 the adaptation methods, ``train.rounds`` rounds of ``train.iters_per_round`` iterations.
-Each phase builds a fresh SGD optimizer with its own poly schedule; each round first
+Each phase builds a fresh optimizer (``train.optimizer``) with its own poly schedule; each round first
 writes the static pseudo labels of the target training set with the current model and
 halves the base LR of the previous round. With ``train.schedule: teacher`` the adaptation
 is one phase of ``train.iters`` mean-teacher iterations (:mod:`bida.teacher`) after an
