@@ -18,6 +18,7 @@ The schedule is model-agnostic: it uses ``model(x, domain) -> SegOutput`` and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -290,7 +291,7 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
 
     shared = not cfg.model.separate_target_stem
     fd = state.feature_distance
-    capture = fd.capture(model) if fd is not None else _NoCapture()
+    capture = fd.capture(model) if fd is not None else contextlib.nullcontext()
     logs: dict[str, Tensor] = {}
     with capture:
         if cfg.method.name == "bida":
@@ -324,10 +325,3 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
     logs["loss/total"] = loss.detach()
     return StepResult(loss, logs)
 
-
-class _NoCapture:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
