@@ -107,10 +107,12 @@ def test_segmentor_interface_and_param_groups():
     assert m.feature_dim == 12 and m.num_classes == 6 and m.target_stem is None and m.concat_domains_ok
     m.sync_target_stem()  # the trainer calls it after every source step
     groups = m.param_groups(0.01, 10.0)
-    assert [g["name"] for g in groups] == ["backbone", "head"] and groups[1]["lr"] == pytest.approx(0.1)
+    assert [g["name"] for g in groups] == ["backbone", "head", "backbone_norm"] and groups[1]["lr"] == pytest.approx(0.1)
     head = {id(p) for p in groups[1]["params"]}
     assert head == {id(p) for mod in (m.decode_head, m.proj) for p in mod.parameters()}
-    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in m.backbone.parameters()}
+    norms = {id(p) for n, p in m.backbone.named_parameters() if "norm" in n}
+    assert norms and {id(p) for p in groups[2]["params"]} == norms and groups[2]["weight_decay"] == 0.0
+    assert {id(p) for p in groups[0]["params"]} | norms == {id(p) for p in m.backbone.parameters()}
 
 
 def test_segformer_head_matches_its_definition():

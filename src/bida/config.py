@@ -66,6 +66,14 @@ class DataConfig:
     eval_classes: Optional[list[int]] = None  # class subset for mIoU (SYNTHIA 16/13 protocols)
     num_workers: int = 0
     check: bool = True  # cheap data check at the start of training
+    # Rare-class sampling of source images (DAFormer): draw a class c with probability
+    # softmax((1 - f_c) / rcs_temperature) over the source pixel frequencies f, then an image
+    # holding more than rcs_min_pixels pixels of c (full resolution), re-cropped up to 10
+    # times until the crop holds rcs_min_crop_ratio x rcs_min_pixels of them.
+    rare_class_sampling: bool = False
+    rcs_temperature: float = 0.01
+    rcs_min_pixels: int = 3000
+    rcs_min_crop_ratio: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -116,13 +124,24 @@ class MethodConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    iters: int = 1500  # length of a source_only run (and of the source stage of adaptation)
+    # rounds: offline self-training rounds (METHOD.md section 5). teacher: one adaptation phase
+    # with an EMA teacher labelling ClassMix images online (DAFormer), see bida.teacher.
+    schedule: Literal["rounds", "teacher"] = "rounds"
+    # rounds: length of a source_only run and of the source stage of adaptation.
+    # teacher: length of the adaptation phase (or of a source_only run).
+    iters: int = 1500
+    source_iters: int = 0  # teacher: source-only stage before adaptation (DAFormer: none); skipped with init_checkpoint
     batch_size: int = 2  # per domain
     lr: float = 2.5e-3  # backbone; the classifier gets head_lr_mult x this
     head_lr_mult: float = 10.0
-    momentum: float = 0.9
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # DAFormer: adamw, lr 6e-5, weight_decay 0.01
+    momentum: float = 0.9  # sgd only (adamw: betas 0.9, 0.999)
     weight_decay: float = 5e-4
-    poly_power: float = 0.9
+    poly_power: float = 0.9  # DAFormer: 1.0
+    # Linear warm-up over the first warmup_iters of each phase, from 1e-6 x the scheduled LR
+    # (mmcv's rule, DAFormer: 1500); 0 = none.
+    warmup_iters: int = 0
+    teacher_momentum: float = 0.999  # EMA teacher: alpha = min(1 - 1 / (t + 1), this) at update t
     rounds: int = 3  # self-training rounds (paper: 10)
     iters_per_round: int = 300  # paper: 10000 for GTA5
     adapt_lr: Optional[float] = None  # base LR of the adaptation rounds (paper 7.5e-5); default lr
@@ -153,6 +172,13 @@ class LossConfig:
     contrast_t2s_weight: float = 0.2  # lambda_1
     contrast_s2t_weight: float = 0.2  # lambda_2
     contrast_resolution: Literal["feature", "label"] = "feature"  # official code: label
+    # teacher schedule: weight of the quality-weighted CE on ClassMix images (DAFormer: 1).
+    mix_weight: float = 1.0
+    # teacher schedule: distance of the student's source backbone features to a frozen copy
+    # of the model.pretrained backbone (DAFormer: 0.005), on pixels of feature_distance_classes
+    # (DAFormer: the Cityscapes thing classes; null = every class). Needs model.pretrained.
+    feature_distance_weight: float = 0.0
+    feature_distance_classes: Optional[list[int]] = field(default_factory=lambda: [6, 7, 11, 12, 13, 14, 15, 16, 17, 18])
 
 
 @dataclass(frozen=True)
@@ -162,6 +188,9 @@ class PseudoConfig:
     transfer_threshold: float = 0.8  # min label-transfer probability for a dynamic label
     dynamic_for_segmentation: bool = False  # train target CE on y_F (false) or fused y_T (true)
     max_pixels_per_image: int = 20000  # subsample for the class thresholds (bounded memory)
+    # teacher schedule: quality weight of a target batch = share of its pixels whose teacher
+    # confidence exceeds this (DAFormer: 0.968).
+    teacher_threshold: float = 0.968
 
 
 @dataclass(frozen=True)
@@ -213,12 +242,18 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "data.scale_range": (0, INF, False, True),
     "data.eval_classes": (0, INF, True, True),
     "data.num_workers": (0, INF, True, True),
+    "data.rcs_temperature": (0, INF, False, True),
+    "data.rcs_min_pixels": (0, INF, True, True),
+    "data.rcs_min_crop_ratio": (0, INF, True, True),
     "model.width": (0, INF, False, True),
     "model.proj_dim": (1, INF, True, True),
     "model.decoder_dim": (1, INF, True, True),
     "model.drop_path": (0, 1, True, False),  # a rate of 1 drops every residual branch
     "method.dynamic_t2s_weight": (0, INF, True, True),
     "train.iters": (1, INF, True, True),
+    "train.source_iters": (0, INF, True, True),
+    "train.warmup_iters": (0, INF, True, True),
+    "train.teacher_momentum": (0, 1, True, True),
     "train.batch_size": (1, INF, True, True),
     "train.lr": (0, INF, False, True),
     "train.head_lr_mult": (0, INF, False, True),
@@ -239,10 +274,14 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "loss.entropy_weight": (0, INF, True, True),
     "loss.contrast_t2s_weight": (0, INF, True, True),
     "loss.contrast_s2t_weight": (0, INF, True, True),
+    "loss.mix_weight": (0, INF, True, True),
+    "loss.feature_distance_weight": (0, INF, True, True),
+    "loss.feature_distance_classes": (0, INF, True, True),
     "pseudo.class_fraction": (0, 1, False, True),
     "pseudo.image_fraction": (0, 1, True, True),
     "pseudo.transfer_threshold": (0, 1, True, True),
     "pseudo.max_pixels_per_image": (1, INF, True, True),
+    "pseudo.teacher_threshold": (0, 1, True, True),
     "calibration.momentum": (0, 1, True, True),
     "calibration.max_weight": (0, INF, True, True),
     "calibration.ramp_iters": (0, INF, True, True),
@@ -279,6 +318,27 @@ def check_ranges(cfg: "Config") -> None:
     lo, hi = cfg.data.scale_range
     if lo > hi:
         raise ConfigError(f"data.scale_range: {[lo, hi]} is not a range (min > max)")
+    check_schedule(cfg)
+
+
+def check_schedule(cfg: "Config") -> None:
+    """Keys that only one training schedule reads must not be set for the other.
+
+    Raises:
+        ConfigError: naming the key and the schedule that reads it.
+    """
+    t = cfg.train
+    if t.schedule == "teacher":
+        if cfg.method.name == "minent":
+            raise ConfigError("train.schedule: 'teacher' runs source_only, self_training or bida, not minent")
+        if cfg.pseudo.dynamic_for_segmentation:
+            raise ConfigError("pseudo.dynamic_for_segmentation: the teacher schedule trains the target CE on the "
+                              "teacher's labels of ClassMix images; set it to false")
+    elif cfg.loss.feature_distance_weight > 0:
+        raise ConfigError("loss.feature_distance_weight: only the teacher schedule reads it (train.schedule=teacher)")
+    if cfg.loss.feature_distance_weight > 0 and not cfg.model.pretrained:
+        raise ConfigError("loss.feature_distance_weight: the ImageNet feature distance needs model.pretrained "
+                          "(the frozen backbone it compares with); set the weights or the weight to 0")
 
 
 MIT_MIN_CROP = 32  # MiT's first stage (stride 4) reduces keys/values by 8 more

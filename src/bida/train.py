@@ -2,11 +2,13 @@
 
 A run is a list of phases: ``source`` (``train.iters`` iterations of source CE) and, for
 the adaptation methods, ``train.rounds`` rounds of ``train.iters_per_round`` iterations.
-Each phase builds a fresh SGD optimizer with its own poly schedule; each round first
+Each phase builds a fresh optimizer (``train.optimizer``) with its own poly schedule; each round first
 writes the static pseudo labels of the target training set with the current model and
-halves the base LR of the previous round. The checkpoint records the phase, the iteration
-and everything stateful, and the data samplers are addressed by the global step, so
-``--resume`` continues exactly where the run stopped.
+halves the base LR of the previous round. With ``train.schedule: teacher`` the adaptation
+is one phase of ``train.iters`` mean-teacher iterations (:mod:`bida.teacher`) after an
+optional source stage of ``train.source_iters``. The checkpoint records the phase, the
+iteration and everything stateful, and the data samplers are addressed by the global step,
+so ``--resume`` continues exactly where the run stopped.
 """
 
 from __future__ import annotations
@@ -35,8 +37,11 @@ from .datasets import (Domain, build_eval_dataset, build_train_dataset, check_sa
 from .models import DeepLabV2, MiTSegmentor, build_model
 from .errors import BidaError, DataError, Interrupted, RunDirError  # noqa: F401 - Interrupted re-exported
 from .evaluate import evaluate, markdown_table, write_metrics
+from .optim import build_optimizer, warmup_factor
 from .pseudo_labels import Calibration
+from .rare_class import cached_class_pixel_counts, rare_class_loader
 from .round_labels import generate_static_labels
+from .teacher import MeanTeacher, teacher_step
 from .train_step import adapt_step, source_step
 from .weights import load_model_weights, load_pretrained
 
@@ -55,15 +60,18 @@ class _Stopping(Exception):
 
 @dataclass(frozen=True)
 class Phase:
-    kind: str  # "source" or "round"
+    kind: str  # "source", "round" or "teacher"
     iters: int
     round: int = -1
 
 
 def plan_phases(cfg: Config) -> list[Phase]:
-    """The phases of a run, from the method and whether it starts from a checkpoint."""
+    """The phases of a run, from the method, the schedule and whether it starts from a checkpoint."""
     if cfg.method.name == "source_only":
         return [Phase("source", cfg.train.iters)]
+    if cfg.train.schedule == "teacher":
+        source = cfg.train.source_iters and not cfg.model.init_checkpoint
+        return ([Phase("source", cfg.train.source_iters)] if source else []) + [Phase("teacher", cfg.train.iters)]
     phases = [] if cfg.model.init_checkpoint else [Phase("source", cfg.train.iters)]
     return phases + [Phase("round", cfg.train.iters_per_round, r) for r in range(cfg.train.rounds)]
 
@@ -77,6 +85,8 @@ def phase_base_lr(cfg: Config, phase: Phase) -> float:
     if phase.kind == "source":
         return cfg.train.lr
     base = cfg.train.adapt_lr if cfg.train.adapt_lr is not None else cfg.train.lr
+    if phase.kind == "teacher":
+        return base
     return base * cfg.train.round_lr_decay ** phase.round
 
 
@@ -165,7 +175,8 @@ class RunLogger:
     def log(self, record: dict, step: int) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **record}
+        # Log values may be device tensors (a step never waits for them): read them only here.
+        record = {"step": step, **{k: v.item() if isinstance(v, torch.Tensor) else v for k, v in record.items()}}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record, default=_json_default) + "\n")
         for key, value in record.items():
@@ -368,6 +379,7 @@ class Trainer:
             self.calibration = Calibration(self.num_classes, self.model.feature_dim, momentum=cfg.calibration.momentum,
                                            max_weight=cfg.calibration.max_weight, ramp_iters=cfg.calibration.ramp_iters)
             self.calibration.to(self.device)
+        self.mean_teacher = self._build_mean_teacher(cfg)
         self.phase_idx, self.iter, self.step = 0, 0, 0
         self.data_pos = 0  # batches drawn: step + skipped steps (a skipped step's batch stays consumed)
         self._pending_eval = False  # stopped inside the evaluation after step ``step``
@@ -450,6 +462,7 @@ class Trainer:
             "pending_eval": self._pending_eval,
             "best_miou": self.best_miou, "best_step": self.best_step, "bad_steps": self.bad_steps,
             "calibration": self.calibration.state_dict() if self.calibration is not None else {},
+            "mean_teacher": self.mean_teacher.state_dict() if self.mean_teacher is not None else {},
             "rng": rng_state(),
             "config": to_dict(self.cfg),
             "num_classes": self.num_classes,
@@ -511,6 +524,8 @@ class Trainer:
         self.bad_steps = int(state.get("bad_steps", 0))
         if self.calibration is not None and state.get("calibration"):
             self.calibration.load_state_dict(state["calibration"])
+        if self.mean_teacher is not None and state.get("mean_teacher"):
+            self.mean_teacher.load_state_dict(state["mean_teacher"], self.model)
         self.optimizer_state = state["optimizer"] if self.iter > 0 else None
         self.scaler_state = state.get("scaler") or None
         set_rng_state(state["rng"])
@@ -543,14 +558,32 @@ class Trainer:
                 continue
         atomic_write_text(log, "".join(k + "\n" for k in kept))
 
+    def _build_mean_teacher(self, cfg: Config) -> MeanTeacher | None:
+        """The teacher schedule's state (EMA teacher, ClassMix generator, ImageNet model), or None."""
+        if cfg.train.schedule != "teacher" or cfg.method.name == "source_only":
+            return None
+        if self.world_size > 1:
+            raise BidaError("train.schedule=teacher runs in one process; start it without torchrun")
+        imagenet = None
+        if cfg.loss.feature_distance_weight > 0:
+            classes = cfg.loss.feature_distance_classes or []
+            if any(c >= self.num_classes for c in classes):
+                raise BidaError(f"loss.feature_distance_classes: {list(classes)} names a class id >= {self.num_classes} "
+                                f"(the number of classes)")
+            imagenet = build_model(cfg.model, self.num_classes, cfg.method.feature)
+            load_pretrained(imagenet, cfg.model.pretrained)
+        return MeanTeacher(cfg, self.num_classes, self.device, imagenet)
+
     def _make_optimizer(self, phase: Phase) -> torch.optim.Optimizer:
         t = self.cfg.train
         groups = getattr(self.model, "module", self.model).param_groups(phase_base_lr(self.cfg, phase), t.head_lr_mult)
-        return torch.optim.SGD(groups, lr=phase_base_lr(self.cfg, phase), momentum=t.momentum, weight_decay=t.weight_decay)
+        return build_optimizer(groups, phase_base_lr(self.cfg, phase), t)
 
     def _set_lr(self, optimizer: torch.optim.Optimizer, phase: Phase) -> float:
         horizon = self.cfg.train.poly_horizon if phase.kind == "round" else 1.0
         lr = poly_lr(phase_base_lr(self.cfg, phase), self.iter, horizon * phase.iters, self.cfg.train.poly_power)
+        if self.cfg.train.warmup_iters:
+            lr *= warmup_factor(self.iter, self.cfg.train.warmup_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         return lr
@@ -665,7 +698,7 @@ class Trainer:
                 self._check_stop(True)  # the state here is the checkpoint of the phase boundary
                 phase = self.phases[self.phase_idx]
                 # DDP per phase: it must know whether the losses use the contrast features.
-                model = self.dist.wrap(self.model, uses_features=phase.kind == "round" and cfg.method.name == "bida")
+                model = self.dist.wrap(self.model, uses_features=phase.kind != "source" and cfg.method.name == "bida")
                 model = compile_for_training(model, cfg.train)
                 self._run_phase(model, phase, bar)
             metrics = self._finish()
@@ -743,10 +776,15 @@ class Trainer:
         label_dir = self._target_labels_dir(phase)
         src_ds = build_train_dataset(cfg, self.src, cfg.data.source.train_split, require_labels=True)
         pin = self.device.type == "cuda"  # page-locked batches: the host-to-device copy does not block
-        src_iter = train_loader(src_ds, cfg.train.batch_size, cfg.seed, self.data_pos, cfg.data.num_workers,
-                                self.rank, self.world_size, pin_memory=pin)
+        if cfg.data.rare_class_sampling:
+            counts = cached_class_pixel_counts(src_ds, self.num_classes, self.run_dir)
+            src_iter = rare_class_loader(src_ds, counts, cfg, cfg.seed, self.data_pos, self.rank, self.world_size,
+                                         list(self.classes.names))
+        else:
+            src_iter = train_loader(src_ds, cfg.train.batch_size, cfg.seed, self.data_pos, cfg.data.num_workers,
+                                    self.rank, self.world_size, pin_memory=pin)
         tgt_iter = None
-        if phase.kind == "round":
+        if phase.kind != "source":
             tgt_ds = build_train_dataset(cfg, self.tgt, cfg.data.target.train_split, require_labels=False, label_dir=label_dir)
             tgt_iter = train_loader(tgt_ds, cfg.train.batch_size, cfg.seed + 1, self.data_pos, cfg.data.num_workers,
                                     self.rank, self.world_size, pin_memory=pin)
@@ -768,6 +806,8 @@ class Trainer:
                 scaler.load_state_dict(self.scaler_state)
             self.optimizer_state = self.scaler_state = None
         model.train()
+        if phase.kind == "teacher":
+            self.mean_teacher.start(self.model)  # a copy of the student, unless restored
         if self._pending_eval and self._after_step(phase, optimizer, scaler):  # stopped inside that evaluation
             return
         t_last = time.time()
@@ -787,6 +827,11 @@ class Trainer:
             with self._autocast():
                 if phase.kind == "source":
                     result = source_step(model, batch_src, cfg, reduce_sums=self.dist.prototype_reducer(self.num_classes))
+                elif phase.kind == "teacher":
+                    batch_tgt = {k: v.to(self.device, non_blocking=True)
+                                 for k, v in self._next(tgt_iter, optimizer, scaler).items()}
+                    result = teacher_step(model, batch_src, batch_tgt, cfg, self.mean_teacher, self.calibration,
+                                          self.num_classes)
                 else:
                     batch_tgt = {k: v.to(self.device, non_blocking=True)
                                  for k, v in self._next(tgt_iter, optimizer, scaler).items()}
@@ -804,6 +849,8 @@ class Trainer:
                 continue
             if phase.kind == "source":  # the target stem gets no gradient here: it follows the source stem
                 self.model.sync_target_stem()
+            elif phase.kind == "teacher":
+                self.mean_teacher.after_step(self.model)
             self.iter += 1
             self.step += 1
             logs.add(result.logs)

@@ -102,7 +102,8 @@ def _with_memory(protos: Tensor, present: Tensor, memory) -> tuple[Tensor, Tenso
 
 
 def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Config,
-               calibration: Calibration | None, num_classes: int, reduce_sums=None) -> StepResult:
+               calibration: Calibration | None, num_classes: int, reduce_sums=None,
+               outputs: tuple[SegOutput, SegOutput] | None = None, seg_terms: bool = True) -> StepResult:
     """One adaptation iteration (``minent``, ``self_training`` or ``bida``).
 
     ``batch_tgt["label"]`` holds the round's static pseudo labels y_F (all ignore for
@@ -111,9 +112,13 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
     prototype, pseudo label or moving average reads the others.
     ``reduce_sums`` (distributed runs, :class:`~bida.distributed.GlobalBatch`): prototypes
     and per-pixel means over the global batch rather than this rank's slice.
+    ``outputs``: the two domains' forwards when the caller ran them (the teacher schedule);
+    ``seg_terms=False`` leaves out the entropy terms and the target CE (the teacher schedule
+    trains the target through its ClassMix loss instead).
     """
     m, lw = cfg.method, cfg.loss
-    out_src, out_tgt = forward_pair(model, batch_src["image"], batch_tgt["image"], not cfg.model.separate_target_stem)
+    out_src, out_tgt = outputs or forward_pair(model, batch_src["image"], batch_tgt["image"],
+                                               not cfg.model.separate_target_stem)
     y_src, y_static = batch_src["label"], batch_tgt["label"]
     logit_size = tuple(out_src.logits.shape[-2:])
     valid_src_l, valid_tgt_l = _valid_at(batch_src, logit_size), _valid_at(batch_tgt, logit_size)
@@ -127,7 +132,7 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
         weights["ent_tgt"] = lw.entropy_weight
     logs: dict[str, Tensor | float] = {}
 
-    if m.name in ("self_training", "bida"):
+    if m.name in ("self_training", "bida") and seg_terms:
         terms["ent_src"] = entropy(out_src.logits, valid_src_l)
         terms["ent_tgt"] = entropy(out_tgt.logits, valid_tgt_l)
         weights["ent_src"] = lw.entropy_weight

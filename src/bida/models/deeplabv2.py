@@ -238,6 +238,10 @@ class DeepLabV2(nn.Module):
             {"params": head, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult, "name": "head"},
         ]
 
+    def backbone_output_module(self) -> nn.Module:
+        """The module whose output is the deepest backbone feature (read by the feature distance)."""
+        return self.layer4
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, domain: Literal["source", "target"] = "source") -> SegOutput:
         """Logits and contrast features of a batch from one domain.

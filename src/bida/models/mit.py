@@ -208,6 +208,7 @@ class MixTransformer(nn.Module):
                 Block(dim, heads, sr, spec.mlp_ratio, rates[first + j]) for j in range(depth)))
             setattr(self, f"norm{i}", nn.LayerNorm(dim, eps=NORM_EPS))
             in_ch, first = dim, first + depth
+        self.last_level = nn.Identity()  # names the deepest level for forward hooks (feature distance)
         self.apply(_init_weights)
 
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -222,6 +223,7 @@ class MixTransformer(nn.Module):
                 x = block(x, h, w)
             x = getattr(self, f"norm{i}")(x).transpose(1, 2).reshape(b, -1, h, w)  # (B, C, h, w)
             levels.append(x)
+        levels[-1] = self.last_level(levels[-1])
         return levels
 
 
@@ -293,13 +295,21 @@ class MiTSegmentor(nn.Module):
     def sync_target_stem(self) -> None:
         """Nothing to copy: there is no target stem (the trainer calls this after source steps)."""
 
+    def backbone_output_module(self) -> nn.Module:
+        """The module whose output is the deepest encoder level (read by the feature distance)."""
+        return self.backbone.last_level
+
     def param_groups(self, lr: float, head_lr_mult: float = 10.0) -> list[dict]:
-        """Encoder parameters at ``lr``; decoder and projection head at ``head_lr_mult x lr``."""
+        """Encoder parameters at ``lr`` (its LayerNorms without weight decay, as DAFormer);
+        decoder and projection head at ``head_lr_mult x lr``."""
         head = [p for m in (self.decode_head, self.proj) for p in m.parameters() if p.requires_grad]
-        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.backbone.named_parameters() if p.requires_grad]
+        backbone = [p for n, p in named if "norm" not in n]
+        norms = [p for n, p in named if "norm" in n]  # DAFormer: no weight decay on the encoder's norms
         return [
             {"params": backbone, "lr": lr, "lr_mult": 1.0, "name": "backbone"},
             {"params": head, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult, "name": "head"},
+            {"params": norms, "lr": lr, "lr_mult": 1.0, "weight_decay": 0.0, "name": "backbone_norm"},
         ]
 
     def forward(self, x: Tensor, domain: Literal["source", "target"] = "source") -> SegOutput:  # noqa: ARG002

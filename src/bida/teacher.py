@@ -1,0 +1,327 @@
+"""Mean-teacher self-training (``train.schedule: teacher``), after DAFormer.
+
+An exponential moving average of the student labels each target batch online; the student
+learns from ClassMix images of source classes pasted onto the target, whose target pixels
+carry the teacher's labels weighted by its confidence. Optionally the student's source
+backbone features are kept near a frozen ImageNet copy (feature distance).
+
+With ``method: bida`` the same step adds BiDA's terms (label transfer, calibration and the
+two contrasts, :func:`bida.train_step.adapt_step`) on the source crop and the *unmixed*
+target crop: a mixed image holds pixels of both domains, so its features would blur the
+per-domain prototypes the contrast compares. The static labels y_F of METHOD.md become
+the teacher's labels on its confident pixels (``pseudo.teacher_threshold``); label transfer
+completes the others, as it completes the round labels in the ``rounds`` schedule.
+
+The schedule is model-agnostic: it uses ``model(x, domain) -> SegOutput`` and
+``model.param_groups``, and for the feature distance ``model.backbone_output_module()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import Config
+from .deeplabv2 import SegOutput
+from .losses import seg_cross_entropy
+from .mixing import ClassMix
+from .train_step import StepResult, adapt_step
+
+IGNORE = 255
+FD_MIN_RATIO = 0.75  # DAFormer: a feature pixel takes a label only when 75% of its pixels share it
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    inner = getattr(model, "module", model)
+    return getattr(inner, "_orig_mod", inner)
+
+
+def ema_alpha(update: int, momentum: float) -> float:
+    """DAFormer's warm-up rule: ``min(1 - 1 / (update + 1), momentum)`` (update counts from 1).
+
+    Early updates follow the student closely (0.5, 0.67, ...) so that the teacher does not
+    average over the untrained start; from ``1 / (1 - momentum) - 1`` updates on it is ``momentum``.
+    """
+    return min(1.0 - 1.0 / (update + 1), momentum)
+
+
+class EMATeacher:
+    """An exponential moving average of a student network, in eval mode, without gradients.
+
+    Parameters and floating buffers (BatchNorm running statistics) are averaged; integer
+    buffers are copied. Its state (weights and update count) goes into the checkpoint.
+    """
+
+    def __init__(self, momentum: float):
+        self.momentum = momentum
+        self.model: torch.nn.Module | None = None
+        self.updates = 0
+
+    @property
+    def initialized(self) -> bool:
+        return self.model is not None
+
+    def reset(self, student: torch.nn.Module) -> None:
+        """Start as an exact copy of ``student`` (the start of the adaptation phase)."""
+        self.model = copy.deepcopy(_unwrap(student))
+        self.model.eval()
+        self.model.requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, student: torch.nn.Module) -> float:
+        """One EMA step towards ``student``'s current weights; returns the alpha used."""
+        assert self.model is not None, "reset() the teacher before updating it"
+        self.updates += 1
+        alpha = ema_alpha(self.updates, self.momentum)
+        student = _unwrap(student)
+        t_params = list(self.model.parameters())
+        s_params = [p.detach() for p in student.parameters()]
+        torch._foreach_mul_(t_params, alpha)
+        torch._foreach_add_(t_params, s_params, alpha=1.0 - alpha)
+        for t, s in zip(self.model.buffers(), student.buffers()):
+            if t.is_floating_point():
+                t.mul_(alpha).add_(s, alpha=1.0 - alpha)
+            else:
+                t.copy_(s)
+        return alpha
+
+    @torch.no_grad()
+    def pseudo_labels(self, image: Tensor, valid: Tensor | None, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Teacher argmax labels at the image size, their confidence and the batch's quality weight.
+
+        Quality = share of valid pixels whose teacher confidence is at least ``threshold``
+        (DAFormer's ``pseudo_weight``, one number per batch); crop padding gets ignore and
+        counts in neither part of the share.
+
+        Shape:
+            - image: (B, 3, H, W); valid: (B, H, W) bool or None
+            - output: labels (B, H, W) int64, confidence (B, H, W) float32, quality () float32
+        """
+        assert self.model is not None, "reset() the teacher before asking it for labels"
+        logits = self.model(image, "target").logits.float()
+        logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        conf, labels = logits.softmax(1).max(1)
+        if valid is None:
+            valid = torch.ones_like(labels, dtype=torch.bool)
+        labels = torch.where(valid, labels, torch.full_like(labels, IGNORE))
+        quality = quality_weight(conf, valid, threshold)
+        return labels, conf, quality
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict() if self.model is not None else {}, "updates": self.updates}
+
+    def load_state_dict(self, state: dict, student: torch.nn.Module) -> None:
+        """Restore a saved teacher (``student`` gives the architecture); an empty one stays unset."""
+        if not state.get("model"):
+            self.model, self.updates = None, 0
+            return
+        self.reset(student)
+        self.model.load_state_dict(state["model"])
+        self.updates = int(state["updates"])
+
+
+def quality_weight(conf: Tensor, valid: Tensor, threshold: float) -> Tensor:
+    """Share of ``valid`` pixels with ``conf >= threshold`` (0 when none is valid); a device scalar.
+
+    Shape:
+        - conf: (B, H, W) float; valid: (B, H, W) bool; output: () float32
+    """
+    confident = ((conf >= threshold) & valid).sum().float()
+    return confident / valid.sum().clamp_min(1).float()
+
+
+def weighted_cross_entropy(logits: Tensor, labels: Tensor, weight: Tensor, ignore_index: int = IGNORE) -> Tensor:
+    """Pixel-weighted cross entropy, ``sum(w * ce) / #labelled`` (0 when nothing is labelled).
+
+    Logits are upsampled bilinearly to the label size first, as :func:`bida.losses.seg_cross_entropy`.
+
+    Shape:
+        - logits: (B, K, h, w); labels: (B, H, W); weight: (B, H, W) or (); output: ()
+    """
+    logits = logits.float()
+    if logits.shape[-2:] != labels.shape[-2:]:
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    ce = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="none")  # 0 on ignore
+    return (ce * weight).sum() / (labels != ignore_index).sum().clamp_min(1)
+
+
+def downscale_labels_by_ratio(labels: Tensor, size: tuple[int, int], num_classes: int,
+                              min_ratio: float = FD_MIN_RATIO, ignore_index: int = IGNORE) -> Tensor:
+    """Majority label of each feature pixel's area, ignore where it covers less than ``min_ratio``.
+
+    Shape:
+        - labels: (B, H, W); output: (B, h, w) int64
+    """
+    ids = torch.where(labels == ignore_index, torch.full_like(labels, num_classes), labels).long()
+    share = F.adaptive_avg_pool2d(F.one_hot(ids, num_classes + 1).permute(0, 3, 1, 2).float(), size)
+    ratio, out = share.max(1)
+    bad = (out == num_classes) | (ratio < min_ratio)
+    return torch.where(bad, torch.full_like(out, ignore_index), out)
+
+
+class FeatureDistance:
+    """DAFormer's ImageNet feature distance: L2 distance of the student's source backbone
+    features to those of a frozen copy of the ImageNet-initialised model, on pixels of the
+    given classes (thing classes, which source training tends to forget).
+
+    Both models name their backbone output with ``backbone_output_module()``; a forward hook
+    reads it during the student's ordinary forward, so nothing is computed twice.
+    """
+
+    def __init__(self, imagenet_model: torch.nn.Module, classes: list[int] | None, num_classes: int):
+        self.model = imagenet_model.eval().requires_grad_(False)
+        self.num_classes = num_classes
+        # Lookup table over class ids plus ignore (the last entry): which pixels count.
+        table = torch.zeros(num_classes + 1, dtype=torch.bool)
+        table[list(classes) if classes is not None else slice(0, num_classes)] = True
+        self._table_cpu, self._table = table, table
+        self._captured: list[Tensor] = []
+
+    def capture(self, student: torch.nn.Module):
+        """Context manager: record the student's backbone outputs of the forwards inside it."""
+        return _Capture(_backbone_module(_unwrap(student)), self._captured)
+
+    def loss(self, img_src: Tensor, y_src: Tensor) -> Tensor:
+        """Distance for the source batch the student forwarded first inside :meth:`capture`."""
+        feat = self._captured[0][: img_src.shape[0]].float()
+        self._captured.clear()
+        with torch.no_grad():
+            frozen: list[Tensor] = []
+            with _Capture(_backbone_module(self.model), frozen):
+                self.model(img_src, "source")
+            feat_imnet = frozen[0].float()
+        dist = (feat - feat_imnet).norm(dim=1)  # (B, h, w)
+        y = downscale_labels_by_ratio(y_src, tuple(feat.shape[-2:]), self.num_classes)
+        if self._table.device != y.device:  # copied to the device once, not every step
+            self._table = self._table_cpu.to(y.device)
+        mask = self._table[torch.where(y == IGNORE, torch.full_like(y, self.num_classes), y)]
+        return (dist * mask).sum() / mask.sum().clamp_min(1)
+
+
+def _backbone_module(model: torch.nn.Module) -> torch.nn.Module:
+    getter = getattr(model, "backbone_output_module", None)
+    if getter is None:
+        from .errors import ConfigError
+
+        raise ConfigError(f"loss.feature_distance_weight: {type(model).__name__} does not name its backbone "
+                          f"output (backbone_output_module); set the weight to 0")
+    return getter()
+
+
+class _Capture:
+    def __init__(self, module: torch.nn.Module, store: list[Tensor]):
+        self.module, self.store, self.handle = module, store, None
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_hook(lambda m, i, o: self.store.append(o))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+        return False
+
+
+class MeanTeacher:
+    """Everything stateful the teacher schedule adds: the EMA teacher, the ClassMix generator
+    and, with a feature-distance weight, the frozen ImageNet model. Saved in checkpoints."""
+
+    def __init__(self, cfg: Config, num_classes: int, device: torch.device | str,
+                 imagenet_model: torch.nn.Module | None = None):
+        self.cfg, self.num_classes = cfg, num_classes
+        self.teacher = EMATeacher(cfg.train.teacher_momentum)
+        # Its own stream, away from the run's other random draws (offset: not the data seeds).
+        self.mixer = ClassMix(num_classes, cfg.data.normalize, seed=cfg.seed + 7919, device=device)
+        self.feature_distance = None
+        if cfg.loss.feature_distance_weight > 0:
+            if imagenet_model is None:
+                raise ValueError("a feature-distance weight needs the ImageNet model")
+            self.feature_distance = FeatureDistance(imagenet_model.to(device), cfg.loss.feature_distance_classes,
+                                                    num_classes)
+
+    def start(self, student: torch.nn.Module) -> None:
+        """At the adaptation phase's first step: the teacher starts as a copy of the student."""
+        if not self.teacher.initialized:
+            self.teacher.reset(student)
+
+    def after_step(self, student: torch.nn.Module) -> None:
+        """After each optimizer step that was taken (a skipped step leaves the teacher as it was)."""
+        self.teacher.update(student)
+
+    def state_dict(self) -> dict:
+        return {"teacher": self.teacher.state_dict(), "mixer": self.mixer.state_dict()}
+
+    def load_state_dict(self, state: dict, student: torch.nn.Module) -> None:
+        self.teacher.load_state_dict(state["teacher"], student)
+        self.mixer.load_state_dict(state["mixer"])
+
+
+def _forward(model: torch.nn.Module, images: list[Tensor], domains: list[str], shared_stem: bool) -> list[SegOutput]:
+    """One concatenated forward when the stem is shared and the sizes agree, else one per image set."""
+    same = all(x.shape[-2:] == images[0].shape[-2:] for x in images)
+    if shared_stem and same and all(getattr(m, "concat_domains_ok", True) for m in model.modules()):
+        out = model(torch.cat(images), "source")
+        outs, start = [], 0
+        for x in images:
+            end = start + x.shape[0]
+            outs.append(SegOutput(out.logits[start:end], out.features[start:end]))
+            start = end
+        return outs
+    return [model(x, d) for x, d in zip(images, domains)]
+
+
+def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Config, state: MeanTeacher,
+                 calibration=None, num_classes: int | None = None) -> StepResult:
+    """One mean-teacher iteration (``self_training``: DAFormer's; ``bida``: plus BiDA's terms).
+
+    ``batch_tgt["label"]`` holds the target's true labels when it has any (all ignore
+    otherwise): they are only logged against, never trained on. Logs are detached device
+    tensors (no host synchronisation).
+    """
+    lw, num_classes = cfg.loss, num_classes or state.num_classes
+    img_src, y_src, img_tgt = batch_src["image"], batch_src["label"], batch_tgt["image"]
+    valid_tgt = batch_tgt.get("valid")
+    y_teacher, conf, quality = state.teacher.pseudo_labels(img_tgt, valid_tgt, cfg.pseudo.teacher_threshold)
+    img_mix, y_mix, w_mix, _ = state.mixer(img_src, y_src, img_tgt, y_teacher, quality)
+
+    shared = not cfg.model.separate_target_stem
+    fd = state.feature_distance
+    capture = fd.capture(model) if fd is not None else contextlib.nullcontext()
+    logs: dict[str, Tensor] = {}
+    with capture:
+        if cfg.method.name == "bida":
+            out_src, out_tgt, out_mix = _forward(model, [img_src, img_tgt, img_mix], ["source", "target", "target"], shared)
+            # y_F: the teacher's confident labels; label transfer completes the rest.
+            y_static = torch.where(conf >= cfg.pseudo.teacher_threshold, y_teacher, torch.full_like(y_teacher, IGNORE))
+            tgt = {"image": img_tgt, "label": y_static, "gt": batch_tgt["label"]}
+            if valid_tgt is not None:
+                tgt["valid"] = valid_tgt
+            result = adapt_step(model, batch_src, tgt, cfg, calibration, num_classes,
+                                outputs=(out_src, out_tgt), seg_terms=False)
+            loss = result.loss
+            logs.update({k: v for k, v in result.logs.items() if k != "loss/total"})
+        else:
+            out_src, out_mix = _forward(model, [img_src, img_mix], ["source", "target"], shared)
+            loss = seg_cross_entropy(out_src.logits, y_src)
+            logs["loss/seg_src"] = loss.detach()
+    loss_mix = weighted_cross_entropy(out_mix.logits, y_mix, w_mix)
+    loss = loss + lw.mix_weight * loss_mix
+    logs["loss/seg_mix"] = loss_mix.detach()
+    if fd is not None:
+        loss_fd = fd.loss(img_src, y_src)
+        loss = loss + lw.feature_distance_weight * loss_fd
+        logs["loss/feature_distance"] = loss_fd.detach()
+    logs["pseudo/teacher_quality"] = quality
+    gt = batch_tgt["label"]
+    both = (gt != IGNORE) & (y_teacher != IGNORE)
+    n = both.sum()
+    acc = ((y_teacher == gt) & both).sum().float() / n.clamp_min(1)
+    logs["pseudo/teacher_acc"] = torch.where(n > 0, acc, torch.full_like(acc, math.nan))
+    logs["loss/total"] = loss.detach()
+    return StepResult(loss, logs)
+

@@ -1,0 +1,335 @@
+"""Mean-teacher schedule: EMA maths, ClassMix labels, rare-class sampling, LR schedule, runs and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bida.checkpoint import load_checkpoint
+from bida.config import load_config
+from bida.deeplabv2 import SegOutput
+from bida.errors import ConfigError
+from bida.mixing import ClassMix, blur_kernel_size, class_mix_masks, color_jitter, from_unit_rgb, gaussian_blur, mix, to_unit_rgb
+from bida.optim import WARMUP_RATIO, warmup_factor
+from bida.rare_class import RareClassSampler, class_probabilities
+from bida.teacher import EMATeacher, downscale_labels_by_ratio, ema_alpha, quality_weight, weighted_cross_entropy
+from bida.train import Trainer, plan_phases, train
+
+TEACHER = ["train.schedule=teacher", "train.iters=4", "train.optimizer=adamw", "train.weight_decay=0.01",
+           "train.lr=6e-4", "train.warmup_iters=2", "train.poly_power=1.0", "data.rare_class_sampling=true",
+           "data.rcs_min_pixels=2"]
+
+
+# --------------------------------------------------------------------------- EMA teacher
+
+def _tiny_net():
+    net = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.BatchNorm1d(1))
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[1].running_mean.fill_(0.0)
+    return net
+
+
+def _set(net, w, mean, batches):
+    with torch.no_grad():
+        net[0].weight.fill_(w)
+        net[1].running_mean.fill_(mean)
+        net[1].num_batches_tracked.fill_(batches)
+
+
+def test_ema_alpha_warm_up_rule():
+    assert ema_alpha(1, 0.999) == 0.5
+    assert ema_alpha(2, 0.999) == pytest.approx(2 / 3)
+    assert ema_alpha(999, 0.999) == pytest.approx(0.999)
+    assert ema_alpha(5000, 0.999) == 0.999
+
+
+def test_ema_update_matches_hand_computed_values():
+    student = _tiny_net()
+    teacher = EMATeacher(momentum=0.6)
+    teacher.reset(student)
+    assert not teacher.model.training and not any(p.requires_grad for p in teacher.model.parameters())
+    _set(student, 3.0, 2.0, 5)
+    assert teacher.update(student) == 0.5  # update 1: alpha = min(1 - 1/2, 0.6)
+    # teacher = 0.5 * 1 + 0.5 * 3 = 2; running mean 0.5 * 0 + 0.5 * 2 = 1; counter copied
+    assert teacher.model[0].weight.item() == 2.0
+    assert teacher.model[1].running_mean.item() == 1.0
+    assert teacher.model[1].num_batches_tracked.item() == 5
+    _set(student, 7.0, 6.0, 9)
+    assert teacher.update(student) == 0.6  # update 2: min(1 - 1/3, 0.6) = 0.6
+    # 0.6 * 2 + 0.4 * 7 = 4.0; 0.6 * 1 + 0.4 * 6 = 3.0
+    assert teacher.model[0].weight.item() == pytest.approx(4.0, abs=1e-6)
+    assert teacher.model[1].running_mean.item() == pytest.approx(3.0, abs=1e-6)
+    # state round trip
+    other = EMATeacher(momentum=0.6)
+    other.load_state_dict(teacher.state_dict(), student)
+    assert other.updates == 2 and torch.equal(other.model[0].weight, teacher.model[0].weight)
+
+
+def test_quality_weight_and_teacher_labels_ignore_padding():
+    conf = torch.tensor([[[0.99, 0.5], [0.968, 0.97]]])
+    valid = torch.tensor([[[True, True], [True, False]]])
+    # confident valid pixels: 0.99 and 0.968 (at least the threshold) of 3 valid ones
+    assert quality_weight(conf, valid, 0.968).item() == pytest.approx(2 / 3)
+    assert quality_weight(conf, torch.zeros_like(valid), 0.968).item() == 0.0
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x, domain):
+            logits = torch.zeros(x.shape[0], 3, *x.shape[-2:])
+            logits[:, 1, :, :1] = 10.0  # class 1, confident, on the left column
+            return SegOutput(logits, logits)
+
+    teacher = EMATeacher(0.999)
+    teacher.reset(Fixed())
+    labels, conf, quality = teacher.pseudo_labels(torch.zeros(1, 3, 2, 2), valid, 0.968)
+    assert labels.tolist() == [[[1, 0], [1, 255]]]
+    assert quality.item() == pytest.approx(2 / 3)  # left column confident, (0, 1) uniform
+
+
+def test_weighted_cross_entropy_and_label_downscaling():
+    logits = torch.randn(1, 3, 2, 2)
+    labels = torch.tensor([[[0, 1], [255, 2]]])
+    w = torch.tensor([[[1.0, 0.5], [1.0, 0.25]]])
+    ce = torch.nn.functional.cross_entropy(logits, torch.tensor([[[0, 1], [0, 2]]]), reduction="none")[0]
+    ref = (ce[0, 0] + 0.5 * ce[0, 1] + 0.25 * ce[1, 1]) / 3
+    assert weighted_cross_entropy(logits, labels, w).item() == pytest.approx(ref.item(), rel=1e-6)
+    y = torch.tensor([[[1, 1, 2, 2], [1, 255, 0, 0], [3, 3, 0, 0], [3, 3, 0, 0]]])
+    # 2x2 cells: 3/4 of class 1 (kept), 2/4 of class 2 (< 0.75: ignore), all 3, all 0
+    assert downscale_labels_by_ratio(y, (2, 2), 4).tolist() == [[[1, 255], [3, 0]]]
+
+
+# --------------------------------------------------------------------------- ClassMix
+
+def test_class_mix_labels_follow_the_chosen_source_classes():
+    g = torch.Generator().manual_seed(0)
+    k = 6
+    y_src = torch.randint(0, k, (4, 16, 16), generator=g)
+    y_src[0, :4] = 255  # ignore pixels are never pasted
+    y_src[1] = torch.where(y_src[1] < 3, y_src[1], torch.full_like(y_src[1], 255))  # only 3 classes present
+    y_tgt = torch.randint(0, k, (4, 16, 16), generator=g)
+    img_src, img_tgt = torch.randn(4, 3, 16, 16, generator=g), torch.randn(4, 3, 16, 16, generator=g)
+    mixer = ClassMix(k, "imagenet", seed=3)
+    state = mixer.state_dict()
+    quality = torch.tensor(0.25)
+    img, labels, weight, mask = mixer(img_src, y_src, img_tgt, y_tgt, quality)
+    for b in range(4):
+        present = set(y_src[b][y_src[b] != 255].tolist())
+        chosen = set(y_src[b][mask[b]].tolist())
+        assert 255 not in chosen and chosen <= present
+        assert len(chosen) == math.ceil(len(present) / 2)
+        # the mask is exactly the pixels of the chosen classes
+        assert torch.equal(mask[b], torch.isin(y_src[b], torch.tensor(sorted(chosen))))
+    assert torch.equal(labels[mask], y_src[mask]) and torch.equal(labels[~mask], y_tgt[~mask])
+    assert torch.equal(weight[mask], torch.ones_like(weight[mask]))
+    assert torch.equal(weight[~mask], torch.full_like(weight[~mask], 0.25))
+    mixed = mix(mask, img_src, img_tgt)  # image pixels before jitter and blur
+    m = mask[:, None].expand_as(img_src)
+    assert torch.equal(mixed[m], img_src[m]) and torch.equal(mixed[~m], img_tgt[~m])
+    # a restored generator draws the same masks and augmentations
+    again = ClassMix(k, "imagenet", seed=99)
+    again.load_state_dict(state)
+    img2, labels2, _, mask2 = again(img_src, y_src, img_tgt, y_tgt, quality)
+    assert torch.equal(mask2, mask) and torch.equal(img2, img) and torch.equal(labels2, labels)
+
+
+def test_class_mix_masks_choose_half_of_the_classes_in_expectation():
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(4).repeat_interleave(4).view(1, 4, 4).expand(2000, 4, 4).contiguous()
+    masks = class_mix_masks(y, 4, g)
+    picked = torch.stack([masks[:, c == y[0]].all(1) for c in range(4)], 1).float()  # (N, 4)
+    assert torch.equal(picked.sum(1), torch.full((2000,), 2.0))
+    assert torch.allclose(picked.mean(0), torch.full((4,), 0.5), atol=0.05)
+
+
+@pytest.mark.parametrize("normalize", ["imagenet", "caffe"])
+def test_strong_augmentation_pieces(normalize):
+    g = torch.Generator().manual_seed(2)
+    rgb = torch.rand(3, 3, 12, 16, generator=g)
+    assert torch.allclose(to_unit_rgb(from_unit_rgb(rgb, normalize), normalize), rgb, atol=1e-5)
+    # zero factors (u = 0.5) change nothing; random ones stay in range
+    assert torch.allclose(color_jitter(rgb, torch.full((3, 4), 0.5)), rgb, atol=1e-5)
+    out = color_jitter(rgb, torch.rand(3, 4, generator=g))
+    assert out.min() >= 0 and out.max() <= 1 and not torch.allclose(out, rgb)
+    flat = torch.full((2, 3, 12, 16), 0.3)
+    assert torch.allclose(gaussian_blur(flat, torch.tensor([0.15, 1.15])), flat, atol=1e-6)
+    assert [blur_kernel_size(h) for h in (512, 64, 12)] == [51, 7, 1]  # about a tenth of the height, odd
+    big = torch.rand(2, 3, 64, 32, generator=g)
+    blurred = gaussian_blur(big, torch.tensor([0.15, 1.15]))
+    # sigma 0.15 barely changes a pixel; sigma 1.15 matches a dense 2-D Gaussian with reflect padding
+    assert torch.allclose(blurred[0], big[0], atol=1e-3)
+    pos = torch.arange(7.0) - 3
+    k1 = torch.exp(-0.5 * (pos / 1.15) ** 2)
+    k2 = torch.outer(k1, k1) / k1.sum() ** 2
+    padded = torch.nn.functional.pad(big[1:], (3, 3, 3, 3), mode="reflect")
+    ref = torch.nn.functional.conv2d(padded.transpose(0, 1), k2[None, None]).transpose(0, 1)
+    assert torch.allclose(blurred[1:], ref, atol=1e-5) and blurred[1].std() < big[1].std()
+
+
+# --------------------------------------------------------------------------- rare-class sampling
+
+def test_rare_class_probabilities_and_draws():
+    # 4 images x 4 classes; totals 340, 330, 330, 0 pixels
+    counts = np.array([[300, 0, 30, 0], [40, 10, 300, 0], [0, 300, 0, 0], [0, 20, 0, 0]])
+    probs = class_probabilities(counts, 0.01)
+    freq = torch.tensor([340.0, 330.0, 330.0]) / 1000
+    expected = torch.softmax((1 - freq) / 0.01, 0).double().numpy()
+    assert np.allclose(probs[:3], expected) and probs[3] == 0.0
+    sampler = RareClassSampler(counts, 0.01, min_pixels=25, batch_size=2, seed=0)
+    draws = [d for t in range(5000) for d in sampler.batch(t)]
+    classes = np.array([c for _, _, c in draws])
+    assert np.allclose(np.bincount(classes, minlength=4) / len(draws), probs, atol=0.02)
+    for index, _, c in draws:
+        assert counts[index, c] > 25  # an image holding more than min_pixels of the class
+    # the position is the whole state: a sampler started at batch 7 continues the same stream
+    later = RareClassSampler(counts, 0.01, 25, 2, 0, start=7)
+    assert next(iter(later)) == sampler.batch(7)
+    with pytest.raises(ConfigError, match="data.rcs_min_pixels"):
+        RareClassSampler(counts, 0.01, min_pixels=400, batch_size=2, seed=0)
+
+
+# --------------------------------------------------------------------------- config, optimizer, LR
+
+def test_teacher_phases_and_config_errors(tiny_overrides):
+    cfg = load_config(None, tiny_overrides + ["method=bida", *TEACHER, "train.source_iters=3"])
+    assert [(p.kind, p.iters) for p in plan_phases(cfg)] == [("source", 3), ("teacher", 4)]
+    cfg = load_config(None, tiny_overrides + ["method=self_training", *TEACHER])
+    assert [(p.kind, p.iters) for p in plan_phases(cfg)] == [("teacher", 4)]
+    with pytest.raises(ConfigError, match="minent"):
+        load_config(None, ["method=minent", "train.schedule=teacher"])
+    with pytest.raises(ConfigError, match="model.pretrained"):
+        load_config(None, ["method=bida", "train.schedule=teacher", "loss.feature_distance_weight=0.005"])
+    with pytest.raises(ConfigError, match="train.schedule=teacher"):
+        load_config(None, ["method=bida", "loss.feature_distance_weight=0.005", "model.pretrained=x.pth"])
+
+
+def test_adamw_warm_up_and_poly_lr(tmp_path, tiny_overrides):
+    cfg = load_config(None, tiny_overrides + ["method=self_training", *TEACHER, "train.iters=10",
+                                              "train.warmup_iters=4"])
+    tr = Trainer(cfg, tmp_path / "run")
+    try:
+        phase = tr.phases[-1]
+        opt = tr._make_optimizer(phase)
+        assert isinstance(opt, torch.optim.AdamW)
+        assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["weight_decay"] == 0.01
+        for it, warm in [(0, WARMUP_RATIO), (1, 0.25 + 0.75 * WARMUP_RATIO), (3, 0.75 + 0.25 * WARMUP_RATIO),
+                         (4, 1.0), (7, 1.0)]:
+            tr.iter = it
+            lr = tr._set_lr(opt, phase)
+            expected = 6e-4 * (1 - it / 10) * warm  # poly power 1.0 times the linear warm-up
+            assert lr == pytest.approx(expected, rel=1e-9) and warmup_factor(it, 4) == pytest.approx(warm)
+            assert [g["lr"] for g in opt.param_groups] == pytest.approx([lr, 10 * lr])
+    finally:
+        tr.logger.close()
+        tr._lock.release()
+
+
+# --------------------------------------------------------------------------- runs
+
+def _records(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_teacher_runs_self_training(tmp_path, tiny_overrides):
+    cfg = load_config(None, tiny_overrides + ["method=self_training", *TEACHER, "train.iters=2", "train.source_iters=1"])
+    metrics = train(cfg, tmp_path / "st")
+    assert 0.0 <= metrics["mIoU"] <= 1.0
+    steps = [r for r in _records(tmp_path / "st") if r.get("phase") == "teacher"]
+    assert len(steps) == 2
+    assert {"loss/seg_src", "loss/seg_mix", "pseudo/teacher_quality", "pseudo/teacher_acc"} <= set(steps[-1])
+    assert not any(k.startswith("loss/contrast") or k.startswith("loss/ent") for k in steps[-1])
+    state = load_checkpoint(tmp_path / "st" / "checkpoints" / "last.pt")
+    assert state["mean_teacher"]["teacher"]["updates"] == 2
+    assert (tmp_path / "st" / "rare_class_stats.json").is_file()
+
+
+def test_bida_teacher_run_with_feature_distance_stopped_mid_way_resumes_exactly(tmp_path, tiny_overrides):
+    # "ImageNet" weights: any weight file of the architecture
+    from bida.deeplabv2 import build_model
+
+    weights = tmp_path / "init.pth"
+    torch.save(build_model(load_config(None, tiny_overrides).model, 19).state_dict(), weights)
+    cfg = load_config(None, tiny_overrides + ["method=bida", *TEACHER, f"model.pretrained={weights}",
+                                              "loss.feature_distance_weight=0.005", "train.iters=3"])
+    full = tmp_path / "full"
+    ref = train(cfg, full)
+    steps = [r for r in _records(full) if r.get("phase") == "teacher"]
+    assert len(steps) == 3
+    assert {"loss/seg_src", "loss/seg_mix", "loss/contrast_t2s", "loss/contrast_s2t", "loss/feature_distance",
+            "pseudo/dynamic_coverage", "calibration/weight", "pseudo/teacher_quality"} <= set(steps[-1])
+    assert not any(k.startswith("loss/ent") or k == "loss/seg_tgt" for k in steps[-1])
+    assert all(math.isfinite(r["loss/total"]) for r in steps) and steps[-1]["loss/feature_distance"] > 0
+
+    part = tmp_path / "part"
+    assert Trainer(cfg, part).fit(stop_after=1) is None
+    stopped = load_checkpoint(part / "checkpoints" / "last.pt")
+    assert stopped["step"] == 1 and stopped["mean_teacher"]["teacher"]["updates"] == 1
+    resumed = Trainer(cfg, part, resume=True).fit()
+    a, b = (load_checkpoint(r / "checkpoints" / "last.pt") for r in (full, part))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ta, tb = a["mean_teacher"]["teacher"], b["mean_teacher"]["teacher"]
+    assert ta["updates"] == tb["updates"] == 3
+    for k in ta["model"]:
+        assert torch.equal(ta["model"][k], tb["model"][k]), k
+    assert torch.equal(a["mean_teacher"]["mixer"]["generator"], b["mean_teacher"]["mixer"]["generator"])
+    assert torch.equal(a["optimizer"]["state"][0]["exp_avg_sq"], b["optimizer"]["state"][0]["exp_avg_sq"])
+    assert resumed["mIoU"] == ref["mIoU"]
+
+
+def test_feature_distance_reads_the_backbone_output_on_the_chosen_classes(tiny_overrides):
+    import copy
+
+    from bida.deeplabv2 import build_model
+    from bida.teacher import FeatureDistance
+
+    student = build_model(load_config(None, tiny_overrides).model, 19).eval()
+    fd = FeatureDistance(copy.deepcopy(student), [11, 13], 19)
+    x = torch.randn(2, 3, 32, 64)
+    y = torch.full((2, 32, 64), 13)
+    y[1] = 0  # road: not a chosen class
+
+    def distance(labels):
+        with fd.capture(student):
+            student(x, "source")
+        return fd.loss(x, labels)
+
+    assert distance(y).item() == 0.0  # the student is still the frozen copy
+    with torch.no_grad():
+        student.layer4[-1].conv2.weight.mul_(1.5)
+    d = distance(y)
+    assert d.item() > 0
+    feat = []
+    handle = student.layer4.register_forward_hook(lambda m, i, o: feat.append(o))
+    with torch.no_grad():
+        student(x[:1], "source")
+        fd.model.layer4.register_forward_hook(lambda m, i, o: feat.append(o))
+        fd.model(x[:1], "source")
+    handle.remove()
+    ref = (feat[0] - feat[1]).norm(dim=1).mean()  # image 0: every pixel is a chosen class
+    assert d.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert distance(torch.zeros_like(y)).item() == 0.0  # no chosen class: no distance
+
+
+def test_rare_class_crops_are_drawn_again_until_they_show_the_class():
+    from bida.rare_class import MAX_RECROPS, RareClassCrops
+
+    class Crops:
+        calls = 0
+
+        def __getitem__(self, key):
+            Crops.calls += 1
+            index, seed = key
+            label = torch.zeros(4, 4, dtype=torch.long)
+            label[: (seed % 5)] = 3  # 0 to 16 pixels of class 3, depending on the crop
+            return {"label": label, "seed": seed}
+
+    crops = RareClassCrops(Crops(), min_crop_pixels=10)
+    item = crops[(0, 0, 3)]  # seed 0: no pixel of class 3, drawn again
+    assert int((item["label"] == 3).sum()) > 10 and Crops.calls > 1
+    Crops.calls = 0
+    never = crops[(0, 0, 7)]  # class 7 never shows: the last of 1 + MAX_RECROPS crops is kept
+    assert Crops.calls == 1 + MAX_RECROPS and never["label"].max() < 7
