@@ -11,6 +11,7 @@ import bida.train as tr
 from bida.cli import main
 from bida.config import load_config
 from bida.errors import Interrupted
+from bida.presets import preset_overrides
 
 
 def _count_label_passes(monkeypatch) -> list[str]:
@@ -88,3 +89,14 @@ def test_an_interrupted_demo_resumes_as_a_demo(tmp_path, tiny_overrides, monkeyp
     assert main(["demo", "--resume", str(out), "--seeds", "2"]) == 2
     assert main(["ablate", "--resume", str(out)]) == 2
     assert "holds a bida demo" in capsys.readouterr().err
+
+
+def test_every_ablation_and_candidate_row_is_a_valid_config_with_its_own_directory():
+    rows = list(demo.ABLATION_ROWS) + list(demo.CANDIDATE_ROWS)
+    for name, overrides in rows:
+        cfg = load_config(None, list(overrides))  # an unknown key or bad value raises ConfigError
+        assert cfg.method.name in ("self_training", "bida"), name
+    dirs = [demo._dir_name(name) for name, _ in rows]
+    assert len(set(dirs)) == len(dirs)  # no two rows share a run directory
+    plus = dict(demo.CANDIDATE_ROWS)["cand: memory partners + weights 0.5"]
+    assert set(preset_overrides("plus")) <= set(plus)  # the preset row is the preset as shipped

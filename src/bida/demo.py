@@ -45,18 +45,22 @@ ROW_DIRS: dict[str, str] = {
 }
 
 # Candidates for making the contrast count (README "Does the contrast count?"); each row
-# is full BiDA with one change, so each is compared with full BiDA and with self-training.
+# is full BiDA with one change (the last three: the preset ``plus`` with one change), so
+# each is compared with full BiDA and with self-training.
 CANDIDATE_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("cand: y_D separate mean in L_t2s", ("method=bida", "method.t2s_dynamic=separate", "method.dynamic_t2s_weight=0.5")),
     ("cand: y_D only in target prototypes", ("method=bida", "method.t2s_dynamic=prototypes_only")),
     ("cand: centred features", ("method=bida", "method.center_features=batch")),
     ("cand: memory prototypes as partners", ("method=bida", "method.memory_partners=true")),
-    ("cand: projection-head feature", ("method=bida", "method.feature=backbone")),
     ("cand: y_T for target segmentation", ("method=bida", "pseudo.dynamic_for_segmentation=true")),
     ("cand: contrast weights 0.5", ("method=bida", "loss.contrast_t2s_weight=0.5", "loss.contrast_s2t_weight=0.5")),
     ("cand: contrast weights 1.0", ("method=bida", "loss.contrast_t2s_weight=1.0", "loss.contrast_s2t_weight=1.0")),
-    ("cand: memory partners + weights 0.5", ("method=bida", "method.memory_partners=true",
-                                              "loss.contrast_t2s_weight=0.5", "loss.contrast_s2t_weight=0.5")),
+    ("cand: memory partners + weights 0.5", ("method=bida", *preset_overrides("plus"))),
+    ("cand: memory partners + weights 1.0", ("method=bida", "method.memory_partners=true",
+                                              "loss.contrast_t2s_weight=1.0", "loss.contrast_s2t_weight=1.0")),
+    ("cand: preset plus + projection-head feature", ("method=bida", *preset_overrides("plus"), "method.feature=backbone")),
+    ("cand: preset plus + temperature 0.05", ("method=bida", *preset_overrides("plus"), "loss.temperature=0.05")),
+    ("cand: preset plus + temperature 0.2", ("method=bida", *preset_overrides("plus"), "loss.temperature=0.2")),
 )
 
 GRID_FILE = "grid.json"  # what a demo or ablation directory was asked to run (read by --resume)
