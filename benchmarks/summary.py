@@ -1,6 +1,6 @@
-"""One table from the JSON files of gpu_step.py, method_extras.py and train_loop.py.
+"""One table from the JSON files of gpu_step.py, method_extras.py, train_loop.py and teacher_step.py.
 
-    python benchmarks/summary.py DIR      # DIR holds step.json, extras.json, loop.json
+    python benchmarks/summary.py DIR      # DIR holds step.json, extras.json, loop.json, teacher.json
 
 A missing or failed part shows as "n/a", so that the rest of a run is still reported.
 """
@@ -67,6 +67,14 @@ def rows(folder: Path) -> list[tuple[str, str]]:
                 ("evaluation slide", f"{_fmt(loop['eval_slide_images_per_s'], '.2f')} images/s")]
     else:
         out.append(("trainer loop", "n/a"))
+    teacher = _load(folder / "teacher.json")
+    by_t = {(r["precision"], r["method"]): r for r in teacher.get("rows", [])}
+    for (precision, method), r in by_t.items():
+        out.append((f"teacher step {teacher.get('backbone', '')} {precision} {method}",
+                    f"{_fmt(r['step_ms'])} ms, peak {_fmt(r['peak_gib'], '.2f')} GiB"
+                    + (f", bida / ST {_fmt(r['bida_over_st'], '.3f')}" if method == "bida" else "")))
+    if not by_t:
+        out.append(("teacher step", "n/a"))
     return out
 
 

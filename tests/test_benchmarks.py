@@ -21,13 +21,14 @@ def bench(monkeypatch):
     import gpu_step
     import method_extras
     import summary
+    import teacher_step
     import train_loop
 
-    return gpu_step, method_extras, train_loop, summary
+    return gpu_step, method_extras, train_loop, summary, teacher_step
 
 
 def test_smoke_runs_of_every_gpu_script_make_one_table(tmp_path, bench, capsys, synthetic_cache):
-    gpu_step, method_extras, train_loop, summary = bench
+    gpu_step, method_extras, train_loop, summary, teacher_step = bench
     rows = gpu_step.main(["--smoke", "--precisions", "fp32", "--compile", "--json", str(tmp_path / "step.json")])
     assert {(r["format"], r["method"]) for r in rows} == {(f, m) for f in ("contiguous", "contiguous compiled")
                                                           for m in ("self_training", "bida")}
@@ -39,11 +40,13 @@ def test_smoke_runs_of_every_gpu_script_make_one_table(tmp_path, bench, capsys, 
                 "eval_slide_images_per_s"):
         assert figures[key] >= 0, key
     assert json.loads((tmp_path / "loop.json").read_text())["records"] >= 1
+    teacher = teacher_step.main(["--smoke", "--precisions", "fp32", "--json", str(tmp_path / "teacher.json")])
+    assert [r["method"] for r in teacher] == ["self_training", "bida"] and all(r["step_ms"] > 0 for r in teacher)
     capsys.readouterr()
     summary.main([str(tmp_path)])
     table = capsys.readouterr().out
     for line in ("step fp32 contiguous bida", "compiled bf16 bida", "extras D=8", "trainer / benchmark",
-                 "evaluation slide"):
+                 "evaluation slide", "teacher step mit_b0 fp32 bida"):
         assert line in table, line
     assert "| step fp32 contiguous bida " in table and "n/a ms" not in table.split("compiled bf16")[0]
 
