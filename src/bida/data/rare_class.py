@@ -24,9 +24,9 @@ from typing import Iterator
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import atomic_write_text
+from ..checkpoint import atomic_write_text
 from .datasets import _STOP_SIGNALS, SegmentationDataset, _mix, ignore_stop_signals
-from .errors import ConfigError
+from ..errors import ConfigError
 
 STATS_FILE = "rare_class_stats.json"
 MAX_RECROPS = 10  # DAFormer's bound on re-drawing a crop that misses the sampled class

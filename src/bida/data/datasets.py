@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .config import Config, DomainConfig
-from .errors import DataError
+from ..config import Config, DomainConfig
+from ..errors import DataError
 from .labels import ClassInfo
 from .readers import Sample, class_info, list_samples, read_pair
 from .synthetic import SyntheticSpec, ensure_synthetic
