@@ -17,8 +17,8 @@ from PIL import Image
 import bida.train as tr
 from bida.checkpoint import load_checkpoint
 from bida.cli import main, parse_args
-from bida.errors import CheckpointError, DataError
 from bida.data.readers import read_image
+from bida.errors import CheckpointError, DataError
 from fixtures import make_folder_tree
 
 PALETTE = ((250, 0, 0), (0, 250, 0), (0, 0, 250))

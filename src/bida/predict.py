@@ -14,12 +14,12 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write_text, ensure_writable, load_checkpoint
 from .config import Config, from_dict, to_dict
-from .models import DeepLabV2, MiTSegmentor, build_model
-from .errors import BidaError, CheckpointError, DataError
-from .evaluate import predict_probs
 from .data.labels import colorize, default_palette, CITYSCAPES
 from .data.readers import read_image
 from .data.transforms import to_tensor
+from .models import DeepLabV2, MiTSegmentor, build_model
+from .errors import BidaError, CheckpointError, DataError
+from .evaluate import predict_probs
 from .weights import load_model_weights
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
