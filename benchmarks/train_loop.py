@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step as ts  # noqa: E402 - the benchmark next to this one
 
 from bida.config import load_config  # noqa: E402
-from bida.datasets import build_eval_dataset  # noqa: E402
+from bida.data.datasets import build_eval_dataset  # noqa: E402
 from bida.evaluate import evaluate  # noqa: E402
 from bida.train import Trainer  # noqa: E402
 

@@ -9,12 +9,12 @@ import torch
 
 import bida.round_labels as round_labels
 from bida.config import load_config
-from bida.datasets import SegmentationDataset
+from bida.data.datasets import SegmentationDataset
+from bida.data.readers import Sample
 from bida.models import SegOutput
 from bida.losses import entropy, pixel_prototype_contrast
 from bida.prototypes import class_sums, scaled_similarity
 from bida.pseudo_labels import Calibration, label_transfer
-from bida.readers import Sample
 from bida.train_step import adapt_step
 
 

@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 
 from bida import distributed
 from bida.config import load_config
-from bida.datasets import build_train_dataset, resolve_domain, train_loader
+from bida.data.datasets import build_train_dataset, resolve_domain, train_loader
 from bida.models import build_model
 from bida.distributed import DistContext, init_from_env, timeout_from_env
 from bida.pseudo_labels import Calibration

@@ -8,7 +8,7 @@ from PIL import Image
 
 from bida.errors import ConfigError, DataError
 from bida.labels import CITYSCAPES, default_palette
-from bida.readers import (
+from bida.data.readers import (
     KINDS,
     LabelResizedWarning,
     Sample,

@@ -10,7 +10,7 @@ from PIL import Image
 
 from bida.cli import main
 from bida.config import load_config
-from bida.datasets import build_eval_dataset, build_train_dataset, resolve_domain
+from bida.data.datasets import build_eval_dataset, build_train_dataset, resolve_domain
 from fixtures import make_cityscapes_tree, make_folder_tree, make_gta5_tree, make_synthia_tree
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

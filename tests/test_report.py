@@ -14,7 +14,7 @@ from PIL import Image
 
 from bida.cli import main
 from bida.config import load_config
-from bida.datasets import build_eval_dataset, resolve_domain
+from bida.data.datasets import build_eval_dataset, resolve_domain
 from bida.features import SOURCE, TARGET, prototype_distances, sample_features
 from bida.predict import model_from_checkpoint
 from bida.prototypes import downsample_labels

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bida import synthetic
+from bida.data import synthetic
 from bida.errors import ConfigError
-from bida.synthetic import (
+from bida.data.synthetic import (
     CITYSCAPES_CLASSES,
     CITYSCAPES_PALETTE,
     SyntheticSpec,

@@ -15,7 +15,7 @@ from bida.deeplabv2 import SegOutput
 from bida.errors import ConfigError
 from bida.mixing import ClassMix, blur_kernel_size, class_mix_masks, color_jitter, from_unit_rgb, gaussian_blur, mix, to_unit_rgb
 from bida.optim import WARMUP_RATIO, warmup_factor
-from bida.rare_class import RareClassSampler, class_probabilities
+from bida.data.rare_class import RareClassSampler, class_probabilities
 from bida.teacher import EMATeacher, downscale_labels_by_ratio, ema_alpha, quality_weight, weighted_cross_entropy
 from bida.train import Trainer, plan_phases, train
 
@@ -315,7 +315,7 @@ def test_feature_distance_reads_the_backbone_output_on_the_chosen_classes(tiny_o
 
 
 def test_rare_class_crops_are_drawn_again_until_they_show_the_class():
-    from bida.rare_class import MAX_RECROPS, RareClassCrops
+    from bida.data.rare_class import MAX_RECROPS, RareClassCrops
 
     class Crops:
         calls = 0

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +17,8 @@ from PIL import Image
 import bida.train as tr
 from bida.checkpoint import load_checkpoint
 from bida.cli import main, parse_args
+from bida.data.readers import read_image
 from bida.errors import CheckpointError, DataError
-from bida.readers import read_image
 from fixtures import make_folder_tree
 
 PALETTE = ((250, 0, 0), (0, 250, 0), (0, 0, 250))
@@ -158,11 +160,11 @@ def test_jpg_label_is_named_and_histogram_is_in_class_order(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "labels must be PNG" in out and "img_000.jpg" in out
     with pytest.raises(DataError, match="labels must be PNG"):
-        from bida.readers import list_samples
+        from bida.data.readers import list_samples
 
         list_samples("folder", tmp_path / "A", "train")
     # class order in the histogram, whatever order the splits meet the classes in
-    from bida.data_check import check_domain
+    from bida.data.data_check import check_domain
 
     (tmp_path / "C" / "images" / "train").mkdir(parents=True)
     (tmp_path / "C" / "labels" / "train").mkdir(parents=True)
@@ -226,10 +228,22 @@ def test_public_modules_are_attributes_of_the_package():
     import bida
 
     assert callable(bida.losses.pixel_prototype_contrast) and bida.losses.__doc__
-    for name in ("prototypes", "pseudo_labels", "labels", "losses"):
+    for name in ("prototypes", "pseudo_labels", "losses"):
         assert getattr(bida, name).__name__ == f"bida.{name}"
-    modules = {p.stem for p in Path(bida.__file__).parent.glob("*.py") if not p.stem.startswith("_")}
+    # bida.labels is the very module bida.data.labels, under every way of reaching it.
+    import bida.data.labels
+    import bida.labels
+    from bida.labels import _SYNTHIA_TO_TRAIN_ID as private_name
+
+    assert bida.labels is bida.data.labels is sys.modules["bida.labels"] is importlib.import_module("bida.labels")
+    assert private_name is bida.data.labels._SYNTHIA_TO_TRAIN_ID
+    # The list covers every module and subpackage on disk, so it cannot go stale.
+    package = Path(bida.__file__).parent
+    modules = {p.stem for p in package.glob("*.py") if not p.stem.startswith("_")}
+    modules |= {p.parent.name for p in package.glob("*/__init__.py")}
     assert modules == set(bida.PUBLIC_MODULES)
+    for name in bida.PUBLIC_MODULES:
+        assert getattr(bida, name).__name__ in (f"bida.{name}", f"bida.data.{name}")
     with pytest.raises(AttributeError):
         bida.no_such_module  # noqa: B018
 

@@ -155,7 +155,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from .config import load_config
-    from .datasets import build_eval_dataset, check_same_classes, resolve_domain
+    from .data.datasets import build_eval_dataset, check_same_classes, resolve_domain
     from .evaluate import evaluate, markdown_table, write_metrics
     from .predict import model_from_checkpoint
 
@@ -240,8 +240,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .data_check import check_domain
-    from .datasets import check_same_classes, resolve_domain
+    from .data.data_check import check_domain
+    from .data.datasets import check_same_classes, resolve_domain
     from .errors import DataError
 
     cfg = load_config(args.config, args.overrides)

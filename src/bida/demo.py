@@ -121,7 +121,7 @@ def reevaluate_run(run_dir: Path) -> dict:
     """Evaluate a run's last checkpoint on target val again; updates and returns its ``metrics.json``."""
     import torch
 
-    from .datasets import build_eval_dataset, resolve_domain
+    from .data.datasets import build_eval_dataset, resolve_domain
     from .evaluate import evaluate, write_metrics
     from .predict import model_from_checkpoint
 
@@ -334,7 +334,7 @@ def run_demo(out: Path, overrides: Sequence[str] = (), quiet: bool = False, repo
         saved = json.loads((out / "results.json").read_text())
         return {k: v for k, v in saved.items() if k != "timing"}
     # Set-up: the embedded data are generated on first use (then read from the cache).
-    from .datasets import resolve_domain
+    from .data.datasets import resolve_domain
 
     setup_cfg = load_config(None, list(base))
     resolve_domain(setup_cfg, "source"), resolve_domain(setup_cfg, "target")

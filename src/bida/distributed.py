@@ -3,7 +3,7 @@
 :func:`init_from_env` reads torchrun's environment; without it every method is a cheap
 no-op, so the trainer has one code path. W processes with batch b compute what one
 process computes with batch W*b (the sampler gives rank r the r-th slice of each global
-batch, see :class:`~bida.datasets.InfiniteBatchSampler`):
+batch, see :class:`~bida.data.datasets.InfiniteBatchSampler`):
 
 - Prototypes: per-class feature sums and pixel counts are all-reduced (differentiably)
   before dividing (docs/method.md section 1), so every rank holds the prototypes of the global

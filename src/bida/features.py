@@ -205,7 +205,7 @@ def run_alignment(run_dir, device: torch.device | str = "cpu", max_images: int =
     """
     from pathlib import Path
 
-    from .datasets import build_eval_dataset, resolve_domain
+    from .data.datasets import build_eval_dataset, resolve_domain
     from .predict import model_from_checkpoint
 
     run_dir = Path(run_dir)

@@ -389,7 +389,7 @@ def _load_models(runs: list[Run], device) -> dict[str, tuple]:
 
 def _target_val(cfg: Config):
     """(domain, labelled target-val dataset) or a reason why there is none."""
-    from .datasets import build_eval_dataset, resolve_domain
+    from .data.datasets import build_eval_dataset, resolve_domain
 
     if not cfg.data.target.val_split:
         return None, "data.target.val_split is not set"
@@ -416,7 +416,7 @@ def _image_miou(pred: np.ndarray, label: torch.Tensor, names: Sequence[str], cfg
 
 
 def _predictions(page: _Page, runs: list[Run], models: dict, max_images: int, scan_images: int, device) -> None:
-    from .labels import colorize
+    from .data.labels import colorize
 
     page.section("predictions", "Target validation predictions")
     for run in runs:
@@ -563,7 +563,7 @@ def _tsne(features: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def _features(page: _Page, runs: list[Run], models: dict, feature_points: int, feature_images: int, device) -> None:
-    from .datasets import build_eval_dataset, resolve_domain
+    from .data.datasets import build_eval_dataset, resolve_domain
     from .features import prototype_alignment, prototype_distances, sample_features
 
     page.section("features", "Feature space")

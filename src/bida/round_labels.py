@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write_bytes
 from .config import Config
-from .datasets import SegmentationDataset, pseudo_label_name
+from .data.datasets import SegmentationDataset, pseudo_label_name
 from .evaluate import confusion_matrix, predict_probs
 from .pseudo_labels import class_thresholds, sample_confidences, static_labels
 

@@ -32,14 +32,14 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write_text, load_checkpoint, model_state_for_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, dump_config, load_config, to_dict
-from .datasets import (Domain, build_eval_dataset, build_train_dataset, check_same_classes, close_loader,
-                       resolve_domain, train_loader)
+from .data.datasets import (Domain, build_eval_dataset, build_train_dataset, check_same_classes, close_loader,
+                            resolve_domain, train_loader)
+from .data.rare_class import cached_class_pixel_counts, rare_class_loader
 from .models import DeepLabV2, MiTSegmentor, build_model
 from .errors import BidaError, DataError, Interrupted, RunDirError  # noqa: F401 - Interrupted re-exported
 from .evaluate import evaluate, markdown_table, write_metrics
 from .optim import build_optimizer, warmup_factor
 from .pseudo_labels import Calibration
-from .rare_class import cached_class_pixel_counts, rare_class_loader
 from .round_labels import generate_static_labels
 from .teacher import MeanTeacher, teacher_step
 from .train_step import adapt_step, source_step
@@ -437,7 +437,7 @@ class Trainer:
                    "(README, 'Initial weights')")
 
     def _check_data(self) -> None:
-        from .data_check import check_domain
+        from .data.data_check import check_domain
 
         t = self.cfg.data.target
         for name, dom, splits in (

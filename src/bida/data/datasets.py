@@ -2,7 +2,7 @@
 
 A domain (``DomainConfig``) names a reader kind and a root; :func:`resolve_domain` turns it
 into a concrete (kind, root) pair, generating the embedded synthetic pair on first use.
-:class:`SegmentationDataset` reads samples with :mod:`bida.readers` and applies the joint
+:class:`SegmentationDataset` reads samples with :mod:`bida.data.readers` and applies the joint
 transforms. Training batches come from :class:`InfiniteBatchSampler`, whose position is a
 single integer: a resumed or distributed run sees exactly the batches of a plain run.
 """
@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .config import Config, DomainConfig
-from .errors import DataError
+from ..config import Config, DomainConfig
+from ..errors import DataError
 from .labels import ClassInfo
 from .readers import Sample, class_info, list_samples, read_pair
 from .synthetic import SyntheticSpec, ensure_synthetic
@@ -78,7 +78,7 @@ class SegmentationDataset(Dataset):
     and augmented with an RNG made from that seed; evaluation items by a plain index.
 
     Args:
-        samples: from :func:`bida.readers.list_samples`.
+        samples: from :func:`bida.data.readers.list_samples`.
         kind: reader kind (label mapping).
         num_classes: labels outside [0, K) and not ignore are an error.
         train: apply random scale/crop/flip.

@@ -1,6 +1,6 @@
 """Walk a dataset and report every problem at once, with a class histogram.
 
-``check_domain(..., full=True)`` reads every file (``bida check-data``);
+``check_domain(..., full=True)`` reads every file (``bida data check``);
 ``full=False`` is the cheap start-of-training check: the listing of every split plus
 the first few files of each. Problems are collected, never raised, so one run shows
 them all.
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from bida.errors import DataError
-from bida.labels import IGNORE_INDEX
-from bida.readers import (
+from .labels import IGNORE_INDEX
+from .readers import (
     Sample,
     check_label_values,
     class_info,

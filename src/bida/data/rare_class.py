@@ -8,7 +8,7 @@ again (up to 10 times) until it holds more than ``rcs_min_crop_ratio x rcs_min_p
 pixels of c. Class pixel counts are read once from the source labels (full resolution)
 and cached in the run directory.
 
-The sampler is addressed by the batch position, as :class:`bida.datasets.InfiniteBatchSampler`:
+The sampler is addressed by the batch position, as :class:`bida.data.datasets.InfiniteBatchSampler`:
 every draw of batch t comes from a generator seeded with (seed, t, slot), so the sampler's
 whole state is the batch position the checkpoint already records, a resumed run draws the
 same images and crops, and ranks of a distributed run take disjoint slices of one stream.
@@ -24,9 +24,9 @@ from typing import Iterator
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import atomic_write_text
+from ..checkpoint import atomic_write_text
 from .datasets import _STOP_SIGNALS, SegmentationDataset, _mix, ignore_stop_signals
-from .errors import ConfigError
+from ..errors import ConfigError
 
 STATS_FILE = "rare_class_stats.json"
 MAX_RECROPS = 10  # DAFormer's bound on re-drawing a crop that misses the sampled class

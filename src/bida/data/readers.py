@@ -53,7 +53,7 @@ import numpy as np
 from PIL import Image
 
 from bida.errors import ConfigError, DataError
-from bida.labels import (
+from .labels import (
     CITYSCAPES,
     CITYSCAPES_ID_TO_TRAIN_ID,
     IGNORE_INDEX,
