@@ -158,7 +158,7 @@ def test_every_config_runs_source_stage_and_an_adaptation_round(name, tmp_path, 
 def _teacher_config_runs(name: str, raw: dict, tmp_path: Path, synthetic_cache) -> None:
     """A mean-teacher config runs its phases as shipped: model.pretrained (a tiny file of the
     shipped layout), source stage if it has one, then a couple of teacher steps."""
-    over = _domain_overrides(raw, tmp_path / "data", synthetic_cache) + shrink(raw)
+    over = _domain_overrides(raw, tmp_path / "data", synthetic_cache) + shrink(raw) + ["eval.max_images=1"]
     over += ["train.source_iters=2"] if raw["train"].get("source_iters") else []
     pretrained = raw.get("model", {}).get("pretrained")
     if pretrained:
