@@ -41,7 +41,8 @@ def shrink(raw: dict) -> list[str]:
     if data.get("resize"):
         out.append(f"data.resize={_scaled(data['resize'], factor)}")
     if data.get("rare_class_sampling"):  # full-resolution pixels: scaled by the fixture's image area
-        area = FIXTURE_AREA / SOURCE_AREA.get(data["source"]["kind"], FIXTURE_AREA)
+        kind = data["source"]["kind"]  # synthetic images shrink with the crop (_domain_overrides)
+        area = factor ** 2 if kind == "synthetic" else FIXTURE_AREA / SOURCE_AREA.get(kind, FIXTURE_AREA)
         out.append(f"data.rcs_min_pixels={_scaled(data.get('rcs_min_pixels', 3000), area)}")
     if str(raw.get("model", {}).get("backbone", "")).startswith("mit_"):
         out += ["model.decoder_dim=16", "model.proj_dim=16"]
@@ -164,10 +165,14 @@ def _teacher_config_runs(name: str, raw: dict, tmp_path: Path, synthetic_cache) 
     if pretrained:
         make = _tiny_mit_weights if raw["model"]["backbone"].startswith("mit_") else _tiny_init_weights
         over.append(f"model.pretrained={make(raw, tmp_path / Path(pretrained).name)}")
-    metrics = _run(CONFIGS / name, tmp_path / "run", over)
     method = raw["method"] if isinstance(raw["method"], str) else raw["method"]["name"]
+    run = tmp_path / "run"
+    if method == "source_only":  # a source-only config: then adapt from it with its own settings
+        _run(CONFIGS / name, tmp_path / "stage", over)
+        over, method = over + ["method=bida", f"model.init_checkpoint={tmp_path / 'stage/checkpoints/last.pt'}"], "bida"
+    metrics = _run(CONFIGS / name, run, over)
     assert metrics["method"] == method
-    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     steps = [r for r in records if r.get("phase") == "teacher"]
     assert len(steps) == 2 and all(r["loss/total"] == r["loss/total"] for r in steps)  # ran, and finite
     assert {"loss/seg_mix", "pseudo/teacher_quality"} <= set(steps[0])
