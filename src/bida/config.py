@@ -124,7 +124,7 @@ class MethodConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # rounds: offline self-training rounds (METHOD.md section 5). teacher: one adaptation phase
+    # rounds: offline self-training rounds (docs/method.md section 5). teacher: one adaptation phase
     # with an EMA teacher labelling ClassMix images online (DAFormer), see bida.teacher.
     schedule: Literal["rounds", "teacher"] = "rounds"
     # rounds: length of a source_only run and of the source stage of adaptation.

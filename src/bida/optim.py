@@ -1,6 +1,6 @@
 """Optimizers and the learning-rate warm-up (``train.optimizer``, ``train.warmup_iters``).
 
-SGD is the DeepLab-V2 recipe (METHOD.md section 5); AdamW with a linear warm-up is the
+SGD is the DeepLab-V2 recipe (docs/method.md section 5); AdamW with a linear warm-up is the
 recipe of DAFormer and the transformer segmentors (betas 0.9/0.999, warm-up from 1e-6 of
 the LR, then poly decay). Both take the model's parameter groups, so the head keeps its
 ``head_lr_mult`` x LR.

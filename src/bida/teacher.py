@@ -8,7 +8,7 @@ backbone features are kept near a frozen ImageNet copy (feature distance).
 With ``method: bida`` the same step adds BiDA's terms (label transfer, calibration and the
 two contrasts, :func:`bida.train_step.adapt_step`) on the source crop and the *unmixed*
 target crop: a mixed image holds pixels of both domains, so its features would blur the
-per-domain prototypes the contrast compares. The static labels y_F of METHOD.md become
+per-domain prototypes the contrast compares. The static labels y_F of docs/method.md become
 the teacher's labels on its confident pixels (``pseudo.teacher_threshold``); label transfer
 completes the others, as it completes the round labels in the ``rounds`` schedule.
 
