@@ -16,8 +16,9 @@ __version__ = "0.1.0"
 # Every module of the package, importable as ``bida.<name>`` without an explicit import.
 PUBLIC_MODULES = (
     "checkpoint", "cli", "config", "data_check", "datasets", "deeplabv2", "demo", "distributed", "errors",
-    "evaluate", "features", "labels", "losses", "predict", "presets", "prototypes", "pseudo_labels", "readers",
-    "report", "round_labels", "synthetic", "train", "train_step", "transforms", "weights",
+    "evaluate", "features", "labels", "losses", "mixing", "optim", "predict", "presets", "prototypes",
+    "pseudo_labels", "rare_class", "readers", "report", "round_labels", "synthetic", "teacher", "train",
+    "train_step", "transforms", "weights",
 )
 
 __all__ = ["__version__", *PUBLIC_MODULES]
