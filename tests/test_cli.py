@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -107,3 +108,26 @@ def test_presets_are_overrides_that_user_overrides_beat(tmp_path, tiny_overrides
     run = tmp_path / "plus"
     assert main(["train", "--out", str(run), "--preset", "plus", "method=bida", *tiny_overrides]) == 0
     assert "memory_partners: true" in (run / "config.yaml").read_text()
+
+
+def test_transformer_demo_runs_source_only_teacher_self_training_and_bida(tmp_path, tiny_overrides):
+    """``bida demo --arch transformer``: its packaged config as shipped, lengths shrunk."""
+    from bida.demo import TRANSFORMER_DEMO_FILE
+
+    assert (Path(__file__).parents[1] / "configs" / "demo_transformer.yaml").read_text() == \
+        TRANSFORMER_DEMO_FILE.read_text()
+    out = tmp_path / "demo"
+    shrink = [o for o in tiny_overrides if not o.startswith(("model.width", "train.iters"))]
+    assert main(["demo", "--arch", "transformer", "--out", str(out), "--seeds", "2", "--quiet", *shrink,
+                 "train.source_iters=3", "train.iters=2", "data.rcs_min_pixels=3"]) == 0  # 12 at 4x the area
+    summary = json.loads((out / "results.json").read_text())
+    assert set(summary) == {"source_only", "self_training", "bida", "timing"}
+    for method in ("source_only", "self_training", "bida"):
+        assert len(summary[method]["per_seed"]) == 2
+        cfg = (out / "seed_0" / method / "config.yaml").read_text()
+        assert "backbone: mit_b0" in cfg and "schedule: teacher" in cfg
+    steps = [json.loads(line) for line in (out / "seed_1" / "source_only" / "log.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in steps if r.get("phase") == "source") == 3  # the source stage's length
+    bida_log = (out / "seed_0" / "bida" / "log.jsonl").read_text()
+    assert '"phase": "teacher"' in bida_log and "loss/contrast_t2s" in bida_log
+    assert "vs_self_training" in summary["bida"]

@@ -17,10 +17,13 @@ import yaml
 
 from bida.cli import main
 from bida.models import DeepLabV2
+from bida.models.mit import MiTSegmentor
 from fixtures import make_cityscapes_tree, make_folder_tree, make_gta5_tree, make_synthia_tree
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LONGEST_CROP = 64  # the crop's longer side after shrinking
+FIXTURE_AREA = 16 * 32  # pixels of a fixture image
+SOURCE_AREA = {"gta5": 1052 * 1914, "synthia": 760 * 1280}  # pixels of a real source image
 
 
 def _scaled(value, factor: float):
@@ -37,6 +40,12 @@ def shrink(raw: dict) -> list[str]:
            "train.checkpoint_every=1", "train.log_every=1", "train.quiet=true"]
     if data.get("resize"):
         out.append(f"data.resize={_scaled(data['resize'], factor)}")
+    if data.get("rare_class_sampling"):  # full-resolution pixels: scaled by the fixture's image area
+        kind = data["source"]["kind"]  # synthetic images shrink with the crop (_domain_overrides)
+        area = factor ** 2 if kind == "synthetic" else FIXTURE_AREA / SOURCE_AREA.get(kind, FIXTURE_AREA)
+        out.append(f"data.rcs_min_pixels={_scaled(data.get('rcs_min_pixels', 3000), area)}")
+    if str(raw.get("model", {}).get("backbone", "")).startswith("mit_"):
+        out += ["model.decoder_dim=16", "model.proj_dim=16"]
     for key in ("size", "crop", "stride"):
         if ev.get(key):
             out.append(f"eval.{key}=[{_scaled(ev[key][0], factor)},{_scaled(ev[key][1], factor)}]")
@@ -92,6 +101,16 @@ def _tiny_init_weights(raw: dict, path: Path) -> Path:
     return path
 
 
+def _tiny_mit_weights(raw: dict, path: Path) -> Path:
+    """A SegFormer/mmseg ``mit_b*.pth`` (no prefix, an ImageNet classifier) at width 0.125."""
+    torch.manual_seed(0)
+    model = MiTSegmentor(19, raw["model"]["backbone"], width=0.125, decoder_dim=16, proj_dim=16)
+    state = {k[len("backbone."):]: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    state["head.weight"], state["head.bias"] = torch.randn(1000, model.backbone.dims[-1]), torch.zeros(1000)
+    torch.save(state, path)
+    return path
+
+
 def _run(config: Path, out: Path, overrides: list[str]) -> dict:
     assert main(["train", "-c", str(config), "--out", str(out), *overrides]) == 0
     return json.loads((out / "metrics.json").read_text())
@@ -110,6 +129,9 @@ def _source_stage_config(name: str, raw: dict) -> Path:
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_every_config_runs_source_stage_and_an_adaptation_round(name, tmp_path, synthetic_cache):
     raw = yaml.safe_load((CONFIGS / name).read_text())
+    if raw.get("train", {}).get("schedule") == "teacher":
+        _teacher_config_runs(name, raw, tmp_path, synthetic_cache)
+        return
     stage_path = _source_stage_config(name, raw)
     stage_raw = yaml.safe_load(stage_path.read_text())
     data = _domain_overrides(raw, tmp_path / "data", synthetic_cache)
@@ -132,3 +154,29 @@ def test_every_config_runs_source_stage_and_an_adaptation_round(name, tmp_path, 
     assert steps and all(r["loss/total"] == r["loss/total"] for r in steps)  # ran, and finite
     assert "loss/contrast_t2s" in steps[0] and "loss/contrast_s2t" in steps[0]
     assert (tmp_path / "adapt" / "pseudo_labels" / "round_0" / "stats.json").is_file()
+
+
+def _teacher_config_runs(name: str, raw: dict, tmp_path: Path, synthetic_cache) -> None:
+    """A mean-teacher config runs its phases as shipped: model.pretrained (a tiny file of the
+    shipped layout), source stage if it has one, then a couple of teacher steps."""
+    over = _domain_overrides(raw, tmp_path / "data", synthetic_cache) + shrink(raw) + ["eval.max_images=1"]
+    over += ["train.source_iters=2"] if raw["train"].get("source_iters") else []
+    pretrained = raw.get("model", {}).get("pretrained")
+    if pretrained:
+        make = _tiny_mit_weights if raw["model"]["backbone"].startswith("mit_") else _tiny_init_weights
+        over.append(f"model.pretrained={make(raw, tmp_path / Path(pretrained).name)}")
+    method = raw["method"] if isinstance(raw["method"], str) else raw["method"]["name"]
+    run = tmp_path / "run"
+    if method == "source_only":  # a source-only config: then adapt from it with its own settings
+        _run(CONFIGS / name, tmp_path / "stage", over)
+        over, method = over + ["method=bida", f"model.init_checkpoint={tmp_path / 'stage/checkpoints/last.pt'}"], "bida"
+    metrics = _run(CONFIGS / name, run, over)
+    assert metrics["method"] == method
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r.get("phase") == "teacher"]
+    assert len(steps) == 2 and all(r["loss/total"] == r["loss/total"] for r in steps)  # ran, and finite
+    assert {"loss/seg_mix", "pseudo/teacher_quality"} <= set(steps[0])
+    if raw.get("loss", {}).get("feature_distance_weight"):
+        assert "loss/feature_distance" in steps[0]
+    if method == "bida":
+        assert "loss/contrast_t2s" in steps[0] and "loss/contrast_s2t" in steps[0]

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --resume on a finished demo: evaluate every run again and rebuild the table and report")
     p.add_argument("--seeds", type=int, default=1, help="training seeds (each with its own source-only model)")
     p.add_argument("--preset", choices=("paper", "plus"), default="paper", help="method preset of the BiDA row")
+    p.add_argument("--arch", choices=("deeplab", "transformer"), default="deeplab",
+                   help="deeplab: DeepLab-V2 with offline rounds (defaults.yaml); transformer: MiT-B0 with the "
+                        "mean teacher (configs/demo_transformer.yaml)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-run messages")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help=_OVERRIDES_HELP.replace("train.iters=200", "seed=3") + "; applied to every run")
@@ -209,9 +212,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     _grid_resume_args(args, {"--seeds": args.seeds != 1, "--preset": args.preset != "paper",
-                             "--out": args.out != "runs/demo"})
+                             "--out": args.out != "runs/demo", "--arch": args.arch != "deeplab"})
     run_demo(Path(args.resume or args.out), overrides=args.overrides, quiet=args.quiet, seeds=args.seeds,
-             preset=args.preset, resume=bool(args.resume), reevaluate=args.reevaluate)
+             preset=args.preset, resume=bool(args.resume), reevaluate=args.reevaluate, arch=args.arch)
     return 0
 
 

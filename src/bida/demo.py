@@ -24,6 +24,11 @@ from .train import train
 
 # Demo settings: a narrow ResNet-18 DeepLab-V2 on 64x128 images trains in minutes on a CPU.
 DEMO_OVERRIDES: tuple[str, ...] = ()
+# The demo's config per architecture (None: the packaged defaults.yaml, DeepLab-V2 with
+# offline rounds). ``transformer``: a CPU-sized MiT-B0 with the mean-teacher schedule,
+# packaged as transformer_demo.yaml (also configs/demo_transformer.yaml).
+TRANSFORMER_DEMO_FILE = Path(__file__).with_name("transformer_demo.yaml")
+DEMO_ARCHS: dict[str, str | None] = {"deeplab": None, "transformer": str(TRANSFORMER_DEMO_FILE)}
 
 ABLATION_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("self-training (no contrast)", ("method=self_training",)),
@@ -153,7 +158,7 @@ def seed_list(cfg_path: str | None, overrides: Sequence[str], num_seeds: int) ->
 def run_grid(cfg_path: str | None, out: Path, rows: Sequence[tuple[str, Sequence[str]]], seeds: Sequence[int],
              overrides: Sequence[str] = (), init_checkpoint: str | None = None, quiet: bool = False,
              flat: bool = False, resume: bool = False, reevaluate: bool = False,
-             timing: dict[str, float] | None = None) -> dict[str, list[dict]]:
+             timing: dict[str, float] | None = None, source_overrides: Sequence[str] = ()) -> dict[str, list[dict]]:
     """Train every row for every seed; returns ``{row name: [metrics per seed]}``.
 
     Each seed first trains its own source-only model (unless ``init_checkpoint`` is given),
@@ -163,6 +168,7 @@ def run_grid(cfg_path: str | None, out: Path, rows: Sequence[tuple[str, Sequence
     of a seed, are generated once (``<seed dir>/shared_labels``). With ``resume``, finished
     runs are read back, stopped ones continued and missing ones trained. ``timing`` gets
     each run's wall time in seconds, keyed by its directory relative to ``out``.
+    ``source_overrides`` apply to the source-only runs only.
     """
     results: dict[str, list[dict]] = {name: [] for name, _ in rows}
     total = len(seeds) * (len(rows) + (init_checkpoint is None and not any(n == "source_only" for n, _ in rows)))
@@ -186,7 +192,7 @@ def run_grid(cfg_path: str | None, out: Path, rows: Sequence[tuple[str, Sequence
         base = list(overrides) + [f"seed={seed}"]
         init = init_checkpoint
         if init is None:
-            so = one(seed_dir / "source_only", base + ["method=source_only"], f"seed {seed}: source-only", None)
+            so = one(seed_dir / "source_only", base + ["method=source_only", *source_overrides], f"seed {seed}: source-only", None)
             if "source_only" in results:
                 results["source_only"].append(so | {"seed": seed})
             init = str(seed_dir / "source_only" / "checkpoints" / "last.pt")
@@ -309,22 +315,31 @@ def _complete(out: Path, results_file: str, run_dirs: Sequence[Path]) -> bool:
 
 
 def run_demo(out: Path, overrides: Sequence[str] = (), quiet: bool = False, report: bool = True,
-             seeds: int = 1, preset: str = "paper", resume: bool = False, reevaluate: bool = False) -> dict[str, dict]:
+             seeds: int = 1, preset: str = "paper", resume: bool = False, reevaluate: bool = False,
+             arch: str = "deeplab") -> dict[str, dict]:
     """Source-only, then self-training and BiDA from it, for each seed; writes ``results.{md,json}``.
 
     ``preset`` (:mod:`bida.presets`) applies to the BiDA row only; ``results.json`` records it,
     and its ``timing`` field the wall-time breakdown (set-up, each run, report). ``resume``
     continues the demo in ``out`` with its recorded settings: missing runs are trained,
     stopped ones continued, then the table and report are rebuilt; a finished demo is left
-    as it is unless ``reevaluate`` asks for every run to be evaluated again.
+    as it is unless ``reevaluate`` asks for every run to be evaluated again. ``arch``
+    (:data:`DEMO_ARCHS`) picks the demo's config: ``deeplab`` (DeepLab-V2, offline rounds) or
+    ``transformer`` (MiT-B0, mean teacher: the rows are source-only, teacher self-training
+    and BiDA + teacher).
     """
     t0 = time.time()
-    spec = {"command": "demo", "overrides": list(DEMO_OVERRIDES) + list(overrides), "seeds": seeds, "preset": preset}
+    if arch not in DEMO_ARCHS:
+        raise ConfigError(f"--arch: unknown architecture '{arch}' (known: {', '.join(DEMO_ARCHS)})")
+    spec = {"command": "demo", "overrides": list(DEMO_OVERRIDES) + list(overrides), "seeds": seeds, "preset": preset,
+            "arch": arch}
     if not resume:
-        seed_list(None, spec["overrides"], seeds)  # validated before the directory is created
+        seed_list(DEMO_ARCHS[arch], spec["overrides"], seeds)  # validated before the directory is created
     out, spec = _open_grid(Path(out), spec, resume)
     base, seeds, preset = spec["overrides"], int(spec["seeds"]), spec["preset"]
-    seed_values = seed_list(None, base, seeds)
+    arch = spec.get("arch", "deeplab")
+    cfg_path = DEMO_ARCHS[arch]
+    seed_values = seed_list(cfg_path, base, seeds)
     rows = [("source_only", ()), ("self_training", ("method=self_training",)),
             ("bida", ("method=bida", *preset_overrides(preset)))]
     seed_dirs = [out] if seeds == 1 else [out / f"seed_{s}" for s in seed_values]
@@ -336,14 +351,19 @@ def run_demo(out: Path, overrides: Sequence[str] = (), quiet: bool = False, repo
     # Set-up: the embedded data are generated on first use (then read from the cache).
     from .data.datasets import resolve_domain
 
-    setup_cfg = load_config(None, list(base))
+    setup_cfg = load_config(cfg_path, list(base))
     resolve_domain(setup_cfg, "source"), resolve_domain(setup_cfg, "target")
     timing: dict = {"setup_s": time.time() - t0, "runs_s": {}}
-    results = run_grid(None, out, rows, seed_values, base, quiet=quiet, flat=seeds == 1, resume=resume,
-                       reevaluate=reevaluate, timing=timing["runs_s"])
+    # Mean teacher: a source-only run trains train.iters on source; the demo's source-only
+    # models train the config's source stage (train.source_iters) instead.
+    t = setup_cfg.train
+    so_over = [f"train.iters={t.source_iters}"] if t.schedule == "teacher" and t.source_iters else []
+    results = run_grid(cfg_path, out, rows, seed_values, base, quiet=quiet, flat=seeds == 1, resume=resume,
+                       reevaluate=reevaluate, timing=timing["runs_s"], source_overrides=so_over)
     summary = summarise(results, "self_training")
     summary["bida"]["preset"] = preset
-    title = "bida demo (embedded synthetic pair)" + ("" if preset == "paper" else f", BiDA with preset '{preset}'")
+    title = "bida demo (embedded synthetic pair" + (", MiT-B0, mean teacher)" if arch == "transformer" else ")")
+    title += "" if preset == "paper" else f", BiDA with preset '{preset}'"
 
     def write(timing: dict) -> str:
         timing["total_s"] = time.time() - t0
