@@ -40,6 +40,9 @@ def shrink(raw: dict) -> list[str]:
            "train.checkpoint_every=1", "train.log_every=1", "train.quiet=true"]
     if data.get("resize"):
         out.append(f"data.resize={_scaled(data['resize'], factor)}")
+    for role in ("source", "target"):  # a domain's own shorter side (DAFormer resizes each domain)
+        if data.get(role, {}).get("resize"):
+            out.append(f"data.{role}.resize={_scaled(data[role]['resize'], factor)}")
     if data.get("rare_class_sampling"):  # full-resolution pixels: scaled by the fixture's image area
         kind = data["source"]["kind"]  # synthetic images shrink with the crop (_domain_overrides)
         area = factor ** 2 if kind == "synthetic" else FIXTURE_AREA / SOURCE_AREA.get(kind, FIXTURE_AREA)
@@ -180,3 +183,17 @@ def _teacher_config_runs(name: str, raw: dict, tmp_path: Path, synthetic_cache) 
         assert "loss/feature_distance" in steps[0]
     if method == "bida":
         assert "loss/contrast_t2s" in steps[0] and "loss/contrast_s2t" in steps[0]
+
+
+def test_a_domain_resize_overrides_data_resize_for_that_domain_only(tiny_overrides):
+    from bida.config import load_config
+    from bida.data.datasets import build_train_dataset, resolve_domain
+
+    cfg = load_config(None, tiny_overrides + ["data.resize=40", "data.source.resize=56"])
+    src, tgt = resolve_domain(cfg, "source"), resolve_domain(cfg, "target")
+    assert (src.resize, tgt.resize) == (56, 40)
+    assert build_train_dataset(cfg, src, "train", require_labels=True).resize == 56
+    assert build_train_dataset(cfg, tgt, "train", require_labels=False).resize == 40
+    item = build_train_dataset(cfg, src, "train", require_labels=True)[0]
+    assert item["image"].shape[-2:] == tuple(cfg.data.crop)
+    assert resolve_domain(load_config(None, tiny_overrides), "source").resize is None  # no resize by default

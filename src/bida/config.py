@@ -51,6 +51,7 @@ class DomainConfig:
     train_split: str = "train"
     val_split: Optional[str] = "val"  # target: the split evaluated during training
     synthetic_domain: Optional[Literal["source", "target"]] = None  # which synthetic rendering (default: the role)
+    resize: Optional[int] = None  # this domain's shorter side before augmentation; None: data.resize
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,8 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "data.synthetic.width": (8, INF, True, True),
     "data.synthetic.seed": (0, 2**32 - 1, True, True),
     "data.resize": (1, INF, True, True),
+    "data.source.resize": (1, INF, True, True),
+    "data.target.resize": (1, INF, True, True),
     "data.crop": (1, INF, True, True),
     "data.scale_range": (0, INF, False, True),
     "data.eval_classes": (0, INF, True, True),

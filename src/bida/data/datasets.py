@@ -35,6 +35,7 @@ class Domain:
     kind: str
     root: Path
     classes: ClassInfo
+    resize: int | None = None  # shorter side of training images (data.<role>.resize, else data.resize)
 
 
 def resolve_domain(cfg: Config, which: str) -> Domain:
@@ -51,7 +52,8 @@ def resolve_domain(cfg: Config, which: str) -> Domain:
         root, kind = Path(dom.root).expanduser(), dom.kind
         if not root.is_dir():
             raise DataError(f"data.{which}.root: dataset root {root} does not exist")
-    return Domain(kind=kind, root=root, classes=class_info(kind, root))
+    resize = dom.resize if dom.resize is not None else cfg.data.resize
+    return Domain(kind=kind, root=root, classes=class_info(kind, root), resize=resize)
 
 
 def check_same_classes(src: Domain, tgt: Domain) -> ClassInfo:
@@ -248,7 +250,7 @@ def build_train_dataset(cfg: Config, domain: Domain, split: str, *, require_labe
     samples = list_samples(domain.kind, domain.root, split, require_labels=require_labels)
     return SegmentationDataset(
         samples, domain.kind, domain.classes.num_classes, train=True, crop=tuple(cfg.data.crop),
-        scale_range=tuple(cfg.data.scale_range), flip=cfg.data.flip, resize=cfg.data.resize,
+        scale_range=tuple(cfg.data.scale_range), flip=cfg.data.flip, resize=domain.resize,
         normalize=cfg.data.normalize, ignore_index=domain.classes.ignore_index, label_dir=label_dir,
     )
 
