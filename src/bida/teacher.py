@@ -27,10 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import Config
-from .deeplabv2 import SegOutput
 from .losses import seg_cross_entropy
 from .mixing import ClassMix
-from .train_step import StepResult, adapt_step
+from .train_step import StepResult, adapt_step, forward_domains
 
 IGNORE = 255
 FD_MIN_RATIO = 0.75  # DAFormer: a feature pixel takes a label only when 75% of its pixels share it
@@ -261,20 +260,6 @@ class MeanTeacher:
         self.mixer.load_state_dict(state["mixer"])
 
 
-def _forward(model: torch.nn.Module, images: list[Tensor], domains: list[str], shared_stem: bool) -> list[SegOutput]:
-    """One concatenated forward when the stem is shared and the sizes agree, else one per image set."""
-    same = all(x.shape[-2:] == images[0].shape[-2:] for x in images)
-    if shared_stem and same and all(getattr(m, "concat_domains_ok", True) for m in model.modules()):
-        out = model(torch.cat(images), "source")
-        outs, start = [], 0
-        for x in images:
-            end = start + x.shape[0]
-            outs.append(SegOutput(out.logits[start:end], out.features[start:end]))
-            start = end
-        return outs
-    return [model(x, d) for x, d in zip(images, domains)]
-
-
 def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Config, state: MeanTeacher,
                  calibration=None, num_classes: int | None = None) -> StepResult:
     """One mean-teacher iteration (``self_training``: DAFormer's; ``bida``: plus BiDA's terms).
@@ -295,7 +280,7 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
     logs: dict[str, Tensor] = {}
     with capture:
         if cfg.method.name == "bida":
-            out_src, out_tgt, out_mix = _forward(model, [img_src, img_tgt, img_mix], ["source", "target", "target"], shared)
+            out_src, out_tgt, out_mix = forward_domains(model, [img_src, img_tgt, img_mix], ["source", "target", "target"], shared)
             # y_F: the teacher's confident labels; label transfer completes the rest.
             y_static = torch.where(conf >= cfg.pseudo.teacher_threshold, y_teacher, torch.full_like(y_teacher, IGNORE))
             tgt = {"image": img_tgt, "label": y_static, "gt": batch_tgt["label"]}
@@ -306,7 +291,7 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
             loss = result.loss
             logs.update({k: v for k, v in result.logs.items() if k != "loss/total"})
         else:
-            out_src, out_mix = _forward(model, [img_src, img_mix], ["source", "target"], shared)
+            out_src, out_mix = forward_domains(model, [img_src, img_mix], ["source", "target"], shared)
             loss = seg_cross_entropy(out_src.logits, y_src)
             logs["loss/seg_src"] = loss.detach()
     loss_mix = weighted_cross_entropy(out_mix.logits, y_mix, w_mix)

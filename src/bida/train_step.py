@@ -34,16 +34,34 @@ class StepResult:
     logs: dict[str, Tensor | float]
 
 
+def _concat_ok(model: torch.nn.Module, images: list[Tensor], shared_stem: bool) -> bool:
+    """Whether ``images`` may share one forward: a shared stem, one size, no module against it."""
+    same = all(x.shape[-2:] == images[0].shape[-2:] for x in images)
+    return shared_stem and same and all(getattr(m, "concat_domains_ok", True) for m in model.modules())
+
+
+def forward_domains(model: torch.nn.Module, images: list[Tensor], domains: list[str], shared_stem: bool) -> list[SegOutput]:
+    """One concatenated forward when the stem is shared and the sizes agree (also one BN batch),
+    else one forward per image set in its own domain."""
+    if _concat_ok(model, images, shared_stem):
+        out = model(torch.cat(images), "source")
+        outs, start = [], 0
+        for x in images:
+            end = start + x.shape[0]
+            outs.append(SegOutput(out.logits[start:end], out.features[start:end]))
+            start = end
+        return outs
+    return [model(x, d) for x, d in zip(images, domains)]
+
+
 def forward_pair(model: torch.nn.Module, img_src: Tensor, img_tgt: Tensor, shared_stem: bool) -> tuple[SegOutput, SegOutput]:
-    """Run both domains; one concatenated forward when the stem is shared (also one BN batch)."""
-    if shared_stem and img_src.shape[-2:] == img_tgt.shape[-2:] and all(getattr(m, "concat_domains_ok", True) for m in model.modules()):
-        out = model(torch.cat([img_src, img_tgt]), "source")
-        b = img_src.shape[0]
-        return (SegOutput(out.logits[:b], out.features[:b]), SegOutput(out.logits[b:], out.features[b:]))
+    """Run both domains (:func:`forward_domains`); under DDP with separate forwards, one call."""
     # DDP needs one call a step (DomainPair); a compiled DDP module is checked through its original.
-    if isinstance(getattr(model, "_orig_mod", model), torch.nn.parallel.DistributedDataParallel):
+    if (not _concat_ok(model, [img_src, img_tgt], shared_stem)
+            and isinstance(getattr(model, "_orig_mod", model), torch.nn.parallel.DistributedDataParallel)):
         return model(img_src, "source", img_tgt)
-    return model(img_src, "source"), model(img_tgt, "target")
+    out_src, out_tgt = forward_domains(model, [img_src, img_tgt], ["source", "target"], shared_stem)
+    return out_src, out_tgt
 
 
 def _labelled(labels: Tensor) -> Tensor:
