@@ -18,7 +18,18 @@ batch, see :class:`~bida.data.datasets.InfiniteBatchSampler`):
 
 Not reproduced: trainable BatchNorm (the synthetic demo's default) normalises with
 per-rank batch statistics, as plain DDP does (SyncBatchNorm has no CPU kernel). The
-paper freezes BN, which has no batch statistics, so its runs are exact.
+paper freezes BN, which has no batch statistics, so its runs are exact. The running
+statistics are averaged over ranks (:meth:`DistContext.average_bn_statistics`) before each
+evaluation and each checkpoint, so every rank evaluates the model the checkpoint holds;
+the running-average update is linear, so averaging at any point gives the same statistics
+later, and a stopped and resumed run evaluates as an uninterrupted one.
+
+Stops: a SIGTERM/SIGINT that reaches one rank reaches all of them at the next point
+where the ranks meet anyway: the step's finiteness all-reduce carries it
+(:meth:`DistContext.step_flags`), evaluations poll it before each image
+(:meth:`DistContext.poll`), and while rank 0 works alone (pseudo labels, pixel counts) the
+other ranks poll it instead of waiting in a barrier, where their signal handler could
+not run. Every rank then stops at the same point, saves once (rank 0 writes) and exits.
 
 A rank that fails or stalls must not hang the others forever: every collective times
 out after ``BIDA_DIST_TIMEOUT_S`` seconds (default 1800). Only rank 0 generates a round's
@@ -221,6 +232,57 @@ class DistContext:
         dist.all_reduce(t)
         return (t == 0).reshape(())
 
+    def step_flags(self, finite: Tensor, stop: int) -> Tensor:
+        """The step's one collective: whether ``finite`` holds on every rank, and any rank's stop.
+
+        ``stop`` is the signal number a rank was stopped by (0: none). Single process:
+        ``finite`` itself. Distributed: a (2,) float tensor on the device, (1 if some rank's
+        step was not finite, the largest stop signal of any rank): one all-reduce (MAX) and
+        no host sync (``torch.full`` writes the host value with a kernel, not a copy).
+
+        Shape:
+            - finite: () bool; output: () bool, or (2,) float
+        """
+        if not self.enabled:
+            return finite
+        flags = torch.stack([(~finite).float().reshape(()), torch.full((), float(stop), device=finite.device)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return flags
+
+    def poll(self, stop: int, done: bool = False) -> tuple[int, bool]:
+        """(largest stop signal of any rank, whether any rank is ``done``): one small all-reduce.
+
+        The stop check of passes that every rank runs in step (evaluation shards), and the
+        wait of ranks while rank 0 works alone: rank 0 polls before each item and once with
+        ``done`` at the end, the others poll until they see a stop or ``done``.
+        """
+        if not self.enabled:
+            return stop, done
+        t = torch.tensor([float(stop), 1.0 if done else 0.0], device=self.device or "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        got_stop, got_done = t.tolist()
+        return int(got_stop), got_done > 0
+
+    def average_bn_statistics(self, model: torch.nn.Module) -> None:
+        """Average the running statistics of trainable BatchNorm over ranks, in place (one all-reduce).
+
+        Each rank updates them from its own slice of the batch; averaged, every rank holds
+        the same model, so a checkpoint written by rank 0 is the model every rank evaluated.
+        BatchNorm in eval mode (``model.freeze_bn``) is never updated and left alone.
+        """
+        if not self.enabled:
+            return
+        stats = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+                 for b in (m.running_mean, m.running_var) if b is not None]
+        if not stats:
+            return
+        flat = torch.cat([b.detach().reshape(-1).float() for b in stats]).to(self.device or "cpu")
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        with torch.no_grad():
+            for b, part in zip(stats, flat.split([b.numel() for b in stats])):
+                b.copy_(part.reshape(b.shape))
+
     def mean_logs(self, logs: dict[str, float | Tensor]) -> dict[str, float]:
         """Log values averaged over ranks (NaNs skipped), so that rank 0 logs the global batch.
 
@@ -255,6 +317,11 @@ def timeout_from_env() -> datetime.timedelta:
     if not seconds > 0:
         raise ValueError(f"{TIMEOUT_ENV} must be positive, got {raw!r}")
     return datetime.timedelta(seconds=seconds)
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of a torchrun job, or runs alone (prints the one stop message)."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
 
 
 def init_from_env() -> DistContext:

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,7 +226,13 @@ class RunLock:
 
     The kernel drops the lock when the process dies, however it dies, so a stale lock file
     never blocks a resume; the file itself stays (removing it would race with a new run).
+    A flock belongs to the open file description, which a forked child (a DataLoader
+    worker) shares: every child closes its copy right after the fork, so that workers that
+    outlive a SIGKILLed main process for a few seconds do not keep the run locked. A lock
+    whose recorded holder is dead (a child forked outside Python) is waited for briefly.
     """
+
+    DEAD_HOLDER_WAIT_S = 15.0  # DataLoader workers notice their parent's death within ~5 s
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
@@ -235,30 +242,54 @@ class RunLock:
         import fcntl
 
         fh = open(self.run_dir / LOCK_NAME, "a+")
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.seek(0)
-            pid = fh.read().strip()
-            fh.close()
-            raise RunDirError(f"run directory {self.run_dir} is in use by another bida process"
-                              f"{f' (pid {pid})' if pid else ''}; wait for it to end or stop it first") from None
+        deadline = time.monotonic() + self.DEAD_HOLDER_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                fh.seek(0)
+                pid = fh.read().strip()
+                if _pid_is_dead(pid) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                fh.close()
+                raise RunDirError(f"run directory {self.run_dir} is in use by another bida process"
+                                  f"{f' (pid {pid})' if pid else ''}; wait for it to end or stop it first") from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"{os.getpid()}\n")
         fh.flush()
         self._fh = fh
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (lock := ref()) is not None and lock._forget())
         return self
+
+    def _forget(self) -> None:
+        """In a forked child: close the inherited descriptor, which does not unlock the parent."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
     def release(self) -> None:
         if self._fh is not None:
-            # Unlock explicitly: forked DataLoader workers share the open file description,
-            # and a worker still alive would otherwise keep the lock after close().
+            # Unlock explicitly: a child forked outside Python would otherwise keep the lock.
             import fcntl
 
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None
+
+
+def _pid_is_dead(pid: str) -> bool:
+    """Whether the process ``pid`` (a lock file's text) no longer exists."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, PermissionError):
+        return False  # unreadable, or alive under another user
+    except ProcessLookupError:
+        return True
+    return False
 
 
 def _run_files(run_dir: Path) -> list[Path]:
