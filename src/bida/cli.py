@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the report in a non-empty directory")
     p.add_argument("--max-images", type=int, default=6, help="target validation images shown (best and worst)")
 
+    sub.add_parser("launch", help="torchrun for bida: bida launch --nproc_per_node=N train ... "
+                   "(one stop message, exit 130/143 on SIGINT/SIGTERM; see bida launch --help)")
+
     p = sub.add_parser("data", help="dataset utilities")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     d = dsub.add_parser("check", help="check the configured datasets")
@@ -277,7 +280,26 @@ _DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQU
 
 
 
+def _ignore_stop_signals() -> None:
+    """The process is exiting after a stop: a second Ctrl-C must not turn the clean exit
+    (code 130/143) into a traceback or a death by signal."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except ValueError:  # not in the main thread
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; the exit code. ``argv=None`` (the ``bida`` executable, ``python -m
+    bida``): the process exits after it, so a stop leaves further stop signals ignored."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words[:1] == ["launch"]:  # torchrun's own options follow: not parsed here
+        from .launch import main as launch
+
+        return launch(words[1:])
     args = parse_args(argv)
     handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo,
                 "ablate": cmd_ablate, "check-data": cmd_data_check, "report": cmd_report}
@@ -286,7 +308,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_data_check(args)
         return handlers[args.command](args)
     except Interrupted as err:  # a clean stop, not bad input: 130 (SIGINT) or 143 (SIGTERM)
-        print(f"bida: {err}", file=sys.stderr)
+        if argv is None:
+            _ignore_stop_signals()
+        from .distributed import is_main_process
+
+        if is_main_process():  # under torchrun: one message, from rank 0
+            print(f"bida: {err}", file=sys.stderr)
         return 128 + err.signum
     except BidaError as err:
         print(f"bida: error: {err}", file=sys.stderr)
@@ -300,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bida: error: cannot write{where}: {err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if argv is None:
+            _ignore_stop_signals()
         print("bida: interrupted", file=sys.stderr)
         return 130
 

@@ -74,8 +74,8 @@ def generate_static_labels(model: torch.nn.Module, dataset: SegmentationDataset,
 
     ``dataset`` is the target training split without augmentation; its labels (when the
     target has any) are used only to measure pseudo-label accuracy and coverage.
-    ``check_stop`` is called before each image and may raise (a pending SIGTERM): pass 1
-    keeps one finished file per image (written atomically, with the sampler's generator
+    ``check_stop`` is called before each image of both passes and may raise (a pending
+    SIGTERM): pass 1 keeps one finished file per image (written atomically, with the sampler's generator
     state), so a pass run again with the same model continues where it stopped and gives
     the same labels.
     """
@@ -130,7 +130,9 @@ def _two_passes(model, dataset, cfg, tmp: Path, class_names, seed, device, quiet
     labelled = np.zeros(k, np.int64)
     gt_pixels = np.zeros(k, np.int64)
     total_labelled, total_pixels = 0, 0
-    for i in range(len(dataset)):
+    for i in tqdm(range(len(dataset)), desc="pseudo labels (write)", disable=quiet, leave=False, dynamic_ncols=True):
+        if check_stop is not None:  # pass 2 reads and writes every image too: stop within one
+            check_stop()
         raw = np.load(tmp / "raw" / f"{i}.npz")
         conf = torch.from_numpy(raw["conf"]).float()[None]
         pred = torch.from_numpy(raw["pred"]).long()[None]

@@ -207,9 +207,17 @@ def _grad_max_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(grads, float("inf"))).max()
 
 
-def _step_is_finite(flag: torch.Tensor) -> bool:
-    """Read the step's finiteness flag on the host: the one sync of a steady-state step."""
-    return bool(flag)
+def _step_is_finite(flags: torch.Tensor) -> tuple[bool, int]:
+    """Read the step's flags on the host: the one sync of a steady-state step.
+
+    ``flags`` is :meth:`~bida.distributed.DistContext.step_flags`'s: the finiteness flag in
+    one process, (not finite on some rank, any rank's stop signal) under torchrun. Returns
+    whether the step is finite on every rank and that stop signal (0: none).
+    """
+    if flags.dim() == 0:
+        return bool(flags), 0
+    bad, stop = flags.tolist()
+    return bad == 0, int(stop)
 
 
 def _json_default(obj: Any) -> Any:
@@ -368,30 +376,44 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False,
                  quiet: bool = False, label_cache: Path | None = None):
+        from . import distributed
+
         self.run_dir = Path(run_dir)
         # Round-0 static labels shared by runs that adapt from one checkpoint (bida demo/ablate).
         self.label_cache = Path(label_cache) if label_cache is not None else None
-        check_run_dir(self.run_dir, resume, overwrite)
-        if resume:
-            cfg = load_config(self.run_dir / "config.yaml", ["train.quiet=true"] if quiet else [])
-        self.cfg = cfg
-        self.device = pick_device()
-        self.rank, self.world_size = 0, 1
-        from . import distributed
-
-        self.dist = distributed.init_from_env()
-        self.rank, self.world_size = self.dist.rank, self.dist.world_size
-        if self.dist.device is not None:
-            self.device = self.dist.device
-        self.is_main = self.rank == 0
-        self._lock = RunLock(self.run_dir)
-        if resume and self.is_main:  # before anything is read from the run: a live run is refused
-            self._lock.acquire()
+        self.dist = distributed.DistContext()
+        self.is_main = distributed.is_main_process()
+        self.step, self._pending_eval = 0, False
+        self._stop_signal: int | None = None  # this process's SIGTERM/SIGINT
+        self._stop_agreed: int | None = None  # under torchrun: the stop every rank has seen
+        self._in_step = self._flags_sent = self._polling = self._exiting = False  # where a stop signal lands
+        self._saved_step: int | None = None  # step of the last last.pt written by this process
+        # Set-up handles stop signals too: a stop before the run directory exists leaves nothing,
+        # one after its config is written leaves a run that --resume starts (never a silent death).
+        self._setting_up, self._deferring, self._run_written = True, False, resume
+        self._install_signal_handlers()
         try:
-            self._setup(cfg, resume, overwrite)
-        except BaseException:
-            self._lock.release()
-            raise
+            check_run_dir(self.run_dir, resume, overwrite)
+            if resume:
+                cfg = load_config(self.run_dir / "config.yaml", ["train.quiet=true"] if quiet else [])
+            self.cfg = cfg
+            self.device = pick_device()
+            self.dist = distributed.init_from_env()
+            self.rank, self.world_size = self.dist.rank, self.dist.world_size
+            if self.dist.device is not None:
+                self.device = self.dist.device
+            self.is_main = self.rank == 0
+            self._lock = RunLock(self.run_dir)
+            if resume and self.is_main:  # before anything is read from the run: a live run is refused
+                self._lock.acquire()
+            try:
+                self._setup(cfg, resume, overwrite)
+            except BaseException:
+                self._lock.release()
+                raise
+        finally:  # fit() installs them again: a Trainer that is never fitted leaves no handler behind
+            self._restore_signal_handlers()
+            self._setting_up = False
 
     def _setup(self, cfg: Config, resume: bool, overwrite: bool) -> None:
         seed_everything(cfg.seed)
@@ -431,25 +453,35 @@ class Trainer:
                     self._info(f"{cfg.model.init_checkpoint} has no target stem: it starts as a copy of the source stem")
             if not cfg.model.pretrained and not cfg.model.init_checkpoint:
                 self._warn_random_init()
-            if self.is_main and not resume:  # every input is valid: only now touch the disk
-                self._lock = create_run_dir(self.run_dir, overwrite)
-            self.dist.barrier()
-            if self.is_main and resume:
-                self._truncate_log(0)
-                (self.run_dir / "checkpoints").mkdir(exist_ok=True)
-            elif self.is_main:
-                dump_config(cfg, self.run_dir / "config.yaml")
-                (self.run_dir / "run.json").write_text(json.dumps({
-                    "git_revision": git_revision(), "torch": torch.__version__, "device": str(self.device),
-                    "world_size": self.world_size, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    "classes": list(self.classes.names)}, indent=2))
+            self._deferring = True  # a stop signal waits until the run directory is complete
+            try:
+                if self.is_main and not resume:  # every input is valid: only now touch the disk
+                    self._lock = create_run_dir(self.run_dir, overwrite)
+                self.dist.barrier()
+                if self.is_main and resume:
+                    self._truncate_log(0)
+                    (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+                elif self.is_main:
+                    dump_config(cfg, self.run_dir / "config.yaml")
+                    self._write_run_json()
+                self._run_written = True
+            finally:
+                self._deferring = False
+            if self._stop_signal is not None:
+                self._exiting = True
+                raise Interrupted(self._setup_stop_message(self._stop_signal), self._stop_signal)
+        if self.is_main and resume and not (self.run_dir / "run.json").is_file():
+            self._write_run_json()  # a run stopped between its config and run.json
         self.logger = RunLogger(self.run_dir, enabled=self.is_main)
         self.total_steps = sum(p.iters for p in self.phases)
-        self._stop_signal: int | None = None
         self._stop_after: int | None = None
-        self._saving = self._stop_now = self._labelling = False  # what a stop signal interrupts
-        self._saved_step: int | None = None  # step of the last last.pt written by this process
         self._data_wait_s = 0.0
+
+    def _write_run_json(self) -> None:
+        atomic_write_text(self.run_dir / "run.json", json.dumps({
+            "git_revision": git_revision(), "torch": torch.__version__, "device": str(self.device),
+            "world_size": self.world_size, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "classes": list(self.classes.names)}, indent=2))
 
     # ------------------------------------------------------------------ helpers
     def _info(self, msg: str) -> None:
@@ -503,7 +535,12 @@ class Trainer:
         }
 
     def save(self, name: str, optimizer, scaler) -> None:
-        """Write ``checkpoints/<name>.pt``; never one that holds a non-finite tensor."""
+        """Write ``checkpoints/<name>.pt``; never one that holds a non-finite tensor.
+
+        Every rank calls it: BatchNorm statistics are averaged over ranks first, so the
+        file holds the model every rank goes on with (rank 0 writes it).
+        """
+        self.dist.average_bn_statistics(self.model)
         if self.is_main:
             state = self._state(optimizer, scaler)
             bad = _first_non_finite({"model": state["model"], "calibration": state["calibration"]})
@@ -518,6 +555,7 @@ class Trainer:
             if name == "last":
                 self._saved_step = self.step
             if self._stop_now:
+                self._exiting = True
                 raise Interrupted(f"stopped by a second {signal.Signals(self._stop_signal).name} after saving step "
                                   f"{self.step}; continue with: bida train --resume {self.run_dir}", self._stop_signal)
         self.dist.barrier()
@@ -622,29 +660,59 @@ class Trainer:
     def _install_signal_handlers(self) -> None:
         """First SIGINT/SIGTERM: say at once where the run will save, and stop there. A second
         one stops at once: right away, or just after a checkpoint being written (never a torn
-        file); what is kept is the last checkpoint written."""
+        file); what is kept is the last checkpoint written. During set-up the first one stops
+        at once (nothing to save), except while the run directory is being written. Once the
+        run is stopping and exiting, further signals are ignored (no traceback, no death by
+        signal: the exit code stays 130 or 143)."""
 
         def handler(signum, frame):  # noqa: ARG001 - signal API
             name = signal.Signals(signum).name
+            if self._exiting:
+                return
+            if self._setting_up:
+                self._stop_signal = signum
+                if not self._deferring:
+                    self._exiting = True
+                    raise Interrupted(self._setup_stop_message(signum), signum)
+                return
             if self._stop_signal is None:
                 self._stop_signal = signum
-                at = self.step if (self._pending_eval or self._labelling) else self.step + 1
-                self._say(f"bida: stop requested ({name}): saving a checkpoint at step {at} and stopping; "
-                          f"press Ctrl-C again to stop at once (keeps the last checkpoint written)")
+                self._say(f"bida: stop requested ({name}): saving a checkpoint at step {self._stop_step()} and "
+                          f"stopping; press Ctrl-C again to stop at once (keeps the last checkpoint written)")
                 return
             self._stop_signal = signum
             if self._saving:  # let the checkpoint being written finish; save() stops after it
                 self._stop_now = True
                 return
+            self._exiting = True
             raise Interrupted(self._stopped_at_once_message(signum), signum)
 
         self._old_handlers = {}
-        self._saving = self._stop_now = self._labelling = False
+        self._saving = self._stop_now = False
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old_handlers[sig] = signal.signal(sig, handler)
             except ValueError:  # not in the main thread (e.g. embedded use)
                 pass
+
+    def _stop_step(self) -> int:
+        """The step whose checkpoint a stop requested now will save.
+
+        Single process: the step being taken (the stop is seen after it), else the last one
+        taken (seen in the evaluation, pseudo-label pass or checkpoint write under way, or
+        right after it). Under torchrun, ranks act on a stop only where they meet: in the
+        passes that poll it, the last step taken; otherwise at the next step's flags, one step
+        later still if this step's flags are already exchanged.
+        """
+        if self.dist.enabled and not self._polling:
+            return self.step + (2 if self._in_step and self._flags_sent else 1)
+        return self.step + (1 if self._in_step else 0)
+
+    def _setup_stop_message(self, signum: int) -> str:
+        name = signal.Signals(signum).name
+        if self._run_written:
+            return f"stopped by {name} before training started; continue with: bida train --resume {self.run_dir}"
+        return f"stopped by {name} before the run started; nothing was written to {self.run_dir}"
 
     def _say(self, msg: str) -> None:
         """A line on stderr from rank 0 at once, even with --quiet (stop messages)."""
@@ -662,22 +730,88 @@ class Trainer:
             signal.signal(sig, old)
         self._old_handlers = {}
 
-    def _raise_if_stopping(self) -> None:
-        """``check_stop`` of evaluation and the pseudo-label pass: give up at once on SIGTERM/SIGINT."""
-        if self._stop_signal is not None:
+    def _stop_seen(self) -> int | None:
+        """The stop signal this rank acts on: its own in one process; under torchrun, the one
+        every rank agreed on at the last point where they met (so all stop at the same point)."""
+        return self._stop_agreed if self.dist.enabled else self._stop_signal
+
+    def _sync_stop(self) -> None:
+        """Under torchrun (a collective: every rank calls it at the same point): agree on any rank's stop."""
+        if self.dist.enabled:
+            stop, _ = self.dist.poll(self._stop_signal or 0)
+            self._stop_agreed = stop or self._stop_agreed
+
+    def _stop_poll(self) -> None:
+        """``check_stop`` of passes that every rank runs in step (evaluation): give up together on a stop."""
+        self._sync_stop()
+        if self._stop_seen() is not None:
             raise _Stopping()
 
-    def evaluate_target(self, check_stop=None) -> dict | None:
+    def _on_rank0(self, work):
+        """``work(check_stop)`` on rank 0 alone, every rank stoppable: rank 0's result, None elsewhere.
+
+        A barrier would hold the waiting ranks inside a collective, where a signal handler
+        cannot run until rank 0 is done (possibly half an hour): they poll instead, once per
+        item rank 0 finishes, so a stop on any rank reaches all of them within an item. A
+        stop raises :class:`_Stopping` on every rank.
+        """
+        self._polling = True
+        try:
+            if not self.dist.enabled:
+                return work(self._stop_poll)
+            if self.is_main:
+                result = work(self._stop_poll)
+                stop, _ = self.dist.poll(self._stop_signal or 0, done=True)
+                self._stop_agreed = stop or self._stop_agreed
+                if stop:  # the waiting ranks see it with ``done``: all stop here
+                    raise _Stopping()
+                return result
+            while True:
+                stop, done = self.dist.poll(self._stop_signal or 0)
+                self._stop_agreed = stop or self._stop_agreed
+                if stop:
+                    raise _Stopping()
+                if done:
+                    return None
+        finally:
+            self._polling = False
+
+    def evaluate_target(self, stoppable: bool = False) -> dict | None:
+        """Target-val metrics (None without a val split); see :meth:`_evaluate_split`."""
         t = self.cfg.data.target
         if not t.val_split:
             return None
-        ds = build_eval_dataset(self.cfg, self.tgt, t.val_split)
+        return self._evaluate_split(build_eval_dataset(self.cfg, self.tgt, t.val_split), stoppable)
+
+    def _evaluate_split(self, ds, stoppable: bool) -> dict:
+        """Metrics of ``ds``, each rank evaluating its shard with BN statistics averaged over ranks.
+
+        ``stoppable``: a stop on any rank abandons the evaluation on every rank
+        (:class:`_Stopping`); every rank polls as often as the longest shard has images.
+        """
+        self.dist.average_bn_statistics(self.model)
+        polls, n_polls = 0, -(-len(ds) // self.world_size)
+
+        def check_stop() -> None:
+            nonlocal polls
+            polls += 1
+            self._stop_poll()
+
+        def reduce(conf: torch.Tensor) -> torch.Tensor:
+            while stoppable and polls < n_polls:  # a shorter shard: the polls it did not make
+                check_stop()
+            return self.dist.all_reduce_sum(conf)
+
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.train.amp)
-        ds_part = self.dist.shard(ds)
-        return evaluate(self.model, ds_part, self.cfg.eval, self.classes.names, self.cfg.data.eval_classes,
-                        quiet=self.cfg.train.quiet or not self.is_main, ignore_index=self.classes.ignore_index,
-                        device=self.device, autocast_dtype=amp, confusion_hook=self.dist.all_reduce_sum,
-                        check_stop=check_stop)
+        was_training, self._polling = self.model.training, stoppable
+        try:
+            return evaluate(self.model, self.dist.shard(ds), self.cfg.eval, self.classes.names,
+                            self.cfg.data.eval_classes, quiet=self.cfg.train.quiet or not self.is_main,
+                            ignore_index=self.classes.ignore_index, device=self.device, autocast_dtype=amp,
+                            confusion_hook=reduce, check_stop=check_stop if stoppable else None)
+        finally:
+            self._polling = False
+            self.model.train(was_training)
 
     def _evaluate_source_val(self) -> dict | None:
         """Source-val metrics of the final model, for runs that trained a source stage.
@@ -689,16 +823,12 @@ class Trainer:
         if not s.val_split or not any(p.kind == "source" for p in self.phases):
             return None
         try:
-            ds = self.dist.shard(build_eval_dataset(self.cfg, self.src, s.val_split))
+            ds = build_eval_dataset(self.cfg, self.src, s.val_split)
         except DataError as err:  # optional: a source without that split is not an error
             self._info(f"source val not evaluated (data.source.val_split={s.val_split}): {err}")
             return None
-        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.train.amp)
         try:
-            m = evaluate(self.model, ds, self.cfg.eval, self.classes.names, self.cfg.data.eval_classes,
-                         quiet=self.cfg.train.quiet or not self.is_main, ignore_index=self.classes.ignore_index,
-                         device=self.device, autocast_dtype=amp, confusion_hook=self.dist.all_reduce_sum,
-                         check_stop=self._raise_if_stopping)
+            m = self._evaluate_split(ds, stoppable=True)
         except _Stopping:
             self._check_stop(True)
         self.logger.log({"eval/source_mIoU": m["mIoU"], "eval/source_pixel_acc": m["pixel_acc"]}, self.step)
@@ -726,6 +856,7 @@ class Trainer:
                       torch.amp.GradScaler(self.device.type, enabled=False))
         try:
             while self.phase_idx < len(self.phases):
+                self._sync_stop()
                 self._check_stop(True)  # the state here is the checkpoint of the phase boundary
                 phase = self.phases[self.phase_idx]
                 # DDP per phase: it must know whether the losses use the contrast features.
@@ -736,17 +867,18 @@ class Trainer:
         except _StopRequested:
             return None
         finally:
-            self._restore_signal_handlers()
             bar.close()
             self.logger.close()
             self._lock.release()
+            self._restore_signal_handlers()  # last: a signal during this clean-up is still ignored
         return metrics
 
     def _target_labels_dir(self, phase: Phase) -> Path | None:
         if phase.kind != "round" or self.cfg.method.name not in ("self_training", "bida"):
             return None
         out = self.run_dir / "pseudo_labels" / f"round_{phase.round}"
-        if self.is_main:
+
+        def label(check_stop) -> None:  # rank 0 only
             t = self.cfg.data.target
             full = build_eval_dataset(self.cfg, self.tgt, t.train_split, require_labels=False, limit=False)
             shared = self._shared_round_labels(phase)
@@ -761,16 +893,10 @@ class Trainer:
                 self._info(f"round {phase.round}: continuing the static pseudo labels of {len(full)} target images")
             else:
                 self._info(f"round {phase.round}: generating static pseudo labels for {len(full)} target images")
-            self._labelling = True
             start = time.perf_counter()
-            try:  # last.pt is this phase's start: a stop here resumes the pass from its finished images
-                stats = generate_static_labels(self.model, full, self.cfg, out, self.classes.names,
-                                               seed=self.cfg.seed + phase.round, device=self.device,
-                                               quiet=self.cfg.train.quiet, check_stop=self._raise_if_stopping)
-            except _Stopping:
-                self._check_stop(True)
-            finally:
-                self._labelling = False
+            stats = generate_static_labels(self.model, full, self.cfg, out, self.classes.names,
+                                           seed=self.cfg.seed + phase.round, device=self.device,
+                                           quiet=self.cfg.train.quiet, check_stop=check_stop)
             if shared is not None and not (shared / "stats.json").is_file():
                 _copy_dir(out, shared)
             speed = {} if loaded else {"time/pseudo_label_images_per_s": len(full) / max(time.perf_counter() - start, 1e-9)}
@@ -780,7 +906,12 @@ class Trainer:
                                  "pseudo/static_coverage": stats["coverage"],
                                  "pseudo/static_labelled_fraction": stats["labelled_fraction"],
                                  "pseudo/per_class": stats["per_class"]}, self.step)
-        self.dist.barrier()
+
+        self.dist.average_bn_statistics(self.model)  # rank 0 labels with the model of every rank
+        try:  # last.pt is this phase's start: a stop here resumes the pass from its finished images
+            self._on_rank0(label)
+        except _Stopping:
+            self._check_stop(True)
         return out
 
     def _shared_round_labels(self, phase: Phase) -> Path | None:
@@ -808,7 +939,13 @@ class Trainer:
         src_ds = build_train_dataset(cfg, self.src, cfg.data.source.train_split, require_labels=True)
         pin = self.device.type == "cuda"  # page-locked batches: the host-to-device copy does not block
         if cfg.data.rare_class_sampling:
-            counts = cached_class_pixel_counts(src_ds, self.num_classes, self.run_dir)
+            try:  # rank 0 counts (a stop during the scan keeps last.pt, this phase's start), the others read
+                counts = self._on_rank0(lambda check_stop: cached_class_pixel_counts(
+                    src_ds, self.num_classes, self.run_dir, check_stop=check_stop, quiet=cfg.train.quiet))
+            except _Stopping:
+                self._check_stop(True)
+            if counts is None:
+                counts = cached_class_pixel_counts(src_ds, self.num_classes, self.run_dir)
             src_iter = rare_class_loader(src_ds, counts, cfg, cfg.seed, self.data_pos, self.rank, self.world_size,
                                          list(self.classes.names))
         else:
@@ -841,6 +978,7 @@ class Trainer:
             self.mean_teacher.start(self.model)  # a copy of the student, unless restored
         if self._pending_eval and self._after_step(phase, optimizer, scaler):  # stopped inside that evaluation
             return
+        self._sync_stop()  # a stop on any rank while the loaders were built
         t_last = time.time()
         logs = LogAccumulator()
         self._data_wait_s = 0.0
@@ -848,9 +986,10 @@ class Trainer:
             if self._stop_after is not None and self.step >= self._stop_after:
                 self.save("last", optimizer, scaler)
                 raise _StopRequested()
-            if self._stop_signal is not None:  # arrived while the loaders or pseudo labels were built
+            if self._stop_seen() is not None:  # arrived while the loaders were built, or in a skipped step
                 self.save("last", optimizer, scaler)
                 self._check_stop(True)
+            self._in_step, self._flags_sent = True, False  # a stop from here on saves after this step
             lr = self._set_lr(optimizer, phase)
             batch_src = {k: v.to(self.device, non_blocking=True) for k, v in self._next(src_iter, optimizer, scaler).items()}
             optimizer.zero_grad(set_to_none=True)
@@ -872,6 +1011,7 @@ class Trainer:
                                         reduce_sums=self.dist.prototype_reducer(self.num_classes))
             self.data_pos += 1  # both loaders drew one batch
             if not self._backward_and_step(result.loss, optimizer, scaler):
+                self._in_step = False
                 self._restore(snapshot)  # a skipped step leaves no trace but its consumed batch
                 if self.bad_steps >= cfg.train.max_bad_steps:
                     raise TrainingDiverged(
@@ -884,6 +1024,7 @@ class Trainer:
                 self.mean_teacher.after_step(self.model)
             self.iter += 1
             self.step += 1
+            self._in_step = False
             logs.add(result.logs)
             if self.step % cfg.train.log_every == 0 or self.iter == phase.iters:
                 t_last = self._log_record(phase, lr, logs, bar, t_last)
@@ -942,18 +1083,19 @@ class Trainer:
             return True
         elif self.step % cfg.train.checkpoint_every == 0:
             self.save("last", optimizer, scaler)
-        if self._stop_signal is not None:
+        if self._stop_seen() is not None:
             if self.step % cfg.train.checkpoint_every != 0:
                 self.save("last", optimizer, scaler)
             self._check_stop(True)
         return False
 
     def _check_stop(self, saved: bool) -> None:
-        """After a checkpoint: leave cleanly if SIGTERM/SIGINT arrived."""
-        if self._stop_signal is not None and saved:
-            name = signal.Signals(self._stop_signal).name
-            raise Interrupted(f"stopped by {name} at step {self.step} (checkpoint saved); "
-                              f"continue with: bida train --resume {self.run_dir}", self._stop_signal)
+        """After a checkpoint: leave cleanly if SIGTERM/SIGINT arrived (under torchrun: on any rank)."""
+        signum = self._stop_seen()
+        if signum is not None and saved:
+            self._exiting = True
+            raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {self.step} (checkpoint saved); "
+                              f"continue with: bida train --resume {self.run_dir}", signum)
 
     def _backward_and_step(self, loss: torch.Tensor, optimizer, scaler) -> bool:
         """Backward and step unless the loss or a gradient is not finite (then skip and count).
@@ -973,7 +1115,10 @@ class Trainer:
         finite = torch.isfinite(loss.detach())
         if grads:
             finite = finite & torch.isfinite(_grad_max_norm(grads))
-        finite = _step_is_finite(self.dist.all_ranks_tensor(finite))
+        stop = self._stop_signal or 0  # under torchrun, a stop rides on the step's one all-reduce
+        self._flags_sent = True
+        finite, stop = _step_is_finite(self.dist.step_flags(finite, stop))
+        self._stop_agreed = stop or self._stop_agreed
         if finite or scaler.is_enabled():  # the fp16 scaler skips non-finite steps itself
             scaler.step(optimizer)
             scaler.update()
@@ -990,7 +1135,7 @@ class Trainer:
     def _evaluate_and_maybe_best(self, optimizer, scaler) -> None:
         self._pending_eval = True  # saved with a stop: --resume evaluates this step first
         try:
-            metrics = self.evaluate_target(check_stop=self._raise_if_stopping)
+            metrics = self.evaluate_target(stoppable=True)
         except _Stopping:
             self.save("last", optimizer, scaler)
             self._check_stop(True)
@@ -1006,7 +1151,7 @@ class Trainer:
 
     def _finish(self) -> dict:
         try:  # last.pt holds the end of the last phase: a stop here evaluates again on --resume
-            metrics = self.evaluate_target(check_stop=self._raise_if_stopping) or {
+            metrics = self.evaluate_target(stoppable=True) or {
                 "mIoU": float("nan"), "per_class_iou": {}, "pixel_acc": float("nan")}
         except _Stopping:
             self._check_stop(True)

@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from ..checkpoint import atomic_write_text
 from .datasets import _STOP_SIGNALS, SegmentationDataset, _mix, ignore_stop_signals
@@ -32,17 +33,25 @@ STATS_FILE = "rare_class_stats.json"
 MAX_RECROPS = 10  # DAFormer's bound on re-drawing a crop that misses the sampled class
 
 
-def class_pixel_counts(dataset: SegmentationDataset, num_classes: int) -> np.ndarray:
-    """(N, K) int64: pixels of each class in each image's label, before augmentation."""
+def class_pixel_counts(dataset: SegmentationDataset, num_classes: int,
+                       check_stop: Callable[[], None] | None = None, quiet: bool = True) -> np.ndarray:
+    """(N, K) int64: pixels of each class in each image's label, before augmentation.
+
+    ``check_stop`` is called before each label and may raise (a pending SIGTERM): the scan
+    reads every source label at full resolution, minutes at real scale.
+    """
     counts = np.zeros((len(dataset), num_classes), np.int64)
-    for i in range(len(dataset)):
+    for i in tqdm(range(len(dataset)), desc="class pixel counts", disable=quiet, leave=False, dynamic_ncols=True):
+        if check_stop is not None:
+            check_stop()
         _, label = dataset.load(i)
         label = label[..., 0] if label.ndim == 3 else label
         counts[i] = np.bincount(label.ravel(), minlength=256)[:num_classes]
     return counts
 
 
-def cached_class_pixel_counts(dataset: SegmentationDataset, num_classes: int, run_dir: Path) -> np.ndarray:
+def cached_class_pixel_counts(dataset: SegmentationDataset, num_classes: int, run_dir: Path,
+                              check_stop: Callable[[], None] | None = None, quiet: bool = True) -> np.ndarray:
     """:func:`class_pixel_counts`, read from ``run_dir/rare_class_stats.json`` when it lists the same images."""
     path = Path(run_dir) / STATS_FILE
     names = [s.name for s in dataset.samples]
@@ -53,7 +62,7 @@ def cached_class_pixel_counts(dataset: SegmentationDataset, num_classes: int, ru
                 return np.asarray(stored["pixels"], np.int64).reshape(len(names), num_classes)
         except (json.JSONDecodeError, KeyError, ValueError):
             pass  # unreadable cache: count again
-    counts = class_pixel_counts(dataset, num_classes)
+    counts = class_pixel_counts(dataset, num_classes, check_stop, quiet)
     atomic_write_text(path, json.dumps({"num_classes": num_classes, "samples": names, "pixels": counts.tolist()}))
     return counts
 
