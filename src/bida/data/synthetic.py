@@ -660,6 +660,22 @@ def _write_domain(out: Path, spec: SyntheticSpec, domain_id: int, style: str) ->
             Image.fromarray(label, "L").save(lab_dir / name)
 
 
+def _remove_leftovers(cache: Path, name: str) -> None:
+    """Remove ``<name>.tmp-<pid>`` / ``.stale-<pid>`` directories of processes that no longer
+    exist (killed while generating); a live process's directory is left to it."""
+    for path in cache.glob(f"{name}.*-*"):
+        kind, _, pid = path.name[len(name) + 1:].partition("-")
+        if kind not in ("tmp", "stale") or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (another process generating the same data)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            continue
+
+
 def ensure_synthetic(spec: SyntheticSpec = SyntheticSpec(), cache_dir: Path | None = None) -> Path:
     """Return the root of the synthetic domain pair for ``spec``, generating it on first use.
 
@@ -684,6 +700,7 @@ def ensure_synthetic(spec: SyntheticSpec = SyntheticSpec(), cache_dir: Path | No
 
     tmp = cache / f"{root.name}.tmp-{os.getpid()}"
     log.info("generating synthetic domain pair %s in %s", asdict(spec), root)
+    _remove_leftovers(cache, root.name)
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
