@@ -350,3 +350,38 @@ def test_more_ctrl_c_while_a_stopped_run_exits_still_exit_130_without_traceback(
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "Exception ignored" not in err, err
     assert err.strip().splitlines()[-1].startswith("bida: stopped"), err
+
+
+LAUNCH_CASES = {  # signal to the launcher: (overrides, hook, what shows the place was reached, exit code)
+    "SIGTERM in the pseudo-label pass": (
+        signal.SIGTERM, ["method=self_training", "train.iters=2", "train.rounds=1", "train.iters_per_round=2"],
+        "round_labels:predict_probs:slow", lambda run, tmp: (tmp / "started-rank0").exists()),
+    "SIGINT in the steps": (signal.SIGINT, ["train.iters=30"], None,
+                            lambda run, tmp: len([r for r in _records(run) if "loss/seg_src" in r]) >= 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAUNCH_CASES))
+def test_a_signal_to_the_launcher_stops_the_job_with_one_message(tmp_path, tiny_overrides, case):
+    # before (torchrun): exit 1 with a SignalException traceback, the "stopped by" line once
+    # per rank, and in the pseudo-label pass rank 1 died with a gloo traceback
+    sig, overrides, hook, reached = LAUNCH_CASES[case]
+    run = tmp_path / "run"
+    proc = _bida(["launch", "--standalone", f"--nproc_per_node={WORLD}", "train", *tiny_overrides, *overrides,
+                  "train.checkpoint_every=1000", "--out", str(run)], _env(tmp_path, hook))
+    _wait_for(lambda: reached(run, tmp_path), [proc], what=case)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 128 + sig, err[-4000:]
+    assert "Traceback" not in out + err and "SignalException" not in out + err, err[-4000:]
+    stopped = [line for line in (out + err).splitlines() if "stopped by" in line]
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert stopped == [f"bida: stopped by {sig.name} at step {state['step']} (checkpoint saved); "
+                       f"continue with: bida train --resume {run}"], err[-4000:]
+    assert main(["train", "--resume", str(run)]) == 0
+
+
+def test_launch_names_a_missing_command_in_one_line(capsys):
+    assert main(["launch", "--nproc_per_node=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no bida command given" in err
