@@ -22,7 +22,7 @@ paper freezes BN, which has no batch statistics, so its runs are exact. The runn
 statistics are averaged over ranks (:meth:`DistContext.average_bn_statistics`) before each
 evaluation and each checkpoint, so every rank evaluates the model the checkpoint holds;
 the running-average update is linear, so averaging at any point gives the same statistics
-later, and a stopped and resumed run evaluates as an uninterrupted one.
+later (up to rounding), and a stopped and resumed run evaluates as an uninterrupted one.
 
 Stops: a SIGTERM/SIGINT that reaches one rank reaches all of them at the next point
 where the ranks meet anyway: the step's finiteness all-reduce carries it
@@ -32,8 +32,9 @@ other ranks poll it instead of waiting in a barrier, where their signal handler 
 not run. Every rank then stops at the same point, saves once (rank 0 writes) and exits.
 
 A rank that fails or stalls must not hang the others forever: every collective times
-out after ``BIDA_DIST_TIMEOUT_S`` seconds (default 1800). Only rank 0 generates a round's
-pseudo labels while the others wait at a barrier, so the timeout must exceed that.
+out after ``BIDA_DIST_TIMEOUT_S`` seconds (default 1800). While rank 0 alone generates a
+round's pseudo labels, the others meet it once per image (see "Stops" above), so the
+timeout bounds the time of one image or one checkpoint write, not of the whole pass.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from .models import SegOutput
 from .prototypes import class_sums, prototypes_from_sums
 
 TIMEOUT_ENV = "BIDA_DIST_TIMEOUT_S"
-DEFAULT_TIMEOUT_S = 1800.0  # 30 min: longer than a round's pseudo labels on rank 0 take
+DEFAULT_TIMEOUT_S = 1800.0  # 30 min: far longer than any step, image or checkpoint write
 
 # Whether init_from_env created the default process group (and so must destroy it):
 # a group that a caller created itself is left to that caller.
