@@ -44,7 +44,11 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bida", description="Unsupervised domain adaptive semantic segmentation (BiDA).")
+    parser = argparse.ArgumentParser(
+        prog="bida", description="Unsupervised domain adaptive semantic segmentation (BiDA).",
+        epilog="several processes: bida launch [torchrun options] COMMAND ..., e.g. bida launch --standalone "
+               "--nproc_per_node=2 train ... (torchrun with clean stops: one message, exit 130/143; "
+               "bida launch --help)")
     parser.add_argument("--version", action="version", version=f"bida {_version()}",
                         help="print the package version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -105,9 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="report directory (index.html and figures/)")
     p.add_argument("--overwrite", action="store_true", help="replace the report in a non-empty directory")
     p.add_argument("--max-images", type=int, default=6, help="target validation images shown (best and worst)")
-
-    sub.add_parser("launch", help="torchrun for bida: bida launch --nproc_per_node=N train ... "
-                   "(one stop message, exit 130/143 on SIGINT/SIGTERM; see bida launch --help)")
 
     p = sub.add_parser("data", help="dataset utilities")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
