@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from bida.checkpoint import load_checkpoint
 from bida.cli import main

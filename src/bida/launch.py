@@ -39,9 +39,12 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 class _RoutineTorchrunLines(logging.Filter):
-    """Drops torchrun's informational and warning lines, except those in ``_KEPT``."""
+    """Drops torchrun's informational and warning lines, except those in ``_KEPT``, and its
+    per-rank failure line (:func:`main` says which ranks failed, when they did not say why)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("failed (exitcode"):
+            return False
         return record.levelno >= logging.ERROR or str(record.msg).startswith(_KEPT)
 
 

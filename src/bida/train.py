@@ -25,7 +25,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -747,7 +747,7 @@ class Trainer:
         if self._stop_seen() is not None:
             raise _Stopping()
 
-    def _on_rank0(self, work):
+    def _on_rank0(self, work: Callable[[Callable[[], None]], Any]) -> Any:
         """``work(check_stop)`` on rank 0 alone, every rank stoppable: rank 0's result, None elsewhere.
 
         A barrier would hold the waiting ranks inside a collective, where a signal handler
