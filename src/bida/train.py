@@ -378,10 +378,7 @@ class Trainer:
                  quiet: bool = False, label_cache: Path | None = None):
         from . import distributed
 
-        self.run_dir = Path(run_dir)
-        # Round-0 static labels shared by runs that adapt from one checkpoint (bida demo/ablate).
-        self.label_cache = Path(label_cache) if label_cache is not None else None
-        self.dist = distributed.DistContext()
+        self.run_dir, self.dist = Path(run_dir), distributed.DistContext()
         self.is_main = distributed.is_main_process()
         self.step, self._pending_eval = 0, False
         self._stop_signal: int | None = None  # this process's SIGTERM/SIGINT
@@ -393,27 +390,37 @@ class Trainer:
         self._setting_up, self._deferring, self._run_written = True, False, resume
         self._install_signal_handlers()
         try:
-            check_run_dir(self.run_dir, resume, overwrite)
-            if resume:
-                cfg = load_config(self.run_dir / "config.yaml", ["train.quiet=true"] if quiet else [])
-            self.cfg = cfg
-            self.device = pick_device()
-            self.dist = distributed.init_from_env()
-            self.rank, self.world_size = self.dist.rank, self.dist.world_size
-            if self.dist.device is not None:
-                self.device = self.dist.device
-            self.is_main = self.rank == 0
-            self._lock = RunLock(self.run_dir)
-            if resume and self.is_main:  # before anything is read from the run: a live run is refused
-                self._lock.acquire()
-            try:
-                self._setup(cfg, resume, overwrite)
-            except BaseException:
-                self._lock.release()
-                raise
+            self._open(cfg, Path(run_dir), resume, overwrite, quiet, label_cache)
         finally:  # fit() installs them again: a Trainer that is never fitted leaves no handler behind
             self._restore_signal_handlers()
             self._setting_up = False
+
+    def _open(self, cfg: Config, run_dir: Path, resume: bool, overwrite: bool, quiet: bool,
+              label_cache: Path | None) -> None:
+        from . import distributed
+
+        self.run_dir = Path(run_dir)
+        # Round-0 static labels shared by runs that adapt from one checkpoint (bida demo/ablate).
+        self.label_cache = Path(label_cache) if label_cache is not None else None
+        check_run_dir(self.run_dir, resume, overwrite)
+        if resume:
+            cfg = load_config(self.run_dir / "config.yaml", ["train.quiet=true"] if quiet else [])
+        self.cfg = cfg
+        self.device = pick_device()
+        self.rank, self.world_size = 0, 1
+        self.dist = distributed.init_from_env()
+        self.rank, self.world_size = self.dist.rank, self.dist.world_size
+        if self.dist.device is not None:
+            self.device = self.dist.device
+        self.is_main = self.rank == 0
+        self._lock = RunLock(self.run_dir)
+        if resume and self.is_main:  # before anything is read from the run: a live run is refused
+            self._lock.acquire()
+        try:
+            self._setup(cfg, resume, overwrite)
+        except BaseException:
+            self._lock.release()
+            raise
 
     def _setup(self, cfg: Config, resume: bool, overwrite: bool) -> None:
         seed_everything(cfg.seed)
@@ -454,19 +461,16 @@ class Trainer:
             if not cfg.model.pretrained and not cfg.model.init_checkpoint:
                 self._warn_random_init()
             self._deferring = True  # a stop signal waits until the run directory is complete
-            try:
-                if self.is_main and not resume:  # every input is valid: only now touch the disk
-                    self._lock = create_run_dir(self.run_dir, overwrite)
-                self.dist.barrier()
-                if self.is_main and resume:
-                    self._truncate_log(0)
-                    (self.run_dir / "checkpoints").mkdir(exist_ok=True)
-                elif self.is_main:
-                    dump_config(cfg, self.run_dir / "config.yaml")
-                    self._write_run_json()
-                self._run_written = True
-            finally:
-                self._deferring = False
+            if self.is_main and not resume:  # every input is valid: only now touch the disk
+                self._lock = create_run_dir(self.run_dir, overwrite)
+            self.dist.barrier()
+            if self.is_main and resume:
+                self._truncate_log(0)
+                (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+            elif self.is_main:
+                dump_config(cfg, self.run_dir / "config.yaml")
+                self._write_run_json()
+            self._run_written, self._deferring = True, False
             if self._stop_signal is not None:
                 self._exiting = True
                 raise Interrupted(self._setup_stop_message(self._stop_signal), self._stop_signal)
