@@ -140,7 +140,7 @@ def _finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, st
     return out
 
 
-STOP_CASES = {  # where rank 1 alone gets SIGTERM: (overrides, slow pass, what shows the place was reached)
+STOP_CASES = {  # where rank 1 alone gets SIGTERM: (overrides, hook, what shows the place was reached)
     "step": (["train.iters=30"], None, lambda run, tmp: len([r for r in _records(run) if "loss/seg_src" in r]) >= 2),
     "pseudo-labels": (["method=self_training", "train.iters=2", "train.rounds=1", "train.iters_per_round=2"],
                       "round_labels:predict_probs:slow", lambda run, tmp: (tmp / "started-rank0").exists()),
@@ -351,7 +351,7 @@ def test_more_ctrl_c_while_a_stopped_run_exits_still_exit_130_without_traceback(
     assert err.strip().splitlines()[-1].startswith("bida: stopped"), err
 
 
-LAUNCH_CASES = {  # signal to the launcher: (overrides, hook, what shows the place was reached, exit code)
+LAUNCH_CASES = {  # (signal to the launcher, overrides, hook, what shows the place was reached)
     "SIGTERM in the pseudo-label pass": (
         signal.SIGTERM, ["method=self_training", "train.iters=2", "train.rounds=1", "train.iters_per_round=2"],
         "round_labels:predict_probs:slow", lambda run, tmp: (tmp / "started-rank0").exists()),
