@@ -118,8 +118,9 @@ class MethodConfig:
     # Subtract the batch's mean contrast feature (both domains pooled, detached) before
     # prototypes and cosines: removes the class-prior component shared by every pixel.
     center_features: Literal["none", "batch"] = "none"
-    # Complete each prototype set with its moving average (calibration state) for classes
-    # absent from the batch, so that every pixel meets more negatives.
+    # Complete each prototype set with its moving average (the calibration state, kept with
+    # calibration=false too) for classes absent from the batch (prototype_scope=pair: from
+    # the image), so that every pixel meets more negatives.
     memory_partners: bool = False
 
 

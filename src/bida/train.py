@@ -375,7 +375,8 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.phases = plan_phases(cfg)
         self.calibration = None
-        if cfg.method.name == "bida" and cfg.method.calibration:
+        # The prototype moving averages: calibration's domain bias, memory_partners' fill-ins.
+        if cfg.method.name == "bida" and (cfg.method.calibration or cfg.method.memory_partners):
             self.calibration = Calibration(self.num_classes, self.model.feature_dim, momentum=cfg.calibration.momentum,
                                            max_weight=cfg.calibration.max_weight, ramp_iters=cfg.calibration.ramp_iters)
             self.calibration.to(self.device)
