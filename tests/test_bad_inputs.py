@@ -231,3 +231,65 @@ def test_every_numeric_config_key_has_a_range():
                 yield key
 
     assert sorted(set(numeric_keys(Config)) - set(RANGES)) == []
+
+
+# ------------------------------------------------- values that passed validation (issue 18.10)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("data.eval_classes=[99]", "data.eval_classes"),  # was an IndexError at the first evaluation
+    ("data.eval_classes=[]", "data.eval_classes"),  # was mIoU 0.0
+    ("model.width=.inf", "model.width"),  # was OverflowError
+    ("train.lr=.inf", "train.lr"),  # was accepted
+    ("loss.contrast_t2s_weight=-.inf", "loss.contrast_t2s_weight"),
+    ("data.crop=[100000,100000]", "data.crop"),  # was a 27.9 GiB allocation in a worker
+    ("data.resize=100000", "data.resize"),
+    ("train.iters=1:30", "train.iters"),  # was 90 (YAML 1.1 sexagesimal)
+    ("loss.temperature=1e-9", "swamps every other term"),  # was a total loss of 3e8
+])
+def test_values_that_crashed_or_misled_later_are_refused_up_front(tmp_path, capsys, override, needle):
+    src, tgt = folder_pair(tmp_path)
+    run_cli(tmp_path, train_args(tmp_path, folder_args(src, tgt) + [override]), capsys, needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_numbers_are_read_as_yaml_1_2(tmp_path):
+    from bida.config import load_config
+    from bida.errors import ConfigError
+
+    assert load_config(None, ["train.iters=010"]).train.iters == 10  # was 8 (YAML 1.1 octal)
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == 1e-3
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  iters: 010\n  log_every: 0o10\n  lr: 2.5e-4\n")
+    cfg = load_config(path)
+    assert (cfg.train.iters, cfg.train.log_every, cfg.train.lr) == (10, 8, 2.5e-4)
+    path.write_text("train:\n  iters: 1:30\n")
+    with pytest.raises(ConfigError, match="train.iters: expected an integer, got '1:30'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"seed: -1 is out of range \(must be in \[0, 4294967295\]\)"):
+        load_config(None, ["seed=-1"])  # was printed as 4.29497e+09
+
+
+def test_a_bad_saved_config_is_one_line_on_resume_and_evaluate(tmp_path, capsys):
+    from bida.config import load_config
+    from bida.train import Trainer
+
+    src, tgt = folder_pair(tmp_path)
+    run = tmp_path / "run"
+    Trainer(load_config(None, folder_args(src, tgt) + ["train.iters=4"]), run).fit(stop_after=1)
+    saved = (run / "config.yaml").read_text()
+    ckpt = str(run / "checkpoints" / "last.pt")
+    for edit in ("eval_classes: null", "crop:\n  - 8\n  - 12"):
+        assert edit in saved
+    for bad, needle in (("eval_classes: [99]", "data.eval_classes"), ("crop: [.inf, 12]", "data.crop")):
+        edited = saved.replace("eval_classes: null" if "eval" in bad else "crop:\n  - 8\n  - 12", bad)
+        (run / "config.yaml").write_text(edited)
+        before = {k: v for k, v in snapshot(run).items() if k != ".lock"}
+        assert main(["train", "--resume", str(run)]) == 2  # was an IndexError traceback at the evaluation
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("bida: error:") and "\n" not in err and needle in err, err
+        assert {k: v for k, v in snapshot(run).items() if k != ".lock"} == before
+    (run / "config.yaml").write_text(saved)
+    assert main(["evaluate", "--checkpoint", ckpt, "data.eval_classes=[99]", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "data.eval_classes" in err and ">= 3" in err, err

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import atomic_write_text, load_checkpoint, model_state_for_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import Config, dump_config, load_config, to_dict
+from .config import Config, check_class_ids, dump_config, load_config, to_dict
 from .data.datasets import (Domain, build_eval_dataset, build_train_dataset, check_same_classes, close_loader,
                             resolve_domain, train_loader)
 from .data.rare_class import cached_class_pixel_counts, rare_class_loader
@@ -368,6 +368,7 @@ class Trainer:
         self.tgt: Domain = resolve_domain(cfg, "target")
         self.classes = check_same_classes(self.src, self.tgt)
         self.num_classes = self.classes.num_classes
+        check_class_ids("data.eval_classes", cfg.data.eval_classes, self.num_classes)  # before the run dir exists
         if cfg.data.check:
             self._check_data()
         self.model: DeepLabV2 | MiTSegmentor = build_model(cfg.model, self.num_classes, cfg.method.feature).to(self.device)
