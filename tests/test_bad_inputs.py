@@ -293,3 +293,53 @@ def test_a_bad_saved_config_is_one_line_on_resume_and_evaluate(tmp_path, capsys)
     assert main(["evaluate", "--checkpoint", ckpt, "data.eval_classes=[99]", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "data.eval_classes" in err and ">= 3" in err, err
+
+
+# ------------------------------------------------- files that cannot be listed or followed (issue 18.11)
+
+
+def _train_and_check(tmp_path, capsys, src, tgt) -> tuple[str, str]:
+    """``bida train`` (must exit 2 with one line, creating nothing) and ``bida data check``
+    (must exit 1): the train error line and the check's report."""
+    run = tmp_path / "run"
+    assert main(train_args(tmp_path, folder_args(src, tgt))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bida: error:") and "\n" not in err, err
+    assert not run.exists()
+    assert main(["data", "check", *folder_args(src, tgt)]) == 1
+    return err, capsys.readouterr().out
+
+
+def test_a_symlink_loop_image_is_refused_not_dropped(tmp_path, capsys):
+    # before: the image was left out of training silently; data check did not name the loop
+    src, tgt = folder_pair(tmp_path)
+    loop = src / "images" / "train" / "img_009.png"
+    os.symlink(loop.name, loop)
+    (src / "labels" / "train" / "img_000.png").rename(src / "labels" / "train" / "img_009.png")
+    os.symlink("img_009.png", src / "labels" / "train" / "img_000.png")  # a label that resolves
+    err, report = _train_and_check(tmp_path, capsys, src, tgt)
+    assert str(loop) in err and "symlink loop" in err, err
+    assert f"cannot read image {loop}: symlink loop" in report
+    assert "has no image" not in report and "no label" not in report
+
+
+def test_an_unreadable_directory_is_permission_denied_not_empty(tmp_path, capsys, monkeypatch):
+    # before: "no images in DIR" for a directory that holds images it may not list
+    src, tgt = folder_pair(tmp_path)
+    locked = src / "images" / "train"
+    locked.chmod(0)
+    if os.geteuid() == 0:  # root lists a chmod-000 directory: refuse it as the kernel would for a user
+        real_scandir = os.scandir
+
+        def scandir(path="."):
+            if Path(path) == locked:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real_scandir(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+    try:
+        err, report = _train_and_check(tmp_path, capsys, src, tgt)
+    finally:
+        locked.chmod(0o755)
+    assert f"permission denied: {locked}" in err, err
+    assert f"permission denied: {locked}" in report and "no images" not in report

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_text, load_checkpoint, model_state_for_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import atomic_write_text, ensure_writable, load_checkpoint, model_state_for_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, check_class_ids, dump_config, load_config, to_dict
 from .data.datasets import (Domain, build_eval_dataset, build_train_dataset, check_same_classes, close_loader,
                             resolve_domain, train_loader)
@@ -177,11 +177,32 @@ class RunLogger:
             return
         # Log values may be device tensors (a step never waits for them): read them only here.
         record = {"step": step, **{k: v.item() if isinstance(v, torch.Tensor) else v for k, v in record.items()}}
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record, default=_json_default) + "\n")
+        self._append((json.dumps(record, default=_json_default) + "\n").encode())
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 self.tb.add_scalar(key, value, step)
+
+    def _append(self, line: bytes) -> None:
+        """Append one record; a full disk gives one line naming the log and leaves no half record.
+
+        Raises:
+            RunDirError: naming ``log.jsonl`` and the reason.
+        """
+        try:
+            with open(self.path, "ab", buffering=0) as fh:
+                start = fh.tell()
+                try:
+                    done = 0
+                    while done < len(line):
+                        done += fh.write(line[done:])
+                except OSError:
+                    try:
+                        fh.truncate(start)
+                    except OSError:
+                        pass
+                    raise
+        except OSError as err:
+            raise RunDirError(f"cannot write {self.path}: {err.strerror or err}") from None
 
     def close(self) -> None:
         if self.tb is not None:
@@ -300,9 +321,7 @@ def create_run_dir(run_dir: Path, overwrite: bool) -> RunLock:
             for p in leftovers:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
             (run_dir / "checkpoints").mkdir()
-            probe = run_dir / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
+            ensure_writable(run_dir)  # RunDirError; leaves no probe file behind, even on a full disk
         except BaseException:
             lock.release()
             raise
