@@ -343,3 +343,42 @@ def test_an_unreadable_directory_is_permission_denied_not_empty(tmp_path, capsys
         locked.chmod(0o755)
     assert f"permission denied: {locked}" in err, err
     assert f"permission denied: {locked}" in report and "no images" not in report
+
+
+@pytest.mark.parametrize("where", ["pseudo-label pass", "evaluation"])
+def test_a_bad_target_file_met_mid_run_says_how_to_resume(tmp_path, capsys, where):
+    # before: the source side's "checkpoint saved at step N; ... --resume" hint was missing
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    make_folder_tree(src)
+    make_folder_tree(tgt, n_val=3, target_without_train_labels=True)
+    split = "train" if where == "pseudo-label pass" else "val"
+    bad = tgt / "images" / split / "img_002.png"  # beyond the 2 files checked up front
+    good = bad.read_bytes()
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    run = tmp_path / "run"
+    extra = (["method=self_training", "train.rounds=1", "train.iters_per_round=2"] if split == "train"
+             else ["train.iters=4", "train.eval_every=2"])
+    assert main(train_args(tmp_path, folder_args(src, tgt) + extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(bad) in err, err
+    assert f"checkpoint saved at step 2; fix or remove the file, then continue with: bida train --resume {run}" in err
+    bad.write_bytes(good)
+    assert main(["train", "--resume", str(run)]) == 0
+    assert (run / "metrics.json").is_file()
+
+
+def test_an_unreadable_pseudo_label_is_a_data_error_naming_it(tmp_path):
+    # before: a raw FileNotFoundError / PIL error from the target loader (a traceback)
+    from bida.data.datasets import SegmentationDataset, pseudo_label_name
+    from bida.data.readers import list_samples
+    from bida.errors import DataError
+
+    make_folder_tree(tmp_path / "tgt", target_without_train_labels=True)
+    samples = list_samples("folder", tmp_path / "tgt", "train", require_labels=False)
+    labels = tmp_path / "round_0"
+    labels.mkdir()
+    (labels / pseudo_label_name(samples[0].name)).write_bytes(b"not a png")
+    ds = SegmentationDataset(samples, "folder", 3, train=True, crop=(8, 12), label_dir=labels)
+    for i, name in ((0, pseudo_label_name(samples[0].name)), (1, pseudo_label_name(samples[1].name))):
+        with pytest.raises(DataError, match=f"cannot read pseudo label {labels / name}.*remove {labels}"):
+            ds[(i, 0)]

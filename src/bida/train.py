@@ -691,6 +691,8 @@ class Trainer:
                          check_stop=self._raise_if_stopping)
         except _Stopping:
             self._check_stop(True)
+        except DataError as err:
+            raise self._bad_file(err) from None
         self.logger.log({"eval/source_mIoU": m["mIoU"], "eval/source_pixel_acc": m["pixel_acc"]}, self.step)
         self._info(f"step {self.step}: source val mIoU {100 * m['mIoU']:.2f} (how well the source was learnt)")
         return {"mIoU": m["mIoU"], "pixel_acc": m["pixel_acc"], "per_class_iou": m["per_class_iou"],
@@ -759,6 +761,8 @@ class Trainer:
                                                quiet=self.cfg.train.quiet, check_stop=self._raise_if_stopping)
             except _Stopping:
                 self._check_stop(True)
+            except DataError as err:  # a bad target image: last.pt is this phase's start
+                raise self._bad_file(err) from None
             finally:
                 self._labelling = False
             if shared is not None and not (shared / "stats.json").is_file():
@@ -908,15 +912,24 @@ class Trainer:
         try:
             return next(batches)
         except DataError as err:
-            lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-            message = lines[-1].split("DataError: ", 1)[-1] if lines else "unreadable data"
+            bad = err
         finally:  # host time spent waiting for the loaders (logged as time/data_s)
             self._data_wait_s += time.perf_counter() - start
+        raise self._bad_file(bad, optimizer, scaler)  # the batch was not consumed: resume retries it
+
+    def _bad_file(self, err: DataError, optimizer=None, scaler=None) -> DataError:
+        """The one-line error of a bad file met mid-run (a batch, the pseudo-label pass, an
+        evaluation), saying how to continue. With ``optimizer`` the state is saved first;
+        without, ``last.pt`` already holds it (a phase start, the end of the last phase).
+        """
+        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+        message = lines[-1].split("DataError: ", 1)[-1] if lines else "unreadable data"
         if self.world_size > 1:  # a save would wait for ranks that are inside a collective
-            raise DataError(f"{message} (fix or remove the file, then continue with: bida train --resume {self.run_dir})")
-        self.save("last", optimizer, scaler)  # the batch was not consumed: resume retries it
-        raise DataError(f"{message} (checkpoint saved at step {self.step}; fix or remove the file, then "
-                        f"continue with: bida train --resume {self.run_dir})")
+            return DataError(f"{message} (fix or remove the file, then continue with: bida train --resume {self.run_dir})")
+        if optimizer is not None:
+            self.save("last", optimizer, scaler)
+        return DataError(f"{message} (checkpoint saved at step {self.step}; fix or remove the file, then "
+                         f"continue with: bida train --resume {self.run_dir})")
 
     def _after_step(self, phase: Phase, optimizer, scaler) -> bool:
         """Evaluation, checkpoint and stop check after step ``self.step``; True when the phase ended."""
@@ -984,6 +997,8 @@ class Trainer:
         except _Stopping:
             self.save("last", optimizer, scaler)
             self._check_stop(True)
+        except DataError as err:  # saved with the pending evaluation: --resume evaluates again
+            raise self._bad_file(err, optimizer, scaler) from None
         self._pending_eval = False
         if metrics is None:
             return
@@ -1000,6 +1015,8 @@ class Trainer:
                 "mIoU": float("nan"), "per_class_iou": {}, "pixel_acc": float("nan")}
         except _Stopping:
             self._check_stop(True)
+        except DataError as err:
+            raise self._bad_file(err) from None
         metrics = {k: v for k, v in metrics.items() if k != "confusion"} | {"confusion": metrics.get("confusion")}
         source_val = self._evaluate_source_val()
         if source_val is not None:
