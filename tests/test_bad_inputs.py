@@ -239,6 +239,7 @@ def test_every_numeric_config_key_has_a_range():
 @pytest.mark.parametrize("override, needle", [
     ("data.eval_classes=[99]", "data.eval_classes"),  # was an IndexError at the first evaluation
     ("data.eval_classes=[]", "data.eval_classes"),  # was mIoU 0.0
+    ("data.eval_classes=[1,1]", "lists a class twice"),  # was a mean that counted class 1 twice
     ("model.width=.inf", "model.width"),  # was OverflowError
     ("train.lr=.inf", "train.lr"),  # was accepted
     ("loss.contrast_t2s_weight=-.inf", "loss.contrast_t2s_weight"),
