@@ -177,3 +177,46 @@ def test_labels_brought_to_label_size_keep_padding_ignored():
     valid = torch.tensor([[[True, True, True, True, False]]])
     fused = _fused_at_label_size(y_static, y_f, {"valid": valid})
     assert fused.tolist() == [[[1, 0, 1, 2, 255]]]
+
+
+# ----------------------------------------------- memory partners without calibration (issue 18.5)
+def _batch_lacking_classes():
+    """A bida batch whose source labels hold classes 0 and 1 only (2 and 3 absent), and
+    moving averages that have seen every class."""
+    model, bs, bt, k, d = _bida_batch(torch.zeros(16))
+    bs["label"] = bs["label"] % 2
+    cal = Calibration(k, d, ramp_iters=0)
+    g = torch.Generator().manual_seed(2)
+    seen = torch.ones(k, dtype=torch.bool)
+    cal.update(torch.randn(k, d, generator=g), seen, torch.randn(k, d, generator=g), seen)
+    return model, bs, bt, k, cal
+
+
+@pytest.mark.parametrize("extra", [["method.calibration=false"], ["method.prototype_scope=pair"],
+                                   ["method.calibration=false", "method.prototype_scope=pair"]])
+def test_memory_partners_work_without_calibration_and_per_pair(extra, monkeypatch):
+    # before: with calibration=false the moving averages were never built or updated, and
+    # with prototype_scope=pair they were never read: memory_partners did nothing, silently
+    base = ["method=bida", "pseudo.transfer_threshold=0.3", *extra]
+    losses = {}
+    for partners in ("false", "true"):
+        model, bs, bt, k, cal = _batch_lacking_classes()
+        if "method.calibration=false" in extra:  # label transfer must stay uncalibrated
+            monkeypatch.setattr(cal, "calibrate", lambda *a: pytest.fail("calibrated with calibration=false"))
+        result = adapt_step(model, bs, bt, load_config(None, base + [f"method.memory_partners={partners}"]), cal, k)
+        losses[partners] = float(result.logs["loss/contrast_s2t"]), float(result.logs["loss/contrast_t2s"])
+        assert cal.step == 2  # the moving averages follow the batch
+        assert ("calibration/weight" in result.logs) == ("method.calibration=false" not in extra)
+    assert losses["true"][1] != pytest.approx(losses["false"][1])  # source classes 2, 3 come from memory
+
+
+def test_trainer_keeps_moving_averages_for_memory_partners_alone(tmp_path, tiny_overrides):
+    from bida.train import Trainer
+
+    for partners, built in (("false", False), ("true", True)):
+        cfg = load_config(None, tiny_overrides + ["method=bida", "method.calibration=false",
+                                                  f"method.memory_partners={partners}"])
+        trainer = Trainer(cfg, tmp_path / partners)
+        trainer._lock.release()
+        trainer.logger.close()
+        assert (trainer.calibration is not None) == built

@@ -231,3 +231,155 @@ def test_every_numeric_config_key_has_a_range():
                 yield key
 
     assert sorted(set(numeric_keys(Config)) - set(RANGES)) == []
+
+
+# ------------------------------------------------- values that passed validation (issue 18.10)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("data.eval_classes=[99]", "data.eval_classes"),  # was an IndexError at the first evaluation
+    ("data.eval_classes=[]", "data.eval_classes"),  # was mIoU 0.0
+    ("data.eval_classes=[1,1]", "lists a class twice"),  # was a mean that counted class 1 twice
+    ("model.width=.inf", "model.width"),  # was OverflowError
+    ("train.lr=.inf", "train.lr"),  # was accepted
+    ("loss.contrast_t2s_weight=-.inf", "loss.contrast_t2s_weight"),
+    ("data.crop=[100000,100000]", "data.crop"),  # was a 27.9 GiB allocation in a worker
+    ("data.resize=100000", "data.resize"),
+    ("train.iters=1:30", "train.iters"),  # was 90 (YAML 1.1 sexagesimal)
+    ("loss.temperature=1e-9", "swamps every other term"),  # was a total loss of 3e8
+])
+def test_values_that_crashed_or_misled_later_are_refused_up_front(tmp_path, capsys, override, needle):
+    src, tgt = folder_pair(tmp_path)
+    run_cli(tmp_path, train_args(tmp_path, folder_args(src, tgt) + [override]), capsys, needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_numbers_are_read_as_yaml_1_2(tmp_path):
+    from bida.config import load_config
+    from bida.errors import ConfigError
+
+    assert load_config(None, ["train.iters=010"]).train.iters == 10  # was 8 (YAML 1.1 octal)
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == 1e-3
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  iters: 010\n  log_every: 0o10\n  lr: 2.5e-4\n")
+    cfg = load_config(path)
+    assert (cfg.train.iters, cfg.train.log_every, cfg.train.lr) == (10, 8, 2.5e-4)
+    path.write_text("train:\n  iters: 1:30\n")
+    with pytest.raises(ConfigError, match="train.iters: expected an integer, got '1:30'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"seed: -1 is out of range \(must be in \[0, 4294967295\]\)"):
+        load_config(None, ["seed=-1"])  # was printed as 4.29497e+09
+
+
+def test_a_bad_saved_config_is_one_line_on_resume_and_evaluate(tmp_path, capsys):
+    from bida.config import load_config
+    from bida.train import Trainer
+
+    src, tgt = folder_pair(tmp_path)
+    run = tmp_path / "run"
+    Trainer(load_config(None, folder_args(src, tgt) + ["train.iters=4"]), run).fit(stop_after=1)
+    saved = (run / "config.yaml").read_text()
+    ckpt = str(run / "checkpoints" / "last.pt")
+    for edit in ("eval_classes: null", "crop:\n  - 8\n  - 12"):
+        assert edit in saved
+    for bad, needle in (("eval_classes: [99]", "data.eval_classes"), ("crop: [.inf, 12]", "data.crop")):
+        edited = saved.replace("eval_classes: null" if "eval" in bad else "crop:\n  - 8\n  - 12", bad)
+        (run / "config.yaml").write_text(edited)
+        before = {k: v for k, v in snapshot(run).items() if k != ".lock"}
+        assert main(["train", "--resume", str(run)]) == 2  # was an IndexError traceback at the evaluation
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("bida: error:") and "\n" not in err and needle in err, err
+        assert {k: v for k, v in snapshot(run).items() if k != ".lock"} == before
+    (run / "config.yaml").write_text(saved)
+    assert main(["evaluate", "--checkpoint", ckpt, "data.eval_classes=[99]", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "data.eval_classes" in err and ">= 3" in err, err
+
+
+# ------------------------------------------------- files that cannot be listed or followed (issue 18.11)
+
+
+def _train_and_check(tmp_path, capsys, src, tgt) -> tuple[str, str]:
+    """``bida train`` (must exit 2 with one line, creating nothing) and ``bida data check``
+    (must exit 1): the train error line and the check's report."""
+    run = tmp_path / "run"
+    assert main(train_args(tmp_path, folder_args(src, tgt))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bida: error:") and "\n" not in err, err
+    assert not run.exists()
+    assert main(["data", "check", *folder_args(src, tgt)]) == 1
+    return err, capsys.readouterr().out
+
+
+def test_a_symlink_loop_image_is_refused_not_dropped(tmp_path, capsys):
+    # before: the image was left out of training silently; data check did not name the loop
+    src, tgt = folder_pair(tmp_path)
+    loop = src / "images" / "train" / "img_009.png"
+    os.symlink(loop.name, loop)
+    (src / "labels" / "train" / "img_000.png").rename(src / "labels" / "train" / "img_009.png")
+    os.symlink("img_009.png", src / "labels" / "train" / "img_000.png")  # a label that resolves
+    err, report = _train_and_check(tmp_path, capsys, src, tgt)
+    assert str(loop) in err and "symlink loop" in err, err
+    assert f"cannot read image {loop}: symlink loop" in report
+    assert "has no image" not in report and "no label" not in report
+
+
+def test_an_unreadable_directory_is_permission_denied_not_empty(tmp_path, capsys, monkeypatch):
+    # before: "no images in DIR" for a directory that holds images it may not list
+    src, tgt = folder_pair(tmp_path)
+    locked = src / "images" / "train"
+    locked.chmod(0)
+    if os.geteuid() == 0:  # root lists a chmod-000 directory: refuse it as the kernel would for a user
+        real_scandir = os.scandir
+
+        def scandir(path="."):
+            if Path(path) == locked:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real_scandir(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+    try:
+        err, report = _train_and_check(tmp_path, capsys, src, tgt)
+    finally:
+        locked.chmod(0o755)
+    assert f"permission denied: {locked}" in err, err
+    assert f"permission denied: {locked}" in report and "no images" not in report
+
+
+@pytest.mark.parametrize("where", ["pseudo-label pass", "evaluation"])
+def test_a_bad_target_file_met_mid_run_says_how_to_resume(tmp_path, capsys, where):
+    # before: the source side's "checkpoint saved at step N; ... --resume" hint was missing
+    src, tgt = tmp_path / "src", tmp_path / "tgt"
+    make_folder_tree(src)
+    make_folder_tree(tgt, n_val=3, target_without_train_labels=True)
+    split = "train" if where == "pseudo-label pass" else "val"
+    bad = tgt / "images" / split / "img_002.png"  # beyond the 2 files checked up front
+    good = bad.read_bytes()
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    run = tmp_path / "run"
+    extra = (["method=self_training", "train.rounds=1", "train.iters_per_round=2"] if split == "train"
+             else ["train.iters=4", "train.eval_every=2"])
+    assert main(train_args(tmp_path, folder_args(src, tgt) + extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(bad) in err, err
+    assert f"checkpoint saved at step 2; fix or remove the file, then continue with: bida train --resume {run}" in err
+    bad.write_bytes(good)
+    assert main(["train", "--resume", str(run)]) == 0
+    assert (run / "metrics.json").is_file()
+
+
+def test_an_unreadable_pseudo_label_is_a_data_error_naming_it(tmp_path):
+    # before: a raw FileNotFoundError / PIL error from the target loader (a traceback)
+    from bida.data.datasets import SegmentationDataset, pseudo_label_name
+    from bida.data.readers import list_samples
+    from bida.errors import DataError
+
+    make_folder_tree(tmp_path / "tgt", target_without_train_labels=True)
+    samples = list_samples("folder", tmp_path / "tgt", "train", require_labels=False)
+    labels = tmp_path / "round_0"
+    labels.mkdir()
+    (labels / pseudo_label_name(samples[0].name)).write_bytes(b"not a png")
+    ds = SegmentationDataset(samples, "folder", 3, train=True, crop=(8, 12), label_dir=labels)
+    for i, name in ((0, pseudo_label_name(samples[0].name)), (1, pseudo_label_name(samples[1].name))):
+        with pytest.raises(DataError, match=f"cannot read pseudo label {labels / name}.*remove {labels}"):
+            ds[(i, 0)]

@@ -146,13 +146,17 @@ def model_state_for_checkpoint(model: torch.nn.Module) -> dict[str, Any]:
 def ensure_writable(directory: Path) -> None:
     """Create ``directory`` and prove a file can be written there, before any long work.
 
+    The probe file is removed whatever happens (a full disk creates it, then fails the write).
+
     Raises:
-        BidaError: naming the directory and the reason.
+        RunDirError: naming the directory and the reason.
     """
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe = directory / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        try:
+            probe.write_text("ok")
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as err:
-        raise BidaError(f"output directory {directory} is not writable: {err.strerror or err}") from None
+        raise RunDirError(f"output directory {directory} is not writable: {err.strerror or err}") from None

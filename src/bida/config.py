@@ -14,6 +14,7 @@ YAML or ``method=bida`` on the command line set ``method.name``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -118,8 +119,9 @@ class MethodConfig:
     # Subtract the batch's mean contrast feature (both domains pooled, detached) before
     # prototypes and cosines: removes the class-prior component shared by every pixel.
     center_features: Literal["none", "batch"] = "none"
-    # Complete each prototype set with its moving average (calibration state) for classes
-    # absent from the batch, so that every pixel meets more negatives.
+    # Complete each prototype set with its moving average (the calibration state, kept with
+    # calibration=false too) for classes absent from the batch (prototype_scope=pair: from
+    # the image), so that every pixel meets more negatives.
     memory_partners: bool = False
 
 
@@ -227,6 +229,14 @@ class Config:
 # --------------------------------------------------------------------------- ranges
 
 INF = float("inf")
+# Upper bound of every image side (crops, resizes, evaluation sizes, synthetic images), in
+# pixels: twice the largest real setting (Cityscapes' 2048-pixel width). A side beyond it is
+# a typo that would allocate tens of GiB in a loader worker after the run had started.
+MAX_SIDE = 4096
+# The contrast's logits are cosines / temperature, up to 2 / temperature apart: below 0.01
+# (a spread of 200) the softmax is a hard argmax and the loss, about 2 / temperature per
+# misplaced pixel, swamps every other term (1e-9 gave a total loss of 3e8).
+MIN_TEMPERATURE = 0.01
 # Valid range of every numeric key: (low, high, low inclusive, high inclusive). A value
 # outside its range would end in a traceback (a zero divisor, an empty crop), a hang (a
 # phase of 0 iterations never ends) or meaningless metrics, so it fails at load time,
@@ -235,13 +245,13 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "seed": (0, 2**32 - 1, True, True),  # numpy's seed range
     "data.synthetic.num_train": (1, INF, True, True),
     "data.synthetic.num_val": (1, INF, True, True),
-    "data.synthetic.height": (8, INF, True, True),  # the network downsamples by 8
-    "data.synthetic.width": (8, INF, True, True),
+    "data.synthetic.height": (8, MAX_SIDE, True, True),  # the network downsamples by 8
+    "data.synthetic.width": (8, MAX_SIDE, True, True),
     "data.synthetic.seed": (0, 2**32 - 1, True, True),
-    "data.resize": (1, INF, True, True),
-    "data.source.resize": (1, INF, True, True),
-    "data.target.resize": (1, INF, True, True),
-    "data.crop": (1, INF, True, True),
+    "data.resize": (1, MAX_SIDE, True, True),
+    "data.source.resize": (1, MAX_SIDE, True, True),
+    "data.target.resize": (1, MAX_SIDE, True, True),
+    "data.crop": (1, MAX_SIDE, True, True),
     "data.scale_range": (0, INF, False, True),
     "data.eval_classes": (0, INF, True, True),
     "data.num_workers": (0, INF, True, True),
@@ -272,7 +282,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "train.checkpoint_every": (1, INF, True, True),
     "train.log_every": (1, INF, True, True),
     "train.max_bad_steps": (1, INF, True, True),
-    "loss.temperature": (0, INF, False, True),
+    "loss.temperature": (MIN_TEMPERATURE, INF, True, True),
     "loss.seg_tgt_weight": (0, INF, True, True),
     "loss.entropy_weight": (0, INF, True, True),
     "loss.contrast_t2s_weight": (0, INF, True, True),
@@ -288,17 +298,31 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "calibration.momentum": (0, 1, True, True),
     "calibration.max_weight": (0, INF, True, True),
     "calibration.ramp_iters": (0, INF, True, True),
-    "eval.crop": (1, INF, True, True),
-    "eval.stride": (1, INF, True, True),
-    "eval.size": (1, INF, True, True),
+    "eval.crop": (1, MAX_SIDE, True, True),
+    "eval.stride": (1, MAX_SIDE, True, True),
+    "eval.size": (1, MAX_SIDE, True, True),
     "eval.max_images": (1, INF, True, True),
 }
 
 
+# Why a bound is where it is, added to the message of a value outside it.
+RANGE_REASONS: dict[str, str] = {
+    "loss.temperature": f"the contrast's logits are cosines / temperature: below {MIN_TEMPERATURE} the loss "
+                        "(about 2 / temperature a pixel) swamps every other term",
+    **{key: f"twice the widest real image (Cityscapes: 2048 pixels); a larger side is a typo"
+       for key, (_, hi, _, _) in RANGES.items() if hi == MAX_SIDE},
+}
+
+
+def _number_text(v: float) -> str:
+    """A bound as written: 4294967295, not 4.29497e+09; 0.01, not 0.010000."""
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
 def _range_text(lo: float, hi: float, lo_in: bool, hi_in: bool) -> str:
     if hi == INF:
-        return f"{'>=' if lo_in else '>'} {lo:g}"
-    return f"in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+        return f"{'>=' if lo_in else '>'} {_number_text(lo)}"
+    return f"in {'[' if lo_in else '('}{_number_text(lo)}, {_number_text(hi)}{']' if hi_in else ')'}"
 
 
 def check_ranges(cfg: "Config") -> None:
@@ -317,10 +341,13 @@ def check_ranges(cfg: "Config") -> None:
             ok = (v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)  # False for NaN
             if not ok:
                 where = f"{key}[{i}]" if isinstance(value, (list, tuple)) else key
-                raise ConfigError(f"{where}: {v!r} is out of range (must be {_range_text(lo, hi, lo_in, hi_in)})")
+                why = f": {RANGE_REASONS[key]}" if key in RANGE_REASONS else ""
+                raise ConfigError(f"{where}: {v!r} is out of range (must be {_range_text(lo, hi, lo_in, hi_in)}{why})")
     lo, hi = cfg.data.scale_range
     if lo > hi:
         raise ConfigError(f"data.scale_range: {[lo, hi]} is not a range (min > max)")
+    if cfg.data.eval_classes is not None and not cfg.data.eval_classes:
+        raise ConfigError("data.eval_classes: [] selects no class (mIoU would be 0); use null for every class")
     check_schedule(cfg)
 
 
@@ -342,6 +369,23 @@ def check_schedule(cfg: "Config") -> None:
     if cfg.loss.feature_distance_weight > 0 and not cfg.model.pretrained:
         raise ConfigError("loss.feature_distance_weight: the ImageNet feature distance needs model.pretrained "
                           "(the frozen backbone it compares with); set the weights or the weight to 0")
+
+
+def check_class_ids(key: str, ids: typing.Sequence[int] | None, num_classes: int) -> None:
+    """A class-id list (``data.eval_classes``) names classes of the data: checked once the
+    class count is known, before a run directory is created (and again on every resume).
+
+    Raises:
+        ConfigError: naming the key, the ids and the number of classes.
+    """
+    if ids is None:
+        return
+    bad = sorted({c for c in ids if c >= num_classes})
+    if bad:
+        raise ConfigError(f"{key}: {list(ids)} names class id(s) {bad} >= {num_classes} "
+                          f"(the data has classes 0..{num_classes - 1})")
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{key}: {list(ids)} lists a class twice (it would count twice in the mean)")
 
 
 MIT_MIN_CROP = 32  # MiT's first stage (stride 4) reduces keys/values by 8 more
@@ -440,6 +484,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = float(value)  # YAML 1.1 reads 1e-3 and 1e6 (no dot) as strings
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # .inf would pass every ">= x" check, .nan every comparison
+            raise ConfigError(f"{key}: {value!r} is not a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -479,6 +525,48 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 (core schema) numbers.
+
+    YAML 1.1, which PyYAML implements, reads ``010`` as 8 (octal), ``1:30`` as 90
+    (sexagesimal) and ``1_000`` as 1000, and needs a dot in ``1.0e-3``. Here ``010`` is 10,
+    ``1:30`` and ``1_000`` are strings (refused by a number key), ``1e-3`` is a float, and
+    only ``0o17`` and ``0x1f`` are octal and hexadecimal.
+    """
+
+
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(_INT_TAG, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                                    list("-+0123456789"))
+_Yaml12Loader.add_implicit_resolver(
+    _FLOAT_TAG, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                           r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _construct_int_12(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    text = loader.construct_scalar(node)
+    if text.startswith(("0o", "0x")):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    try:
+        return int(text, 10)  # leading zeros are decimal
+    except ValueError:
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not a YAML 1.2 integer",
+                                                node.start_mark) from None
+
+
+_Yaml12Loader.add_constructor(_INT_TAG, _construct_int_12)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML with YAML 1.2 numbers (:class:`_Yaml12Loader`): config files and overrides."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``a.b.c=value`` into (["a", "b", "c"], parsed YAML value)."""
     if "=" not in text:
@@ -488,7 +576,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key.strip() or any(not p or not p.replace("_", "a").isalnum() for p in parts):
         raise ConfigError(f"malformed override '{text}': bad key '{key}'")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         raise ConfigError(f"malformed override '{text}': value is not valid YAML") from None
     if parts == ["method"] and isinstance(value, str):
@@ -534,7 +622,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except OSError as err:
             raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = yaml_load(text) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(data, dict):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from .config import EvalConfig
+from .config import EvalConfig, check_class_ids
 
 
 # --------------------------------------------------------------------------- metrics
@@ -44,6 +44,7 @@ def metrics_from_confusion(conf: Tensor, class_names: Sequence[str], eval_classe
         ``{"mIoU": float, "per_class_iou": {name: float | None}, "pixel_acc": float,
         "num_classes_evaluated": int}``; None marks a class absent from GT and prediction.
     """
+    check_class_ids("data.eval_classes", eval_classes, conf.shape[0])
     classes = list(range(conf.shape[0])) if eval_classes is None else list(eval_classes)
     # IoU from the full matrix, then the subset: pixels predicted as an excluded class still
     # count as misses (the 16/13-class SYNTHIA protocols of UDA papers).
@@ -154,9 +155,10 @@ def evaluate(model: torch.nn.Module, dataset, cfg: EvalConfig, class_names: Sequ
     ``check_stop`` is called before each image and may raise to abandon the evaluation
     (a pending SIGTERM: the trainer evaluates again after ``--resume``).
     """
+    k = len(class_names)
+    check_class_ids("data.eval_classes", eval_classes, k)  # before the pass, not after it
     was_training = model.training
     model.eval()
-    k = len(class_names)
     conf = torch.zeros(k, k, dtype=torch.int64)
     per_image_scores: list[float] = []
     indices: Iterable[int] = range(len(dataset))

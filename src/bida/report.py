@@ -15,6 +15,7 @@ backend without touching pyplot's global state.
 from __future__ import annotations
 
 import html
+import io
 import json
 import math
 import time
@@ -28,6 +29,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from .checkpoint import atomic_write_bytes, atomic_write_text
 from .config import Config, load_config
 from .errors import BidaError, RunDirError
 
@@ -168,7 +170,9 @@ class _Page:
 
     def figure(self, fig: Figure, name: str, caption: str) -> None:
         path = self.fig_dir / f"{name}.png"
-        fig.savefig(path, dpi=100, bbox_inches="tight", facecolor="white")
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100, bbox_inches="tight", facecolor="white")
+        atomic_write_bytes(path, png.getvalue())  # a full disk leaves no empty or partial PNG
         rel = f"figures/{path.name}"
         self.parts.append(f'<figure><img src="{_e(rel)}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>')
 
@@ -770,5 +774,5 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, max_images
     _confusion(page, runs, class_names)
     page.add(f'<p class="footer">Written by <code>bida report</code> on {_e(time.strftime("%Y-%m-%d %H:%M:%S"))}.</p>')
     index = out / "index.html"
-    index.write_text(page.html("bida run report: " + ", ".join(run.name for run in runs)))
+    atomic_write_text(index, page.html("bida run report: " + ", ".join(run.name for run in runs)))
     return index

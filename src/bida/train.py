@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_text, load_checkpoint, model_state_for_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import Config, dump_config, load_config, to_dict
+from .checkpoint import atomic_write_text, ensure_writable, load_checkpoint, model_state_for_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import Config, check_class_ids, dump_config, load_config, to_dict
 from .data.datasets import (Domain, build_eval_dataset, build_train_dataset, check_same_classes, close_loader,
                             resolve_domain, train_loader)
 from .data.rare_class import cached_class_pixel_counts, rare_class_loader
@@ -178,11 +178,32 @@ class RunLogger:
             return
         # Log values may be device tensors (a step never waits for them): read them only here.
         record = {"step": step, **{k: v.item() if isinstance(v, torch.Tensor) else v for k, v in record.items()}}
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record, default=_json_default) + "\n")
+        self._append((json.dumps(record, default=_json_default) + "\n").encode())
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 self.tb.add_scalar(key, value, step)
+
+    def _append(self, line: bytes) -> None:
+        """Append one record; a full disk gives one line naming the log and leaves no half record.
+
+        Raises:
+            RunDirError: naming ``log.jsonl`` and the reason.
+        """
+        try:
+            with open(self.path, "ab", buffering=0) as fh:
+                start = fh.tell()
+                try:
+                    done = 0
+                    while done < len(line):
+                        done += fh.write(line[done:])
+                except OSError:
+                    try:
+                        fh.truncate(start)
+                    except OSError:
+                        pass
+                    raise
+        except OSError as err:
+            raise RunDirError(f"cannot write {self.path}: {err.strerror or err}") from None
 
     def close(self) -> None:
         if self.tb is not None:
@@ -339,9 +360,7 @@ def create_run_dir(run_dir: Path, overwrite: bool) -> RunLock:
             for p in leftovers:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
             (run_dir / "checkpoints").mkdir()
-            probe = run_dir / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
+            ensure_writable(run_dir)  # RunDirError; leaves no probe file behind, even on a full disk
         except BaseException:
             lock.release()
             raise
@@ -428,6 +447,7 @@ class Trainer:
         self.tgt: Domain = resolve_domain(cfg, "target")
         self.classes = check_same_classes(self.src, self.tgt)
         self.num_classes = self.classes.num_classes
+        check_class_ids("data.eval_classes", cfg.data.eval_classes, self.num_classes)  # before the run dir exists
         if cfg.data.check:
             self._check_data()
         self.model: DeepLabV2 | MiTSegmentor = build_model(cfg.model, self.num_classes, cfg.method.feature).to(self.device)
@@ -435,7 +455,8 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.phases = plan_phases(cfg)
         self.calibration = None
-        if cfg.method.name == "bida" and cfg.method.calibration:
+        # The prototype moving averages: calibration's domain bias, memory_partners' fill-ins.
+        if cfg.method.name == "bida" and (cfg.method.calibration or cfg.method.memory_partners):
             self.calibration = Calibration(self.num_classes, self.model.feature_dim, momentum=cfg.calibration.momentum,
                                            max_weight=cfg.calibration.max_weight, ramp_iters=cfg.calibration.ramp_iters)
             self.calibration.to(self.device)
@@ -835,6 +856,8 @@ class Trainer:
             m = self._evaluate_split(ds, stoppable=True)
         except _Stopping:
             self._check_stop(True)
+        except DataError as err:
+            raise self._bad_file(err) from None
         self.logger.log({"eval/source_mIoU": m["mIoU"], "eval/source_pixel_acc": m["pixel_acc"]}, self.step)
         self._info(f"step {self.step}: source val mIoU {100 * m['mIoU']:.2f} (how well the source was learnt)")
         return {"mIoU": m["mIoU"], "pixel_acc": m["pixel_acc"], "per_class_iou": m["per_class_iou"],
@@ -898,9 +921,12 @@ class Trainer:
             else:
                 self._info(f"round {phase.round}: generating static pseudo labels for {len(full)} target images")
             start = time.perf_counter()
-            stats = generate_static_labels(self.model, full, self.cfg, out, self.classes.names,
-                                           seed=self.cfg.seed + phase.round, device=self.device,
-                                           quiet=self.cfg.train.quiet, check_stop=check_stop)
+            try:
+                stats = generate_static_labels(self.model, full, self.cfg, out, self.classes.names,
+                                               seed=self.cfg.seed + phase.round, device=self.device,
+                                               quiet=self.cfg.train.quiet, check_stop=check_stop)
+            except DataError as err:  # a bad target image: last.pt is this phase's start
+                raise self._bad_file(err) from None
             if shared is not None and not (shared / "stats.json").is_file():
                 _copy_dir(out, shared)
             speed = {} if loaded else {"time/pseudo_label_images_per_s": len(full) / max(time.perf_counter() - start, 1e-9)}
@@ -1063,15 +1089,24 @@ class Trainer:
         try:
             return next(batches)
         except DataError as err:
-            lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-            message = lines[-1].split("DataError: ", 1)[-1] if lines else "unreadable data"
+            bad = err
         finally:  # host time spent waiting for the loaders (logged as time/data_s)
             self._data_wait_s += time.perf_counter() - start
+        raise self._bad_file(bad, optimizer, scaler)  # the batch was not consumed: resume retries it
+
+    def _bad_file(self, err: DataError, optimizer=None, scaler=None) -> DataError:
+        """The one-line error of a bad file met mid-run (a batch, the pseudo-label pass, an
+        evaluation), saying how to continue. With ``optimizer`` the state is saved first;
+        without, ``last.pt`` already holds it (a phase start, the end of the last phase).
+        """
+        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+        message = lines[-1].split("DataError: ", 1)[-1] if lines else "unreadable data"
         if self.world_size > 1:  # a save would wait for ranks that are inside a collective
-            raise DataError(f"{message} (fix or remove the file, then continue with: bida train --resume {self.run_dir})")
-        self.save("last", optimizer, scaler)  # the batch was not consumed: resume retries it
-        raise DataError(f"{message} (checkpoint saved at step {self.step}; fix or remove the file, then "
-                        f"continue with: bida train --resume {self.run_dir})")
+            return DataError(f"{message} (fix or remove the file, then continue with: bida train --resume {self.run_dir})")
+        if optimizer is not None:
+            self.save("last", optimizer, scaler)
+        return DataError(f"{message} (checkpoint saved at step {self.step}; fix or remove the file, then "
+                         f"continue with: bida train --resume {self.run_dir})")
 
     def _after_step(self, phase: Phase, optimizer, scaler) -> bool:
         """Evaluation, checkpoint and stop check after step ``self.step``; True when the phase ended."""
@@ -1143,6 +1178,8 @@ class Trainer:
         except _Stopping:
             self.save("last", optimizer, scaler)
             self._check_stop(True)
+        except DataError as err:  # saved with the pending evaluation: --resume evaluates again
+            raise self._bad_file(err, optimizer, scaler) from None
         self._pending_eval = False
         if metrics is None:
             return
@@ -1159,6 +1196,8 @@ class Trainer:
                 "mIoU": float("nan"), "per_class_iou": {}, "pixel_acc": float("nan")}
         except _Stopping:
             self._check_stop(True)
+        except DataError as err:
+            raise self._bad_file(err) from None
         metrics = {k: v for k, v in metrics.items() if k != "confusion"} | {"confusion": metrics.get("confusion")}
         source_val = self._evaluate_source_val()
         if source_val is not None:

@@ -112,11 +112,17 @@ def _fused_at_label_size(y_static: Tensor, y_f: Tensor, batch_tgt: dict) -> Tens
 
 
 def _with_memory(protos: Tensor, present: Tensor, memory) -> tuple[Tensor, Tensor]:
-    """Batch prototypes, completed by the (detached) moving average for classes absent from the batch."""
+    """Prototypes completed by the (detached) moving average for the classes they lack.
+
+    Shape:
+        - protos: (K, D), or (B, K, D) per image pair
+        - present: (K,) or (B, K), bool
+        - output: the same shapes
+    """
     if memory is None:
         return protos, present
     fill = memory.initialized.to(present.device) & ~present
-    return torch.where(fill[:, None], memory.value.to(protos.device), protos), present | fill
+    return torch.where(fill[..., None], memory.value.to(protos.device), protos), present | fill
 
 
 def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Config,
@@ -128,6 +134,8 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
     ``minent``); ``batch_tgt["gt"]``, when present, the true labels, used only for logging;
     ``batch_*["valid"]``, when present, marks the pixels that are not crop padding: no loss,
     prototype, pseudo label or moving average reads the others.
+    ``calibration``: the prototype moving averages (None without method.calibration and
+    method.memory_partners); they calibrate label transfer only with ``method.calibration``.
     ``reduce_sums`` (distributed runs, :class:`~bida.distributed.GlobalBatch`): prototypes
     and per-pixel means over the global batch rather than this rank's slice.
     ``outputs``: the two domains' forwards when the caller ran them (the teacher schedule);
@@ -199,9 +207,9 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
             ps_tgt, pp_tgt = pair_prototypes(f_tgt, y_tgt_f, num_classes)
         else:
             ps_src, pp_src, ps_tgt, pp_tgt = protos_src, present_src, protos_tgt, present_tgt
-            if m.memory_partners and calibration is not None:  # classes absent from the batch
-                ps_src, pp_src = _with_memory(ps_src, pp_src, calibration.source)
-                ps_tgt, pp_tgt = _with_memory(ps_tgt, pp_tgt, calibration.target)
+        if m.memory_partners and calibration is not None:  # classes absent from the batch (or image)
+            ps_src, pp_src = _with_memory(ps_src, pp_src, calibration.source)
+            ps_tgt, pp_tgt = _with_memory(ps_tgt, pp_tgt, calibration.target)
         # Which target pixels L_t2s scores: y_T (the paper), or y_F with y_D pixels apart.
         y_t2s_f = y_tgt_f if m.t2s_dynamic == "fused" else y_static_f
         full_res = lw.contrast_resolution == "label"
@@ -227,11 +235,12 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
                 f_src, y_src_c, ps_tgt, pp_tgt, lw.temperature, resolution=lw.contrast_resolution, return_count=True)
             weights["contrast_s2t"] = lw.contrast_s2t_weight
 
-        # 5. Calibration state follows both prototype sets.
-        if calibration is not None and m.calibration:
+        # 5. The moving averages follow both prototype sets (kept for memory_partners alone too).
+        if calibration is not None:
             calibration.update(protos_src.detach(), present_src, protos_tgt.detach(), present_tgt)
-            logs["calibration/weight"] = calibration.weight()  # a host float: the ramp follows the step count
-            logs["calibration/mean_shift"] = calibration.mean_shift_tensor()
+            if m.calibration:
+                logs["calibration/weight"] = calibration.weight()  # a host float: the ramp follows the step count
+                logs["calibration/mean_shift"] = calibration.mean_shift_tensor()
         if cfg.pseudo.dynamic_for_segmentation:
             y_seg_tgt = _fused_at_label_size(y_static, y_tgt_f, batch_tgt)
 

@@ -124,7 +124,13 @@ class SegmentationDataset(Dataset):
         if label is None:
             label = np.full(image.shape[:2], self.ignore_index, np.uint8)
         if self.label_dir is not None:
-            pseudo = np.asarray(Image.open(self.label_dir / pseudo_label_name(sample.name)))
+            path = self.label_dir / pseudo_label_name(sample.name)
+            try:
+                with Image.open(path) as im:
+                    pseudo = np.asarray(im)
+            except (OSError, SyntaxError, ValueError) as err:
+                raise DataError(f"cannot read pseudo label {path}: {err}; remove {self.label_dir} "
+                                "to label the round again") from None
             if pseudo.shape != image.shape[:2]:
                 _, pseudo = resize_pair(image, pseudo, image.shape[:2])
             label = np.stack([pseudo, label], -1)

@@ -42,7 +42,9 @@ the extension, with ``/`` separators (Cityscapes: ``aachen/aachen_000000_000019_
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import struct
 import warnings
 import zlib
@@ -114,15 +116,75 @@ def _split_dirs(kind: str, root: Path, split: str) -> tuple[Path, Path]:
     return root / "images" / split, root / "labels" / split
 
 
+def _listing_error(err: OSError, path: Path) -> DataError:
+    """One line for a directory or file that cannot be listed or looked at."""
+    where = err.filename or path
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return DataError(f"permission denied: {where}")
+    return DataError(f"cannot read {where}: {err.strerror or err}")
+
+
+def _unresolvable_link(path: Path) -> str | None:
+    """Why ``path`` is a symlink that cannot be followed ("symlink loop", a missing target), else None."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symlink loop"
+        return f"symlink that cannot be resolved ({err.strerror or err})"
+    return None
+
+
+def _walk_files(image_dir: Path, max_depth: int | None, follow_links: bool = False) -> list[Path]:
+    """Every non-directory entry under ``image_dir`` down to ``max_depth`` directory levels.
+
+    Unlike ``Path.glob``, which skips what it cannot read, a directory that cannot be
+    listed is an error: a chmod-000 directory is "permission denied", never empty.
+    Symlinked directories are followed only with ``follow_links`` (as ``Path.glob("*/*")``
+    does; ``Path.rglob`` does not).
+    """
+    def fail(err: OSError) -> None:
+        raise _listing_error(err, image_dir)
+
+    found = []
+    for dirpath, dirnames, filenames in os.walk(image_dir, onerror=fail, followlinks=follow_links):
+        here = Path(dirpath)
+        if max_depth is not None and len(here.relative_to(image_dir).parts) >= max_depth:
+            dirnames.clear()
+        found += [here / name for name in filenames]
+    return found
+
+
 def _image_files(kind: str, image_dir: Path) -> list[Path]:
-    """Every image of ``image_dir`` in this kind's layout, relative to it, sorted."""
+    """Every image of ``image_dir`` in this kind's layout, relative to it, sorted.
+
+    An image that is a symlink loop (or whose link target is gone) is an error naming it,
+    never silently left out of the split.
+    """
     if kind in ("gta5", "synthia"):
-        found = image_dir.glob("*.png")
+        found = [p for p in _walk_files(image_dir, 0) if p.name.endswith(".png")]
     elif kind == "cityscapes":
-        found = image_dir.glob(f"*/*{_CITYSCAPES_IMAGE_SUFFIX}")
+        found = [p for p in _walk_files(image_dir, 1, follow_links=True)  # city folders may be links
+                 if p.parent != image_dir and p.name.endswith(_CITYSCAPES_IMAGE_SUFFIX)]
     else:
-        found = (p for p in image_dir.rglob("*") if p.suffix.lower() in _FOLDER_IMAGE_SUFFIXES)
-    return sorted((p.relative_to(image_dir) for p in found if p.is_file()), key=Path.as_posix)
+        found = [p for p in _walk_files(image_dir, None) if p.suffix.lower() in _FOLDER_IMAGE_SUFFIXES]
+    files, broken = [], []
+    for p in found:
+        try:
+            if p.is_file():
+                files.append(p)
+                continue
+        except OSError as err:
+            raise _listing_error(err, p) from None
+        why = _unresolvable_link(p)
+        if why is not None:
+            broken.append((p, why))
+    if broken:
+        (first, why), more = broken[0], len(broken) - 1
+        raise DataError(f"cannot read image {first}: {why}" + (f" (and {more} more in {image_dir})" if more else ""))
+    return sorted((p.relative_to(image_dir) for p in files), key=Path.as_posix)
 
 
 def _label_path(kind: str, label_dir: Path, image_rel: Path) -> Path:
@@ -200,11 +262,14 @@ def list_samples(
     if not split or "/" in split or "\\" in split or split in (".", ".."):
         raise ConfigError(f"invalid split name {split!r}: expected a plain name such as 'train'")
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"dataset root {root} does not exist or is not a directory")
     image_dir, label_dir = _split_dirs(kind, root, split)
-    if not image_dir.is_dir():
-        raise DataError(f"missing image directory {image_dir} ({kind} layout, split {split!r})")
+    try:  # a directory that cannot be looked into is "permission denied", not missing
+        if not root.is_dir():
+            raise DataError(f"dataset root {root} does not exist or is not a directory")
+        if not image_dir.is_dir():
+            raise DataError(f"missing image directory {image_dir} ({kind} layout, split {split!r})")
+    except OSError as err:
+        raise _listing_error(err, root) from None
     rels = _split_images(kind, root, split, image_dir)
     if kind == "folder":
         _check_duplicate_names(rels, image_dir)
@@ -213,9 +278,16 @@ def list_samples(
     unlabelled: list[Sample] = []
     for rel in rels:
         label = _label_path(kind, label_dir, rel)
+        try:
+            labelled = label.is_file()
+        except OSError as err:
+            raise _listing_error(err, label) from None
+        why = None if labelled else _unresolvable_link(label)
+        if why is not None:  # a label that cannot be followed is not a missing one
+            raise DataError(f"cannot read label {label}: {why}")
         sample = Sample(
             image=image_dir / rel,
-            label=label if label.is_file() else None,
+            label=label if labelled else None,
             name=rel.with_suffix("").as_posix(),
         )
         if sample.label is None:
