@@ -333,3 +333,21 @@ def test_rare_class_crops_are_drawn_again_until_they_show_the_class():
     Crops.calls = 0
     never = crops[(0, 0, 7)]  # class 7 never shows: the last of 1 + MAX_RECROPS crops is kept
     assert Crops.calls == 1 + MAX_RECROPS and never["label"].max() < 7
+
+
+def test_teacher_run_with_drop_path_and_rare_class_sampling_resumes_exactly_mid_phase(tmp_path, tiny_overrides):
+    """A mid-phase stop of a MiT teacher run (rare-class sampling, ClassMix, stochastic depth)
+    resumes bit-exactly: the rare-class loader must not draw its seed from the global generator
+    that the resume restores (drop path reads that generator)."""
+    mit = ["model.backbone=mit_b0", "method.feature=decoder", "model.width=0.25", "model.decoder_dim=32",
+           "model.proj_dim=16", "model.drop_path=0.3", "data.normalize=imagenet"]
+    cfg = load_config(None, tiny_overrides + mit + ["method=bida", *TEACHER, "train.iters=4", "train.source_iters=2"])
+    train(cfg, tmp_path / "full")
+    assert Trainer(cfg, tmp_path / "part").fit(stop_after=4) is None  # step 2 of the teacher phase
+    assert load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")["iter"] == 2
+    Trainer(cfg, tmp_path / "part", resume=True).fit()
+    a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("full", "part"))
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    ta, tb = a["mean_teacher"]["teacher"]["model"], b["mean_teacher"]["teacher"]["model"]
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)

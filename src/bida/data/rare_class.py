@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -150,8 +151,11 @@ def rare_class_loader(dataset: SegmentationDataset, counts: np.ndarray, cfg, see
     sampler = RareClassSampler(counts, d.rcs_temperature, d.rcs_min_pixels, cfg.train.batch_size, seed, start,
                                rank, world_size, class_names)
     crops = RareClassCrops(dataset, d.rcs_min_crop_ratio * d.rcs_min_pixels)
+    # Its own generator, as datasets.train_loader: iter() must not draw from the global
+    # generator that a resume restores (stochastic depth reads it).
     loader = DataLoader(crops, batch_sampler=sampler, num_workers=d.num_workers,
-                        persistent_workers=d.num_workers > 0, worker_init_fn=ignore_stop_signals)
+                        persistent_workers=d.num_workers > 0, worker_init_fn=ignore_stop_signals,
+                        generator=torch.Generator().manual_seed(seed))
     if d.num_workers == 0:
         return iter(loader)
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)  # as datasets.train_loader
