@@ -247,6 +247,7 @@ def test_every_numeric_config_key_has_a_range():
     ("data.resize=100000", "data.resize"),
     ("train.iters=1:30", "train.iters"),  # was 90 (YAML 1.1 sexagesimal)
     ("loss.temperature=1e-9", "swamps every other term"),  # was a total loss of 3e8
+    ("data.num_workers=100000", "a process of its own"),  # forked hundreds of workers
 ])
 def test_values_that_crashed_or_misled_later_are_refused_up_front(tmp_path, capsys, override, needle):
     src, tgt = folder_pair(tmp_path)

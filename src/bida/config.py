@@ -237,6 +237,9 @@ MAX_SIDE = 4096
 # (a spread of 200) the softmax is a hard argmax and the loss, about 2 / temperature per
 # misplaced pixel, swamps every other term (1e-9 gave a total loss of 3e8).
 MIN_TEMPERATURE = 0.01
+# Loader worker processes per loader: each holds a copy of the dataset and prefetches
+# batches; beyond 64 a value is a typo that would fork hundreds of processes.
+MAX_WORKERS = 64
 # Valid range of every numeric key: (low, high, low inclusive, high inclusive). A value
 # outside its range would end in a traceback (a zero divisor, an empty crop), a hang (a
 # phase of 0 iterations never ends) or meaningless metrics, so it fails at load time,
@@ -254,7 +257,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "data.crop": (1, MAX_SIDE, True, True),
     "data.scale_range": (0, INF, False, True),
     "data.eval_classes": (0, INF, True, True),
-    "data.num_workers": (0, INF, True, True),
+    "data.num_workers": (0, MAX_WORKERS, True, True),
     "data.rcs_temperature": (0, INF, False, True),
     "data.rcs_min_pixels": (0, INF, True, True),
     "data.rcs_min_crop_ratio": (0, INF, True, True),
@@ -311,6 +314,7 @@ RANGE_REASONS: dict[str, str] = {
                         "(about 2 / temperature a pixel) swamps every other term",
     **{key: f"twice the widest real image (Cityscapes: 2048 pixels); a larger side is a typo"
        for key, (_, hi, _, _) in RANGES.items() if hi == MAX_SIDE},
+    "data.num_workers": f"each worker is a process of its own; more than {MAX_WORKERS} is a typo",
 }
 
 
