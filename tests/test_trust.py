@@ -107,7 +107,7 @@ def test_resume_without_last_pt_falls_back_and_keeps_every_record(stopped_run, c
 def test_resume_without_any_checkpoint_refuses_and_changes_nothing(stopped_run, capsys):
     run = stopped_run
     for name in ("last.pt", "last.prev.pt"):
-        (run / "checkpoints" / name).unlink()
+        (run / "checkpoints" / name).unlink(missing_ok=True)
     before = _tree(run)
     assert main(["train", "--resume", str(run)]) == 2
     err = _one_line(capsys)
@@ -123,7 +123,8 @@ def test_resume_with_last_pt_a_directory_refuses_before_touching_the_log(stopped
     last.mkdir()
     before = _tree(run)
     assert main(["train", "--resume", str(run)]) == 2
-    assert "is a directory" in _one_line(capsys)
+    err = _one_line(capsys)
+    assert "is a directory, not a checkpoint file" in err and "nothing was changed" in err, err
     assert _tree(run) == before
 
 

@@ -460,12 +460,13 @@ class Trainer:
         self._log_state: dict | None = None  # a LogAccumulator's partial sums, restored by resume
         self._logs: LogAccumulator | None = None  # the current phase's, saved with each checkpoint
         self._step_buffers: list[torch.Tensor] = []  # what the current step's forward may change
+        self._good: tuple[Path, int] | None = None  # a checkpoint known good: resumed from, or written
+        # A run stopped before its first checkpoint restarts from step 0 with its saved config.
+        resumed = self._resume_checkpoint() if resume else None
         if resume and self.is_main:  # a writer killed mid-write left its temporary file
             for d in (self.run_dir, self.run_dir / "checkpoints"):
                 for tmp in remove_stale_temp_files(d):
                     self._info(f"removed {tmp}, left by a process killed while writing it")
-        # A run stopped before its first checkpoint restarts from step 0 with its saved config.
-        resumed = self._resume_checkpoint() if resume else None
         if resumed is not None:
             self._load_resume(*resumed)
         else:
@@ -562,13 +563,14 @@ class Trainer:
                                        f"values; {self._last_good()}")
             self._saving = True  # a second Ctrl-C now waits for the rename
             try:
-                if name == "last":  # the previous good one stays, for a last.pt damaged later
-                    rotate_checkpoint(self._ckpt("last"), self._ckpt("last.prev"))
+                if name == "last" and self._saved_step != self.step:  # keep the previous one, for a
+                    rotate_checkpoint(self._ckpt("last"), self._ckpt("last.prev"))  # last.pt damaged later
                 save_checkpoint(state, self._ckpt(name))
             finally:
                 self._saving = False
             if name == "last":
                 self._saved_step = self.step
+                self._good = (self._ckpt("last"), self.step)
             if self._stop_now:
                 raise Interrupted(f"stopped by a second {signal.Signals(self._stop_signal).name} after saving step "
                                   f"{self.step}; continue with: bida train --resume {self.run_dir}", self._stop_signal)
@@ -576,7 +578,9 @@ class Trainer:
 
     def _last_good(self) -> str:
         """Which checkpoint a resume would start from: one that loads, matches its checksum
-        and holds only finite model and calibration tensors (read again: an error path)."""
+        and holds only finite model and calibration tensors."""
+        if self._good is not None and self._good[0].is_file():
+            return f"the last good checkpoint is {self._good[0]} (step {self._good[1]})"
         for path in (self._ckpt("last"), self._ckpt("last.prev")):
             if not path.is_file():
                 continue
@@ -609,6 +613,11 @@ class Trainer:
             except CheckpointError as err:
                 why = why or f"{path.relative_to(self.run_dir)} cannot be used ({err})"
                 continue
+            bad = _first_non_finite({"model": state.get("model", {}), "calibration": state.get("calibration", {})})
+            if bad is not None:  # written by an older bida, which checked less
+                why = why or f"{path.relative_to(self.run_dir)} cannot be used ({bad} holds non-finite values)"
+                continue
+            self._good = (path, int(state["step"]))
             if path == prev:
                 self._move_damaged(last)
                 self._say(f"bida: warning: {why}; resuming from the previous checkpoint {path} (step {state['step']})")
