@@ -21,7 +21,7 @@ import torch
 from bida.checkpoint import load_checkpoint
 from bida.cli import main
 from bida.config import load_config
-from bida.errors import CheckpointError
+from bida.errors import CheckpointError, RunDirError
 
 
 def _records(run: Path, name: str = "log.jsonl") -> list[dict]:
@@ -84,6 +84,50 @@ def test_overwrite_replaces_only_a_run_and_refuses_a_run_with_foreign_files(stop
     (run / "notes.txt").unlink()
     assert main(args) == 0
     assert max(r["step"] for r in _records(run)) == 1  # the old run is replaced
+
+
+def test_predict_overwrite_never_replaces_inputs_or_files_it_did_not_write(stopped_run, tmp_path, capsys):
+    # before: --overwrite with --out the input folder replaced the input images by label maps
+    from PIL import Image
+
+    images, other = tmp_path / "images", tmp_path / "other"
+    images.mkdir()
+    other.mkdir()
+    Image.new("RGB", (64, 32), (10, 200, 30)).save(images / "a.png")
+    Image.new("RGB", (8, 8)).save(other / "a.png")  # someone's picture that happens to share the name
+    before = _tree(tmp_path / "images") | _tree(tmp_path / "other")
+    ckpt = str(stopped_run / "checkpoints" / "last.pt")
+    assert main(["predict", "--checkpoint", ckpt, str(images), "--out", str(images), "--overwrite", "--quiet"]) == 2
+    assert "one of the input images" in _one_line(capsys)
+    assert main(["predict", "--checkpoint", ckpt, str(images), "--out", str(other), "--overwrite", "--quiet"]) == 2
+    assert "holds no bida predictions" in _one_line(capsys)
+    assert _tree(tmp_path / "images") | _tree(tmp_path / "other") == before
+    out = tmp_path / "pred"
+    for _ in range(2):  # predictions of bida are replaced with --overwrite
+        assert main(["predict", "--checkpoint", ckpt, str(images), "--out", str(out), "--overwrite", "--quiet"]) == 0
+    assert (out / "a.png").is_file()
+
+
+def test_report_overwrite_replaces_only_a_bida_report(stopped_run, tmp_path, capsys):
+    # before: --overwrite replaced any index.html and deleted any figures/*.png
+    from bida.report import prepare_out_dir
+
+    site = tmp_path / "site"
+    (site / "figures").mkdir(parents=True)
+    (site / "index.html").write_text("<html>my page</html>")
+    (site / "figures" / "plot.png").write_bytes(b"png")
+    before = _tree(site)
+    assert main(["report", str(stopped_run), "--out", str(site), "--overwrite"]) == 2
+    err = _one_line(capsys)
+    assert str(site / "index.html") in err and "not written by bida report" in err, err
+    assert _tree(site) == before
+    (site / "index.html").write_text("<p>Written by <code>bida report</code> on today</p>")
+    (site / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="notes.txt is not part of a bida report"):
+        prepare_out_dir(site, overwrite=True)
+    (site / "notes.txt").unlink()
+    prepare_out_dir(site, overwrite=True)  # a report of bida: its old figures go
+    assert not (site / "figures" / "plot.png").exists()
 
 
 # ---------------------------------------------------------------- 2. --resume without last.pt
