@@ -159,6 +159,21 @@ def test_resume_without_any_checkpoint_refuses_and_changes_nothing(stopped_run, 
     assert _tree(run) == before
 
 
+def test_resume_without_checkpoint_or_log_refuses_when_pseudo_labels_were_made(tmp_path, capsys, tiny_overrides):
+    # before: the restarted run reused pseudo_labels/round_0 of the lost model
+    import bida.train as tr
+
+    run = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides + ["method=self_training", "train.iters=2", "train.rounds=1"])
+    assert tr.Trainer(cfg, run).fit(stop_after=3) is None  # inside round 0, after its pseudo labels
+    for name in ("checkpoints", "log.jsonl"):
+        (run / name).rename(tmp_path / name)
+    before = _tree(run)
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "pseudo_labels/ holds labels of its trained model" in _one_line(capsys)
+    assert _tree(run) == before
+
+
 def test_resume_with_last_pt_a_directory_refuses_before_touching_the_log(stopped_run, capsys):
     # before: the log was wiped, then the run failed
     run = stopped_run

@@ -622,11 +622,11 @@ class Trainer:
                 self._move_damaged(last)
                 self._say(f"bida: warning: {why}; resuming from the previous checkpoint {path} (step {state['step']})")
             return path, state
-        logged = self._logged_steps()
-        if logged:
+        trained = self._trained_evidence()
+        if trained:
             raise RunDirError(f"cannot resume {self.run_dir}: {why} and there is no checkpoints/last.prev.pt, but "
-                              f"log.jsonl records training up to step {max(logged)}; nothing was changed (put the "
-                              f"run's checkpoint back as checkpoints/last.pt, or start again with --overwrite)")
+                              f"{trained}; nothing was changed (put the run's checkpoint back as "
+                              f"checkpoints/last.pt, or start again with --overwrite)")
         self._move_damaged(last)
         self._say(f"bida: {why} and no step was trained yet: starting again from step 0 with the saved config")
         return None
@@ -635,6 +635,18 @@ class Trainer:
         """Keep a damaged checkpoint as ``<name>.damaged.pt`` (out of the way of the rotation)."""
         if self.is_main and path.is_file():
             os.replace(path, path.with_name(path.stem + ".damaged.pt"))
+
+    def _trained_evidence(self) -> str | None:
+        """What shows that this run trained steps (a restart from step 0 would lose them), or None."""
+        logged = self._logged_steps()
+        if logged:
+            return f"log.jsonl records training up to step {max(logged)}"
+        if (self.run_dir / "metrics.json").is_file():
+            return "metrics.json holds its final results"
+        labels = self.run_dir / "pseudo_labels"
+        if self.phases[0].kind == "source" and labels.is_dir() and any(labels.iterdir()):
+            return "pseudo_labels/ holds labels of its trained model"  # a restart would reuse them
+        return None
 
     def _logged_steps(self) -> list[int]:
         """Steps > 0 of the records in log.jsonl (training happened up to the largest)."""
