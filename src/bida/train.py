@@ -550,7 +550,7 @@ class Trainer:
             "palette": [list(c) for c in self.classes.palette],  # bida predict colours with it
             "method": self.cfg.method.name,
             # the partial sums of the next log record: a resumed run averages the same steps
-            "log_accumulator": self._logs.state_dict() if self._logs is not None else {},
+            "log_accumulator": self._logs.state_dict() if self._logs is not None else (self._log_state or {}),
         }
 
     def save(self, name: str, optimizer, scaler) -> None:
