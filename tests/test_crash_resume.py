@@ -111,6 +111,7 @@ def test_sigkill_at_random_step_and_during_checkpoint_write(tmp_path, tiny_overr
     out = subprocess.run([sys.executable, "-m", "bida", "train", "--resume", str(run2)], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     _same_result(ref, run2)
+    assert not [p for p in (run2 / "checkpoints").iterdir() if ".tmp-" in p.name]  # the killed writer's file is gone
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, tiny_overrides, env):

@@ -133,10 +133,21 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str |
         same_run = False
     done = {stem for _, stem in images if same_run and not overwrite and all(
         (out / f"{stem}{suffix}.png").is_file() for suffix in ("", "_color", "_overlay"))}
+    outputs = [out / f"{stem}{suffix}.png" for _, stem in images if stem not in done for suffix in ("", "_color", "_overlay")]
     if not overwrite:
         clash = [out / f"{stem}.png" for _, stem in images if stem not in done and (out / f"{stem}.png").exists()]
         if clash:
             raise BidaError(f"{clash[0]} already exists; use --overwrite to replace predictions")
+    else:  # --overwrite replaces earlier predictions, never an input image or a file of another kind
+        inputs_real = {path.resolve() for path, _ in images}
+        clash = [o for o in outputs if o.exists()]
+        mine_before = manifest.is_file()
+        for o in clash:
+            if o.resolve() in inputs_real:
+                raise BidaError(f"refusing to --overwrite {o}: it is one of the input images; choose another --out")
+            if not mine_before:
+                raise BidaError(f"refusing to --overwrite {o}: {out} holds no bida predictions "
+                                f"(no {manifest.name}); remove the file yourself or choose another --out")
     atomic_write_text(manifest, json.dumps(mine))
     written = [out / f"{stem}.png" for _, stem in images if stem in done]
     for path, stem in tqdm(images, desc="predict", disable=quiet, dynamic_ncols=True):

@@ -725,6 +725,28 @@ def _num(value) -> str:
 # --------------------------------------------------------------------------- entry point
 
 
+REPORT_MARK = "Written by <code>bida report</code>"  # in the footer of every index.html it writes
+
+
+def _not_report_file(out_dir: Path) -> str | None:
+    """Why ``out_dir`` is not a bida report (naming a file --overwrite would clobber), or None."""
+    index = out_dir / "index.html"
+    if index.is_file():
+        try:
+            if REPORT_MARK not in index.read_text(errors="replace"):
+                return f"{index} was not written by bida report"
+        except OSError as err:
+            return f"{index} cannot be read ({err.strerror or err})"
+    for p in sorted(out_dir.iterdir()):
+        if p.name == "figures" and p.is_dir():
+            other = sorted(f for f in p.iterdir() if f.suffix != ".png" or not f.is_file())
+            if other:
+                return f"{other[0]} is not a report figure"
+        elif p.name != "index.html":
+            return f"{p} is not part of a bida report"
+    return None
+
+
 def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     """Refuse a non-empty ``out_dir`` without ``overwrite``; with it, drop the old figures only."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -733,6 +755,9 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
         if not overwrite:
             raise RunDirError(f"report directory {out_dir} already exists and is not empty; "
                               "use --overwrite to replace the report")
+        foreign = _not_report_file(out_dir)
+        if foreign is not None:  # checked before anything is removed
+            raise RunDirError(f"refusing to --overwrite {out_dir}: {foreign}; remove it yourself or choose another --out")
         for old in (out_dir / "figures").glob("*.png"):
             old.unlink()
     try:
@@ -772,7 +797,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, max_images
     _pseudo(page, runs)
     _features(page, runs, models, feature_points, feature_images, device)
     _confusion(page, runs, class_names)
-    page.add(f'<p class="footer">Written by <code>bida report</code> on {_e(time.strftime("%Y-%m-%d %H:%M:%S"))}.</p>')
+    page.add(f'<p class="footer">{REPORT_MARK} on {_e(time.strftime("%Y-%m-%d %H:%M:%S"))}.</p>')
     index = out / "index.html"
     atomic_write_text(index, page.html("bida run report: " + ", ".join(run.name for run in runs)))
     return index

@@ -31,13 +31,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_text, ensure_writable, load_checkpoint, model_state_for_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (atomic_write_text, ensure_writable, load_checkpoint, model_state_for_checkpoint,
+                         remove_stale_temp_files, rng_state, rotate_checkpoint, save_checkpoint, set_rng_state)
 from .config import Config, check_class_ids, dump_config, load_config, to_dict
 from .data.datasets import (Domain, build_eval_dataset, build_train_dataset, check_same_classes, close_loader,
                             resolve_domain, train_loader)
 from .data.rare_class import cached_class_pixel_counts, rare_class_loader
 from .models import DeepLabV2, MiTSegmentor, build_model
-from .errors import BidaError, DataError, Interrupted, RunDirError  # noqa: F401 - Interrupted re-exported
+from .errors import BidaError, CheckpointError, DataError, Interrupted, RunDirError  # noqa: F401 - Interrupted re-exported
 from .evaluate import evaluate, markdown_table, write_metrics
 from .optim import build_optimizer, warmup_factor
 from .pseudo_labels import Calibration
@@ -151,6 +152,17 @@ class LogAccumulator:
             total[0] += s
             total[1] += n
         self._keys, self._sums = (), None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The partial sums (a copy, device sums left on the device: no host sync)."""
+        return {"keys": list(self._keys), "sums": self._sums.clone() if self._sums is not None else None,
+                "host": {k: list(v) for k, v in self._host.items()}, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._keys = tuple(state["keys"])
+        self._sums = state["sums"].clone() if state["sums"] is not None else None
+        self._host = {k: [float(v[0]), float(v[1])] for k, v in state["host"].items()}
+        self.steps = int(state["steps"])
 
     def means(self) -> dict[str, float]:
         """Mean of every value since the last call (NaN where no finite value came); resets."""
@@ -321,35 +333,93 @@ def _pid_is_dead(pid: str) -> bool:
     return False
 
 
+# Every entry a training run writes in its directory: --overwrite replaces these and nothing
+# else (a directory holding anything more is refused). Temporary ``.<entry>.tmp-<pid>`` files
+# of an atomic write and the ``.write-test`` probe count as the run's too.
+RUN_ENTRIES = ("config.yaml", "run.json", "log.jsonl", "log.discarded.jsonl", "metrics.json", "checkpoints",
+               "tensorboard", "pseudo_labels", "rare_class_stats.json", "demo_result.json", LOCK_NAME,
+               ".write-test")
+RUN_MARKERS = ("config.yaml", "run.json")  # a bida training run has one of them from its first second
+LOG_DISCARDED = "log.discarded.jsonl"  # records a resume dropped from log.jsonl (they are written again)
+
+
 def _run_files(run_dir: Path) -> list[Path]:
     return [p for p in run_dir.iterdir() if p.name != LOCK_NAME]
 
 
+def _is_run_entry(name: str) -> bool:
+    if name in RUN_ENTRIES:
+        return True
+    if name.startswith(".write-test-") and name[len(".write-test-"):].isdigit():  # ensure_writable's probe
+        return True
+    base, _, pid = name.rpartition(".tmp-")
+    return base.startswith(".") and base[1:] in RUN_ENTRIES and pid.isdigit()
+
+
+def _foreign_entries(run_dir: Path) -> str | None:
+    """Why --overwrite may not empty ``run_dir`` (one clause naming a file), or None."""
+    if not run_dir.is_dir():
+        return f"{run_dir} is a file, not a run directory"
+    files = sorted(_run_files(run_dir))
+    if not files:
+        return None
+    if (run_dir / "grid.json").is_file():
+        return f"{run_dir} is a bida demo/ablate directory, not a training run"
+    if not any((run_dir / m).is_file() for m in RUN_MARKERS):
+        return f"{run_dir} is not a bida run directory (no config.yaml or run.json; it holds {files[0]})"
+    foreign = [p for p in files if not _is_run_entry(p.name)]
+    if foreign:
+        return f"{run_dir} holds {foreign[0]}, which is not part of a bida run"
+    return None
+
+
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a run without --overwrite, or to resume what cannot be resumed.
+    """Refuse to clobber a run without --overwrite, anything but a run with it, or to resume
+    what cannot be resumed.
 
     Changes nothing on disk: the directory is created only once every input is valid.
     """
     if resume:
-        if not (run_dir / "checkpoints" / "last.pt").is_file() and not (run_dir / "config.yaml").is_file():
-            raise RunDirError(f"cannot resume {run_dir}: no checkpoints/last.pt and no config.yaml "
-                              f"(the run stopped before it saved its config); start it again with --overwrite")
+        if not run_dir.exists():
+            raise RunDirError(f"cannot resume {run_dir}: no such directory")
+        if not run_dir.is_dir():
+            raise RunDirError(f"cannot resume {run_dir}: it is a file, not a run directory")
+        last = run_dir / "checkpoints" / "last.pt"
+        if last.exists() and not last.is_file():
+            raise RunDirError(f"cannot resume {run_dir}: {last} is a directory, not a checkpoint file; "
+                              f"move it away, then resume again (nothing was changed)")
+        if (run_dir / "grid.json").is_file():
+            raise RunDirError(f"cannot resume {run_dir} with bida train: it is a bida demo/ablate directory; "
+                              f"resume it with bida demo --resume or bida ablate --resume")
+        if not (run_dir / "config.yaml").is_file():
+            if not _run_files(run_dir):
+                raise RunDirError(f"cannot resume {run_dir}: the directory is empty (no config.yaml); "
+                                  f"start a run with --out {run_dir}")
+            if not any((run_dir / m).exists() for m in RUN_ENTRIES if m != LOCK_NAME):
+                raise RunDirError(f"cannot resume {run_dir}: it is not a bida run directory (no config.yaml)")
+            raise RunDirError(f"cannot resume {run_dir}: no config.yaml (the run stopped before it saved its "
+                              f"config); start it again with --overwrite")
         return
     if run_dir.exists() and (not run_dir.is_dir() or _run_files(run_dir)):
         if not overwrite:
             raise RunDirError(f"run directory {run_dir} already exists; use --resume to continue it or --overwrite to replace it")
+        reason = _foreign_entries(run_dir)
+        if reason is not None:
+            raise RunDirError(f"refusing to --overwrite: {reason}; remove it yourself or choose another --out")
 
 
 def create_run_dir(run_dir: Path, overwrite: bool) -> RunLock:
-    """Create and lock the run directory (emptying it with --overwrite); check it is writable.
+    """Create and lock the run directory (with --overwrite: removing what an earlier run
+    wrote there, and only that); check it is writable.
 
     Raises:
-        RunDirError: not writable, locked by a live run, or filled by a concurrent run
-            since :func:`check_run_dir`.
+        RunDirError: not writable, locked by a live run, filled by a concurrent run since
+            :func:`check_run_dir`, or (--overwrite) holding files that no bida run writes.
     """
     try:
-        if overwrite and run_dir.exists() and not run_dir.is_dir():
-            run_dir.unlink()
+        if run_dir.exists() and not run_dir.is_dir():
+            raise RunDirError(f"refusing to --overwrite: {run_dir} is a file, not a run directory; "
+                              f"remove it yourself or choose another --out")
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock(run_dir).acquire()
         try:
@@ -357,6 +427,9 @@ def create_run_dir(run_dir: Path, overwrite: bool) -> RunLock:
             if leftovers and not overwrite:  # another run created it after check_run_dir
                 raise RunDirError(f"run directory {run_dir} already exists; use --resume to continue it "
                                   f"or --overwrite to replace it")
+            reason = _foreign_entries(run_dir) if leftovers else None
+            if reason is not None:  # checked again under the lock, before anything is removed
+                raise RunDirError(f"refusing to --overwrite: {reason}; remove it yourself or choose another --out")
             for p in leftovers:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
             (run_dir / "checkpoints").mkdir()
@@ -467,9 +540,18 @@ class Trainer:
         self.best_miou, self.best_step, self.bad_steps = -1.0, -1, 0
         self.optimizer_state: dict | None = None
         self.scaler_state: dict | None = None
+        self._log_state: dict | None = None  # a LogAccumulator's partial sums, restored by resume
+        self._logs: LogAccumulator | None = None  # the current phase's, saved with each checkpoint
+        self._step_buffers: list[torch.Tensor] = []  # what the current step's forward may change
+        self._good: tuple[Path, int] | None = None  # a checkpoint known good: resumed from, or written
         # A run stopped before its first checkpoint restarts from step 0 with its saved config.
-        if resume and (self.run_dir / "checkpoints" / "last.pt").is_file():
-            self._load_resume()
+        resumed = self._resume_checkpoint() if resume else None
+        if resume and self.is_main:  # a writer killed mid-write left its temporary file
+            for d in (self.run_dir, self.run_dir / "checkpoints"):
+                for tmp in remove_stale_temp_files(d):
+                    self._info(f"removed {tmp}, left by a process killed while writing it")
+        if resumed is not None:
+            self._load_resume(*resumed)
         else:
             if cfg.model.pretrained:
                 report = load_pretrained(self.model, cfg.model.pretrained)
@@ -557,6 +639,8 @@ class Trainer:
             "class_names": list(self.classes.names),
             "palette": [list(c) for c in self.classes.palette],  # bida predict colours with it
             "method": self.cfg.method.name,
+            # the partial sums of the next log record: a resumed run averages the same steps
+            "log_accumulator": self._logs.state_dict() if self._logs is not None else (self._log_state or {}),
         }
 
     def save(self, name: str, optimizer, scaler) -> None:
@@ -574,11 +658,14 @@ class Trainer:
                                        f"values; {self._last_good()}")
             self._saving = True  # a second Ctrl-C now waits for the rename
             try:
-                save_checkpoint(state, self.run_dir / "checkpoints" / f"{name}.pt")
+                if name == "last" and self._saved_step != self.step:  # keep the previous one, for a
+                    rotate_checkpoint(self._ckpt("last"), self._ckpt("last.prev"))  # last.pt damaged later
+                save_checkpoint(state, self._ckpt(name))
             finally:
                 self._saving = False
             if name == "last":
                 self._saved_step = self.step
+                self._good = (self._ckpt("last"), self.step)
             if self._stop_now:
                 self._exiting = True
                 raise Interrupted(f"stopped by a second {signal.Signals(self._stop_signal).name} after saving step "
@@ -586,10 +673,89 @@ class Trainer:
         self.dist.barrier()
 
     def _last_good(self) -> str:
-        last = self.run_dir / "checkpoints" / "last.pt"
-        if last.is_file():
-            return f"the last good checkpoint is {last}"
-        return "no checkpoint was saved (start again with --overwrite)"
+        """Which checkpoint a resume would start from: one that loads, matches its checksum
+        and holds only finite model and calibration tensors."""
+        if self._good is not None and self._good[0].is_file():
+            return f"the last good checkpoint is {self._good[0]} (step {self._good[1]})"
+        for path in (self._ckpt("last"), self._ckpt("last.prev")):
+            if not path.is_file():
+                continue
+            try:
+                state = load_checkpoint(path)
+            except CheckpointError:
+                continue
+            if _first_non_finite({"model": state.get("model", {}), "calibration": state.get("calibration", {})}) is None:
+                return f"the last good checkpoint is {path} (step {state.get('step')})"
+        return "no good checkpoint was saved (start again with --overwrite)"
+
+    def _ckpt(self, name: str) -> Path:
+        return self.run_dir / "checkpoints" / f"{name}.pt"
+
+    def _resume_checkpoint(self) -> tuple[Path, dict] | None:
+        """The checkpoint to resume from and its contents, or None to start from step 0.
+
+        ``last.pt``, else (missing or damaged) the previous one, ``last.prev.pt``, saying so.
+        Without either, a run that logged no trained step restarts from step 0, saying so; one
+        that did is refused, and nothing is changed.
+        """
+        last, prev = self._ckpt("last"), self._ckpt("last.prev")
+        why = None
+        for path in (last, prev):
+            if not path.is_file():
+                why = why or f"{path.relative_to(self.run_dir)} is missing"
+                continue
+            try:
+                state = load_checkpoint(path, map_location=self.device)
+            except CheckpointError as err:
+                why = why or f"{path.relative_to(self.run_dir)} cannot be used ({err})"
+                continue
+            bad = _first_non_finite({"model": state.get("model", {}), "calibration": state.get("calibration", {})})
+            if bad is not None:  # written by an older bida, which checked less
+                why = why or f"{path.relative_to(self.run_dir)} cannot be used ({bad} holds non-finite values)"
+                continue
+            self._good = (path, int(state["step"]))
+            if path == prev:
+                self._move_damaged(last)
+                self._say(f"bida: warning: {why}; resuming from the previous checkpoint {path} (step {state['step']})")
+            return path, state
+        trained = self._trained_evidence()
+        if trained:
+            raise RunDirError(f"cannot resume {self.run_dir}: {why} and there is no checkpoints/last.prev.pt, but "
+                              f"{trained}; nothing was changed (put the run's checkpoint back as "
+                              f"checkpoints/last.pt, or start again with --overwrite)")
+        self._move_damaged(last)
+        self._say(f"bida: {why} and no step was trained yet: starting again from step 0 with the saved config")
+        return None
+
+    def _move_damaged(self, path: Path) -> None:
+        """Keep a damaged checkpoint as ``<name>.damaged.pt`` (out of the way of the rotation)."""
+        if self.is_main and path.is_file():
+            os.replace(path, path.with_name(path.stem + ".damaged.pt"))
+
+    def _trained_evidence(self) -> str | None:
+        """What shows that this run trained steps (a restart from step 0 would lose them), or None."""
+        logged = self._logged_steps()
+        if logged:
+            return f"log.jsonl records training up to step {max(logged)}"
+        if (self.run_dir / "metrics.json").is_file():
+            return "metrics.json holds its final results"
+        labels = self.run_dir / "pseudo_labels"
+        if self.phases[0].kind == "source" and labels.is_dir() and any(labels.iterdir()):
+            return "pseudo_labels/ holds labels of its trained model"  # a restart would reuse them
+        return None
+
+    def _logged_steps(self) -> list[int]:
+        """Steps > 0 of the records in log.jsonl (training happened up to the largest)."""
+        log = self.run_dir / "log.jsonl"
+        steps = []
+        for line in log.read_text().splitlines() if log.is_file() else []:
+            try:
+                step = int(json.loads(line).get("step", 0))
+            except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+                continue
+            if step > 0:
+                steps.append(step)
+        return steps
 
     def _snapshot(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict | None]:
         """Buffers a forward can change (those of modules in training mode: BatchNorm running
@@ -597,7 +763,16 @@ class Trainer:
         buffers = [(b, b.detach().clone()) for m in self.model.modules() if m.training
                    for b in m.buffers(recurse=False)]
         cal = self.calibration.state_dict() if self.calibration is not None else None  # already a copy
+        self._step_buffers = [b for b, _ in buffers if b.is_floating_point()]
         return buffers, cal
+
+    def _changed_state(self) -> list[torch.Tensor]:
+        """Floating tensors the step's forward changed: running statistics of modules in
+        training mode (listed by :meth:`_snapshot`) and the calibration memories."""
+        changed = list(self._step_buffers)
+        if self.calibration is not None:
+            changed += [m.value for m in (self.calibration.source, self.calibration.target)]
+        return [t for t in changed if t.numel()]
 
     def _restore(self, snapshot: tuple[list[tuple[torch.Tensor, torch.Tensor]], dict | None]) -> None:
         """Undo what the forward of a skipped step changed: a NaN batch poisons BN running stats."""
@@ -608,9 +783,8 @@ class Trainer:
         if cal is not None:
             self.calibration.load_state_dict(cal)
 
-    def _load_resume(self) -> None:
-        state = load_checkpoint(self.run_dir / "checkpoints" / "last.pt", map_location=self.device)
-        load_model_weights(self.model, self.run_dir / "checkpoints" / "last.pt", checkpoint=state)
+    def _load_resume(self, path: Path, state: dict) -> None:
+        load_model_weights(self.model, path, checkpoint=state)
         self.phase_idx, self.iter, self.step = int(state["phase"]), int(state["iter"]), int(state["step"])
         self.data_pos = int(state.get("data_pos", self.step))
         self._pending_eval = bool(state.get("pending_eval", False))
@@ -623,9 +797,15 @@ class Trainer:
         self.optimizer_state = state["optimizer"] if self.iter > 0 else None
         self.scaler_state = state.get("scaler") or None
         set_rng_state(state["rng"])
+        self._log_state = state.get("log_accumulator") or None
         self._truncate_log(self.step)
 
     def _round_logged(self, round_idx: int) -> bool:
+        return self._logged(lambda rec: rec.get("round") == round_idx and "pseudo/static_accuracy" in rec)
+
+    def _logged(self, match) -> bool:
+        """Whether log.jsonl holds a record for which ``match(record)`` is true (a resumed run
+        does not log again what the stopped one logged)."""
         log = self.run_dir / "log.jsonl"
         if not log.is_file():
             return False
@@ -634,23 +814,31 @@ class Trainer:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if rec.get("round") == round_idx and "pseudo/static_accuracy" in rec:
+            if isinstance(rec, dict) and match(rec):
                 return True
         return False
 
     def _truncate_log(self, step: int) -> None:
-        """Drop log records written after the checkpoint (they will be produced again)."""
+        """Move log records written after the checkpoint (they will be produced again) to
+        ``log.discarded.jsonl``: a record once written is never destroyed."""
         log = self.run_dir / "log.jsonl"
         if not self.is_main or not log.is_file():
             return
-        kept = []
+        kept, dropped = [], []
         for line in log.read_text().splitlines():
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:  # a line cut by the crash
-                continue
+                (kept if json.loads(line).get("step", 0) <= step else dropped).append(line)
+            except (json.JSONDecodeError, AttributeError, TypeError):  # a line cut by the crash
+                dropped.append(line)
+        dropped = [d for d in dropped if d.strip()]
+        if not dropped:
+            return
+        with open(self.run_dir / LOG_DISCARDED, "a") as fh:  # first: a crash now duplicates, never loses
+            fh.write("".join(d + "\n" for d in dropped))
+            fh.flush()
+            os.fsync(fh.fileno())
         atomic_write_text(log, "".join(k + "\n" for k in kept))
+        self._info(f"moved {len(dropped)} log records after step {step} to {LOG_DISCARDED} (they are written again)")
 
     def _build_mean_teacher(self, cfg: Config) -> MeanTeacher | None:
         """The teacher schedule's state (EMA teacher, ClassMix generator, ImageNet model), or None."""
@@ -858,7 +1046,8 @@ class Trainer:
             self._check_stop(True)
         except DataError as err:
             raise self._bad_file(err) from None
-        self.logger.log({"eval/source_mIoU": m["mIoU"], "eval/source_pixel_acc": m["pixel_acc"]}, self.step)
+        if not self._logged(lambda rec: rec.get("step") == self.step and "eval/source_mIoU" in rec):
+            self.logger.log({"eval/source_mIoU": m["mIoU"], "eval/source_pixel_acc": m["pixel_acc"]}, self.step)
         self._info(f"step {self.step}: source val mIoU {100 * m['mIoU']:.2f} (how well the source was learnt)")
         return {"mIoU": m["mIoU"], "pixel_acc": m["pixel_acc"], "per_class_iou": m["per_class_iou"],
                 "split": s.val_split}
@@ -1010,7 +1199,10 @@ class Trainer:
             return
         self._sync_stop()  # a stop on any rank while the loaders were built
         t_last = time.time()
-        logs = LogAccumulator()
+        logs = self._logs = LogAccumulator()
+        if self._log_state:  # resumed between two log records: the steps before the stop count
+            logs.load_state_dict(self._log_state)
+            self._log_state = None
         self._data_wait_s = 0.0
         while self.iter < phase.iters:
             if self._stop_after is not None and self.step >= self._stop_after:
@@ -1154,18 +1346,22 @@ class Trainer:
         finite = torch.isfinite(loss.detach())
         if grads:
             finite = finite & torch.isfinite(_grad_max_norm(grads))
+        changed = self._changed_state()
+        if changed:  # BN statistics pushed to inf by a finite loss: the step is not good either
+            finite = finite & torch.isfinite(_grad_max_norm(changed))
         stop = self._stop_signal or 0  # under torchrun, a stop rides on the step's one all-reduce
         self._flags_sent = True
         finite, stop = _step_is_finite(self.dist.step_flags(finite, stop))
         self._stop_agreed = stop or self._stop_agreed
-        if finite or scaler.is_enabled():  # the fp16 scaler skips non-finite steps itself
+        if finite:
             scaler.step(optimizer)
             scaler.update()
-            if scaler.is_enabled() and not finite:  # an fp16 overflow: the scale drops, no bad step
-                return False
-        if finite:
             self.bad_steps = 0
             return True
+        if scaler.is_enabled():  # fp16: no step is taken; the scale drops when the gradients overflowed
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            return False
         optimizer.zero_grad(set_to_none=True)
         self.bad_steps += 1
         self.logger.log({"numerics/skipped_step": 1, "numerics/bad_steps_in_row": self.bad_steps}, self.step)
