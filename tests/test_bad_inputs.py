@@ -208,6 +208,7 @@ def test_disk_full_while_writing_checkpoint(tmp_path, capsys, monkeypatch):
     "train.checkpoint_every=0", "train.eval_every=0", "train.log_every=0",  # were ZeroDivisionError
     "train.batch_size=0", "data.num_workers=-1", "train.lr=-1", "pseudo.class_fraction=2",
     "data.crop=[0,0]", "train.rounds=-1", "eval.max_images=0", "train.lr=.nan", "data.scale_range=[1.5,0.5]",
+    "mic.mask_ratio=1",  # masks every block
 ])
 def test_numeric_config_values_are_range_checked(tmp_path, capsys, override):
     # before: a traceback with a half-made run directory, or exit 0 with meaningless metrics

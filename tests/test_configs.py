@@ -47,6 +47,8 @@ def shrink(raw: dict) -> list[str]:
         kind = data["source"]["kind"]  # synthetic images shrink with the crop (_domain_overrides)
         area = factor ** 2 if kind == "synthetic" else FIXTURE_AREA / SOURCE_AREA.get(kind, FIXTURE_AREA)
         out.append(f"data.rcs_min_pixels={_scaled(data.get('rcs_min_pixels', 3000), area)}")
+    if raw.get("mic", {}).get("block_size"):  # a side in pixels of the crop
+        out.append(f"mic.block_size={_scaled(raw['mic']['block_size'], factor)}")
     if str(raw.get("model", {}).get("backbone", "")).startswith("mit_"):
         out += ["model.decoder_dim=16", "model.proj_dim=16"]
     for key in ("size", "crop", "stride"):
@@ -183,6 +185,7 @@ def _teacher_config_runs(name: str, raw: dict, tmp_path: Path, synthetic_cache) 
         assert "loss/feature_distance" in steps[0]
     if method == "bida":
         assert "loss/contrast_t2s" in steps[0] and "loss/contrast_s2t" in steps[0]
+    assert ("loss/mic" in steps[0]) == bool(raw.get("mic", {}).get("weight"))
 
 
 def test_a_domain_resize_overrides_data_resize_for_that_domain_only(tiny_overrides):

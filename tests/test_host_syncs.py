@@ -81,6 +81,7 @@ def _watch(monkeypatch) -> dict:
 
     monkeypatch.setattr(tr, "source_step", in_step(tr.source_step, count=True))
     monkeypatch.setattr(tr, "adapt_step", in_step(tr.adapt_step, count=True))
+    monkeypatch.setattr(tr, "teacher_step", in_step(tr.teacher_step, count=True))
     monkeypatch.setattr(tr.Trainer, "_backward_and_step", in_step(tr.Trainer._backward_and_step))
     monkeypatch.setattr(tr.LogAccumulator, "add", in_step(tr.LogAccumulator.add))
     return state
@@ -111,6 +112,28 @@ def test_steady_state_steps_read_nothing_from_the_device_but_their_finite_flag(t
     assert state["flag_reads"] == state["steps"]  # one finiteness read a step, no more
     logged = [r for r in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"loss/' in r]
     assert len(logged) == 2  # one record at the end of each phase
+
+
+# The mean-teacher step of both methods, with ClassMix, rare-class sampling and MIC's masking.
+# SGD: on a CPU, AdamW reads its step counter (a host tensor) with .item(), which the recorder
+# cannot tell from a device read.
+@pytest.mark.parametrize("method", ["self_training", "bida"])
+def test_teacher_steps_with_mic_read_nothing_from_the_device_but_their_finite_flag(tmp_path, tiny_overrides,
+                                                                                   monkeypatch, method):
+    import bida.train as tr
+
+    cfg = load_config(None, tiny_overrides + [
+        f"method={method}", "train.schedule=teacher", "train.iters=2",
+        "train.log_every=1000", "train.checkpoint_every=1000", "train.eval_every=1000", "eval.max_images=1",
+        "data.rare_class_sampling=true", "data.rcs_min_pixels=2", "mic.weight=1", "mic.block_size=8"])
+    trainer = tr.Trainer(cfg, tmp_path / "run")
+    state = _watch(monkeypatch)
+    trainer.fit()
+    assert state["steps"] == 2
+    assert state["reads"] == [], f"host reads inside a teacher {method} step: {sorted(set(state['reads']))}"
+    assert state["flag_reads"] == state["steps"]
+    logged = [r for r in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"loss/mic"' in r]
+    assert len(logged) == 1  # one record at the end of the phase
 
 
 def test_the_recorder_sees_the_reads_it_forbids(monkeypatch):

@@ -204,6 +204,21 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
+class MICConfig:
+    """Masked image consistency (MIC, Hoyer et al.) on the teacher schedule, see bida.masking.
+
+    The student's prediction on a colour-augmented target image with random blocks set to 0
+    is trained against the teacher's labels of the unmasked image, with the batch's quality
+    weight (as the ClassMix loss)."""
+
+    weight: float = 0.0  # weight of the masked-image loss; 0 = off (MIC: 1)
+    mask_ratio: float = 0.7  # probability that a block is masked (MIC: 0.7)
+    # Block side in pixels of the training crop. MIC: 64 at full resolution (HRDA's 1024 crops);
+    # its DAFormer runs on half-resolution images (512 crops of 1024x512 Cityscapes) use 32.
+    block_size: int = 64
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     mode: Literal["whole", "slide"] = "whole"
     crop: tuple[int, int] = (512, 512)  # sliding window size
@@ -223,6 +238,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    mic: MICConfig = field(default_factory=MICConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -301,6 +317,9 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "calibration.momentum": (0, 1, True, True),
     "calibration.max_weight": (0, INF, True, True),
     "calibration.ramp_iters": (0, INF, True, True),
+    "mic.weight": (0, INF, True, True),
+    "mic.mask_ratio": (0, 1, True, False),  # a ratio of 1 masks every block
+    "mic.block_size": (1, MAX_SIDE, True, True),
     "eval.crop": (1, MAX_SIDE, True, True),
     "eval.stride": (1, MAX_SIDE, True, True),
     "eval.size": (1, MAX_SIDE, True, True),
@@ -315,6 +334,7 @@ RANGE_REASONS: dict[str, str] = {
     **{key: f"twice the widest real image (Cityscapes: 2048 pixels); a larger side is a typo"
        for key, (_, hi, _, _) in RANGES.items() if hi == MAX_SIDE},
     "data.num_workers": f"each worker is a process of its own; more than {MAX_WORKERS} is a typo",
+    "mic.mask_ratio": "a ratio of 1 masks every block: the student would see blank images",
 }
 
 
@@ -368,8 +388,12 @@ def check_schedule(cfg: "Config") -> None:
         if cfg.pseudo.dynamic_for_segmentation:
             raise ConfigError("pseudo.dynamic_for_segmentation: the teacher schedule trains the target CE on the "
                               "teacher's labels of ClassMix images; set it to false")
-    elif cfg.loss.feature_distance_weight > 0:
-        raise ConfigError("loss.feature_distance_weight: only the teacher schedule reads it (train.schedule=teacher)")
+    else:
+        if cfg.loss.feature_distance_weight > 0:
+            raise ConfigError("loss.feature_distance_weight: only the teacher schedule reads it (train.schedule=teacher)")
+        if cfg.mic.weight > 0:
+            raise ConfigError("mic.weight: masked image consistency learns from the mean teacher's labels; "
+                              "it needs train.schedule=teacher")
     if cfg.loss.feature_distance_weight > 0 and not cfg.model.pretrained:
         raise ConfigError("loss.feature_distance_weight: the ImageNet feature distance needs model.pretrained "
                           "(the frozen backbone it compares with); set the weights or the weight to 0")

@@ -150,6 +150,26 @@ def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
     return y.reshape(b, c, h, w)
 
 
+STRONG_DRAWS = 7  # uniform numbers :func:`strong_augment` reads per sample
+
+
+def strong_augment(img: Tensor, u: Tensor, normalize: Literal["imagenet", "caffe"]) -> Tensor:
+    """Colour jitter (probability ``JITTER_PROB``) then blur (``BLUR_PROB``), per sample.
+
+    The images are network-normalised; jitter and blur act on their RGB in [0, 1].
+
+    Shape:
+        - img: (B, 3, H, W); u: (B, 7) uniform in [0, 1): [jitter?, 4 jitter factors, blur?, sigma]
+        - output: (B, 3, H, W), ``img``'s dtype
+    """
+    view = (-1, 1, 1, 1)
+    rgb = to_unit_rgb(img.float(), normalize)
+    rgb = torch.where((u[:, 0] < JITTER_PROB).view(view), color_jitter(rgb, u[:, 1:5]), rgb)
+    sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, 6]
+    rgb = torch.where((u[:, 5] < BLUR_PROB).view(view), gaussian_blur(rgb, sigma), rgb)
+    return from_unit_rgb(rgb, normalize).to(img.dtype)
+
+
 class ClassMix:
     """ClassMix with DAFormer's strong augmentation; owns the generator its draws come from.
 
@@ -172,21 +192,13 @@ class ClassMix:
         img = mix(mask, img_src, img_tgt)
         labels = mix(mask, y_src, y_tgt)
         weight = torch.where(mask, torch.ones((), device=mask.device), w_tgt.float())
-        u = torch.rand(img.shape[0], 7, generator=g, device=img.device)  # one draw for every random choice
+        u = torch.rand(img.shape[0], STRONG_DRAWS, generator=g, device=img.device)  # one draw for every random choice
         img = self.strong_augment(img, u)
         return img, labels, weight, mask
 
     def strong_augment(self, img: Tensor, u: Tensor) -> Tensor:
-        """Colour jitter (probability ``JITTER_PROB``) then blur (``BLUR_PROB``), per sample.
-
-        ``u`` (B, 7) uniform: [jitter?, 4 jitter factors, blur?, sigma].
-        """
-        view = (-1, 1, 1, 1)
-        rgb = to_unit_rgb(img.float(), self.normalize)
-        rgb = torch.where((u[:, 0] < JITTER_PROB).view(view), color_jitter(rgb, u[:, 1:5]), rgb)
-        sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, 6]
-        rgb = torch.where((u[:, 5] < BLUR_PROB).view(view), gaussian_blur(rgb, sigma), rgb)
-        return from_unit_rgb(rgb, self.normalize).to(img.dtype)
+        """:func:`strong_augment` in this mixer's normalisation."""
+        return strong_augment(img, u, self.normalize)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

@@ -12,6 +12,10 @@ per-domain prototypes the contrast compares. The static labels y_F of docs/metho
 the teacher's labels on its confident pixels (``pseudo.teacher_threshold``); label transfer
 completes the others, as it completes the round labels in the ``rounds`` schedule.
 
+With ``mic.weight > 0`` either method adds MIC's masked image consistency
+(:mod:`bida.masking`): the student, forwarded once more on the colour-augmented target
+image with random blocks masked, learns the teacher's labels of the unmasked image.
+
 The schedule is model-agnostic: it uses ``model(x, domain) -> SegOutput`` and
 ``model.param_groups``, and for the feature distance ``model.backbone_output_module()``.
 """
@@ -28,11 +32,15 @@ from torch import Tensor
 
 from .config import Config
 from .losses import seg_cross_entropy
+from .masking import MaskedImageConsistency
 from .mixing import ClassMix
 from .train_step import StepResult, adapt_step, forward_domains
 
 IGNORE = 255
 FD_MIN_RATIO = 0.75  # DAFormer: a feature pixel takes a label only when 75% of its pixels share it
+# Offsets of the schedule's own random streams from the run seed (primes, away from the data seeds).
+MIX_SEED_OFFSET = 7919
+MASK_SEED_OFFSET = 7927
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -227,15 +235,20 @@ class _Capture:
 
 
 class MeanTeacher:
-    """Everything stateful the teacher schedule adds: the EMA teacher, the ClassMix generator
-    and, with a feature-distance weight, the frozen ImageNet model. Saved in checkpoints."""
+    """Everything stateful the teacher schedule adds: the EMA teacher, the ClassMix generator,
+    with a MIC weight the masking generator and, with a feature-distance weight, the frozen
+    ImageNet model. Saved in checkpoints."""
 
     def __init__(self, cfg: Config, num_classes: int, device: torch.device | str,
                  imagenet_model: torch.nn.Module | None = None):
         self.cfg, self.num_classes = cfg, num_classes
         self.teacher = EMATeacher(cfg.train.teacher_momentum)
         # Its own stream, away from the run's other random draws (offset: not the data seeds).
-        self.mixer = ClassMix(num_classes, cfg.data.normalize, seed=cfg.seed + 7919, device=device)
+        self.mixer = ClassMix(num_classes, cfg.data.normalize, seed=cfg.seed + MIX_SEED_OFFSET, device=device)
+        self.masking = None
+        if cfg.mic.weight > 0:
+            self.masking = MaskedImageConsistency(cfg.mic.block_size, cfg.mic.mask_ratio, cfg.data.normalize,
+                                                  seed=cfg.seed + MASK_SEED_OFFSET, device=device)
         self.feature_distance = None
         if cfg.loss.feature_distance_weight > 0:
             if imagenet_model is None:
@@ -253,16 +266,22 @@ class MeanTeacher:
         self.teacher.update(student)
 
     def state_dict(self) -> dict:
-        return {"teacher": self.teacher.state_dict(), "mixer": self.mixer.state_dict()}
+        state = {"teacher": self.teacher.state_dict(), "mixer": self.mixer.state_dict()}
+        if self.masking is not None:
+            state["masking"] = self.masking.state_dict()
+        return state
 
     def load_state_dict(self, state: dict, student: torch.nn.Module) -> None:
         self.teacher.load_state_dict(state["teacher"], student)
         self.mixer.load_state_dict(state["mixer"])
+        if self.masking is not None:
+            self.masking.load_state_dict(state["masking"])
 
 
 def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Config, state: MeanTeacher,
                  calibration=None, num_classes: int | None = None) -> StepResult:
-    """One mean-teacher iteration (``self_training``: DAFormer's; ``bida``: plus BiDA's terms).
+    """One mean-teacher iteration (``self_training``: DAFormer's; ``bida``: plus BiDA's terms;
+    either plus MIC's masked image consistency when ``mic.weight > 0``).
 
     ``batch_tgt["label"]`` holds the target's true labels when it has any (all ignore
     otherwise): they are only logged against, never trained on. Logs are detached device
@@ -297,6 +316,14 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
     loss_mix = weighted_cross_entropy(out_mix.logits, y_mix, w_mix)
     loss = loss + lw.mix_weight * loss_mix
     logs["loss/seg_mix"] = loss_mix.detach()
+    if state.masking is not None:
+        # MIC: the masked, colour-augmented target in its own forward (as MIC's own), against
+        # the teacher's labels of the whole image, with the same quality weight as the mix.
+        img_masked, _ = state.masking(img_tgt)
+        out_masked = model(img_masked, "target")
+        loss_mic = weighted_cross_entropy(out_masked.logits, y_teacher, quality)
+        loss = loss + cfg.mic.weight * loss_mic
+        logs["loss/mic"] = loss_mic.detach()
     if fd is not None:
         loss_fd = fd.loss(img_src, y_src)
         loss = loss + lw.feature_distance_weight * loss_fd
