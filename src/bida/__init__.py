@@ -16,8 +16,8 @@ __version__ = "0.1.0"
 # Every module and subpackage of the package, importable as ``bida.<name>`` without an explicit import.
 PUBLIC_MODULES = (
     "checkpoint", "cli", "config", "data", "deeplabv2", "demo", "distributed", "errors", "evaluate", "features",
-    "labels", "launch", "losses", "mixing", "models", "optim", "predict", "presets", "prototypes", "pseudo_labels",
-    "report", "round_labels", "teacher", "train", "train_step", "weights",
+    "labels", "launch", "losses", "masking", "mixing", "models", "optim", "predict", "presets", "prototypes",
+    "pseudo_labels", "report", "round_labels", "teacher", "train", "train_step", "weights",
 )
 
 __all__ = ["__version__", *PUBLIC_MODULES]
