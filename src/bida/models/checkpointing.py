@@ -34,16 +34,20 @@ def checkpointing(module: nn.Module, enabled: bool) -> bool:
     return enabled and module.training and torch.is_grad_enabled()
 
 
+def _running_stats(module: nn.Module) -> list[Tensor]:
+    """The buffers that a training forward of ``module`` updates (BatchNorm statistics)."""
+    return [b for m in module.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+
+
 @contextlib.contextmanager
-def _keep_running_stats(module: nn.Module) -> Iterator[None]:
-    """The BatchNorm statistics of ``module`` after the block are those before it.
+def _kept(buffers: list[Tensor]) -> Iterator[None]:
+    """``buffers`` after the block are what they were before it.
 
     The recomputation must normalise exactly as the forward did (batch statistics) and save
     the same tensors for the backward, so BN runs unchanged and its buffers are put back.
     """
-    buffers = [b for m in module.modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
-               for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
     saved = [b.clone() for b in buffers]
     try:
         yield
@@ -57,6 +61,12 @@ def checkpointed(module: nn.Module, *args: Any) -> Tensor:
     """``module(*args)``, its activations recomputed in the backward instead of kept.
 
     Gives the same outputs, gradients, BatchNorm statistics and random stream as ``module(*args)``.
+    Under ``torch.compile`` the compiler replays the block inside its own graphs, where the
+    buffer updates are not repeated, so nothing is put back (and none can be: the compiler
+    takes no recomputation context).
     """
+    buffers = [] if torch.compiler.is_compiling() else _running_stats(module)
+    if not buffers:
+        return checkpoint(module, *args, use_reentrant=False)
     return checkpoint(module, *args, use_reentrant=False,
-                      context_fn=lambda: (contextlib.nullcontext(), _keep_running_stats(module)))
+                      context_fn=lambda: (contextlib.nullcontext(), _kept(buffers)))
