@@ -19,16 +19,17 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 def bench(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     import gpu_step
+    import memory
     import method_extras
     import summary
     import teacher_step
     import train_loop
 
-    return gpu_step, method_extras, train_loop, summary, teacher_step
+    return gpu_step, method_extras, train_loop, summary, teacher_step, memory
 
 
 def test_smoke_runs_of_every_gpu_script_make_one_table(tmp_path, bench, capsys, synthetic_cache):
-    gpu_step, method_extras, train_loop, summary, teacher_step = bench
+    gpu_step, method_extras, train_loop, summary, teacher_step, memory = bench
     rows = gpu_step.main(["--smoke", "--precisions", "fp32", "--compile", "--json", str(tmp_path / "step.json")])
     assert {(r["format"], r["method"]) for r in rows} == {(f, m) for f in ("contiguous", "contiguous compiled")
                                                           for m in ("self_training", "bida")}
@@ -43,10 +44,15 @@ def test_smoke_runs_of_every_gpu_script_make_one_table(tmp_path, bench, capsys, 
     teacher = teacher_step.main(["--smoke", "--precisions", "fp32", "--json", str(tmp_path / "teacher.json")])
     assert [r["method"] for r in teacher] == ["self_training", "bida"] and all(r["step_ms"] > 0 for r in teacher)
     capsys.readouterr()
+    peaks = memory.main(["--smoke", "--json", str(tmp_path / "memory.json")])
+    assert [(r["method"], r["grad_checkpoint"]) for r in peaks] == [("self_training", False), ("self_training", True)]
+    assert all(r["approximate"] and r["peak_gib"] >= 0 for r in peaks)  # CPU: resident memory, no figure asserted
+    printed = capsys.readouterr().out
+    assert "self_training |           false |" in printed and "self_training |            true |" in printed
     summary.main([str(tmp_path)])
     table = capsys.readouterr().out
     for line in ("step fp32 contiguous bida", "compiled bf16 bida", "extras D=8", "trainer / benchmark",
-                 "evaluation slide", "teacher step mit_b0 fp32 bida"):
+                 "evaluation slide", "teacher step mit_b0 fp32 bida", "memory mit_b0 fp32 self_training grad_checkpoint"):
         assert line in table, line
     assert "| step fp32 contiguous bida " in table and "n/a ms" not in table.split("compiled bf16")[0]
 

@@ -85,3 +85,41 @@ def test_shipped_configs_load():
     assert files, "configs/ is empty"
     for f in files:
         load_config(f)
+
+
+def test_unset_method_feature_follows_the_backbone(tmp_path):
+    """method.feature left unset is the backbone's own map; a written one that does not fit fails."""
+    assert load_config().method.feature == "aspp_branches"  # ResNet: unchanged default
+    assert load_config(None, ["method.feature=backbone"]).method.feature == "backbone"
+    p = tmp_path / "mit.yaml"
+    p.write_text("model:\n  backbone: mit_b0\n")
+    mit = load_config(p)
+    assert mit.method.feature == "decoder"
+    assert load_config(None, ["model.backbone=mit_b1"]).method.feature == "decoder"
+    # the file's backbone, then an override back to ResNet: the choice follows the final backbone
+    assert load_config(p, ["model.backbone=resnet50"]).method.feature == "aspp_branches"
+    with pytest.raises(ConfigError, match=r"^method\.feature=aspp_branches: model\.backbone=mit_b0"):
+        load_config(p, ["method.feature=aspp_branches"])
+    p.write_text("model:\n  backbone: mit_b0\nmethod:\n  feature: backbone\n")
+    with pytest.raises(ConfigError, match=r"^method\.feature=backbone: model\.backbone=mit_b0"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"^method\.feature=decoder: model\.backbone=resnet18"):
+        load_config(None, ["method.feature=decoder"])
+    # the saved config names the chosen feature and reads back the same
+    dump_config(mit, tmp_path / "saved.yaml")
+    assert "feature: decoder" in (tmp_path / "saved.yaml").read_text()
+    assert load_config(tmp_path / "saved.yaml") == mit
+
+
+def test_grad_checkpoint_key_reaches_both_segmentors():
+    from bida.models import build_model
+
+    assert load_config().model.grad_checkpoint is False
+    for backbone in ("resnet18", "mit_b0"):
+        for on in (False, True):
+            cfg = load_config(None, [f"model.backbone={backbone}", f"model.grad_checkpoint={str(on).lower()}"])
+            model = build_model(cfg.model, 3, cfg.method.feature)
+            stages = model.backbone if backbone == "mit_b0" else model.layer3
+            assert stages.grad_checkpoint is on
+    with pytest.raises(ConfigError, match=r"model\.grad_checkpoint"):
+        load_config(None, ["model.grad_checkpoint=2"])

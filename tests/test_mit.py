@@ -263,7 +263,8 @@ def test_checkpoint_of_another_class_count(tmp_path):
 
 
 @pytest.mark.parametrize("override, key", [
-    ([], "method.feature"),
+    (["method.feature=aspp_branches"], "method.feature"),
+    (["method.feature=backbone"], "method.feature"),
     (["method.feature=decoder", "model.separate_target_stem=true"], "model.separate_target_stem"),
     (["method.feature=decoder", "model.freeze_bn=true", "model.bn_batch_stats=true"], "model.bn_batch_stats"),
     (["method.feature=decoder", "model.freeze_bn=true"], "model.freeze_bn"),

@@ -96,6 +96,11 @@ class ModelConfig:
     decoder: Literal["segformer", "daformer"] = "segformer"
     decoder_dim: int = 256  # MiT decoder channels: SegFormer-B0/B1 256, B2-B5 768; DAFormer 256
     drop_path: float = 0.1  # MiT stochastic-depth rate of the last block (SegFormer, DAFormer: 0.1)
+    # Activation checkpointing of the MiT blocks / the ResNet blocks of layer1..layer4: their
+    # activations are recomputed in the backward instead of kept. Same losses, gradients and
+    # BN statistics, lower peak memory for about one more forward of the encoder per step:
+    # for GPUs that cannot hold a step otherwise (benchmarks/memory.py).
+    grad_checkpoint: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,8 +112,9 @@ class MethodConfig:
     calibration: bool = True  # shift source prototypes by the EMA domain bias
     # Which map the contrast reads. DeepLab-V2: aspp_branches (the official code) or backbone
     # (layer4 through a projection head). MiT: decoder (the fused decoder feature through a
-    # projection head).
-    feature: Literal["aspp_branches", "backbone", "decoder"] = "aspp_branches"
+    # projection head). Unset (null): the backbone's own, aspp_branches for resnet*, decoder
+    # for mit_b* (see default_feature); a loaded config always holds the chosen one.
+    feature: Optional[Literal["aspp_branches", "backbone", "decoder"]] = None
     prototype_scope: Literal["batch", "pair"] = "batch"  # official code: pair
     # Which target pixels L_t2s scores. fused: y_T = y_F, completed by y_D (the paper).
     # separate: y_F pixels and y_D-only pixels as two means, the second weighted by
@@ -419,6 +425,12 @@ def check_class_ids(key: str, ids: typing.Sequence[int] | None, num_classes: int
 MIT_MIN_CROP = 32  # MiT's first stage (stride 4) reduces keys/values by 8 more
 
 
+def default_feature(backbone: str) -> str:
+    """``method.feature`` when the config leaves it unset: the map that ``backbone`` contrasts
+    by default (``decoder`` for ``mit_b*``, the official code's ``aspp_branches`` for ``resnet*``)."""
+    return "decoder" if backbone.startswith("mit_") else "aspp_branches"
+
+
 def check_model_choices(cfg: "Config") -> None:
     """Options that only one segmentor family has (or lacks) fit ``model.backbone``.
 
@@ -445,7 +457,7 @@ def check_model_choices(cfg: "Config") -> None:
                           "ImageNet normalisation (the MiT checkpoints' input); use data.normalize=imagenet")
     if cfg.method.feature != "decoder":
         raise ConfigError(f"method.feature={cfg.method.feature}: model.backbone={backbone} contrasts its decoder "
-                          "feature; use method.feature=decoder")
+                          "feature; use method.feature=decoder or leave the key unset")
     for key, crop in (("data.crop", cfg.data.crop), ("eval.crop", cfg.eval.crop if cfg.eval.mode == "slide" else None)):
         if crop is not None and min(crop) < MIT_MIN_CROP:
             raise ConfigError(f"{key}: {list(crop)} is too small for model.backbone={backbone} "
@@ -668,7 +680,15 @@ def replace_path(cfg: Config, **dotted: Any) -> Config:
 
 
 def _build_checked(tree: dict) -> Config:
-    """The :class:`Config` of a full tree, with every numeric key range-checked."""
+    """The :class:`Config` of a full tree, with every numeric key range-checked.
+
+    Keys whose default depends on others (``method.feature`` on ``model.backbone``) are
+    resolved here, after the file and the overrides, so that the config holds explicit
+    values (a dumped config reads back the same).
+    """
+    if tree.get("method", {}).get("feature") is None:
+        backbone = tree.get("model", {}).get("backbone", ModelConfig.backbone)
+        tree = {**tree, "method": {**tree.get("method", {}), "feature": default_feature(backbone)}}
     cfg = _build(Config, tree)
     check_ranges(cfg)
     check_model_choices(cfg)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ..config import default_feature
 from ..errors import ConfigError
 from .deeplabv2 import ARCHS as RESNET_ARCHS
 from .deeplabv2 import DeepLabV2, build_deeplabv2
@@ -29,10 +30,11 @@ def is_mit(backbone: str) -> bool:
     return backbone in MIT_ARCHS
 
 
-def build_model(model_cfg, num_classes: int, feature: str = "aspp_branches") -> nn.Module:
+def build_model(model_cfg, num_classes: int, feature: str | None = None) -> nn.Module:
     """The segmentor of a ``ModelConfig``: DeepLab-V2 for ``resnet*``, MiT for ``mit_b*``.
 
-    ``feature`` is ``method.feature``: which map the contrast reads (``decoder`` for MiT).
+    ``feature`` is ``method.feature``: which map the contrast reads (``decoder`` for MiT);
+    None: the backbone's default (:func:`bida.config.default_feature`).
     Combinations that make no sense are rejected when the config is loaded
     (:func:`bida.config.check_model_choices`); the constructors check them again.
 
@@ -40,6 +42,8 @@ def build_model(model_cfg, num_classes: int, feature: str = "aspp_branches") -> 
         ConfigError: ``model.bn_batch_stats`` without ``model.freeze_bn``; a ``method.feature``
             the segmentor does not have.
     """
+    if feature is None:
+        feature = default_feature(model_cfg.backbone)
     if not is_mit(model_cfg.backbone):
         return build_deeplabv2(model_cfg, num_classes, feature)
     if feature != "decoder":
@@ -53,4 +57,5 @@ def build_model(model_cfg, num_classes: int, feature: str = "aspp_branches") -> 
         width=model_cfg.width,
         drop_path=model_cfg.drop_path,
         proj_dim=model_cfg.proj_dim,
+        grad_checkpoint=model_cfg.grad_checkpoint,
     )

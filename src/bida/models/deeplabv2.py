@@ -19,6 +19,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..errors import ConfigError
+from .checkpointing import checkpointed, checkpointing
 from .output import SegOutput
 
 ARCHS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
@@ -72,6 +73,24 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
+class Stage(nn.Sequential):
+    """A ResNet stage (``layer1``..``layer4``): its blocks in order, each optionally checkpointed.
+
+    Checkpointing block by block (``grad_checkpoint``, training with grad only) keeps each
+    block's input and recomputes one block at a time in the backward; the stage stays one
+    module call, so a forward hook on it (the feature distance reads ``layer4``) fires once.
+    State-dict keys are those of ``nn.Sequential``.
+    """
+
+    grad_checkpoint = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        recompute = checkpointing(self, self.grad_checkpoint)
+        for block in self:
+            x = checkpointed(block, x) if recompute else block(x)
+        return x
+
+
 class ASPPClassifier(nn.Module):
     """Four parallel dilated 3x3 convs, each to K scores; the logits are their sum."""
 
@@ -121,6 +140,9 @@ class DeepLabV2(nn.Module):
         feature: ``aspp_branches`` (concatenated ASPP branch scores, 4K channels) or
             ``backbone`` (layer4 through a 2-layer 1x1 projection head, ``proj_dim`` channels).
         separate_target_stem: own conv1/bn1/layer1 for target images (the official code).
+        grad_checkpoint: recompute the activations of the blocks of layer1..layer4 in the
+            backward (training with grad only; same results, less memory, see
+            :mod:`bida.models.checkpointing`).
 
     Shape:
         input (B, 3, H, W) -> logits (B, K, ceil(H/8), ceil(W/8)) roughly (caffe pooling).
@@ -136,6 +158,7 @@ class DeepLabV2(nn.Module):
         separate_target_stem: bool = False,
         proj_dim: int = 256,
         bn_batch_stats: bool = False,
+        grad_checkpoint: bool = False,
     ):
         super().__init__()
         if backbone not in ARCHS:
@@ -158,6 +181,9 @@ class DeepLabV2(nn.Module):
         self.layer2 = self._make_layer(block, _channels(128, width), layers[1], stride=2)
         self.layer3 = self._make_layer(block, _channels(256, width), layers[2], dilation=2)
         self.layer4 = self._make_layer(block, _channels(512, width), layers[3], dilation=4)
+        self.grad_checkpoint = grad_checkpoint
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            stage.grad_checkpoint = grad_checkpoint  # the target stem's layer1 is a copy of layer1
         out_channels = self.inplanes
         self.layer5 = ASPPClassifier(out_channels, num_classes)
         self.proj: nn.Module | None = None
@@ -177,7 +203,7 @@ class DeepLabV2(nn.Module):
             self.target_stem = Stem(copy.deepcopy(self.conv1), copy.deepcopy(self.bn1), copy.deepcopy(self.layer1))
         self._apply_bn_freeze()
 
-    def _make_layer(self, block: type, planes: int, blocks: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    def _make_layer(self, block: type, planes: int, blocks: int, stride: int = 1, dilation: int = 1) -> Stage:
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion or dilation > 1:
             downsample = nn.Sequential(
@@ -187,7 +213,7 @@ class DeepLabV2(nn.Module):
         layers = [block(self.inplanes, planes, stride, dilation, downsample)]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes, 1, dilation) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
+        return Stage(*layers)
 
     # ------------------------------------------------------------------ state helpers
     def sync_target_stem(self) -> None:
@@ -277,4 +303,5 @@ def build_deeplabv2(model_cfg, num_classes: int, feature: str = "aspp_branches")
         separate_target_stem=model_cfg.separate_target_stem,
         proj_dim=model_cfg.proj_dim,
         bn_batch_stats=model_cfg.bn_batch_stats,
+        grad_checkpoint=model_cfg.grad_checkpoint,
     )

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checkpointing import checkpointed, checkpointing
 from .heads import HEADS
 from .output import SegOutput
 
@@ -185,18 +186,22 @@ class MixTransformer(nn.Module):
         arch: ``mit_b0`` .. ``mit_b5``.
         width: stage-width multiplier (1.0 = the published widths; < 1 for CPU demos).
         drop_path: the stochastic-depth rate of the last block (0 for the first).
+        grad_checkpoint: recompute each block's activations in the backward (training with
+            grad only; same results, less memory, see :mod:`bida.models.checkpointing`).
 
     Shape:
         (B, 3, H, W) -> [(B, C_i, ceil(H / s_i), ceil(W / s_i)) for s_i in 4, 8, 16, 32]
     """
 
-    def __init__(self, arch: str = "mit_b0", width: float = 1.0, drop_path: float = 0.1):
+    def __init__(self, arch: str = "mit_b0", width: float = 1.0, drop_path: float = 0.1,
+                 grad_checkpoint: bool = False):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown MiT variant {arch!r}; choose from {sorted(ARCHS)}")
         spec = ARCHS[arch]
         self.dims = scaled_dims(spec, width)
         self.depths = spec.depths
+        self.grad_checkpoint = grad_checkpoint
         self.sr_ratios = spec.sr_ratios
         n = sum(spec.depths)
         rates = [drop_path * i / (n - 1) for i in range(n)]  # stochastic depth: 0 at the first block, linear
@@ -217,10 +222,11 @@ class MixTransformer(nn.Module):
                              f"{tuple(x.shape[-2:])}")
         b = x.shape[0]
         levels = []
+        recompute = checkpointing(self, self.grad_checkpoint)
         for i in range(1, 5):
             x, h, w = getattr(self, f"patch_embed{i}")(x)  # (B, h*w, C)
             for block in getattr(self, f"block{i}"):
-                x = block(x, h, w)
+                x = checkpointed(block, x, h, w) if recompute else block(x, h, w)
             x = getattr(self, f"norm{i}")(x).transpose(1, 2).reshape(b, -1, h, w)  # (B, C, h, w)
             levels.append(x)
         levels[-1] = self.last_level(levels[-1])
@@ -265,6 +271,7 @@ class MiTSegmentor(nn.Module):
         width: MiT stage-width multiplier.
         drop_path: stochastic-depth rate of the last encoder block.
         proj_dim: contrast feature channels.
+        grad_checkpoint: activation checkpointing of the encoder blocks (``model.grad_checkpoint``).
 
     Shape:
         input (B, 3, H, W) -> logits and features (B, ., ceil(H/4), ceil(W/4)).
@@ -275,14 +282,14 @@ class MiTSegmentor(nn.Module):
 
     def __init__(self, num_classes: int, backbone: str = "mit_b0",
                  decoder: Literal["segformer", "daformer"] = "segformer", decoder_dim: int = 256,
-                 width: float = 1.0, drop_path: float = 0.1, proj_dim: int = 256):
+                 width: float = 1.0, drop_path: float = 0.1, proj_dim: int = 256, grad_checkpoint: bool = False):
         super().__init__()
         if decoder not in HEADS:
             raise ValueError(f"unknown decoder {decoder!r}; choose from {sorted(HEADS)}")
         self.arch = backbone
         self.num_classes = num_classes
         self.feature_kind = "decoder"
-        self.backbone = MixTransformer(backbone, width, drop_path)
+        self.backbone = MixTransformer(backbone, width, drop_path, grad_checkpoint)
         self.decode_head = HEADS[decoder](self.backbone.dims, decoder_dim, num_classes)
         self.proj = nn.Sequential(nn.Conv2d(decoder_dim, decoder_dim, 1), nn.ReLU(inplace=True),
                                   nn.Conv2d(decoder_dim, proj_dim, 1))
