@@ -351,3 +351,145 @@ def test_teacher_run_with_drop_path_and_rare_class_sampling_resumes_exactly_mid_
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     ta, tb = a["mean_teacher"]["teacher"]["model"], b["mean_teacher"]["teacher"]["model"]
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+# --------------------------------------------------------------------------- fair rows
+
+BIDA_OFF = ["method=bida", "method.t2s=false", "method.s2t=false", "method.dynamic_labels=false",
+            "method.calibration=false"]
+MIT = ["model.backbone=mit_b0", "method.feature=decoder", "model.width=0.25", "model.decoder_dim=32",
+       "model.proj_dim=16"]
+
+
+@pytest.mark.parametrize("backbone", [[], MIT], ids=["deeplab", "mit"])
+def test_bida_with_its_components_off_trains_bit_identically_to_self_training(tmp_path, tiny_overrides, backbone):
+    base = tiny_overrides + backbone + [*TEACHER, "train.iters=3", "seed=5"]
+    for name, method in (("st", ["method=self_training"]), ("off", BIDA_OFF)):
+        train(load_config(None, base + method), tmp_path / name)
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("st", "off"))
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ta, tb = a["mean_teacher"]["teacher"]["model"], b["mean_teacher"]["teacher"]["model"]
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    ra, rb = ([r for r in _records(tmp_path / run) if r.get("phase") == "teacher"] for run in ("st", "off"))
+    assert len(ra) == len(rb) == 3
+    for x, y in zip(ra, rb):
+        assert x["loss/seg_src"] == y["loss/seg_src"] and x["loss/seg_mix"] == y["loss/seg_mix"]
+        assert x["loss/total"] == y["loss/total"]
+    assert not any(k.startswith(("loss/contrast", "pseudo/dynamic", "calibration/")) for k in rb[-1])
+
+
+def _step_inputs(cfg, seed=0):
+    from bida.models import build_model
+    from bida.teacher import MeanTeacher
+
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, 19, cfg.method.feature).train()
+    state = MeanTeacher(cfg, 19, "cpu")
+    state.start(model)
+    g = torch.Generator().manual_seed(seed)
+    src = {"image": torch.randn(2, 3, 32, 64, generator=g), "label": torch.randint(0, 19, (2, 32, 64), generator=g)}
+    tgt = {"image": torch.randn(2, 3, 32, 64, generator=g), "label": torch.full((2, 32, 64), 255)}
+    return model, state, src, tgt
+
+
+def _bn_buffers(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def test_bida_teacher_step_differs_from_self_training_by_its_terms_alone(tiny_overrides):
+    """Same start, same batch: bida (components on) logs its terms, and its source and mix
+    losses and the BN running statistics equal self_training's (the target forward leaves them)."""
+    from bida.teacher import teacher_step
+
+    base = tiny_overrides + [*TEACHER, "pseudo.teacher_threshold=0.01"]
+    out = {}
+    for name in ("self_training", "bida"):
+        cfg = load_config(None, base + [f"method={name}"])
+        model, state, src, tgt = _step_inputs(cfg)
+        result = teacher_step(model, src, tgt, cfg, state, None, 19)
+        result.loss.backward()
+        out[name] = (result.logs, _bn_buffers(model))
+    (logs_st, bn_st), (logs_b, bn_b) = out["self_training"], out["bida"]
+    assert {"loss/contrast_t2s", "loss/contrast_s2t", "pseudo/dynamic_coverage"} <= set(logs_b)
+    assert torch.equal(logs_st["loss/seg_src"], logs_b["loss/seg_src"])
+    assert torch.equal(logs_st["loss/seg_mix"], logs_b["loss/seg_mix"])
+    assert bn_st.keys() == bn_b.keys() and all(torch.equal(bn_st[k], bn_b[k]) for k in bn_st)
+    assert not torch.equal(logs_st["loss/total"], logs_b["loss/total"])
+
+
+def test_bn_batch_stats_only_normalises_by_the_batch_and_keeps_running_statistics():
+    from bida.teacher import bn_batch_stats_only
+
+    net = torch.nn.Sequential(torch.nn.BatchNorm1d(1), torch.nn.BatchNorm1d(1).eval())
+    with torch.no_grad():
+        net[1].running_mean.fill_(1.0)
+        net[1].running_var.fill_(4.0)
+    x = torch.tensor([[1.0], [3.0]])  # batch mean 2, biased variance 1
+    with bn_batch_stats_only(net):
+        y = net(x)
+    # first BN: (x - 2) / sqrt(1 + eps); second (eval): (y - 1) / sqrt(4 + eps)
+    eps = 1e-5
+    first = (x - 2.0) / math.sqrt(1.0 + eps)
+    assert torch.allclose(y, (first - 1.0) / math.sqrt(4.0 + eps), atol=1e-6)
+    assert net[0].running_mean.item() == 0.0 and net[0].running_var.item() == 1.0
+    assert net[0].num_batches_tracked.item() == 0 and net[0].track_running_stats
+    net(x)  # outside: the ordinary update, 0.9 * 0 + 0.1 * 2
+    assert net[0].running_mean.item() == pytest.approx(0.2) and net[0].num_batches_tracked.item() == 1
+
+
+def test_pseudo_ce_mean_all_divides_by_every_pixel():
+    logits = torch.zeros(1, 2, 1, 4)
+    logits[0, 0] = torch.tensor([math.log(3.0), 0.0, 0.0, 0.0])  # p(class 0) = 3/4 at pixel 0, 1/2 elsewhere
+    labels = torch.tensor([[[0, 1, 255, 255]]])
+    w = torch.tensor(0.5)
+    total = 0.5 * (-math.log(0.75) - math.log(0.5))
+    assert weighted_cross_entropy(logits, labels, w).item() == pytest.approx(total / 2)
+    assert weighted_cross_entropy(logits, labels, w, mean_over="all").item() == pytest.approx(total / 4)
+    assert weighted_cross_entropy(logits, torch.full_like(labels, 255), w, mean_over="all").item() == 0.0
+    with pytest.raises(ValueError, match="mean_over"):
+        weighted_cross_entropy(logits, labels, w, mean_over="none")
+
+
+@pytest.mark.parametrize("forwards", ["joint", "separate"])
+def test_student_forwards_and_pseudo_ce_mean_switches(tiny_overrides, forwards):
+    """joint: one forward of source and mixed images (one BN batch); separate (DAFormer): two,
+    so the source CE equals that of a forward of the source images alone. pseudo_ce_mean=all
+    scales the mix CE by the labelled share of its pixels."""
+    import copy
+
+    from bida.losses import seg_cross_entropy
+    from bida.teacher import teacher_step
+
+    over = [f"train.student_forwards={forwards}", "pseudo.teacher_threshold=0.01"]
+    logs = {}
+    for mean in ("labelled", "all"):
+        cfg = load_config(None, tiny_overrides + ["method=self_training", *TEACHER, *over, f"loss.pseudo_ce_mean={mean}"])
+        model, state, src, tgt = _step_inputs(cfg)
+        tgt["valid"] = torch.ones(2, 32, 64, dtype=torch.bool)
+        tgt["valid"][:, :, :24] = False  # crop padding: the teacher labels it ignore
+        alone = seg_cross_entropy(copy.deepcopy(model)(src["image"], "source").logits, src["label"])
+        sizes = []
+        model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+        logs[mean] = teacher_step(model, src, tgt, cfg, state, None, 19).logs
+        assert sizes == ([2, 2] if forwards == "separate" else [4])
+        assert torch.equal(logs[mean]["loss/seg_src"], alone) == (forwards == "separate")
+    assert torch.equal(logs["labelled"]["loss/seg_src"], logs["all"]["loss/seg_src"])
+    # The same mixed labels again (a fresh mixer of the same seed): "all" is smaller by their labelled share.
+    _, state, src, tgt = _step_inputs(cfg)
+    valid = torch.ones(2, 32, 64, dtype=torch.bool)
+    valid[:, :, :24] = False
+    y_t, _, quality = state.teacher.pseudo_labels(tgt["image"], valid, 0.01)
+    y_mix = state.mixer(src["image"], src["label"], tgt["image"], y_t, quality)[1]
+    share = (y_mix != 255).float().mean().item()
+    assert 0.3 < share < 0.99
+    ratio = logs["all"]["loss/seg_mix"] / logs["labelled"]["loss/seg_mix"]
+    assert ratio.item() == pytest.approx(share, rel=1e-5)
+    with pytest.raises(ConfigError, match="train.student_forwards"):
+        load_config(None, ["train.student_forwards=separate"])
+    with pytest.raises(ConfigError, match="loss.pseudo_ce_mean"):
+        load_config(None, ["loss.pseudo_ce_mean=all"])
+    with pytest.raises(ConfigError, match="student_forwards"):
+        load_config(None, ["train.schedule=teacher", "method=self_training", "train.student_forwards=both"])

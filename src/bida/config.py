@@ -151,6 +151,9 @@ class TrainConfig:
     # (mmcv's rule, DAFormer: 1500); 0 = none.
     warmup_iters: int = 0
     teacher_momentum: float = 0.999  # EMA teacher: alpha = min(1 - 1 / (t + 1), this) at update t
+    # teacher schedule: the student's source and ClassMix images in one concatenated forward
+    # (joint: one BN batch of both) or in two (separate: each its own BN batch, as DAFormer).
+    student_forwards: Literal["joint", "separate"] = "joint"
     rounds: int = 3  # self-training rounds (paper: 10)
     iters_per_round: int = 300  # paper: 10000 for GTA5
     adapt_lr: Optional[float] = None  # base LR of the adaptation rounds (paper 7.5e-5); default lr
@@ -187,6 +190,10 @@ class LossConfig:
     # of the model.pretrained backbone (DAFormer: 0.005), on pixels of feature_distance_classes
     # (DAFormer: the Cityscapes thing classes; null = every class). Needs model.pretrained.
     feature_distance_weight: float = 0.0
+    # teacher schedule: the confidence-weighted CE on teacher labels (ClassMix, MIC) averages
+    # over the labelled pixels (labelled) or over all pixels, ignored ones counting 0 (all:
+    # DAFormer's and MIC's mean, smaller by the labelled share).
+    pseudo_ce_mean: Literal["labelled", "all"] = "labelled"
     feature_distance_classes: Optional[list[int]] = field(default_factory=lambda: [6, 7, 11, 12, 13, 14, 15, 16, 17, 18])
 
 
@@ -400,6 +407,10 @@ def check_schedule(cfg: "Config") -> None:
         if cfg.mic.weight > 0:
             raise ConfigError("mic.weight: masked image consistency learns from the mean teacher's labels; "
                               "it needs train.schedule=teacher")
+        if t.student_forwards != "joint":
+            raise ConfigError("train.student_forwards: only the teacher schedule reads it (train.schedule=teacher)")
+        if cfg.loss.pseudo_ce_mean != "labelled":
+            raise ConfigError("loss.pseudo_ce_mean: only the teacher schedule reads it (train.schedule=teacher)")
     if cfg.loss.feature_distance_weight > 0 and not cfg.model.pretrained:
         raise ConfigError("loss.feature_distance_weight: the ImageNet feature distance needs model.pretrained "
                           "(the frozen backbone it compares with); set the weights or the weight to 0")

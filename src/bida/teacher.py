@@ -11,6 +11,19 @@ target crop: a mixed image holds pixels of both domains, so its features would b
 per-domain prototypes the contrast compares. The static labels y_F of docs/method.md become
 the teacher's labels on its confident pixels (``pseudo.teacher_threshold``); label transfer
 completes the others, as it completes the round labels in the ``rounds`` schedule.
+The unmixed target crop goes through the student in a forward of its own, after the
+source and mixed images, with BatchNorm on its batch statistics but running statistics
+left as they were (:func:`bn_batch_stats_only`): the forward the self-training losses
+see is ``self_training``'s, so that the two rows differ by BiDA's terms alone. With all
+four BiDA components off that forward is skipped, and ``bida`` trains bit-identically to
+``self_training``. (The extra forward does draw the random numbers of its dropout and
+stochastic depth from the global generator, so later draws shift.)
+
+DAFormer's choices where bida differs by default: ``train.student_forwards: separate``
+forwards the source and the mixed images apart (each its own BN batch);
+``loss.pseudo_ce_mean: all`` averages the teacher-label cross-entropies over all pixels.
+The EMA teacher predicts in eval mode (averaged running statistics), where DAFormer's
+stays in train mode (batch statistics).
 
 With ``mic.weight > 0`` either method adds MIC's masked image consistency
 (:mod:`bida.masking`): the student, forwarded once more on the colour-augmented target
@@ -143,19 +156,54 @@ def quality_weight(conf: Tensor, valid: Tensor, threshold: float) -> Tensor:
     return confident / valid.sum().clamp_min(1).float()
 
 
-def weighted_cross_entropy(logits: Tensor, labels: Tensor, weight: Tensor, ignore_index: int = IGNORE) -> Tensor:
-    """Pixel-weighted cross entropy, ``sum(w * ce) / #labelled`` (0 when nothing is labelled).
+def weighted_cross_entropy(logits: Tensor, labels: Tensor, weight: Tensor, ignore_index: int = IGNORE,
+                           mean_over: str = "labelled") -> Tensor:
+    """Pixel-weighted cross entropy, ``sum(w * ce)`` over the labelled pixels divided by their
+    number (``mean_over="labelled"``; 0 when nothing is labelled) or by all pixels (``"all"``:
+    DAFormer's and MIC's mean, where an ignored pixel counts as a 0).
 
     Logits are upsampled bilinearly to the label size first, as :func:`bida.losses.seg_cross_entropy`.
 
     Shape:
         - logits: (B, K, h, w); labels: (B, H, W); weight: (B, H, W) or (); output: ()
     """
+    if mean_over not in ("labelled", "all"):
+        raise ValueError(f"mean_over must be 'labelled' or 'all', not {mean_over!r}")
     logits = logits.float()
     if logits.shape[-2:] != labels.shape[-2:]:
         logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     ce = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="none")  # 0 on ignore
+    if mean_over == "all":
+        return (ce * weight).sum() / labels.numel()
     return (ce * weight).sum() / (labels != ignore_index).sum().clamp_min(1)
+
+
+def bida_terms_on(cfg: Config) -> bool:
+    """Whether a teacher step adds BiDA's terms: ``method: bida`` with any of its four
+    components on. With all four off nothing reads the unmixed target crop, and the step is
+    ``self_training``'s, bit for bit (the prototype memory of ``memory_partners`` alone then
+    stays as it started: only a contrast reads it)."""
+    m = cfg.method
+    return m.name == "bida" and (m.t2s or m.s2t or m.dynamic_labels or m.calibration)
+
+
+@contextlib.contextmanager
+def bn_batch_stats_only(model: torch.nn.Module):
+    """Forwards inside normalise with their own batch statistics, as in training, but leave
+    every BatchNorm's running statistics and batch count untouched.
+
+    BatchNorms in eval mode (frozen) keep using their stored statistics. Switches
+    ``track_running_stats`` off for the duration; nothing is copied and nothing waits for the device.
+    """
+    bns = [m for m in model.modules()
+           if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    for m in bns:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.track_running_stats = True
 
 
 def downscale_labels_by_ratio(labels: Tensor, size: tuple[int, int], num_classes: int,
@@ -297,23 +345,29 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
     fd = state.feature_distance
     capture = fd.capture(model) if fd is not None else contextlib.nullcontext()
     logs: dict[str, Tensor] = {}
-    with capture:
-        if cfg.method.name == "bida":
-            out_src, out_tgt, out_mix = forward_domains(model, [img_src, img_tgt, img_mix], ["source", "target", "target"], shared)
-            # y_F: the teacher's confident labels; label transfer completes the rest.
-            y_static = torch.where(conf >= cfg.pseudo.teacher_threshold, y_teacher, torch.full_like(y_teacher, IGNORE))
-            tgt = {"image": img_tgt, "label": y_static, "gt": batch_tgt["label"]}
-            if valid_tgt is not None:
-                tgt["valid"] = valid_tgt
-            result = adapt_step(model, batch_src, tgt, cfg, calibration, num_classes,
-                                outputs=(out_src, out_tgt), seg_terms=False)
-            loss = result.loss
-            logs.update({k: v for k, v in result.logs.items() if k != "loss/total"})
+    with capture:  # the feature distance reads the source rows of this forward
+        if cfg.train.student_forwards == "separate":  # DAFormer: source and mixed images apart
+            out_src, out_mix = model(img_src, "source"), model(img_mix, "target")
         else:
             out_src, out_mix = forward_domains(model, [img_src, img_mix], ["source", "target"], shared)
-            loss = seg_cross_entropy(out_src.logits, y_src)
-            logs["loss/seg_src"] = loss.detach()
-    loss_mix = weighted_cross_entropy(out_mix.logits, y_mix, w_mix)
+    if bida_terms_on(cfg):
+        # The unmixed target crop in a forward of its own, after the main one: the forward the
+        # self-training losses see (its BN batch and its random draws) stays self_training's.
+        with bn_batch_stats_only(model):
+            out_tgt = model(img_tgt, "target")
+        # y_F: the teacher's confident labels; label transfer completes the rest.
+        y_static = torch.where(conf >= cfg.pseudo.teacher_threshold, y_teacher, torch.full_like(y_teacher, IGNORE))
+        tgt = {"image": img_tgt, "label": y_static, "gt": batch_tgt["label"]}
+        if valid_tgt is not None:
+            tgt["valid"] = valid_tgt
+        result = adapt_step(model, batch_src, tgt, cfg, calibration, num_classes,
+                            outputs=(out_src, out_tgt), seg_terms=False)
+        loss = result.loss  # the source CE plus BiDA's terms
+        logs.update({k: v for k, v in result.logs.items() if k != "loss/total"})
+    else:
+        loss = seg_cross_entropy(out_src.logits, y_src)
+        logs["loss/seg_src"] = loss.detach()
+    loss_mix = weighted_cross_entropy(out_mix.logits, y_mix, w_mix, mean_over=lw.pseudo_ce_mean)
     loss = loss + lw.mix_weight * loss_mix
     logs["loss/seg_mix"] = loss_mix.detach()
     if state.masking is not None:
@@ -321,7 +375,7 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
         # the teacher's labels of the whole image, with the same quality weight as the mix.
         img_masked, _ = state.masking(img_tgt)
         out_masked = model(img_masked, "target")
-        loss_mic = weighted_cross_entropy(out_masked.logits, y_teacher, quality)
+        loss_mic = weighted_cross_entropy(out_masked.logits, y_teacher, quality, mean_over=lw.pseudo_ce_mean)
         loss = loss + cfg.mic.weight * loss_mic
         logs["loss/mic"] = loss_mic.detach()
     if fd is not None:
