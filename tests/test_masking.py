@@ -18,7 +18,7 @@ from bida.losses import seg_cross_entropy
 from bida.masking import MaskedImageConsistency, block_masks, mask_image
 from bida.mixing import STRONG_DRAWS, strong_augment
 from bida.models import SegOutput
-from bida.teacher import MeanTeacher, teacher_step, weighted_cross_entropy
+from bida.teacher import MeanTeacher, bn_batch_stats_only, teacher_step, weighted_cross_entropy
 from bida.train import Trainer, train
 from bida.train_step import adapt_step, forward_domains
 
@@ -155,19 +155,24 @@ def test_mic_loss_is_the_quality_weighted_cross_entropy_on_the_masked_image():
 
 
 def _step_before_mic(model, batch_src, batch_tgt, cfg, state, calibration=None, num_classes=None):
-    """The teacher step as it was before MIC (no feature distance): the reference of weight 0."""
+    """The teacher step without MIC (no feature distance): the reference of weight 0.
+
+    bida forwards the unmixed target crop apart, after the source and mixed images, on its
+    own BN batch without touching the running statistics (bida.teacher.bn_batch_stats_only).
+    """
     img_src, y_src, img_tgt = batch_src["image"], batch_src["label"], batch_tgt["image"]
     valid_tgt = batch_tgt.get("valid")
     y_teacher, conf, quality = state.teacher.pseudo_labels(img_tgt, valid_tgt, cfg.pseudo.teacher_threshold)
     img_mix, y_mix, w_mix, _ = state.mixer(img_src, y_src, img_tgt, y_teacher, quality)
+    out_src, out_mix = forward_domains(model, [img_src, img_mix], ["source", "target"], True)
     if cfg.method.name == "bida":
-        out_src, out_tgt, out_mix = forward_domains(model, [img_src, img_tgt, img_mix], ["source", "target", "target"], True)
+        with bn_batch_stats_only(model):
+            out_tgt = model(img_tgt, "target")
         y_static = torch.where(conf >= cfg.pseudo.teacher_threshold, y_teacher, torch.full_like(y_teacher, 255))
         tgt = {"image": img_tgt, "label": y_static, "gt": batch_tgt["label"], "valid": valid_tgt}
         loss = adapt_step(model, batch_src, tgt, cfg, calibration, num_classes, outputs=(out_src, out_tgt),
                           seg_terms=False).loss
     else:
-        out_src, out_mix = forward_domains(model, [img_src, img_mix], ["source", "target"], True)
         loss = seg_cross_entropy(out_src.logits, y_src)
     return loss + cfg.loss.mix_weight * weighted_cross_entropy(out_mix.logits, y_mix, w_mix)
 
