@@ -493,3 +493,64 @@ def test_student_forwards_and_pseudo_ce_mean_switches(tiny_overrides, forwards):
         load_config(None, ["loss.pseudo_ce_mean=all"])
     with pytest.raises(ConfigError, match="student_forwards"):
         load_config(None, ["train.schedule=teacher", "method=self_training", "train.student_forwards=both"])
+
+
+def test_teacher_bn_batch_labels_with_batch_statistics_and_keeps_dropout_off():
+    """Two classes straight from a BatchNorm: running statistics (mean 0 / 5, var 1) make
+    class 0 win everywhere; the batch's own (channel 0: values 0 and 2, mean 1, var 1;
+    channel 1: constant) give class 1, then class 0."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm2d(2, affine=False)
+            self.drop = torch.nn.Dropout2d(0.9)
+
+        def forward(self, x, domain):
+            logits = self.drop(self.bn(x))
+            return SegOutput(logits, logits)
+
+    net = Net()
+    with torch.no_grad():
+        net.bn.running_mean.copy_(torch.tensor([0.0, 5.0]))
+    x = torch.tensor([[[[0.0, 2.0]], [[1.0, 1.0]]]])  # (1, 2, 1, 2)
+    eps = 1e-5
+    margins = {"running": [(0.0 + 4.0) / math.sqrt(1 + eps), (2.0 + 4.0) / math.sqrt(1 + eps)],  # ch1: (1 - 5) / sd
+               "batch": [1.0 / math.sqrt(1 + eps)] * 2}  # ch0: (0 - 1, 2 - 1) / sd, ch1: 0
+    for bn, labels in [("running", [0, 0]), ("batch", [1, 0])]:
+        top = margins[bn]
+        teacher = EMATeacher(0.999, bn)
+        teacher.reset(net)
+        y, conf, _ = teacher.pseudo_labels(x, None, 0.5)
+        assert y.tolist() == [[labels]]
+        # softmax over two classes: the winner's probability is sigmoid(its margin)
+        assert conf[0, 0].tolist() == pytest.approx([1 / (1 + math.exp(-m)) for m in top], rel=1e-5)
+        assert teacher.model.bn.running_mean.tolist() == [0.0, 5.0] and teacher.model.bn.num_batches_tracked == 0
+        assert not teacher.model.training and not teacher.model.bn.training and teacher.model.bn.track_running_stats
+    with pytest.raises(ValueError, match="bn"):
+        EMATeacher(0.999, "train")
+
+
+def test_teacher_bn_config(tiny_overrides):
+    assert load_config(None, ["train.schedule=teacher", "method=self_training"]).train.teacher_bn == "running"
+    with pytest.raises(ConfigError, match="train.teacher_bn"):
+        load_config(None, ["train.teacher_bn=batch"])
+    with pytest.raises(ConfigError, match="train.teacher_bn"):
+        load_config(None, ["train.schedule=teacher", "method=self_training", "train.teacher_bn=batch",
+                           "model.freeze_bn=true"])
+    with pytest.raises(ConfigError, match="train.teacher_bn"):
+        load_config(None, ["train.schedule=teacher", "method=self_training", "train.teacher_bn=eval"])
+
+
+def test_daformer_switches_train_and_resume_exactly_mid_phase(tmp_path, tiny_overrides):
+    cfg = load_config(None, tiny_overrides + ["method=bida", *TEACHER, "train.iters=3", "train.teacher_bn=batch",
+                                              "train.student_forwards=separate", "loss.pseudo_ce_mean=all"])
+    train(cfg, tmp_path / "full")
+    steps = [r for r in _records(tmp_path / "full") if r.get("phase") == "teacher"]
+    assert len(steps) == 3 and all(math.isfinite(r["loss/total"]) for r in steps)
+    assert "loss/contrast_t2s" in steps[-1]
+    assert Trainer(cfg, tmp_path / "part").fit(stop_after=1) is None
+    Trainer(cfg, tmp_path / "part", resume=True).fit()
+    a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("full", "part"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    ta, tb = a["mean_teacher"]["teacher"]["model"], b["mean_teacher"]["teacher"]["model"]
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)

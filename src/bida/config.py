@@ -154,6 +154,10 @@ class TrainConfig:
     # teacher schedule: the student's source and ClassMix images in one concatenated forward
     # (joint: one BN batch of both) or in two (separate: each its own BN batch, as DAFormer).
     student_forwards: Literal["joint", "separate"] = "joint"
+    # teacher schedule: the EMA teacher's BatchNorms label with its averaged running statistics
+    # (running) or with the statistics of the target batch they label (batch: DAFormer's EMA
+    # model stays in train mode, dropout and drop path off). Not with model.freeze_bn.
+    teacher_bn: Literal["running", "batch"] = "running"
     rounds: int = 3  # self-training rounds (paper: 10)
     iters_per_round: int = 300  # paper: 10000 for GTA5
     adapt_lr: Optional[float] = None  # base LR of the adaptation rounds (paper 7.5e-5); default lr
@@ -411,6 +415,11 @@ def check_schedule(cfg: "Config") -> None:
             raise ConfigError("train.student_forwards: only the teacher schedule reads it (train.schedule=teacher)")
         if cfg.loss.pseudo_ce_mean != "labelled":
             raise ConfigError("loss.pseudo_ce_mean: only the teacher schedule reads it (train.schedule=teacher)")
+        if t.teacher_bn != "running":
+            raise ConfigError("train.teacher_bn: only the teacher schedule reads it (train.schedule=teacher)")
+    if t.teacher_bn == "batch" and cfg.model.freeze_bn and not cfg.model.bn_batch_stats:
+        raise ConfigError("train.teacher_bn: 'batch' with model.freeze_bn would label with batch statistics, which "
+                          "the student never uses; set it to 'running' (or model.bn_batch_stats=true)")
     if cfg.loss.feature_distance_weight > 0 and not cfg.model.pretrained:
         raise ConfigError("loss.feature_distance_weight: the ImageNet feature distance needs model.pretrained "
                           "(the frozen backbone it compares with); set the weights or the weight to 0")

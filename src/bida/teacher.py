@@ -22,8 +22,9 @@ stochastic depth from the global generator, so later draws shift.)
 DAFormer's choices where bida differs by default: ``train.student_forwards: separate``
 forwards the source and the mixed images apart (each its own BN batch);
 ``loss.pseudo_ce_mean: all`` averages the teacher-label cross-entropies over all pixels.
-The EMA teacher predicts in eval mode (averaged running statistics), where DAFormer's
-stays in train mode (batch statistics).
+``train.teacher_bn: batch`` lets the EMA teacher's BatchNorms label with batch statistics
+(DAFormer keeps its EMA model in train mode, dropout and drop path off) rather than the
+averaged running statistics.
 
 With ``mic.weight > 0`` either method adds MIC's masked image consistency
 (:mod:`bida.masking`): the student, forwarded once more on the colour-augmented target
@@ -75,10 +76,15 @@ class EMATeacher:
 
     Parameters and floating buffers (BatchNorm running statistics) are averaged; integer
     buffers are copied. Its state (weights and update count) goes into the checkpoint.
+    ``bn``: its BatchNorms label with the averaged running statistics (``running``) or with
+    the statistics of the batch they label (``batch``, DAFormer's EMA model in train mode);
+    dropout and stochastic depth stay off either way, and running statistics stay the averages.
     """
 
-    def __init__(self, momentum: float):
-        self.momentum = momentum
+    def __init__(self, momentum: float, bn: str = "running"):
+        if bn not in ("running", "batch"):
+            raise ValueError(f"bn must be 'running' or 'batch', not {bn!r}")
+        self.momentum, self.bn = momentum, bn
         self.model: torch.nn.Module | None = None
         self.updates = 0
 
@@ -124,7 +130,8 @@ class EMATeacher:
             - output: labels (B, H, W) int64, confidence (B, H, W) float32, quality () float32
         """
         assert self.model is not None, "reset() the teacher before asking it for labels"
-        logits = self.model(image, "target").logits.float()
+        with bn_batch_stats_only(self.model, eval_too=self.bn == "batch"):
+            logits = self.model(image, "target").logits.float()
         logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
         conf, labels = logits.softmax(1).max(1)
         if valid is None:
@@ -188,22 +195,25 @@ def bida_terms_on(cfg: Config) -> bool:
 
 
 @contextlib.contextmanager
-def bn_batch_stats_only(model: torch.nn.Module):
+def bn_batch_stats_only(model: torch.nn.Module, eval_too: bool = False):
     """Forwards inside normalise with their own batch statistics, as in training, but leave
     every BatchNorm's running statistics and batch count untouched.
 
-    BatchNorms in eval mode (frozen) keep using their stored statistics. Switches
-    ``track_running_stats`` off for the duration; nothing is copied and nothing waits for the device.
+    BatchNorms in eval mode (frozen) keep using their stored statistics, unless ``eval_too``
+    (the EMA teacher, whose whole model is in eval mode): then they too use batch statistics,
+    while every other module (dropout, stochastic depth) stays in eval mode. Switches
+    ``track_running_stats`` off (and, with ``eval_too``, ``training`` on) for the duration;
+    nothing is copied and nothing waits for the device.
     """
-    bns = [m for m in model.modules()
-           if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
-    for m in bns:
-        m.track_running_stats = False
+    bns = [(m, m.training) for m in model.modules()
+           if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (m.training or eval_too) and m.track_running_stats]
+    for m, _ in bns:
+        m.track_running_stats, m.training = False, True
     try:
         yield
     finally:
-        for m in bns:
-            m.track_running_stats = True
+        for m, training in bns:
+            m.track_running_stats, m.training = True, training
 
 
 def downscale_labels_by_ratio(labels: Tensor, size: tuple[int, int], num_classes: int,
@@ -290,7 +300,7 @@ class MeanTeacher:
     def __init__(self, cfg: Config, num_classes: int, device: torch.device | str,
                  imagenet_model: torch.nn.Module | None = None):
         self.cfg, self.num_classes = cfg, num_classes
-        self.teacher = EMATeacher(cfg.train.teacher_momentum)
+        self.teacher = EMATeacher(cfg.train.teacher_momentum, cfg.train.teacher_bn)
         # Its own stream, away from the run's other random draws (offset: not the data seeds).
         self.mixer = ClassMix(num_classes, cfg.data.normalize, seed=cfg.seed + MIX_SEED_OFFSET, device=device)
         self.masking = None
