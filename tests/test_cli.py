@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from bida.cli import main
+from bida.config import load_config
 
 
 def test_train_evaluate_predict(tmp_path, tiny_overrides, capsys):
@@ -86,6 +87,14 @@ def test_demo_over_seeds_pairs_every_method_on_its_own_source_model(tmp_path, ti
     text = (out / "results.md").read_text()
     assert "±" in text and "bida" in text and "Mean per-class IoU" in text
     assert text in capsys.readouterr().out
+    # the transformer demo's MIC rows stay out of the DeepLab-V2 demo
+    assert {p.name for p in (out / "seed_0").iterdir()} == {"source_only", "self_training", "bida", "shared_labels"}
+    assert all("mic" not in k for k in json.loads((out / "results.json").read_text())["timing"]["runs_s"])
+    assert "Paired differences between other rows" not in text
+    for method in summary:
+        assert load_config(out / "seed_0" / method / "config.yaml").mic.weight == 0.0
+        assert [k for k in summary[method] if k.startswith("vs_")] == ([] if method == "self_training" else
+                                                                     ["vs_self_training"])
 
 
 def test_seeds_must_be_positive(tmp_path, capsys):
@@ -110,7 +119,7 @@ def test_presets_are_overrides_that_user_overrides_beat(tmp_path, tiny_overrides
     assert "memory_partners: true" in (run / "config.yaml").read_text()
 
 
-def test_transformer_demo_runs_source_only_teacher_self_training_and_bida(tmp_path, tiny_overrides):
+def test_transformer_demo_runs_source_only_teacher_self_training_bida_and_both_with_mic(tmp_path, tiny_overrides):
     """``bida demo --arch transformer``: its packaged config as shipped, lengths shrunk."""
     from bida.demo import TRANSFORMER_DEMO_FILE
 
@@ -121,13 +130,48 @@ def test_transformer_demo_runs_source_only_teacher_self_training_and_bida(tmp_pa
     assert main(["demo", "--arch", "transformer", "--out", str(out), "--seeds", "2", "--quiet", *shrink,
                  "train.source_iters=3", "train.iters=2", "data.rcs_min_pixels=3"]) == 0  # 12 at 4x the area
     summary = json.loads((out / "results.json").read_text())
-    assert set(summary) == {"source_only", "self_training", "bida", "timing"}
-    for method in ("source_only", "self_training", "bida"):
-        assert len(summary[method]["per_seed"]) == 2
-        cfg = (out / "seed_0" / method / "config.yaml").read_text()
-        assert "backbone: mit_b0" in cfg and "schedule: teacher" in cfg
+    rows = {"source_only": "source_only", "self_training": "self_training", "bida": "bida",
+            "self_training_mic": "self_training", "bida_mic": "bida"}  # row: method
+    assert set(summary) == {*rows, "timing"}
+    assert set(summary["timing"]["runs_s"]) == {f"seed_{s}/{r}" for s in (0, 1) for r in rows}
+    for row, method in rows.items():
+        metrics = [json.loads((out / f"seed_{s}" / row / "metrics.json").read_text()) for s in (0, 1)]
+        assert summary[row]["per_seed"] == [m["mIoU"] for m in metrics] and summary[row]["seeds"] == [0, 1]
+        for s in (0, 1):
+            cfg = load_config(out / f"seed_{s}" / row / "config.yaml")
+            assert cfg.model.backbone == "mit_b0" and cfg.train.schedule == "teacher" and cfg.seed == s
+            assert cfg.method.name == method
+            # MIC on in the MIC rows only, with the demo's block (MIC's 32 at 512 crops, scaled to 64)
+            assert cfg.mic.weight == (1.0 if row.endswith("_mic") else 0.0)
+            assert (cfg.mic.block_size, cfg.mic.mask_ratio) == (4, 0.7)
+            if row != "source_only":  # every row of a seed adapts that seed's source-only model
+                assert cfg.model.init_checkpoint.endswith(f"seed_{s}/source_only/checkpoints/last.pt")
     steps = [json.loads(line) for line in (out / "seed_1" / "source_only" / "log.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in steps if r.get("phase") == "source") == 3  # the source stage's length
     bida_log = (out / "seed_0" / "bida" / "log.jsonl").read_text()
-    assert '"phase": "teacher"' in bida_log and "loss/contrast_t2s" in bida_log
-    assert "vs_self_training" in summary["bida"]
+    assert '"phase": "teacher"' in bida_log and "loss/contrast_t2s" in bida_log and "loss/mic" not in bida_log
+    mic_log = (out / "seed_0" / "bida_mic" / "log.jsonl").read_text()
+    assert "loss/mic" in mic_log and "loss/contrast_t2s" in mic_log
+    assert "loss/mic" in (out / "seed_1" / "self_training_mic" / "log.jsonl").read_text()
+    # paired differences: every row against self_training, bida_mic also against self_training_mic
+    pairs = {"source_only": ["self_training"], "bida": ["self_training"], "self_training_mic": ["self_training"],
+             "bida_mic": ["self_training", "self_training_mic"]}
+    for row, bases in pairs.items():
+        assert sorted(k for k in summary[row] if k.startswith("vs_")) == sorted(f"vs_{b}" for b in bases)
+        for base in bases:
+            vs = summary[row][f"vs_{base}"]
+            diffs = np.subtract(summary[row]["per_seed"], summary[base]["per_seed"])
+            assert np.allclose(vs["per_seed"], diffs) and np.isclose(vs["mean"], diffs.mean())
+            assert np.isclose(vs["std"], np.std(diffs, ddof=1)) and vs["wins"] == int((diffs > 0).sum())
+            for k, d in vs["per_class_iou"].items():
+                a, b = summary[row]["per_class_iou"][k], summary[base]["per_class_iou"][k]
+                assert d is None if a is None or b is None else np.isclose(d, a - b)
+    assert "vs_self_training" not in summary["self_training"]
+    assert summary["bida"]["preset"] == summary["bida_mic"]["preset"] == "paper"
+    text = (out / "results.md").read_text()
+    for row in rows:
+        assert f"\n| {row} | " in text
+    vs = summary["bida_mic"]["vs_self_training_mic"]
+    assert f"| bida_mic − self_training_mic | {100 * vs['mean']:+.1f} ± {100 * vs['std']:.1f} |" in text
+    page = (out / "report" / "index.html").read_text()  # the report of the first seed shows every row
+    assert "self_training + MIC" in page and "bida + MIC" in page and "bida_mic" in page

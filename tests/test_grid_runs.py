@@ -91,6 +91,52 @@ def test_an_interrupted_demo_resumes_as_a_demo(tmp_path, tiny_overrides, monkeyp
     assert "holds a bida demo" in capsys.readouterr().err
 
 
+def test_paired_difference_is_seed_by_seed_and_other_pairs_get_their_own_table():
+    runs = [{"mIoU": 0.5, "per_class_iou": {"road": 0.6, "sky": None}},
+            {"mIoU": 0.3, "per_class_iou": {"road": 0.2, "sky": 0.4}}]
+    base = [{"mIoU": 0.4, "per_class_iou": {"road": 0.5, "sky": 0.1}},
+            {"mIoU": 0.35, "per_class_iou": {"road": 0.4, "sky": 0.3}}]
+    vs = demo.paired_difference(runs, base)
+    assert vs["per_seed"] == [0.5 - 0.4, 0.3 - 0.35] and vs["wins"] == 1
+    assert abs(vs["mean"] - 0.025) < 1e-12 and abs(vs["std"] - 0.075 * 2 ** 0.5) < 1e-12  # ddof 1
+    assert abs(vs["per_class_iou"]["road"] - (0.4 - 0.45)) < 1e-12 and vs["per_class_iou"]["sky"] is None
+    summary = {"a": {"vs_base": vs}, "b": {"vs_base": vs, "vs_a": vs, "preset": "paper"}}
+    assert demo.pairs_table(summary, "base").splitlines()[2] == "| b − a | +2.5 ± 10.6 | +10.0, -5.0 | 1/2 |"
+    assert demo.pairs_table({"a": {"vs_base": vs}}, "base") == ""  # the DeepLab-V2 demo: no extra table
+
+
+def test_an_interrupted_transformer_demo_resumes_with_its_mic_rows(tmp_path, tiny_overrides, monkeypatch):
+    real = demo.train
+    trained: list[str] = []
+
+    def stop_at_mic(cfg, out, *a, **k):
+        if Path(out).name == "self_training_mic" and not k.get("resume"):
+            raise Interrupted(f"stopped by SIGINT at step 0 (checkpoint saved); continue with: bida train --resume {out}", 2)
+        trained.append(Path(out).name)
+        return real(cfg, out, *a, **k)
+
+    monkeypatch.setattr(demo, "train", stop_at_mic)
+    out = tmp_path / "demo"
+    shrink = [o for o in tiny_overrides if not o.startswith(("model.width", "train.iters"))]
+    shrink += ["train.source_iters=2", "train.iters=1", "data.rcs_min_pixels=3"]
+    try:
+        demo.run_demo(out, shrink, quiet=True, report=False, arch="transformer")
+    except Interrupted:
+        pass
+    assert trained == ["source_only", "self_training", "bida"] and not (out / "results.json").exists()
+    monkeypatch.setattr(demo, "train", lambda cfg, o, *a, **k: (trained.append(Path(o).name), real(cfg, o, *a, **k))[1])
+    trained.clear()
+    demo.run_demo(out, quiet=True, report=False, resume=True)  # the recorded arch and overrides
+    assert trained == ["self_training_mic", "bida_mic"]  # only the missing runs
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"source_only", "self_training", "bida", "self_training_mic", "bida_mic", "timing"}
+    assert set(results["timing"]["runs_s"]) == set(results) - {"timing"}
+    assert load_config(out / "self_training_mic" / "config.yaml").mic.weight == 1.0
+    assert "loss/mic" in (out / "bida_mic" / "log.jsonl").read_text()
+    diff = results["bida_mic"]["vs_self_training_mic"]["per_seed"]
+    assert diff == [results["bida_mic"]["mIoU"] - results["self_training_mic"]["mIoU"]]
+
+
 def test_every_ablation_and_candidate_row_is_a_valid_config_with_its_own_directory():
     rows = list(demo.ABLATION_ROWS) + list(demo.CANDIDATE_ROWS)
     for name, overrides in rows:

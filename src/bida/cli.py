@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=("paper", "plus"), default="paper", help="method preset of the BiDA row")
     p.add_argument("--arch", choices=("deeplab", "transformer"), default="deeplab",
                    help="deeplab: DeepLab-V2 with offline rounds (defaults.yaml); transformer: MiT-B0 with the "
-                        "mean teacher (configs/demo_transformer.yaml)")
+                        "mean teacher, with and without MIC (configs/demo_transformer.yaml)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-run messages")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help=_OVERRIDES_HELP.replace("train.iters=200", "seed=3") + "; applied to every run")

@@ -2,8 +2,9 @@
 
 The demo trains a source-only model on the embedded synthetic pair, then adapts it with
 ``self_training`` and ``bida`` (both starting from the same source-only checkpoint, same
-seed, same data), and prints the target mIoU of each. The ablation grid switches the BiDA
-components on one by one from the same starting point.
+seed, same data), and prints the target mIoU of each; the transformer demo adds both again
+with MIC's masked image consistency. The ablation grid switches the BiDA components on one
+by one from the same starting point.
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ DEMO_OVERRIDES: tuple[str, ...] = ()
 # packaged as transformer_demo.yaml (also configs/demo_transformer.yaml).
 TRANSFORMER_DEMO_FILE = Path(__file__).with_name("transformer_demo.yaml")
 DEMO_ARCHS: dict[str, str | None] = {"deeplab": None, "transformer": str(TRANSFORMER_DEMO_FILE)}
+# The transformer demo's extra rows: its two teacher rows again with MIC (mic.weight 1, MIC's
+# mask_lambda; block size and mask ratio from transformer_demo.yaml), each named after the row
+# it extends. Their paired differences: against self_training (as every row) and against the
+# row without MIC (BiDA's contribution on top of MIC: bida_mic against self_training_mic).
+MIC_WEIGHT = "mic.weight=1.0"
+MIC_ROWS: dict[str, str] = {"self_training_mic": "self_training", "bida_mic": "bida"}
+MIC_PAIRS: dict[str, str] = {"bida_mic": "self_training_mic"}
 
 ABLATION_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("self-training (no contrast)", ("method=self_training",)),
@@ -223,7 +231,6 @@ def summarise(results: dict[str, list[dict]], baseline: str) -> dict[str, dict]:
     """
     summary: dict[str, dict] = {}
     base_runs = results.get(baseline, [])
-    base_pc = _mean_per_class([r.get("per_class_iou", {}) for r in base_runs])
     for name, runs in results.items():
         mious = [r["mIoU"] for r in runs]
         mean, std = mean_std(mious)
@@ -241,15 +248,21 @@ def summarise(results: dict[str, list[dict]], baseline: str) -> dict[str, dict]:
             entry["alignment"] = {key: {"per_seed": [a[key] for a in aligned], "mean": mean_std([a[key] for a in aligned])[0]}
                                   for key in ("mean_margin", "nearest_own_share")}
         if name != baseline and base_runs and len(base_runs) == len(runs):
-            diffs = [a["mIoU"] - b["mIoU"] for a, b in zip(runs, base_runs)]
-            d_mean, d_std = mean_std(diffs)
-            entry[f"vs_{baseline}"] = {
-                "per_seed": diffs, "mean": d_mean, "std": d_std, "wins": int(sum(d > 0 for d in diffs)),
-                "per_class_iou": {k: (v - base_pc[k]) if v is not None and base_pc.get(k) is not None else None
-                                  for k, v in entry["per_class_iou"].items()},
-            }
+            entry[f"vs_{baseline}"] = paired_difference(runs, base_runs)
         summary[name] = entry
     return summary
+
+
+def paired_difference(runs: Sequence[dict], base_runs: Sequence[dict]) -> dict:
+    """Seed by seed ``runs`` minus ``base_runs`` (same seeds, same order): the mIoU differences,
+    their mean and std, the number of seeds won, and the mean per-class IoU difference."""
+    diffs = [a["mIoU"] - b["mIoU"] for a, b in zip(runs, base_runs)]
+    d_mean, d_std = mean_std(diffs)
+    pc = _mean_per_class([r.get("per_class_iou", {}) for r in runs])
+    base_pc = _mean_per_class([r.get("per_class_iou", {}) for r in base_runs])
+    return {"per_seed": diffs, "mean": d_mean, "std": d_std, "wins": int(sum(d > 0 for d in diffs)),
+            "per_class_iou": {k: (v - base_pc[k]) if v is not None and base_pc.get(k) is not None else None
+                              for k, v in pc.items()}}
 
 
 def _mean_per_class(per_run: Sequence[dict]) -> dict[str, float | None]:
@@ -275,6 +288,20 @@ def seeds_table(summary: dict[str, dict], baseline: str, title: str = "method") 
         own = f"{100 * al['nearest_own_share']['mean']:.0f}%" if al else "—"
         lines.append(f"| {name} | {100 * e['mean']:.1f} ± {100 * e['std']:.1f} | {per_seed} | {vs_s} | {wins} | {margin} | {own} |")
     return "\n".join(lines)
+
+
+def pairs_table(summary: dict[str, dict], baseline: str) -> str:
+    """Markdown: each paired difference against a row other than ``baseline`` ("" when none)."""
+    lines = []
+    for name, e in summary.items():
+        for key, vs in e.items():
+            if key.startswith("vs_") and key != f"vs_{baseline}":
+                per_seed = ", ".join(f"{100 * d:+.1f}" for d in vs["per_seed"])
+                lines.append(f"| {name} − {key[len('vs_'):]} | {100 * vs['mean']:+.1f} ± {100 * vs['std']:.1f} "
+                             f"| {per_seed} | {vs['wins']}/{len(vs['per_seed'])} |")
+    if not lines:
+        return ""
+    return "\n".join(["| paired difference | mean ± std | per seed | wins |", "|---|---:|---|---:|", *lines])
 
 
 def per_class_table(summary: dict[str, dict], baseline: str, rows: Sequence[str]) -> str:
@@ -326,7 +353,7 @@ def run_demo(out: Path, overrides: Sequence[str] = (), quiet: bool = False, repo
     as it is unless ``reevaluate`` asks for every run to be evaluated again. ``arch``
     (:data:`DEMO_ARCHS`) picks the demo's config: ``deeplab`` (DeepLab-V2, offline rounds) or
     ``transformer`` (MiT-B0, mean teacher: the rows are source-only, teacher self-training
-    and BiDA + teacher).
+    and BiDA + teacher, and both again with MIC, :data:`MIC_ROWS`).
     """
     t0 = time.time()
     if arch not in DEMO_ARCHS:
@@ -342,6 +369,8 @@ def run_demo(out: Path, overrides: Sequence[str] = (), quiet: bool = False, repo
     seed_values = seed_list(cfg_path, base, seeds)
     rows = [("source_only", ()), ("self_training", ("method=self_training",)),
             ("bida", ("method=bida", *preset_overrides(preset)))]
+    if arch == "transformer":
+        rows += [(name, (*dict(rows)[plain], MIC_WEIGHT)) for name, plain in MIC_ROWS.items()]
     seed_dirs = [out] if seeds == 1 else [out / f"seed_{s}" for s in seed_values]
     if resume and not reevaluate and _complete(out, "results.json", [d / k for d in seed_dirs for k, _ in rows]):
         print(f"demo {out} is complete ({out / 'results.md'}); nothing to do "
@@ -361,7 +390,12 @@ def run_demo(out: Path, overrides: Sequence[str] = (), quiet: bool = False, repo
     results = run_grid(cfg_path, out, rows, seed_values, base, quiet=quiet, flat=seeds == 1, resume=resume,
                        reevaluate=reevaluate, timing=timing["runs_s"], source_overrides=so_over)
     summary = summarise(results, "self_training")
-    summary["bida"]["preset"] = preset
+    for name, other in MIC_PAIRS.items():
+        if name in results:
+            summary[name][f"vs_{other}"] = paired_difference(results[name], results[other])
+    for name in ("bida", "bida_mic"):
+        if name in summary:
+            summary[name]["preset"] = preset
     title = "bida demo (embedded synthetic pair" + (", MiT-B0, mean teacher)" if arch == "transformer" else ")")
     title += "" if preset == "paper" else f", BiDA with preset '{preset}'"
 
@@ -417,8 +451,11 @@ def _results_text(title: str, results: dict[str, list[dict]], summary: dict[str,
     else:
         parts += [f"{n} seeds ({', '.join(str(r['seed']) for r in next(iter(results.values())))}); each seed trains its own "
                   f"source-only model and every other row starts from it (paired on seeds). Target-val mIoU of the last "
-                  f"checkpoint, in percent.", "", seeds_table(summary, baseline, what), "",
-                  "Mean per-class IoU (percent) and paired differences:", "",
+                  f"checkpoint, in percent.", "", seeds_table(summary, baseline, what), ""]
+        pairs = pairs_table(summary, baseline)
+        if pairs:
+            parts += ["Paired differences between other rows (percentage points):", "", pairs, ""]
+        parts += ["Mean per-class IoU (percent) and paired differences:", "",
                   per_class_table(summary, baseline, [k for k in summary if f"vs_{baseline}" in summary[k]]), "",
                   "Prototype margin: per class, cos(target prototype, own source prototype) minus the best "
                   "cos with another class's source prototype (ground truth, source train vs target val, "

@@ -90,10 +90,11 @@ class Run:
 
     def method_label(self) -> str:
         m = self.cfg.method
+        mic = " + MIC" if self.cfg.mic.weight > 0 else ""
         if m.name != "bida":
-            return m.name
+            return m.name + mic
         off = [part for part in ("t2s", "s2t", "dynamic_labels", "calibration") if not getattr(m, part)]
-        return "bida" + (f" (without {', '.join(off)})" if off else "")
+        return "bida" + (f" (without {', '.join(off)})" if off else "") + mic
 
 
 def _finite(value) -> bool:
