@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import teacher_step  # noqa: E402 - the benchmark next to this one
 import train_step as ts  # noqa: E402
+from evaluation import _reset_peak_rss  # noqa: E402 - resets VmHWM
 
 from bida.config import replace_path  # noqa: E402
 from bida.models import build_model  # noqa: E402
@@ -56,16 +57,6 @@ def _rss_kib(field: str) -> int | None:
     return None
 
 
-def _reset_hwm() -> bool:
-    """Reset the resident high-water mark (Linux >= 4.0); False where it cannot be."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 class PeakMeter:
     """Peak memory of the code between :meth:`start` and :meth:`stop`, in GiB."""
 
@@ -79,7 +70,7 @@ class PeakMeter:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return
-        self._hwm = _reset_hwm() and _rss_kib("VmHWM") is not None
+        self._hwm = _reset_peak_rss() and _rss_kib("VmHWM") is not None
         self._base = _rss_kib("VmRSS") if self._hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     def stop(self) -> float:
