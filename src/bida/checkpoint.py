@@ -149,7 +149,7 @@ def remove_stale_temp_files(directory: Path) -> list[Path]:
         return removed
     for p in entries:
         name, _, pid = p.name.rpartition(".tmp-")
-        if not (name.startswith(".") and pid.isdigit()) or not p.is_file() or _pid_alive(int(pid)):
+        if not (name.startswith(".") and pid.isdigit()) or not p.is_file() or pid_alive(int(pid)):
             continue
         try:
             p.unlink()
@@ -159,7 +159,8 @@ def remove_stale_temp_files(directory: Path) -> list[Path]:
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (this process counts as alive; another user's too)."""
     if pid == os.getpid():
         return True
     try:

@@ -225,14 +225,6 @@ class DistContext:
         dist.all_reduce(t)
         return float(t) == 0.0
 
-    def all_ranks_tensor(self, flag: Tensor) -> Tensor:
-        """:meth:`all_ranks` of a 0-dim bool tensor, on the device: no host sync."""
-        if not self.enabled:
-            return flag
-        t = (~flag).float().reshape(1)
-        dist.all_reduce(t)
-        return (t == 0).reshape(())
-
     def step_flags(self, finite: Tensor, stop: int) -> Tensor:
         """The step's one collective: whether ``finite`` holds on every rank, and any rank's stop.
 

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import (atomic_write_text, ensure_writable, load_checkpoint, model_state_for_checkpoint,
-                         remove_stale_temp_files, rng_state, rotate_checkpoint, save_checkpoint, set_rng_state)
+                         pid_alive, remove_stale_temp_files, rng_state, rotate_checkpoint, save_checkpoint, set_rng_state)
 from .config import Config, check_class_ids, dump_config, load_config, to_dict
 from .data.datasets import (Domain, build_eval_dataset, build_train_dataset, check_same_classes, close_loader,
                             resolve_domain, train_loader)
@@ -291,7 +291,7 @@ class RunLock:
             except OSError:
                 fh.seek(0)
                 pid = fh.read().strip()
-                if _pid_is_dead(pid) and time.monotonic() < deadline:
+                if pid.isdigit() and not pid_alive(int(pid)) and time.monotonic() < deadline:
                     time.sleep(0.1)
                     continue
                 fh.close()
@@ -320,17 +320,6 @@ class RunLock:
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None
-
-
-def _pid_is_dead(pid: str) -> bool:
-    """Whether the process ``pid`` (a lock file's text) no longer exists."""
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, PermissionError):
-        return False  # unreadable, or alive under another user
-    except ProcessLookupError:
-        return True
-    return False
 
 
 # Every entry a training run writes in its directory: --overwrite replaces these and nothing

@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from ..checkpoint import pid_alive
 from ..errors import ConfigError, DataError
 
 __all__ = [
@@ -665,15 +666,9 @@ def _remove_leftovers(cache: Path, name: str) -> None:
     exist (killed while generating); a live process's directory is left to it."""
     for path in cache.glob(f"{name}.*-*"):
         kind, _, pid = path.name[len(name) + 1:].partition("-")
-        if kind not in ("tmp", "stale") or not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # alive (another process generating the same data)
-        except ProcessLookupError:
+        # A live process (another one generating the same data) keeps its directory.
+        if kind in ("tmp", "stale") and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:  # alive, another user's
-            continue
 
 
 def ensure_synthetic(spec: SyntheticSpec = SyntheticSpec(), cache_dir: Path | None = None) -> Path:
