@@ -919,7 +919,10 @@ class Trainer:
     def _say(self, msg: str) -> None:
         """A line on stderr from rank 0 at once, even with --quiet (stop messages)."""
         if self.is_main:
-            print(msg, file=sys.stderr, flush=True)
+            # One write with its newline: print() writes the end separately, and a second
+            # Ctrl-C landing between the two ran its own line onto this one.
+            sys.stderr.write(msg + "\n")
+            sys.stderr.flush()
 
     def _stopped_at_once_message(self, signum: int) -> str:
         kept = (f"the checkpoint of step {self._saved_step} is kept" if self._saved_step is not None
