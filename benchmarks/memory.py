@@ -7,7 +7,8 @@ and every loss), backward, AdamW step and the EMA update. Each method runs once 
 plain model and once with activation checkpointing, one after the other in this process,
 each with a freshly built model: a warm-up step (the optimizer's state, cuDNN), then the
 peak (``torch.cuda.max_memory_allocated``, weights, optimizer state and teacher included)
-of the next steps, and their median time.
+of the next steps, and their median time. The variants are teacher_step.py's: self-training
+and BiDA, each alone and with MIC.
 
     bash benchmarks/gpu.sh                         # runs this as one of its parts
     .venv/bin/python benchmarks/memory.py [--size 512] [--backbone mit_b5] [--methods self_training bida]
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"each variant: a fresh model, {args.warmup} warm-up step(s), then the peak and median time of "
           f"{args.repeats} step(s)" + ("; ~ = resident-memory growth, approximate" if device.type != "cuda" else ""))
     print()
-    columns, widths = ["method", "grad_checkpoint", "peak GiB", "step ms", "ckpt/plain"], [13, 15, 9, 9, 10]
+    columns, widths = ["method", "grad_checkpoint", "peak GiB", "step ms", "ckpt/plain"], [17, 15, 9, 9, 10]
     print(" | ".join(f"{c:>{w}}" for c, w in zip(columns, widths)))
     print("-+-".join("-" * w for w in widths))
     rows: list[dict] = []

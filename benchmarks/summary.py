@@ -72,12 +72,12 @@ def rows(folder: Path) -> list[tuple[str, str]]:
     for (precision, method), r in by_t.items():
         out.append((f"teacher step {teacher.get('backbone', '')} {precision} {method}",
                     f"{_fmt(r['step_ms'])} ms, peak {_fmt(r['peak_gib'], '.2f')} GiB"
-                    + (f", bida / ST {_fmt(r['bida_over_st'], '.3f')}" if method == "bida" else "")))
+                    + (f", / {r['base']} {_fmt(r['over_base'], '.3f')}" if r.get("base", method) != method else "")))
     if not by_t:
         out.append(("teacher step", "n/a"))
     memory = _load(folder / "memory.json")
     by_m = {(r["method"], r["grad_checkpoint"]): r for r in memory.get("rows", [])}
-    for method in ("self_training", "bida"):
+    for method in dict.fromkeys(m for m, _ in by_m):
         plain, ckpt = by_m.get((method, False)), by_m.get((method, True))
         if plain is None or ckpt is None:
             continue
