@@ -331,3 +331,38 @@ def test_bida_teacher_phase_on_a_vits14_release_file(tmp_path, tiny_overrides):
     groups = load_checkpoint(run / "checkpoints" / "last.pt")["optimizer"]["param_groups"]
     assert sorted({round(g["lr_mult"], 12) for g in groups}) == sorted(
         {round(0.9 ** k, 12) for k in range(14)} | {10.0})  # embeddings 0.9^13 ... final norm 1, head 10
+
+
+def test_bf16_autocast_forward_and_backward():
+    seg = _segmentor("dinov2_vits14_reg")
+    x = torch.randn(2, 3, 42, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = seg.eval()(x).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = seg(x).logits.float()
+    assert torch.isfinite(got).all() and (got - want).abs().max() < 0.05 * want.abs().max()
+    seg.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = seg(F.interpolate(x, size=(30, 40)))  # an interpolated, padded grid under autocast
+    (out.logits.float().square().mean() + out.features.float().square().mean()).backward()
+    for p in (seg.backbone.pos_embed, seg.backbone.register_tokens, seg.backbone.blocks[0].ls1.gamma):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+def test_teacher_run_with_layer_decay_resumes_exactly(tmp_path, tiny_overrides):
+    """Drop path, MIC, layer-decayed AdamW groups: a run stopped after step 2 and resumed ends
+    with the weights (student and teacher) of the uninterrupted run."""
+    from bida.train import Trainer, train
+
+    cfg = load_config(None, tiny_overrides + DINO_TINY + [
+        "model.drop_path=0.3", "method=bida", "train.schedule=teacher", "train.iters=3", "train.optimizer=adamw",
+        "train.lr=1e-4", "train.weight_decay=0.01", "train.layer_decay=0.8", "mic.weight=1", "mic.block_size=14",
+        "eval.max_images=1"])
+    train(cfg, tmp_path / "full")
+    assert Trainer(cfg, tmp_path / "part").fit(stop_after=2) is None
+    Trainer(cfg, tmp_path / "part", resume=True).fit()
+    a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("full", "part"))
+    for x, y in ((a["model"], b["model"]), (a["mean_teacher"]["teacher"]["model"], b["mean_teacher"]["teacher"]["model"])):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert not torch.equal(a["model"]["backbone.blocks.0.attn.qkv.weight"],
+                           a["mean_teacher"]["teacher"]["model"]["backbone.blocks.0.attn.qkv.weight"])
