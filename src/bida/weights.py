@@ -288,7 +288,7 @@ def _to_model_layout(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor
 
 
 def load_pretrained(model: torch.nn.Module, path: str | Path) -> dict[str, list[str]]:
-    """Load ImageNet / DeepLab-init / MiT / bida weights into the backbone (and the head when it fits).
+    """Load ImageNet / DeepLab-init / MiT / DINOv2 / bida weights into the backbone (and the head when it fits).
 
     Returns:
         ``{"loaded": [...], "skipped": [...], "missing": [...]}`` key lists.
