@@ -847,7 +847,10 @@ class Trainer:
 
     def _make_optimizer(self, phase: Phase) -> torch.optim.Optimizer:
         t = self.cfg.train
-        groups = getattr(self.model, "module", self.model).param_groups(phase_base_lr(self.cfg, phase), t.head_lr_mult)
+        # train.layer_decay is refused at load time for segmentors without ViT blocks
+        decay = {"layer_decay": t.layer_decay} if t.layer_decay != 1.0 else {}
+        groups = getattr(self.model, "module", self.model).param_groups(phase_base_lr(self.cfg, phase),
+                                                                          t.head_lr_mult, **decay)
         return build_optimizer(groups, phase_base_lr(self.cfg, phase), t)
 
     def _set_lr(self, optimizer: torch.optim.Optimizer, phase: Phase) -> float:
