@@ -39,6 +39,7 @@ from bida.optim import build_optimizer  # noqa: E402
 from bida.teacher import MeanTeacher, teacher_step  # noqa: E402
 
 METHODS = ("self_training", "bida", "self_training+mic", "bida+mic")
+BACKBONES = [f"mit_b{i}" for i in range(6)] + [f"dinov2_vit{s}14{r}" for s in "sblg" for r in ("", "_reg")]
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
@@ -87,8 +88,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--size", type=int, default=512, help="square crop (DAFormer: 512)")
-    parser.add_argument("--backbone", default="mit_b5", choices=[f"mit_b{i}" for i in range(6)])
-    parser.add_argument("--width", type=float, default=1.0, help="MiT stage-width multiplier")
+    parser.add_argument("--backbone", default="mit_b5", choices=BACKBONES,
+                        help="MiT (DAFormer's mit_b5) or a DINOv2 ViT (dinov2_vitl14: VFM-UDA's), no weights loaded")
+    parser.add_argument("--width", type=float, default=1.0, help="encoder width multiplier (MiT stages, ViT embedding)")
     parser.add_argument("--decoder-dim", type=int, default=256, help="DAFormer head channels (DAFormer: 256)")
     parser.add_argument("--repeats", type=int, default=6, help="timed steps per method")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per method first (default: 3 on cuda, 1 on cpu)")

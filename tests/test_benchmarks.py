@@ -52,10 +52,15 @@ def test_smoke_runs_of_every_gpu_script_make_one_table(tmp_path, bench, capsys, 
     assert all(r["approximate"] and r["peak_gib"] >= 0 for r in peaks)  # CPU: resident memory, no figure asserted
     printed = capsys.readouterr().out
     assert "self_training |           false |" in printed and "self_training |            true |" in printed
+    vit = memory.main(["--smoke", "--backbone", "dinov2_vits14", "--width", "0.125", "--json", str(tmp_path / "memory_vit.json")])
+    assert [(r["method"], r["grad_checkpoint"]) for r in vit] == [("self_training", False), ("self_training", True)]
+    assert json.loads((tmp_path / "memory_vit.json").read_text())["backbone"] == "dinov2_vits14"
+    capsys.readouterr()
     summary.main([str(tmp_path)])
     table = capsys.readouterr().out
     for line in ("step fp32 contiguous bida", "compiled bf16 bida", "extras D=8", "trainer / benchmark",
-                 "evaluation slide", "teacher step mit_b0 fp32 bida+mic", "/ self_training", "memory mit_b0 fp32 self_training grad_checkpoint"):
+                 "evaluation slide", "teacher step mit_b0 fp32 bida+mic", "/ self_training", "memory mit_b0 fp32 self_training grad_checkpoint",
+                 "memory dinov2_vits14 fp32 self_training grad_checkpoint"):
         assert line in table, line
     assert "| step fp32 contiguous bida " in table and "n/a ms" not in table.split("compiled bf16")[0]
 
