@@ -179,6 +179,63 @@ def test_labels_brought_to_label_size_keep_padding_ignored():
     assert fused.tolist() == [[[1, 0, 1, 2, 255]]]
 
 
+# ------------------------------------------------- label-size contrast, pair scope (issue 20.3)
+def test_label_size_holes_are_filled_from_dynamic_labels_only():
+    """y_D reaches a hole of y_F in its own cell; y_F's own samples never do."""
+    from bida.train_step import _fused_at_label_size
+
+    y_static = torch.tensor([[[0, 255, 1, 255], [255, 255, 255, 255]]])  # (1, 2, 4): two 2x2 cells
+    assert torch.equal(_fused_at_label_size(y_static, torch.full((1, 1, 2), 255), {}), y_static)
+    filled = _fused_at_label_size(y_static, torch.tensor([[[255, 2]]]), {})
+    assert filled.tolist() == [[[0, 255, 1, 2], [255, 255, 2, 2]]]
+
+
+def _holed_batch():
+    model, bs, bt, k, d = _bida_batch(torch.zeros(16))
+    g = torch.Generator().manual_seed(5)
+    holes = torch.rand(bt["label"].shape, generator=g) < 0.1  # scattered holes inside labelled cells
+    bt["label"] = torch.where(holes, torch.full_like(bt["label"], 255), bt["label"])
+    return model, bs, bt, k
+
+
+def test_label_size_contrast_without_dynamic_labels_scores_only_static_pixels():
+    """Before: with dynamic_labels=false L_t2s at contrast_resolution=label filled every hole of
+    y_F from the upsampled fused map, i.e. from y_F's own nearest-neighbour samples."""
+    model, bs, bt, k = _holed_batch()
+    cfg = load_config(None, ["method=bida", "method.dynamic_labels=false", "method.calibration=false",
+                             "loss.contrast_resolution=label"])
+    result = adapt_step(model, bs, bt, cfg, None, k)
+    from bida.prototypes import class_prototypes, downsample_labels
+
+    protos, present = class_prototypes(model.src.features, downsample_labels(bs["label"], (8, 8)), k)
+    y_static = torch.where(bt["valid"], bt["label"], torch.full_like(bt["label"], 255))
+    expected = pixel_prototype_contrast(model.tgt.features, y_static, protos, present, cfg.loss.temperature,
+                                        resolution="label")
+    assert float(result.logs["loss/contrast_t2s"]) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_pair_scope_averages_the_per_pair_means():
+    """Before: one mean over both pairs' pixels; the official code averages the pairs' losses."""
+    from bida.prototypes import downsample_labels, pair_prototypes
+
+    model, bs, bt, k = _holed_batch()
+    bt["label"][0, :, :16] = 255  # pair 0's target holds far fewer labelled pixels than pair 1's
+    cfg = load_config(None, ["method=bida", "method.dynamic_labels=false", "method.calibration=false",
+                             "method.prototype_scope=pair"])
+    result = adapt_step(model, bs, bt, cfg, None, k)
+    f_src, f_tgt = model.src.features, model.tgt.features
+    y_src, y_tgt = downsample_labels(bs["label"], (8, 8)), downsample_labels(bt["label"], (8, 8))
+    ps_src, pp_src = pair_prototypes(f_src, y_src, k)
+    ps_tgt, pp_tgt = pair_prototypes(f_tgt, y_tgt, k)
+    tau = cfg.loss.temperature
+    for key, f, y, protos, present in (("s2t", f_src, y_src, ps_tgt, pp_tgt), ("t2s", f_tgt, y_tgt, ps_src, pp_src)):
+        per_pair = [float(pixel_prototype_contrast(f[b:b + 1], y[b:b + 1], protos[b:b + 1], present[b:b + 1], tau))
+                    for b in range(2)]
+        pooled = float(pixel_prototype_contrast(f, y, protos, present, tau))
+        assert float(result.logs[f"loss/contrast_{key}"]) == pytest.approx(sum(per_pair) / 2, rel=1e-6), key
+        assert sum(per_pair) / 2 != pytest.approx(pooled, rel=1e-3), key  # the case tells the two apart
+
+
 # ----------------------------------------------- memory partners without calibration (issue 18.5)
 def _batch_lacking_classes():
     """A bida batch whose source labels hold classes 0 and 1 only (2 and 3 absent), and
