@@ -3,9 +3,12 @@ crop padding kept out of every target loss, prototype and moving average."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import bida.round_labels as round_labels
 from bida.config import load_config
@@ -80,6 +83,49 @@ def test_static_labels_stay_class_balanced_for_confident_classes(tmp_path, monke
                                                 ["a", "b", "c"], seed=0)
     # class rule: top 10% of the set; image rule: top 10% of each image; their union <= 20%
     assert 0.1 <= stats["labelled_fraction"] <= 0.2, stats["labelled_fraction"]
+
+
+def test_classes_the_source_never_labels_get_no_static_label(tmp_path, monkeypatch):
+    """SYNTHIA on the rounds schedule: a class without source pixels (class 2 here) is never
+    pseudo-labelled, however confident; the official code sets such classes' thresholds to 1."""
+    h, w, k = 4, 4, 3
+    samples = [Sample(name=f"img{i}", image=tmp_path / f"img{i}.png", label=None) for i in range(2)]
+
+    class Images(SegmentationDataset):
+        def __getitem__(self, index):
+            return {"image": torch.zeros(3, h, w), "label": torch.full((h, w), 255), "index": index}
+
+    def fake_probs(model, image, eval_cfg, num_classes, out_size):
+        probs = torch.zeros(1, num_classes, *out_size)
+        probs[0, 0], probs[0, 1] = 0.6, 0.4  # class 0 everywhere, at 0.6 ...
+        probs[0, :, 0, :2] = torch.tensor([0.0, 0.01, 0.99])[:, None]  # ... but class 2 at 0.99 on two pixels
+        return probs
+
+    monkeypatch.setattr(round_labels, "predict_probs", fake_probs)
+    cfg = load_config(None, ["pseudo.class_fraction=0.5", "pseudo.image_fraction=0.125"])
+    ds = Images(samples, "folder", k, train=False)
+    for source_pixels, class_2 in ((None, 4), (np.array([5, 3, 0]), 0)):
+        out = tmp_path / f"round_{class_2}"
+        stats = round_labels.generate_static_labels(torch.nn.Identity(), ds, cfg, out, ["a", "b", "c"], seed=0,
+                                                    source_pixels=source_pixels)
+        labels = np.stack([np.array(Image.open(out / f"img{i}.png")) for i in range(2)])
+        # image rule: the 2 most confident pixels of each image (class 2); class rule: class 0 at 0.6
+        assert int((labels == 2).sum()) == class_2 and int((labels == 0).sum()) == 2 * 14
+        assert stats["classes_without_source_pixels"] == ([] if source_pixels is None else ["c"])
+        assert (stats["class_thresholds"]["c"] is None) == (source_pixels is not None)
+
+
+def test_rounds_read_the_source_class_counts(tmp_path, tiny_overrides):
+    """The embedded source never draws rider, truck, bus, train, motorcycle or bicycle."""
+    from bida.train import train
+
+    cfg = load_config(None, tiny_overrides + ["method=self_training", "train.rounds=1", "train.iters=2",
+                                              "train.iters_per_round=1"])
+    train(cfg, tmp_path / "run")
+    stats = json.loads((tmp_path / "run" / "pseudo_labels" / "round_0" / "stats.json").read_text())
+    assert stats["classes_without_source_pixels"] == ["rider", "truck", "bus", "train", "motorcycle", "bicycle"]
+    labels = np.stack([np.array(Image.open(p)) for p in (tmp_path / "run" / "pseudo_labels" / "round_0").glob("*.png")])
+    assert not np.isin(labels, [12, 14, 15, 16, 17, 18]).any()
 
 
 # ------------------------------------------------------------ crop padding (bug 4)

@@ -1103,9 +1103,15 @@ class Trainer:
                 self._info(f"round {phase.round}: generating static pseudo labels for {len(full)} target images")
             start = time.perf_counter()
             try:
+                source_pixels = None
+                if not (out / "stats.json").is_file():  # classes the source never labels get no pseudo label
+                    src_ds = build_train_dataset(self.cfg, self.src, self.cfg.data.source.train_split, require_labels=True)
+                    source_pixels = cached_class_pixel_counts(src_ds, self.num_classes, self.run_dir, check_stop=check_stop,
+                                                              quiet=self.cfg.train.quiet).sum(0)
                 stats = generate_static_labels(self.model, full, self.cfg, out, self.classes.names,
                                                seed=self.cfg.seed + phase.round, device=self.device,
-                                               quiet=self.cfg.train.quiet, check_stop=check_stop)
+                                               quiet=self.cfg.train.quiet, check_stop=check_stop,
+                                               source_pixels=source_pixels)
             except DataError as err:  # a bad target image: last.pt is this phase's start
                 raise self._bad_file(err) from None
             if shared is not None and not (shared / "stats.json").is_file():
