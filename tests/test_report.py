@@ -22,7 +22,7 @@ from bida.report import write_report
 from bida.train import train
 
 TINY = [
-    "data.synthetic.num_train=8", "data.synthetic.num_val=4", "data.synthetic.height=32",
+    "data.synthetic.num_train=8", "data.synthetic.num_val=4", "data.synthetic.num_test=2", "data.synthetic.height=32",
     "data.synthetic.width=64", "data.crop=[32,64]", "model.width=0.125", "train.iters=6",
     "train.log_every=1", "train.quiet=true", "train.checkpoint_every=100",
 ]

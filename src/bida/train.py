@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from .checkpoint import (atomic_write_text, ensure_writable, load_checkpoint, model_state_for_checkpoint,
                          pid_alive, remove_stale_temp_files, rng_state, rotate_checkpoint, save_checkpoint, set_rng_state)
-from .config import Config, check_class_ids, dump_config, load_config, to_dict
+from .config import Config, check_class_ids, dump_config, load_config, target_test_split, to_dict
 from .data.datasets import (Domain, build_eval_dataset, build_train_dataset, check_same_classes, close_loader,
                             resolve_domain, train_loader)
 from .data.rare_class import cached_class_pixel_counts, rare_class_loader
@@ -601,7 +601,8 @@ class Trainer:
         t = self.cfg.data.target
         for name, dom, splits in (
             ("source", self.src, {self.cfg.data.source.train_split: True}),
-            ("target", self.tgt, {t.train_split: False, **({t.val_split: True} if t.val_split else {})}),
+            ("target", self.tgt, {t.train_split: False, **({t.val_split: True} if t.val_split else {}),
+                                  **({test: True} if (test := target_test_split(self.cfg)) else {})}),
         ):
             report = check_domain(dom.kind, dom.root, splits, num_classes=self.num_classes, full=False, max_files=2)
             if not report.ok():
@@ -987,6 +988,18 @@ class Trainer:
         if not t.val_split:
             return None
         return self._evaluate_split(build_eval_dataset(self.cfg, self.tgt, t.val_split), stoppable)
+
+    def evaluate_test(self, stoppable: bool = False) -> dict | None:
+        """Target-test metrics (None without a test split, :func:`~bida.config.target_test_split`).
+
+        Called once, on the final model, after every phase: no training step, pseudo label,
+        best.pt or other choice ever reads the test images.
+        """
+        split = target_test_split(self.cfg)
+        if not split:
+            return None
+        m = self._evaluate_split(build_eval_dataset(self.cfg, self.tgt, split), stoppable)
+        return m | {"split": split, "checkpoint": "last"}
 
     def _evaluate_split(self, ds, stoppable: bool) -> dict:
         """Metrics of ``ds``, each rank evaluating its shard with BN statistics averaged over ranks.
@@ -1393,6 +1406,17 @@ class Trainer:
         except DataError as err:
             raise self._bad_file(err) from None
         metrics = {k: v for k, v in metrics.items() if k != "confusion"} | {"confusion": metrics.get("confusion")}
+        metrics["split"] = self.cfg.data.target.val_split  # the top-level figures: target val, as always
+        try:
+            test = self.evaluate_test(stoppable=True)
+        except _Stopping:
+            self._check_stop(True)
+        except DataError as err:
+            raise self._bad_file(err) from None
+        if test is not None:
+            metrics["test"] = test
+            self._info(f"step {self.step}: target test mIoU {100 * test['mIoU']:.2f} "
+                       f"(split '{test['split']}', last checkpoint; nothing selected on it)")
         source_val = self._evaluate_source_val()
         if source_val is not None:
             metrics["source_val"] = source_val
@@ -1404,6 +1428,8 @@ class Trainer:
         if self.is_main:
             write_metrics(metrics, self.run_dir / "metrics.json")
             self._info(markdown_table(metrics))
+            if "test" in metrics:
+                self._info(markdown_table(metrics["test"], f"target {metrics['test']['split']}"))
         self.dist.barrier()
         return metrics
 
