@@ -21,7 +21,7 @@ from .config import Config, load_config, target_test_split
 from .errors import ConfigError, RunDirError
 from .features import run_alignment
 from .presets import preset_overrides
-from .train import train
+from .train import environment, train
 
 # Demo settings: a narrow ResNet-18 DeepLab-V2 on 64x128 images trains in minutes on a CPU.
 DEMO_OVERRIDES: tuple[str, ...] = ()
@@ -76,10 +76,11 @@ CANDIDATE_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("cand: preset plus + temperature 0.2", ("method=bida", *preset_overrides("plus"), "loss.temperature=0.2")),
 )
 
-# results.json / ablation.json keys that are not rows: the wall times, and which split the
+# results.json / ablation.json keys that are not rows: the wall times, which split the
 # tables report ("test" when every run has a test split; each row's "val" block and its
-# top-level figures stay target val, as before test splits).
-SUMMARY_KEYS = ("timing", "split")
+# top-level figures stay target val, as before test splits), and where the figures were
+# measured (bida.train.environment: git commit, CPU model, torch version).
+SUMMARY_KEYS = ("timing", "split", "environment")
 GRID_FILE = "grid.json"  # what a demo or ablation directory was asked to run (read by --resume)
 RESULT_FILE = "demo_result.json"  # a finished run of a grid: its metrics, wall time and alignment
 LABEL_CACHE = "shared_labels"  # round-0 static pseudo labels shared by the rows of a seed
@@ -467,12 +468,14 @@ def run_demo(out: Path, overrides: Sequence[str] = (), quiet: bool = False, repo
     title = "bida demo (embedded synthetic pair" + (", MiT-B0, mean teacher)" if arch == "transformer" else ")")
     title += "" if preset == "paper" else f", BiDA with preset '{preset}'"
 
+    env = environment()
+
     def write(timing: dict) -> str:
         timing["total_s"] = time.time() - t0
-        text = _results_text(title, results, summary, "self_training", timing, "method")
+        text = _results_text(title, results, summary, "self_training", timing, "method", env)
         atomic_write_text(out / "results.md", text)
-        atomic_write_text(out / "results.json", json.dumps(summary | {"split": reported_split(summary), "timing": timing},
-                                                           indent=2))
+        atomic_write_text(out / "results.json", json.dumps(
+            summary | {"split": reported_split(summary), "environment": env, "timing": timing}, indent=2))
         return text
 
     text = write(timing)  # before the report: the table survives a failing report
@@ -512,7 +515,7 @@ def timing_table(timing: dict) -> str:
 
 
 def _results_text(title: str, results: dict[str, list[dict]], summary: dict[str, dict], baseline: str,
-                  wall: float | dict, what: str) -> str:
+                  wall: float | dict, what: str, env: dict | None = None) -> str:
     n = len(next(iter(results.values())))
     split = reported_split(summary)
     parts = [f"# {title}", ""]
@@ -539,6 +542,9 @@ def _results_text(title: str, results: dict[str, list[dict]], summary: dict[str,
                   timing_table(wall)]
     else:
         parts.append(f"Wall time: {wall / 60:.1f} min.")
+    if env is not None:
+        parts += ["", f"Measured at commit {env.get('git_commit') or 'unknown (not a git checkout)'} on "
+                      f"{env.get('cpu') or 'an unknown CPU'} ({env.get('cpu_count')} cores), torch {env.get('torch')}."]
     return "\n".join(parts) + "\n"
 
 
@@ -573,9 +579,10 @@ def run_ablation(cfg_path: str | None, out: Path, overrides: Sequence[str] = (),
     baseline = ABLATION_ROWS[0][0]
     summary = summarise(results, baseline)
     timing["total_s"] = time.time() - t0
-    text = _results_text("BiDA ablation", results, summary, baseline, timing, "ablation")
+    env = environment()
+    text = _results_text("BiDA ablation", results, summary, baseline, timing, "ablation", env)
     atomic_write_text(out / "ablation.md", text)
-    atomic_write_text(out / "ablation.json", json.dumps(summary | {"split": reported_split(summary), "timing": timing},
-                                                        indent=2))
+    atomic_write_text(out / "ablation.json", json.dumps(
+        summary | {"split": reported_split(summary), "environment": env, "timing": timing}, indent=2))
     print("\n" + text + f"\nwritten to {out / 'ablation.md'}")
     return text

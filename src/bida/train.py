@@ -102,12 +102,52 @@ def seed_everything(seed: int) -> None:
 
 
 def git_revision() -> str | None:
+    """The commit of the git checkout this package runs from; None when it does not run
+    from one (an installed copy, no git, a timeout). Never raises.
+
+    The checkout must be this package's own (``<top>/src/bida`` is this directory): an
+    installed copy inside some other repository (a virtual environment in a project) would
+    otherwise report that repository's commit.
+    """
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
+        def git(*args: str) -> str | None:
+            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=here)
+            return out.stdout.strip() or None if out.returncode == 0 else None
+
+        top = git("rev-parse", "--show-toplevel")
+        if top is None or (Path(top) / "src" / "bida").resolve() != here:
+            return None
+        return git("rev-parse", "HEAD")
+    except (OSError, subprocess.SubprocessError, ValueError):
         return None
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (``/proc/cpuinfo``, else :func:`platform.processor`); None if unknown."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Processor", "cpu model") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    try:
+        return platform.processor() or platform.machine() or None
+    except (OSError, ValueError):
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """What a measured figure depends on besides the config: git commit (None outside a git
+    checkout), CPU model, CPU count, torch and Python versions."""
+    import platform
+
+    return {"git_commit": git_revision(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "python": platform.python_version()}
 
 
 class LogAccumulator:
@@ -575,7 +615,7 @@ class Trainer:
 
     def _write_run_json(self) -> None:
         atomic_write_text(self.run_dir / "run.json", json.dumps({
-            "git_revision": git_revision(), "torch": torch.__version__, "device": str(self.device),
+            "git_revision": git_revision(), "torch": torch.__version__, "device": str(self.device), "cpu": cpu_model(),
             "world_size": self.world_size, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "classes": list(self.classes.names)}, indent=2))
 
