@@ -118,6 +118,9 @@ def test_folder_domains_read_images_test_and_evaluate_cli_needs_the_key(tmp_path
     assert m["test"]["split"] == "test" and set(m["test"]["per_class_iou"]) == set(classes)
     # the test labels are tiled with a shift per image, as the fixture writes them: pixel counts match
     assert int(np.asarray(m["test"]["confusion"]).sum()) == 2 * 16 * 32 - 2 * int((tgt.ids["test/img_000"] == 255).sum())
+    capsys.readouterr()
+    assert main(["data", "check", *common, "data.target.test_split=test", "--quick"]) == 0
+    assert "| test | 2 | 2 |" in capsys.readouterr().out.split("## target")[1]  # the check reads the test split
     # a run without the key: nothing to evaluate on test, said in one line naming the key
     plain = tmp_path / "plain"
     assert main(["train", "--out", str(plain), *common]) == 0

@@ -250,7 +250,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import load_config, target_test_split
     from .data.data_check import check_domain
     from .data.datasets import check_same_classes, resolve_domain
     from .errors import DataError
@@ -264,6 +264,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         splits = {dom_cfg.train_split: which == "source"}
         if dom_cfg.val_split:
             splits[dom_cfg.val_split] = True
+        if which == "target" and target_test_split(cfg):
+            splits[target_test_split(cfg)] = True
         report = check_domain(dom.kind, dom.root, splits, num_classes=dom.classes.num_classes, full=not args.quick)
         report.domain = f"{dom_cfg.kind} {dom.root}"  # the configured kind (the embedded pair reads as folders)
         print(f"## {which}: {dom_cfg.kind} at {dom.root}\n")

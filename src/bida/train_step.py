@@ -225,7 +225,7 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
         full_res = lw.contrast_resolution == "label"
         fused = m.t2s_dynamic == "fused"
         if full_res:  # y_F itself, its holes filled from y_D alone (never from y_F's own samples)
-            y_t2s = _fused_at_label_size(y_static, y_dyn_f if fused else torch.full_like(y_dyn_f, IGNORE), batch_tgt)
+            y_t2s = _fused_at_label_size(y_static, y_dyn_f, batch_tgt) if fused and m.dynamic_labels else y_static
         else:
             y_t2s = y_tgt_f if fused else y_static_f
 
