@@ -78,7 +78,7 @@ def _domain_overrides(raw: dict, tmp: Path, cache: Path) -> list[str]:
             assert kind == "synthetic"
             syn = raw["data"].get("synthetic", {})
             factor = min(1.0, LONGEST_CROP / max(raw["data"]["crop"]))
-            out += ["data.synthetic.num_train=6", "data.synthetic.num_val=3",
+            out += ["data.synthetic.num_train=6", "data.synthetic.num_val=3", "data.synthetic.num_test=2",
                     f"data.synthetic.height={_scaled(syn.get('height', 64), factor)}",
                     f"data.synthetic.width={_scaled(syn.get('width', 128), factor)}",
                     f"data.synthetic.cache_dir={cache}"]

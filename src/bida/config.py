@@ -37,6 +37,9 @@ class SyntheticConfig:
 
     num_train: int = 200  # images per domain; enough for the classes to co-occur often
     num_val: int = 60
+    # Target test images: their own generation stream (adding them changes no train/val image);
+    # never used for training, pseudo labels, best.pt or any choice; evaluated once at the end.
+    num_test: int = 0
     height: int = 64  # small so that a narrow network trains in minutes on a CPU
     width: int = 128
     seed: int = 0
@@ -50,7 +53,11 @@ class DomainConfig:
     kind: DomainKinds = "synthetic"
     root: Optional[str] = None  # ignored for ``synthetic`` (the cache directory is used)
     train_split: str = "train"
-    val_split: Optional[str] = "val"  # target: the split evaluated during training
+    val_split: Optional[str] = "val"  # target: the split evaluated during training (best.pt, choices)
+    # Target only: a held-out split (folder layout: images/<split> + labels/<split>) evaluated
+    # once, on the last checkpoint, after training; nothing selects on it. None: no test split,
+    # except that a synthetic target has split "test" when data.synthetic.num_test > 0.
+    test_split: Optional[str] = None
     synthetic_domain: Optional[Literal["source", "target"]] = None  # which synthetic rendering (default: the role)
     resize: Optional[int] = None  # this domain's shorter side before augmentation; None: data.resize
 
@@ -289,6 +296,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "seed": (0, 2**32 - 1, True, True),  # numpy's seed range
     "data.synthetic.num_train": (1, INF, True, True),
     "data.synthetic.num_val": (1, INF, True, True),
+    "data.synthetic.num_test": (0, INF, True, True),
     "data.synthetic.height": (8, MAX_SIDE, True, True),  # the network downsamples by 8
     "data.synthetic.width": (8, MAX_SIDE, True, True),
     "data.synthetic.seed": (0, 2**32 - 1, True, True),
@@ -398,7 +406,36 @@ def check_ranges(cfg: "Config") -> None:
         raise ConfigError(f"data.scale_range: {[lo, hi]} is not a range (min > max)")
     if cfg.data.eval_classes is not None and not cfg.data.eval_classes:
         raise ConfigError("data.eval_classes: [] selects no class (mIoU would be 0); use null for every class")
+    check_test_split(cfg)
     check_schedule(cfg)
+
+
+def target_test_split(cfg: "Config") -> str | None:
+    """The target's test split: ``data.target.test_split``; for the embedded pair, ``"test"``
+    whenever ``data.synthetic.num_test > 0`` (its images are generated with the pair)."""
+    t = cfg.data.target
+    if t.test_split is None and t.kind == "synthetic" and cfg.data.synthetic.num_test > 0:
+        return "test"
+    return t.test_split
+
+
+def check_test_split(cfg: "Config") -> None:
+    """``data.target.test_split`` names a split that can exist and that nothing else reads.
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    t = cfg.data.target
+    if cfg.data.source.test_split is not None:
+        raise ConfigError("data.source.test_split: only the target has a test split; set data.target.test_split")
+    if t.test_split is None:
+        return
+    if t.test_split in (t.train_split, t.val_split):
+        raise ConfigError(f"data.target.test_split: '{t.test_split}' is also the target's train or val split; "
+                          "a test split must be images that nothing trains or selects on")
+    if t.kind == "synthetic" and (t.test_split != "test" or cfg.data.synthetic.num_test == 0):
+        raise ConfigError(f"data.target.test_split: the embedded pair's test split is 'test' and needs "
+                          f"data.synthetic.num_test > 0 (got '{t.test_split}', num_test={cfg.data.synthetic.num_test})")
 
 
 def check_schedule(cfg: "Config") -> None:
