@@ -25,6 +25,7 @@ import torch
 import torch.multiprocessing as mp
 
 from bida import distributed
+from bida.checkpoint import load_checkpoint
 from bida.config import load_config
 from bida.data.datasets import build_train_dataset, resolve_domain, train_loader
 from bida.models import build_model
@@ -253,3 +254,94 @@ def test_torchrun_two_processes_end_to_end(tmp_path, tiny_overrides):
             assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (ref["step"], key)
     metrics = {k: json.loads((d / "metrics.json").read_text()) for k, d in (("ddp", run), ("single", single))}
     assert metrics["ddp"]["confusion"] == metrics["single"]["confusion"]
+
+
+# ---------------------------------------------------------------- the mean-teacher schedule
+
+# Rare-class sampling, ClassMix, MIC and BiDA's terms on; train.batch_size is the global batch.
+TEACHER = ["method=bida", "train.schedule=teacher", "train.batch_size=4", "train.optimizer=adamw", "train.lr=6e-4",
+           "data.rare_class_sampling=true", "data.rcs_min_pixels=2", "mic.weight=1", "mic.block_size=8",
+           "pseudo.teacher_threshold=0.07", "train.checkpoint_every=1000"]
+MIT = ["model.backbone=mit_b0", "method.feature=decoder", "model.width=0.25", "model.decoder_dim=32",
+       "model.proj_dim=16", "model.drop_path=0.3", "data.normalize=imagenet"]
+
+
+def _teacher_run(rank: int, world: int, overrides: list[str], run: str, tag: str, port: int = 0,
+                 stop_after: int | None = None, resume: bool = False) -> None:
+    """A teacher run (or its resume) as rank ``rank`` of ``world``; saves what this rank holds
+    at the end: the student's and the teacher's state dicts."""
+    from bida.train import Trainer
+
+    if world > 1:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), BIDA_DIST_TIMEOUT_S="120")
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(load_config(None, overrides), Path(run), resume=resume)
+        trainer.fit(stop_after=stop_after)
+        torch.save({"student": trainer.model.state_dict(), "teacher": trainer.mean_teacher.teacher.model.state_dict()},
+                   Path(run).parent / f"{tag}-rank{rank}.pt")
+    finally:
+        distributed.shutdown()
+
+
+def _spawn_teacher(overrides: list[str], run: Path, tag: str, **kwargs) -> list[dict]:
+    mp.spawn(_teacher_run, args=(WORLD, overrides, str(run), tag, _free_port(), kwargs.get("stop_after"),
+                                 kwargs.get("resume", False)), nprocs=WORLD, join=True)
+    return [torch.load(run.parent / f"{tag}-rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def _assert_same_states(a: dict, b: dict, what: str) -> None:
+    for part in ("student", "teacher"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{what}: {part}.{key}"
+
+
+def _teacher_records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if '"phase": "teacher"' in line]
+
+
+def test_teacher_two_ranks_give_the_step_0_loss_of_one_process_on_the_global_batch(tmp_path, tiny_overrides):
+    # Frozen BN (DeepLab): no per-rank batch statistics, so the first step's losses must be those
+    # of one process on the whole global batch: same images and crops, ClassMix masks, colour
+    # jitter and MIC masks, quality weight, BiDA prototypes and per-pixel means.
+    overrides = tiny_overrides + TEACHER + ["model.freeze_bn=true", "train.iters=2"]
+    resolve_domain(load_config(None, overrides), "source")  # build the synthetic cache once
+    ranks = _spawn_teacher(overrides, tmp_path / "ddp", "ddp")
+    _assert_same_states(ranks[0], ranks[1], "rank 0 vs rank 1")
+    run, single = tmp_path / "ddp", tmp_path / "single"
+    _teacher_run(0, 1, overrides, str(single), "single")
+    assert json.loads((run / "run.json").read_text())["world_size"] == 2
+    assert len(list((run / "tensorboard").iterdir())) == 1  # one writer
+    got, ref = _teacher_records(run), _teacher_records(single)
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == [1, 2]
+    # teacher_acc, dynamic_acc: the mean of the ranks' accuracies, not the global batch's.
+    keys = [k for k in ref[0] if k.startswith(("loss/", "pseudo/", "calibration/")) and not k.endswith("_acc")]
+    assert {"loss/seg_src", "loss/seg_mix", "loss/mic", "loss/contrast_t2s", "pseudo/teacher_quality"} <= set(keys)
+    assert 0 < ref[0]["pseudo/teacher_quality"] < 1
+    for key in keys:
+        assert got[0][key] == pytest.approx(ref[0][key], rel=1e-5, abs=1e-7), key
+
+
+def test_teacher_under_two_ranks_stays_identical_on_every_rank_and_resumes_exactly(tmp_path, tiny_overrides):
+    # MiT with drop path and a trainable BatchNorm in its decoder: each rank's batch statistics
+    # differ, and the EMA teacher reads the running ones. After a few steps, the student and the
+    # teacher must be bit-identical on both ranks; a run stopped mid-phase and resumed with 2
+    # ranks must end bit-identical to the uninterrupted one.
+    overrides = tiny_overrides + TEACHER + MIT + ["train.iters=4"]
+    resolve_domain(load_config(None, overrides), "source")
+    full = _spawn_teacher(overrides, tmp_path / "full", "full")
+    _assert_same_states(full[0], full[1], "rank 0 vs rank 1")
+    assert any("running_mean" in k for k in full[0]["student"])
+    part = _spawn_teacher(overrides, tmp_path / "part", "stopped", stop_after=2)
+    assert load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")["iter"] == 2
+    assert not any(torch.equal(part[0]["teacher"][k], full[0]["teacher"][k])
+                   for k in full[0]["teacher"] if k.endswith("running_mean"))
+    resumed = _spawn_teacher(overrides, tmp_path / "part", "resumed", resume=True)
+    _assert_same_states(resumed[0], resumed[1], "resumed: rank 0 vs rank 1")
+    _assert_same_states(resumed[0], full[0], "resumed vs uninterrupted")
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("full", "part"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["mean_teacher"]["teacher"]["model"][k], b["mean_teacher"]["teacher"]["model"][k])
+               for k in a["mean_teacher"]["teacher"]["model"])
