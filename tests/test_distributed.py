@@ -345,3 +345,16 @@ def test_teacher_under_two_ranks_stays_identical_on_every_rank_and_resumes_exact
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["mean_teacher"]["teacher"]["model"][k], b["mean_teacher"]["teacher"]["model"][k])
                for k in a["mean_teacher"]["teacher"]["model"])
+
+
+def test_a_teacher_global_batch_that_the_ranks_cannot_split_is_a_one_line_config_error(tmp_path, tiny_overrides,
+                                                                                         monkeypatch, capsys):
+    from bida.cli import main
+
+    # Rank 0 of 2 (no process group is needed: the check comes before any collective).
+    monkeypatch.setattr(distributed, "init_from_env", lambda: DistContext(rank=0, world_size=2))
+    code = main(["train", *tiny_overrides, *TEACHER, "train.batch_size=3", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1, err
+    assert "train.batch_size: 3" in err[0] and "multiple of the 2 processes" in err[0]
+    assert not (tmp_path / "run").exists()
