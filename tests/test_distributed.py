@@ -261,7 +261,7 @@ def test_torchrun_two_processes_end_to_end(tmp_path, tiny_overrides):
 # Rare-class sampling, ClassMix, MIC and BiDA's terms on; train.batch_size is the global batch.
 TEACHER = ["method=bida", "train.schedule=teacher", "train.batch_size=4", "train.optimizer=adamw", "train.lr=6e-4",
            "data.rare_class_sampling=true", "data.rcs_min_pixels=2", "mic.weight=1", "mic.block_size=8",
-           "pseudo.teacher_threshold=0.07", "train.checkpoint_every=1000"]
+           "pseudo.teacher_threshold=0.07", "train.checkpoint_every=1000"]  # 0.07: tiny models are unsure
 MIT = ["model.backbone=mit_b0", "method.feature=decoder", "model.width=0.25", "model.decoder_dim=32",
        "model.proj_dim=16", "model.drop_path=0.3", "data.normalize=imagenet"]
 
@@ -306,8 +306,18 @@ def test_teacher_two_ranks_give_the_step_0_loss_of_one_process_on_the_global_bat
     # Frozen BN (DeepLab): no per-rank batch statistics, so the first step's losses must be those
     # of one process on the whole global batch: same images and crops, ClassMix masks, colour
     # jitter and MIC masks, quality weight, BiDA prototypes and per-pixel means.
-    overrides = tiny_overrides + TEACHER + ["model.freeze_bn=true", "train.iters=2"]
-    resolve_domain(load_config(None, overrides), "source")  # build the synthetic cache once
+    # The ImageNet feature distance too: "ImageNet" weights (any weight file of the architecture)
+    # for the frozen copy, and a student that starts elsewhere (from a source-only checkpoint).
+    from bida.deeplabv2 import build_model as build_deeplab
+
+    weights = tmp_path / "imagenet.pth"
+    torch.save(build_deeplab(load_config(None, tiny_overrides).model, 19).state_dict(), weights)
+    base = tiny_overrides + ["model.freeze_bn=true"]
+    train(load_config(None, base + ["method=source_only", "train.iters=1"]), tmp_path / "source")
+    # (teacher_threshold 0.2: some but not all of this student's target pixels pass it)
+    overrides = base + TEACHER + ["train.iters=2", "pseudo.teacher_threshold=0.2", f"model.pretrained={weights}",
+                                  "loss.feature_distance_weight=0.005",
+                                  f"model.init_checkpoint={tmp_path / 'source' / 'checkpoints' / 'last.pt'}"]
     ranks = _spawn_teacher(overrides, tmp_path / "ddp", "ddp")
     _assert_same_states(ranks[0], ranks[1], "rank 0 vs rank 1")
     run, single = tmp_path / "ddp", tmp_path / "single"
@@ -318,8 +328,9 @@ def test_teacher_two_ranks_give_the_step_0_loss_of_one_process_on_the_global_bat
     assert [r["step"] for r in got] == [r["step"] for r in ref] == [1, 2]
     # teacher_acc, dynamic_acc: the mean of the ranks' accuracies, not the global batch's.
     keys = [k for k in ref[0] if k.startswith(("loss/", "pseudo/", "calibration/")) and not k.endswith("_acc")]
-    assert {"loss/seg_src", "loss/seg_mix", "loss/mic", "loss/contrast_t2s", "pseudo/teacher_quality"} <= set(keys)
-    assert 0 < ref[0]["pseudo/teacher_quality"] < 1
+    assert {"loss/seg_src", "loss/seg_mix", "loss/mic", "loss/contrast_t2s", "loss/feature_distance",
+            "pseudo/teacher_quality"} <= set(keys)
+    assert 0 < ref[0]["pseudo/teacher_quality"] < 1 and ref[0]["loss/feature_distance"] > 0
     for key in keys:
         assert got[0][key] == pytest.approx(ref[0][key], rel=1e-5, abs=1e-7), key
 
