@@ -346,7 +346,12 @@ def test_teacher_under_two_ranks_stays_identical_on_every_rank_and_resumes_exact
     _assert_same_states(full[0], full[1], "rank 0 vs rank 1")
     assert any("running_mean" in k for k in full[0]["student"])
     part = _spawn_teacher(overrides, tmp_path / "part", "stopped", stop_after=2)
-    assert load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")["iter"] == 2
+    stopped = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")
+    assert stopped["iter"] == 2
+    # Each rank draws its own drop-path masks (as one process does for the images of its batch):
+    # the checkpoint holds every rank's generator, and the resume below needs rank 1's.
+    assert len(stopped["rng_ranks"]) == 2 and torch.equal(stopped["rng_ranks"][0]["torch"], stopped["rng"]["torch"])
+    assert not torch.equal(stopped["rng_ranks"][0]["torch"], stopped["rng_ranks"][1]["torch"])
     assert not any(torch.equal(part[0]["teacher"][k], full[0]["teacher"][k])
                    for k in full[0]["teacher"] if k.endswith("running_mean"))
     resumed = _spawn_teacher(overrides, tmp_path / "part", "resumed", resume=True)

@@ -35,8 +35,9 @@ weight counts the global batch (:meth:`GlobalBatch.sum`). The student's BatchNor
 statistics are averaged over ranks after every step, where the EMA reads them, so the
 student and the EMA teacher stay identical on every rank. Not reproduced, as above: the
 student's trainable BatchNorm normalises with per-rank batch statistics (so does the
-teacher's with ``train.teacher_bn: batch``), and dropout and stochastic depth draw from the
-global generator, seeded alike on every rank, per rank rather than per global sample.
+teacher's with ``train.teacher_bn: batch``), and dropout and stochastic depth draw from
+each rank's own torch generator (independent masks for every image, as in one process,
+but not the masks one process draws); checkpoints hold every rank's generator state.
 
 Stops: a SIGTERM/SIGINT that reaches one rank reaches all of them at the next point
 where the ranks meet anyway: the step's finiteness all-reduce carries it
@@ -324,6 +325,17 @@ class DistContext:
         with torch.no_grad():
             _in_buckets([t.data for t in (*model.parameters(), *model.buffers())], lambda flat: dist.broadcast(flat, 0))
 
+    def all_gather_object(self, obj):
+        """``[rank 0's obj, rank 1's, ...]`` on every rank (``[obj]`` when single process).
+
+        Pickles through the host: for checkpoints, not for the step.
+        """
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def mean_logs(self, logs: dict[str, float | Tensor]) -> dict[str, float]:
         """Log values averaged over ranks (NaNs skipped), so that rank 0 logs the global batch.
 
@@ -371,7 +383,8 @@ def _in_buckets(tensors: list[Tensor], collective: Callable[[Tensor], None],
         for bucket in buckets:
             flat = torch.cat([t.reshape(-1) for t in bucket])
             collective(flat)
-            torch._foreach_copy_(bucket, [part.view_as(t) for t, part in zip(bucket, flat.split([t.numel() for t in bucket]))])
+            parts = flat.split([t.numel() for t in bucket])
+            torch._foreach_copy_(bucket, [part.view_as(t) for t, part in zip(bucket, parts)])
 
 
 def timeout_from_env() -> datetime.timedelta:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from .checkpoint import (atomic_write_text, ensure_writable, load_checkpoint, model_state_for_checkpoint,
                          pid_alive, remove_stale_temp_files, rng_state, rotate_checkpoint, save_checkpoint, set_rng_state)
 from .config import Config, check_class_ids, dump_config, load_config, to_dict
-from .data.datasets import (Domain, build_eval_dataset, build_train_dataset, check_same_classes, close_loader,
+from .data.datasets import (Domain, _mix, build_eval_dataset, build_train_dataset, check_same_classes, close_loader,
                             resolve_domain, train_loader)
 from .data.rare_class import cached_class_pixel_counts, rare_class_loader
 from .models import DeepLabV2, MiTSegmentor, build_model
@@ -260,6 +260,7 @@ def _json_default(obj: Any) -> Any:
 
 
 LOCK_NAME = ".lock"
+RANK_SEED_SALT = 41  # the torch seed of rank r > 0 under torchrun: _mix(seed, r, salt)
 
 
 class RunLock:
@@ -557,6 +558,7 @@ class Trainer:
                     self._info(f"{cfg.model.init_checkpoint} has no target stem: it starts as a copy of the source stem")
             if not cfg.model.pretrained and not cfg.model.init_checkpoint:
                 self._warn_random_init()
+            self._seed_rank_stream()
             self._deferring = True  # a stop signal waits until the run directory is complete
             if self.is_main and not resume:  # every input is valid: only now touch the disk
                 self._lock = create_run_dir(self.run_dir, overwrite)
@@ -577,6 +579,14 @@ class Trainer:
         self.total_steps = sum(p.iters for p in self.phases)
         self._stop_after: int | None = None
         self._data_wait_s = 0.0
+
+    def _seed_rank_stream(self) -> None:
+        """Under torchrun, once the model is built alike everywhere: a torch generator stream of
+        each rank's own (rank 0 keeps the run's), so that dropout and stochastic depth draw
+        independent masks for the images of different ranks, as one process would for the
+        images of its batch. Checkpoints hold every rank's state (``rng_ranks``)."""
+        if self.dist.enabled and self.rank > 0:
+            torch.manual_seed(_mix(self.cfg.seed, self.rank, RANK_SEED_SALT))
 
     def _write_run_json(self) -> None:
         atomic_write_text(self.run_dir / "run.json", json.dumps({
@@ -617,7 +627,7 @@ class Trainer:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         return torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None)
 
-    def _state(self, optimizer: torch.optim.Optimizer, scaler) -> dict:
+    def _state(self, optimizer: torch.optim.Optimizer, scaler, rng_ranks: list[dict]) -> dict:
         return {
             "model": model_state_for_checkpoint(self.model),
             "optimizer": optimizer.state_dict(),
@@ -627,7 +637,8 @@ class Trainer:
             "best_miou": self.best_miou, "best_step": self.best_step, "bad_steps": self.bad_steps,
             "calibration": self.calibration.state_dict() if self.calibration is not None else {},
             "mean_teacher": self.mean_teacher.state_dict() if self.mean_teacher is not None else {},
-            "rng": rng_state(),
+            "rng": rng_ranks[0],
+            "rng_ranks": rng_ranks,  # every rank's generators (each draws its own dropout masks)
             "config": to_dict(self.cfg),
             "num_classes": self.num_classes,
             "class_names": list(self.classes.names),
@@ -645,8 +656,9 @@ class Trainer:
         (rank 0 writes it).
         """
         self._average_bn_statistics()
+        rng_ranks = self.dist.all_gather_object(rng_state())
         if self.is_main:
-            state = self._state(optimizer, scaler)
+            state = self._state(optimizer, scaler, rng_ranks)
             bad = _first_non_finite({"model": state["model"], "calibration": state["calibration"]})
             if bad is not None:
                 raise TrainingDiverged(f"refusing to save {name}.pt at step {self.step}: {bad} holds non-finite "
@@ -797,7 +809,10 @@ class Trainer:
             self.mean_teacher.load_state_dict(state["mean_teacher"], self.model)
         self.optimizer_state = state["optimizer"] if self.iter > 0 else None
         self.scaler_state = state.get("scaler") or None
-        set_rng_state(state["rng"])
+        # This rank's own generators; a checkpoint of fewer ranks (or of an older bida) has
+        # none for it, and it goes on with rank 0's stream.
+        ranks = state.get("rng_ranks") or []
+        set_rng_state(ranks[self.rank] if self.rank < len(ranks) else state["rng"])
         self._log_state = state.get("log_accumulator") or None
         self._truncate_log(self.step)
 
