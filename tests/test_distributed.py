@@ -374,3 +374,17 @@ def test_a_teacher_global_batch_that_the_ranks_cannot_split_is_a_one_line_config
     assert code != 0 and len(err) == 1, err
     assert "train.batch_size: 3" in err[0] and "multiple of the 2 processes" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_train_under_torchrun_without_out_is_a_one_line_error(tmp_path, tiny_overrides, monkeypatch, capsys):
+    # before: the default run directory holds the process id, so rank 1 chose a directory of its
+    # own, found none of rank 0's files there (rare-class counts, pseudo labels) and failed
+    from bida.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", *tiny_overrides, *TEACHER]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs --out DIR" in err[0], err
+    assert not (tmp_path / "runs").exists()
