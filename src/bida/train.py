@@ -1385,11 +1385,13 @@ class Trainer:
         # Backward always runs (a NaN loss gives NaN gradients, caught below), so every rank
         # takes part in DDP's gradient all-reduce; the flag is then the same on every rank.
         scaler.scale(loss).backward()
-        if scaler.is_enabled():
-            scaler.unscale_(optimizer)
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if self._average_gradients:  # the teacher schedule's student, outside DDP (see fit)
+            # Before unscaling, as DDP averages in the backward: every rank's fp16 scaler then
+            # sees the same gradients and keeps the same scale.
             self.dist.average_gradients(grads)
+        if scaler.is_enabled():
+            scaler.unscale_(optimizer)
         finite = torch.isfinite(loss.detach())
         if grads:
             finite = finite & torch.isfinite(_grad_max_norm(grads))
