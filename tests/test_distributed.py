@@ -7,6 +7,9 @@ logged losses (averaged over ranks), calibration EMAs (built from the global pro
 and gradients. BN is frozen, as in the paper: trainable BN normalises with per-rank
 statistics (see distributed.py). The end-to-end test runs
 ``torchrun --nproc_per_node=2 -m bida train`` and one process with the global batch.
+The mean-teacher tests run whole trainings as 2 ranks (``train.batch_size`` is then the
+global batch): the first step's losses against one process, student and EMA teacher
+bit-identical across ranks, and an exact mid-phase resume.
 """
 
 from __future__ import annotations
