@@ -173,6 +173,31 @@ def test_single_process_context_is_a_no_op():
     distributed.shutdown()  # no group: nothing to destroy
 
 
+def test_collectives_in_buckets_cover_every_tensor_once_in_any_layout():
+    # What average_gradients and broadcast_module run their collectives on: flat buckets per
+    # dtype of at most bucket_elements values (a tensor larger than that gets one of its own),
+    # results written back by index (channels_last too).
+    from bida.distributed import _in_buckets
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g).double(),
+               torch.randn(2, 3, 4, 4, generator=g).to(memory_format=torch.channels_last), torch.arange(3),
+               torch.randn(7, generator=g), torch.randn(2, generator=g)]
+    before = [t.clone() for t in tensors]
+    buckets = []
+
+    def collective(flat: torch.Tensor) -> None:
+        buckets.append((flat.dtype, flat.numel()))
+        flat.mul_(2)
+
+    _in_buckets(tensors, collective, bucket_elements=20)
+    assert all(torch.equal(t, 2 * b) for t, b in zip(tensors, before))
+    assert tensors[2].is_contiguous(memory_format=torch.channels_last)
+    # float32: 12, then 96 (alone: larger than a bucket), then 7 + 2; float64: 5; int64: 3
+    assert buckets == [(torch.float32, 12), (torch.float32, 96), (torch.float32, 9), (torch.float64, 5),
+                       (torch.int64, 3)]
+
+
 def test_timeout_comes_from_the_environment(monkeypatch):
     monkeypatch.delenv("BIDA_DIST_TIMEOUT_S", raising=False)
     assert timeout_from_env().total_seconds() == 1800
