@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Every GPU figure in one command (about 5 minutes on one H100, at most 9): the train step
+# Every GPU figure in one command (about 5 minutes on one H100, at most 9.5): the train step
 # (fp32/bf16 x contiguous/channels_last x self_training/bida, plus bf16 under torch.compile)
 # with peak memory and TFLOP/s, BiDA's extras eager vs compiled, `bida train` against
 # the step benchmark (data wait, pseudo-label and evaluation images/s), and the transformer
-# path's teacher step (MiT-B5 + DAFormer head, 512x512, bf16: self-training vs BiDA) and its peak
-# memory with and without model.grad_checkpoint. Prints each part as it runs, then one summary table.
+# path's teacher step (MiT-B5 + DAFormer head, 512x512, bf16: self-training vs BiDA, each with and
+# without MIC) and each variant's peak memory with and without model.grad_checkpoint, and the
+# same for a DINOv2 ViT-L/14 (self-training vs BiDA). Prints each part as it runs, then one
+# summary table.
 #
 #   bash benchmarks/gpu.sh                 # on a machine with a CUDA GPU
 #   BIDA_BENCH_SMOKE=1 bash benchmarks/gpu.sh   # CPU, tiny shapes: checks the scripts run
@@ -31,12 +33,14 @@ if [ -n "${BIDA_BENCH_SMOKE:-}" ]; then
     LOOP=(--smoke)
     TEACHER=(--smoke --precisions fp32)
     MEMORY=(--smoke)
+    VIT=(--smoke --backbone dinov2_vits14 --width 0.125)
 else
     STEP=(--repeats 6 --channels-last --compile)
     EXTRAS=(--device cuda --dim 76 --repeats 20)
     LOOP=(--iters 300 --workers 8)
-    TEACHER=(--repeats 6)
-    MEMORY=(--repeats 2)
+    TEACHER=(--repeats 4)
+    MEMORY=(--repeats 1)
+    VIT=(--backbone dinov2_vitl14 --methods self_training bida --repeats 1)
 fi
 
 part() {  # part SECONDS NAME SCRIPT ARGS...: one benchmark, bounded in time, failures reported
@@ -46,10 +50,11 @@ part() {  # part SECONDS NAME SCRIPT ARGS...: one benchmark, bounded in time, fa
 }
 
 START=$SECONDS
-part 190 "train step (gpu_step.py)" benchmarks/gpu_step.py "${STEP[@]}" --json "$OUT/step.json"
-part 80 "BiDA extras (method_extras.py)" benchmarks/method_extras.py "${EXTRAS[@]}" --json "$OUT/extras.json"
-part 140 "trainer (train_loop.py)" benchmarks/train_loop.py "${LOOP[@]}" --json "$OUT/loop.json"
-part 70 "transformer teacher step (teacher_step.py)" benchmarks/teacher_step.py "${TEACHER[@]}" --json "$OUT/teacher.json"
-part 50 "peak memory with grad_checkpoint (memory.py)" benchmarks/memory.py "${MEMORY[@]}" --json "$OUT/memory.json"
+part 140 "train step (gpu_step.py)" benchmarks/gpu_step.py "${STEP[@]}" --json "$OUT/step.json"
+part 60 "BiDA extras (method_extras.py)" benchmarks/method_extras.py "${EXTRAS[@]}" --json "$OUT/extras.json"
+part 110 "trainer (train_loop.py)" benchmarks/train_loop.py "${LOOP[@]}" --json "$OUT/loop.json"
+part 100 "transformer teacher step (teacher_step.py)" benchmarks/teacher_step.py "${TEACHER[@]}" --json "$OUT/teacher.json"
+part 80 "peak memory with grad_checkpoint (memory.py)" benchmarks/memory.py "${MEMORY[@]}" --json "$OUT/memory.json"
+part 90 "DINOv2 ViT-L/14 teacher step and memory (memory.py)" benchmarks/memory.py "${VIT[@]}" --json "$OUT/memory_vit.json"
 echo; echo "== summary ($((SECONDS - START)) s, $(date -u +%Y-%m-%d), results in $OUT)"
 "${PY[@]}" benchmarks/summary.py "$OUT"

@@ -7,7 +7,8 @@ and every loss), backward, AdamW step and the EMA update. Each method runs once 
 plain model and once with activation checkpointing, one after the other in this process,
 each with a freshly built model: a warm-up step (the optimizer's state, cuDNN), then the
 peak (``torch.cuda.max_memory_allocated``, weights, optimizer state and teacher included)
-of the next steps, and their median time.
+of the next steps, and their median time. The variants are teacher_step.py's: self-training
+and BiDA, each alone and with MIC.
 
     bash benchmarks/gpu.sh                         # runs this as one of its parts
     .venv/bin/python benchmarks/memory.py [--size 512] [--backbone mit_b5] [--methods self_training bida]
@@ -43,6 +44,7 @@ from bida.optim import build_optimizer  # noqa: E402
 from bida.teacher import MeanTeacher  # noqa: E402
 
 PRECISIONS = teacher_step.PRECISIONS
+BACKBONES = teacher_step.BACKBONES
 
 
 def _rss_kib(field: str) -> int | None:
@@ -110,20 +112,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--size", type=int, default=512, help="square crop (DAFormer: 512)")
-    parser.add_argument("--backbone", default="mit_b5", choices=[f"mit_b{i}" for i in range(6)])
-    parser.add_argument("--width", type=float, default=1.0, help="MiT stage-width multiplier")
+    parser.add_argument("--backbone", default=None, choices=BACKBONES,
+                        help="MiT (DAFormer's mit_b5) or a DINOv2 ViT (dinov2_vitl14: VFM-UDA's), no weights loaded")
+    parser.add_argument("--width", type=float, default=None, help="encoder width multiplier (MiT stages, ViT embedding)")
     parser.add_argument("--decoder-dim", type=int, default=256, help="DAFormer head channels (DAFormer: 256)")
     parser.add_argument("--methods", nargs="+", default=list(teacher_step.METHODS), choices=teacher_step.METHODS)
     parser.add_argument("--precision", default="bf16", choices=list(PRECISIONS))
     parser.add_argument("--repeats", type=int, default=2, help="measured steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="steps per variant before measuring")
     parser.add_argument("--smoke", action="store_true",
-                        help="CPU, MiT-B0 at width 0.25, 64x64, self_training: checks the script runs")
+                        help="CPU, MiT-B0 (or --backbone) at width 0.25 (or --width), 64x64, self_training: checks the script runs")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.device, args.size, args.backbone, args.width, args.decoder_dim = "cpu", 64, "mit_b0", 0.25, 32
+        args.device, args.size, args.decoder_dim = "cpu", 64, 32
+        args.backbone, args.width = args.backbone or "mit_b0", args.width or 0.25
         args.precision, args.repeats, args.warmup, args.methods = "fp32", 1, 1, ["self_training"]
+    args.backbone, args.width = args.backbone or "mit_b5", args.width or 1.0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit(f"no CUDA device (torch {torch.__version__}); use --smoke for a CPU check")
@@ -137,7 +142,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"each variant: a fresh model, {args.warmup} warm-up step(s), then the peak and median time of "
           f"{args.repeats} step(s)" + ("; ~ = resident-memory growth, approximate" if device.type != "cuda" else ""))
     print()
-    columns, widths = ["method", "grad_checkpoint", "peak GiB", "step ms", "ckpt/plain"], [13, 15, 9, 9, 10]
+    columns, widths = ["method", "grad_checkpoint", "peak GiB", "step ms", "ckpt/plain"], [17, 15, 9, 9, 10]
     print(" | ".join(f"{c:>{w}}" for c, w in zip(columns, widths)))
     print("-+-".join("-" * w for w in widths))
     rows: list[dict] = []

@@ -1,6 +1,6 @@
 """One table from the JSON files of gpu_step.py, method_extras.py, train_loop.py, teacher_step.py and memory.py.
 
-    python benchmarks/summary.py DIR      # DIR holds step.json, extras.json, loop.json, teacher.json, memory.json
+    python benchmarks/summary.py DIR      # DIR holds step.json, extras.json, loop.json, teacher.json, memory.json, memory_vit.json
 
 A missing or failed part shows as "n/a", so that the rest of a run is still reported.
 """
@@ -72,21 +72,22 @@ def rows(folder: Path) -> list[tuple[str, str]]:
     for (precision, method), r in by_t.items():
         out.append((f"teacher step {teacher.get('backbone', '')} {precision} {method}",
                     f"{_fmt(r['step_ms'])} ms, peak {_fmt(r['peak_gib'], '.2f')} GiB"
-                    + (f", bida / ST {_fmt(r['bida_over_st'], '.3f')}" if method == "bida" else "")))
+                    + (f", / {r['base']} {_fmt(r['over_base'], '.3f')}" if r.get("base", method) != method else "")))
     if not by_t:
         out.append(("teacher step", "n/a"))
-    memory = _load(folder / "memory.json")
-    by_m = {(r["method"], r["grad_checkpoint"]): r for r in memory.get("rows", [])}
-    for method in ("self_training", "bida"):
-        plain, ckpt = by_m.get((method, False)), by_m.get((method, True))
-        if plain is None or ckpt is None:
-            continue
-        approx = "~" if ckpt.get("approximate") else ""
-        out.append((f"memory {memory.get('backbone', '')} {memory.get('precision', '')} {method} grad_checkpoint",
-                    f"peak {approx}{_fmt(plain['peak_gib'], '.2f')} -> {approx}{_fmt(ckpt['peak_gib'], '.2f')} GiB "
-                    f"(x{_fmt(ckpt['peak_ratio'], '.3f')}), step {_fmt(plain['step_ms'])} -> {_fmt(ckpt['step_ms'])} ms"))
-    if not by_m:
-        out.append(("memory with grad_checkpoint", "n/a"))
+    for file in ("memory.json", "memory_vit.json"):
+        memory = _load(folder / file)
+        by_m = {(r["method"], r["grad_checkpoint"]): r for r in memory.get("rows", [])}
+        for method in dict.fromkeys(m for m, _ in by_m):
+            plain, ckpt = by_m.get((method, False)), by_m.get((method, True))
+            if plain is None or ckpt is None:
+                continue
+            approx = "~" if ckpt.get("approximate") else ""
+            out.append((f"memory {memory.get('backbone', '')} {memory.get('precision', '')} {method} grad_checkpoint",
+                        f"peak {approx}{_fmt(plain['peak_gib'], '.2f')} -> {approx}{_fmt(ckpt['peak_gib'], '.2f')} GiB "
+                        f"(x{_fmt(ckpt['peak_ratio'], '.3f')}), step {_fmt(plain['step_ms'])} -> {_fmt(ckpt['step_ms'])} ms"))
+        if not by_m:
+            out.append((f"memory with grad_checkpoint ({file})", "n/a"))
     return out
 
 

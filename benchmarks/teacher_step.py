@@ -1,15 +1,18 @@
-"""Mean-teacher train step on a GPU: DAFormer-style self-training vs BiDA + teacher.
+"""Mean-teacher train step on a GPU: DAFormer-style self-training vs BiDA + teacher, each with and without MIC.
 
 The transformer path at DAFormer's shapes: MiT-B5 with the DAFormer head (decoder 256),
 2 source + 2 target 512x512 crops, K=19, bf16 autocast, AdamW. One step is what
 ``train.py`` runs in ``train.schedule=teacher``: zero grad, ``teacher_step`` (teacher
 pseudo labels, ClassMix, the student's forward of source, target and mixed crops, every
-loss), backward, AdamW step and the EMA teacher update. The two methods alternate
-(A B B A ...) after warm-up steps; peak memory (``torch.cuda.max_memory_allocated``) is
-reset after the warm-up.
+loss, MIC's masked-target forward for the ``+mic`` variants), backward, AdamW step and
+the EMA teacher update. The variants (self_training, bida, self_training+mic, bida+mic)
+alternate (A B C D D C B A ...) after warm-up steps and are given as ratios to the first;
+peak memory (``torch.cuda.max_memory_allocated``) is reset after the warm-up and covers
+all variants together: ``memory.py`` measures each variant's own peak, with and without
+``model.grad_checkpoint``. ``--grad-checkpoint`` times every variant with checkpointing.
 
     bash benchmarks/gpu.sh                              # runs this after the DeepLab-V2 parts
-    .venv/bin/python benchmarks/teacher_step.py [--size 512] [--repeats 6] [--backbone mit_b5]
+    .venv/bin/python benchmarks/teacher_step.py [--size 512] [--repeats 6] [--backbone mit_b5] [--grad-checkpoint]
     .venv/bin/python benchmarks/teacher_step.py --smoke  # CPU, MiT-B0 at width 0.25: checks the script runs
 
 The feature distance is off (it needs the ImageNet weights, which the benchmark does not
@@ -35,18 +38,30 @@ from bida.models import build_model  # noqa: E402
 from bida.optim import build_optimizer  # noqa: E402
 from bida.teacher import MeanTeacher, teacher_step  # noqa: E402
 
-METHODS = ("self_training", "bida")
+METHODS = ("self_training", "bida", "self_training+mic", "bida+mic")
+BACKBONES = [f"mit_b{i}" for i in range(6)] + [f"dinov2_vit{s}14{r}" for s in "sblg" for r in ("", "_reg")]
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
+def mic_block(size: int) -> int:
+    """MIC's mask block at a ``size`` crop: 64 at 512, scaled with the crop."""
+    return max(1, size // 8)
+
+
 def method_config(method: str, args: argparse.Namespace) -> Config:
-    """DAFormer's recipe (AdamW, EMA 0.999, ClassMix) at the given shapes, for ``method``."""
-    return load_config(None, [
-        f"method={method}", "train.schedule=teacher", "train.optimizer=adamw", "train.lr=6e-5",
+    """DAFormer's recipe (AdamW, EMA 0.999, ClassMix) at the given shapes, for ``method``.
+
+    ``method`` is ``self_training`` or ``bida``, with ``+mic`` for masked image consistency
+    at MIC's settings (weight 1, mask ratio 0.7, block 64 at 512 crops).
+    """
+    name, _, extra = method.partition("+")
+    mic = ["mic.weight=1.0", "mic.mask_ratio=0.7", f"mic.block_size={mic_block(args.size)}"] if extra == "mic" else []
+    return load_config(None, mic + [
+        f"method={name}", "train.schedule=teacher", "train.optimizer=adamw", "train.lr=6e-5",
         "train.weight_decay=0.01", f"model.backbone={args.backbone}", "model.decoder=daformer",
         f"model.decoder_dim={args.decoder_dim}", f"model.width={args.width}", "model.freeze_bn=false",
         "method.feature=decoder", "data.normalize=imagenet", f"data.crop=[{args.size},{args.size}]",
-        f"train.batch_size={ts.BATCH}",
+        f"train.batch_size={ts.BATCH}", f"model.grad_checkpoint={str(getattr(args, 'grad_checkpoint', False)).lower()}",
     ])
 
 
@@ -73,12 +88,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--size", type=int, default=512, help="square crop (DAFormer: 512)")
-    parser.add_argument("--backbone", default="mit_b5", choices=[f"mit_b{i}" for i in range(6)])
-    parser.add_argument("--width", type=float, default=1.0, help="MiT stage-width multiplier")
+    parser.add_argument("--backbone", default="mit_b5", choices=BACKBONES,
+                        help="MiT (DAFormer's mit_b5) or a DINOv2 ViT (dinov2_vitl14: VFM-UDA's), no weights loaded")
+    parser.add_argument("--width", type=float, default=1.0, help="encoder width multiplier (MiT stages, ViT embedding)")
     parser.add_argument("--decoder-dim", type=int, default=256, help="DAFormer head channels (DAFormer: 256)")
     parser.add_argument("--repeats", type=int, default=6, help="timed steps per method")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per method first (default: 3 on cuda, 1 on cpu)")
     parser.add_argument("--precisions", nargs="+", default=["bf16"], choices=list(PRECISIONS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                        help="variants to time against each other (the first is the ratio's base)")
+    parser.add_argument("--grad-checkpoint", action="store_true", help="model.grad_checkpoint=true for every variant")
     parser.add_argument("--smoke", action="store_true", help="CPU, MiT-B0 at width 0.25, 64x64: checks the script runs")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
@@ -98,22 +117,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"torch {torch.__version__}, device {device}: {name}")
     print(f"median of {args.repeats} steps per method (after {args.warmup} warm-up), the methods alternating")
     print()
-    columns, widths = ["precision", "method", "step ms", "peak GiB", "bida/ST"], [9, 13, 9, 8, 7]
+    base = args.methods[0]
+    columns, widths = ["precision", "method", "step ms", "peak GiB", f"x/{base}"[:18]], [9, 17, 9, 8, 18]
     print(" | ".join(f"{c:>{w}}" for c, w in zip(columns, widths)))
     print("-+-".join("-" * w for w in widths))
     rows: list[dict] = []
     start = time.perf_counter()
     for precision in args.precisions:
         torch.manual_seed(0)
-        cfgs = {m: method_config(m, args) for m in METHODS}
-        model = build_model(cfgs["bida"].model, ts.NUM_CLASSES, "decoder").to(device).train()
+        cfgs = {m: method_config(m, args) for m in args.methods}
+        model = build_model(cfgs[args.methods[0]].model, ts.NUM_CLASSES, "decoder").to(device).train()
         batches = ts.make_batches(args.size, device)
         batches[1]["label"] = torch.full_like(batches[1]["label"], ts.IGNORE)  # target truth: unknown
         run = {}
         for method, cfg in cfgs.items():
             state = MeanTeacher(cfg, ts.NUM_CLASSES, device)
             state.start(model)
-            calibration = ts.new_calibration(cfg, model, device) if method == "bida" else None
+            calibration = ts.new_calibration(cfg, model, device) if cfg.method.name == "bida" else None
             optimizer = build_optimizer(model.param_groups(cfg.train.lr, cfg.train.head_lr_mult), cfg.train.lr, cfg.train)
             run[method] = step_fn(model, optimizer, state, batches, cfg, calibration, device, PRECISIONS[precision])
         for fn in run.values():  # warm-up (cuDNN autotuning, allocator), not in the peak
@@ -124,18 +144,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         times = ts.interleaved(run, args.repeats, 0)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         medians = {m: statistics.median(t) for m, t in times.items()}
-        ratio = medians["bida"] / medians["self_training"]
-        for method in METHODS:
+        for method in args.methods:
+            ratio = medians[method] / medians[base]
             rows.append({"precision": precision, "method": method, "step_ms": 1e3 * medians[method],
-                         "peak_gib": peak, "bida_over_st": ratio})
+                         "peak_gib": peak, "over_base": ratio, "base": base,
+                         "bida_over_st": medians["bida"] / medians["self_training"] if {"bida", "self_training"} <= set(medians) else None})
             cells = [precision, method, f"{1e3 * medians[method]:.1f}", f"{peak:.2f}" if peak is not None else "n/a",
-                     f"{ratio:.3f}" if method == "bida" else ""]
+                     f"{ratio:.3f}" if method != base else ""]
             print(" | ".join(f"{c:>{w}}" for c, w in zip(cells, widths)), flush=True)
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump({"device": name, "torch": torch.__version__, "backbone": args.backbone, "size": args.size,
-                           "rows": rows}, fh, indent=1)
-    print(f"\npeak memory: both methods' steps together (one model); total {time.perf_counter() - start:.0f} s")
+                           "grad_checkpoint": args.grad_checkpoint, "rows": rows}, fh, indent=1)
+    print(f"\npeak memory: every variant's steps together (one model; memory.py gives each its own); total {time.perf_counter() - start:.0f} s")
     return rows
 
 

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/fixtures.py builders
 
 # Tiny everything: 8 training images per domain at 32x64, a ResNet-18 at 1/8 width.
 TINY = [
-    "data.synthetic.num_train=8", "data.synthetic.num_val=4", "data.synthetic.height=32",
+    "data.synthetic.num_train=8", "data.synthetic.num_val=4", "data.synthetic.num_test=2", "data.synthetic.height=32",
     "data.synthetic.width=64", "data.crop=[32,64]", "model.width=0.125", "train.iters=6",
     "train.iters_per_round=4", "train.rounds=2", "train.eval_every=100", "train.checkpoint_every=2",
     "train.log_every=1", "train.quiet=true", "calibration.ramp_iters=4",

@@ -207,10 +207,11 @@ def make_cityscapes_tree(
 def make_folder_tree(
     root: Path, classes: Sequence[str] = ("sky", "tree", "house"), n_train: int = 3,
     n_val: int = 2, size: tuple[int, int] = (8, 12), target_without_train_labels: bool = False,
-    palette: Sequence[Sequence[int]] | None = None,
+    palette: Sequence[Sequence[int]] | None = None, n_test: int = 0,
 ) -> Tree:
     """Folder layout; names are ``split/NAME`` keys. The second train image is a JPEG.
-    With ``target_without_train_labels`` there is no ``labels/train`` directory."""
+    With ``target_without_train_labels`` there is no ``labels/train`` directory; ``n_test``
+    images (and labels) go to ``images/test`` and ``labels/test``."""
     rng = np.random.default_rng(13)
     tree = Tree(Path(root))
     tree.root.mkdir(parents=True, exist_ok=True)
@@ -219,7 +220,7 @@ def make_folder_tree(
         spec["palette"] = [list(c) for c in palette]
     (tree.root / "classes.json").write_text(json.dumps(spec))
     values = np.array([*range(len(classes)), 255], dtype=np.uint8)
-    for split, count in (("train", n_train), ("val", n_val)):
+    for split, count in (("train", n_train), ("val", n_val), ("test", n_test)):
         for i in range(count):
             name = f"img_{i:03d}"
             key = f"{split}/{name}"

@@ -3,9 +3,12 @@ crop padding kept out of every target loss, prototype and moving average."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import bida.round_labels as round_labels
 from bida.config import load_config
@@ -80,6 +83,49 @@ def test_static_labels_stay_class_balanced_for_confident_classes(tmp_path, monke
                                                 ["a", "b", "c"], seed=0)
     # class rule: top 10% of the set; image rule: top 10% of each image; their union <= 20%
     assert 0.1 <= stats["labelled_fraction"] <= 0.2, stats["labelled_fraction"]
+
+
+def test_classes_the_source_never_labels_get_no_static_label(tmp_path, monkeypatch):
+    """SYNTHIA on the rounds schedule: a class without source pixels (class 2 here) is never
+    pseudo-labelled, however confident; the official code sets such classes' thresholds to 1."""
+    h, w, k = 4, 4, 3
+    samples = [Sample(name=f"img{i}", image=tmp_path / f"img{i}.png", label=None) for i in range(2)]
+
+    class Images(SegmentationDataset):
+        def __getitem__(self, index):
+            return {"image": torch.zeros(3, h, w), "label": torch.full((h, w), 255), "index": index}
+
+    def fake_probs(model, image, eval_cfg, num_classes, out_size):
+        probs = torch.zeros(1, num_classes, *out_size)
+        probs[0, 0], probs[0, 1] = 0.6, 0.4  # class 0 everywhere, at 0.6 ...
+        probs[0, :, 0, :2] = torch.tensor([0.0, 0.01, 0.99])[:, None]  # ... but class 2 at 0.99 on two pixels
+        return probs
+
+    monkeypatch.setattr(round_labels, "predict_probs", fake_probs)
+    cfg = load_config(None, ["pseudo.class_fraction=0.5", "pseudo.image_fraction=0.125"])
+    ds = Images(samples, "folder", k, train=False)
+    for source_pixels, class_2 in ((None, 4), (np.array([5, 3, 0]), 0)):
+        out = tmp_path / f"round_{class_2}"
+        stats = round_labels.generate_static_labels(torch.nn.Identity(), ds, cfg, out, ["a", "b", "c"], seed=0,
+                                                    source_pixels=source_pixels)
+        labels = np.stack([np.array(Image.open(out / f"img{i}.png")) for i in range(2)])
+        # image rule: the 2 most confident pixels of each image (class 2); class rule: class 0 at 0.6
+        assert int((labels == 2).sum()) == class_2 and int((labels == 0).sum()) == 2 * 14
+        assert stats["classes_without_source_pixels"] == ([] if source_pixels is None else ["c"])
+        assert (stats["class_thresholds"]["c"] is None) == (source_pixels is not None)
+
+
+def test_rounds_read_the_source_class_counts(tmp_path, tiny_overrides):
+    """The embedded source never draws rider, truck, bus, train, motorcycle or bicycle."""
+    from bida.train import train
+
+    cfg = load_config(None, tiny_overrides + ["method=self_training", "train.rounds=1", "train.iters=2",
+                                              "train.iters_per_round=1"])
+    train(cfg, tmp_path / "run")
+    stats = json.loads((tmp_path / "run" / "pseudo_labels" / "round_0" / "stats.json").read_text())
+    assert stats["classes_without_source_pixels"] == ["rider", "truck", "bus", "train", "motorcycle", "bicycle"]
+    labels = np.stack([np.array(Image.open(p)) for p in (tmp_path / "run" / "pseudo_labels" / "round_0").glob("*.png")])
+    assert not np.isin(labels, [12, 14, 15, 16, 17, 18]).any()
 
 
 # ------------------------------------------------------------ crop padding (bug 4)
@@ -177,6 +223,63 @@ def test_labels_brought_to_label_size_keep_padding_ignored():
     valid = torch.tensor([[[True, True, True, True, False]]])
     fused = _fused_at_label_size(y_static, y_f, {"valid": valid})
     assert fused.tolist() == [[[1, 0, 1, 2, 255]]]
+
+
+# ------------------------------------------------- label-size contrast, pair scope (issue 20.3)
+def test_label_size_holes_are_filled_from_dynamic_labels_only():
+    """y_D reaches a hole of y_F in its own cell; y_F's own samples never do."""
+    from bida.train_step import _fused_at_label_size
+
+    y_static = torch.tensor([[[0, 255, 1, 255], [255, 255, 255, 255]]])  # (1, 2, 4): two 2x2 cells
+    assert torch.equal(_fused_at_label_size(y_static, torch.full((1, 1, 2), 255), {}), y_static)
+    filled = _fused_at_label_size(y_static, torch.tensor([[[255, 2]]]), {})
+    assert filled.tolist() == [[[0, 255, 1, 2], [255, 255, 2, 2]]]
+
+
+def _holed_batch():
+    model, bs, bt, k, d = _bida_batch(torch.zeros(16))
+    g = torch.Generator().manual_seed(5)
+    holes = torch.rand(bt["label"].shape, generator=g) < 0.1  # scattered holes inside labelled cells
+    bt["label"] = torch.where(holes, torch.full_like(bt["label"], 255), bt["label"])
+    return model, bs, bt, k
+
+
+def test_label_size_contrast_without_dynamic_labels_scores_only_static_pixels():
+    """Before: with dynamic_labels=false L_t2s at contrast_resolution=label filled every hole of
+    y_F from the upsampled fused map, i.e. from y_F's own nearest-neighbour samples."""
+    model, bs, bt, k = _holed_batch()
+    cfg = load_config(None, ["method=bida", "method.dynamic_labels=false", "method.calibration=false",
+                             "loss.contrast_resolution=label"])
+    result = adapt_step(model, bs, bt, cfg, None, k)
+    from bida.prototypes import class_prototypes, downsample_labels
+
+    protos, present = class_prototypes(model.src.features, downsample_labels(bs["label"], (8, 8)), k)
+    y_static = torch.where(bt["valid"], bt["label"], torch.full_like(bt["label"], 255))
+    expected = pixel_prototype_contrast(model.tgt.features, y_static, protos, present, cfg.loss.temperature,
+                                        resolution="label")
+    assert float(result.logs["loss/contrast_t2s"]) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_pair_scope_averages_the_per_pair_means():
+    """Before: one mean over both pairs' pixels; the official code averages the pairs' losses."""
+    from bida.prototypes import downsample_labels, pair_prototypes
+
+    model, bs, bt, k = _holed_batch()
+    bt["label"][0, :, :16] = 255  # pair 0's target holds far fewer labelled pixels than pair 1's
+    cfg = load_config(None, ["method=bida", "method.dynamic_labels=false", "method.calibration=false",
+                             "method.prototype_scope=pair"])
+    result = adapt_step(model, bs, bt, cfg, None, k)
+    f_src, f_tgt = model.src.features, model.tgt.features
+    y_src, y_tgt = downsample_labels(bs["label"], (8, 8)), downsample_labels(bt["label"], (8, 8))
+    ps_src, pp_src = pair_prototypes(f_src, y_src, k)
+    ps_tgt, pp_tgt = pair_prototypes(f_tgt, y_tgt, k)
+    tau = cfg.loss.temperature
+    for key, f, y, protos, present in (("s2t", f_src, y_src, ps_tgt, pp_tgt), ("t2s", f_tgt, y_tgt, ps_src, pp_src)):
+        per_pair = [float(pixel_prototype_contrast(f[b:b + 1], y[b:b + 1], protos[b:b + 1], present[b:b + 1], tau))
+                    for b in range(2)]
+        pooled = float(pixel_prototype_contrast(f, y, protos, present, tau))
+        assert float(result.logs[f"loss/contrast_{key}"]) == pytest.approx(sum(per_pair) / 2, rel=1e-6), key
+        assert sum(per_pair) / 2 != pytest.approx(pooled, rel=1e-3), key  # the case tells the two apart
 
 
 # ----------------------------------------------- memory partners without calibration (issue 18.5)

@@ -42,17 +42,25 @@ def test_smoke_runs_of_every_gpu_script_make_one_table(tmp_path, bench, capsys, 
         assert figures[key] >= 0, key
     assert json.loads((tmp_path / "loop.json").read_text())["records"] >= 1
     teacher = teacher_step.main(["--smoke", "--precisions", "fp32", "--json", str(tmp_path / "teacher.json")])
-    assert [r["method"] for r in teacher] == ["self_training", "bida"] and all(r["step_ms"] > 0 for r in teacher)
+    assert [r["method"] for r in teacher] == ["self_training", "bida", "self_training+mic", "bida+mic"]
+    assert all(r["step_ms"] > 0 and r["base"] == "self_training" for r in teacher)
+    assert teacher_step.method_config("bida+mic", teacher_step.argparse.Namespace(
+        size=512, backbone="mit_b5", width=1.0, decoder_dim=256, grad_checkpoint=True)).mic.block_size == 64
     capsys.readouterr()
     peaks = memory.main(["--smoke", "--json", str(tmp_path / "memory.json")])
     assert [(r["method"], r["grad_checkpoint"]) for r in peaks] == [("self_training", False), ("self_training", True)]
     assert all(r["approximate"] and r["peak_gib"] >= 0 for r in peaks)  # CPU: resident memory, no figure asserted
     printed = capsys.readouterr().out
     assert "self_training |           false |" in printed and "self_training |            true |" in printed
+    vit = memory.main(["--smoke", "--backbone", "dinov2_vits14", "--width", "0.125", "--json", str(tmp_path / "memory_vit.json")])
+    assert [(r["method"], r["grad_checkpoint"]) for r in vit] == [("self_training", False), ("self_training", True)]
+    assert json.loads((tmp_path / "memory_vit.json").read_text())["backbone"] == "dinov2_vits14"
+    capsys.readouterr()
     summary.main([str(tmp_path)])
     table = capsys.readouterr().out
     for line in ("step fp32 contiguous bida", "compiled bf16 bida", "extras D=8", "trainer / benchmark",
-                 "evaluation slide", "teacher step mit_b0 fp32 bida", "memory mit_b0 fp32 self_training grad_checkpoint"):
+                 "evaluation slide", "teacher step mit_b0 fp32 bida+mic", "/ self_training", "memory mit_b0 fp32 self_training grad_checkpoint",
+                 "memory dinov2_vits14 fp32 self_training grad_checkpoint"):
         assert line in table, line
     assert "| step fp32 contiguous bida " in table and "n/a ms" not in table.split("compiled bf16")[0]
 

@@ -12,7 +12,7 @@ import torch
 
 from bida.checkpoint import load_checkpoint
 from bida.config import load_config
-from bida.models import DeepLabV2, MiTSegmentor
+from bida.models import DeepLabV2, DINOv2Segmentor, MiTSegmentor
 from bida.models.deeplabv2 import Stage
 from bida.train import Trainer, train
 
@@ -23,6 +23,12 @@ def _mit(grad_checkpoint: bool) -> MiTSegmentor:
     # drop path 0.5 and the decoder's dropout: random masks in every block
     return MiTSegmentor(5, width=0.25, decoder_dim=16, proj_dim=8, drop_path=0.5, decoder="daformer",
                         grad_checkpoint=grad_checkpoint)
+
+
+def _dinov2(grad_checkpoint: bool) -> DINOv2Segmentor:
+    # drop path 0.5, the decoder's dropout and the pyramid's BatchNorm; registers
+    return DINOv2Segmentor(5, "dinov2_vits14_reg", width=0.125, decoder_dim=16, proj_dim=8, drop_path=0.5,
+                           grad_checkpoint=grad_checkpoint)
 
 
 def _resnet(grad_checkpoint: bool, **kw) -> DeepLabV2:
@@ -45,8 +51,8 @@ def _step(model, x: torch.Tensor, amp: bool):
 
 
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("make", [_mit, _resnet, lambda c: _resnet(c, freeze_bn=True, bn_batch_stats=True)],
-                         ids=["mit_drop_path", "resnet_bn", "resnet_bn_batch_stats"])
+@pytest.mark.parametrize("make", [_mit, _dinov2, _resnet, lambda c: _resnet(c, freeze_bn=True, bn_batch_stats=True)],
+                         ids=["mit_drop_path", "dinov2_drop_path", "resnet_bn", "resnet_bn_batch_stats"])
 def test_checkpointed_step_is_bit_identical(make, amp):
     torch.manual_seed(0)
     plain = make(False).train()
@@ -83,6 +89,10 @@ def test_checkpointing_only_in_training_with_grad(monkeypatch):
     assert calls == []
     m.train()(x)
     assert len(calls) == sum(m.backbone.depths)  # every MiT block, once
+    calls.clear()
+    d = _dinov2(True)
+    d.train()(x)
+    assert len(calls) == 12  # every ViT-S block, once
     calls.clear()
     r = _resnet(True, separate_target_stem=False, backbone="resnet18")
     r.train()(x)

@@ -6,10 +6,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from bida.cli import main
 from bida.config import load_config
+from bida.train import git_revision
 
 
 def test_train_evaluate_predict(tmp_path, tiny_overrides, capsys):
@@ -69,11 +71,18 @@ def test_demo_over_seeds_pairs_every_method_on_its_own_source_model(tmp_path, ti
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--seeds", "2", "--quiet", *tiny_overrides]) == 0
     summary = json.loads((out / "results.json").read_text())
-    assert set(summary) == {"source_only", "self_training", "bida", "timing"}
+    assert set(summary) == {"source_only", "self_training", "bida", "timing", "split", "environment"}
     summary.pop("timing")
+    assert summary.pop("split") == "test"  # what the tables report; the val figures stay apart
+    env = summary.pop("environment")  # where the figures were measured
+    assert env["torch"] == torch.__version__ and env["cpu"] and env["git_commit"] == git_revision()
+    assert env["git_commit"] is None or len(env["git_commit"]) == 40
     for method, entry in summary.items():
         metrics = [json.loads((out / f"seed_{s}" / method / "metrics.json").read_text()) for s in (0, 1)]
-        assert entry["per_seed"] == [m["mIoU"] for m in metrics] and entry["seeds"] == [0, 1]
+        assert entry["per_seed"] == [m["mIoU"] for m in metrics] and entry["seeds"] == [0, 1]  # val, as always
+        assert entry["val"]["per_seed"] == entry["per_seed"] and entry["val"]["split"] == "val"
+        assert entry["test"]["per_seed"] == [m["test"]["mIoU"] for m in metrics] and entry["test"]["split"] == "test"
+        assert entry["test"]["mean"] == np.mean(entry["test"]["per_seed"])
         assert entry["mean"] == np.mean(entry["per_seed"])
         assert np.isclose(entry["std"], np.std(entry["per_seed"], ddof=1))
         assert 0.0 <= entry["mean"] <= 1.0
@@ -84,8 +93,15 @@ def test_demo_over_seeds_pairs_every_method_on_its_own_source_model(tmp_path, ti
     vs = summary["bida"]["vs_self_training"]
     assert np.allclose(vs["per_seed"], np.subtract(summary["bida"]["per_seed"], summary["self_training"]["per_seed"]))
     assert vs["wins"] == sum(d > 0 for d in vs["per_seed"])
+    vs_test = summary["bida"]["test"]["vs_self_training"]
+    assert np.allclose(vs_test["per_seed"], np.subtract(summary["bida"]["test"]["per_seed"],
+                                                        summary["self_training"]["test"]["per_seed"]))
     text = (out / "results.md").read_text()
     assert "±" in text and "bida" in text and "Mean per-class IoU" in text
+    assert "target test mIoU mean ± std" in text and "| target val mean |" in text
+    assert f"Measured at commit {env['git_commit'] or 'unknown'}" in text
+    bida_row = next(line for line in text.splitlines() if line.startswith("| bida |"))
+    assert bida_row.startswith(f"| bida | {100 * summary['bida']['test']['mean']:.1f} ± ")
     assert text in capsys.readouterr().out
     # the transformer demo's MIC rows stay out of the DeepLab-V2 demo
     assert {p.name for p in (out / "seed_0").iterdir()} == {"source_only", "self_training", "bida", "shared_labels"}
@@ -132,7 +148,7 @@ def test_transformer_demo_runs_source_only_teacher_self_training_bida_and_both_w
     summary = json.loads((out / "results.json").read_text())
     rows = {"source_only": "source_only", "self_training": "self_training", "bida": "bida",
             "self_training_mic": "self_training", "bida_mic": "bida"}  # row: method
-    assert set(summary) == {*rows, "timing"}
+    assert set(summary) == {*rows, "timing", "split", "environment"} and summary["split"] == "test"
     assert set(summary["timing"]["runs_s"]) == {f"seed_{s}/{r}" for s in (0, 1) for r in rows}
     for row, method in rows.items():
         metrics = [json.loads((out / f"seed_{s}" / row / "metrics.json").read_text()) for s in (0, 1)]
@@ -171,7 +187,10 @@ def test_transformer_demo_runs_source_only_teacher_self_training_bida_and_both_w
     text = (out / "results.md").read_text()
     for row in rows:
         assert f"\n| {row} | " in text
-    vs = summary["bida_mic"]["vs_self_training_mic"]
+    vs = summary["bida_mic"]["test"]["vs_self_training_mic"]  # the tables report the test split
+    diffs = np.subtract(summary["bida_mic"]["test"]["per_seed"], summary["self_training_mic"]["test"]["per_seed"])
+    assert np.allclose(vs["per_seed"], diffs) and summary["bida_mic"]["val"]["vs_self_training_mic"]["per_seed"] == \
+        summary["bida_mic"]["vs_self_training_mic"]["per_seed"]
     assert f"| bida_mic − self_training_mic | {100 * vs['mean']:+.1f} ± {100 * vs['std']:.1f} |" in text
     page = (out / "report" / "index.html").read_text()  # the report of the first seed shows every row
     assert "self_training + MIC" in page and "bida + MIC" in page and "bida_mic" in page

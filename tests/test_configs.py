@@ -17,6 +17,7 @@ import yaml
 
 from bida.cli import main
 from bida.models import DeepLabV2
+from bida.models.dinov2 import DINOv2Segmentor
 from bida.models.mit import MiTSegmentor
 from fixtures import make_cityscapes_tree, make_folder_tree, make_gta5_tree, make_synthia_tree
 
@@ -49,7 +50,7 @@ def shrink(raw: dict) -> list[str]:
         out.append(f"data.rcs_min_pixels={_scaled(data.get('rcs_min_pixels', 3000), area)}")
     if raw.get("mic", {}).get("block_size"):  # a side in pixels of the crop
         out.append(f"mic.block_size={_scaled(raw['mic']['block_size'], factor)}")
-    if str(raw.get("model", {}).get("backbone", "")).startswith("mit_"):
+    if str(raw.get("model", {}).get("backbone", "")).startswith(("mit_", "dinov2_")):
         out += ["model.decoder_dim=16", "model.proj_dim=16"]
     for key in ("size", "crop", "stride"):
         if ev.get(key):
@@ -77,7 +78,7 @@ def _domain_overrides(raw: dict, tmp: Path, cache: Path) -> list[str]:
             assert kind == "synthetic"
             syn = raw["data"].get("synthetic", {})
             factor = min(1.0, LONGEST_CROP / max(raw["data"]["crop"]))
-            out += ["data.synthetic.num_train=6", "data.synthetic.num_val=3",
+            out += ["data.synthetic.num_train=6", "data.synthetic.num_val=3", "data.synthetic.num_test=2",
                     f"data.synthetic.height={_scaled(syn.get('height', 64), factor)}",
                     f"data.synthetic.width={_scaled(syn.get('width', 128), factor)}",
                     f"data.synthetic.cache_dir={cache}"]
@@ -112,6 +113,16 @@ def _tiny_mit_weights(raw: dict, path: Path) -> Path:
     model = MiTSegmentor(19, raw["model"]["backbone"], width=0.125, decoder_dim=16, proj_dim=16)
     state = {k[len("backbone."):]: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
     state["head.weight"], state["head.bias"] = torch.randn(1000, model.backbone.dims[-1]), torch.zeros(1000)
+    torch.save(state, path)
+    return path
+
+
+def _tiny_dinov2_weights(raw: dict, path: Path) -> Path:
+    """A DINOv2 release file (no prefix, the pretraining ``mask_token``) at width 0.125."""
+    torch.manual_seed(0)
+    model = DINOv2Segmentor(19, raw["model"]["backbone"], width=0.125, decoder_dim=16, proj_dim=16)
+    state = {k[len("backbone."):]: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    state["mask_token"] = torch.zeros(1, model.backbone.dim)
     torch.save(state, path)
     return path
 
@@ -168,7 +179,9 @@ def _teacher_config_runs(name: str, raw: dict, tmp_path: Path, synthetic_cache) 
     over += ["train.source_iters=2"] if raw["train"].get("source_iters") else []
     pretrained = raw.get("model", {}).get("pretrained")
     if pretrained:
-        make = _tiny_mit_weights if raw["model"]["backbone"].startswith("mit_") else _tiny_init_weights
+        backbone = raw["model"]["backbone"]
+        make = (_tiny_mit_weights if backbone.startswith("mit_") else
+                _tiny_dinov2_weights if backbone.startswith("dinov2_") else _tiny_init_weights)
         over.append(f"model.pretrained={make(raw, tmp_path / Path(pretrained).name)}")
     method = raw["method"] if isinstance(raw["method"], str) else raw["method"]["name"]
     run = tmp_path / "run"

@@ -20,7 +20,7 @@ from bida.cli import main
 from bida.errors import BidaError
 
 TINY_RUN = [
-    "data.synthetic.num_train=8", "data.synthetic.num_val=4", "data.synthetic.height=32",
+    "data.synthetic.num_train=8", "data.synthetic.num_val=4", "data.synthetic.num_test=2", "data.synthetic.height=32",
     "data.synthetic.width=64", "data.crop=[32,64]", "model.width=0.125", "train.iters=4",
     "train.eval_every=100", "train.checkpoint_every=100", "train.log_every=1", "train.quiet=true",
 ]

@@ -69,7 +69,7 @@ def test_an_interrupted_demo_resumes_as_a_demo(tmp_path, tiny_overrides, monkeyp
     assert main(["demo", "--resume", str(out), "--quiet"]) == 0
     assert trained == ["bida"]  # only the missing run
     results = json.loads((out / "results.json").read_text())
-    assert {"source_only", "self_training", "bida", "timing"} == set(results)
+    assert {"source_only", "self_training", "bida", "timing", "split", "environment"} == set(results)
     timing = results["timing"]
     assert set(timing) == {"setup_s", "runs_s", "report_s", "total_s"}
     assert set(timing["runs_s"]) == {"source_only", "self_training", "bida"}
@@ -85,6 +85,7 @@ def test_an_interrupted_demo_resumes_as_a_demo(tmp_path, tiny_overrides, monkeyp
     demo.run_demo(out, quiet=True, resume=True, reevaluate=True, report=False)  # (the report was checked above)
     again = json.loads((out / "results.json").read_text())
     assert trained == ["bida"] and all(again[k]["mIoU"] == results[k]["mIoU"] for k in ("source_only", "bida"))
+    assert all(again[k]["test"]["mIoU"] == results[k]["test"]["mIoU"] for k in ("source_only", "bida"))  # test again too
     # --resume takes the recorded settings
     assert main(["demo", "--resume", str(out), "--seeds", "2"]) == 2
     assert main(["ablate", "--resume", str(out)]) == 2
@@ -129,8 +130,9 @@ def test_an_interrupted_transformer_demo_resumes_with_its_mic_rows(tmp_path, tin
     demo.run_demo(out, quiet=True, report=False, resume=True)  # the recorded arch and overrides
     assert trained == ["self_training_mic", "bida_mic"]  # only the missing runs
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"source_only", "self_training", "bida", "self_training_mic", "bida_mic", "timing"}
-    assert set(results["timing"]["runs_s"]) == set(results) - {"timing"}
+    assert set(results) == {"source_only", "self_training", "bida", "self_training_mic", "bida_mic", "timing", "split",
+                            "environment"}
+    assert set(results["timing"]["runs_s"]) == set(results) - set(demo.SUMMARY_KEYS)
     assert load_config(out / "self_training_mic" / "config.yaml").mic.weight == 1.0
     assert "loss/mic" in (out / "bida_mic" / "log.jsonl").read_text()
     diff = results["bida_mic"]["vs_self_training_mic"]["per_seed"]

@@ -117,12 +117,17 @@ def test_steady_state_steps_read_nothing_from_the_device_but_their_finite_flag(t
 # The mean-teacher step of both methods, with ClassMix, rare-class sampling and MIC's masking.
 # SGD: on a CPU, AdamW reads its step counter (a host tensor) with .item(), which the recorder
 # cannot tell from a device read.
-@pytest.mark.parametrize("method", ["self_training", "bida"])
+DINOV2 = ["model.backbone=dinov2_vits14_reg", "model.decoder=daformer", "model.decoder_dim=16", "model.proj_dim=8",
+          "model.drop_path=0.1", "train.layer_decay=0.9"]
+
+
+@pytest.mark.parametrize("method, extra", [("self_training", []), ("bida", []), ("bida", DINOV2)],
+                         ids=["self_training", "bida", "bida_dinov2"])
 def test_teacher_steps_with_mic_read_nothing_from_the_device_but_their_finite_flag(tmp_path, tiny_overrides,
-                                                                                   monkeypatch, method):
+                                                                                   monkeypatch, method, extra):
     import bida.train as tr
 
-    cfg = load_config(None, tiny_overrides + [
+    cfg = load_config(None, tiny_overrides + extra + [
         f"method={method}", "train.schedule=teacher", "train.iters=2",
         "train.log_every=1000", "train.checkpoint_every=1000", "train.eval_every=1000", "eval.max_images=1",
         "data.rare_class_sampling=true", "data.rcs_min_pixels=2", "mic.weight=1", "mic.block_size=8"])

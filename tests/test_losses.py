@@ -251,6 +251,25 @@ def test_contrast_pair_scope_equals_per_image_loop():
     assert torch.allclose(shared, batch, atol=1e-6)
 
 
+def test_contrast_per_image_averages_each_images_mean():
+    """Pair scope: the mean of each image's pixel mean (the official code's average of its
+    per-pair losses), not one mean over every pixel; images without a pixel do not count."""
+    protos = torch.eye(2)  # rho_0 = e0, rho_1 = e1
+    present = torch.ones(3, 2, dtype=torch.bool)
+    f = torch.zeros(3, 2, 1, 2)
+    f[0, :, 0, 0] = torch.tensor([1.0, 0.0])  # image 0: one pixel of class 0, at e0
+    f[1, :, 0, :] = torch.tensor([0.0, 1.0])[:, None]  # image 1: two pixels of class 0, at e1
+    y = torch.tensor([[[0, IGNORE]], [[0, 0]], [[IGNORE, IGNORE]]])  # image 2: nothing
+    near, far = math.log(1 + math.exp(-1.0)), math.log(1 + math.exp(1.0))  # tau = 1
+    loss, count = pixel_prototype_contrast(f, y, protos.expand(3, 2, 2), present, 1.0,
+                                           return_count=True, per_image=True)
+    assert loss.item() == pytest.approx((near + far) / 2, rel=1e-6) and int(count) == 2
+    pooled, pixels = pixel_prototype_contrast(f, y, protos.expand(3, 2, 2), present, 1.0, return_count=True)
+    assert pooled.item() == pytest.approx((near + 2 * far) / 3, rel=1e-6) and int(pixels) == 3
+    none = pixel_prototype_contrast(f, torch.full_like(y, IGNORE), protos, present[0], 1.0, per_image=True)
+    assert none.item() == 0.0
+
+
 def test_contrast_label_resolution_equals_upsampled_logits():
     features, _, prototypes = random_inputs(seed=10)
     present = torch.tensor([True, True, True, False, True])

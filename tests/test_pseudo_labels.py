@@ -257,6 +257,18 @@ def test_static_labels_union_rule():
     assert out.dtype == torch.int64
 
 
+def test_static_labels_never_label_a_class_outside_labelled_classes():
+    conf = torch.tensor([[[0.95, 0.40, 0.30], [0.60, 0.20, 0.10]]])
+    pred = torch.tensor([[[0, 1, 1], [2, 2, 0]]])
+    class_thr = torch.tensor([0.99, 0.35, 0.50])
+    # Without a restriction: 0.95 by the image rule, 0.40 (class 1) and 0.60 (class 2) by the class rule.
+    assert static_labels(conf, pred, class_thr, 1 / 6).tolist() == [[[0, 1, IGNORE], [2, IGNORE, IGNORE]]]
+    # Class 0 not labelled by the source: its pixel kept by the image rule goes too.
+    allowed = torch.tensor([False, True, True])
+    out = static_labels(conf, pred, class_thr, 1 / 6, labelled_classes=allowed)
+    assert out.tolist() == [[[IGNORE, 1, IGNORE], [2, IGNORE, IGNORE]]]
+
+
 def test_static_labels_match_pixel_loop():
     gen = torch.Generator().manual_seed(3)
     conf = torch.rand(2, 5, 6, generator=gen)

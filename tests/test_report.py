@@ -22,7 +22,7 @@ from bida.report import write_report
 from bida.train import train
 
 TINY = [
-    "data.synthetic.num_train=8", "data.synthetic.num_val=4", "data.synthetic.height=32",
+    "data.synthetic.num_train=8", "data.synthetic.num_val=4", "data.synthetic.num_test=2", "data.synthetic.height=32",
     "data.synthetic.width=64", "data.crop=[32,64]", "model.width=0.125", "train.iters=6",
     "train.log_every=1", "train.quiet=true", "train.checkpoint_every=100",
 ]
@@ -94,6 +94,22 @@ def test_page_compares_runs_per_class(report, runs):
     assert "source_only: no self-training rounds" in page
     git = json.loads((runs[1] / "run.json").read_text())["git_revision"]
     assert (git or "unknown")[:12] in page
+
+
+def test_page_reports_the_test_split_with_val_apart(report, runs):
+    import json
+
+    page = report.read_text()
+    assert "Per-class IoU on the target test set" in page and "Confusion matrices (target test)" in page
+    header = page[page.index('<h2 id="runs"'):page.index('<h2 id="iou"')]
+    assert "target test mIoU (last)" in header and "target val mIoU (last)" in header
+    start = page.index('<h2 id="iou"')
+    table = page[start:page.index("<h2", start + 1)]
+    for run in runs:
+        m = json.loads((run / "metrics.json").read_text())
+        assert f"<td>{100 * m['test']['mIoU']:.1f}</td>" in header and f"<td>{100 * m['mIoU']:.1f}</td>" in header
+    base = json.loads((runs[0] / "metrics.json").read_text())["test"]["mIoU"]
+    assert f"<td>{100 * base:.1f}</td>" in table.split("mIoU</td>")[-1]  # the table's mIoU row: test
 
 
 def test_page_has_no_external_resources(report):

@@ -63,12 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=("paper", "plus"),
                    help="named method preset applied before the overrides (see bida.presets)")
 
-    p = sub.add_parser("evaluate", help="evaluate a checkpoint on the target validation split")
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on the target validation (or test) split")
     _add_config_args(p, config_help="YAML config (default: the config saved in the checkpoint)", example="eval.flip=true")
     p.add_argument("--checkpoint", required=True, help="bida checkpoint, e.g. runs/NAME/checkpoints/last.pt")
     p.add_argument("--out", help="directory for metrics.json (default: print only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing metrics.json in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--split", choices=("val", "test"), default="val",
+                   help="target split: data.target.val_split (default) or data.target.test_split")
 
     p = sub.add_parser("predict", help="predict label maps and overlays for images or folders")
     p.add_argument("--checkpoint", required=True, help="bida checkpoint, e.g. runs/NAME/checkpoints/last.pt")
@@ -167,7 +169,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from .config import load_config
+    from .config import load_config, target_test_split
     from .data.datasets import build_eval_dataset, check_same_classes, resolve_domain
     from .evaluate import evaluate, markdown_table, write_metrics
     from .predict import model_from_checkpoint
@@ -182,17 +184,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if model.num_classes != classes.num_classes:  # as train does: metrics of another class list are meaningless
         raise CheckpointError(f"checkpoint {args.checkpoint} was trained for {model.num_classes} classes, "
                               f"the config has {classes.num_classes}")
-    if not cfg.data.target.val_split:
-        raise BidaError("data.target.val_split is not set: nothing to evaluate")
+    split = target_test_split(cfg) if args.split == "test" else cfg.data.target.val_split
+    if not split:
+        raise BidaError(f"data.target.{args.split}_split is not set: nothing to evaluate")
     if args.out:  # before the evaluation, not after it
         from .checkpoint import ensure_writable
 
         ensure_writable(Path(args.out))
-    ds = build_eval_dataset(cfg, tgt, cfg.data.target.val_split)
+    ds = build_eval_dataset(cfg, tgt, split)
     metrics = evaluate(model, ds, cfg.eval, classes.names, cfg.data.eval_classes, quiet=args.quiet,
                        ignore_index=classes.ignore_index, device=device, per_image=True)
     metrics["checkpoint"] = str(args.checkpoint)
-    print(markdown_table(metrics))
+    metrics["split"] = split
+    print(markdown_table(metrics, f"target {split}"))
     if args.out:
         write_metrics(metrics, Path(args.out) / "metrics.json")
         print(f"wrote {Path(args.out) / 'metrics.json'}")
@@ -252,7 +256,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import load_config, target_test_split
     from .data.data_check import check_domain
     from .data.datasets import check_same_classes, resolve_domain
     from .errors import DataError
@@ -266,6 +270,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         splits = {dom_cfg.train_split: which == "source"}
         if dom_cfg.val_split:
             splits[dom_cfg.val_split] = True
+        if which == "target" and target_test_split(cfg):
+            splits[target_test_split(cfg)] = True
         report = check_domain(dom.kind, dom.root, splits, num_classes=dom.classes.num_classes, full=not args.quick)
         report.domain = f"{dom_cfg.kind} {dom.root}"  # the configured kind (the embedded pair reads as folders)
         print(f"## {which}: {dom_cfg.kind} at {dom.root}\n")

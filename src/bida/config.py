@@ -37,6 +37,9 @@ class SyntheticConfig:
 
     num_train: int = 200  # images per domain; enough for the classes to co-occur often
     num_val: int = 60
+    # Target test images: their own generation stream (adding them changes no train/val image);
+    # never used for training, pseudo labels, best.pt or any choice; evaluated once at the end.
+    num_test: int = 0
     height: int = 64  # small so that a narrow network trains in minutes on a CPU
     width: int = 128
     seed: int = 0
@@ -50,7 +53,11 @@ class DomainConfig:
     kind: DomainKinds = "synthetic"
     root: Optional[str] = None  # ignored for ``synthetic`` (the cache directory is used)
     train_split: str = "train"
-    val_split: Optional[str] = "val"  # target: the split evaluated during training
+    val_split: Optional[str] = "val"  # target: the split evaluated during training (best.pt, choices)
+    # Target only: a held-out split (folder layout: images/<split> + labels/<split>) evaluated
+    # once, on the last checkpoint, after training; nothing selects on it. None: no test split,
+    # except that a synthetic target has split "test" when data.synthetic.num_test > 0.
+    test_split: Optional[str] = None
     synthetic_domain: Optional[Literal["source", "target"]] = None  # which synthetic rendering (default: the role)
     resize: Optional[int] = None  # this domain's shorter side before augmentation; None: data.resize
 
@@ -80,10 +87,14 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # resnet*: DeepLab-V2 (output stride 8); mit_b*: Mix Transformer + decoder (stride 4)
+    # resnet*: DeepLab-V2 (output stride 8); mit_b*: Mix Transformer + decoder (stride 4);
+    # dinov2_*: DINOv2 ViT (patch 14; _reg: with 4 register tokens) + simple feature pyramid
+    # + decoder (stride 3.5)
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101",
-                      "mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5"] = "resnet18"
-    width: float = 1.0  # channel multiplier (ResNet channels, MiT stage widths); < 1 for CPU demos and tests
+                      "mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5",
+                      "dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14",
+                      "dinov2_vits14_reg", "dinov2_vitb14_reg", "dinov2_vitl14_reg", "dinov2_vitg14_reg"] = "resnet18"
+    width: float = 1.0  # channel multiplier (ResNet channels, MiT stage widths, ViT width); < 1 for CPU demos and tests
     pretrained: Optional[str] = None  # ImageNet/DeepLab init weights (local file)
     init_checkpoint: Optional[str] = None  # start from a bida checkpoint (e.g. source-only)
     freeze_bn: bool = False  # the paper freezes BN (pretrained stats); random init needs training BN
@@ -92,10 +103,10 @@ class ModelConfig:
     # domain forwarded separately), running stats updated and used at evaluation -- the official code.
     bn_batch_stats: bool = False
     proj_dim: int = 256  # projection head size when method.feature = backbone or decoder
-    # MiT only. segformer: all-MLP head; daformer: context-aware fusion (dilated separable convs)
+    # MiT and DINOv2. segformer: all-MLP head; daformer: context-aware fusion (dilated separable convs)
     decoder: Literal["segformer", "daformer"] = "segformer"
     decoder_dim: int = 256  # MiT decoder channels: SegFormer-B0/B1 256, B2-B5 768; DAFormer 256
-    drop_path: float = 0.1  # MiT stochastic-depth rate of the last block (SegFormer, DAFormer: 0.1)
+    drop_path: float = 0.1  # MiT/ViT stochastic-depth rate of the last block (SegFormer, DAFormer: 0.1)
     # Activation checkpointing of the MiT blocks / the ResNet blocks of layer1..layer4: their
     # activations are recomputed in the backward instead of kept. Same losses, gradients and
     # BN statistics, lower peak memory for about one more forward of the encoder per step:
@@ -145,6 +156,10 @@ class TrainConfig:
     batch_size: int = 2
     lr: float = 2.5e-3  # backbone; the classifier gets head_lr_mult x this
     head_lr_mult: float = 10.0
+    # Layer-wise LR decay of a ViT encoder (dinov2_* only; 1.0 = off): the final norm trains
+    # at lr, block i (of N, from 0) at lr x layer_decay^(N - i), the patch/position embeddings
+    # at lr x layer_decay^(N + 1); the head keeps head_lr_mult x lr (BEiT/mmseg rule).
+    layer_decay: float = 1.0
     optimizer: Literal["sgd", "adamw"] = "sgd"  # DAFormer: adamw, lr 6e-5, weight_decay 0.01
     momentum: float = 0.9  # sgd only (adamw: betas 0.9, 0.999)
     weight_decay: float = 5e-4
@@ -283,6 +298,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "seed": (0, 2**32 - 1, True, True),  # numpy's seed range
     "data.synthetic.num_train": (1, INF, True, True),
     "data.synthetic.num_val": (1, INF, True, True),
+    "data.synthetic.num_test": (0, INF, True, True),
     "data.synthetic.height": (8, MAX_SIDE, True, True),  # the network downsamples by 8
     "data.synthetic.width": (8, MAX_SIDE, True, True),
     "data.synthetic.seed": (0, 2**32 - 1, True, True),
@@ -308,6 +324,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "train.batch_size": (1, INF, True, True),
     "train.lr": (0, INF, False, True),
     "train.head_lr_mult": (0, INF, False, True),
+    "train.layer_decay": (0, 1, False, True),
     "train.momentum": (0, 1, True, False),
     "train.weight_decay": (0, INF, True, True),
     "train.poly_power": (0, INF, True, True),
@@ -391,7 +408,36 @@ def check_ranges(cfg: "Config") -> None:
         raise ConfigError(f"data.scale_range: {[lo, hi]} is not a range (min > max)")
     if cfg.data.eval_classes is not None and not cfg.data.eval_classes:
         raise ConfigError("data.eval_classes: [] selects no class (mIoU would be 0); use null for every class")
+    check_test_split(cfg)
     check_schedule(cfg)
+
+
+def target_test_split(cfg: "Config") -> str | None:
+    """The target's test split: ``data.target.test_split``; for the embedded pair, ``"test"``
+    whenever ``data.synthetic.num_test > 0`` (its images are generated with the pair)."""
+    t = cfg.data.target
+    if t.test_split is None and t.kind == "synthetic" and cfg.data.synthetic.num_test > 0:
+        return "test"
+    return t.test_split
+
+
+def check_test_split(cfg: "Config") -> None:
+    """``data.target.test_split`` names a split that can exist and that nothing else reads.
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    t = cfg.data.target
+    if cfg.data.source.test_split is not None:
+        raise ConfigError("data.source.test_split: only the target has a test split; set data.target.test_split")
+    if t.test_split is None:
+        return
+    if t.test_split in (t.train_split, t.val_split):
+        raise ConfigError(f"data.target.test_split: '{t.test_split}' is also the target's train or val split; "
+                          "a test split must be images that nothing trains or selects on")
+    if t.kind == "synthetic" and (t.test_split != "test" or cfg.data.synthetic.num_test == 0):
+        raise ConfigError(f"data.target.test_split: the embedded pair's test split is 'test' and needs "
+                          f"data.synthetic.num_test > 0 (got '{t.test_split}', num_test={cfg.data.synthetic.num_test})")
 
 
 def check_schedule(cfg: "Config") -> None:
@@ -447,10 +493,14 @@ def check_class_ids(key: str, ids: typing.Sequence[int] | None, num_classes: int
 MIT_MIN_CROP = 32  # MiT's first stage (stride 4) reduces keys/values by 8 more
 
 
+DECODER_BACKBONES = ("mit_", "dinov2_")  # backbone families with a decoder (MiT, DINOv2)
+
+
 def default_feature(backbone: str) -> str:
     """``method.feature`` when the config leaves it unset: the map that ``backbone`` contrasts
-    by default (``decoder`` for ``mit_b*``, the official code's ``aspp_branches`` for ``resnet*``)."""
-    return "decoder" if backbone.startswith("mit_") else "aspp_branches"
+    by default (``decoder`` for ``mit_b*`` and ``dinov2_*``, the official code's
+    ``aspp_branches`` for ``resnet*``)."""
+    return "decoder" if backbone.startswith(DECODER_BACKBONES) else "aspp_branches"
 
 
 def check_model_choices(cfg: "Config") -> None:
@@ -460,15 +510,20 @@ def check_model_choices(cfg: "Config") -> None:
         ConfigError: naming the key that does not fit.
     """
     m, backbone = cfg.model, cfg.model.backbone
-    if not backbone.startswith("mit_"):
+    if cfg.train.layer_decay != 1.0 and not backbone.startswith("dinov2_"):
+        raise ConfigError(f"train.layer_decay={cfg.train.layer_decay:g}: layer-wise LR decay is defined for the "
+                          f"blocks of a ViT (model.backbone=dinov2_*), not model.backbone={backbone}; set it to 1.0")
+    if not backbone.startswith(DECODER_BACKBONES):
         if cfg.method.feature == "decoder":
             raise ConfigError(f"method.feature=decoder: model.backbone={backbone} (DeepLab-V2) has no decoder "
-                              "feature; use aspp_branches or backbone, or a mit_b* backbone")
+                              "feature; use aspp_branches or backbone, or a mit_b* or dinov2_* backbone")
         return
+    family = "MiT" if backbone.startswith("mit_") else "DINOv2"
     deeplab_only = (
-        ("model.separate_target_stem", m.separate_target_stem, "MiT has no ResNet stem to duplicate"),
-        ("model.bn_batch_stats", m.bn_batch_stats, "MiT has no frozen BatchNorm"),
-        ("model.freeze_bn", m.freeze_bn, "MiT's only BatchNorms are in the randomly initialised decoder, "
+        ("model.separate_target_stem", m.separate_target_stem, f"{family} has no ResNet stem to duplicate"),
+        ("model.bn_batch_stats", m.bn_batch_stats, f"{family} has no frozen BatchNorm"),
+        ("model.freeze_bn", m.freeze_bn, f"{family}'s only BatchNorms are in the randomly initialised "
+                                         f"{'decoder' if family == 'MiT' else 'pyramid and decoder'}, "
                                          "whose statistics must be learnt"),
     )
     for key, value, why in deeplab_only:
@@ -476,10 +531,12 @@ def check_model_choices(cfg: "Config") -> None:
             raise ConfigError(f"{key}=true is a DeepLab-V2 option: {why} (model.backbone={backbone})")
     if cfg.data.normalize != "imagenet":
         raise ConfigError(f"data.normalize={cfg.data.normalize}: model.backbone={backbone} takes RGB images with "
-                          "ImageNet normalisation (the MiT checkpoints' input); use data.normalize=imagenet")
+                          f"ImageNet normalisation (the {family} checkpoints' input); use data.normalize=imagenet")
     if cfg.method.feature != "decoder":
         raise ConfigError(f"method.feature={cfg.method.feature}: model.backbone={backbone} contrasts its decoder "
                           "feature; use method.feature=decoder or leave the key unset")
+    if family != "MiT":  # a ViT pads any input to its patch grid
+        return
     for key, crop in (("data.crop", cfg.data.crop), ("eval.crop", cfg.eval.crop if cfg.eval.mode == "slide" else None)):
         if crop is not None and min(crop) < MIT_MIN_CROP:
             raise ConfigError(f"{key}: {list(crop)} is too small for model.backbone={backbone} "

@@ -17,11 +17,11 @@ from typing import Sequence
 import numpy as np
 
 from .checkpoint import atomic_write_text
-from .config import Config, load_config
+from .config import Config, load_config, target_test_split
 from .errors import ConfigError, RunDirError
 from .features import run_alignment
 from .presets import preset_overrides
-from .train import train
+from .train import environment, train
 
 # Demo settings: a narrow ResNet-18 DeepLab-V2 on 64x128 images trains in minutes on a CPU.
 DEMO_OVERRIDES: tuple[str, ...] = ()
@@ -76,6 +76,11 @@ CANDIDATE_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("cand: preset plus + temperature 0.2", ("method=bida", *preset_overrides("plus"), "loss.temperature=0.2")),
 )
 
+# results.json / ablation.json keys that are not rows: the wall times, which split the
+# tables report ("test" when every run has a test split; each row's "val" block and its
+# top-level figures stay target val, as before test splits), and where the figures were
+# measured (bida.train.environment: git commit, CPU model, torch version).
+SUMMARY_KEYS = ("timing", "split", "environment")
 GRID_FILE = "grid.json"  # what a demo or ablation directory was asked to run (read by --resume)
 RESULT_FILE = "demo_result.json"  # a finished run of a grid: its metrics, wall time and alignment
 LABEL_CACHE = "shared_labels"  # round-0 static pseudo labels shared by the rows of a seed
@@ -92,13 +97,34 @@ def fresh_dir(path: Path) -> Path:
 
 
 def results_table(rows: Sequence[tuple[str, dict]], title: str = "method") -> str:
-    """Markdown table of target-val mIoU (last and best checkpoints) per run."""
-    lines = [f"| {title} | target mIoU (last) | target mIoU (best on val) | pixel acc |", "|---|---:|---:|---:|"]
+    """Markdown table per run: target-test mIoU of the last checkpoint when the runs have a
+    test split (then also target val, which chose best.pt), else target-val mIoU (last and best)."""
+    with_test = bool(rows) and all("test" in m for _, m in rows)
+    if with_test:
+        lines = [f"| {title} | target test mIoU (last) | test pixel acc | target val mIoU (last) "
+                 "| target val mIoU (best on val) |", "|---|---:|---:|---:|---:|"]
+    else:
+        lines = [f"| {title} | target mIoU (last) | target mIoU (best on val) | pixel acc |", "|---|---:|---:|---:|"]
     for name, m in rows:
         best = m.get("best", {}).get("mIoU")
         best_s = f"{100 * best:.1f}" if isinstance(best, float) and best >= 0 else "-"
-        lines.append(f"| {name} | {100 * m['mIoU']:.1f} | {best_s} | {100 * m['pixel_acc']:.1f} |")
+        if with_test:
+            t = m["test"]
+            lines.append(f"| {name} | {100 * t['mIoU']:.1f} | {100 * t['pixel_acc']:.1f} | {100 * m['mIoU']:.1f} | {best_s} |")
+        else:
+            lines.append(f"| {name} | {100 * m['mIoU']:.1f} | {best_s} | {100 * m['pixel_acc']:.1f} |")
     return "\n".join(lines)
+
+
+def reported_split(summary: dict[str, dict]) -> str:
+    """``"test"`` when every row of a summary has test figures, else ``"val"``."""
+    rows = [e for k, e in summary.items() if k not in SUMMARY_KEYS]
+    return "test" if rows and all("test" in e for e in rows) else "val"
+
+
+def _reported(entry: dict, split: str) -> dict:
+    """The figures of ``split`` in a summary row: its test block, or the row itself (val)."""
+    return entry["test"] if split == "test" else entry
 
 
 def _train(cfg_path: str | None, overrides: Sequence[str], out: Path, quiet: bool, resume: bool = False,
@@ -131,7 +157,7 @@ def _finished(out: Path, reevaluate: bool) -> dict | None:
 
 
 def reevaluate_run(run_dir: Path) -> dict:
-    """Evaluate a run's last checkpoint on target val again; updates and returns its ``metrics.json``."""
+    """Evaluate a run's last checkpoint on target val (and test) again; updates and returns its ``metrics.json``."""
     import torch
 
     from .data.datasets import build_eval_dataset, resolve_domain
@@ -145,6 +171,11 @@ def reevaluate_run(run_dir: Path) -> dict:
                      cfg.data.eval_classes, quiet=True, ignore_index=tgt.classes.ignore_index, device=device)
     old = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     metrics = old | fresh
+    split = target_test_split(cfg)
+    if split:
+        test = evaluate(model, build_eval_dataset(cfg, tgt, split), cfg.eval, names,
+                        cfg.data.eval_classes, quiet=True, ignore_index=tgt.classes.ignore_index, device=device)
+        metrics["test"] = test | {"split": split, "checkpoint": "last"}
     write_metrics(metrics, run_dir / "metrics.json")
     return metrics
 
@@ -227,7 +258,9 @@ def summarise(results: dict[str, list[dict]], baseline: str) -> dict[str, dict]:
 
     Every row other than ``baseline`` also gets ``vs_<baseline>``: the per-seed paired
     differences, their mean and std, the number of seeds it wins, and the mean per-class
-    IoU difference.
+    IoU difference. These top-level figures are target val (the split that chose best.pt),
+    repeated in a ``val`` block; when every run of a row has a test split, a ``test`` block
+    holds the same figures on it (``split`` names the split in each block).
     """
     summary: dict[str, dict] = {}
     base_runs = results.get(baseline, [])
@@ -249,8 +282,30 @@ def summarise(results: dict[str, list[dict]], baseline: str) -> dict[str, dict]:
                                   for key in ("mean_margin", "nearest_own_share")}
         if name != baseline and base_runs and len(base_runs) == len(runs):
             entry[f"vs_{baseline}"] = paired_difference(runs, base_runs)
+        entry["val"] = {"split": runs[0].get("split", "val") if runs else "val",
+                        **{k: entry[k] for k in ("per_seed", "mean", "std", "mIoU", "pixel_acc", "best", "per_class_iou")},
+                        **{k: v for k, v in entry.items() if k.startswith("vs_")}}
+        if runs and all("test" in r for r in runs):
+            tests = [r["test"] for r in runs]
+            t_mean, t_std = mean_std([t["mIoU"] for t in tests])
+            entry["test"] = {"split": tests[0].get("split", "test"), "checkpoint": "last",
+                             "per_seed": [t["mIoU"] for t in tests], "mean": t_mean, "std": t_std, "mIoU": t_mean,
+                             "pixel_acc": mean_std([t["pixel_acc"] for t in tests])[0],
+                             "per_class_iou": _mean_per_class([t.get("per_class_iou", {}) for t in tests])}
+            if name != baseline and base_runs and len(base_runs) == len(runs) and all("test" in r for r in base_runs):
+                entry["test"][f"vs_{baseline}"] = paired_difference(tests, [r["test"] for r in base_runs])
         summary[name] = entry
     return summary
+
+
+def add_pair(summary: dict[str, dict], results: dict[str, list[dict]], name: str, other: str) -> None:
+    """``vs_<other>`` for row ``name`` (top level and val block; and its test block when both have one)."""
+    vs = paired_difference(results[name], results[other])
+    summary[name][f"vs_{other}"] = vs
+    summary[name]["val"][f"vs_{other}"] = vs
+    if "test" in summary[name] and "test" in summary[other]:
+        summary[name]["test"][f"vs_{other}"] = paired_difference([r["test"] for r in results[name]],
+                                                                 [r["test"] for r in results[other]])
 
 
 def paired_difference(runs: Sequence[dict], base_runs: Sequence[dict]) -> dict:
@@ -275,26 +330,38 @@ def _mean_per_class(per_run: Sequence[dict]) -> dict[str, float | None]:
 
 
 def seeds_table(summary: dict[str, dict], baseline: str, title: str = "method") -> str:
-    """Markdown: mean ± std, per-seed values and the paired difference against ``baseline``."""
-    lines = [f"| {title} | target mIoU mean ± std | per seed | − {baseline} (paired, mean ± std) | wins "
-             "| prototype margin | nearest-own |", "|---|---:|---|---:|---:|---:|---:|"]
-    for name, e in summary.items():
+    """Markdown: mean ± std, per-seed values and the paired difference against ``baseline``,
+    on the test split when every row has one (then with the val mean beside them)."""
+    split = reported_split(summary)
+    val_col = split == "test"
+    lines = [f"| {title} | target {split} mIoU mean ± std | per seed | − {baseline} (paired, mean ± std) | wins "
+             + ("| target val mean " if val_col else "") + "| prototype margin | nearest-own |",
+             "|---|---:|---|---:|---:|" + ("---:|" if val_col else "") + "---:|---:|"]
+    for name, row in summary.items():
+        if name in SUMMARY_KEYS:
+            continue
+        e = _reported(row, split)
         per_seed = ", ".join(f"{100 * v:.1f}" for v in e["per_seed"])
         vs = e.get(f"vs_{baseline}")
         vs_s = f"{100 * vs['mean']:+.1f} ± {100 * vs['std']:.1f} ({', '.join(f'{100 * d:+.1f}' for d in vs['per_seed'])})" if vs else "—"
         wins = f"{vs['wins']}/{len(vs['per_seed'])}" if vs else "—"
-        al = e.get("alignment", {})
+        al = row.get("alignment", {})
         margin = f"{al['mean_margin']['mean']:+.3f}" if al else "—"
         own = f"{100 * al['nearest_own_share']['mean']:.0f}%" if al else "—"
-        lines.append(f"| {name} | {100 * e['mean']:.1f} ± {100 * e['std']:.1f} | {per_seed} | {vs_s} | {wins} | {margin} | {own} |")
+        val = f" {100 * row['mean']:.1f} |" if val_col else ""
+        lines.append(f"| {name} | {100 * e['mean']:.1f} ± {100 * e['std']:.1f} | {per_seed} | {vs_s} | {wins} |{val} "
+                     f"{margin} | {own} |")
     return "\n".join(lines)
 
 
 def pairs_table(summary: dict[str, dict], baseline: str) -> str:
     """Markdown: each paired difference against a row other than ``baseline`` ("" when none)."""
     lines = []
-    for name, e in summary.items():
-        for key, vs in e.items():
+    split = reported_split(summary)
+    for name, row in summary.items():
+        if name in SUMMARY_KEYS:
+            continue
+        for key, vs in _reported(row, split).items():
             if key.startswith("vs_") and key != f"vs_{baseline}":
                 per_seed = ", ".join(f"{100 * d:+.1f}" for d in vs["per_seed"])
                 lines.append(f"| {name} − {key[len('vs_'):]} | {100 * vs['mean']:+.1f} ± {100 * vs['std']:.1f} "
@@ -305,14 +372,16 @@ def pairs_table(summary: dict[str, dict], baseline: str) -> str:
 
 
 def per_class_table(summary: dict[str, dict], baseline: str, rows: Sequence[str]) -> str:
-    """Markdown: mean per-class IoU of ``baseline`` and each row's mean per-class difference."""
-    base = summary[baseline]["per_class_iou"]
+    """Markdown: mean per-class IoU of ``baseline`` and each row's mean per-class difference
+    (on the test split when every row has one)."""
+    split = reported_split(summary)
+    base = _reported(summary[baseline], split)["per_class_iou"]
     lines = [f"| class | {baseline} | " + " | ".join(f"{r} − {baseline}" for r in rows) + " |",
              "|---|---:|" + "---:|" * len(rows)]
     for k, v in base.items():
         cells = []
         for r in rows:
-            d = summary[r].get(f"vs_{baseline}", {}).get("per_class_iou", {}).get(k)
+            d = _reported(summary[r], split).get(f"vs_{baseline}", {}).get("per_class_iou", {}).get(k)
             cells.append("—" if d is None else f"{100 * d:+.1f}")
         lines.append(f"| {k} | {'—' if v is None else f'{100 * v:.1f}'} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -376,7 +445,7 @@ def run_demo(out: Path, overrides: Sequence[str] = (), quiet: bool = False, repo
         print(f"demo {out} is complete ({out / 'results.md'}); nothing to do "
               "(--reevaluate evaluates every run again and rebuilds the table and report)")
         saved = json.loads((out / "results.json").read_text())
-        return {k: v for k, v in saved.items() if k != "timing"}
+        return {k: v for k, v in saved.items() if k not in SUMMARY_KEYS}
     # Set-up: the embedded data are generated on first use (then read from the cache).
     from .data.datasets import resolve_domain
 
@@ -392,18 +461,21 @@ def run_demo(out: Path, overrides: Sequence[str] = (), quiet: bool = False, repo
     summary = summarise(results, "self_training")
     for name, other in MIC_PAIRS.items():
         if name in results:
-            summary[name][f"vs_{other}"] = paired_difference(results[name], results[other])
+            add_pair(summary, results, name, other)
     for name in ("bida", "bida_mic"):
         if name in summary:
             summary[name]["preset"] = preset
     title = "bida demo (embedded synthetic pair" + (", MiT-B0, mean teacher)" if arch == "transformer" else ")")
     title += "" if preset == "paper" else f", BiDA with preset '{preset}'"
 
+    env = environment()
+
     def write(timing: dict) -> str:
         timing["total_s"] = time.time() - t0
-        text = _results_text(title, results, summary, "self_training", timing, "method")
+        text = _results_text(title, results, summary, "self_training", timing, "method", env)
         atomic_write_text(out / "results.md", text)
-        atomic_write_text(out / "results.json", json.dumps(summary | {"timing": timing}, indent=2))
+        atomic_write_text(out / "results.json", json.dumps(
+            summary | {"split": reported_split(summary), "environment": env, "timing": timing}, indent=2))
         return text
 
     text = write(timing)  # before the report: the table survives a failing report
@@ -443,14 +515,18 @@ def timing_table(timing: dict) -> str:
 
 
 def _results_text(title: str, results: dict[str, list[dict]], summary: dict[str, dict], baseline: str,
-                  wall: float | dict, what: str) -> str:
+                  wall: float | dict, what: str, env: dict | None = None) -> str:
     n = len(next(iter(results.values())))
+    split = reported_split(summary)
     parts = [f"# {title}", ""]
+    if split == "test":
+        parts += ["Figures on the target test split: images that no training step, pseudo label, best.pt or "
+                  "choice ever saw. Target val chose best.pt (and the presets); its figures are apart.", ""]
     if n == 1:
         parts += [results_table([(k, v[0]) for k, v in results.items()], what), ""]
     else:
         parts += [f"{n} seeds ({', '.join(str(r['seed']) for r in next(iter(results.values())))}); each seed trains its own "
-                  f"source-only model and every other row starts from it (paired on seeds). Target-val mIoU of the last "
+                  f"source-only model and every other row starts from it (paired on seeds). Target-{split} mIoU of the last "
                   f"checkpoint, in percent.", "", seeds_table(summary, baseline, what), ""]
         pairs = pairs_table(summary, baseline)
         if pairs:
@@ -466,6 +542,9 @@ def _results_text(title: str, results: dict[str, list[dict]], summary: dict[str,
                   timing_table(wall)]
     else:
         parts.append(f"Wall time: {wall / 60:.1f} min.")
+    if env is not None:
+        parts += ["", f"Measured at commit {env.get('git_commit') or 'unknown (not a git checkout)'} on "
+                      f"{env.get('cpu') or 'an unknown CPU'} ({env.get('cpu_count')} cores), torch {env.get('torch')}."]
     return "\n".join(parts) + "\n"
 
 
@@ -500,8 +579,10 @@ def run_ablation(cfg_path: str | None, out: Path, overrides: Sequence[str] = (),
     baseline = ABLATION_ROWS[0][0]
     summary = summarise(results, baseline)
     timing["total_s"] = time.time() - t0
-    text = _results_text("BiDA ablation", results, summary, baseline, timing, "ablation")
+    env = environment()
+    text = _results_text("BiDA ablation", results, summary, baseline, timing, "ablation", env)
     atomic_write_text(out / "ablation.md", text)
-    atomic_write_text(out / "ablation.json", json.dumps(summary | {"timing": timing}, indent=2))
+    atomic_write_text(out / "ablation.json", json.dumps(
+        summary | {"split": reported_split(summary), "environment": env, "timing": timing}, indent=2))
     print("\n" + text + f"\nwritten to {out / 'ablation.md'}")
     return text

@@ -135,6 +135,7 @@ def pixel_prototype_contrast(
     ignore_index: int = 255,
     resolution: str = "feature",
     return_count: bool = False,
+    per_image: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Pixel-to-prototype contrast, one direction of BiDA's loss (docs/method.md section 2).
 
@@ -156,13 +157,18 @@ def pixel_prototype_contrast(
         resolution: ``"feature"``: labels must be at the feature size. ``"label"``: the
             similarity logits are upsampled with nearest to the label size (the official
             code's behaviour), so that every label pixel counts once.
-        return_count: Also return the number of qualifying pixels, which distributed
-            runs all-reduce to turn each rank's mean into the global batch's.
+        return_count: Also return the number of qualifying pixels (images with
+            ``per_image``), which distributed runs all-reduce to turn each rank's mean into
+            the global batch's.
+        per_image: Average each image's mean over its qualifying pixels, then those means
+            over the images that have any (pair scope, as the official code averages its
+            per-pair losses), instead of one mean over every qualifying pixel of the batch.
 
     Returns:
         float32 scalar; 0 (with graph) when no pixel qualifies. Exactly 0 when a single
         class is present (its only candidate has probability 1). With ``return_count``,
-        ``(loss, count)`` where ``count`` is an int64 scalar tensor.
+        ``(loss, count)`` where ``count`` is an int64 scalar tensor: qualifying pixels, or
+        with ``per_image`` the images that hold one.
 
     Shape:
         - features: (B, D, h, w)
@@ -218,7 +224,12 @@ def pixel_prototype_contrast(
         flat_index = safe_labels * log_prob.shape[-1] + feature_index
         picked = log_prob.reshape(batch, -1).gather(1, flat_index)  # (B, M)
     # where (not multiply) so that a masked value can never turn 0 * x into NaN.
-    total = torch.where(qualifies, picked, torch.zeros_like(picked)).sum()
-    count = qualifies.sum()
-    loss = -total / count.clamp_min(1)
+    picked = torch.where(qualifies, picked, torch.zeros_like(picked))
+    if per_image:
+        pixels = qualifies.sum(1)  # (B,)
+        count = (pixels > 0).sum()  # an image without a qualifying pixel has mean 0 and does not count
+        loss = -(picked.sum(1) / pixels.clamp_min(1)).sum() / count.clamp_min(1)
+    else:
+        count = qualifies.sum()
+        loss = -picked.sum() / count.clamp_min(1)
     return (loss, count) if return_count else loss

@@ -422,6 +422,7 @@ def static_labels(
     class_thr: Tensor,
     image_fraction: float,
     ignore_index: int = 255,
+    labelled_classes: Tensor | None = None,
 ) -> Tensor:
     """Static round labels y_F: the prediction where either selection rule keeps the pixel.
 
@@ -434,6 +435,10 @@ def static_labels(
         class_thr: Per-class thresholds from :func:`class_thresholds`.
         image_fraction: Share of each image kept by the per-image rule.
         ignore_index: Value of unlabelled pixels.
+        labelled_classes: Classes that may be labelled at all (None: every class); a pixel
+            predicted as another class stays unlabelled under both rules. The classes the
+            source never labels (SYNTHIA's terrain, truck, train): the official code sets
+            their thresholds to 1.
 
     Returns:
         int64 labels.
@@ -442,6 +447,7 @@ def static_labels(
         - conf: (B, H, W)
         - pred: (B, H, W)
         - class_thr: (K,)
+        - labelled_classes: (K,), bool
         - output: (B, H, W)
 
     Examples:
@@ -458,4 +464,7 @@ def static_labels(
     pred = pred.long()
     by_class = conf >= class_thr.to(device=conf.device, dtype=torch.float32)[pred]
     by_image = conf >= image_thresholds(conf, image_fraction).view(-1, 1, 1)
-    return torch.where(by_class | by_image, pred, torch.full_like(pred, ignore_index))
+    keep = by_class | by_image
+    if labelled_classes is not None:
+        keep = keep & labelled_classes.to(device=pred.device, dtype=torch.bool)[pred]
+    return torch.where(keep, pred, torch.full_like(pred, ignore_index))

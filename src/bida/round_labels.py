@@ -69,11 +69,16 @@ def _load_raw_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 @torch.no_grad()
 def generate_static_labels(model: torch.nn.Module, dataset: SegmentationDataset, cfg: Config, out_dir: Path,
                            class_names: Sequence[str], seed: int, device: torch.device | str = "cpu",
-                           quiet: bool = True, check_stop: Callable[[], None] | None = None) -> dict:
+                           quiet: bool = True, check_stop: Callable[[], None] | None = None,
+                           source_pixels: np.ndarray | None = None) -> dict:
     """Write y_F for every image of ``dataset`` to ``out_dir`` and return statistics.
 
     ``dataset`` is the target training split without augmentation; its labels (when the
     target has any) are used only to measure pseudo-label accuracy and coverage.
+    ``source_pixels``: (K,) labelled pixels of each class in the source training set
+    (None: not known); a class without any is never pseudo-labelled, by either rule (its
+    class threshold is +inf): the network never learnt it, so a prediction of it is noise
+    (the official code sets SYNTHIA's thresholds of terrain, truck and train to 1).
     ``check_stop`` is called before each image of both passes and may raise (a pending
     SIGTERM): pass 1 keeps one finished file per image (written atomically, with the sampler's generator
     state), so a pass run again with the same model continues where it stopped and gives
@@ -87,7 +92,7 @@ def generate_static_labels(model: torch.nn.Module, dataset: SegmentationDataset,
     was_training = model.training
     model.eval()
     try:
-        stats = _two_passes(model, dataset, cfg, tmp, class_names, seed, device, quiet, check_stop)
+        stats = _two_passes(model, dataset, cfg, tmp, class_names, seed, device, quiet, check_stop, source_pixels)
     finally:
         model.train(was_training)
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -95,7 +100,7 @@ def generate_static_labels(model: torch.nn.Module, dataset: SegmentationDataset,
     return stats
 
 
-def _two_passes(model, dataset, cfg, tmp: Path, class_names, seed, device, quiet, check_stop) -> dict:
+def _two_passes(model, dataset, cfg, tmp: Path, class_names, seed, device, quiet, check_stop, source_pixels) -> dict:
     k = len(class_names)
     gen = torch.Generator().manual_seed(seed)
     conf_samples, pred_samples = [], []
@@ -125,6 +130,9 @@ def _two_passes(model, dataset, cfg, tmp: Path, class_names, seed, device, quiet
                  gen_state=gen.get_state().numpy())
         atomic_write_bytes(raw_path, buf.getvalue())  # a file under raw/ is always a finished image
     thresholds = class_thresholds(torch.cat(conf_samples), torch.cat(pred_samples), k, cfg.pseudo.class_fraction)
+    allowed = None if source_pixels is None else torch.from_numpy(np.asarray(source_pixels) > 0)
+    if allowed is not None:
+        thresholds = torch.where(allowed, thresholds, torch.full_like(thresholds, float("inf")))
 
     cm = np.zeros((k, k), np.int64)
     labelled = np.zeros(k, np.int64)
@@ -136,7 +144,8 @@ def _two_passes(model, dataset, cfg, tmp: Path, class_names, seed, device, quiet
         raw = np.load(tmp / "raw" / f"{i}.npz")
         conf = torch.from_numpy(raw["conf"]).float()[None]
         pred = torch.from_numpy(raw["pred"]).long()[None]
-        y = static_labels(conf, pred, thresholds, cfg.pseudo.image_fraction)[0].numpy().astype(np.uint8)
+        y = static_labels(conf, pred, thresholds, cfg.pseudo.image_fraction,
+                          labelled_classes=allowed)[0].numpy().astype(np.uint8)
         Image.fromarray(y).save(tmp / pseudo_label_name(dataset.samples[i].name))
         sel = y != IGNORE
         labelled += np.bincount(y[sel], minlength=k)[:k]
@@ -153,5 +162,7 @@ def _two_passes(model, dataset, cfg, tmp: Path, class_names, seed, device, quiet
     stats = round_stats(cm, labelled, gt_pixels, class_names)
     stats["labelled_fraction"] = total_labelled / max(1, total_pixels)
     stats["class_thresholds"] = {n: (None if not np.isfinite(t) else float(t)) for n, t in zip(class_names, thresholds.tolist())}
+    stats["classes_without_source_pixels"] = [] if allowed is None else [
+        n for n, ok in zip(class_names, allowed.tolist()) if not ok]
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from .checkpoint import (atomic_write_text, ensure_writable, load_checkpoint, model_state_for_checkpoint,
                          pid_alive, remove_stale_temp_files, rng_state, rotate_checkpoint, save_checkpoint, set_rng_state)
-from .config import Config, check_class_ids, dump_config, load_config, to_dict
+from .config import Config, check_class_ids, dump_config, load_config, target_test_split, to_dict
 from .data.datasets import (Domain, _mix, build_eval_dataset, build_train_dataset, check_same_classes, close_loader,
                             resolve_domain, train_loader)
 from .data.rare_class import cached_class_pixel_counts, rare_class_loader
@@ -102,12 +102,52 @@ def seed_everything(seed: int) -> None:
 
 
 def git_revision() -> str | None:
+    """The commit of the git checkout this package runs from; None when it does not run
+    from one (an installed copy, no git, a timeout). Never raises.
+
+    The checkout must be this package's own (``<top>/src/bida`` is this directory): an
+    installed copy inside some other repository (a virtual environment in a project) would
+    otherwise report that repository's commit.
+    """
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
+        def git(*args: str) -> str | None:
+            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=here)
+            return out.stdout.strip() or None if out.returncode == 0 else None
+
+        top = git("rev-parse", "--show-toplevel")
+        if top is None or (Path(top) / "src" / "bida").resolve() != here:
+            return None
+        return git("rev-parse", "HEAD")
+    except (OSError, subprocess.SubprocessError, ValueError):
         return None
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (``/proc/cpuinfo``, else :func:`platform.processor`); None if unknown."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Processor", "cpu model") and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    try:
+        return platform.processor() or platform.machine() or None
+    except (OSError, ValueError):
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """What a measured figure depends on besides the config: git commit (None outside a git
+    checkout), CPU model, CPU count, torch and Python versions."""
+    import platform
+
+    return {"git_commit": git_revision(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "python": platform.python_version()}
 
 
 class LogAccumulator:
@@ -590,7 +630,7 @@ class Trainer:
 
     def _write_run_json(self) -> None:
         atomic_write_text(self.run_dir / "run.json", json.dumps({
-            "git_revision": git_revision(), "torch": torch.__version__, "device": str(self.device),
+            "git_revision": git_revision(), "torch": torch.__version__, "device": str(self.device), "cpu": cpu_model(),
             "world_size": self.world_size, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "classes": list(self.classes.names)}, indent=2))
 
@@ -616,7 +656,8 @@ class Trainer:
         t = self.cfg.data.target
         for name, dom, splits in (
             ("source", self.src, {self.cfg.data.source.train_split: True}),
-            ("target", self.tgt, {t.train_split: False, **({t.val_split: True} if t.val_split else {})}),
+            ("target", self.tgt, {t.train_split: False, **({t.val_split: True} if t.val_split else {}),
+                                  **({test: True} if (test := target_test_split(self.cfg)) else {})}),
         ):
             report = check_domain(dom.kind, dom.root, splits, num_classes=self.num_classes, full=False, max_files=2)
             if not report.ok():
@@ -882,7 +923,10 @@ class Trainer:
 
     def _make_optimizer(self, phase: Phase) -> torch.optim.Optimizer:
         t = self.cfg.train
-        groups = getattr(self.model, "module", self.model).param_groups(phase_base_lr(self.cfg, phase), t.head_lr_mult)
+        # train.layer_decay is refused at load time for segmentors without ViT blocks
+        decay = {"layer_decay": t.layer_decay} if t.layer_decay != 1.0 else {}
+        groups = getattr(self.model, "module", self.model).param_groups(phase_base_lr(self.cfg, phase),
+                                                                          t.head_lr_mult, **decay)
         return build_optimizer(groups, phase_base_lr(self.cfg, phase), t)
 
     def _set_lr(self, optimizer: torch.optim.Optimizer, phase: Phase) -> float:
@@ -1023,6 +1067,18 @@ class Trainer:
             return None
         return self._evaluate_split(build_eval_dataset(self.cfg, self.tgt, t.val_split), stoppable)
 
+    def evaluate_test(self, stoppable: bool = False) -> dict | None:
+        """Target-test metrics (None without a test split, :func:`~bida.config.target_test_split`).
+
+        Called once, on the final model, after every phase: no training step, pseudo label,
+        best.pt or other choice ever reads the test images.
+        """
+        split = target_test_split(self.cfg)
+        if not split:
+            return None
+        m = self._evaluate_split(build_eval_dataset(self.cfg, self.tgt, split), stoppable)
+        return m | {"split": split, "checkpoint": "last"}
+
     def _evaluate_split(self, ds, stoppable: bool) -> dict:
         """Metrics of ``ds``, each rank evaluating its shard with BN statistics averaged over ranks.
 
@@ -1142,9 +1198,15 @@ class Trainer:
                 self._info(f"round {phase.round}: generating static pseudo labels for {len(full)} target images")
             start = time.perf_counter()
             try:
+                source_pixels = None
+                if not (out / "stats.json").is_file():  # classes the source never labels get no pseudo label
+                    src_ds = build_train_dataset(self.cfg, self.src, self.cfg.data.source.train_split, require_labels=True)
+                    source_pixels = cached_class_pixel_counts(src_ds, self.num_classes, self.run_dir, check_stop=check_stop,
+                                                              quiet=self.cfg.train.quiet).sum(0)
                 stats = generate_static_labels(self.model, full, self.cfg, out, self.classes.names,
                                                seed=self.cfg.seed + phase.round, device=self.device,
-                                               quiet=self.cfg.train.quiet, check_stop=check_stop)
+                                               quiet=self.cfg.train.quiet, check_stop=check_stop,
+                                               source_pixels=source_pixels)
             except DataError as err:  # a bad target image: last.pt is this phase's start
                 raise self._bad_file(err) from None
             if shared is not None and not (shared / "stats.json").is_file():
@@ -1444,6 +1506,17 @@ class Trainer:
         except DataError as err:
             raise self._bad_file(err) from None
         metrics = {k: v for k, v in metrics.items() if k != "confusion"} | {"confusion": metrics.get("confusion")}
+        metrics["split"] = self.cfg.data.target.val_split  # the top-level figures: target val, as always
+        try:
+            test = self.evaluate_test(stoppable=True)
+        except _Stopping:
+            self._check_stop(True)
+        except DataError as err:
+            raise self._bad_file(err) from None
+        if test is not None:
+            metrics["test"] = test
+            self._info(f"step {self.step}: target test mIoU {100 * test['mIoU']:.2f} "
+                       f"(split '{test['split']}', last checkpoint; nothing selected on it)")
         source_val = self._evaluate_source_val()
         if source_val is not None:
             metrics["source_val"] = source_val
@@ -1455,6 +1528,8 @@ class Trainer:
         if self.is_main:
             write_metrics(metrics, self.run_dir / "metrics.json")
             self._info(markdown_table(metrics))
+            if "test" in metrics:
+                self._info(markdown_table(metrics["test"], f"target {metrics['test']['split']}"))
         self.dist.barrier()
         return metrics
 

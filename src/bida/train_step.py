@@ -100,14 +100,23 @@ def _mask_labels(labels: Tensor, valid: Tensor | None) -> Tensor:
     return labels if valid is None else torch.where(valid, labels, torch.full_like(labels, IGNORE))
 
 
-def _fused_at_label_size(y_static: Tensor, y_f: Tensor, batch_tgt: dict) -> Tensor:
-    """Feature-size labels ``y_f`` brought to the label size (nearest) under the static labels.
+def _fused_at_label_size(y_static: Tensor, y_dyn_f: Tensor, batch_tgt: dict) -> Tensor:
+    """Full-resolution static labels ``y_static`` with their holes filled from the dynamic labels.
 
-    Crop padding stays ignore: nearest upsampling can copy a label from a valid feature
-    pixel onto padded label pixels next to it when the sizes are not exact multiples.
+    Only the feature-size dynamic labels ``y_dyn_f`` (y_D) are brought to the label size
+    (nearest): a fused feature-size map would also carry y_F's own nearest-neighbour
+    samples, and upsampling it would copy a cell's static label onto the cell's unlabelled
+    pixels even where there is no dynamic label at all. Crop padding stays ignore: nearest
+    upsampling can copy a label from a valid feature pixel onto padded label pixels next to
+    it when the sizes are not exact multiples.
+
+    Shape:
+        - y_static: (B, H, W)
+        - y_dyn_f: (B, h, w)
+        - output: (B, H, W)
     """
     size = tuple(y_static.shape[-2:])
-    up = downsample_labels(y_f, size)  # a nearest resize, here upwards
+    up = downsample_labels(y_dyn_f, size)  # a nearest resize, here upwards
     return fuse_labels(y_static, _mask_labels(up, _valid_at(batch_tgt, size)))
 
 
@@ -201,8 +210,10 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
         # 3. Target prototypes from target features and fused labels.
         protos_tgt, present_tgt = prototypes(f_tgt, y_tgt_f)
 
-        # 4. Bi-directional contrast (optionally per image pair, as the official code).
-        if m.prototype_scope == "pair":
+        # 4. Bi-directional contrast (optionally per image pair, as the official code: each pair's
+        # mean over its pixels, then the mean over the pairs).
+        per_pair = m.prototype_scope == "pair"
+        if per_pair:
             ps_src, pp_src = pair_prototypes(f_src, y_src_f, num_classes)
             ps_tgt, pp_tgt = pair_prototypes(f_tgt, y_tgt_f, num_classes)
         else:
@@ -211,28 +222,32 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
             ps_src, pp_src = _with_memory(ps_src, pp_src, calibration.source)
             ps_tgt, pp_tgt = _with_memory(ps_tgt, pp_tgt, calibration.target)
         # Which target pixels L_t2s scores: y_T (the paper), or y_F with y_D pixels apart.
-        y_t2s_f = y_tgt_f if m.t2s_dynamic == "fused" else y_static_f
         full_res = lw.contrast_resolution == "label"
-
-        def at_contrast_res(y_f: Tensor, y_full: Tensor) -> Tensor:
-            return _fused_at_label_size(y_full, y_f, batch_tgt) if full_res else y_f
+        fused = m.t2s_dynamic == "fused"
+        if full_res:  # y_F itself, its holes filled from y_D alone (never from y_F's own samples)
+            y_t2s = _fused_at_label_size(y_static, y_dyn_f, batch_tgt) if fused and m.dynamic_labels else y_static
+        else:
+            y_t2s = y_tgt_f if fused else y_static_f
 
         if m.t2s:
             terms["contrast_t2s"], counts["contrast_t2s"] = pixel_prototype_contrast(
-                f_tgt, at_contrast_res(y_t2s_f, y_static), ps_src, pp_src, lw.temperature,
-                resolution=lw.contrast_resolution, return_count=True)
+                f_tgt, y_t2s, ps_src, pp_src, lw.temperature,
+                resolution=lw.contrast_resolution, return_count=True, per_image=per_pair)
             weights["contrast_t2s"] = lw.contrast_t2s_weight
             if m.t2s_dynamic == "separate" and m.dynamic_labels:
                 # y_D-only pixels as their own mean, so they cannot outweigh the y_F pixels.
-                y_dyn_only = torch.where(y_static_f == IGNORE, y_dyn_f, torch.full_like(y_dyn_f, IGNORE))
+                y_dyn_only = _fused_at_label_size(torch.full_like(y_static, IGNORE), y_dyn_f, batch_tgt) if full_res else y_dyn_f
+                y_dyn_only = torch.where((y_static if full_res else y_static_f) == IGNORE, y_dyn_only,
+                                         torch.full_like(y_dyn_only, IGNORE))
                 terms["contrast_t2s_dyn"], counts["contrast_t2s_dyn"] = pixel_prototype_contrast(
-                    f_tgt, at_contrast_res(y_dyn_only, torch.full_like(y_static, IGNORE)), ps_src, pp_src,
-                    lw.temperature, resolution=lw.contrast_resolution, return_count=True)
+                    f_tgt, y_dyn_only, ps_src, pp_src, lw.temperature, resolution=lw.contrast_resolution,
+                    return_count=True, per_image=per_pair)
                 weights["contrast_t2s_dyn"] = lw.contrast_t2s_weight * m.dynamic_t2s_weight
         if m.s2t:
             y_src_c = y_src if full_res else y_src_f
             terms["contrast_s2t"], counts["contrast_s2t"] = pixel_prototype_contrast(
-                f_src, y_src_c, ps_tgt, pp_tgt, lw.temperature, resolution=lw.contrast_resolution, return_count=True)
+                f_src, y_src_c, ps_tgt, pp_tgt, lw.temperature, resolution=lw.contrast_resolution,
+                return_count=True, per_image=per_pair)
             weights["contrast_s2t"] = lw.contrast_s2t_weight
 
         # 5. The moving averages follow both prototype sets (kept for memory_partners alone too).
@@ -242,7 +257,7 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
                 logs["calibration/weight"] = calibration.weight()  # a host float: the ramp follows the step count
                 logs["calibration/mean_shift"] = calibration.mean_shift_tensor()
         if cfg.pseudo.dynamic_for_segmentation:
-            y_seg_tgt = _fused_at_label_size(y_static, y_tgt_f, batch_tgt)
+            y_seg_tgt = _fused_at_label_size(y_static, y_dyn_f, batch_tgt)
 
     if "seg_tgt" in weights:
         terms["seg_tgt"] = seg_cross_entropy(out_tgt.logits, y_seg_tgt)

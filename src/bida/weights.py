@@ -13,11 +13,23 @@ These layouts are recognised:
   ``segformer.encoder.block.0.0.attention.self.query``..., usually ``.safetensors``),
   renamed to the mmseg names, with the separate ``key`` and ``value`` layers concatenated
   into ``kv`` (keys first); its ImageNet ``classifier`` and any ``decode_head`` are skipped;
+* the DINOv2 release files (``dinov2_vits14_pretrain.pth``, ``dinov2_vitl14_reg4_pretrain.pth``...:
+  ``cls_token``, ``pos_embed``, ``register_tokens``, ``patch_embed.proj``, ``blocks.N.attn.qkv``,
+  ``blocks.N.ls1.gamma``, ``blocks.N.mlp.fc1`` or, ViT-g, ``blocks.N.mlp.w12``/``w3``, ``norm``),
+  loaded into the ViT encoder (``backbone.``); block names of DINOv2's chunked FSDP layout
+  (``blocks.C.N.``, C the chunk) are read as ``blocks.N.``; ``mask_token`` (iBOT's
+  pretraining token, unused when fine-tuning) is skipped;
+* the Hugging Face ``dinov2`` and ``dinov2_with_registers`` layouts (``embeddings.*``,
+  ``encoder.layer.N.*``, ``layernorm.*``, optionally prefixed ``dinov2.``; usually
+  ``.safetensors``), with the separate ``query``/``key``/``value`` layers stacked into ``qkv``
+  and SwiGLU's ``weights_in``/``weights_out`` as ``w12``/``w3`` (transformers' in-memory names
+  ``q_proj``..., ``gate_proj``/``up_proj``/``down_proj`` too); ``mask_token`` and an ImageNet
+  ``classifier`` are skipped;
 * bida checkpoints (a dict with ``model``) and safetensors files.
 
-Keys that fit nowhere, backbone keys that are missing, shapes that differ, or a file of the
-other segmentor family (ResNet weights for a MiT and vice versa) are errors that name the
-file and the first offending keys.
+Keys that fit nowhere, backbone keys that are missing, shapes that differ, or a file of
+another segmentor family (ResNet weights for a MiT, MiT weights for a DINOv2 ViT...) are
+errors that name the file and the first offending keys.
 """
 
 from __future__ import annotations
@@ -30,11 +42,12 @@ import torch
 from .checkpoint import load_checkpoint
 from .errors import CheckpointError
 
-HEAD_PREFIXES = ("layer5.", "proj.", "decode_head.")
+HEAD_PREFIXES = ("layer5.", "proj.", "decode_head.", "neck.")
 SKIPPED_PREFIXES = ("fc.",)
 # The classifier bias of each segmentor: its length is the class count.
 CLASSIFIER_BIASES = ("layer5.conv2d_list.0.bias", "decode_head.classifier.bias")
 MIT_KEY = "backbone.patch_embed1.proj.weight"  # a MiT segmentor's state dict has it
+DINOV2_KEY = "backbone.pos_embed"  # a DINOv2 segmentor's state dict has it
 
 # Hugging Face segformer -> mmseg MiT names, inside one block (``key``/``value`` are merged apart).
 _HF_BLOCK_NAMES = {
@@ -87,10 +100,18 @@ def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def detect_layout(state: dict[str, torch.Tensor]) -> str:
     """``hf_segformer``, ``mit`` (mmseg ``mit_b*.pth``), ``mit_segmentor`` (``backbone.`` prefixed),
-    ``resnet`` (torchvision / DeepLab-V2 / bida DeepLab-V2) or ``unknown``."""
+    ``hf_dinov2``, ``dinov2`` (a DINOv2 release file), ``dinov2_segmentor``, ``resnet``
+    (torchvision / DeepLab-V2 / bida DeepLab-V2) or ``unknown``."""
     keys = list(state)
     if any(k.startswith(("segformer.encoder.", "encoder.patch_embeddings.")) for k in keys):
         return "hf_segformer"
+    if any(k.startswith(("embeddings.patch_embeddings.", "dinov2.embeddings.", "dinov2_with_registers.embeddings."))
+           for k in keys):
+        return "hf_dinov2"
+    if "pos_embed" in state and any(k.startswith("patch_embed.") for k in keys):
+        return "dinov2"
+    if DINOV2_KEY in state:
+        return "dinov2_segmentor"
     if any(k.startswith("patch_embed1.") for k in keys):
         return "mit"
     if MIT_KEY in state:
@@ -103,7 +124,38 @@ def detect_layout(state: dict[str, torch.Tensor]) -> str:
 LAYOUT_NAMES = {
     "hf_segformer": "Hugging Face segformer (MiT)", "mit": "SegFormer/mmseg MiT",
     "mit_segmentor": "MiT segmentor", "resnet": "ResNet/DeepLab-V2",
+    "hf_dinov2": "Hugging Face dinov2 (ViT)", "dinov2": "DINOv2 release (ViT)", "dinov2_segmentor": "DINOv2 segmentor",
 }
+LAYOUT_FAMILIES = {"hf_segformer": "mit", "mit": "mit", "mit_segmentor": "mit", "resnet": "resnet",
+                   "hf_dinov2": "dinov2", "dinov2": "dinov2", "dinov2_segmentor": "dinov2"}
+FAMILY_NEEDS = {
+    "mit": "MiT weights (a SegFormer/mmseg mit_b*.pth or a Hugging Face segformer .safetensors)",
+    "dinov2": "DINOv2 weights (a release dinov2_*_pretrain.pth or a Hugging Face facebook/dinov2-* .safetensors)",
+    "resnet": "ResNet weights (torchvision, DeepLab_init.pth or a bida DeepLab-V2 checkpoint)",
+}
+
+# Hugging Face dinov2 -> DINOv2 release names, inside one block; q/k/v and SwiGLU's gate/up are stacked apart.
+_HF_DINO_BLOCK_NAMES = {
+    "norm1.": "norm1.", "norm2.": "norm2.", "attention.output.dense.": "attn.proj.", "attention.o_proj.": "attn.proj.",
+    "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
+    "mlp.fc1.": "mlp.fc1.", "mlp.fc2.": "mlp.fc2.", "mlp.weights_in.": "mlp.w12.", "mlp.weights_out.": "mlp.w3.",
+    "mlp.down_proj.": "mlp.w3.",
+}
+_HF_DINO_EMBED_NAMES = {
+    "embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
+    "embeddings.register_tokens": "register_tokens", "embeddings.patch_embeddings.projection.weight":
+    "patch_embed.proj.weight", "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
+}
+_HF_DINO_BLOCK = re.compile(r"encoder\.layer\.(\d+)\.(.+)")
+# Parts stacked into one release tensor, in the release's order: qkv = [q; k; v], w12 = [gate; up].
+_HF_DINO_STACKED = {
+    **{f"attention.attention.{p}.": ("attn.qkv", i) for i, p in enumerate(("query", "key", "value"))},
+    **{f"attention.{p}.": ("attn.qkv", i) for i, p in enumerate(("q_proj", "k_proj", "v_proj"))},
+    "mlp.gate_proj.": ("mlp.w12", 0), "mlp.up_proj.": ("mlp.w12", 1),
+}
+_STACK_PARTS = {"attn.qkv": ("query", "key", "value"), "mlp.w12": ("gate", "up")}
+_CHUNKED_BLOCK = re.compile(r"blocks\.\d+\.(\d+\..+)")
 
 
 def _hf_to_mmseg(key: str) -> str | None:
@@ -147,23 +199,88 @@ def _from_hf_segformer(state: dict[str, torch.Tensor], path: str | Path) -> tupl
     return out, skipped
 
 
+def _from_dinov2_release(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A DINOv2 release file's keys as the bida DINOv2 segmentor's (``backbone.`` prefixed).
+
+    Returns:
+        (converted state, skipped keys: ``mask_token``).
+    """
+    out: dict[str, torch.Tensor] = {}
+    skipped = [k for k in state if k == "mask_token"]
+    for key, value in state.items():
+        if key in skipped:
+            continue
+        if m := _CHUNKED_BLOCK.fullmatch(key):  # FSDP chunks: blocks.C.N.* with N the block's own index
+            key = f"blocks.{m[1]}"
+        out[f"backbone.{key}"] = value
+    return out, skipped
+
+
+def _hf_dinov2_name(key: str) -> str | None:
+    """The release name of a Hugging Face dinov2 key (prefix removed), else None."""
+    if key in _HF_DINO_EMBED_NAMES:
+        return _HF_DINO_EMBED_NAMES[key]
+    if m := _HF_DINO_BLOCK.fullmatch(key):
+        for old, new in _HF_DINO_BLOCK_NAMES.items():
+            if m[2].startswith(old):
+                return f"blocks.{m[1]}.{new}{m[2][len(old):]}"
+    return None
+
+
+def _from_hf_dinov2(state: dict[str, torch.Tensor], path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Hugging Face dinov2 keys as the bida DINOv2 segmentor's (``backbone.`` + release names).
+
+    Returns:
+        (converted state, skipped keys: ``mask_token`` and an ImageNet ``classifier``).
+    """
+    out: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    stacked: dict[str, dict[int, torch.Tensor]] = {}  # "blocks.0.attn.qkv.weight" -> {0: q, 1: k, 2: v}
+    for key, value in state.items():
+        name = key.split(".", 1)[1] if key.startswith(("dinov2.", "dinov2_with_registers.")) else key
+        if name == "embeddings.mask_token" or key.startswith("classifier."):
+            skipped.append(key)
+            continue
+        block = _HF_DINO_BLOCK.fullmatch(name)
+        part = next(((old, target) for old, target in _HF_DINO_STACKED.items()
+                     if block and block[2].startswith(old)), None)
+        if part:
+            (old, (target, index)) = part
+            stacked.setdefault(f"blocks.{block[1]}.{target}.{block[2][len(old):]}", {})[index] = value
+            continue
+        new = _hf_dinov2_name(name)
+        out[f"backbone.{new}" if new is not None else key] = value  # unknown keys stay, to be reported
+    for name, parts in stacked.items():
+        labels = _STACK_PARTS[".".join(name.split(".")[2:4])]
+        if len(parts) != len(labels):
+            lacking = [labels[i] for i in range(len(labels)) if i not in parts]
+            raise CheckpointError(f"pretrained file {path}: the {'/'.join(lacking)} part of {name} is missing")
+        out[f"backbone.{name}"] = torch.cat([parts[i] for i in range(len(labels))], 0)
+    return out, skipped
+
+
+def _family(own: dict[str, torch.Tensor]) -> str:
+    return "mit" if MIT_KEY in own else "dinov2" if DINOV2_KEY in own else "resnet"
+
+
 def _to_model_layout(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], path: str | Path,
                      arch: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """``state`` renamed to the model's key layout, and the keys skipped on the way.
 
     Raises:
-        CheckpointError: a file of the other segmentor family.
+        CheckpointError: a file of another segmentor family.
     """
     layout = detect_layout(state)
-    model_is_mit = MIT_KEY in own
-    file_is_mit = layout in ("hf_segformer", "mit", "mit_segmentor")
-    if layout != "unknown" and file_is_mit != model_is_mit:
-        needs = ("MiT weights (a SegFormer/mmseg mit_b*.pth or a Hugging Face segformer .safetensors)" if model_is_mit
-                 else "ResNet weights (torchvision, DeepLab_init.pth or a bida DeepLab-V2 checkpoint)")
+    family = _family(own)
+    if layout != "unknown" and LAYOUT_FAMILIES[layout] != family:
         raise CheckpointError(f"pretrained file {path} holds {LAYOUT_NAMES[layout]} weights; "
-                              f"model.backbone={arch} needs {needs}")
+                              f"model.backbone={arch} needs {FAMILY_NEEDS[family]}")
     if layout == "hf_segformer":
         return _from_hf_segformer(state, path)
+    if layout == "hf_dinov2":
+        return _from_hf_dinov2(state, path)
+    if layout == "dinov2":
+        return _from_dinov2_release(state)
     if layout == "mit":  # ImageNet mit_b*.pth: encoder keys without a prefix, maybe an ImageNet head
         skipped = [k for k in state if k.startswith("head.")]
         return {f"backbone.{k}": v for k, v in state.items() if k not in skipped}, skipped
@@ -171,7 +288,7 @@ def _to_model_layout(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor
 
 
 def load_pretrained(model: torch.nn.Module, path: str | Path) -> dict[str, list[str]]:
-    """Load ImageNet / DeepLab-init / MiT / bida weights into the backbone (and the head when it fits).
+    """Load ImageNet / DeepLab-init / MiT / DINOv2 / bida weights into the backbone (and the head when it fits).
 
     Returns:
         ``{"loaded": [...], "skipped": [...], "missing": [...]}`` key lists.

@@ -43,7 +43,8 @@ def resolve_domain(cfg: Config, which: str) -> Domain:
     dom: DomainConfig = getattr(cfg.data, which)
     if dom.kind == "synthetic":
         syn = cfg.data.synthetic
-        spec = SyntheticSpec(num_train=syn.num_train, num_val=syn.num_val, height=syn.height, width=syn.width, seed=syn.seed)
+        spec = SyntheticSpec(num_train=syn.num_train, num_val=syn.num_val, height=syn.height, width=syn.width,
+                             seed=syn.seed, num_test=syn.num_test)
         root = ensure_synthetic(spec, Path(syn.cache_dir) if syn.cache_dir else None) / (dom.synthetic_domain or which)
         kind = "folder"
     else:

@@ -27,12 +27,14 @@ folder-domain layout::
 
     ROOT/manifest.json
     ROOT/{source,target}/classes.json
-    ROOT/{source,target}/images/{train,val}/NAME.png   (RGB)
-    ROOT/{source,target}/labels/{train,val}/NAME.png   (L, Cityscapes train ids, 255 = ignore)
+    ROOT/{source,target}/images/{train,val,test}/NAME.png   (RGB)
+    ROOT/{source,target}/labels/{train,val,test}/NAME.png   (L, Cityscapes train ids, 255 = ignore)
 
 Image ``i`` of split ``s`` of domain ``d`` is drawn from
 ``np.random.default_rng([seed, d, s, i])``, so the result is deterministic and
-does not depend on generation order.
+does not depend on generation order. The ``test`` split (``num_test`` images, none by
+default) has its own stream (``s = 2``): adding test images changes no train or val
+image, and a pair without test images keeps the cache name it always had.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ CITYSCAPES_PALETTE: tuple[tuple[int, int, int], ...] = (
 )
 
 DOMAINS: tuple[str, ...] = ("source", "target")
-SPLITS: tuple[str, ...] = ("train", "val")
+SPLITS: tuple[str, ...] = ("train", "val", "test")  # generation stream s = position here
 
 # Cityscapes train ids used by the generator.
 ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN = 0, 1, 2, 3, 4, 5, 6, 7
@@ -106,9 +108,10 @@ class SyntheticSpec:
     height: int = 64
     width: int = 128
     seed: int = 0
+    num_test: int = 0  # per domain; last, so that positional construction keeps its meaning
 
     def __post_init__(self) -> None:
-        for name in ("num_train", "num_val", "height", "width", "seed"):
+        for name in ("num_train", "num_val", "num_test", "height", "width", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise ConfigError(f"synthetic.{name} must be an integer, got {value!r}")
@@ -116,6 +119,8 @@ class SyntheticSpec:
             raise ConfigError(f"synthetic.num_train must be >= 1, got {self.num_train}")
         if self.num_val < 0:
             raise ConfigError(f"synthetic.num_val must be >= 0, got {self.num_val}")
+        if self.num_test < 0:
+            raise ConfigError(f"synthetic.num_test must be >= 0, got {self.num_test}")
         if self.height < 16 or self.width < 16:
             raise ConfigError(
                 f"synthetic images must be at least 16x16, got {self.height}x{self.width}"
@@ -612,13 +617,20 @@ def render_scene(rng: np.random.Generator, spec: SyntheticSpec, style: str) -> t
 # --------------------------------------------------------------------------- cache
 
 
+def _split_sizes(spec: SyntheticSpec) -> dict[str, int]:
+    return {"train": spec.num_train, "val": spec.num_val, "test": spec.num_test}
+
+
 def _manifest(spec: SyntheticSpec) -> dict:
+    # Without test images the manifest (hence the cache name) is what it was before test splits.
+    fields = {k: v for k, v in asdict(spec).items() if k != "num_test" or v}
+    splits = {k: v for k, v in _split_sizes(spec).items() if k != "test" or v}
     return {
         "generator": "bida.synthetic",
         "version": GENERATOR_VERSION,
-        "spec": asdict(spec),
+        "spec": fields,
         "domains": list(DOMAINS),
-        "splits": {"train": spec.num_train, "val": spec.num_val},
+        "splits": splits,
         "name_format": "{index:05d}.png",
         "seeding": "np.random.default_rng([seed, domain_id, split_id, index])",
     }
@@ -648,7 +660,11 @@ def _is_complete(root: Path, manifest: dict) -> bool:
 def _write_domain(out: Path, spec: SyntheticSpec, domain_id: int, style: str) -> None:
     out.mkdir()
     (out / "classes.json").write_text(json.dumps(_classes_json(), indent=2) + "\n")
-    for split_id, (split, n) in enumerate((("train", spec.num_train), ("val", spec.num_val))):
+    sizes = _split_sizes(spec)
+    for split_id, split in enumerate(SPLITS):
+        n = sizes[split]
+        if split == "test" and n == 0:
+            continue
         img_dir = out / "images" / split
         lab_dir = out / "labels" / split
         img_dir.mkdir(parents=True)

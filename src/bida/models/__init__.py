@@ -3,8 +3,10 @@
 - :mod:`bida.models.deeplabv2`: DeepLab-V2 (dilated ResNet + ASPP), ``model.backbone: resnet*``.
 - :mod:`bida.models.mit`: MiT-B0..B5 encoders with a decoder from :mod:`bida.models.heads`
   (``model.decoder: segformer | daformer``), ``model.backbone: mit_b*``.
+- :mod:`bida.models.dinov2`: DINOv2 ViTs (patch 14, with or without registers), a simple
+  feature pyramid and the same decoders, ``model.backbone: dinov2_*``.
 
-Both expose the interface the trainer uses: ``forward(x, domain) -> SegOutput``,
+All expose the interface the trainer uses: ``forward(x, domain) -> SegOutput``,
 ``param_groups(lr, head_lr_mult)``, ``num_classes``, ``feature_dim``, ``proj`` (or None),
 ``target_stem`` (or None), ``sync_target_stem()`` and ``concat_domains_ok``.
 """
@@ -17,12 +19,14 @@ from ..config import default_feature
 from ..errors import ConfigError
 from .deeplabv2 import ARCHS as RESNET_ARCHS
 from .deeplabv2 import DeepLabV2, build_deeplabv2
+from .dinov2 import ARCHS as DINOV2_ARCHS
+from .dinov2 import DINOv2Segmentor, VisionTransformer
 from .mit import ARCHS as MIT_ARCHS
 from .mit import MiTSegmentor, MixTransformer
 from .output import SegOutput, upsample
 
-__all__ = ["SegOutput", "DeepLabV2", "MiTSegmentor", "MixTransformer", "build_model", "upsample",
-           "RESNET_ARCHS", "MIT_ARCHS", "is_mit"]
+__all__ = ["SegOutput", "DeepLabV2", "MiTSegmentor", "MixTransformer", "DINOv2Segmentor", "VisionTransformer",
+           "build_model", "upsample", "RESNET_ARCHS", "MIT_ARCHS", "DINOV2_ARCHS", "is_mit", "is_dinov2"]
 
 
 def is_mit(backbone: str) -> bool:
@@ -30,10 +34,16 @@ def is_mit(backbone: str) -> bool:
     return backbone in MIT_ARCHS
 
 
-def build_model(model_cfg, num_classes: int, feature: str | None = None) -> nn.Module:
-    """The segmentor of a ``ModelConfig``: DeepLab-V2 for ``resnet*``, MiT for ``mit_b*``.
+def is_dinov2(backbone: str) -> bool:
+    """Whether ``model.backbone`` names a DINOv2 vision transformer."""
+    return backbone in DINOV2_ARCHS
 
-    ``feature`` is ``method.feature``: which map the contrast reads (``decoder`` for MiT);
+
+def build_model(model_cfg, num_classes: int, feature: str | None = None) -> nn.Module:
+    """The segmentor of a ``ModelConfig``: DeepLab-V2 for ``resnet*``, MiT for ``mit_b*``,
+    a DINOv2 ViT for ``dinov2_*``.
+
+    ``feature`` is ``method.feature``: which map the contrast reads (``decoder`` for MiT and DINOv2);
     None: the backbone's default (:func:`bida.config.default_feature`).
     Combinations that make no sense are rejected when the config is loaded
     (:func:`bida.config.check_model_choices`); the constructors check them again.
@@ -44,12 +54,13 @@ def build_model(model_cfg, num_classes: int, feature: str | None = None) -> nn.M
     """
     if feature is None:
         feature = default_feature(model_cfg.backbone)
-    if not is_mit(model_cfg.backbone):
+    if not is_mit(model_cfg.backbone) and not is_dinov2(model_cfg.backbone):
         return build_deeplabv2(model_cfg, num_classes, feature)
     if feature != "decoder":
         raise ConfigError(f"method.feature={feature}: model.backbone={model_cfg.backbone} contrasts its decoder "
                           "feature (method.feature=decoder)")
-    return MiTSegmentor(
+    segmentor = DINOv2Segmentor if is_dinov2(model_cfg.backbone) else MiTSegmentor
+    return segmentor(
         num_classes=num_classes,
         backbone=model_cfg.backbone,
         decoder=model_cfg.decoder,

@@ -1,0 +1,118 @@
+"""The reproducibility record (issue 20.2): a seeded short run of the demo config, pinned.
+
+README's demo tables are measured with ``bida demo``; a change to the training path that
+alters a seeded run's losses or metrics makes those tables stale without anyone noticing
+(issue 20 found the DeepLab-V2 table 3 points off at HEAD). This test runs the demo's
+config (``defaults.yaml``, DeepLab-V2, offline rounds, method ``bida``) shrunk in sizes and
+lengths only, and compares its logged losses and final metrics with stored constants. A
+deliberate change re-measures README's tables and then updates :data:`PINNED`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bida.config import load_config
+from bida.train import cpu_model, environment, git_revision, train
+
+MESSAGE = "the seeded demo changed: re-measure README's tables and update this constant"
+
+# Sizes and lengths only: 8/4/2 images at 32x64, 1/8 width, 6 source steps, two rounds of 3
+# BiDA steps (round 1 labelled by an adapted model), evaluations every 3 steps (best.pt);
+# every setting of the method as shipped.
+SHRINK = [
+    "data.synthetic.num_train=8", "data.synthetic.num_val=4", "data.synthetic.num_test=2",
+    "data.synthetic.height=32", "data.synthetic.width=64", "data.crop=[32,64]", "model.width=0.125",
+    "train.iters=6", "train.rounds=2", "train.iters_per_round=3", "train.eval_every=3",
+    "train.checkpoint_every=100", "train.log_every=1", "train.quiet=true", "calibration.ramp_iters=2",
+]
+LOSSES = ("loss/seg_src", "loss/total", "loss/contrast_t2s", "loss/contrast_s2t")
+
+# Per step, the logged losses (source steps 1-6: loss/seg_src; BiDA steps 7-12: the total and
+# both contrast directions); then the final metrics and the step best.pt was chosen at.
+PINNED = {
+    "losses": {
+        "1 loss/seg_src": 2.975785970687866, "2 loss/seg_src": 2.401608467102051,
+        "3 loss/seg_src": 2.257103681564331, "4 loss/seg_src": 2.2510714530944824,
+        "5 loss/seg_src": 1.980303168296814, "6 loss/seg_src": 1.6273664236068726,
+        "7 loss/seg_src": 1.7246516942977905, "7 loss/total": 3.3533129692077637,
+        "7 loss/contrast_t2s": 1.7923738956451416, "7 loss/contrast_s2t": 0.9212301969528198,
+        "8 loss/seg_src": 2.3060693740844727, "8 loss/total": 3.713815212249756,
+        "8 loss/contrast_t2s": 1.9695926904678345, "8 loss/contrast_s2t": 0.0,
+        "9 loss/seg_src": 1.9095104932785034, "9 loss/total": 3.2954928874969482,
+        "9 loss/contrast_t2s": 1.8130300045013428, "9 loss/contrast_s2t": 0.5186425447463989,
+        "10 loss/seg_src": 1.8749948740005493, "10 loss/total": 3.0160489082336426,
+        "10 loss/contrast_t2s": 1.3202115297317505, "10 loss/contrast_s2t": 0.4499751329421997,
+        "11 loss/seg_src": 1.5719571113586426, "11 loss/total": 2.9186155796051025,
+        "11 loss/contrast_t2s": 1.5204169750213623, "11 loss/contrast_s2t": 0.8063916563987732,
+        "12 loss/seg_src": 1.9515098333358765, "12 loss/total": 3.311582565307617,
+        "12 loss/contrast_t2s": 1.5540533065795898, "12 loss/contrast_s2t": 0.8184650540351868,
+    },
+    "val_mIoU": 0.08468811715073714,
+    "test_mIoU": 0.0861580970079676,
+    "best_step": 12,
+}
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # one summation order: the same figures on every run on a machine
+    yield
+    torch.set_num_threads(before)
+
+
+def _measure(run: Path, cache: Path) -> dict:
+    cfg = load_config(None, SHRINK + ["method=bida", f"data.synthetic.cache_dir={cache}"])
+    assert cfg.model.backbone == "resnet18" and cfg.train.schedule == "rounds"  # the DeepLab-V2 demo
+    metrics = train(cfg, run)
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    losses = {f"{r['step']} {k}": r[k] for r in records for k in LOSSES if k in r}
+    return {"losses": losses, "val_mIoU": metrics["mIoU"], "test_mIoU": metrics["test"]["mIoU"],
+            "best_step": metrics["best"]["step"]}
+
+
+def test_seeded_demo_run_is_pinned(tmp_path, synthetic_cache, one_thread):
+    got = _measure(tmp_path / "run", synthetic_cache)
+    assert sorted(got["losses"]) == sorted(PINNED["losses"]), f"{MESSAGE}: logged {sorted(got['losses'])}"
+    for key, value in PINNED["losses"].items():
+        assert got["losses"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), f"{MESSAGE}: {got['losses']}"
+    for key in ("val_mIoU", "test_mIoU"):
+        assert got[key] == pytest.approx(PINNED[key], rel=1e-6, abs=1e-9), f"{MESSAGE}: {key} {got[key]!r}"
+    assert got["best_step"] == PINNED["best_step"], f"{MESSAGE}: best_step {got['best_step']}"
+
+
+def test_run_json_records_commit_cpu_and_torch(tmp_path, tiny_overrides):
+    train(load_config(None, tiny_overrides + ["method=source_only", "train.iters=1"]), tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert meta["git_revision"] == git_revision() and meta["torch"] == torch.__version__
+    assert meta["cpu"] == cpu_model() and meta["cpu"]
+    env = environment()
+    assert env["git_commit"] == git_revision() and env["cpu"] == cpu_model() and env["torch"] == torch.__version__
+
+
+def test_git_commit_is_null_outside_this_package_checkout(tmp_path):
+    """An installed copy (here: the package copied into another repository) records null, not that
+    repository's commit, and no git at all is null too, never an error."""
+    repo = tmp_path / "other"
+    shutil.copytree(Path(__import__("bida").__file__).parent, repo / "lib" / "bida",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    commit = ["-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "--allow-empty", "-m", "x"]
+    for args in (["init", "-q"], commit):
+        subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+    code = "import bida.train as t; print(repr(t.git_revision()))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(repo / "lib"), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "None", out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(repo / "lib"), "PATH": str(tmp_path / "no-bin")}, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "None", out.stderr[-2000:]
