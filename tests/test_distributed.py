@@ -7,6 +7,9 @@ logged losses (averaged over ranks), calibration EMAs (built from the global pro
 and gradients. BN is frozen, as in the paper: trainable BN normalises with per-rank
 statistics (see distributed.py). The end-to-end test runs
 ``torchrun --nproc_per_node=2 -m bida train`` and one process with the global batch.
+The mean-teacher tests run whole trainings as 2 ranks (``train.batch_size`` is then the
+global batch): the first step's losses against one process, student and EMA teacher
+bit-identical across ranks, and an exact mid-phase resume.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 import torch.multiprocessing as mp
 
 from bida import distributed
+from bida.checkpoint import load_checkpoint
 from bida.config import load_config
 from bida.data.datasets import build_train_dataset, resolve_domain, train_loader
 from bida.models import build_model
@@ -169,6 +173,31 @@ def test_single_process_context_is_a_no_op():
     distributed.shutdown()  # no group: nothing to destroy
 
 
+def test_collectives_in_buckets_cover_every_tensor_once_in_any_layout():
+    # What average_gradients and broadcast_module run their collectives on: flat buckets per
+    # dtype of at most bucket_elements values (a tensor larger than that gets one of its own),
+    # results written back by index (channels_last too).
+    from bida.distributed import _in_buckets
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g).double(),
+               torch.randn(2, 3, 4, 4, generator=g).to(memory_format=torch.channels_last), torch.arange(3),
+               torch.randn(7, generator=g), torch.randn(2, generator=g)]
+    before = [t.clone() for t in tensors]
+    buckets = []
+
+    def collective(flat: torch.Tensor) -> None:
+        buckets.append((flat.dtype, flat.numel()))
+        flat.mul_(2)
+
+    _in_buckets(tensors, collective, bucket_elements=20)
+    assert all(torch.equal(t, 2 * b) for t, b in zip(tensors, before))
+    assert tensors[2].is_contiguous(memory_format=torch.channels_last)
+    # float32: 12, then 96 (alone: larger than a bucket), then 7 + 2; float64: 5; int64: 3
+    assert buckets == [(torch.float32, 12), (torch.float32, 96), (torch.float32, 9), (torch.float64, 5),
+                       (torch.int64, 3)]
+
+
 def test_timeout_comes_from_the_environment(monkeypatch):
     monkeypatch.delenv("BIDA_DIST_TIMEOUT_S", raising=False)
     assert timeout_from_env().total_seconds() == 1800
@@ -253,3 +282,137 @@ def test_torchrun_two_processes_end_to_end(tmp_path, tiny_overrides):
             assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (ref["step"], key)
     metrics = {k: json.loads((d / "metrics.json").read_text()) for k, d in (("ddp", run), ("single", single))}
     assert metrics["ddp"]["confusion"] == metrics["single"]["confusion"]
+
+
+# ---------------------------------------------------------------- the mean-teacher schedule
+
+# Rare-class sampling, ClassMix, MIC and BiDA's terms on; train.batch_size is the global batch.
+TEACHER = ["method=bida", "train.schedule=teacher", "train.batch_size=4", "train.optimizer=adamw", "train.lr=6e-4",
+           "data.rare_class_sampling=true", "data.rcs_min_pixels=2", "mic.weight=1", "mic.block_size=8",
+           "pseudo.teacher_threshold=0.07", "train.checkpoint_every=1000"]  # 0.07: tiny models are unsure
+MIT = ["model.backbone=mit_b0", "method.feature=decoder", "model.width=0.25", "model.decoder_dim=32",
+       "model.proj_dim=16", "model.drop_path=0.3", "data.normalize=imagenet"]
+
+
+def _teacher_run(rank: int, world: int, overrides: list[str], run: str, tag: str, port: int = 0,
+                 stop_after: int | None = None, resume: bool = False) -> None:
+    """A teacher run (or its resume) as rank ``rank`` of ``world``; saves what this rank holds
+    at the end: the student's and the teacher's state dicts."""
+    from bida.train import Trainer
+
+    if world > 1:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), BIDA_DIST_TIMEOUT_S="120")
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(load_config(None, overrides), Path(run), resume=resume)
+        trainer.fit(stop_after=stop_after)
+        torch.save({"student": trainer.model.state_dict(), "teacher": trainer.mean_teacher.teacher.model.state_dict()},
+                   Path(run).parent / f"{tag}-rank{rank}.pt")
+    finally:
+        distributed.shutdown()
+
+
+def _spawn_teacher(overrides: list[str], run: Path, tag: str, **kwargs) -> list[dict]:
+    mp.spawn(_teacher_run, args=(WORLD, overrides, str(run), tag, _free_port(), kwargs.get("stop_after"),
+                                 kwargs.get("resume", False)), nprocs=WORLD, join=True)
+    return [torch.load(run.parent / f"{tag}-rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def _assert_same_states(a: dict, b: dict, what: str) -> None:
+    for part in ("student", "teacher"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{what}: {part}.{key}"
+
+
+def _teacher_records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if '"phase": "teacher"' in line]
+
+
+def test_teacher_two_ranks_give_the_step_0_loss_of_one_process_on_the_global_batch(tmp_path, tiny_overrides):
+    # Frozen BN (DeepLab): no per-rank batch statistics, so the first step's losses must be those
+    # of one process on the whole global batch: same images and crops, ClassMix masks, colour
+    # jitter and MIC masks, quality weight, BiDA prototypes and per-pixel means.
+    # The ImageNet feature distance too: "ImageNet" weights (any weight file of the architecture)
+    # for the frozen copy, and a student that starts elsewhere (from a source-only checkpoint).
+    from bida.deeplabv2 import build_model as build_deeplab
+
+    weights = tmp_path / "imagenet.pth"
+    torch.save(build_deeplab(load_config(None, tiny_overrides).model, 19).state_dict(), weights)
+    base = tiny_overrides + ["model.freeze_bn=true"]
+    train(load_config(None, base + ["method=source_only", "train.iters=1"]), tmp_path / "source")
+    # (teacher_threshold 0.2: some but not all of this student's target pixels pass it)
+    overrides = base + TEACHER + ["train.iters=2", "pseudo.teacher_threshold=0.2", f"model.pretrained={weights}",
+                                  "loss.feature_distance_weight=0.005",
+                                  f"model.init_checkpoint={tmp_path / 'source' / 'checkpoints' / 'last.pt'}"]
+    ranks = _spawn_teacher(overrides, tmp_path / "ddp", "ddp")
+    _assert_same_states(ranks[0], ranks[1], "rank 0 vs rank 1")
+    run, single = tmp_path / "ddp", tmp_path / "single"
+    _teacher_run(0, 1, overrides, str(single), "single")
+    assert json.loads((run / "run.json").read_text())["world_size"] == 2
+    assert len(list((run / "tensorboard").iterdir())) == 1  # one writer
+    got, ref = _teacher_records(run), _teacher_records(single)
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == [1, 2]
+    # teacher_acc, dynamic_acc: the mean of the ranks' accuracies, not the global batch's.
+    keys = [k for k in ref[0] if k.startswith(("loss/", "pseudo/", "calibration/")) and not k.endswith("_acc")]
+    assert {"loss/seg_src", "loss/seg_mix", "loss/mic", "loss/contrast_t2s", "loss/feature_distance",
+            "pseudo/teacher_quality"} <= set(keys)
+    assert 0 < ref[0]["pseudo/teacher_quality"] < 1 and ref[0]["loss/feature_distance"] > 0
+    for key in keys:
+        assert got[0][key] == pytest.approx(ref[0][key], rel=1e-5, abs=1e-7), key
+
+
+def test_teacher_under_two_ranks_stays_identical_on_every_rank_and_resumes_exactly(tmp_path, tiny_overrides):
+    # MiT with drop path and a trainable BatchNorm in its decoder: each rank's batch statistics
+    # differ, and the EMA teacher reads the running ones. After a few steps, the student and the
+    # teacher must be bit-identical on both ranks; a run stopped mid-phase and resumed with 2
+    # ranks must end bit-identical to the uninterrupted one.
+    overrides = tiny_overrides + TEACHER + MIT + ["train.iters=4"]
+    resolve_domain(load_config(None, overrides), "source")
+    full = _spawn_teacher(overrides, tmp_path / "full", "full")
+    _assert_same_states(full[0], full[1], "rank 0 vs rank 1")
+    assert any("running_mean" in k for k in full[0]["student"])
+    part = _spawn_teacher(overrides, tmp_path / "part", "stopped", stop_after=2)
+    stopped = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")
+    assert stopped["iter"] == 2
+    # Each rank draws its own drop-path masks (as one process does for the images of its batch):
+    # the checkpoint holds every rank's generator, and the resume below needs rank 1's.
+    assert len(stopped["rng_ranks"]) == 2 and torch.equal(stopped["rng_ranks"][0]["torch"], stopped["rng"]["torch"])
+    assert not torch.equal(stopped["rng_ranks"][0]["torch"], stopped["rng_ranks"][1]["torch"])
+    assert not any(torch.equal(part[0]["teacher"][k], full[0]["teacher"][k])
+                   for k in full[0]["teacher"] if k.endswith("running_mean"))
+    resumed = _spawn_teacher(overrides, tmp_path / "part", "resumed", resume=True)
+    _assert_same_states(resumed[0], resumed[1], "resumed: rank 0 vs rank 1")
+    _assert_same_states(resumed[0], full[0], "resumed vs uninterrupted")
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("full", "part"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["mean_teacher"]["teacher"]["model"][k], b["mean_teacher"]["teacher"]["model"][k])
+               for k in a["mean_teacher"]["teacher"]["model"])
+
+
+def test_a_teacher_global_batch_that_the_ranks_cannot_split_is_a_one_line_config_error(tmp_path, tiny_overrides,
+                                                                                         monkeypatch, capsys):
+    from bida.cli import main
+
+    # Rank 0 of 2 (no process group is needed: the check comes before any collective).
+    monkeypatch.setattr(distributed, "init_from_env", lambda: DistContext(rank=0, world_size=2))
+    code = main(["train", *tiny_overrides, *TEACHER, "train.batch_size=3", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1, err
+    assert "train.batch_size: 3" in err[0] and "multiple of the 2 processes" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_under_torchrun_without_out_is_a_one_line_error(tmp_path, tiny_overrides, monkeypatch, capsys):
+    # before: the default run directory holds the process id, so rank 1 chose a directory of its
+    # own, found none of rank 0's files there (rare-class counts, pseudo labels) and failed
+    from bida.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", *tiny_overrides, *TEACHER]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs --out DIR" in err[0], err
+    assert not (tmp_path / "runs").exists()

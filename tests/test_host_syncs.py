@@ -153,3 +153,46 @@ def test_the_recorder_sees_the_reads_it_forbids(monkeypatch):
     assert "__float__" in state["reads"] and "tolist" in state["reads"]
     assert str(ATEN._local_scalar_dense.default) in state["reads"]
     assert str(ATEN.index.Tensor) in state["reads"]
+
+
+def _teacher_rank_reads(rank: int, world: int, overrides: list[str], run: str, port: int) -> None:
+    """Rank ``rank`` of a 2-process gloo teacher run, recording its host reads (as the test above)."""
+    import json
+    import os
+    from pathlib import Path
+
+    import bida.train as tr
+    from bida import distributed
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), BIDA_DIST_TIMEOUT_S="120")
+    torch.set_num_threads(1)
+    patch = pytest.MonkeyPatch()
+    try:
+        trainer = tr.Trainer(load_config(None, overrides), Path(run))
+        state = _watch(patch)
+        trainer.fit()
+        (Path(run).parent / f"reads-rank{rank}.json").write_text(json.dumps(state))
+    finally:
+        patch.undo()
+        distributed.shutdown()
+
+
+def test_teacher_steps_under_two_ranks_read_nothing_from_the_device_but_their_finite_flag(tmp_path, tiny_overrides):
+    # The collectives the teacher step adds under torchrun (global quality weight and means,
+    # BiDA's prototypes, the gradient average, the flags) stay on the device.
+    import json
+
+    import torch.multiprocessing as mp
+    from test_distributed import _free_port
+
+    overrides = tiny_overrides + [
+        "method=bida", "train.schedule=teacher", "train.batch_size=4", "train.iters=2", "train.log_every=1000",
+        "train.checkpoint_every=1000", "train.eval_every=1000", "eval.max_images=1", "data.rare_class_sampling=true",
+        "data.rcs_min_pixels=2", "mic.weight=1", "mic.block_size=8"]
+    mp.spawn(_teacher_rank_reads, args=(2, overrides, str(tmp_path / "run"), _free_port()), nprocs=2, join=True)
+    for rank in range(2):
+        state = json.loads((tmp_path / f"reads-rank{rank}.json").read_text())
+        assert state["steps"] == 2
+        assert state["reads"] == [], f"host reads inside rank {rank}'s teacher step: {sorted(set(state['reads']))}"
+        assert state["flag_reads"] == state["steps"]

@@ -90,6 +90,20 @@ def test_masked_view_is_the_colour_augmented_image_masked_in_blocks_and_resumes_
     assert torch.equal(out2, out) and torch.equal(keep2, keep)
 
 
+def test_masked_view_of_each_rank_is_its_rows_of_the_global_batch():
+    # Under torchrun: a sample's colour augmentation and blocks depend on its place in the
+    # global batch, not on the number of processes.
+    img = torch.randn(4, 3, 10, 12, generator=torch.Generator().manual_seed(0))
+    one = MaskedImageConsistency(4, 0.7, "imagenet", seed=11)
+    ranks = [MaskedImageConsistency(4, 0.7, "imagenet", seed=11, rank=r, world_size=2) for r in range(2)]
+    for _ in range(2):
+        out, keep = one(img)
+        for r, masking in enumerate(ranks):
+            out_r, keep_r = masking(img[2 * r:2 * r + 2])
+            assert torch.equal(out_r, out[2 * r:2 * r + 2]) and torch.equal(keep_r, keep[2 * r:2 * r + 2])
+            assert torch.equal(masking.generator.get_state(), one.generator.get_state())
+
+
 # --------------------------------------------------------------------------- the loss in the step
 
 class _TinySeg(torch.nn.Module):

@@ -84,18 +84,22 @@ WORLD = 2
 HOOK = textwrap.dedent("""
     import os
     if os.environ.get("BIDA_TEST_HOOK"):  # test hook: MODULE:FUNCTION:ACTION:MARKER
-        import importlib, signal, time
+        import dataclasses, importlib, signal, time
         from pathlib import Path
         module, function, action, marker = os.environ["BIDA_TEST_HOOK"].split(":", 3)
         mod = importlib.import_module("bida." + module)
         real = getattr(mod, function)
+        calls = []
         def hooked(*args, **kwargs):
             Path(f"{marker}-rank{os.environ.get('RANK', '0')}").touch()  # the place was reached
             if action == "slow":
                 time.sleep(0.4)
             out = real(*args, **kwargs)
+            calls.append(1)
             if action == "term":
                 os.kill(os.getpid(), signal.SIGTERM)
+            if action == "nan" and os.environ.get("RANK") == "1" and len(calls) == 2:  # a step's StepResult
+                out = dataclasses.replace(out, loss=out.loss * float("nan"))
             return out
         setattr(mod, function, hooked)
 """)
@@ -103,7 +107,8 @@ HOOK = textwrap.dedent("""
 
 def _env(tmp_path: Path, hook: str | None = None) -> dict:
     """Environment of a child: short collective timeout, one thread, an optional hook
-    (``module:function:action``, action ``slow`` or ``term``) that marks ``tmp_path/started-rank<r>``."""
+    (``module:function:action``, action ``slow``, ``term``, or ``nan``: rank 1's second step
+    result gets a NaN loss) that marks ``tmp_path/started-rank<r>``."""
     site = tmp_path / "site"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(HOOK)
@@ -140,8 +145,14 @@ def _finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, st
     return out
 
 
+# The mean-teacher schedule with everything that carries state on: rare-class sampling,
+# ClassMix, MIC and BiDA's terms; train.batch_size is its global batch.
+TEACHER = ["method=bida", "train.schedule=teacher", "train.batch_size=4", "data.rare_class_sampling=true",
+           "data.rcs_min_pixels=2", "mic.weight=1", "mic.block_size=8"]
 STOP_CASES = {  # where rank 1 alone gets SIGTERM: (overrides, hook, what shows the place was reached)
     "step": (["train.iters=30"], None, lambda run, tmp: len([r for r in _records(run) if "loss/seg_src" in r]) >= 2),
+    "teacher step": ([*TEACHER, "train.iters=30"], None,
+                     lambda run, tmp: len([r for r in _records(run) if "loss/seg_mix" in r]) >= 2),
     "pseudo-labels": (["method=self_training", "train.iters=2", "train.rounds=1", "train.iters_per_round=2"],
                       "round_labels:predict_probs:slow", lambda run, tmp: (tmp / "started-rank0").exists()),
     "evaluation": (["train.iters=4", "train.eval_every=2"], "evaluate:predict_probs:slow",
@@ -174,6 +185,22 @@ def test_sigterm_to_one_rank_stops_every_rank_with_one_checkpoint(tmp_path, tiny
     if case == "evaluation":
         assert state["pending_eval"]
     assert main(["train", "--resume", str(run)]) == 0  # in one process here: the checkpoint is complete
+    assert (run / "metrics.json").is_file()
+
+
+def test_a_non_finite_teacher_step_on_one_rank_is_skipped_on_every_rank(tmp_path, tiny_overrides):
+    # Rank 1's second step has a NaN loss: both ranks must skip it together (the gradient
+    # all-reduce would otherwise spread the NaN, or one rank step while the other does not),
+    # and the run go on to the end with one skipped step logged once.
+    run = tmp_path / "run"
+    args = ["train", *tiny_overrides, *TEACHER, "train.iters=3", "--out", str(run)]
+    (code0, err0), (code1, err1) = _finish(_ranks(args, _env(tmp_path, "teacher:teacher_step:nan")), timeout=240)
+    assert (code0, code1) == (0, 0), (err0[-3000:], err1[-3000:])
+    skipped = [r for r in _records(run) if "numerics/skipped_step" in r]
+    assert [r["step"] for r in skipped] == [1]  # after step 1, the second step's batch was dropped
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert (state["step"], state["data_pos"]) == (3, 4)
+    assert state["mean_teacher"]["teacher"]["updates"] == 3  # the skipped step left the teacher alone
     assert (run / "metrics.json").is_file()
 
 

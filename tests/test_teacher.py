@@ -136,6 +136,37 @@ def test_class_mix_labels_follow_the_chosen_source_classes():
     assert torch.equal(mask2, mask) and torch.equal(img2, img) and torch.equal(labels2, labels)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_class_mix_of_each_rank_is_its_rows_of_the_global_batch(world):
+    # Under torchrun a rank mixes its slice of the global batch: its masks, jitter and blur must
+    # be the rows one process draws for the whole batch, step after step, and its generator
+    # must advance as that process's does (rank 0's checkpoint resumes every rank).
+    g = torch.Generator().manual_seed(4)
+    k, b = 5, 4
+    y_src = torch.randint(0, k, (b, 12, 12), generator=g)
+    y_tgt = torch.randint(0, k, (b, 12, 12), generator=g)
+    img_src, img_tgt = torch.randn(b, 3, 12, 12, generator=g), torch.randn(b, 3, 12, 12, generator=g)
+    one = ClassMix(k, "imagenet", seed=3)
+    ranks = [ClassMix(k, "imagenet", seed=3, rank=r, world_size=world) for r in range(world)]
+    n = b // world
+    for _ in range(2):
+        ref = one(img_src, y_src, img_tgt, y_tgt, torch.tensor(0.5))
+        for r, mixer in enumerate(ranks):
+            rows = slice(r * n, (r + 1) * n)
+            got = mixer(img_src[rows], y_src[rows], img_tgt[rows], y_tgt[rows], torch.tensor(0.5))
+            for a, e in zip(got, ref):
+                assert torch.equal(a, e[rows])
+            assert torch.equal(mixer.generator.get_state(), one.generator.get_state())
+
+
+def test_quality_weight_over_ranks_counts_the_global_batch():
+    conf = torch.tensor([[[0.9, 0.1], [0.95, 0.2]]])
+    valid = torch.tensor([[[True, True], [True, False]]])
+    other = torch.tensor([5.0, 6.0])  # another rank's (confident, valid) counts
+    assert quality_weight(conf, valid, 0.5).item() == pytest.approx(2 / 3)
+    assert quality_weight(conf, valid, 0.5, reduce=lambda c: c + other).item() == pytest.approx(7 / 9)
+
+
 def test_class_mix_masks_choose_half_of_the_classes_in_expectation():
     g = torch.Generator().manual_seed(1)
     y = torch.arange(4).repeat_interleave(4).view(1, 4, 4).expand(2000, 4, 4).contiguous()

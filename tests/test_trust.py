@@ -327,3 +327,21 @@ def test_a_run_resumed_between_log_points_logs_what_an_uninterrupted_one_logs(tm
     full, part = strip(_records(tmp_path / "full")), strip(_records(tmp_path / "part"))
     assert [r["step"] for r in full if "loss/seg_src" in r] == [3, 4]
     assert part == full
+
+
+def test_the_rng_state_holds_the_cuda_generator_of_the_current_device(monkeypatch):
+    # Dropout and stochastic depth on a GPU draw from the CUDA generator: without its state in
+    # the checkpoint a resumed GPU run draws other masks than the run it continues. (A stand-in
+    # CUDA generator: this machine has no GPU.)
+    from bida.checkpoint import rng_state, set_rng_state
+
+    cuda = {"state": torch.tensor([1, 2, 3], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: cuda["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda t: cuda.update(state=t))
+    state = rng_state()
+    draws = torch.rand(3)
+    cuda["state"] = torch.tensor([9, 9, 9], dtype=torch.uint8)  # the generator moved on
+    set_rng_state(state)
+    assert cuda["state"].tolist() == [1, 2, 3]
+    assert torch.equal(torch.rand(3), draws)

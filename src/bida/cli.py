@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -143,6 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .distributed import is_main_process
     from .train import default_run_dir, train
 
     if args.resume:
@@ -154,9 +156,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = preset_overrides(args.preset) + list(args.overrides) + (["train.quiet=true"] if args.quiet else [])
     cfg = load_config(args.config, overrides)
+    if not args.out and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        # The default name holds the process id: every rank would choose another directory.
+        raise BidaError("bida train under torchrun needs --out DIR: every rank must use the same run directory")
     out = Path(args.out) if args.out else default_run_dir(cfg)
     train(cfg, out, overwrite=args.overwrite)
-    print(f"run directory: {out}")
+    if is_main_process():  # once, not once per rank
+        print(f"run directory: {out}")
     return 0
 
 

@@ -151,7 +151,9 @@ class TrainConfig:
     # teacher: length of the adaptation phase (or of a source_only run).
     iters: int = 1500
     source_iters: int = 0  # teacher: source-only stage before adaptation (DAFormer: none); skipped with init_checkpoint
-    batch_size: int = 2  # per domain
+    # Images per domain in a step: per process under torchrun, except with schedule teacher,
+    # where it is the global batch (split over the processes; a multiple of their number).
+    batch_size: int = 2
     lr: float = 2.5e-3  # backbone; the classifier gets head_lr_mult x this
     head_lr_mult: float = 10.0
     # Layer-wise LR decay of a ViT encoder (dinov2_* only; 1.0 = off): the final norm trains

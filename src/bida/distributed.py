@@ -24,6 +24,21 @@ evaluation and each checkpoint, so every rank evaluates the model the checkpoint
 the running-average update is linear, so averaging at any point gives the same statistics
 later (up to rounding), and a stopped and resumed run evaluates as an uninterrupted one.
 
+The mean-teacher schedule (``train.schedule: teacher``) takes ``train.batch_size`` as the
+global batch: each of the W ranks trains on its slice of ``batch_size / W`` images. Its
+step runs several forwards of the student (source, mixed, MIC's masked and BiDA's unmixed
+target images), which DDP, one forward per backward, does not allow; the student is left
+unwrapped and :meth:`DistContext.average_gradients` averages the gradients after the
+backward, as DDP would. ClassMix and MIC draw the random numbers of the whole global batch
+on every rank and keep their rows (:func:`bida.mixing.global_rand`); the teacher's quality
+weight counts the global batch (:meth:`GlobalBatch.sum`). The student's BatchNorm running
+statistics are averaged over ranks after every step, where the EMA reads them, so the
+student and the EMA teacher stay identical on every rank. Not reproduced, as above: the
+student's trainable BatchNorm normalises with per-rank batch statistics (so does the
+teacher's with ``train.teacher_bn: batch``), and dropout and stochastic depth draw from
+each rank's own torch generator (independent masks for every image, as in one process,
+but not the masks one process draws); checkpoints hold every rank's generator state.
+
 Stops: a SIGTERM/SIGINT that reaches one rank reaches all of them at the next point
 where the ranks meet anyway: the step's finiteness all-reduce carries it
 (:meth:`DistContext.step_flags`), evaluations poll it before each image
@@ -43,6 +58,7 @@ import datetime
 import math
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -107,6 +123,16 @@ class GlobalBatch:
         sums, counts = class_sums(features, labels, self.num_classes)  # (K, D), (K,)
         packed = _AllReduceSum.apply(torch.cat([sums, counts[:, None]], dim=1))  # (K, D+1)
         return prototypes_from_sums(packed[:, :-1], packed[:, -1])
+
+    @staticmethod
+    def sum(tensor: Tensor) -> Tensor:
+        """Sum over ranks of a statistic without gradient (e.g. pixel counts); a new tensor.
+
+        One all-reduce on the tensor's device: no host synchronisation.
+        """
+        total = tensor.detach().clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
 
     def global_means(self, means: dict[str, Tensor], counts: dict[str, Tensor]) -> dict[str, Tensor]:
         """This rank's share of each global-batch mean: ``W * local_sum / global_count``.
@@ -276,6 +302,40 @@ class DistContext:
             for b, part in zip(stats, flat.split([b.numel() for b in stats])):
                 b.copy_(part.reshape(b.shape))
 
+    def average_gradients(self, grads: list[Tensor]) -> None:
+        """Average gradients over ranks in place, as DDP's reducer does (for steps DDP cannot wrap).
+
+        Packed into flat buckets (:func:`_in_buckets`), one all-reduce each, on the device:
+        no host synchronisation. Every rank must pass the gradients of the same parameters
+        in the same order (one configuration gives every rank the same graph).
+        """
+        if not self.enabled:
+            return
+
+        def average(flat: Tensor) -> None:
+            dist.all_reduce(flat)
+            flat /= self.world_size
+
+        _in_buckets(grads, average)
+
+    def broadcast_module(self, model: torch.nn.Module) -> None:
+        """Rank 0's parameters and buffers on every rank (what DDP does when it wraps a model)."""
+        if not self.enabled:
+            return
+        with torch.no_grad():
+            _in_buckets([t.data for t in (*model.parameters(), *model.buffers())], lambda flat: dist.broadcast(flat, 0))
+
+    def all_gather_object(self, obj):
+        """``[rank 0's obj, rank 1's, ...]`` on every rank (``[obj]`` when single process).
+
+        Pickles through the host: for checkpoints, not for the step.
+        """
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def mean_logs(self, logs: dict[str, float | Tensor]) -> dict[str, float]:
         """Log values averaged over ranks (NaNs skipped), so that rank 0 logs the global batch.
 
@@ -298,6 +358,33 @@ class DistContext:
         if not self.enabled:
             return None
         return GlobalBatch(num_classes, self.world_size)
+
+
+BUCKET_ELEMENTS = 1 << 25  # 128 MiB of float32: a few collectives for the largest model, bounded extra memory
+
+
+def _in_buckets(tensors: list[Tensor], collective: Callable[[Tensor], None],
+                bucket_elements: int = BUCKET_ELEMENTS) -> None:
+    """Run ``collective`` (in place) on ``tensors`` packed into flat buckets per dtype, then
+    copy the results back: a few large collectives instead of one per tensor. Works for
+    any memory layout (channels_last parameters are read and written by index)."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        buckets: list[list[Tensor]] = [[]]
+        size = 0
+        for t in group:
+            if buckets[-1] and size + t.numel() > bucket_elements:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(t)
+            size += t.numel()
+        for bucket in buckets:
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            collective(flat)
+            parts = flat.split([t.numel() for t in bucket])
+            torch._foreach_copy_(bucket, [part.view_as(t) for t, part in zip(bucket, parts)])
 
 
 def timeout_from_env() -> datetime.timedelta:

@@ -10,7 +10,8 @@ context.
 
 As in :mod:`bida.mixing`, every draw comes from an explicit ``torch.Generator`` on the
 images' device: no host synchronisation, and a run that restores the generator's state
-draws the same masks and augmentations again.
+draws the same masks and augmentations again; under torchrun a sample's draws depend on
+its place in the global batch, not on the number of processes.
 """
 
 from __future__ import annotations
@@ -21,25 +22,28 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .mixing import STRONG_DRAWS, strong_augment
+from .mixing import STRONG_DRAWS, global_rand, strong_augment
 
 
 def block_masks(batch: int, size: tuple[int, int], block_size: int, mask_ratio: float,
-                generator: torch.Generator, device: torch.device | str = "cpu") -> Tensor:
+                generator: torch.Generator, device: torch.device | str = "cpu", rank: int = 0,
+                world_size: int = 1) -> Tensor:
     """Per image, a grid of ``block_size`` x ``block_size`` blocks, each kept with probability
     ``1 - mask_ratio``; True where a pixel is kept.
 
     Blocks start at the top-left corner; where a side is not a multiple of ``block_size``
     the last row or column of blocks is cut by the image border (it is still one block).
     One uniform number per block, drawn row by row: a block is kept when its number is at
-    least ``mask_ratio`` (so ratio 0 keeps every pixel).
+    least ``mask_ratio`` (so ratio 0 keeps every pixel). ``rank``, ``world_size``: the
+    images are this rank's slice of a global batch (:func:`bida.mixing.global_rand`).
 
     Shape:
         - output: (batch, H, W) bool, (H, W) = ``size``
     """
     h, w = size
     gh, gw = math.ceil(h / block_size), math.ceil(w / block_size)
-    keep = torch.rand(batch, gh, gw, generator=generator, device=device) >= mask_ratio  # (B, gh, gw)
+    u = global_rand(batch, gh, gw, generator=generator, device=device, rank=rank, world_size=world_size)
+    keep = u >= mask_ratio  # (B, gh, gw)
     full = keep[:, :, None, :, None].expand(batch, gh, block_size, gw, block_size)
     return full.reshape(batch, gh * block_size, gw * block_size)[:, :h, :w]
 
@@ -63,16 +67,17 @@ class MaskedImageConsistency:
     """
 
     def __init__(self, block_size: int, mask_ratio: float, normalize: Literal["imagenet", "caffe"], seed: int,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1):
         self.block_size, self.mask_ratio, self.normalize = block_size, mask_ratio, normalize
+        self.rank, self.world_size = rank, world_size  # the batches are this slice of the global batch
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, img_tgt: Tensor) -> tuple[Tensor, Tensor]:
         """Shape: img_tgt (B, 3, H, W) -> masked images (B, 3, H, W), keep mask (B, H, W) bool."""
-        g, b = self.generator, img_tgt.shape[0]
-        u = torch.rand(b, STRONG_DRAWS, generator=g, device=img_tgt.device)
+        g, b, rows = self.generator, img_tgt.shape[0], {"rank": self.rank, "world_size": self.world_size}
+        u = global_rand(b, STRONG_DRAWS, generator=g, device=img_tgt.device, **rows)
         img = strong_augment(img_tgt, u, self.normalize)
-        keep = block_masks(b, tuple(img.shape[-2:]), self.block_size, self.mask_ratio, g, img.device)
+        keep = block_masks(b, tuple(img.shape[-2:]), self.block_size, self.mask_ratio, g, img.device, **rows)
         return mask_image(img, keep), keep
 
     def state_dict(self) -> dict:

@@ -5,6 +5,11 @@ explicit ``torch.Generator`` on the tensors' device: no Python loop over samples
 no host synchronisation, and a run that restores the generator's state draws the same masks
 and augmentations again.
 
+Under torchrun every rank draws the random numbers of the whole global batch from its
+identically seeded generator and keeps the rows of its own slice (:func:`global_rand`): a
+sample's mask and augmentation depend on its place in the global batch, not on the number
+of processes, and the generators stay equal on every rank.
+
 Strengths follow DAFormer (colour jitter of strength 0.2 applied with probability 0.8,
 Gaussian blur with sigma in [0.15, 1.15] applied with probability 0.5), decided per sample
 here rather than once per batch.
@@ -28,12 +33,30 @@ BLUR_PROB = 0.5
 BLUR_SIGMA = (0.15, 1.15)
 
 
+def global_rand(rows: int, *size: int, generator: torch.Generator, device: torch.device | str,
+                rank: int = 0, world_size: int = 1) -> Tensor:
+    """Uniform numbers for this rank's ``rows`` rows of a global batch of ``rows * world_size``.
+
+    Every rank draws the whole global batch's numbers and keeps rows
+    ``[rank * rows, (rank + 1) * rows)``: row i of the global batch gets the same numbers
+    whatever the number of processes, and every rank's generator advances alike. One
+    process (``world_size`` 1) draws exactly ``torch.rand(rows, *size)``.
+
+    Shape:
+        - output: (rows, *size) float32
+    """
+    u = torch.rand(rows * world_size, *size, generator=generator, device=device)
+    return u[rank * rows:(rank + 1) * rows] if world_size > 1 else u
+
+
 def class_mix_masks(labels_src: Tensor, num_classes: int, generator: torch.Generator,
-                    ignore_index: int = IGNORE) -> Tensor:
+                    ignore_index: int = IGNORE, rank: int = 0, world_size: int = 1) -> Tensor:
     """Per image, the pixels of a random half of the classes present in its source label.
 
     Of the n classes present in an image (ignore excluded), ceil(n / 2) are chosen uniformly
     without replacement, as ClassMix and DAFormer do; the mask is True on their pixels.
+    ``rank`` and ``world_size``: the images are this rank's slice of a global batch, and
+    their draws that slice's rows (:func:`global_rand`).
 
     Shape:
         - labels_src: (B, H, W) class ids or ``ignore_index``
@@ -45,7 +68,8 @@ def class_mix_masks(labels_src: Tensor, num_classes: int, generator: torch.Gener
     present = torch.zeros(b, num_classes + 1, dtype=torch.bool, device=labels_src.device)
     present.scatter_(1, flat, True)
     present = present[:, :num_classes]
-    scores = torch.rand(b, num_classes, generator=generator, device=labels_src.device)
+    scores = global_rand(b, num_classes, generator=generator, device=labels_src.device, rank=rank,
+                         world_size=world_size)
     scores = torch.where(present, scores, torch.full_like(scores, 2.0))  # absent classes rank last
     rank = scores.argsort(1).argsort(1)
     n_choose = (present.sum(1, keepdim=True) + 1) // 2
@@ -180,19 +204,21 @@ class ClassMix:
     """
 
     def __init__(self, num_classes: int, normalize: Literal["imagenet", "caffe"], seed: int,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1):
         self.num_classes, self.normalize = num_classes, normalize
+        self.rank, self.world_size = rank, world_size  # the batches are this slice of the global batch
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, img_src: Tensor, y_src: Tensor, img_tgt: Tensor, y_tgt: Tensor,
                  w_tgt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Shape: images (B, 3, H, W), labels (B, H, W), ``w_tgt`` () or (B, H, W) -> same shapes."""
-        g = self.generator
-        mask = class_mix_masks(y_src, self.num_classes, g)
+        g, rows = self.generator, {"rank": self.rank, "world_size": self.world_size}
+        mask = class_mix_masks(y_src, self.num_classes, g, **rows)
         img = mix(mask, img_src, img_tgt)
         labels = mix(mask, y_src, y_tgt)
         weight = torch.where(mask, torch.ones((), device=mask.device), w_tgt.float())
-        u = torch.rand(img.shape[0], STRONG_DRAWS, generator=g, device=img.device)  # one draw for every random choice
+        # one draw for every random choice
+        u = global_rand(img.shape[0], STRONG_DRAWS, generator=g, device=img.device, **rows)
         img = self.strong_augment(img, u)
         return img, labels, weight, mask
 

@@ -30,6 +30,12 @@ With ``mic.weight > 0`` either method adds MIC's masked image consistency
 (:mod:`bida.masking`): the student, forwarded once more on the colour-augmented target
 image with random blocks masked, learns the teacher's labels of the unmasked image.
 
+Under torchrun (:mod:`bida.distributed`) every rank trains on its slice of the global batch
+``train.batch_size``: ClassMix and MIC draw by global sample index, the quality weight and
+every per-pixel mean are the global batch's, BiDA's prototypes come from all-reduced sums,
+and :meth:`MeanTeacher.after_step` averages the student's BatchNorm statistics where the EMA
+reads them, so the teacher is the same on every rank.
+
 The schedule is model-agnostic: it uses ``model(x, domain) -> SegOutput`` and
 ``model.param_groups``, and for the feature distance ``model.backbone_output_module()``.
 """
@@ -39,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -118,12 +125,13 @@ class EMATeacher:
         return alpha
 
     @torch.no_grad()
-    def pseudo_labels(self, image: Tensor, valid: Tensor | None, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    def pseudo_labels(self, image: Tensor, valid: Tensor | None, threshold: float,
+                      reduce: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Teacher argmax labels at the image size, their confidence and the batch's quality weight.
 
         Quality = share of valid pixels whose teacher confidence is at least ``threshold``
         (DAFormer's ``pseudo_weight``, one number per batch); crop padding gets ignore and
-        counts in neither part of the share.
+        counts in neither part of the share. ``reduce``: see :func:`quality_weight`.
 
         Shape:
             - image: (B, 3, H, W); valid: (B, H, W) bool or None
@@ -137,7 +145,7 @@ class EMATeacher:
         if valid is None:
             valid = torch.ones_like(labels, dtype=torch.bool)
         labels = torch.where(valid, labels, torch.full_like(labels, IGNORE))
-        quality = quality_weight(conf, valid, threshold)
+        quality = quality_weight(conf, valid, threshold, reduce)
         return labels, conf, quality
 
     def state_dict(self) -> dict:
@@ -153,14 +161,20 @@ class EMATeacher:
         self.updates = int(state["updates"])
 
 
-def quality_weight(conf: Tensor, valid: Tensor, threshold: float) -> Tensor:
+def quality_weight(conf: Tensor, valid: Tensor, threshold: float,
+                   reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Share of ``valid`` pixels with ``conf >= threshold`` (0 when none is valid); a device scalar.
+
+    ``reduce`` (distributed runs, :meth:`bida.distributed.GlobalBatch.sum`): the two counts
+    are summed over ranks first, so that every rank weighs with the global batch's share.
 
     Shape:
         - conf: (B, H, W) float; valid: (B, H, W) bool; output: () float32
     """
-    confident = ((conf >= threshold) & valid).sum().float()
-    return confident / valid.sum().clamp_min(1).float()
+    counts = torch.stack([((conf >= threshold) & valid).sum(), valid.sum()]).float()  # (confident, valid)
+    if reduce is not None:
+        counts = reduce(counts)
+    return counts[0] / counts[1].clamp_min(1)
 
 
 def weighted_cross_entropy(logits: Tensor, labels: Tensor, weight: Tensor, ignore_index: int = IGNORE,
@@ -183,6 +197,17 @@ def weighted_cross_entropy(logits: Tensor, labels: Tensor, weight: Tensor, ignor
     if mean_over == "all":
         return (ce * weight).sum() / labels.numel()
     return (ce * weight).sum() / (labels != ignore_index).sum().clamp_min(1)
+
+
+def _labelled(labels: Tensor, ignore_index: int = IGNORE) -> Tensor:
+    return (labels != ignore_index).sum()
+
+
+def _ce_count(labels: Tensor, mean_over: str) -> Tensor:
+    """Pixels :func:`weighted_cross_entropy` divides by (a device scalar, no host read)."""
+    if mean_over == "all":
+        return torch.full((), labels.numel(), device=labels.device, dtype=torch.int64)
+    return _labelled(labels)
 
 
 def bida_terms_on(cfg: Config) -> bool:
@@ -252,8 +277,9 @@ class FeatureDistance:
         """Context manager: record the student's backbone outputs of the forwards inside it."""
         return _Capture(_backbone_module(_unwrap(student)), self._captured)
 
-    def loss(self, img_src: Tensor, y_src: Tensor) -> Tensor:
-        """Distance for the source batch the student forwarded first inside :meth:`capture`."""
+    def loss(self, img_src: Tensor, y_src: Tensor, return_count: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Distance for the source batch the student forwarded first inside :meth:`capture`
+        (with ``return_count``, also the number of feature pixels it averages over)."""
         feat = self._captured[0][: img_src.shape[0]].float()
         self._captured.clear()
         with torch.no_grad():
@@ -266,7 +292,9 @@ class FeatureDistance:
         if self._table.device != y.device:  # copied to the device once, not every step
             self._table = self._table_cpu.to(y.device)
         mask = self._table[torch.where(y == IGNORE, torch.full_like(y, self.num_classes), y)]
-        return (dist * mask).sum() / mask.sum().clamp_min(1)
+        count = mask.sum()
+        loss = (dist * mask).sum() / count.clamp_min(1)
+        return (loss, count) if return_count else loss
 
 
 def _backbone_module(model: torch.nn.Module) -> torch.nn.Module:
@@ -295,18 +323,24 @@ class _Capture:
 class MeanTeacher:
     """Everything stateful the teacher schedule adds: the EMA teacher, the ClassMix generator,
     with a MIC weight the masking generator and, with a feature-distance weight, the frozen
-    ImageNet model. Saved in checkpoints."""
+    ImageNet model. Saved in checkpoints.
+
+    ``rank``, ``world_size``: under torchrun the batches are this rank's slice of the global
+    batch; the generators draw for the whole global batch on every rank (equal states
+    everywhere, so rank 0's checkpoint resumes every rank).
+    """
 
     def __init__(self, cfg: Config, num_classes: int, device: torch.device | str,
-                 imagenet_model: torch.nn.Module | None = None):
+                 imagenet_model: torch.nn.Module | None = None, rank: int = 0, world_size: int = 1):
         self.cfg, self.num_classes = cfg, num_classes
         self.teacher = EMATeacher(cfg.train.teacher_momentum, cfg.train.teacher_bn)
+        rows = {"rank": rank, "world_size": world_size}
         # Its own stream, away from the run's other random draws (offset: not the data seeds).
-        self.mixer = ClassMix(num_classes, cfg.data.normalize, seed=cfg.seed + MIX_SEED_OFFSET, device=device)
+        self.mixer = ClassMix(num_classes, cfg.data.normalize, seed=cfg.seed + MIX_SEED_OFFSET, device=device, **rows)
         self.masking = None
         if cfg.mic.weight > 0:
             self.masking = MaskedImageConsistency(cfg.mic.block_size, cfg.mic.mask_ratio, cfg.data.normalize,
-                                                  seed=cfg.seed + MASK_SEED_OFFSET, device=device)
+                                                  seed=cfg.seed + MASK_SEED_OFFSET, device=device, **rows)
         self.feature_distance = None
         if cfg.loss.feature_distance_weight > 0:
             if imagenet_model is None:
@@ -319,8 +353,16 @@ class MeanTeacher:
         if not self.teacher.initialized:
             self.teacher.reset(student)
 
-    def after_step(self, student: torch.nn.Module) -> None:
-        """After each optimizer step that was taken (a skipped step leaves the teacher as it was)."""
+    def after_step(self, student: torch.nn.Module,
+                   sync_statistics: Callable[[torch.nn.Module], None] | None = None) -> None:
+        """After each optimizer step that was taken (a skipped step leaves the teacher as it was).
+
+        ``sync_statistics`` (distributed runs): averages the student's BatchNorm running
+        statistics over ranks in place, just before the EMA reads them, so that student and
+        teacher stay the same on every rank.
+        """
+        if sync_statistics is not None:
+            sync_statistics(_unwrap(student))
         self.teacher.update(student)
 
     def state_dict(self) -> dict:
@@ -337,24 +379,30 @@ class MeanTeacher:
 
 
 def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Config, state: MeanTeacher,
-                 calibration=None, num_classes: int | None = None) -> StepResult:
+                 calibration=None, num_classes: int | None = None, reduce_sums=None) -> StepResult:
     """One mean-teacher iteration (``self_training``: DAFormer's; ``bida``: plus BiDA's terms;
     either plus MIC's masked image consistency when ``mic.weight > 0``).
 
     ``batch_tgt["label"]`` holds the target's true labels when it has any (all ignore
     otherwise): they are only logged against, never trained on. Logs are detached device
-    tensors (no host synchronisation).
+    tensors (no host synchronisation). ``reduce_sums`` (distributed runs,
+    :class:`~bida.distributed.GlobalBatch`; the batches are this rank's slice of the global
+    batch): the quality weight, BiDA's prototypes and every per-pixel mean are the global
+    batch's.
     """
     lw, num_classes = cfg.loss, num_classes or state.num_classes
     img_src, y_src, img_tgt = batch_src["image"], batch_src["label"], batch_tgt["image"]
     valid_tgt = batch_tgt.get("valid")
-    y_teacher, conf, quality = state.teacher.pseudo_labels(img_tgt, valid_tgt, cfg.pseudo.teacher_threshold)
+    y_teacher, conf, quality = state.teacher.pseudo_labels(img_tgt, valid_tgt, cfg.pseudo.teacher_threshold,
+                                                           reduce_sums.sum if reduce_sums is not None else None)
     img_mix, y_mix, w_mix, _ = state.mixer(img_src, y_src, img_tgt, y_teacher, quality)
 
     shared = not cfg.model.separate_target_stem
     fd = state.feature_distance
     capture = fd.capture(model) if fd is not None else contextlib.nullcontext()
     logs: dict[str, Tensor] = {}
+    terms: dict[str, Tensor] = {}  # per-pixel means, rescaled to the global batch's under torchrun
+    counts: dict[str, Tensor] = {}  # the pixels behind each
     with capture:  # the feature distance reads the source rows of this forward
         if cfg.train.student_forwards == "separate":  # DAFormer: source and mixed images apart
             out_src, out_mix = model(img_src, "source"), model(img_mix, "target")
@@ -371,27 +419,30 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
         if valid_tgt is not None:
             tgt["valid"] = valid_tgt
         result = adapt_step(model, batch_src, tgt, cfg, calibration, num_classes,
-                            outputs=(out_src, out_tgt), seg_terms=False)
-        loss = result.loss  # the source CE plus BiDA's terms
+                            outputs=(out_src, out_tgt), seg_terms=False, reduce_sums=reduce_sums)
+        loss = result.loss  # the source CE plus BiDA's terms (global-batch means already)
         logs.update({k: v for k, v in result.logs.items() if k != "loss/total"})
     else:
-        loss = seg_cross_entropy(out_src.logits, y_src)
-        logs["loss/seg_src"] = loss.detach()
-    loss_mix = weighted_cross_entropy(out_mix.logits, y_mix, w_mix, mean_over=lw.pseudo_ce_mean)
-    loss = loss + lw.mix_weight * loss_mix
-    logs["loss/seg_mix"] = loss_mix.detach()
+        loss = 0.0
+        terms["seg_src"], counts["seg_src"] = seg_cross_entropy(out_src.logits, y_src), _labelled(y_src)
+    weights = {"seg_src": 1.0, "seg_mix": lw.mix_weight, "mic": cfg.mic.weight,
+               "feature_distance": lw.feature_distance_weight}
+    terms["seg_mix"] = weighted_cross_entropy(out_mix.logits, y_mix, w_mix, mean_over=lw.pseudo_ce_mean)
+    counts["seg_mix"] = _ce_count(y_mix, lw.pseudo_ce_mean)
     if state.masking is not None:
         # MIC: the masked, colour-augmented target in its own forward (as MIC's own), against
         # the teacher's labels of the whole image, with the same quality weight as the mix.
         img_masked, _ = state.masking(img_tgt)
         out_masked = model(img_masked, "target")
-        loss_mic = weighted_cross_entropy(out_masked.logits, y_teacher, quality, mean_over=lw.pseudo_ce_mean)
-        loss = loss + cfg.mic.weight * loss_mic
-        logs["loss/mic"] = loss_mic.detach()
+        terms["mic"] = weighted_cross_entropy(out_masked.logits, y_teacher, quality, mean_over=lw.pseudo_ce_mean)
+        counts["mic"] = _ce_count(y_teacher, lw.pseudo_ce_mean)
     if fd is not None:
-        loss_fd = fd.loss(img_src, y_src)
-        loss = loss + lw.feature_distance_weight * loss_fd
-        logs["loss/feature_distance"] = loss_fd.detach()
+        terms["feature_distance"], counts["feature_distance"] = fd.loss(img_src, y_src, return_count=True)
+    if reduce_sums is not None:
+        terms = reduce_sums.global_means(terms, counts)
+    for key, term in terms.items():
+        loss = loss + weights[key] * term
+        logs[f"loss/{key}"] = term.detach()
     logs["pseudo/teacher_quality"] = quality
     gt = batch_tgt["label"]
     both = (gt != IGNORE) & (y_teacher != IGNORE)

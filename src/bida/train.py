@@ -34,11 +34,11 @@ from tqdm import tqdm
 from .checkpoint import (atomic_write_text, ensure_writable, load_checkpoint, model_state_for_checkpoint,
                          pid_alive, remove_stale_temp_files, rng_state, rotate_checkpoint, save_checkpoint, set_rng_state)
 from .config import Config, check_class_ids, dump_config, load_config, target_test_split, to_dict
-from .data.datasets import (Domain, build_eval_dataset, build_train_dataset, check_same_classes, close_loader,
+from .data.datasets import (Domain, _mix, build_eval_dataset, build_train_dataset, check_same_classes, close_loader,
                             resolve_domain, train_loader)
 from .data.rare_class import cached_class_pixel_counts, rare_class_loader
 from .models import DeepLabV2, MiTSegmentor, build_model
-from .errors import BidaError, CheckpointError, DataError, Interrupted, RunDirError  # noqa: F401 - Interrupted re-exported
+from .errors import BidaError, CheckpointError, ConfigError, DataError, Interrupted, RunDirError  # noqa: F401 - Interrupted re-exported
 from .evaluate import evaluate, markdown_table, write_metrics
 from .optim import build_optimizer, warmup_factor
 from .pseudo_labels import Calibration
@@ -300,6 +300,7 @@ def _json_default(obj: Any) -> Any:
 
 
 LOCK_NAME = ".lock"
+RANK_SEED_SALT = 41  # the torch seed of rank r > 0 under torchrun: _mix(seed, r, salt)
 
 
 class RunLock:
@@ -550,6 +551,9 @@ class Trainer:
         self.classes = check_same_classes(self.src, self.tgt)
         self.num_classes = self.classes.num_classes
         check_class_ids("data.eval_classes", cfg.data.eval_classes, self.num_classes)  # before the run dir exists
+        if cfg.train.schedule == "teacher" and cfg.train.batch_size % self.world_size:
+            raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is the global batch of train.schedule=teacher "
+                              f"and must be a multiple of the {self.world_size} processes")
         if cfg.data.check:
             self._check_data()
         self.model: DeepLabV2 | MiTSegmentor = build_model(cfg.model, self.num_classes, cfg.method.feature).to(self.device)
@@ -572,6 +576,8 @@ class Trainer:
         self._log_state: dict | None = None  # a LogAccumulator's partial sums, restored by resume
         self._logs: LogAccumulator | None = None  # the current phase's, saved with each checkpoint
         self._step_buffers: list[torch.Tensor] = []  # what the current step's forward may change
+        self._average_gradients = False  # the teacher phase under torchrun: no DDP, gradients averaged here
+        self._bn_in_sync = False  # BN statistics equal on every rank (teacher phase): no averaging at saves
         self._good: tuple[Path, int] | None = None  # a checkpoint known good: resumed from, or written
         # A run stopped before its first checkpoint restarts from step 0 with its saved config.
         resumed = self._resume_checkpoint() if resume else None
@@ -592,6 +598,7 @@ class Trainer:
                     self._info(f"{cfg.model.init_checkpoint} has no target stem: it starts as a copy of the source stem")
             if not cfg.model.pretrained and not cfg.model.init_checkpoint:
                 self._warn_random_init()
+            self._seed_rank_stream()
             self._deferring = True  # a stop signal waits until the run directory is complete
             if self.is_main and not resume:  # every input is valid: only now touch the disk
                 self._lock = create_run_dir(self.run_dir, overwrite)
@@ -612,6 +619,14 @@ class Trainer:
         self.total_steps = sum(p.iters for p in self.phases)
         self._stop_after: int | None = None
         self._data_wait_s = 0.0
+
+    def _seed_rank_stream(self) -> None:
+        """Under torchrun, once the model is built alike everywhere: a torch generator stream of
+        each rank's own (rank 0 keeps the run's), so that dropout and stochastic depth draw
+        independent masks for the images of different ranks, as one process would for the
+        images of its batch. Checkpoints hold every rank's state (``rng_ranks``)."""
+        if self.dist.enabled and self.rank > 0:
+            torch.manual_seed(_mix(self.cfg.seed, self.rank, RANK_SEED_SALT))
 
     def _write_run_json(self) -> None:
         atomic_write_text(self.run_dir / "run.json", json.dumps({
@@ -653,7 +668,7 @@ class Trainer:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         return torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None)
 
-    def _state(self, optimizer: torch.optim.Optimizer, scaler) -> dict:
+    def _state(self, optimizer: torch.optim.Optimizer, scaler, rng_ranks: list[dict]) -> dict:
         return {
             "model": model_state_for_checkpoint(self.model),
             "optimizer": optimizer.state_dict(),
@@ -663,7 +678,8 @@ class Trainer:
             "best_miou": self.best_miou, "best_step": self.best_step, "bad_steps": self.bad_steps,
             "calibration": self.calibration.state_dict() if self.calibration is not None else {},
             "mean_teacher": self.mean_teacher.state_dict() if self.mean_teacher is not None else {},
-            "rng": rng_state(),
+            "rng": rng_ranks[0],
+            "rng_ranks": rng_ranks,  # every rank's generators (each draws its own dropout masks)
             "config": to_dict(self.cfg),
             "num_classes": self.num_classes,
             "class_names": list(self.classes.names),
@@ -676,12 +692,14 @@ class Trainer:
     def save(self, name: str, optimizer, scaler) -> None:
         """Write ``checkpoints/<name>.pt``; never one that holds a non-finite tensor.
 
-        Every rank calls it: BatchNorm statistics are averaged over ranks first, so the
-        file holds the model every rank goes on with (rank 0 writes it).
+        Every rank calls it: BatchNorm statistics are averaged over ranks first (unless the
+        teacher phase keeps them equal), so the file holds the model every rank goes on with
+        (rank 0 writes it).
         """
-        self.dist.average_bn_statistics(self.model)
+        self._average_bn_statistics()
+        rng_ranks = self.dist.all_gather_object(rng_state())
         if self.is_main:
-            state = self._state(optimizer, scaler)
+            state = self._state(optimizer, scaler, rng_ranks)
             bad = _first_non_finite({"model": state["model"], "calibration": state["calibration"]})
             if bad is not None:
                 raise TrainingDiverged(f"refusing to save {name}.pt at step {self.step}: {bad} holds non-finite "
@@ -701,6 +719,12 @@ class Trainer:
                 raise Interrupted(f"stopped by a second {signal.Signals(self._stop_signal).name} after saving step "
                                   f"{self.step}; continue with: bida train --resume {self.run_dir}", self._stop_signal)
         self.dist.barrier()
+
+    def _average_bn_statistics(self) -> None:
+        """BN running statistics averaged over ranks, unless the teacher phase already keeps them
+        equal (it averages them after every step: :meth:`_start_teacher_phase`)."""
+        if not self._bn_in_sync:
+            self.dist.average_bn_statistics(self.model)
 
     def _last_good(self) -> str:
         """Which checkpoint a resume would start from: one that loads, matches its checksum
@@ -826,7 +850,10 @@ class Trainer:
             self.mean_teacher.load_state_dict(state["mean_teacher"], self.model)
         self.optimizer_state = state["optimizer"] if self.iter > 0 else None
         self.scaler_state = state.get("scaler") or None
-        set_rng_state(state["rng"])
+        # This rank's own generators; a checkpoint of fewer ranks (or of an older bida) has
+        # none for it, and it goes on with rank 0's stream.
+        ranks = state.get("rng_ranks") or []
+        set_rng_state(ranks[self.rank] if self.rank < len(ranks) else state["rng"])
         self._log_state = state.get("log_accumulator") or None
         self._truncate_log(self.step)
 
@@ -874,8 +901,6 @@ class Trainer:
         """The teacher schedule's state (EMA teacher, ClassMix generator, ImageNet model), or None."""
         if cfg.train.schedule != "teacher" or cfg.method.name == "source_only":
             return None
-        if self.world_size > 1:
-            raise BidaError("train.schedule=teacher runs in one process; start it without torchrun")
         imagenet = None
         if cfg.loss.feature_distance_weight > 0:
             classes = cfg.loss.feature_distance_classes or []
@@ -884,7 +909,17 @@ class Trainer:
                                 f"(the number of classes)")
             imagenet = build_model(cfg.model, self.num_classes, cfg.method.feature)
             load_pretrained(imagenet, cfg.model.pretrained)
-        return MeanTeacher(cfg, self.num_classes, self.device, imagenet)
+        return MeanTeacher(cfg, self.num_classes, self.device, imagenet, rank=self.rank, world_size=self.world_size)
+
+    def _rank_batch(self) -> int:
+        """Images per domain that this process trains on in a step.
+
+        ``train.schedule: teacher``: ``train.batch_size`` is the global batch, split evenly over
+        the ranks (checked in :meth:`_setup`); the rounds schedule takes it per process.
+        """
+        if self.cfg.train.schedule == "teacher":
+            return self.cfg.train.batch_size // self.world_size
+        return self.cfg.train.batch_size
 
     def _make_optimizer(self, phase: Phase) -> torch.optim.Optimizer:
         t = self.cfg.train
@@ -1050,7 +1085,7 @@ class Trainer:
         ``stoppable``: a stop on any rank abandons the evaluation on every rank
         (:class:`_Stopping`); every rank polls as often as the longest shard has images.
         """
-        self.dist.average_bn_statistics(self.model)
+        self._average_bn_statistics()
         polls, n_polls = 0, -(-len(ds) // self.world_size)
 
         def check_stop() -> None:
@@ -1123,8 +1158,12 @@ class Trainer:
                 self._sync_stop()
                 self._check_stop(True)  # the state here is the checkpoint of the phase boundary
                 phase = self.phases[self.phase_idx]
-                # DDP per phase: it must know whether the losses use the contrast features.
-                model = self.dist.wrap(self.model, uses_features=phase.kind != "source" and cfg.method.name == "bida")
+                # DDP per phase: it must know whether the losses use the contrast features. The teacher
+                # phase forwards the student several times a step, which DDP does not allow: its
+                # gradients are averaged after the backward instead (_backward_and_step).
+                self._average_gradients = phase.kind == "teacher" and self.dist.enabled
+                model = (self.model if self._average_gradients else
+                         self.dist.wrap(self.model, uses_features=phase.kind != "source" and cfg.method.name == "bida"))
                 model = compile_for_training(model, cfg.train)
                 self._run_phase(model, phase, bar)
             metrics = self._finish()
@@ -1220,14 +1259,14 @@ class Trainer:
             if counts is None:
                 counts = cached_class_pixel_counts(src_ds, self.num_classes, self.run_dir)
             src_iter = rare_class_loader(src_ds, counts, cfg, cfg.seed, self.data_pos, self.rank, self.world_size,
-                                         list(self.classes.names))
+                                         list(self.classes.names), batch_size=self._rank_batch())
         else:
-            src_iter = train_loader(src_ds, cfg.train.batch_size, cfg.seed, self.data_pos, cfg.data.num_workers,
+            src_iter = train_loader(src_ds, self._rank_batch(), cfg.seed, self.data_pos, cfg.data.num_workers,
                                     self.rank, self.world_size, pin_memory=pin)
         tgt_iter = None
         if phase.kind != "source":
             tgt_ds = build_train_dataset(cfg, self.tgt, cfg.data.target.train_split, require_labels=False, label_dir=label_dir)
-            tgt_iter = train_loader(tgt_ds, cfg.train.batch_size, cfg.seed + 1, self.data_pos, cfg.data.num_workers,
+            tgt_iter = train_loader(tgt_ds, self._rank_batch(), cfg.seed + 1, self.data_pos, cfg.data.num_workers,
                                     self.rank, self.world_size, pin_memory=pin)
         try:
             self._train_phase(model, phase, bar, src_iter, tgt_iter, label_dir)
@@ -1248,7 +1287,7 @@ class Trainer:
             self.optimizer_state = self.scaler_state = None
         model.train()
         if phase.kind == "teacher":
-            self.mean_teacher.start(self.model)  # a copy of the student, unless restored
+            self._start_teacher_phase()
         if self._pending_eval and self._after_step(phase, optimizer, scaler):  # stopped inside that evaluation
             return
         self._sync_stop()  # a stop on any rank while the loaders were built
@@ -1277,7 +1316,7 @@ class Trainer:
                     batch_tgt = {k: v.to(self.device, non_blocking=True)
                                  for k, v in self._next(tgt_iter, optimizer, scaler).items()}
                     result = teacher_step(model, batch_src, batch_tgt, cfg, self.mean_teacher, self.calibration,
-                                          self.num_classes)
+                                          self.num_classes, reduce_sums=self.dist.prototype_reducer(self.num_classes))
                 else:
                     batch_tgt = {k: v.to(self.device, non_blocking=True)
                                  for k, v in self._next(tgt_iter, optimizer, scaler).items()}
@@ -1296,8 +1335,8 @@ class Trainer:
                 continue
             if phase.kind == "source":  # the target stem gets no gradient here: it follows the source stem
                 self.model.sync_target_stem()
-            elif phase.kind == "teacher":
-                self.mean_teacher.after_step(self.model)
+            elif phase.kind == "teacher":  # under torchrun: BN statistics averaged where the EMA reads them
+                self.mean_teacher.after_step(self.model, self.dist.average_bn_statistics if self.dist.enabled else None)
             self.iter += 1
             self.step += 1
             self._in_step = False
@@ -1306,6 +1345,20 @@ class Trainer:
                 t_last = self._log_record(phase, lr, logs, bar, t_last)
             if self._after_step(phase, optimizer, scaler):
                 return
+
+    def _start_teacher_phase(self) -> None:
+        """The student the same on every rank (rank 0's, as DDP makes it), then the teacher a
+        copy of it, unless restored.
+
+        The BN statistics are equal already (averaged by the checkpoint before this phase, or
+        restored from one); from here on they are averaged after every step
+        (:meth:`MeanTeacher.after_step`), so checkpoints and evaluations leave them as they
+        are: averaging equal values again is not exact for 3 or more ranks, and a resumed
+        run must go on with the values the uninterrupted one has.
+        """
+        self.dist.broadcast_module(self.model)
+        self._bn_in_sync = True
+        self.mean_teacher.start(self.model)
 
     def _log_record(self, phase: Phase, lr: float, logs: LogAccumulator, bar: tqdm, t_last: float) -> float:
         """One log record (means over the steps since the last one) and the progress bar; returns now.
@@ -1394,9 +1447,13 @@ class Trainer:
         # Backward always runs (a NaN loss gives NaN gradients, caught below), so every rank
         # takes part in DDP's gradient all-reduce; the flag is then the same on every rank.
         scaler.scale(loss).backward()
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if self._average_gradients:  # the teacher schedule's student, outside DDP (see fit)
+            # Before unscaling, as DDP averages in the backward: every rank's fp16 scaler then
+            # sees the same gradients and keeps the same scale.
+            self.dist.average_gradients(grads)
         if scaler.is_enabled():
             scaler.unscale_(optimizer)
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         finite = torch.isfinite(loss.detach())
         if grads:
             finite = finite & torch.isfinite(_grad_max_norm(grads))

@@ -145,11 +145,16 @@ class RareClassCrops(Dataset):
 
 
 def rare_class_loader(dataset: SegmentationDataset, counts: np.ndarray, cfg, seed: int, start: int,
-                      rank: int = 0, world_size: int = 1, class_names: list[str] | None = None) -> Iterator[dict]:
-    """An endless iterator of rare-class-sampled source batches starting at batch ``start``."""
+                      rank: int = 0, world_size: int = 1, class_names: list[str] | None = None,
+                      batch_size: int | None = None) -> Iterator[dict]:
+    """An endless iterator of rare-class-sampled source batches starting at batch ``start``.
+
+    ``batch_size``: images per process (default ``train.batch_size``); rank ``rank`` of
+    ``world_size`` takes its slice of each global batch of ``batch_size * world_size``.
+    """
     d = cfg.data
-    sampler = RareClassSampler(counts, d.rcs_temperature, d.rcs_min_pixels, cfg.train.batch_size, seed, start,
-                               rank, world_size, class_names)
+    sampler = RareClassSampler(counts, d.rcs_temperature, d.rcs_min_pixels, batch_size or cfg.train.batch_size, seed,
+                               start, rank, world_size, class_names)
     crops = RareClassCrops(dataset, d.rcs_min_crop_ratio * d.rcs_min_pixels)
     # Its own generator, as datasets.train_loader: iter() must not draw from the global
     # generator that a resume restores (stochastic depth reads it).
