@@ -8,5 +8,8 @@
 - :mod:`bida.data.rare_class`: rare-class sampling of source images (``data.rare_class_sampling``).
 - :mod:`bida.data.data_check`: walk a dataset and report every problem (``bida data check``).
 
-The submodules are imported on use; importing the package itself loads none of them.
+May import only the shared modules (:mod:`bida.config`, :mod:`bida.errors`, :mod:`bida.checkpoint`);
+never :mod:`bida.method`, :mod:`bida.engine`, :mod:`bida.tools` or :mod:`bida.models`
+(``tests/test_layering.py`` checks). The submodules are imported on use; importing the package
+itself loads none of them.
 """

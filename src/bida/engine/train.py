@@ -31,20 +31,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import (atomic_write_text, ensure_writable, load_checkpoint, model_state_for_checkpoint,
+from ..checkpoint import (atomic_write_text, ensure_writable, load_checkpoint, model_state_for_checkpoint,
                          pid_alive, remove_stale_temp_files, rng_state, rotate_checkpoint, save_checkpoint, set_rng_state)
-from .config import Config, check_class_ids, dump_config, load_config, target_test_split, to_dict
-from .data.datasets import (Domain, _mix, build_eval_dataset, build_train_dataset, check_same_classes, close_loader,
+from ..config import Config, check_class_ids, dump_config, load_config, target_test_split, to_dict
+from ..data.datasets import (Domain, _mix, build_eval_dataset, build_train_dataset, check_same_classes, close_loader,
                             resolve_domain, train_loader)
-from .data.rare_class import cached_class_pixel_counts, rare_class_loader
-from .models import DeepLabV2, MiTSegmentor, build_model
-from .errors import BidaError, CheckpointError, ConfigError, DataError, Interrupted, RunDirError  # noqa: F401 - Interrupted re-exported
+from ..data.rare_class import cached_class_pixel_counts, rare_class_loader
+from ..models import DeepLabV2, MiTSegmentor, build_model
+from ..errors import BidaError, CheckpointError, ConfigError, DataError, Interrupted, RunDirError  # noqa: F401 - Interrupted re-exported
 from .evaluate import evaluate, markdown_table, write_metrics
 from .optim import build_optimizer, warmup_factor
-from .pseudo_labels import Calibration
+from ..method.pseudo_labels import Calibration
 from .round_labels import generate_static_labels
-from .teacher import MeanTeacher, teacher_step
-from .train_step import adapt_step, source_step
+from ..method.teacher import MeanTeacher, teacher_step
+from ..method.train_step import adapt_step, source_step
 from .weights import load_model_weights, load_pretrained
 
 
@@ -105,11 +105,11 @@ def git_revision() -> str | None:
     """The commit of the git checkout this package runs from; None when it does not run
     from one (an installed copy, no git, a timeout). Never raises.
 
-    The checkout must be this package's own (``<top>/src/bida`` is this directory): an
+    The checkout must be this package's own (``<top>/src/bida`` holds this module): an
     installed copy inside some other repository (a virtual environment in a project) would
     otherwise report that repository's commit.
     """
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the package directory, src/bida
     try:
         def git(*args: str) -> str | None:
             out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=here)
@@ -651,7 +651,7 @@ class Trainer:
                    "(README, 'Initial weights')")
 
     def _check_data(self) -> None:
-        from .data.data_check import check_domain
+        from ..data.data_check import check_domain
 
         t = self.cfg.data.target
         for name, dom, splits in (

@@ -29,9 +29,9 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .checkpoint import atomic_write_bytes, atomic_write_text
-from .config import Config, load_config
-from .errors import BidaError, RunDirError
+from ..checkpoint import atomic_write_bytes, atomic_write_text
+from ..config import Config, load_config
+from ..errors import BidaError, RunDirError
 
 NEUTRAL_POINTS = 0.05  # IoU differences below 0.05 points are not coloured
 SOURCE_MARKER, TARGET_MARKER = "o", "^"
@@ -416,7 +416,7 @@ def _load_models(runs: list[Run], device) -> dict[str, tuple]:
 
 def _target_val(cfg: Config):
     """(domain, labelled target-val dataset) or a reason why there is none."""
-    from .data.datasets import build_eval_dataset, resolve_domain
+    from ..data.datasets import build_eval_dataset, resolve_domain
 
     if not cfg.data.target.val_split:
         return None, "data.target.val_split is not set"
@@ -429,21 +429,21 @@ def _target_val(cfg: Config):
 
 @torch.no_grad()
 def _predict(model, cfg: Config, item: dict, k: int, device) -> np.ndarray:
-    from .evaluate import predict_probs
+    from ..engine.evaluate import predict_probs
 
     x = item["image"].unsqueeze(0).to(device)
     return predict_probs(model, x, cfg.eval, k, tuple(item["label"].shape[-2:])).argmax(1)[0].cpu().numpy().astype(np.uint8)
 
 
 def _image_miou(pred: np.ndarray, label: torch.Tensor, names: Sequence[str], cfg: Config, ignore: int) -> float:
-    from .evaluate import confusion_matrix, metrics_from_confusion
+    from ..engine.evaluate import confusion_matrix, metrics_from_confusion
 
     conf = confusion_matrix(torch.from_numpy(pred.astype(np.int64)), label, len(names), ignore)
     return metrics_from_confusion(conf, names, cfg.data.eval_classes)["mIoU"]
 
 
 def _predictions(page: _Page, runs: list[Run], models: dict, max_images: int, scan_images: int, device) -> None:
-    from .data.labels import colorize
+    from ..data.labels import colorize
 
     page.section("predictions", "Target validation predictions")
     for run in runs:
@@ -590,7 +590,7 @@ def _tsne(features: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def _features(page: _Page, runs: list[Run], models: dict, feature_points: int, feature_images: int, device) -> None:
-    from .data.datasets import build_eval_dataset, resolve_domain
+    from ..data.datasets import build_eval_dataset, resolve_domain
     from .features import prototype_alignment, prototype_distances, sample_features
 
     page.section("features", "Feature space")

@@ -1,0 +1,11 @@
+"""What users call: the command line and the programs behind its commands.
+
+- :mod:`bida.tools.cli`: the ``bida`` command (``python -m bida``).
+- :mod:`bida.tools.demo`: ``bida demo`` and ``bida ablate`` on the synthetic pair.
+- :mod:`bida.tools.report`: ``bida report``, the HTML page of a run.
+- :mod:`bida.tools.predict`: ``bida predict`` and loading a model from a checkpoint.
+- :mod:`bida.tools.features`: prototype alignment of source and target features.
+
+May import every other part of the package; nothing in the package imports it
+(``tests/test_layering.py`` checks). The submodules are imported on use.
+"""
