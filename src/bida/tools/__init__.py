@@ -2,7 +2,9 @@
 
 - :mod:`bida.tools.cli`: the ``bida`` command (``python -m bida``).
 - :mod:`bida.tools.demo`: ``bida demo`` and ``bida ablate`` on the synthetic pair.
-- :mod:`bida.tools.report`: ``bida report``, the HTML page of a run.
+- :mod:`bida.tools.report`: ``bida report``, the HTML page comparing runs (what it reads:
+  :mod:`bida.tools.report_runs`; its tables and figures: :mod:`bida.tools.report_tables`,
+  :mod:`bida.tools.report_figures`).
 - :mod:`bida.tools.predict`: ``bida predict`` and loading a model from a checkpoint.
 - :mod:`bida.tools.features`: prototype alignment of source and target features.
 
