@@ -228,8 +228,11 @@ def test_public_modules_are_attributes_of_the_package():
     import bida
 
     assert callable(bida.losses.pixel_prototype_contrast) and bida.losses.__doc__
+    # The method's public modules live in bida.method; the flat paths are those very module objects.
     for name in ("prototypes", "pseudo_labels", "losses"):
-        assert getattr(bida, name).__name__ == f"bida.{name}"
+        module = importlib.import_module(f"bida.{name}")
+        assert getattr(bida, name) is module is sys.modules[f"bida.{name}"] is importlib.import_module(f"bida.method.{name}")
+        assert module.__name__ == f"bida.method.{name}"
     # bida.labels is the very module bida.data.labels, under every way of reaching it.
     import bida.data.labels
     import bida.labels
@@ -241,9 +244,13 @@ def test_public_modules_are_attributes_of_the_package():
     package = Path(bida.__file__).parent
     modules = {p.stem for p in package.glob("*.py") if not p.stem.startswith("_")}
     modules |= {p.parent.name for p in package.glob("*/__init__.py")}
-    assert modules == set(bida.PUBLIC_MODULES)
+    # The old flat paths: each names a module that is on disk in its new home, and none is shadowed.
+    moved = set(bida.MOVED)
+    assert all((package / bida.MOVED[name].replace(".", "/")).with_suffix(".py").is_file() for name in moved)
+    assert not moved & modules
+    assert modules | moved == set(bida.PUBLIC_MODULES)
     for name in bida.PUBLIC_MODULES:
-        assert getattr(bida, name).__name__ in (f"bida.{name}", f"bida.data.{name}")
+        assert getattr(bida, name).__name__ in (f"bida.{name}", f"bida.data.{name}", f"bida.{bida.MOVED.get(name)}")
     with pytest.raises(AttributeError):
         bida.no_such_module  # noqa: B018
 

@@ -9,6 +9,10 @@
 All expose the interface the trainer uses: ``forward(x, domain) -> SegOutput``,
 ``param_groups(lr, head_lr_mult)``, ``num_classes``, ``feature_dim``, ``proj`` (or None),
 ``target_stem`` (or None), ``sync_target_stem()`` and ``concat_domains_ok``.
+
+May import only the shared modules (:mod:`bida.config`, :mod:`bida.errors`, :mod:`bida.checkpoint`);
+never :mod:`bida.method`, :mod:`bida.engine`, :mod:`bida.tools` or :mod:`bida.data`
+(``tests/test_layering.py`` checks).
 """
 
 from __future__ import annotations

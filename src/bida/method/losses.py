@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bida.prototypes import scaled_similarity
+from .prototypes import scaled_similarity
 
 __all__ = ["seg_cross_entropy", "entropy", "pixel_prototype_contrast"]
 

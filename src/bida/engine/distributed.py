@@ -64,8 +64,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .models import SegOutput
-from .prototypes import class_sums, prototypes_from_sums
+from ..models import SegOutput
+from ..method.prototypes import class_sums, prototypes_from_sums
 
 TIMEOUT_ENV = "BIDA_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 1800.0  # 30 min: far longer than any step, image or checkpoint write

@@ -10,7 +10,7 @@ classes a batch lacks. The resolved config of a run holds the resulting values, 
 
 from __future__ import annotations
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "paper": (),

@@ -16,19 +16,19 @@ from typing import Sequence
 
 import numpy as np
 
-from .checkpoint import atomic_write_text
-from .config import Config, load_config, target_test_split
-from .errors import ConfigError, RunDirError
+from ..checkpoint import atomic_write_text
+from ..config import Config, load_config, target_test_split
+from ..errors import ConfigError, RunDirError
 from .features import run_alignment
-from .presets import preset_overrides
-from .train import environment, train
+from ..method.presets import preset_overrides
+from ..engine.train import environment, train
 
 # Demo settings: a narrow ResNet-18 DeepLab-V2 on 64x128 images trains in minutes on a CPU.
 DEMO_OVERRIDES: tuple[str, ...] = ()
 # The demo's config per architecture (None: the packaged defaults.yaml, DeepLab-V2 with
 # offline rounds). ``transformer``: a CPU-sized MiT-B0 with the mean-teacher schedule,
 # packaged as transformer_demo.yaml (also configs/demo_transformer.yaml).
-TRANSFORMER_DEMO_FILE = Path(__file__).with_name("transformer_demo.yaml")
+TRANSFORMER_DEMO_FILE = Path(__file__).resolve().parent.parent / "transformer_demo.yaml"
 DEMO_ARCHS: dict[str, str | None] = {"deeplab": None, "transformer": str(TRANSFORMER_DEMO_FILE)}
 # The transformer demo's extra rows: its two teacher rows again with MIC (mic.weight 1, MIC's
 # mask_lambda; block size and mask ratio from transformer_demo.yaml), each named after the row
@@ -160,8 +160,8 @@ def reevaluate_run(run_dir: Path) -> dict:
     """Evaluate a run's last checkpoint on target val (and test) again; updates and returns its ``metrics.json``."""
     import torch
 
-    from .data.datasets import build_eval_dataset, resolve_domain
-    from .evaluate import evaluate, write_metrics
+    from ..data.datasets import build_eval_dataset, resolve_domain
+    from ..engine.evaluate import evaluate, write_metrics
     from .predict import model_from_checkpoint
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -447,7 +447,7 @@ def run_demo(out: Path, overrides: Sequence[str] = (), quiet: bool = False, repo
         saved = json.loads((out / "results.json").read_text())
         return {k: v for k, v in saved.items() if k not in SUMMARY_KEYS}
     # Set-up: the embedded data are generated on first use (then read from the cache).
-    from .data.datasets import resolve_domain
+    from ..data.datasets import resolve_domain
 
     setup_cfg = load_config(cfg_path, list(base))
     resolve_domain(setup_cfg, "source"), resolve_domain(setup_cfg, "target")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 WARMUP_RATIO = 1e-6  # mmcv / DAFormer: the warm-up starts at this share of the scheduled LR
 ADAMW_BETAS = (0.9, 0.999)

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import Config
+from ..config import Config
 from .losses import seg_cross_entropy
 from .masking import MaskedImageConsistency
 from .mixing import ClassMix
@@ -300,7 +300,7 @@ class FeatureDistance:
 def _backbone_module(model: torch.nn.Module) -> torch.nn.Module:
     getter = getattr(model, "backbone_output_module", None)
     if getter is None:
-        from .errors import ConfigError
+        from ..errors import ConfigError
 
         raise ConfigError(f"loss.feature_distance_weight: {type(model).__name__} does not name its backbone "
                           f"output (backbone_output_module); set the weight to 0")

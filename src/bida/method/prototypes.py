@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bida.errors import CheckpointError
+from ..errors import CheckpointError
 
 __all__ = [
     "downsample_labels",

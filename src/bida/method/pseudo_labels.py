@@ -14,9 +14,9 @@ import math
 import torch
 from torch import Tensor
 
-from bida.errors import CheckpointError
-from bida.losses import MASKED_LOGIT
-from bida.prototypes import PrototypeMemory, scaled_similarity
+from ..errors import CheckpointError
+from .losses import MASKED_LOGIT
+from .prototypes import PrototypeMemory, scaled_similarity
 
 __all__ = [
     "label_transfer",

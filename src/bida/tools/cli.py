@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import BidaError, CheckpointError, Interrupted
+from ..errors import BidaError, CheckpointError, Interrupted
 
 
 _OVERRIDES_HELP = ("dotted config overrides (values parsed as YAML), e.g. train.iters=200; "
@@ -39,7 +39,7 @@ def _version() -> str:
             return version("bida")
     except PackageNotFoundError:
         pass
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
@@ -143,16 +143,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .distributed import is_main_process
-    from .train import default_run_dir, train
+    from ..config import load_config
+    from ..engine.distributed import is_main_process
+    from ..engine.train import default_run_dir, train
 
     if args.resume:
         if args.config or args.overrides:
             raise BidaError("--resume continues with the run's saved config; do not pass -c or overrides")
         train(None, Path(args.resume), resume=True, quiet=args.quiet)  # type: ignore[arg-type]
         return 0
-    from .presets import preset_overrides
+    from ..method.presets import preset_overrides
 
     overrides = preset_overrides(args.preset) + list(args.overrides) + (["train.quiet=true"] if args.quiet else [])
     cfg = load_config(args.config, overrides)
@@ -169,9 +169,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from .config import load_config, target_test_split
-    from .data.datasets import build_eval_dataset, check_same_classes, resolve_domain
-    from .evaluate import evaluate, markdown_table, write_metrics
+    from ..config import load_config, target_test_split
+    from ..data.datasets import build_eval_dataset, check_same_classes, resolve_domain
+    from ..engine.evaluate import evaluate, markdown_table, write_metrics
     from .predict import model_from_checkpoint
 
     cfg = load_config(args.config, args.overrides) if args.config else None
@@ -188,7 +188,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not split:
         raise BidaError(f"data.target.{args.split}_split is not set: nothing to evaluate")
     if args.out:  # before the evaluation, not after it
-        from .checkpoint import ensure_writable
+        from ..checkpoint import ensure_writable
 
         ensure_writable(Path(args.out))
     ds = build_eval_dataset(cfg, tgt, split)
@@ -256,10 +256,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from .config import load_config, target_test_split
-    from .data.data_check import check_domain
-    from .data.datasets import check_same_classes, resolve_domain
-    from .errors import DataError
+    from ..config import load_config, target_test_split
+    from ..data.data_check import check_domain
+    from ..data.datasets import check_same_classes, resolve_domain
+    from ..errors import DataError
 
     cfg = load_config(args.config, args.overrides)
     ok = True
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     bida``): the process exits after it, so a stop leaves further stop signals ignored."""
     words = sys.argv[1:] if argv is None else list(argv)
     if words[:1] == ["launch"]:  # torchrun's own options follow: not parsed here
-        from .launch import main as launch
+        from ..engine.launch import main as launch
 
         return launch(words[1:])
     args = parse_args(argv)
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as err:  # a clean stop, not bad input: 130 (SIGINT) or 143 (SIGTERM)
         if argv is None:
             _ignore_stop_signals()
-        from .distributed import is_main_process
+        from ..engine.distributed import is_main_process
 
         if is_main_process():  # under torchrun: one message, from rank 0
             print(f"bida: {err}", file=sys.stderr)

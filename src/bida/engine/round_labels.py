@@ -22,11 +22,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_bytes
-from .config import Config
-from .data.datasets import SegmentationDataset, pseudo_label_name
+from ..checkpoint import atomic_write_bytes
+from ..config import Config
+from ..data.datasets import SegmentationDataset, pseudo_label_name
 from .evaluate import confusion_matrix, predict_probs
-from .pseudo_labels import class_thresholds, sample_confidences, static_labels
+from ..method.pseudo_labels import class_thresholds, sample_confidences, static_labels
 
 IGNORE = 255
 

@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 
-from .errors import BidaError
+from ..errors import BidaError
 
 COMMANDS = ("train", "evaluate", "predict", "demo", "ablate", "report", "data", "check-data")
 USAGE = ("usage: bida launch [torchrun options] COMMAND [bida options]\n"

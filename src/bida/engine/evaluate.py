@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from .config import EvalConfig, check_class_ids
+from ..config import EvalConfig, check_class_ids
 
 
 # --------------------------------------------------------------------------- metrics
@@ -66,7 +66,7 @@ def protocol_metrics(conf: Tensor, class_names: Sequence[str]) -> dict:
     Returns ``{"mIoU_19": .., "mIoU_16": .., "mIoU_13": ..}`` (GTA5 is reported on 19
     classes, SYNTHIA on 16 and 13), or ``{}`` for another class list.
     """
-    from .data.labels import CITYSCAPES_CLASSES, SYNTHIA_13_CLASSES, SYNTHIA_16_CLASSES
+    from ..data.labels import CITYSCAPES_CLASSES, SYNTHIA_13_CLASSES, SYNTHIA_16_CLASSES
 
     if tuple(class_names) != tuple(CITYSCAPES_CLASSES):
         return {}
@@ -191,6 +191,6 @@ def evaluate(model: torch.nn.Module, dataset, cfg: EvalConfig, class_names: Sequ
 
 def write_metrics(metrics: dict, path: Path) -> None:
     """``metrics.json``: mIoU, per-class IoU, pixel accuracy (+ whatever else is in the dict)."""
-    from .checkpoint import atomic_write_text
+    from ..checkpoint import atomic_write_text
 
     atomic_write_text(Path(path), json.dumps(metrics, indent=2))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .prototypes import class_sums, downsample_labels, prototypes_from_sums
+from ..method.prototypes import class_sums, downsample_labels, prototypes_from_sums
 
 SOURCE, TARGET = 0, 1  # values of the ``domain`` array returned by sample_features
 
@@ -205,7 +205,7 @@ def run_alignment(run_dir, device: torch.device | str = "cpu", max_images: int =
     """
     from pathlib import Path
 
-    from .data.datasets import build_eval_dataset, resolve_domain
+    from ..data.datasets import build_eval_dataset, resolve_domain
     from .predict import model_from_checkpoint
 
     run_dir = Path(run_dir)

@@ -17,8 +17,8 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .config import Config
-from .models import SegOutput
+from ..config import Config
+from ..models import SegOutput
 from .losses import entropy, pixel_prototype_contrast, seg_cross_entropy
 from .prototypes import class_prototypes, downsample_labels, pair_prototypes
 from .pseudo_labels import Calibration, fuse_labels, label_transfer

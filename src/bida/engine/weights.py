@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint
-from .errors import CheckpointError
+from ..checkpoint import load_checkpoint
+from ..errors import CheckpointError
 
 HEAD_PREFIXES = ("layer5.", "proj.", "decode_head.", "neck.")
 SKIPPED_PREFIXES = ("fc.",)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data.transforms import CAFFE_MEAN_BGR, IMAGENET_MEAN, IMAGENET_STD
+from ..data.transforms import CAFFE_MEAN_BGR, IMAGENET_MEAN, IMAGENET_STD
 
 IGNORE = 255
 JITTER_STRENGTH = 0.2  # brightness, contrast, saturation and hue (DAFormer: color_jitter_s)

@@ -12,15 +12,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_text, ensure_writable, load_checkpoint
-from .config import Config, from_dict, to_dict
-from .data.labels import colorize, default_palette, CITYSCAPES
-from .data.readers import read_image
-from .data.transforms import to_tensor
-from .models import DeepLabV2, MiTSegmentor, build_model
-from .errors import BidaError, CheckpointError, DataError
-from .evaluate import predict_probs
-from .weights import load_model_weights
+from ..checkpoint import atomic_write_text, ensure_writable, load_checkpoint
+from ..config import Config, from_dict, to_dict
+from ..data.labels import colorize, default_palette, CITYSCAPES
+from ..data.readers import read_image
+from ..data.transforms import to_tensor
+from ..models import DeepLabV2, MiTSegmentor, build_model
+from ..errors import BidaError, CheckpointError, DataError
+from ..engine.evaluate import predict_probs
+from ..engine.weights import load_model_weights
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -49,7 +49,7 @@ def model_from_checkpoint(path: str | Path, cfg: Config | None = None, device: t
 def _config_palette(cfg: Config, names: Sequence[str]) -> list | None:
     """The palette of the config's target classes (``classes.json``) when they are the
     checkpoint's; for checkpoints written before the palette was saved in them."""
-    from .data.datasets import resolve_domain
+    from ..data.datasets import resolve_domain
 
     if cfg.data.target.kind != "folder":  # the other kinds use the Cityscapes classes
         return None

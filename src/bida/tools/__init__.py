@@ -1,0 +1,13 @@
+"""What users call: the command line and the programs behind its commands.
+
+- :mod:`bida.tools.cli`: the ``bida`` command (``python -m bida``).
+- :mod:`bida.tools.demo`: ``bida demo`` and ``bida ablate`` on the synthetic pair.
+- :mod:`bida.tools.report`: ``bida report``, the HTML page comparing runs (what it reads:
+  :mod:`bida.tools.report_runs`; its tables and figures: :mod:`bida.tools.report_tables`,
+  :mod:`bida.tools.report_figures`).
+- :mod:`bida.tools.predict`: ``bida predict`` and loading a model from a checkpoint.
+- :mod:`bida.tools.features`: prototype alignment of source and target features.
+
+May import every other part of the package; nothing in the package imports it
+(``tests/test_layering.py`` checks). The submodules are imported on use.
+"""

@@ -1,0 +1,119 @@
+"""The package's layers import one way: tools -> engine -> method -> models, data -> shared.
+
+Every import of every module under ``src/bida`` is read from its syntax tree (those inside
+functions too), resolved to a module of the package (relative imports, absolute ones, and
+the old flat paths of :data:`bida.MOVED`), and checked against :data:`MAY_IMPORT`.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import bida
+
+PACKAGE = Path(bida.__file__).parent
+
+# The layer of each part, and the layers each may import. "shared" is config, errors and checkpoint
+# (and the package root itself); the compatibility modules at the top belong to what they alias.
+MAY_IMPORT = {
+    "shared": {"shared"},
+    "models": {"shared", "models"},
+    "data": {"shared", "data"},
+    "method": {"shared", "models", "data", "method"},
+    "engine": {"shared", "models", "data", "method", "engine"},
+    "tools": {"shared", "models", "data", "method", "engine", "tools"},
+}
+TOP_LEVEL = {"config": "shared", "errors": "shared", "checkpoint": "shared", "__init__": "shared",
+             "labels": "data", "deeplabv2": "models", "__main__": "tools"}
+
+
+def layer_of(module: str, moved: dict[str, str]) -> str | None:
+    """Layer of ``bida.<...>`` (None for modules outside the package)."""
+    parts = module.split(".")
+    if parts[0] != "bida":
+        return None
+    if len(parts) == 1:
+        return "shared"
+    head = moved.get(parts[1], parts[1]).split(".")[0]
+    if head in MAY_IMPORT:
+        return head
+    return TOP_LEVEL.get(head, "shared")
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, root: Path) -> list[tuple[int, str]]:
+    """(line, absolute module) of every import in the file at ``path`` of the package at ``root``."""
+    name = module_name(path, root)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module
+            found.append((node.lineno, target))
+            # ``from . import x``: x may be a submodule.
+            found += [(node.lineno, f"{target}.{alias.name}") for alias in node.names
+                      if (root.parent / f"{target}.{alias.name}".replace(".", "/")).with_suffix(".py").exists()
+                      or (root.parent / f"{target}.{alias.name}".replace(".", "/") / "__init__.py").exists()]
+    return found
+
+
+def layer_violations(root: Path, moved: dict[str, str]) -> list[str]:
+    """Every import in the package at ``root`` that goes against :data:`MAY_IMPORT`, as 'file:line: a -> b'."""
+    problems = []
+    for path in sorted(root.rglob("*.py")):
+        source = layer_of(module_name(path, root), moved)
+        if path.parent == root:
+            source = TOP_LEVEL.get(path.stem, "shared")
+        for line, target in imported_modules(path, root):
+            dest = layer_of(target, moved)
+            if dest is not None and dest not in MAY_IMPORT[source]:
+                problems.append(f"{path.relative_to(root.parent)}:{line}: {source} imports {dest} ({target})")
+    return problems
+
+
+def test_the_package_imports_one_way():
+    assert layer_violations(PACKAGE, bida.MOVED) == []
+    # The check sees real imports: the engine reaches the method, tools reach the engine.
+    engine = {t for _, t in imported_modules(PACKAGE / "engine" / "train.py", PACKAGE)}
+    assert "bida.method.train_step" in engine and "bida.config" in engine
+    assert "bida.engine.train" in {t for _, t in imported_modules(PACKAGE / "tools" / "demo.py", PACKAGE)}
+
+
+def test_the_check_finds_planted_violations(tmp_path):
+    root = tmp_path / "bida"
+    for sub in ("", "engine", "method", "models", "data", "tools"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        (root / sub / "__init__.py").write_text("")
+    (root / "config.py").write_text("from .errors import X\n")
+    (root / "engine" / "train.py").write_text("from ..method import steps\nfrom . import checkpoint\n")
+    (root / "engine" / "checkpoint.py").write_text("")
+    (root / "method" / "steps.py").write_text("from ..models import net\n")
+    (root / "tools" / "cli.py").write_text("from ..engine.train import run\n")
+    assert layer_violations(root, {}) == []
+
+    (root / "method" / "steps.py").write_text("import torch\n\ndef f():\n    from ..engine import train\n")
+    (root / "data" / "reader.py").write_text("import bida.cli\n")  # an old flat path of a tool
+    (root / "engine" / "train.py").write_text("from ..tools.cli import main\n")
+    (root / "models" / "net.py").write_text("from .. import data\n")
+    (root / "config.py").write_text("from .engine import checkpoint\n")
+    assert layer_violations(root, {"cli": "tools.cli"}) == [
+        "bida/config.py:1: shared imports engine (bida.engine)",
+        "bida/config.py:1: shared imports engine (bida.engine.checkpoint)",
+        "bida/data/reader.py:1: data imports tools (bida.cli)",
+        "bida/engine/train.py:1: engine imports tools (bida.tools.cli)",
+        "bida/method/steps.py:4: method imports engine (bida.engine)",
+        "bida/method/steps.py:4: method imports engine (bida.engine.train)",
+        "bida/models/net.py:1: models imports data (bida.data)",
+    ]

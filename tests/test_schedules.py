@@ -1,0 +1,53 @@
+"""bida.engine.schedules: the phases of a run and what each kind of phase does."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bida.config import load_config
+from bida.engine.distributed import DistContext
+from bida.engine.schedules import Phase, Rounds, SourceStage, TeacherPhase, plan_phases, rank_batch
+
+
+def _cfg(*overrides):
+    return load_config(None, ["train.lr=0.01", "train.adapt_lr=0.004", "train.round_lr_decay=0.5",
+                              "train.poly_horizon=1.25", "train.poly_power=1.0", *overrides])
+
+
+def test_learning_rates_and_phase_ends_by_hand():
+    cfg = _cfg()
+    src = SourceStage(Phase("source", 10), cfg, None)
+    assert src.lr(0) == 0.01 and src.lr(5) == pytest.approx(0.005) and src.lr(10) == 0.0
+    assert not src.uses_target and not src.ended(9) and src.ended(10)
+    round1 = Rounds(Phase("round", 8, 1), cfg, None, label_dir=None)
+    assert round1.base_lr == pytest.approx(0.002)  # adapt_lr halved once
+    assert round1.lr(5) == pytest.approx(0.002 * (1 - 5 / 10))  # poly over 1.25 x 8 iterations
+    teacher = TeacherPhase(Phase("teacher", 4), _cfg("train.warmup_iters=2"), None)
+    assert teacher.base_lr == pytest.approx(0.004) and teacher.uses_target
+    assert teacher.lr(3) == pytest.approx(0.004 * (1 - 3 / 4))  # past the warm-up
+    assert teacher.lr(0) < teacher.lr(1) < 0.004  # warming up
+    assert rank_batch(_cfg("train.batch_size=4", "train.schedule=teacher"), 2) == 2
+    assert rank_batch(_cfg("train.batch_size=4"), 2) == 4  # the rounds schedule: per process
+
+
+def test_plan_and_steps_call_the_method_with_the_run_state():
+    cfg = _cfg("method=bida", "train.iters=3", "train.rounds=2", "train.iters_per_round=2")
+    assert plan_phases(cfg) == [Phase("source", 3), Phase("round", 2, 0), Phase("round", 2, 1)]
+    calls = []
+    trainer = SimpleNamespace(dist=DistContext(), num_classes=3, calibration="cal", mean_teacher="mt")
+
+    def step(*args, **kwargs):
+        calls.append((args, kwargs))
+        return "result"
+
+    src, tgt = {"image": 1}, {"label": torch.zeros(2, dtype=torch.uint8)}
+    assert SourceStage(Phase("source", 3), cfg, step).step(trainer, "model", src, None) == "result"
+    assert calls[-1][0] == ("model", src, cfg) and set(calls[-1][1]) == {"reduce_sums"}
+    Rounds(Phase("round", 2), cfg, step, label_dir=None).step(trainer, "model", src, tgt)
+    assert calls[-1][0] == ("model", src, tgt, cfg, "cal", 3)
+    assert tgt["label"].tolist() == [255, 255]  # no labels (minent): every target pixel ignored
+    TeacherPhase(Phase("teacher", 2), cfg, step).step(trainer, "model", src, tgt)
+    assert calls[-1][0] == ("model", src, tgt, cfg, "mt", "cal", 3)
