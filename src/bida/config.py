@@ -140,6 +140,20 @@ class MethodConfig:
     # calibration=false too) for classes absent from the batch (prototype_scope=pair: from
     # the image), so that every pixel meets more negatives.
     memory_partners: bool = False
+    # What L_t2s contrasts target pixels with. prototype: the batch's source prototypes (the
+    # paper). distribution: each source class as a Gaussian (moving averages of the class mean
+    # and diagonal covariance of the normalised source features, calibration.momentum), the
+    # upper bound of the expected contrast (SePiCo's DistCL); L_s2t stays the prototype contrast.
+    contrast_design: Literal["prototype", "distribution"] = "prototype"
+    # The projection head arrives trained: the source stage (a source_only run, or the source
+    # stage of an adaptation run) trains it with a supervised pixel-prototype contrast on
+    # source, on detached features (the segmentation path is the same with and without it),
+    # and an adaptation run from model.init_checkpoint keeps the checkpoint's head. Needs a
+    # head: method.feature backbone or decoder (aspp_branches has none).
+    pretrain_head: bool = False
+    # Teacher schedule: prototypes (and label transfer) from the EMA teacher's features of the
+    # same crops, without gradient (SePiCo); the student's pixels are contrasted with them.
+    teacher_prototypes: bool = False
 
 
 @dataclass(frozen=True)
@@ -203,6 +217,10 @@ class LossConfig:
     contrast_t2s_weight: float = 0.2  # lambda_1
     contrast_s2t_weight: float = 0.2  # lambda_2
     contrast_resolution: Literal["feature", "label"] = "feature"  # official code: label
+    # The contrast terms count (weight > 0) from this iteration of the adaptation phase on
+    # (rounds: counted over all rounds); before it they are computed and logged at weight 0.
+    # 0 = from the start (the paper).
+    contrast_warmup_iters: int = 0
     # teacher schedule: weight of the quality-weighted CE on ClassMix images (DAFormer: 1).
     mix_weight: float = 1.0
     # teacher schedule: distance of the student's source backbone features to a frozen copy
@@ -340,6 +358,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "loss.entropy_weight": (0, INF, True, True),
     "loss.contrast_t2s_weight": (0, INF, True, True),
     "loss.contrast_s2t_weight": (0, INF, True, True),
+    "loss.contrast_warmup_iters": (0, INF, True, True),
     "loss.mix_weight": (0, INF, True, True),
     "loss.feature_distance_weight": (0, INF, True, True),
     "loss.feature_distance_classes": (0, INF, True, True),
@@ -438,12 +457,36 @@ def check_test_split(cfg: "Config") -> None:
                           f"data.synthetic.num_test > 0 (got '{t.test_split}', num_test={cfg.data.synthetic.num_test})")
 
 
+def check_contrast_designs(cfg: "Config") -> None:
+    """The contrast designs are set only where something reads them.
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    m = cfg.method
+    if m.name != "bida":
+        for key, on in (("method.contrast_design", m.contrast_design != "prototype"),
+                        ("method.teacher_prototypes", m.teacher_prototypes),
+                        ("loss.contrast_warmup_iters", cfg.loss.contrast_warmup_iters > 0)):
+            if on:
+                raise ConfigError(f"{key}: only method=bida has a contrast (method={m.name})")
+        if m.pretrain_head and m.name != "source_only":
+            raise ConfigError(f"method.pretrain_head: the source stage of source_only or bida trains the head; "
+                              f"method={m.name} has no contrast to use it")
+    if m.pretrain_head and m.feature == "aspp_branches":
+        raise ConfigError("method.pretrain_head: method.feature=aspp_branches contrasts the ASPP branch scores, "
+                          "which have no projection head to train; use method.feature=backbone")
+    if m.teacher_prototypes and cfg.train.schedule != "teacher":
+        raise ConfigError("method.teacher_prototypes: prototypes from the EMA teacher need train.schedule=teacher")
+
+
 def check_schedule(cfg: "Config") -> None:
     """Keys that only one training schedule reads must not be set for the other.
 
     Raises:
         ConfigError: naming the key and the schedule that reads it.
     """
+    check_contrast_designs(cfg)
     t = cfg.train
     if t.schedule == "teacher":
         if cfg.method.name == "minent":

@@ -45,7 +45,7 @@ from .pseudo_labels import Calibration
 from .round_labels import generate_static_labels
 from .teacher import MeanTeacher, teacher_step
 from .train_step import adapt_step, source_step
-from .weights import load_model_weights, load_pretrained
+from .weights import check_trained_head, load_model_weights, load_pretrained
 
 
 class TrainingDiverged(BidaError):
@@ -558,9 +558,11 @@ class Trainer:
         self.phases = plan_phases(cfg)
         self.calibration = None
         # The prototype moving averages: calibration's domain bias, memory_partners' fill-ins.
-        if cfg.method.name == "bida" and (cfg.method.calibration or cfg.method.memory_partners):
+        distribution = cfg.method.contrast_design == "distribution"  # the source class Gaussians live here too
+        if cfg.method.name == "bida" and (cfg.method.calibration or cfg.method.memory_partners or distribution):
             self.calibration = Calibration(self.num_classes, self.model.feature_dim, momentum=cfg.calibration.momentum,
-                                           max_weight=cfg.calibration.max_weight, ramp_iters=cfg.calibration.ramp_iters)
+                                           max_weight=cfg.calibration.max_weight, ramp_iters=cfg.calibration.ramp_iters,
+                                           distribution=distribution)
             self.calibration.to(self.device)
         self.mean_teacher = self._build_mean_teacher(cfg)
         self.phase_idx, self.iter, self.step = 0, 0, 0
@@ -587,7 +589,10 @@ class Trainer:
                 self._info(f"loaded {len(report['loaded'])} tensors from {cfg.model.pretrained} "
                            f"(skipped {len(report['skipped'])}, fresh {len(report['missing'])})")
             if cfg.model.init_checkpoint:
-                stem_copied = load_model_weights(self.model, cfg.model.init_checkpoint, fresh_projection=True)
+                trained_head = cfg.method.pretrain_head and cfg.method.name != "source_only"
+                if trained_head:
+                    check_trained_head(cfg.model.init_checkpoint)
+                stem_copied = load_model_weights(self.model, cfg.model.init_checkpoint, fresh_projection=not trained_head)
                 if stem_copied:  # a shared-stem checkpoint (docs/method.md, "Stem")
                     self._info(f"{cfg.model.init_checkpoint} has no target stem: it starts as a copy of the source stem")
             if not cfg.model.pretrained and not cfg.model.init_checkpoint:
@@ -1272,19 +1277,21 @@ class Trainer:
             snapshot = self._snapshot()
             with self._autocast():
                 if phase.kind == "source":
-                    result = source_step(model, batch_src, cfg, reduce_sums=self.dist.prototype_reducer(self.num_classes))
+                    result = source_step(model, batch_src, cfg, reduce_sums=self.dist.prototype_reducer(self.num_classes),
+                                         num_classes=self.num_classes)
                 elif phase.kind == "teacher":
                     batch_tgt = {k: v.to(self.device, non_blocking=True)
                                  for k, v in self._next(tgt_iter, optimizer, scaler).items()}
                     result = teacher_step(model, batch_src, batch_tgt, cfg, self.mean_teacher, self.calibration,
-                                          self.num_classes)
+                                          self.num_classes, adapt_iter=self._adapt_iter())
                 else:
                     batch_tgt = {k: v.to(self.device, non_blocking=True)
                                  for k, v in self._next(tgt_iter, optimizer, scaler).items()}
                     if label_dir is None:  # minent: no pseudo labels
                         batch_tgt["label"] = torch.full_like(batch_tgt["label"], 255)
                     result = adapt_step(model, batch_src, batch_tgt, cfg, self.calibration, self.num_classes,
-                                        reduce_sums=self.dist.prototype_reducer(self.num_classes))
+                                        reduce_sums=self.dist.prototype_reducer(self.num_classes),
+                                        adapt_iter=self._adapt_iter())
             self.data_pos += 1  # both loaders drew one batch
             if not self._backward_and_step(result.loss, optimizer, scaler):
                 self._in_step = False
@@ -1306,6 +1313,11 @@ class Trainer:
                 t_last = self._log_record(phase, lr, logs, bar, t_last)
             if self._after_step(phase, optimizer, scaler):
                 return
+
+    def _adapt_iter(self) -> int:
+        """Iterations of the adaptation phase (all rounds) done before this step: a host count
+        from the checkpointed step, read by the contrast warm-up."""
+        return self.step - sum(p.iters for p in self.phases if p.kind == "source")
 
     def _log_record(self, phase: Phase, lr: float, logs: LogAccumulator, bar: tqdm, t_last: float) -> float:
         """One log record (means over the steps since the last one) and the progress bar; returns now.

@@ -355,6 +355,8 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, checkpoint: dic
     optional = [prefix for prefix, allowed in (("target_stem.", True), ("proj.", fresh_projection))
                 if allowed and any(k.startswith(prefix) for k in own) and not any(k.startswith(prefix) for k in state)]
     own = {k: v for k, v in own.items() if not k.startswith(tuple(optional))}
+    if fresh_projection and not any(k.startswith("proj.") for k in own):  # a head this model does not use
+        state = {k: v for k, v in state.items() if not k.startswith("proj.")}
     sync_stem = "target_stem." in optional
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
@@ -371,3 +373,20 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, checkpoint: dic
     if sync_stem:
         model.sync_target_stem()
     return sync_stem
+
+
+def check_trained_head(path: str | Path) -> None:
+    """``model.init_checkpoint`` holds a projection head trained in its source stage
+    (``method.pretrain_head``), as an adaptation run with ``method.pretrain_head`` expects.
+
+    Raises:
+        ConfigError: naming the key and the checkpoint.
+    """
+    from .errors import ConfigError
+
+    state = load_checkpoint(Path(path))
+    trained = bool(state.get("config", {}).get("method", {}).get("pretrain_head", False))
+    if not trained or not any(k.startswith("proj.") for k in _normalise_keys(tensor_state(state, path))):
+        raise ConfigError(f"method.pretrain_head: model.init_checkpoint {path} has no projection head trained in its "
+                          "source stage; train the source-only model with method.pretrain_head=true "
+                          "(bida demo and bida ablate do so when a row needs it)")
