@@ -115,7 +115,7 @@ def candidate_rows(cfg_path: str | None, overrides: Sequence[str] = ()) -> list[
 
 def head_overrides(rows: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
     """Overrides for a grid's source-only runs when a row adapts with a trained head
-    (``method.pretrain_head``): the head and the feature it reads. The head trains on detached
+    (``method.pretrain_head``): the head, the feature it reads and its size. The head trains on detached
     features, so the segmentation weights are those of the source-only run without it.
 
     Raises:
@@ -124,11 +124,14 @@ def head_overrides(rows: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
     head_rows = [row for _, row in rows if HEAD_ON in row]
     if not head_rows:
         return []
-    features = sorted({o for row in head_rows for o in row if o.startswith("method.feature=")})
-    if len(features) > 1:
-        raise ConfigError(f"method.pretrain_head: the rows that need a trained head read different features "
-                          f"({', '.join(features)}); one source-only model per seed trains one head")
-    return [HEAD_ON, *features]
+    shape = []  # the head's input and size
+    for key in ("method.feature=", "model.proj_dim="):
+        values = sorted({o for row in head_rows for o in row if o.startswith(key)})
+        if len(values) > 1 or (values and any(values[0] not in row for row in head_rows)):
+            raise ConfigError(f"method.pretrain_head: the rows that need a trained head differ in {key[:-1]} "
+                              f"({', '.join(values)}); one source-only model per seed trains one head")
+        shape += values
+    return [HEAD_ON, *shape]
 
 
 def fresh_dir(path: Path) -> Path:
