@@ -218,3 +218,18 @@ def test_teacher_prototypes_are_the_teachers():
 
     assert loss(None) == loss((f_src, f_tgt))
     assert loss((f_src + 1.0, f_tgt)) != loss(None)
+
+
+def test_removed_variants_are_refused_unless_at_their_former_default(tmp_path):
+    for key, value in (("method.center_features", "batch"), ("method.t2s_dynamic", "separate"),
+                       ("method.t2s_dynamic", "prototypes_only"), ("method.dynamic_t2s_weight", 0.5)):
+        with pytest.raises(ConfigError, match=rf"^{key}: removed \(.*did not help"):
+            load_config(None, ["method=bida", f"{key}={value}"])
+    # an older run directory's config holds the former defaults: it still loads
+    old = tmp_path / "config.yaml"
+    old.write_text("method: {name: bida, center_features: none, t2s_dynamic: fused, dynamic_t2s_weight: 1.0}\n")
+    cfg = load_config(old)
+    assert cfg.method.name == "bida" and not hasattr(cfg.method, "center_features")
+    old.write_text("method: {name: bida, center_features: batch}\n")
+    with pytest.raises(ConfigError, match="method.center_features: removed"):
+        load_config(old)

@@ -89,8 +89,7 @@ def _watch(monkeypatch) -> dict:
 
 # source_only's step is the source phase of each of these runs.
 # The last case turns on the BiDA options off by default that add work to the step.
-BIDA_OPTIONS = ["method.center_features=batch", "method.t2s_dynamic=separate", "loss.contrast_resolution=label",
-                "method.memory_partners=true"]
+BIDA_OPTIONS = ["loss.contrast_resolution=label", "method.memory_partners=true"]
 # The contrast designs: the source stage trains the head, warm-up over the first of two steps.
 DESIGNS = ["method.contrast_design=distribution", "method.feature=backbone", "model.proj_dim=8",
            "method.pretrain_head=true", "loss.contrast_warmup_iters=1"]

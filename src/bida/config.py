@@ -127,15 +127,6 @@ class MethodConfig:
     # for mit_b* (see default_feature); a loaded config always holds the chosen one.
     feature: Optional[Literal["aspp_branches", "backbone", "decoder"]] = None
     prototype_scope: Literal["batch", "pair"] = "batch"  # official code: pair
-    # Which target pixels L_t2s scores. fused: y_T = y_F, completed by y_D (the paper).
-    # separate: y_F pixels and y_D-only pixels as two means, the second weighted by
-    # dynamic_t2s_weight, so that self-labelled pixels cannot swamp the informative ones.
-    # prototypes_only: y_D builds the target prototypes (and their EMA) but L_t2s reads y_F.
-    t2s_dynamic: Literal["fused", "separate", "prototypes_only"] = "fused"
-    dynamic_t2s_weight: float = 1.0  # weight of the y_D-only mean when t2s_dynamic = separate
-    # Subtract the batch's mean contrast feature (both domains pooled, detached) before
-    # prototypes and cosines: removes the class-prior component shared by every pixel.
-    center_features: Literal["none", "batch"] = "none"
     # Complete each prototype set with its moving average (the calibration state, kept with
     # calibration=false too) for classes absent from the batch (prototype_scope=pair: from
     # the image), so that every pixel meets more negatives.
@@ -332,7 +323,6 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "model.proj_dim": (1, INF, True, True),
     "model.decoder_dim": (1, INF, True, True),
     "model.drop_path": (0, 1, True, False),  # a rate of 1 drops every residual branch
-    "method.dynamic_t2s_weight": (0, INF, True, True),
     "train.iters": (1, INF, True, True),
     "train.source_iters": (0, INF, True, True),
     "train.warmup_iters": (0, INF, True, True),
@@ -654,9 +644,35 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover
 
 
+# Keys that were measured and removed (README, "Does the contrast count?"), with the value that
+# kept the paper's behaviour: a config holding that value (an older run directory) still loads,
+# the key dropped; any other value is refused with the reason.
+REMOVED_KEYS: dict[str, tuple[Any, str]] = {
+    "method.center_features": ("none", "centred features were measured over seeds and did not help the contrast"),
+    "method.t2s_dynamic": ("fused", "scoring y_D pixels apart in L_t2s was measured over seeds and did not help"),
+    "method.dynamic_t2s_weight": (1.0, "it weighed method.t2s_dynamic=separate, which was measured over seeds "
+                                       "and did not help"),
+}
+
+
+def _check_removed(full: str, value: Any) -> bool:
+    """True when ``full`` is a removed key holding its former default (to be dropped).
+
+    Raises:
+        ConfigError: a removed key with any other value.
+    """
+    if full not in REMOVED_KEYS:
+        return False
+    default, why = REMOVED_KEYS[full]
+    if value != default:
+        raise ConfigError(f"{full}: removed ({why}; its rows stay in README); delete the key")
+    return True
+
+
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    data = {k: v for k, v in data.items() if k in names or not _check_removed(f"{prefix}.{k}" if prefix else str(k), v)}
     for key in data:
         if key not in names:
             full = f"{prefix}.{key}" if prefix else str(key)
@@ -752,6 +768,8 @@ def _set_path(tree: dict, parts: list[str], value: Any, text: str) -> None:
             raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}' in override '{text}'")
         node = child
     if parts[-1] not in node:
+        if _check_removed(".".join(parts), value):
+            return
         raise ConfigError(f"unknown config key '{'.'.join(parts)}' in override '{text}'")
     node[parts[-1]] = value
 

@@ -61,9 +61,6 @@ ROW_DIRS: dict[str, str] = {
 # is full BiDA with one change (the last three: the preset ``plus`` with one change), so
 # each is compared with full BiDA and with self-training.
 CANDIDATE_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("cand: y_D separate mean in L_t2s", ("method=bida", "method.t2s_dynamic=separate", "method.dynamic_t2s_weight=0.5")),
-    ("cand: y_D only in target prototypes", ("method=bida", "method.t2s_dynamic=prototypes_only")),
-    ("cand: centred features", ("method=bida", "method.center_features=batch")),
     ("cand: memory prototypes as partners", ("method=bida", "method.memory_partners=true")),
     ("cand: y_T for target segmentation", ("method=bida", "pseudo.dynamic_for_segmentation=true")),
     ("cand: contrast weights 0.5", ("method=bida", "loss.contrast_t2s_weight=0.5", "loss.contrast_s2t_weight=0.5")),

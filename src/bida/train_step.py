@@ -215,13 +215,10 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
     if m.name == "bida":
         feat_size = tuple(out_src.features.shape[-2:])
         f_src, f_tgt = out_src.features, out_tgt.features
-        # Features and logits share the output stride: reuse the masks when the sizes agree.
-        valid_src_f = valid_src_l if feat_size == logit_size else _valid_at(batch_src, feat_size)
+        # Features and logits share the output stride: reuse the mask when the sizes agree.
         valid_tgt_f = valid_tgt_l if feat_size == logit_size else _valid_at(batch_tgt, feat_size)
         y_src_f = downsample_labels(y_src, feat_size)
         y_static_f = _mask_labels(downsample_labels(y_static, feat_size), valid_tgt_f)
-        if m.center_features == "batch":
-            f_src, f_tgt = center_features(f_src, f_tgt, valid_src_f, valid_tgt_f)
         # The features that make the prototypes: the student's own, or the EMA teacher's (no gradient).
         pf_src, pf_tgt = proto_features if proto_features is not None else (f_src, f_tgt)
 
@@ -260,13 +257,12 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
         if m.memory_partners and calibration is not None:  # classes absent from the batch (or image)
             ps_src, pp_src = _with_memory(ps_src, pp_src, calibration.source)
             ps_tgt, pp_tgt = _with_memory(ps_tgt, pp_tgt, calibration.target)
-        # Which target pixels L_t2s scores: y_T (the paper), or y_F with y_D pixels apart.
+        # L_t2s scores the target pixels of y_T (the paper).
         full_res = lw.contrast_resolution == "label"
-        fused = m.t2s_dynamic == "fused"
         if full_res:  # y_F itself, its holes filled from y_D alone (never from y_F's own samples)
-            y_t2s = _fused_at_label_size(y_static, y_dyn_f, batch_tgt) if fused and m.dynamic_labels else y_static
+            y_t2s = _fused_at_label_size(y_static, y_dyn_f, batch_tgt) if m.dynamic_labels else y_static
         else:
-            y_t2s = y_tgt_f if fused else y_static_f
+            y_t2s = y_tgt_f
 
         # Warm-up: the contrast terms weigh 0 for the first loss.contrast_warmup_iters iterations.
         on = 0.0 if adapt_iter is not None and adapt_iter < lw.contrast_warmup_iters else 1.0
@@ -283,15 +279,6 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
                 f_tgt, y_t2s, ps_src, pp_src, lw.temperature,
                 resolution=lw.contrast_resolution, return_count=True, per_image=per_pair)
             weights["contrast_t2s"] = on * lw.contrast_t2s_weight
-            if m.t2s_dynamic == "separate" and m.dynamic_labels:
-                # y_D-only pixels as their own mean, so they cannot outweigh the y_F pixels.
-                y_dyn_only = _fused_at_label_size(torch.full_like(y_static, IGNORE), y_dyn_f, batch_tgt) if full_res else y_dyn_f
-                y_dyn_only = torch.where((y_static if full_res else y_static_f) == IGNORE, y_dyn_only,
-                                         torch.full_like(y_dyn_only, IGNORE))
-                terms["contrast_t2s_dyn"], counts["contrast_t2s_dyn"] = pixel_prototype_contrast(
-                    f_tgt, y_dyn_only, ps_src, pp_src, lw.temperature, resolution=lw.contrast_resolution,
-                    return_count=True, per_image=per_pair)
-                weights["contrast_t2s_dyn"] = on * lw.contrast_t2s_weight * m.dynamic_t2s_weight
         if m.s2t:
             y_src_c = y_src if full_res else y_src_f
             terms["contrast_s2t"], counts["contrast_s2t"] = pixel_prototype_contrast(
@@ -325,27 +312,3 @@ def _num_valid(logits: Tensor, valid: Tensor | None) -> Tensor | int:
     """Pixels an entropy term averages over."""
     return logits[:, 0].numel() if valid is None else valid.sum()
 
-
-def center_features(f_src: Tensor, f_tgt: Tensor, valid_src: Tensor | None, valid_tgt: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Subtract the (detached) mean feature of the batch's valid pixels, both domains pooled.
-
-    The ASPP-branch features are class scores: every pixel carries a large shared
-    component (the class prior), so raw cosines between different classes' prototypes sit
-    near 0.7 and label transfer rarely passes its threshold. One common mean for both
-    domains removes that component and keeps the domain difference the contrast works on.
-
-    Shape:
-        - f_src, f_tgt: (B, D, h, w)
-        - valid_src, valid_tgt: (B, h, w), bool, or None (all valid)
-    """
-    def sums(f: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
-        f = f.detach().float()
-        if valid is None:
-            # torch.full, not torch.tensor: a fill kernel rather than a blocking host-to-device copy
-            return f.sum((0, 2, 3)), torch.full((), float(f[:, 0].numel()), device=f.device)
-        w = valid[:, None].float()
-        return (f * w).sum((0, 2, 3)), w.sum()
-
-    (s_src, n_src), (s_tgt, n_tgt) = sums(f_src, valid_src), sums(f_tgt, valid_tgt)
-    mean = ((s_src + s_tgt) / (n_src + n_tgt).clamp_min(1.0)).view(1, -1, 1, 1)
-    return f_src - mean.to(f_src.dtype), f_tgt - mean.to(f_tgt.dtype)
