@@ -8,6 +8,7 @@ weights are the same with it) and every row of the seed adapts from it.
 
     PYTHONPATH=src python benchmarks/contrast_designs.py --arch deeplab --seeds 5 --out runs/designs_deeplab
     PYTHONPATH=src python benchmarks/contrast_designs.py --resume runs/designs_deeplab
+    ... --design "distribution contrast" --design "contrast warm-up 100"   # a subset of the designs
 
 Writes ``designs.md`` (tables on target test and on target val, the split choices are made
 on) and ``designs.json`` (``bida.demo.summarise`` rows, each with a ``val`` and a ``test`` block).
@@ -29,13 +30,25 @@ DESIGNS = ("cand: preset plus + distribution contrast", "cand: preset plus + tra
            "cand: preset plus + trained backbone head", "cand: preset plus + teacher prototypes",
            "cand: preset plus + contrast warm-up 100")
 BASELINE = "self_training"
+PREFIX = "cand: preset plus + "
 
 
-def design_rows(cfg_path: str | None, overrides: list[str]) -> list[tuple[str, tuple[str, ...]]]:
-    """The rows measured on a path: source-only, the baselines and the designs that apply."""
+def design_rows(cfg_path: str | None, overrides: list[str],
+                designs: list[str] | None = None) -> list[tuple[str, tuple[str, ...]]]:
+    """The rows measured on a path: source-only, the baselines and the designs that apply
+    (``designs``: only those, by name without ``cand: preset plus + ``; None: all).
+
+    Raises:
+        ValueError: a name in ``designs`` that is no design.
+    """
     base = [("source_only", ()), (BASELINE, ("method=self_training",)), ("bida_paper", ("method=bida",)),
             ("bida_plus", ("method=bida", *preset_overrides("plus")))]
-    return base + [(n, r) for n, r in candidate_rows(cfg_path, overrides) if n in DESIGNS]
+    wanted = DESIGNS if designs is None else [PREFIX + d for d in designs]
+    unknown = [w for w in wanted if w not in DESIGNS]
+    if unknown:
+        raise ValueError(f"--design: unknown {', '.join(unknown)} (known: "
+                         f"{', '.join(d[len(PREFIX):] for d in DESIGNS)})")
+    return base + [(n, r) for n, r in candidate_rows(cfg_path, overrides) if n in wanted]
 
 
 def _val_only(summary: dict) -> dict:
@@ -49,16 +62,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("runs/designs"))
     parser.add_argument("--resume", type=Path, default=None, help="continue the grid in this directory")
+    parser.add_argument("--design", action="append", default=None, metavar="NAME", dest="designs",
+                        help="measure this design (repeatable, e.g. 'teacher prototypes'; default: every one that applies)")
     parser.add_argument("overrides", nargs="*", help="key=value for every run (tests shrink the runs)")
     args = parser.parse_args(argv)
     t0 = time.time()
-    spec = {"command": "contrast-designs", "arch": args.arch, "seeds": args.seeds, "overrides": args.overrides}
+    spec = {"command": "contrast-designs", "arch": args.arch, "seeds": args.seeds, "overrides": args.overrides,
+            "designs": args.designs}
     if args.resume is None:
         seed_list(DEMO_ARCHS[args.arch], args.overrides, args.seeds)
+        design_rows(DEMO_ARCHS[args.arch], args.overrides, args.designs)  # names checked before the directory exists
     out, spec = _open_grid(args.resume or args.out, spec, args.resume is not None)
     cfg_path, overrides = DEMO_ARCHS[spec["arch"]], list(spec["overrides"])
     seeds = seed_list(cfg_path, overrides, int(spec["seeds"]))
-    rows = design_rows(cfg_path, overrides)
+    rows = design_rows(cfg_path, overrides, spec.get("designs"))
     from bida.config import load_config
 
     t = load_config(cfg_path, overrides).train

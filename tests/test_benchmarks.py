@@ -96,3 +96,22 @@ def test_contrast_designs_grid_runs_the_rows_of_its_path_and_resumes(tmp_path, m
     capsys.readouterr()
     assert contrast_designs.main(["--resume", str(out)]) == 0  # every run finished: read back
     assert capsys.readouterr().out.count("finished earlier") == len(rows)
+
+
+def test_contrast_designs_grid_measures_the_chosen_designs(tmp_path, monkeypatch, tiny_overrides, capsys):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import contrast_designs
+
+    with pytest.raises(ValueError, match="--design: unknown"):
+        contrast_designs.main(["--out", str(tmp_path / "bad"), "--design", "centred features", *tiny_overrides])
+    assert not (tmp_path / "bad").exists()
+    rows = contrast_designs.design_rows(None, list(tiny_overrides), ["contrast warm-up 100"])
+    assert [n for n, _ in rows] == ["source_only", "self_training", "bida_paper", "bida_plus",
+                                    "cand: preset plus + contrast warm-up 100"]
+    over = [*tiny_overrides, "train.iters=2", "train.rounds=1", "train.iters_per_round=2"]
+    out = tmp_path / "d"
+    assert contrast_designs.main(["--seeds", "1", "--out", str(out), "--design", "contrast warm-up 100", *over]) == 0
+    assert json.loads((out / "grid.json").read_text())["designs"] == ["contrast warm-up 100"]
+    assert contrast_designs.main(["--resume", str(out)]) == 0  # the resumed grid keeps the subset
+    assert [k for k in json.loads((out / "designs.json").read_text()) if k.startswith("cand")] == \
+        ["cand: preset plus + contrast warm-up 100"]

@@ -182,6 +182,12 @@ def test_trained_head_leaves_the_segmentation_weights_unchanged(tmp_path, tiny_o
         Trainer(load_config(None, over + [f"model.init_checkpoint={plain}/checkpoints/last.pt"]), tmp_path / "x")
     # a row without a head (ASPP features) adapts from the checkpoint with a head
     Trainer(load_config(None, tiny_overrides + ["method=bida", f"model.init_checkpoint={ckpt}"]), tmp_path / "y")
+    # a row with a head that does not ask for the trained one starts with the untrained head of its
+    # seed (the one a source-only run without head training passes on: no gradient reaches it)
+    t = Trainer(load_config(None, [o for o in over if o != "method.pretrain_head=true"]
+                            + [f"model.init_checkpoint={ckpt}"]), tmp_path / "z")
+    for k, v in t.model.state_dict().items():
+        assert torch.equal(v, a[k] if k.startswith("proj.") else b[k]), k
 
 
 def test_teacher_prototypes_run_and_resume_exactly(tmp_path, tiny_overrides):
