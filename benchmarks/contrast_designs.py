@@ -33,10 +33,12 @@ BASELINE = "self_training"
 PREFIX = "cand: preset plus + "
 
 
-def design_rows(cfg_path: str | None, overrides: list[str],
-                designs: list[str] | None = None) -> list[tuple[str, tuple[str, ...]]]:
+def design_rows(cfg_path: str | None, overrides: list[str], designs: list[str] | None = None,
+                bida_baselines: bool = True) -> list[tuple[str, tuple[str, ...]]]:
     """The rows measured on a path: source-only, the baselines and the designs that apply
     (``designs``: only those, by name without ``cand: preset plus + ``; None: all).
+    ``bida_baselines=False`` leaves out BiDA paper and ``plus`` (a grid that adds designs
+    to another's seeds: self-training, kept, shows that both adapt from the same weights).
 
     Raises:
         ValueError: a name in ``designs`` that is no design.
@@ -48,6 +50,7 @@ def design_rows(cfg_path: str | None, overrides: list[str],
     if unknown:
         raise ValueError(f"--design: unknown {', '.join(unknown)} (known: "
                          f"{', '.join(d[len(PREFIX):] for d in DESIGNS)})")
+    base = base if bida_baselines else base[:2]
     return base + [(n, r) for n, r in candidate_rows(cfg_path, overrides) if n in wanted]
 
 
@@ -64,18 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", type=Path, default=None, help="continue the grid in this directory")
     parser.add_argument("--design", action="append", default=None, metavar="NAME", dest="designs",
                         help="measure this design (repeatable, e.g. 'teacher prototypes'; default: every one that applies)")
+    parser.add_argument("--without-bida-baselines", action="store_true",
+                        help="leave out the BiDA paper and plus rows (another grid of the same seeds has them)")
     parser.add_argument("overrides", nargs="*", help="key=value for every run (tests shrink the runs)")
     args = parser.parse_args(argv)
     t0 = time.time()
     spec = {"command": "contrast-designs", "arch": args.arch, "seeds": args.seeds, "overrides": args.overrides,
-            "designs": args.designs}
+            "designs": args.designs, "bida_baselines": not args.without_bida_baselines}
     if args.resume is None:
         seed_list(DEMO_ARCHS[args.arch], args.overrides, args.seeds)
         design_rows(DEMO_ARCHS[args.arch], args.overrides, args.designs)  # names checked before the directory exists
     out, spec = _open_grid(args.resume or args.out, spec, args.resume is not None)
     cfg_path, overrides = DEMO_ARCHS[spec["arch"]], list(spec["overrides"])
     seeds = seed_list(cfg_path, overrides, int(spec["seeds"]))
-    rows = design_rows(cfg_path, overrides, spec.get("designs"))
+    rows = design_rows(cfg_path, overrides, spec.get("designs"), spec.get("bida_baselines", True))
     from bida.config import load_config
 
     t = load_config(cfg_path, overrides).train
