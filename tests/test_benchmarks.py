@@ -73,3 +73,47 @@ def test_peak_table_knows_the_lent_devices(bench):
     assert gpu_step.peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
     assert gpu_step.peak_tflops("NVIDIA GeForce RTX 4090", "bf16") is None
     assert sys.modules["summary"]._fmt(None) == "n/a"
+
+
+def test_contrast_designs_grid_runs_the_rows_of_its_path_and_resumes(tmp_path, monkeypatch, tiny_overrides, capsys):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import contrast_designs
+
+    over = [*tiny_overrides, "train.iters=2", "train.rounds=1", "train.iters_per_round=2", "model.proj_dim=8"]
+    out = tmp_path / "designs"
+    assert contrast_designs.main(["--arch", "deeplab", "--seeds", "1", "--out", str(out), *over]) == 0
+    summary = json.loads((out / "designs.json").read_text())
+    rows = [k for k in summary if k not in ("environment", "timing")]
+    assert rows == ["source_only", "self_training", "bida_paper", "bida_plus",
+                    "cand: preset plus + distribution contrast", "cand: preset plus + trained backbone head",
+                    "cand: preset plus + contrast warm-up 100"]  # no teacher-only or MiT-only design
+    for row in rows[1:]:
+        assert "val" in summary[row] and "test" in summary[row]
+    text = (out / "designs.md").read_text()
+    assert "## Target test" in text and "## Target val" in text
+    assert "method.pretrain_head=true" not in (out / "seed_0" / "bida_plus" / "config.yaml").read_text()
+    assert "pretrain_head: true" in (out / "seed_0" / "source_only" / "config.yaml").read_text()
+    capsys.readouterr()
+    assert contrast_designs.main(["--resume", str(out)]) == 0  # every run finished: read back
+    assert capsys.readouterr().out.count("finished earlier") == len(rows)
+
+
+def test_contrast_designs_grid_measures_the_chosen_designs(tmp_path, monkeypatch, tiny_overrides, capsys):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import contrast_designs
+
+    with pytest.raises(ValueError, match="--design: unknown"):
+        contrast_designs.main(["--out", str(tmp_path / "bad"), "--design", "centred features", *tiny_overrides])
+    assert not (tmp_path / "bad").exists()
+    rows = contrast_designs.design_rows(None, list(tiny_overrides), ["contrast warm-up 100"])
+    assert [n for n, _ in rows] == ["source_only", "self_training", "bida_paper", "bida_plus",
+                                    "cand: preset plus + contrast warm-up 100"]
+    rows = contrast_designs.design_rows(None, list(tiny_overrides), ["trained backbone head"], bida_baselines=False)
+    assert [n for n, _ in rows] == ["source_only", "self_training", "cand: preset plus + trained backbone head"]
+    over = [*tiny_overrides, "train.iters=2", "train.rounds=1", "train.iters_per_round=2"]
+    out = tmp_path / "d"
+    assert contrast_designs.main(["--seeds", "1", "--out", str(out), "--design", "contrast warm-up 100", *over]) == 0
+    assert json.loads((out / "grid.json").read_text())["designs"] == ["contrast warm-up 100"]
+    assert contrast_designs.main(["--resume", str(out)]) == 0  # the resumed grid keeps the subset
+    assert [k for k in json.loads((out / "designs.json").read_text()) if k.startswith("cand")] == \
+        ["cand: preset plus + contrast warm-up 100"]

@@ -4,13 +4,15 @@ pseudo labels generated once per seed, and a wall-time breakdown in the results.
 from __future__ import annotations
 
 import json
+
+import pytest
 from pathlib import Path
 
 import bida.demo as demo
 import bida.train as tr
 from bida.cli import main
 from bida.config import load_config
-from bida.errors import Interrupted
+from bida.errors import ConfigError, Interrupted
 from bida.presets import preset_overrides
 
 
@@ -141,10 +143,53 @@ def test_an_interrupted_transformer_demo_resumes_with_its_mic_rows(tmp_path, tin
 
 def test_every_ablation_and_candidate_row_is_a_valid_config_with_its_own_directory():
     rows = list(demo.ABLATION_ROWS) + list(demo.CANDIDATE_ROWS)
+    deeplab, transformer = demo.candidate_rows(None), demo.candidate_rows(str(demo.TRANSFORMER_DEMO_FILE))
     for name, overrides in rows:
-        cfg = load_config(None, list(overrides))  # an unknown key or bad value raises ConfigError
+        # an unknown key or bad value raises ConfigError; a design may fit one path only
+        path = None if name in dict(deeplab) or name not in dict(transformer) else str(demo.TRANSFORMER_DEMO_FILE)
+        cfg = load_config(path, list(overrides))
         assert cfg.method.name in ("self_training", "bida"), name
+    assert "cand: preset plus + teacher prototypes" not in dict(deeplab)  # teacher schedule only
+    assert "cand: preset plus + trained head" not in dict(deeplab)  # ASPP features have no head
+    assert "cand: preset plus + trained backbone head" not in dict(transformer)  # MiT has no backbone head
+    assert {"cand: preset plus + teacher prototypes", "cand: preset plus + trained head",
+            "cand: preset plus + distribution contrast", "cand: preset plus + contrast warm-up 100"} <= set(dict(transformer))
     dirs = [demo._dir_name(name) for name, _ in rows]
     assert len(set(dirs)) == len(dirs)  # no two rows share a run directory
     plus = dict(demo.CANDIDATE_ROWS)["cand: memory partners + weights 0.5"]
     assert set(preset_overrides("plus")) <= set(plus)  # the preset row is the preset as shipped
+
+
+def test_source_only_models_train_the_head_a_row_needs():
+    rows = [("self_training", ("method=self_training",)),
+            ("head", ("method=bida", "method.feature=backbone", "method.pretrain_head=true"))]
+    assert demo.head_overrides(rows) == ["method.pretrain_head=true", "method.feature=backbone"]
+    assert demo.head_overrides(rows[:1]) == []
+    with pytest.raises(ConfigError, match="method.pretrain_head"):
+        demo.head_overrides([*rows, ("other", ("method=bida", "method.feature=aspp_branches", "method.pretrain_head=true"))])
+
+
+def test_a_grid_with_a_trained_head_row_adapts_every_row_from_one_source_model(tmp_path, tiny_overrides):
+    rows = [("source_only", ()), ("self_training", ("method=self_training",)),
+            ("head", ("method=bida", "method.feature=backbone", "method.pretrain_head=true", "model.proj_dim=8"))]
+    res = demo.run_grid(None, tmp_path / "g", rows, [0], tiny_overrides + ["train.iters=2", "train.rounds=1",
+                                                                           "train.iters_per_round=1"],
+                        quiet=True, flat=True)
+    so = tmp_path / "g" / "source_only"
+    cfg = load_config(so / "config.yaml")
+    assert cfg.method.pretrain_head and cfg.method.feature == "backbone"  # the source-only model trained the head
+    assert all(m["mIoU"] >= 0 for m in res["head"] + res["self_training"])
+    for row in ("self_training", "head"):
+        assert f"{so}/checkpoints/last.pt" in (tmp_path / "g" / row / "config.yaml").read_text()
+
+
+def test_a_preset_demo_reports_the_paper_settings_beside_it(tmp_path, tiny_overrides):
+    out = tmp_path / "demo"
+    summary = demo.run_demo(out, tiny_overrides, quiet=True, report=False, preset="plus")
+    assert summary["bida"]["preset"] == "plus" and summary["bida_paper"]["preset"] == "paper"
+    paper_cfg = load_config(out / "bida_paper" / "config.yaml")
+    assert paper_cfg.method.name == "bida" and not paper_cfg.method.memory_partners
+    assert load_config(out / "bida" / "config.yaml").method.memory_partners
+    vs = summary["bida"]["vs_bida_paper"]
+    assert vs["per_seed"] == [summary["bida"]["mIoU"] - summary["bida_paper"]["mIoU"]]
+    assert "| bida_paper |" in (out / "results.md").read_text()

@@ -89,13 +89,15 @@ def _watch(monkeypatch) -> dict:
 
 # source_only's step is the source phase of each of these runs.
 # The last case turns on the BiDA options off by default that add work to the step.
-BIDA_OPTIONS = ["method.center_features=batch", "method.t2s_dynamic=separate", "loss.contrast_resolution=label",
-                "method.memory_partners=true"]
+BIDA_OPTIONS = ["loss.contrast_resolution=label", "method.memory_partners=true"]
+# The contrast designs: the source stage trains the head, warm-up over the first of two steps.
+DESIGNS = ["method.contrast_design=distribution", "method.feature=backbone", "model.proj_dim=8",
+           "method.pretrain_head=true", "loss.contrast_warmup_iters=1"]
 
 
 # self_training's terms are a subset of bida's.
-@pytest.mark.parametrize("method, options", [("minent", []), ("bida", []), ("bida", BIDA_OPTIONS)],
-                         ids=["minent", "bida", "bida-options"])
+@pytest.mark.parametrize("method, options", [("minent", []), ("bida", []), ("bida", BIDA_OPTIONS), ("bida", DESIGNS)],
+                         ids=["minent", "bida", "bida-options", "bida-designs"])
 def test_steady_state_steps_read_nothing_from_the_device_but_their_finite_flag(tmp_path, tiny_overrides,
                                                                                monkeypatch, method, options):
     import bida.train as tr
@@ -121,8 +123,13 @@ DINOV2 = ["model.backbone=dinov2_vits14_reg", "model.decoder=daformer", "model.d
           "model.drop_path=0.1", "train.layer_decay=0.9"]
 
 
-@pytest.mark.parametrize("method, extra", [("self_training", []), ("bida", []), ("bida", DINOV2)],
-                         ids=["self_training", "bida", "bida_dinov2"])
+TEACHER_DESIGNS = ["method.teacher_prototypes=true", "method.contrast_design=distribution",
+                   "loss.contrast_warmup_iters=1"]
+
+
+@pytest.mark.parametrize("method, extra", [("self_training", []), ("bida", []), ("bida", DINOV2),
+                                           ("bida", TEACHER_DESIGNS)],
+                         ids=["self_training", "bida", "bida_dinov2", "bida_designs"])
 def test_teacher_steps_with_mic_read_nothing_from_the_device_but_their_finite_flag(tmp_path, tiny_overrides,
                                                                                    monkeypatch, method, extra):
     import bida.train as tr

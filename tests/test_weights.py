@@ -123,3 +123,24 @@ def test_init_checkpoint_without_projection_head_keeps_a_fresh_head(tmp_path):
     assert all(torch.equal(dst.state_dict()[k], v) for k, v in head.items())
     with pytest.raises(CheckpointError, match="proj"):
         load_model_weights(_model(feature="backbone"), tmp_path / "so.pt")
+
+
+def test_init_checkpoint_with_a_head_starts_a_fresh_head_unless_asked_for_it(tmp_path):
+    """A checkpoint's head (a MiT's, or one trained with method.pretrain_head) reaches an
+    adaptation run only when it asks for it (fresh_projection=False); the rest loads."""
+    trained = _model(feature="backbone")
+    with torch.no_grad():
+        for p in trained.proj.parameters():
+            p.add_(1.0)
+    save_checkpoint({"model": trained.state_dict()}, tmp_path / "head.pt")
+    fresh = _model(feature="backbone")
+    head = {k: v.clone() for k, v in fresh.state_dict().items() if k.startswith("proj.")}
+    load_model_weights(fresh, tmp_path / "head.pt", fresh_projection=True)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in head.items())
+    assert torch.equal(fresh.layer3[0].conv2.weight, trained.layer3[0].conv2.weight)
+    kept = _model(feature="backbone")
+    load_model_weights(kept, tmp_path / "head.pt")
+    assert torch.equal(kept.proj[0].weight, trained.proj[0].weight)
+    aspp = _model()  # no head at all: the checkpoint's is left out
+    load_model_weights(aspp, tmp_path / "head.pt", fresh_projection=True)
+    assert torch.equal(aspp.layer3[0].conv2.weight, trained.layer3[0].conv2.weight)

@@ -127,19 +127,24 @@ class MethodConfig:
     # for mit_b* (see default_feature); a loaded config always holds the chosen one.
     feature: Optional[Literal["aspp_branches", "backbone", "decoder"]] = None
     prototype_scope: Literal["batch", "pair"] = "batch"  # official code: pair
-    # Which target pixels L_t2s scores. fused: y_T = y_F, completed by y_D (the paper).
-    # separate: y_F pixels and y_D-only pixels as two means, the second weighted by
-    # dynamic_t2s_weight, so that self-labelled pixels cannot swamp the informative ones.
-    # prototypes_only: y_D builds the target prototypes (and their EMA) but L_t2s reads y_F.
-    t2s_dynamic: Literal["fused", "separate", "prototypes_only"] = "fused"
-    dynamic_t2s_weight: float = 1.0  # weight of the y_D-only mean when t2s_dynamic = separate
-    # Subtract the batch's mean contrast feature (both domains pooled, detached) before
-    # prototypes and cosines: removes the class-prior component shared by every pixel.
-    center_features: Literal["none", "batch"] = "none"
     # Complete each prototype set with its moving average (the calibration state, kept with
     # calibration=false too) for classes absent from the batch (prototype_scope=pair: from
     # the image), so that every pixel meets more negatives.
     memory_partners: bool = False
+    # What L_t2s contrasts target pixels with. prototype: the batch's source prototypes (the
+    # paper). distribution: each source class as a Gaussian (moving averages of the class mean
+    # and diagonal covariance of the normalised source features, calibration.momentum), the
+    # upper bound of the expected contrast (SePiCo's DistCL); L_s2t stays the prototype contrast.
+    contrast_design: Literal["prototype", "distribution"] = "prototype"
+    # The projection head arrives trained: the source stage (a source_only run, or the source
+    # stage of an adaptation run) trains it with a supervised pixel-prototype contrast on
+    # source, on detached features (the segmentation path is the same with and without it),
+    # and an adaptation run from model.init_checkpoint keeps the checkpoint's head. Needs a
+    # head: method.feature backbone or decoder (aspp_branches has none).
+    pretrain_head: bool = False
+    # Teacher schedule: prototypes (and label transfer) from the EMA teacher's features of the
+    # same crops, without gradient (SePiCo); the student's pixels are contrasted with them.
+    teacher_prototypes: bool = False
 
 
 @dataclass(frozen=True)
@@ -205,6 +210,10 @@ class LossConfig:
     contrast_t2s_weight: float = 0.2  # lambda_1
     contrast_s2t_weight: float = 0.2  # lambda_2
     contrast_resolution: Literal["feature", "label"] = "feature"  # official code: label
+    # The contrast terms count (weight > 0) from this iteration of the adaptation phase on
+    # (rounds: counted over all rounds); before it they are computed and logged at weight 0.
+    # 0 = from the start (the paper).
+    contrast_warmup_iters: int = 0
     # teacher schedule: weight of the quality-weighted CE on ClassMix images (DAFormer: 1).
     mix_weight: float = 1.0
     # teacher schedule: distance of the student's source backbone features to a frozen copy
@@ -316,7 +325,6 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "model.proj_dim": (1, INF, True, True),
     "model.decoder_dim": (1, INF, True, True),
     "model.drop_path": (0, 1, True, False),  # a rate of 1 drops every residual branch
-    "method.dynamic_t2s_weight": (0, INF, True, True),
     "train.iters": (1, INF, True, True),
     "train.source_iters": (0, INF, True, True),
     "train.warmup_iters": (0, INF, True, True),
@@ -342,6 +350,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "loss.entropy_weight": (0, INF, True, True),
     "loss.contrast_t2s_weight": (0, INF, True, True),
     "loss.contrast_s2t_weight": (0, INF, True, True),
+    "loss.contrast_warmup_iters": (0, INF, True, True),
     "loss.mix_weight": (0, INF, True, True),
     "loss.feature_distance_weight": (0, INF, True, True),
     "loss.feature_distance_classes": (0, INF, True, True),
@@ -440,12 +449,36 @@ def check_test_split(cfg: "Config") -> None:
                           f"data.synthetic.num_test > 0 (got '{t.test_split}', num_test={cfg.data.synthetic.num_test})")
 
 
+def check_contrast_designs(cfg: "Config") -> None:
+    """The contrast designs are set only where something reads them.
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    m = cfg.method
+    if m.name != "bida":
+        for key, on in (("method.contrast_design", m.contrast_design != "prototype"),
+                        ("method.teacher_prototypes", m.teacher_prototypes),
+                        ("loss.contrast_warmup_iters", cfg.loss.contrast_warmup_iters > 0)):
+            if on:
+                raise ConfigError(f"{key}: only method=bida has a contrast (method={m.name})")
+        if m.pretrain_head and m.name != "source_only":
+            raise ConfigError(f"method.pretrain_head: the source stage of source_only or bida trains the head; "
+                              f"method={m.name} has no contrast to use it")
+    if m.pretrain_head and m.feature == "aspp_branches":
+        raise ConfigError("method.pretrain_head: method.feature=aspp_branches contrasts the ASPP branch scores, "
+                          "which have no projection head to train; use method.feature=backbone")
+    if m.teacher_prototypes and cfg.train.schedule != "teacher":
+        raise ConfigError("method.teacher_prototypes: prototypes from the EMA teacher need train.schedule=teacher")
+
+
 def check_schedule(cfg: "Config") -> None:
     """Keys that only one training schedule reads must not be set for the other.
 
     Raises:
         ConfigError: naming the key and the schedule that reads it.
     """
+    check_contrast_designs(cfg)
     t = cfg.train
     if t.schedule == "teacher":
         if cfg.method.name == "minent":
@@ -613,9 +646,35 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover
 
 
+# Keys that were measured and removed (README, "Does the contrast count?"), with the value that
+# kept the paper's behaviour: a config holding that value (an older run directory) still loads,
+# the key dropped; any other value is refused with the reason.
+REMOVED_KEYS: dict[str, tuple[Any, str]] = {
+    "method.center_features": ("none", "centred features were measured over seeds and did not help the contrast"),
+    "method.t2s_dynamic": ("fused", "scoring y_D pixels apart in L_t2s was measured over seeds and did not help"),
+    "method.dynamic_t2s_weight": (1.0, "it weighed method.t2s_dynamic=separate, which was measured over seeds "
+                                       "and did not help"),
+}
+
+
+def _check_removed(full: str, value: Any) -> bool:
+    """True when ``full`` is a removed key holding its former default (to be dropped).
+
+    Raises:
+        ConfigError: a removed key with any other value.
+    """
+    if full not in REMOVED_KEYS:
+        return False
+    default, why = REMOVED_KEYS[full]
+    if value != default:
+        raise ConfigError(f"{full}: removed ({why}; its rows stay in README); delete the key")
+    return True
+
+
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    data = {k: v for k, v in data.items() if k in names or not _check_removed(f"{prefix}.{k}" if prefix else str(k), v)}
     for key in data:
         if key not in names:
             full = f"{prefix}.{key}" if prefix else str(key)
@@ -711,6 +770,8 @@ def _set_path(tree: dict, parts: list[str], value: Any, text: str) -> None:
             raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}' in override '{text}'")
         node = child
     if parts[-1] not in node:
+        if _check_removed(".".join(parts), value):
+            return
         raise ConfigError(f"unknown config key '{'.'.join(parts)}' in override '{text}'")
     node[parts[-1]] = value
 

@@ -20,6 +20,12 @@ from .optim import warmup_factor
 from .stop import _Stopping
 
 
+def adapt_iter(trainer) -> int:
+    """Iterations of the adaptation phase (all rounds) done before this step: a host count
+    from the checkpointed step, read by the contrast warm-up."""
+    return trainer.step - sum(p.iters for p in trainer.phases if p.kind == "source")
+
+
 @dataclass(frozen=True)
 class Phase:
     kind: str  # "source", "round" or "teacher"
@@ -141,7 +147,8 @@ class SourceStage(Schedule):
     uses_target = False
 
     def step(self, trainer, model, batch_src, batch_tgt):
-        return self.step_fn(model, batch_src, self.cfg, reduce_sums=trainer.dist.prototype_reducer(trainer.num_classes))
+        return self.step_fn(model, batch_src, self.cfg, reduce_sums=trainer.dist.prototype_reducer(trainer.num_classes),
+                            num_classes=trainer.num_classes)
 
     def after_step(self, trainer) -> None:
         trainer.model.sync_target_stem()  # the target stem gets no gradient here
@@ -160,7 +167,8 @@ class Rounds(Schedule):
         if self.label_dir is None:  # minent: no pseudo labels
             batch_tgt["label"] = torch.full_like(batch_tgt["label"], 255)
         return self.step_fn(model, batch_src, batch_tgt, self.cfg, trainer.calibration, trainer.num_classes,
-                            reduce_sums=trainer.dist.prototype_reducer(trainer.num_classes))
+                            reduce_sums=trainer.dist.prototype_reducer(trainer.num_classes),
+                            adapt_iter=adapt_iter(trainer))
 
 
 class TeacherPhase(Schedule):
@@ -182,7 +190,8 @@ class TeacherPhase(Schedule):
 
     def step(self, trainer, model, batch_src, batch_tgt):
         return self.step_fn(model, batch_src, batch_tgt, self.cfg, trainer.mean_teacher, trainer.calibration,
-                            trainer.num_classes, reduce_sums=trainer.dist.prototype_reducer(trainer.num_classes))
+                            trainer.num_classes, reduce_sums=trainer.dist.prototype_reducer(trainer.num_classes),
+                            adapt_iter=adapt_iter(trainer))
 
     def after_step(self, trainer) -> None:
         # Under torchrun: BN statistics averaged where the EMA reads them.

@@ -32,7 +32,7 @@ from .resume import load_resume, resume_checkpoint, truncate_run_log
 from .run_dir import RunLock, check_run_dir, create_run_dir
 from .runlog import LogAccumulator, RunLogger
 from .schedules import plan_phases
-from .weights import load_model_weights, load_pretrained
+from .weights import check_trained_head, load_model_weights, load_pretrained
 
 
 def seed_everything(seed: int) -> None:
@@ -152,9 +152,11 @@ def setup_run(trainer, cfg: Config, resume: bool, overwrite: bool, dump_config) 
     trainer.phases = plan_phases(cfg)
     trainer.calibration = None
     # The prototype moving averages: calibration's domain bias, memory_partners' fill-ins.
-    if cfg.method.name == "bida" and (cfg.method.calibration or cfg.method.memory_partners):
+    distribution = cfg.method.contrast_design == "distribution"  # the source class Gaussians live here too
+    if cfg.method.name == "bida" and (cfg.method.calibration or cfg.method.memory_partners or distribution):
         trainer.calibration = Calibration(trainer.num_classes, trainer.model.feature_dim, momentum=cfg.calibration.momentum,
-                                       max_weight=cfg.calibration.max_weight, ramp_iters=cfg.calibration.ramp_iters)
+                                          max_weight=cfg.calibration.max_weight, ramp_iters=cfg.calibration.ramp_iters,
+                                          distribution=distribution)
         trainer.calibration.to(trainer.device)
     trainer.guard = StepGuard(trainer.model, trainer.calibration)
     trainer.mean_teacher = build_mean_teacher(trainer, cfg)
@@ -183,7 +185,10 @@ def setup_run(trainer, cfg: Config, resume: bool, overwrite: bool, dump_config) 
             trainer._info(f"loaded {len(report['loaded'])} tensors from {cfg.model.pretrained} "
                        f"(skipped {len(report['skipped'])}, fresh {len(report['missing'])})")
         if cfg.model.init_checkpoint:
-            stem_copied = load_model_weights(trainer.model, cfg.model.init_checkpoint, fresh_projection=True)
+            trained_head = cfg.method.pretrain_head and cfg.method.name != "source_only"
+            if trained_head:
+                check_trained_head(cfg.model.init_checkpoint)
+            stem_copied = load_model_weights(trainer.model, cfg.model.init_checkpoint, fresh_projection=not trained_head)
             if stem_copied:  # a shared-stem checkpoint (docs/method.md, "Stem")
                 trainer._info(f"{cfg.model.init_checkpoint} has no target stem: it starts as a copy of the source stem")
         if not cfg.model.pretrained and not cfg.model.init_checkpoint:

@@ -339,9 +339,10 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, checkpoint: dic
 
     A model with a separate target stem also takes a checkpoint without one (a shared-stem
     run): everything else loads strictly and the target stem starts as a copy of the loaded
-    source stem. With ``fresh_projection`` (``model.init_checkpoint``), a checkpoint without
-    the contrast projection head (``method.feature=backbone``; a source-only run has none)
-    is accepted too: the head keeps its fresh initialisation.
+    source stem. With ``fresh_projection`` (``model.init_checkpoint`` without
+    ``method.pretrain_head``) the contrast projection head keeps its fresh initialisation:
+    the checkpoint's head, if it has one, is not loaded (a source-only run that trained its
+    head with ``method.pretrain_head`` gives it only to the runs that ask for it).
 
     Returns:
         True when the target stem was initialised from the source stem that way.
@@ -352,9 +353,12 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, checkpoint: dic
     state = _normalise_keys(read_state_dict(path) if checkpoint is None else tensor_state(checkpoint, path))
     own = model.state_dict()
     # Parts the model has and the checkpoint may lack: they are left out of the strict check.
-    optional = [prefix for prefix, allowed in (("target_stem.", True), ("proj.", fresh_projection))
-                if allowed and any(k.startswith(prefix) for k in own) and not any(k.startswith(prefix) for k in state)]
+    optional = [prefix for prefix in ("target_stem.",)
+                if any(k.startswith(prefix) for k in own) and not any(k.startswith(prefix) for k in state)]
     own = {k: v for k, v in own.items() if not k.startswith(tuple(optional))}
+    if fresh_projection:  # the head starts fresh: a checkpoint's head (trained or not) is not loaded
+        own = {k: v for k, v in own.items() if not k.startswith("proj.")}
+        state = {k: v for k, v in state.items() if not k.startswith("proj.")}
     sync_stem = "target_stem." in optional
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
@@ -371,3 +375,20 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, checkpoint: dic
     if sync_stem:
         model.sync_target_stem()
     return sync_stem
+
+
+def check_trained_head(path: str | Path) -> None:
+    """``model.init_checkpoint`` holds a projection head trained in its source stage
+    (``method.pretrain_head``), as an adaptation run with ``method.pretrain_head`` expects.
+
+    Raises:
+        ConfigError: naming the key and the checkpoint.
+    """
+    from .errors import ConfigError
+
+    state = load_checkpoint(Path(path))
+    trained = bool(state.get("config", {}).get("method", {}).get("pretrain_head", False))
+    if not trained or not any(k.startswith("proj.") for k in _normalise_keys(tensor_state(state, path))):
+        raise ConfigError(f"method.pretrain_head: model.init_checkpoint {path} has no projection head trained in its "
+                          "source stage; train the source-only model with method.pretrain_head=true "
+                          "(bida demo and bida ablate do so when a row needs it)")

@@ -11,6 +11,7 @@ floats computed on the host), and the trainer brings them to the host only when 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import partial
 
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from ..config import Config
 from ..models import SegOutput
-from .losses import entropy, pixel_prototype_contrast, seg_cross_entropy
+from .losses import distribution_contrast, entropy, pixel_prototype_contrast, seg_cross_entropy
 from .prototypes import class_prototypes, downsample_labels, pair_prototypes
 from .pseudo_labels import Calibration, fuse_labels, label_transfer
 
@@ -79,12 +80,43 @@ def _label_accuracy(pred: Tensor, gt: Tensor) -> Tensor:
     return (labelled & (pred == gt)).sum().float() / labelled.sum().float()  # 0 / 0 is NaN
 
 
-def source_step(model: torch.nn.Module, batch_src: dict, cfg: Config, reduce_sums=None) -> StepResult:
-    out = model(batch_src["image"], "source")
-    loss = seg_cross_entropy(out.logits, batch_src["label"])
+@contextlib.contextmanager
+def head_input_detached(model: torch.nn.Module):
+    """Forwards inside feed the projection head (``model.proj``) a detached input: a loss on
+    the contrast features then trains the head alone, never the segmentation path."""
+    inner = getattr(model, "module", model)
+    head = getattr(getattr(inner, "_orig_mod", inner), "proj", None)
+    if head is None:
+        raise ValueError("the model has no projection head (method.feature=aspp_branches)")
+    handle = head.register_forward_pre_hook(lambda module, args: tuple(a.detach() for a in args))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def source_step(model: torch.nn.Module, batch_src: dict, cfg: Config, reduce_sums=None,
+                num_classes: int | None = None) -> StepResult:
+    """CE on source; with ``method.pretrain_head`` also the supervised pixel-prototype contrast
+    of the source pixels with their batch's source prototypes, on the projection head of
+    detached features (the head learns it; the segmentation path's gradients stay CE's alone)."""
+    y_src = batch_src["label"]
+    head = cfg.method.pretrain_head
+    with head_input_detached(model) if head else contextlib.nullcontext():
+        out = model(batch_src["image"], "source")
+    terms = {"seg_src": seg_cross_entropy(out.logits, y_src)}
+    counts = {"seg_src": _labelled(y_src)}
+    if head:
+        y_f = _mask_labels(downsample_labels(y_src, tuple(out.features.shape[-2:])),
+                           _valid_at(batch_src, tuple(out.features.shape[-2:])))
+        prototypes = reduce_sums or partial(class_prototypes, num_classes=num_classes or out.logits.shape[1])
+        protos, present = prototypes(out.features, y_f)
+        terms["head_contrast"], counts["head_contrast"] = pixel_prototype_contrast(
+            out.features, y_f, protos, present, cfg.loss.temperature, return_count=True)
     if reduce_sums is not None:  # distributed: this rank's share of the global-batch mean
-        loss = reduce_sums.global_means({"seg_src": loss}, {"seg_src": _labelled(batch_src["label"])})["seg_src"]
-    return StepResult(loss, {"loss/seg_src": loss.detach()})
+        terms = reduce_sums.global_means(terms, counts)
+    loss = sum(terms.values())
+    return StepResult(loss, {f"loss/{k}": v.detach() for k, v in terms.items()})
 
 
 def _valid_at(batch: dict, size: tuple[int, int]) -> Tensor | None:
@@ -136,7 +168,8 @@ def _with_memory(protos: Tensor, present: Tensor, memory) -> tuple[Tensor, Tenso
 
 def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Config,
                calibration: Calibration | None, num_classes: int, reduce_sums=None,
-               outputs: tuple[SegOutput, SegOutput] | None = None, seg_terms: bool = True) -> StepResult:
+               outputs: tuple[SegOutput, SegOutput] | None = None, seg_terms: bool = True,
+               proto_features: tuple[Tensor, Tensor] | None = None, adapt_iter: int | None = None) -> StepResult:
     """One adaptation iteration (``minent``, ``self_training`` or ``bida``).
 
     ``batch_tgt["label"]`` holds the round's static pseudo labels y_F (all ignore for
@@ -150,6 +183,10 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
     ``outputs``: the two domains' forwards when the caller ran them (the teacher schedule);
     ``seg_terms=False`` leaves out the entropy terms and the target CE (the teacher schedule
     trains the target through its ClassMix loss instead).
+    ``proto_features``: the (source, target) features that build the prototypes and label
+    transfer, when not the student's (``method.teacher_prototypes``: the EMA teacher's).
+    ``adapt_iter``: iterations of the adaptation phase done before this one; the contrast
+    terms weigh 0 while it is below ``loss.contrast_warmup_iters``.
     """
     m, lw = cfg.method, cfg.loss
     out_src, out_tgt = outputs or forward_pair(model, batch_src["image"], batch_tgt["image"],
@@ -178,17 +215,16 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
     if m.name == "bida":
         feat_size = tuple(out_src.features.shape[-2:])
         f_src, f_tgt = out_src.features, out_tgt.features
-        # Features and logits share the output stride: reuse the masks when the sizes agree.
-        valid_src_f = valid_src_l if feat_size == logit_size else _valid_at(batch_src, feat_size)
+        # Features and logits share the output stride: reuse the mask when the sizes agree.
         valid_tgt_f = valid_tgt_l if feat_size == logit_size else _valid_at(batch_tgt, feat_size)
         y_src_f = downsample_labels(y_src, feat_size)
         y_static_f = _mask_labels(downsample_labels(y_static, feat_size), valid_tgt_f)
-        if m.center_features == "batch":
-            f_src, f_tgt = center_features(f_src, f_tgt, valid_src_f, valid_tgt_f)
+        # The features that make the prototypes: the student's own, or the EMA teacher's (no gradient).
+        pf_src, pf_tgt = proto_features if proto_features is not None else (f_src, f_tgt)
 
         # 1. Source prototypes (masked average pooling; gradients flow through them).
         prototypes = reduce_sums or partial(class_prototypes, num_classes=num_classes)
-        protos_src, present_src = prototypes(f_src, y_src_f)
+        protos_src, present_src = prototypes(pf_src, y_src_f)
 
         # 2. Target pseudo labels: static y_F completed by label transfer to calibrated prototypes.
         y_tgt_f = y_static_f
@@ -198,7 +234,7 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
                 ref, ref_present = calibration.calibrate(protos_src.detach(), present_src)
             else:
                 ref, ref_present = protos_src.detach(), present_src
-            y_dyn_f = label_transfer(f_tgt.detach(), ref, ref_present, lw.temperature, cfg.pseudo.transfer_threshold)
+            y_dyn_f = label_transfer(pf_tgt.detach(), ref, ref_present, lw.temperature, cfg.pseudo.transfer_threshold)
             y_dyn_f = _mask_labels(y_dyn_f, valid_tgt_f)  # padding never gets a label
             y_tgt_f = fuse_labels(y_static_f, y_dyn_f)
             # Shares of all feature pixels (padding counts as unlabelled): equal denominators on
@@ -208,47 +244,47 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
             if "gt" in batch_tgt:
                 logs["pseudo/dynamic_acc"] = _label_accuracy(y_dyn_f, downsample_labels(batch_tgt["gt"], feat_size))
         # 3. Target prototypes from target features and fused labels.
-        protos_tgt, present_tgt = prototypes(f_tgt, y_tgt_f)
+        protos_tgt, present_tgt = prototypes(pf_tgt, y_tgt_f)
 
         # 4. Bi-directional contrast (optionally per image pair, as the official code: each pair's
         # mean over its pixels, then the mean over the pairs).
         per_pair = m.prototype_scope == "pair"
         if per_pair:
-            ps_src, pp_src = pair_prototypes(f_src, y_src_f, num_classes)
-            ps_tgt, pp_tgt = pair_prototypes(f_tgt, y_tgt_f, num_classes)
+            ps_src, pp_src = pair_prototypes(pf_src, y_src_f, num_classes)
+            ps_tgt, pp_tgt = pair_prototypes(pf_tgt, y_tgt_f, num_classes)
         else:
             ps_src, pp_src, ps_tgt, pp_tgt = protos_src, present_src, protos_tgt, present_tgt
         if m.memory_partners and calibration is not None:  # classes absent from the batch (or image)
             ps_src, pp_src = _with_memory(ps_src, pp_src, calibration.source)
             ps_tgt, pp_tgt = _with_memory(ps_tgt, pp_tgt, calibration.target)
-        # Which target pixels L_t2s scores: y_T (the paper), or y_F with y_D pixels apart.
+        # L_t2s scores the target pixels of y_T (the paper).
         full_res = lw.contrast_resolution == "label"
-        fused = m.t2s_dynamic == "fused"
         if full_res:  # y_F itself, its holes filled from y_D alone (never from y_F's own samples)
-            y_t2s = _fused_at_label_size(y_static, y_dyn_f, batch_tgt) if fused and m.dynamic_labels else y_static
+            y_t2s = _fused_at_label_size(y_static, y_dyn_f, batch_tgt) if m.dynamic_labels else y_static
         else:
-            y_t2s = y_tgt_f if fused else y_static_f
+            y_t2s = y_tgt_f
 
-        if m.t2s:
+        # Warm-up: the contrast terms weigh 0 for the first loss.contrast_warmup_iters iterations.
+        on = 0.0 if adapt_iter is not None and adapt_iter < lw.contrast_warmup_iters else 1.0
+        dist = calibration.distribution if calibration is not None else None
+        if dist is not None:  # the source Gaussians follow this batch before L_t2s reads them
+            dist.update(*dist.batch_moments(pf_src, y_src_f, prototypes))
+        if m.t2s and dist is not None:  # each source class as a Gaussian (method.contrast_design)
+            terms["contrast_t2s"], counts["contrast_t2s"] = distribution_contrast(
+                f_tgt, y_t2s, dist.mean.value, dist.variance(), dist.present, lw.temperature,
+                resolution=lw.contrast_resolution, return_count=True, per_image=per_pair)
+            weights["contrast_t2s"] = on * lw.contrast_t2s_weight
+        elif m.t2s:
             terms["contrast_t2s"], counts["contrast_t2s"] = pixel_prototype_contrast(
                 f_tgt, y_t2s, ps_src, pp_src, lw.temperature,
                 resolution=lw.contrast_resolution, return_count=True, per_image=per_pair)
-            weights["contrast_t2s"] = lw.contrast_t2s_weight
-            if m.t2s_dynamic == "separate" and m.dynamic_labels:
-                # y_D-only pixels as their own mean, so they cannot outweigh the y_F pixels.
-                y_dyn_only = _fused_at_label_size(torch.full_like(y_static, IGNORE), y_dyn_f, batch_tgt) if full_res else y_dyn_f
-                y_dyn_only = torch.where((y_static if full_res else y_static_f) == IGNORE, y_dyn_only,
-                                         torch.full_like(y_dyn_only, IGNORE))
-                terms["contrast_t2s_dyn"], counts["contrast_t2s_dyn"] = pixel_prototype_contrast(
-                    f_tgt, y_dyn_only, ps_src, pp_src, lw.temperature, resolution=lw.contrast_resolution,
-                    return_count=True, per_image=per_pair)
-                weights["contrast_t2s_dyn"] = lw.contrast_t2s_weight * m.dynamic_t2s_weight
+            weights["contrast_t2s"] = on * lw.contrast_t2s_weight
         if m.s2t:
             y_src_c = y_src if full_res else y_src_f
             terms["contrast_s2t"], counts["contrast_s2t"] = pixel_prototype_contrast(
                 f_src, y_src_c, ps_tgt, pp_tgt, lw.temperature, resolution=lw.contrast_resolution,
                 return_count=True, per_image=per_pair)
-            weights["contrast_s2t"] = lw.contrast_s2t_weight
+            weights["contrast_s2t"] = on * lw.contrast_s2t_weight
 
         # 5. The moving averages follow both prototype sets (kept for memory_partners alone too).
         if calibration is not None:
@@ -276,27 +312,3 @@ def _num_valid(logits: Tensor, valid: Tensor | None) -> Tensor | int:
     """Pixels an entropy term averages over."""
     return logits[:, 0].numel() if valid is None else valid.sum()
 
-
-def center_features(f_src: Tensor, f_tgt: Tensor, valid_src: Tensor | None, valid_tgt: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Subtract the (detached) mean feature of the batch's valid pixels, both domains pooled.
-
-    The ASPP-branch features are class scores: every pixel carries a large shared
-    component (the class prior), so raw cosines between different classes' prototypes sit
-    near 0.7 and label transfer rarely passes its threshold. One common mean for both
-    domains removes that component and keeps the domain difference the contrast works on.
-
-    Shape:
-        - f_src, f_tgt: (B, D, h, w)
-        - valid_src, valid_tgt: (B, h, w), bool, or None (all valid)
-    """
-    def sums(f: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
-        f = f.detach().float()
-        if valid is None:
-            # torch.full, not torch.tensor: a fill kernel rather than a blocking host-to-device copy
-            return f.sum((0, 2, 3)), torch.full((), float(f[:, 0].numel()), device=f.device)
-        w = valid[:, None].float()
-        return (f * w).sum((0, 2, 3)), w.sum()
-
-    (s_src, n_src), (s_tgt, n_tgt) = sums(f_src, valid_src), sums(f_tgt, valid_tgt)
-    mean = ((s_src + s_tgt) / (n_src + n_tgt).clamp_min(1.0)).view(1, -1, 1, 1)
-    return f_src - mean.to(f_src.dtype), f_tgt - mean.to(f_tgt.dtype)

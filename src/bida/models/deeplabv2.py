@@ -186,11 +186,6 @@ class DeepLabV2(nn.Module):
             stage.grad_checkpoint = grad_checkpoint  # the target stem's layer1 is a copy of layer1
         out_channels = self.inplanes
         self.layer5 = ASPPClassifier(out_channels, num_classes)
-        self.proj: nn.Module | None = None
-        if feature == "backbone":
-            self.proj = nn.Sequential(
-                nn.Conv2d(out_channels, out_channels, 1), nn.ReLU(inplace=True), nn.Conv2d(out_channels, proj_dim, 1)
-            )
         self.feature_dim = proj_dim if feature == "backbone" else 4 * num_classes
         self.backbone_channels = out_channels
         self.maxpool = nn.MaxPool2d(3, 2, 1, ceil_mode=True)
@@ -198,6 +193,16 @@ class DeepLabV2(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and m not in set(self.layer5.conv2d_list):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        # The projection head draws its random numbers last: the segmentation path starts with
+        # the same weights with and without it (method.pretrain_head's source-only models).
+        self.proj: nn.Module | None = None
+        if feature == "backbone":
+            self.proj = nn.Sequential(
+                nn.Conv2d(out_channels, out_channels, 1), nn.ReLU(inplace=True), nn.Conv2d(out_channels, proj_dim, 1)
+            )
+            for m in self.proj.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         self.target_stem: Stem | None = None
         if separate_target_stem:  # after the random init: a copy draws no random numbers
             self.target_stem = Stem(copy.deepcopy(self.conv1), copy.deepcopy(self.bn1), copy.deepcopy(self.layer1))

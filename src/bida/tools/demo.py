@@ -61,9 +61,6 @@ ROW_DIRS: dict[str, str] = {
 # is full BiDA with one change (the last three: the preset ``plus`` with one change), so
 # each is compared with full BiDA and with self-training.
 CANDIDATE_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("cand: y_D separate mean in L_t2s", ("method=bida", "method.t2s_dynamic=separate", "method.dynamic_t2s_weight=0.5")),
-    ("cand: y_D only in target prototypes", ("method=bida", "method.t2s_dynamic=prototypes_only")),
-    ("cand: centred features", ("method=bida", "method.center_features=batch")),
     ("cand: memory prototypes as partners", ("method=bida", "method.memory_partners=true")),
     ("cand: y_T for target segmentation", ("method=bida", "pseudo.dynamic_for_segmentation=true")),
     ("cand: contrast weights 0.5", ("method=bida", "loss.contrast_t2s_weight=0.5", "loss.contrast_s2t_weight=0.5")),
@@ -74,7 +71,19 @@ CANDIDATE_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("cand: preset plus + projection-head feature", ("method=bida", *preset_overrides("plus"), "method.feature=backbone")),
     ("cand: preset plus + temperature 0.05", ("method=bida", *preset_overrides("plus"), "loss.temperature=0.05")),
     ("cand: preset plus + temperature 0.2", ("method=bida", *preset_overrides("plus"), "loss.temperature=0.2")),
+    # Contrast designs from the field (issue 20), each on top of the preset plus. A row that does
+    # not apply to the config (see candidate_rows) is left out of its grid.
+    ("cand: preset plus + distribution contrast", ("method=bida", *preset_overrides("plus"),
+                                                   "method.contrast_design=distribution")),
+    ("cand: preset plus + trained head", ("method=bida", *preset_overrides("plus"), "method.pretrain_head=true")),
+    ("cand: preset plus + trained backbone head", ("method=bida", *preset_overrides("plus"), "method.feature=backbone",
+                                                   "method.pretrain_head=true")),
+    ("cand: preset plus + teacher prototypes", ("method=bida", *preset_overrides("plus"),
+                                                "method.teacher_prototypes=true")),
+    ("cand: preset plus + contrast warm-up 100", ("method=bida", *preset_overrides("plus"),
+                                                  "loss.contrast_warmup_iters=100")),
 )
+HEAD_ON = "method.pretrain_head=true"  # a row that adapts from a source-only model with a trained head
 
 # results.json / ablation.json keys that are not rows: the wall times, which split the
 # tables report ("test" when every run has a test split; each row's "val" block and its
@@ -84,6 +93,42 @@ SUMMARY_KEYS = ("timing", "split", "environment")
 GRID_FILE = "grid.json"  # what a demo or ablation directory was asked to run (read by --resume)
 RESULT_FILE = "demo_result.json"  # a finished run of a grid: its metrics, wall time and alignment
 LABEL_CACHE = "shared_labels"  # round-0 static pseudo labels shared by the rows of a seed
+
+
+def candidate_rows(cfg_path: str | None, overrides: Sequence[str] = ()) -> list[tuple[str, tuple[str, ...]]]:
+    """The :data:`CANDIDATE_ROWS` that apply to a config: those whose overrides it accepts
+    (teacher prototypes need the teacher schedule, a backbone head a DeepLab-V2, the trained
+    head a head); the others are named on stdout and left out."""
+    rows = []
+    for name, row in CANDIDATE_ROWS:
+        try:
+            load_config(cfg_path, [*overrides, *row])
+        except ConfigError as err:
+            print(f"left out '{name}': {err}", flush=True)
+            continue
+        rows.append((name, row))
+    return rows
+
+
+def head_overrides(rows: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
+    """Overrides for a grid's source-only runs when a row adapts with a trained head
+    (``method.pretrain_head``): the head, the feature it reads and its size. The head trains on detached
+    features, so the segmentation weights are those of the source-only run without it.
+
+    Raises:
+        ConfigError: rows that need a trained head name different ``method.feature`` values.
+    """
+    head_rows = [row for _, row in rows if HEAD_ON in row]
+    if not head_rows:
+        return []
+    shape = []  # the head's input and size
+    for key in ("method.feature=", "model.proj_dim="):
+        values = sorted({o for row in head_rows for o in row if o.startswith(key)})
+        if len(values) > 1 or (values and any(values[0] not in row for row in head_rows)):
+            raise ConfigError(f"method.pretrain_head: the rows that need a trained head differ in {key[:-1]} "
+                              f"({', '.join(values)}); one source-only model per seed trains one head")
+        shape += values
+    return [HEAD_ON, *shape]
 
 
 def fresh_dir(path: Path) -> Path:
@@ -210,6 +255,8 @@ def run_grid(cfg_path: str | None, out: Path, rows: Sequence[tuple[str, Sequence
     ``source_overrides`` apply to the source-only runs only.
     """
     results: dict[str, list[dict]] = {name: [] for name, _ in rows}
+    if init_checkpoint is None:  # the source-only models train the head a row adapts with
+        source_overrides = [*source_overrides, *head_overrides(rows)]
     total = len(seeds) * (len(rows) + (init_checkpoint is None and not any(n == "source_only" for n, _ in rows)))
     done = 0
 
@@ -438,6 +485,8 @@ def run_demo(out: Path, overrides: Sequence[str] = (), quiet: bool = False, repo
     seed_values = seed_list(cfg_path, base, seeds)
     rows = [("source_only", ()), ("self_training", ("method=self_training",)),
             ("bida", ("method=bida", *preset_overrides(preset)))]
+    if preset != "paper":  # the paper's settings are always reported beside a preset
+        rows.append(("bida_paper", ("method=bida",)))
     if arch == "transformer":
         rows += [(name, (*dict(rows)[plain], MIC_WEIGHT)) for name, plain in MIC_ROWS.items()]
     seed_dirs = [out] if seeds == 1 else [out / f"seed_{s}" for s in seed_values]
@@ -459,12 +508,14 @@ def run_demo(out: Path, overrides: Sequence[str] = (), quiet: bool = False, repo
     results = run_grid(cfg_path, out, rows, seed_values, base, quiet=quiet, flat=seeds == 1, resume=resume,
                        reevaluate=reevaluate, timing=timing["runs_s"], source_overrides=so_over)
     summary = summarise(results, "self_training")
-    for name, other in MIC_PAIRS.items():
-        if name in results:
+    for name, other in (*MIC_PAIRS.items(), ("bida", "bida_paper")):
+        if name in results and other in results:
             add_pair(summary, results, name, other)
     for name in ("bida", "bida_mic"):
         if name in summary:
             summary[name]["preset"] = preset
+    if "bida_paper" in summary:
+        summary["bida_paper"]["preset"] = "paper"
     title = "bida demo (embedded synthetic pair" + (", MiT-B0, mean teacher)" if arch == "transformer" else ")")
     title += "" if preset == "paper" else f", BiDA with preset '{preset}'"
 
@@ -567,7 +618,7 @@ def run_ablation(cfg_path: str | None, out: Path, overrides: Sequence[str] = (),
     init_checkpoint, candidates = spec["init_checkpoint"], bool(spec["candidates"])
     seed_values = seed_list(cfg_path, overrides, seeds)
     rows = ([("source_only", ())] if init_checkpoint is None else []) + list(ABLATION_ROWS)
-    rows += list(CANDIDATE_ROWS) if candidates else []
+    rows += candidate_rows(cfg_path, overrides) if candidates else []
     seed_dirs = [out] if seeds == 1 else [out / f"seed_{s}" for s in seed_values]
     if resume and not reevaluate and _complete(out, "ablation.md", [d / _dir_name(k) for d in seed_dirs for k, _ in rows]):
         print(f"ablation {out} is complete ({out / 'ablation.md'}); nothing to do "
