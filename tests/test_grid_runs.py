@@ -189,7 +189,9 @@ def test_a_preset_demo_reports_the_paper_settings_beside_it(tmp_path, tiny_overr
     assert summary["bida"]["preset"] == "plus" and summary["bida_paper"]["preset"] == "paper"
     paper_cfg = load_config(out / "bida_paper" / "config.yaml")
     assert paper_cfg.method.name == "bida" and not paper_cfg.method.memory_partners
-    assert load_config(out / "bida" / "config.yaml").method.memory_partners
+    bida_cfg = load_config(out / "bida" / "config.yaml")
+    assert bida_cfg.method.memory_partners and bida_cfg.loss.contrast_warmup_iters == 100  # the rounds path's plus
+    assert paper_cfg.loss.contrast_warmup_iters == 0
     vs = summary["bida"]["vs_bida_paper"]
     assert vs["per_seed"] == [summary["bida"]["mIoU"] - summary["bida_paper"]["mIoU"]]
     assert "| bida_paper |" in (out / "results.md").read_text()
