@@ -189,7 +189,20 @@ def test_a_preset_demo_reports_the_paper_settings_beside_it(tmp_path, tiny_overr
     assert summary["bida"]["preset"] == "plus" and summary["bida_paper"]["preset"] == "paper"
     paper_cfg = load_config(out / "bida_paper" / "config.yaml")
     assert paper_cfg.method.name == "bida" and not paper_cfg.method.memory_partners
-    assert load_config(out / "bida" / "config.yaml").method.memory_partners
+    bida_cfg = load_config(out / "bida" / "config.yaml")
+    assert bida_cfg.method.memory_partners and bida_cfg.loss.contrast_warmup_iters == 100  # the rounds path's plus
+    assert paper_cfg.loss.contrast_warmup_iters == 0
     vs = summary["bida"]["vs_bida_paper"]
     assert vs["per_seed"] == [summary["bida"]["mIoU"] - summary["bida_paper"]["mIoU"]]
     assert "| bida_paper |" in (out / "results.md").read_text()
+
+
+def test_transformer_demo_with_preset_plus_adapts_bida_with_the_trained_head(tmp_path, tiny_overrides):
+    shrink = [o for o in tiny_overrides if not o.startswith(("model.width", "train.iters"))]
+    out = tmp_path / "demo"
+    summary = demo.run_demo(out, [*shrink, "train.source_iters=2", "train.iters=1", "data.rcs_min_pixels=3"],
+                            quiet=True, report=False, preset="plus", arch="transformer")
+    assert {"bida", "bida_paper", "bida_mic"} <= set(summary)
+    assert load_config(out / "source_only" / "config.yaml").method.pretrain_head  # the head trains at the source
+    for row, head in (("bida", True), ("bida_mic", True), ("bida_paper", False), ("self_training", False)):
+        assert load_config(out / row / "config.yaml").method.pretrain_head == head, row

@@ -384,7 +384,7 @@ def check_trained_head(path: str | Path) -> None:
     Raises:
         ConfigError: naming the key and the checkpoint.
     """
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     state = load_checkpoint(Path(path))
     trained = bool(state.get("config", {}).get("method", {}).get("pretrain_head", False))

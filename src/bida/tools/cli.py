@@ -152,9 +152,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise BidaError("--resume continues with the run's saved config; do not pass -c or overrides")
         train(None, Path(args.resume), resume=True, quiet=args.quiet)  # type: ignore[arg-type]
         return 0
-    from ..method.presets import preset_overrides
+    from ..method.presets import preset_overrides_for
 
-    overrides = preset_overrides(args.preset) + list(args.overrides) + (["train.quiet=true"] if args.quiet else [])
+    overrides = (preset_overrides_for(args.preset, args.config, args.overrides) + list(args.overrides)
+                 + (["train.quiet=true"] if args.quiet else []))
     cfg = load_config(args.config, overrides)
     if not args.out and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         # The default name holds the process id: every rank would choose another directory.

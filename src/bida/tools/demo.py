@@ -20,7 +20,7 @@ from ..checkpoint import atomic_write_text
 from ..config import Config, load_config, target_test_split
 from ..errors import ConfigError, RunDirError
 from .features import run_alignment
-from ..method.presets import preset_overrides
+from ..method.presets import preset_overrides, preset_path
 from ..engine.train import environment, train
 
 # Demo settings: a narrow ResNet-18 DeepLab-V2 on 64x128 images trains in minutes on a CPU.
@@ -484,7 +484,7 @@ def run_demo(out: Path, overrides: Sequence[str] = (), quiet: bool = False, repo
     cfg_path = DEMO_ARCHS[arch]
     seed_values = seed_list(cfg_path, base, seeds)
     rows = [("source_only", ()), ("self_training", ("method=self_training",)),
-            ("bida", ("method=bida", *preset_overrides(preset)))]
+            ("bida", ("method=bida", *preset_overrides(preset, preset_path(load_config(cfg_path, list(base))))))]
     if preset != "paper":  # the paper's settings are always reported beside a preset
         rows.append(("bida_paper", ("method=bida",)))
     if arch == "transformer":
