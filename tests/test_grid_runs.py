@@ -52,17 +52,23 @@ def test_rows_are_named_after_components_and_share_round_0_labels(tmp_path, tiny
     assert _files(alone / "pseudo_labels" / "round_0") == shared
 
 
-def test_an_interrupted_demo_resumes_as_a_demo(tmp_path, tiny_overrides, monkeypatch, capsys):
-    real = demo.train
-    trained: list[str] = []
+def _interrupting_train(real, name: str, trained: list[str]):
+    """``demo.train`` that stops the first (not resumed) run named ``name`` as a SIGINT at step 0
+    would, and records the name of every run it lets train."""
 
-    def stop_at_bida(cfg, out, *a, **k):
-        if Path(out).name == "bida" and not k.get("resume"):
+    def train(cfg, out, *a, **k):
+        if Path(out).name == name and not k.get("resume"):
             raise Interrupted(f"stopped by SIGINT at step 0 (checkpoint saved); continue with: bida train --resume {out}", 2)
         trained.append(Path(out).name)
         return real(cfg, out, *a, **k)
 
-    monkeypatch.setattr(demo, "train", stop_at_bida)
+    return train
+
+
+def test_an_interrupted_demo_resumes_as_a_demo(tmp_path, tiny_overrides, monkeypatch, capsys):
+    real = demo.train
+    trained: list[str] = []
+    monkeypatch.setattr(demo, "train", _interrupting_train(real, "bida", trained))
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--quiet", *tiny_overrides]) == 130
     assert trained == ["source_only", "self_training"] and not (out / "results.json").exists()
@@ -111,14 +117,7 @@ def test_paired_difference_is_seed_by_seed_and_other_pairs_get_their_own_table()
 def test_an_interrupted_transformer_demo_resumes_with_its_mic_rows(tmp_path, tiny_overrides, monkeypatch):
     real = demo.train
     trained: list[str] = []
-
-    def stop_at_mic(cfg, out, *a, **k):
-        if Path(out).name == "self_training_mic" and not k.get("resume"):
-            raise Interrupted(f"stopped by SIGINT at step 0 (checkpoint saved); continue with: bida train --resume {out}", 2)
-        trained.append(Path(out).name)
-        return real(cfg, out, *a, **k)
-
-    monkeypatch.setattr(demo, "train", stop_at_mic)
+    monkeypatch.setattr(demo, "train", _interrupting_train(real, "self_training_mic", trained))
     out = tmp_path / "demo"
     shrink = [o for o in tiny_overrides if not o.startswith(("model.width", "train.iters"))]
     shrink += ["train.source_iters=2", "train.iters=1", "data.rcs_min_pixels=3"]
