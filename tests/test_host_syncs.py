@@ -91,7 +91,7 @@ def _watch(monkeypatch) -> dict:
 # The last case turns on the BiDA options off by default that add work to the step.
 BIDA_OPTIONS = ["loss.contrast_resolution=label", "method.memory_partners=true"]
 # The contrast designs: the source stage trains the head, warm-up over the first of two steps.
-DESIGNS = ["method.contrast_design=distribution", "method.feature=backbone", "model.proj_dim=8",
+DESIGNS = ["method.feature=backbone", "model.proj_dim=8",
            "method.pretrain_head=true", "loss.contrast_warmup_iters=1"]
 
 
@@ -123,8 +123,7 @@ DINOV2 = ["model.backbone=dinov2_vits14_reg", "model.decoder=daformer", "model.d
           "model.drop_path=0.1", "train.layer_decay=0.9"]
 
 
-TEACHER_DESIGNS = ["method.teacher_prototypes=true", "method.contrast_design=distribution",
-                   "loss.contrast_warmup_iters=1"]
+TEACHER_DESIGNS = ["method.memory_partners=true", "loss.contrast_warmup_iters=1"]
 
 
 @pytest.mark.parametrize("method, extra", [("self_training", []), ("bida", []), ("bida", DINOV2),

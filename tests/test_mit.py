@@ -290,7 +290,7 @@ def test_config_builds_each_family():
 
 
 @pytest.mark.parametrize("extra", [[], ["loss.contrast_resolution=label", "method.prototype_scope=pair",
-                                        "method.contrast_design=distribution", "pseudo.dynamic_for_segmentation=true"]])
+                                        "method.memory_partners=true", "pseudo.dynamic_for_segmentation=true"]])
 def test_adapt_step_at_stride_4_with_padded_crops(extra):
     """A BiDA step with features at 1/4 of sizes that are no multiple of 4, padded target crops, bf16."""
     from bida.pseudo_labels import Calibration
@@ -304,8 +304,7 @@ def test_adapt_step_at_stride_4_with_padded_crops(extra):
     batch_src = {"image": torch.randn(2, 3, 38, 70, generator=g), "label": torch.randint(0, 4, (2, 38, 70), generator=g)}
     y_static = torch.randint(0, 4, (2, 38, 70), generator=g).masked_fill(~valid, 255)
     batch_tgt = {"image": torch.randn(2, 3, 38, 70, generator=g), "label": y_static, "valid": valid}
-    cal = Calibration(4, m.feature_dim, momentum=0.9, max_weight=1.0, ramp_iters=1,
-                      distribution=cfg.method.contrast_design == "distribution")
+    cal = Calibration(4, m.feature_dim, momentum=0.9, max_weight=1.0, ramp_iters=1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         result = adapt_step(m, batch_src, batch_tgt, cfg, cal, 4)
     assert torch.isfinite(result.loss) and result.logs["loss/contrast_t2s"] > 0

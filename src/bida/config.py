@@ -131,20 +131,12 @@ class MethodConfig:
     # calibration=false too) for classes absent from the batch (prototype_scope=pair: from
     # the image), so that every pixel meets more negatives.
     memory_partners: bool = False
-    # What L_t2s contrasts target pixels with. prototype: the batch's source prototypes (the
-    # paper). distribution: each source class as a Gaussian (moving averages of the class mean
-    # and diagonal covariance of the normalised source features, calibration.momentum), the
-    # upper bound of the expected contrast (SePiCo's DistCL); L_s2t stays the prototype contrast.
-    contrast_design: Literal["prototype", "distribution"] = "prototype"
     # The projection head arrives trained: the source stage (a source_only run, or the source
     # stage of an adaptation run) trains it with a supervised pixel-prototype contrast on
     # source, on detached features (the segmentation path is the same with and without it),
     # and an adaptation run from model.init_checkpoint keeps the checkpoint's head. Needs a
     # head: method.feature backbone or decoder (aspp_branches has none).
     pretrain_head: bool = False
-    # Teacher schedule: prototypes (and label transfer) from the EMA teacher's features of the
-    # same crops, without gradient (SePiCo); the student's pixels are contrasted with them.
-    teacher_prototypes: bool = False
 
 
 @dataclass(frozen=True)
@@ -457,19 +449,14 @@ def check_contrast_designs(cfg: "Config") -> None:
     """
     m = cfg.method
     if m.name != "bida":
-        for key, on in (("method.contrast_design", m.contrast_design != "prototype"),
-                        ("method.teacher_prototypes", m.teacher_prototypes),
-                        ("loss.contrast_warmup_iters", cfg.loss.contrast_warmup_iters > 0)):
-            if on:
-                raise ConfigError(f"{key}: only method=bida has a contrast (method={m.name})")
+        if cfg.loss.contrast_warmup_iters > 0:
+            raise ConfigError(f"loss.contrast_warmup_iters: only method=bida has a contrast (method={m.name})")
         if m.pretrain_head and m.name != "source_only":
             raise ConfigError(f"method.pretrain_head: the source stage of source_only or bida trains the head; "
                               f"method={m.name} has no contrast to use it")
     if m.pretrain_head and m.feature == "aspp_branches":
         raise ConfigError("method.pretrain_head: method.feature=aspp_branches contrasts the ASPP branch scores, "
                           "which have no projection head to train; use method.feature=backbone")
-    if m.teacher_prototypes and cfg.train.schedule != "teacher":
-        raise ConfigError("method.teacher_prototypes: prototypes from the EMA teacher need train.schedule=teacher")
 
 
 def check_schedule(cfg: "Config") -> None:
@@ -646,7 +633,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover
 
 
-# Keys that were measured and removed (README, "Does the contrast count?"), with the value that
+# Keys that were measured and removed (README: "Does the contrast count?", "Contrast designs from the field"), with the value that
 # kept the paper's behaviour: a config holding that value (an older run directory) still loads,
 # the key dropped; any other value is refused with the reason.
 REMOVED_KEYS: dict[str, tuple[Any, str]] = {
@@ -654,6 +641,10 @@ REMOVED_KEYS: dict[str, tuple[Any, str]] = {
     "method.t2s_dynamic": ("fused", "scoring y_D pixels apart in L_t2s was measured over seeds and did not help"),
     "method.dynamic_t2s_weight": (1.0, "it weighed method.t2s_dynamic=separate, which was measured over seeds "
                                        "and did not help"),
+    "method.contrast_design": ("prototype", "the distribution-aware contrast was measured over 5 seeds on both "
+                                            "paths and lost to the prototype contrast"),
+    "method.teacher_prototypes": (False, "prototypes from the EMA teacher were measured over 5 seeds and lost "
+                                         "to the student's"),
 }
 
 

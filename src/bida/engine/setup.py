@@ -152,11 +152,9 @@ def setup_run(trainer, cfg: Config, resume: bool, overwrite: bool, dump_config) 
     trainer.phases = plan_phases(cfg)
     trainer.calibration = None
     # The prototype moving averages: calibration's domain bias, memory_partners' fill-ins.
-    distribution = cfg.method.contrast_design == "distribution"  # the source class Gaussians live here too
-    if cfg.method.name == "bida" and (cfg.method.calibration or cfg.method.memory_partners or distribution):
+    if cfg.method.name == "bida" and (cfg.method.calibration or cfg.method.memory_partners):
         trainer.calibration = Calibration(trainer.num_classes, trainer.model.feature_dim, momentum=cfg.calibration.momentum,
-                                          max_weight=cfg.calibration.max_weight, ramp_iters=cfg.calibration.ramp_iters,
-                                          distribution=distribution)
+                                          max_weight=cfg.calibration.max_weight, ramp_iters=cfg.calibration.ramp_iters)
         trainer.calibration.to(trainer.device)
     trainer.guard = StepGuard(trainer.model, trainer.calibration)
     trainer.mean_teacher = build_mean_teacher(trainer, cfg)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .prototypes import _full_precision, scaled_similarity
 
-__all__ = ["seg_cross_entropy", "entropy", "pixel_prototype_contrast", "distribution_contrast"]
+__all__ = ["seg_cross_entropy", "entropy", "pixel_prototype_contrast"]
 
 # Logit given to absent classes: exp() of it is exactly 0 next to any cos/tau for a sane
 # temperature, yet it stays finite, so that a pixel with every class masked gives a finite
@@ -246,67 +246,3 @@ def _mean_over_pixels(log_prob: Tensor, labels: Tensor, present: Tensor, ignore_
         count = qualifies.sum()
         loss = -picked.sum() / count.clamp_min(1)
     return (loss, count) if return_count else loss
-
-
-def distribution_contrast(
-    features: Tensor,
-    labels: Tensor,
-    means: Tensor,
-    variances: Tensor,
-    present: Tensor,
-    temperature: float,
-    ignore_index: int = 255,
-    resolution: str = "feature",
-    return_count: bool = False,
-    per_image: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Distribution-aware pixel contrast (SePiCo's DistCL): the upper bound of the expected
-    contrast when each class's prototype is drawn from a Gaussian N(mu_c, diag(sigma2_c)).
-
-    With unit-normalised pixel features ``q`` every class logit gains a variance term,
-    ``s_c = q . mu_c / tau + q^2 . sigma2_c / (2 tau^2)``, and the positive keeps its mean alone:
-    ``loss(p) = logsumexp_{c present} s_c - q . mu_y / tau``, averaged over the pixels whose
-    label is a present class. With zero variances it is the contrast against the means by dot
-    product (the means of unit vectors are not unit vectors, so not the cosine).
-
-    Args:
-        features: Pixel features (any float dtype; normalised and computed in float32).
-        labels: Class ids (see :func:`pixel_prototype_contrast` for ``resolution``).
-        means: Class means of unit-normalised features (e.g. source moving averages).
-        variances: Their diagonal variances (non-negative).
-        present: Which classes have a distribution; the others leave the denominator.
-        temperature: tau.
-        ignore_index, resolution, return_count, per_image: as :func:`pixel_prototype_contrast`.
-
-    Returns:
-        float32 scalar; 0 (with graph) when no pixel qualifies.
-
-    Shape:
-        - features: (B, D, h, w)
-        - labels: (B, h, w), or (B, H, W) with ``resolution="label"``
-        - means, variances: (K, D)
-        - present: (K,), bool
-        - output: ()
-
-    Examples:
-        >>> f, y = torch.randn(2, 8, 4, 4), torch.randint(0, 3, (2, 4, 4))
-        >>> mu, var = torch.randn(3, 8) / 8, torch.full((3, 8), 0.01)
-        >>> distribution_contrast(f, y, mu, var, torch.ones(3, dtype=torch.bool), 0.1).shape
-        torch.Size([])
-    """
-    if labels.dim() != 3 or labels.shape[0] != features.shape[0]:
-        raise ValueError(f"labels must be (B, H, W) with B={features.shape[0]}, got {tuple(labels.shape)}")
-    if means.shape != variances.shape or means.dim() != 2 or present.shape != means.shape[:1]:
-        raise ValueError(f"means {tuple(means.shape)}, variances {tuple(variances.shape)} and present "
-                         f"{tuple(present.shape)} must be (K, D), (K, D) and (K,)")
-    batch, dim, height, width = features.shape
-    with _full_precision(features):  # autocast would run the products in half precision
-        q = F.normalize(features.float(), dim=1).flatten(2)  # (B, D, N)
-        mean_term = torch.matmul(means.float() / temperature, q)  # (B, K, N)
-        var_term = torch.matmul(variances.float() / (2.0 * temperature**2), q * q)  # (B, K, N)
-    present = present.to(device=mean_term.device, dtype=torch.bool)
-    logits = (mean_term + var_term).masked_fill(~present.view(1, -1, 1), MASKED_LOGIT)
-    # log of the positive's share with its variance term taken out again: s_y - v_y - logsumexp s
-    log_prob = logits.log_softmax(dim=1) - var_term
-    return _mean_over_pixels(log_prob.view(batch, -1, height, width), labels, present, ignore_index, resolution,
-                             return_count, per_image)

@@ -22,7 +22,6 @@ __all__ = [
     "prototype_similarity",
     "scaled_similarity",
     "PrototypeMemory",
-    "ClassDistribution",
 ]
 
 
@@ -383,72 +382,4 @@ class PrototypeMemory:
         self.value = self.value.to(device)
         self.initialized = self.initialized.to(device)
         self.num_updates = self.num_updates.to(device)
-        return self
-
-
-class ClassDistribution:
-    """Per-class Gaussian of unit-normalised features: moving averages of the class means
-    and of the class second moments, whose difference is the diagonal covariance
-    (``method.contrast_design: distribution``, SePiCo's DistCL).
-
-    Both averages are :class:`PrototypeMemory` instances (a class seen for the first time
-    starts at its batch statistics). The update takes the batch's per-class means of ``q``
-    and of ``q * q`` (``q`` the normalised features), which :meth:`batch_moments` computes
-    with any prototype function (the global batch's in distributed runs).
-
-    Examples:
-        >>> dist = ClassDistribution(num_classes=3, dim=8)
-        >>> f, y = torch.randn(2, 8, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long)
-        >>> dist.update(*ClassDistribution.batch_moments(f, y, lambda f, y: class_prototypes(f, y, 3)))
-        >>> dist.present.tolist(), bool((dist.variance() >= 0).all())
-        ([True, False, False], True)
-    """
-
-    def __init__(self, num_classes: int, dim: int, momentum: float = 0.99) -> None:
-        self.mean = PrototypeMemory(num_classes, dim, momentum)
-        self.second = PrototypeMemory(num_classes, dim, momentum)
-
-    @staticmethod
-    @torch.no_grad()
-    def batch_moments(features: Tensor, labels: Tensor, prototypes) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-class means of the normalised features and of their squares, and ``present``.
-
-        ``prototypes(features, labels) -> (means, present)``: masked average pooling.
-
-        Shape:
-            - features: (B, D, h, w); labels: (B, h, w)
-            - output: (K, D), (K, D), (K,) bool
-        """
-        with _full_precision(features):
-            q = F.normalize(features.detach().float(), dim=1)
-        mean, present = prototypes(q, labels)
-        second, _ = prototypes(q * q, labels)
-        return mean, second, present
-
-    def update(self, mean: Tensor, second: Tensor, present: Tensor) -> None:
-        """Move both averages of the present classes (detached: the statistics are not trained)."""
-        self.mean.update(mean, present)
-        self.second.update(second, present)
-
-    @property
-    def present(self) -> Tensor:
-        """(K,) bool: classes with a distribution."""
-        return self.mean.initialized
-
-    def variance(self) -> Tensor:
-        """(K, D) diagonal covariances, clamped at 0 (rounding can make E[q^2] - E[q]^2 negative)."""
-        return (self.second.value - self.mean.value.square()).clamp_min(0.0)
-
-    def state_dict(self) -> dict[str, dict[str, Tensor]]:
-        return {"mean": self.mean.state_dict(), "second": self.second.state_dict()}
-
-    def load_state_dict(self, state: dict[str, dict[str, Tensor]]) -> None:
-        if set(state) != {"mean", "second"}:
-            raise CheckpointError(f"class distribution state has keys {sorted(state)}, expected ['mean', 'second']")
-        self.mean.load_state_dict(state["mean"])
-        self.second.load_state_dict(state["second"])
-
-    def to(self, device: torch.device | str) -> ClassDistribution:
-        self.mean.to(device)
-        self.second.to(device)
         return self

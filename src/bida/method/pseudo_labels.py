@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..errors import CheckpointError
 from .losses import MASKED_LOGIT
-from .prototypes import ClassDistribution, PrototypeMemory, scaled_similarity
+from .prototypes import PrototypeMemory, scaled_similarity
 
 __all__ = [
     "label_transfer",
@@ -207,12 +207,9 @@ class Calibration:
         ramp_iters: int,
         max_weight: float = 1.0,
         momentum: float = 0.99,
-        distribution: bool = False,
     ) -> None:
         self.source = PrototypeMemory(num_classes, dim, momentum)
         self.target = PrototypeMemory(num_classes, dim, momentum)
-        # method.contrast_design=distribution: the source features' class Gaussians.
-        self.distribution = ClassDistribution(num_classes, dim, momentum) if distribution else None
         self.step = 0
         self.max_weight = max_weight
         self.ramp_iters = ramp_iters
@@ -267,7 +264,7 @@ class Calibration:
             "source": self.source.state_dict(),
             "target": self.target.state_dict(),
             "step": self.step,
-        } | ({"distribution": self.distribution.state_dict()} if self.distribution is not None else {})
+        }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         """Restore what :meth:`state_dict` saved."""
@@ -277,18 +274,11 @@ class Calibration:
         self.source.load_state_dict(state["source"])  # type: ignore[arg-type]
         self.target.load_state_dict(state["target"])  # type: ignore[arg-type]
         self.step = int(state["step"])  # type: ignore[call-overload]
-        if self.distribution is not None:
-            if "distribution" not in state:
-                raise CheckpointError("calibration state lacks the class distributions of "
-                                      "method.contrast_design=distribution")
-            self.distribution.load_state_dict(state["distribution"])  # type: ignore[arg-type]
 
     def to(self, device: torch.device | str) -> Calibration:
         """Move both memories to ``device`` and return ``self``."""
         self.source.to(device)
         self.target.to(device)
-        if self.distribution is not None:
-            self.distribution.to(device)
         return self
 
 

@@ -125,27 +125,13 @@ class EMATeacher:
         return alpha
 
     @torch.no_grad()
-    def features(self, image: Tensor, domain: str) -> Tensor:
-        """The teacher's contrast features of ``image`` (BatchNorm as for its labels).
-
-        Shape:
-            - image: (B, 3, H, W); output: (B, D, h, w)
-        """
-        assert self.model is not None, "reset() the teacher before asking it for features"
-        with bn_batch_stats_only(self.model, eval_too=self.bn == "batch"):
-            return self.model(image, domain).features
-
-    @torch.no_grad()
     def pseudo_labels(self, image: Tensor, valid: Tensor | None, threshold: float,
-                      reduce: Callable[[Tensor], Tensor] | None = None,
-                      out: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                      reduce: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Teacher argmax labels at the image size, their confidence and the batch's quality weight.
 
         Quality = share of valid pixels whose teacher confidence is at least ``threshold``
         (DAFormer's ``pseudo_weight``, one number per batch); crop padding gets ignore and
         counts in neither part of the share. ``reduce``: see :func:`quality_weight`.
-
-        ``out``: when given, receives the forward's contrast features as ``out["features"]``.
 
         Shape:
             - image: (B, 3, H, W); valid: (B, H, W) bool or None
@@ -153,10 +139,7 @@ class EMATeacher:
         """
         assert self.model is not None, "reset() the teacher before asking it for labels"
         with bn_batch_stats_only(self.model, eval_too=self.bn == "batch"):
-            seg = self.model(image, "target")
-        if out is not None:
-            out["features"] = seg.features
-        logits = seg.logits.float()
+            logits = self.model(image, "target").logits.float()
         logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
         conf, labels = logits.softmax(1).max(1)
         if valid is None:
@@ -407,17 +390,13 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
     :class:`~bida.distributed.GlobalBatch`; the batches are this rank's slice of the global
     batch): the quality weight, BiDA's prototypes and every per-pixel mean are the global
     batch's.
-    ``adapt_iter``: the contrast warm-up's count
-    (:func:`~bida.train_step.adapt_step`). With ``method.teacher_prototypes`` BiDA's
-    prototypes come from the teacher's features of the same source and target crops.
+    ``adapt_iter``: the contrast warm-up's count (:func:`~bida.train_step.adapt_step`).
     """
     lw, num_classes = cfg.loss, num_classes or state.num_classes
     img_src, y_src, img_tgt = batch_src["image"], batch_src["label"], batch_tgt["image"]
     valid_tgt = batch_tgt.get("valid")
-    teacher_out: dict = {}
     y_teacher, conf, quality = state.teacher.pseudo_labels(img_tgt, valid_tgt, cfg.pseudo.teacher_threshold,
-                                                           reduce_sums.sum if reduce_sums is not None else None,
-                                                           teacher_out)
+                                                           reduce_sums.sum if reduce_sums is not None else None)
     img_mix, y_mix, w_mix, _ = state.mixer(img_src, y_src, img_tgt, y_teacher, quality)
 
     shared = not cfg.model.separate_target_stem
@@ -441,12 +420,8 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
         tgt = {"image": img_tgt, "label": y_static, "gt": batch_tgt["label"]}
         if valid_tgt is not None:
             tgt["valid"] = valid_tgt
-        proto_features = None
-        if cfg.method.teacher_prototypes:  # SePiCo: prototypes from the EMA teacher, no gradient
-            proto_features = (state.teacher.features(img_src, "source"), teacher_out["features"])
         result = adapt_step(model, batch_src, tgt, cfg, calibration, num_classes, outputs=(out_src, out_tgt),
-                            seg_terms=False, reduce_sums=reduce_sums, proto_features=proto_features,
-                            adapt_iter=adapt_iter)
+                            seg_terms=False, reduce_sums=reduce_sums, adapt_iter=adapt_iter)
         loss = result.loss  # the source CE plus BiDA's terms (global-batch means already)
         logs.update({k: v for k, v in result.logs.items() if k != "loss/total"})
     else:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..config import Config
 from ..models import SegOutput
-from .losses import distribution_contrast, entropy, pixel_prototype_contrast, seg_cross_entropy
+from .losses import entropy, pixel_prototype_contrast, seg_cross_entropy
 from .prototypes import class_prototypes, downsample_labels, pair_prototypes
 from .pseudo_labels import Calibration, fuse_labels, label_transfer
 
@@ -166,11 +166,37 @@ def _with_memory(protos: Tensor, present: Tensor, memory) -> tuple[Tensor, Tenso
     return torch.where(fill[..., None], memory.value.to(protos.device), protos), present | fill
 
 
+class _Terms:
+    """The loss terms of one step, in the order they are added: each a per-pixel mean with its
+    weight and (for distributed runs) the number of pixels behind it."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Tensor] = {}
+        self.weights: dict[str, float] = {}
+        self.counts: dict[str, Tensor | int] = {}
+
+    def add(self, name: str, value: Tensor, weight: float, count: Tensor | int) -> None:
+        self.values[name], self.weights[name], self.counts[name] = value, weight, count
+
+    def result(self, logs: dict[str, Tensor | float], reduce_sums=None) -> StepResult:
+        """The weighted sum (each term a global-batch mean under ``reduce_sums``) and the logs."""
+        values = self.values if reduce_sums is None else reduce_sums.global_means(self.values, self.counts)
+        loss = sum(self.weights[k] * values[k] for k in values)
+        logs.update({f"loss/{k}": v.detach() for k, v in values.items()})
+        logs["loss/total"] = loss.detach()
+        return StepResult(loss, logs)
+
+
 def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Config,
                calibration: Calibration | None, num_classes: int, reduce_sums=None,
                outputs: tuple[SegOutput, SegOutput] | None = None, seg_terms: bool = True,
-               proto_features: tuple[Tensor, Tensor] | None = None, adapt_iter: int | None = None) -> StepResult:
-    """One adaptation iteration (``minent``, ``self_training`` or ``bida``).
+               adapt_iter: int | None = None) -> StepResult:
+    """One adaptation iteration (``minent``, ``self_training`` or ``bida``): METHOD.md's
+    total loss (section 5),
+
+        L = CE(p_S, y_S) + λ_t CE(p_T, y_F) + λ_e [H(p_S) + λ_t H(p_T)] + λ_1 L_t2s + λ_2 L_s2t,
+
+    with BiDA's contrast and pseudo labels in :func:`_bida_contrast` (sections 1–4).
 
     ``batch_tgt["label"]`` holds the round's static pseudo labels y_F (all ignore for
     ``minent``); ``batch_tgt["gt"]``, when present, the true labels, used only for logging;
@@ -183,8 +209,6 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
     ``outputs``: the two domains' forwards when the caller ran them (the teacher schedule);
     ``seg_terms=False`` leaves out the entropy terms and the target CE (the teacher schedule
     trains the target through its ClassMix loss instead).
-    ``proto_features``: the (source, target) features that build the prototypes and label
-    transfer, when not the student's (``method.teacher_prototypes``: the EMA teacher's).
     ``adapt_iter``: iterations of the adaptation phase done before this one; the contrast
     terms weigh 0 while it is below ``loss.contrast_warmup_iters``.
     """
@@ -194,121 +218,110 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
     y_src, y_static = batch_src["label"], batch_tgt["label"]
     logit_size = tuple(out_src.logits.shape[-2:])
     valid_src_l, valid_tgt_l = _valid_at(batch_src, logit_size), _valid_at(batch_tgt, logit_size)
+    terms, logs = _Terms(), {}  # type: dict[str, Tensor | float]; weights are applied here, never inside the losses
 
-    # Segmentation and entropy terms (weights applied here, never inside the losses).
-    terms: dict[str, Tensor] = {"seg_src": seg_cross_entropy(out_src.logits, y_src)}
-    weights: dict[str, float] = {"seg_src": 1.0}
-    counts: dict[str, Tensor] = {}  # pixels behind each per-pixel mean (for distributed runs)
+    # CE(p_S, y_S): the source cross entropy.
+    terms.add("seg_src", seg_cross_entropy(out_src.logits, y_src), 1.0, _labelled(y_src))
+    # λ_e [H(p_S) + λ_t H(p_T)]: the entropy terms (minent: the target's alone, weight λ_e).
+    target_seg = m.name in ("self_training", "bida") and seg_terms
     if m.name == "minent":
-        terms["ent_tgt"] = entropy(out_tgt.logits, valid_tgt_l)
-        weights["ent_tgt"] = lw.entropy_weight
-    logs: dict[str, Tensor | float] = {}
-
-    if m.name in ("self_training", "bida") and seg_terms:
-        terms["ent_src"] = entropy(out_src.logits, valid_src_l)
-        terms["ent_tgt"] = entropy(out_tgt.logits, valid_tgt_l)
-        weights["ent_src"] = lw.entropy_weight
-        weights["ent_tgt"] = lw.entropy_weight * lw.seg_tgt_weight
-        weights["seg_tgt"] = lw.seg_tgt_weight
-
+        terms.add("ent_tgt", entropy(out_tgt.logits, valid_tgt_l), lw.entropy_weight,
+                  _num_valid(out_tgt.logits, valid_tgt_l))
+    elif target_seg:
+        terms.add("ent_src", entropy(out_src.logits, valid_src_l), lw.entropy_weight,
+                  _num_valid(out_src.logits, valid_src_l))
+        terms.add("ent_tgt", entropy(out_tgt.logits, valid_tgt_l), lw.entropy_weight * lw.seg_tgt_weight,
+                  _num_valid(out_tgt.logits, valid_tgt_l))
+    # λ_1 L_t2s + λ_2 L_s2t, with y_T = y_F completed by label transfer (BiDA).
     y_seg_tgt = y_static
     if m.name == "bida":
-        feat_size = tuple(out_src.features.shape[-2:])
-        f_src, f_tgt = out_src.features, out_tgt.features
-        # Features and logits share the output stride: reuse the mask when the sizes agree.
-        valid_tgt_f = valid_tgt_l if feat_size == logit_size else _valid_at(batch_tgt, feat_size)
-        y_src_f = downsample_labels(y_src, feat_size)
-        y_static_f = _mask_labels(downsample_labels(y_static, feat_size), valid_tgt_f)
-        # The features that make the prototypes: the student's own, or the EMA teacher's (no gradient).
-        pf_src, pf_tgt = proto_features if proto_features is not None else (f_src, f_tgt)
+        y_seg_tgt = _bida_contrast(terms, logs, out_src, out_tgt, batch_src, batch_tgt, cfg, calibration,
+                                   num_classes, reduce_sums, adapt_iter)
+    # λ_t CE(p_T, y_F): the target cross entropy on the static pseudo labels.
+    if target_seg:
+        terms.add("seg_tgt", seg_cross_entropy(out_tgt.logits, y_seg_tgt), lw.seg_tgt_weight, _labelled(y_seg_tgt))
+    return terms.result(logs, reduce_sums)
 
-        # 1. Source prototypes (masked average pooling; gradients flow through them).
-        prototypes = reduce_sums or partial(class_prototypes, num_classes=num_classes)
-        protos_src, present_src = prototypes(pf_src, y_src_f)
 
-        # 2. Target pseudo labels: static y_F completed by label transfer to calibrated prototypes.
-        y_tgt_f = y_static_f
-        y_dyn_f = torch.full_like(y_static_f, IGNORE)
-        if m.dynamic_labels:
-            if calibration is not None and m.calibration:
-                ref, ref_present = calibration.calibrate(protos_src.detach(), present_src)
-            else:
-                ref, ref_present = protos_src.detach(), present_src
-            y_dyn_f = label_transfer(pf_tgt.detach(), ref, ref_present, lw.temperature, cfg.pseudo.transfer_threshold)
-            y_dyn_f = _mask_labels(y_dyn_f, valid_tgt_f)  # padding never gets a label
-            y_tgt_f = fuse_labels(y_static_f, y_dyn_f)
-            # Shares of all feature pixels (padding counts as unlabelled): equal denominators on
-            # every rank, so the mean over ranks is the global batch's share.
-            logs["pseudo/dynamic_coverage"] = (y_dyn_f != IGNORE).float().mean()
-            logs["pseudo/fused_coverage"] = (y_tgt_f != IGNORE).float().mean()
-            if "gt" in batch_tgt:
-                logs["pseudo/dynamic_acc"] = _label_accuracy(y_dyn_f, downsample_labels(batch_tgt["gt"], feat_size))
-        # 3. Target prototypes from target features and fused labels.
-        protos_tgt, present_tgt = prototypes(pf_tgt, y_tgt_f)
+def _bida_contrast(terms: _Terms, logs: dict, out_src: SegOutput, out_tgt: SegOutput, batch_src: dict,
+                   batch_tgt: dict, cfg: Config, calibration: Calibration | None, num_classes: int,
+                   reduce_sums, adapt_iter: int | None) -> Tensor:
+    """BiDA's part of one iteration, METHOD.md sections 1–4: adds L_t2s and L_s2t to ``terms``
+    (and pseudo-label figures to ``logs``), updates the moving averages, and returns the
+    target labels of the segmentation loss (y_F, or y_T upsampled with
+    ``pseudo.dynamic_for_segmentation``)."""
+    m, lw = cfg.method, cfg.loss
+    y_src, y_static = batch_src["label"], batch_tgt["label"]
+    f_src, f_tgt = out_src.features, out_tgt.features
+    feat_size = tuple(f_src.shape[-2:])
+    valid_tgt_f = _valid_at(batch_tgt, feat_size)
+    y_src_f = downsample_labels(y_src, feat_size)
+    y_static_f = _mask_labels(downsample_labels(y_static, feat_size), valid_tgt_f)
 
-        # 4. Bi-directional contrast (optionally per image pair, as the official code: each pair's
-        # mean over its pixels, then the mean over the pairs).
-        per_pair = m.prototype_scope == "pair"
-        if per_pair:
-            ps_src, pp_src = pair_prototypes(pf_src, y_src_f, num_classes)
-            ps_tgt, pp_tgt = pair_prototypes(pf_tgt, y_tgt_f, num_classes)
+    # 1. Source prototypes ρ_S (masked average pooling; gradients flow through them).
+    prototypes = reduce_sums or partial(class_prototypes, num_classes=num_classes)
+    protos_src, present_src = prototypes(f_src, y_src_f)
+
+    # 3. Target pseudo labels y_T: static y_F completed by label transfer y_D to the
+    # calibrated source prototypes ρ̂_S (section 4).
+    y_tgt_f = y_static_f
+    y_dyn_f = torch.full_like(y_static_f, IGNORE)
+    if m.dynamic_labels:
+        if calibration is not None and m.calibration:
+            ref, ref_present = calibration.calibrate(protos_src.detach(), present_src)
         else:
-            ps_src, pp_src, ps_tgt, pp_tgt = protos_src, present_src, protos_tgt, present_tgt
-        if m.memory_partners and calibration is not None:  # classes absent from the batch (or image)
-            ps_src, pp_src = _with_memory(ps_src, pp_src, calibration.source)
-            ps_tgt, pp_tgt = _with_memory(ps_tgt, pp_tgt, calibration.target)
-        # L_t2s scores the target pixels of y_T (the paper).
-        full_res = lw.contrast_resolution == "label"
-        if full_res:  # y_F itself, its holes filled from y_D alone (never from y_F's own samples)
-            y_t2s = _fused_at_label_size(y_static, y_dyn_f, batch_tgt) if m.dynamic_labels else y_static
-        else:
-            y_t2s = y_tgt_f
+            ref, ref_present = protos_src.detach(), present_src
+        y_dyn_f = label_transfer(f_tgt.detach(), ref, ref_present, lw.temperature, cfg.pseudo.transfer_threshold)
+        y_dyn_f = _mask_labels(y_dyn_f, valid_tgt_f)  # padding never gets a label
+        y_tgt_f = fuse_labels(y_static_f, y_dyn_f)
+        # Shares of all feature pixels (padding counts as unlabelled): equal denominators on
+        # every rank, so the mean over ranks is the global batch's share.
+        logs["pseudo/dynamic_coverage"] = (y_dyn_f != IGNORE).float().mean()
+        logs["pseudo/fused_coverage"] = (y_tgt_f != IGNORE).float().mean()
+        if "gt" in batch_tgt:
+            logs["pseudo/dynamic_acc"] = _label_accuracy(y_dyn_f, downsample_labels(batch_tgt["gt"], feat_size))
+    # 1. Target prototypes ρ_T from the target features and y_T.
+    protos_tgt, present_tgt = prototypes(f_tgt, y_tgt_f)
 
-        # Warm-up: the contrast terms weigh 0 for the first loss.contrast_warmup_iters iterations.
-        on = 0.0 if adapt_iter is not None and adapt_iter < lw.contrast_warmup_iters else 1.0
-        dist = calibration.distribution if calibration is not None else None
-        if dist is not None:  # the source Gaussians follow this batch before L_t2s reads them
-            dist.update(*dist.batch_moments(pf_src, y_src_f, prototypes))
-        if m.t2s and dist is not None:  # each source class as a Gaussian (method.contrast_design)
-            terms["contrast_t2s"], counts["contrast_t2s"] = distribution_contrast(
-                f_tgt, y_t2s, dist.mean.value, dist.variance(), dist.present, lw.temperature,
-                resolution=lw.contrast_resolution, return_count=True, per_image=per_pair)
-            weights["contrast_t2s"] = on * lw.contrast_t2s_weight
-        elif m.t2s:
-            terms["contrast_t2s"], counts["contrast_t2s"] = pixel_prototype_contrast(
-                f_tgt, y_t2s, ps_src, pp_src, lw.temperature,
-                resolution=lw.contrast_resolution, return_count=True, per_image=per_pair)
-            weights["contrast_t2s"] = on * lw.contrast_t2s_weight
-        if m.s2t:
-            y_src_c = y_src if full_res else y_src_f
-            terms["contrast_s2t"], counts["contrast_s2t"] = pixel_prototype_contrast(
-                f_src, y_src_c, ps_tgt, pp_tgt, lw.temperature, resolution=lw.contrast_resolution,
-                return_count=True, per_image=per_pair)
-            weights["contrast_s2t"] = on * lw.contrast_s2t_weight
+    # 2. The bi-directional contrast: the batch's prototypes, or each image pair's (the official
+    # code: each pair's mean over its pixels, then the mean over the pairs); with
+    # method.memory_partners, classes a batch (or pair) lacks take their moving average.
+    per_pair = m.prototype_scope == "pair"
+    if per_pair:
+        ps_src, pp_src = pair_prototypes(f_src, y_src_f, num_classes)
+        ps_tgt, pp_tgt = pair_prototypes(f_tgt, y_tgt_f, num_classes)
+    else:
+        ps_src, pp_src, ps_tgt, pp_tgt = protos_src, present_src, protos_tgt, present_tgt
+    if m.memory_partners and calibration is not None:
+        ps_src, pp_src = _with_memory(ps_src, pp_src, calibration.source)
+        ps_tgt, pp_tgt = _with_memory(ps_tgt, pp_tgt, calibration.target)
+    full_res = lw.contrast_resolution == "label"
+    if full_res:  # y_F itself, its holes filled from y_D alone (never from y_F's own samples)
+        y_t2s = _fused_at_label_size(y_static, y_dyn_f, batch_tgt) if m.dynamic_labels else y_static
+    else:
+        y_t2s = y_tgt_f
+    contrast = partial(pixel_prototype_contrast, temperature=lw.temperature, resolution=lw.contrast_resolution,
+                       return_count=True, per_image=per_pair)
+    on = 0.0 if adapt_iter is not None and adapt_iter < lw.contrast_warmup_iters else 1.0  # the warm-up
+    if m.t2s:  # target pixels (labels y_T) against the source prototypes
+        loss, count = contrast(f_tgt, y_t2s, ps_src, pp_src)
+        terms.add("contrast_t2s", loss, on * lw.contrast_t2s_weight, count)
+    if m.s2t:  # source pixels (labels y_S) against the target prototypes
+        y_s2t = y_src if full_res else y_src_f
+        loss, count = contrast(f_src, y_s2t, ps_tgt, pp_tgt)
+        terms.add("contrast_s2t", loss, on * lw.contrast_s2t_weight, count)
 
-        # 5. The moving averages follow both prototype sets (kept for memory_partners alone too).
-        if calibration is not None:
-            calibration.update(protos_src.detach(), present_src, protos_tgt.detach(), present_tgt)
-            if m.calibration:
-                logs["calibration/weight"] = calibration.weight()  # a host float: the ramp follows the step count
-                logs["calibration/mean_shift"] = calibration.mean_shift_tensor()
-        if cfg.pseudo.dynamic_for_segmentation:
-            y_seg_tgt = _fused_at_label_size(y_static, y_dyn_f, batch_tgt)
-
-    if "seg_tgt" in weights:
-        terms["seg_tgt"] = seg_cross_entropy(out_tgt.logits, y_seg_tgt)
-    if reduce_sums is not None:  # distributed: each per-pixel mean over the global batch
-        counts |= {"seg_src": _labelled(y_src), "seg_tgt": _labelled(y_seg_tgt),
-                   "ent_src": _num_valid(out_src.logits, valid_src_l), "ent_tgt": _num_valid(out_tgt.logits, valid_tgt_l)}
-        terms = reduce_sums.global_means(terms, counts)
-
-    loss = sum(weights[k] * terms[k] for k in terms)
-    logs.update({f"loss/{k}": v.detach() for k, v in terms.items()})
-    logs["loss/total"] = loss.detach()
-    return StepResult(loss, logs)
+    # 4. The moving averages follow both prototype sets (kept for memory_partners alone too).
+    if calibration is not None:
+        calibration.update(protos_src.detach(), present_src, protos_tgt.detach(), present_tgt)
+        if m.calibration:
+            logs["calibration/weight"] = calibration.weight()  # a host float: the ramp follows the step count
+            logs["calibration/mean_shift"] = calibration.mean_shift_tensor()
+    if cfg.pseudo.dynamic_for_segmentation:
+        return _fused_at_label_size(y_static, y_dyn_f, batch_tgt)
+    return y_static
 
 
 def _num_valid(logits: Tensor, valid: Tensor | None) -> Tensor | int:
     """Pixels an entropy term averages over."""
     return logits[:, 0].numel() if valid is None else valid.sum()
-
