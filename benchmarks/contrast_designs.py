@@ -1,14 +1,14 @@
 """Measure the contrast designs of issue 20 over paired seeds, on one path.
 
 Rows: self-training, BiDA with the paper's settings, the preset ``plus``, and each design
-candidate of ``bida.demo.CANDIDATE_ROWS`` that applies to the path (distribution-aware
-contrast, trained head, teacher prototypes, contrast warm-up; each on top of ``plus``).
+candidate of ``bida.demo.CANDIDATE_ROWS`` that applies to the path (trained head, trained
+backbone head, contrast warm-up; each on top of ``plus``).
 Every seed trains its own source-only model (with the head a row needs: the segmentation
 weights are the same with it) and every row of the seed adapts from it.
 
     PYTHONPATH=src python benchmarks/contrast_designs.py --arch deeplab --seeds 5 --out runs/designs_deeplab
     PYTHONPATH=src python benchmarks/contrast_designs.py --resume runs/designs_deeplab
-    ... --design "distribution contrast" --design "contrast warm-up 100"   # a subset of the designs
+    ... --design "trained head" --design "contrast warm-up 100"   # a subset of the designs
 
 Writes ``designs.md`` (tables on target test and on target val, the split choices are made
 on) and ``designs.json`` (``bida.demo.summarise`` rows, each with a ``val`` and a ``test`` block).
@@ -26,8 +26,7 @@ from bida.demo import (DEMO_ARCHS, SUMMARY_KEYS, _open_grid, candidate_rows, env
                        seeds_table, summarise, timing_table)
 from bida.presets import preset_overrides
 
-DESIGNS = ("cand: preset plus + distribution contrast", "cand: preset plus + trained head",
-           "cand: preset plus + trained backbone head", "cand: preset plus + teacher prototypes",
+DESIGNS = ("cand: preset plus + trained head", "cand: preset plus + trained backbone head",
            "cand: preset plus + contrast warm-up 100")
 BASELINE = "self_training"
 PREFIX = "cand: preset plus + "
@@ -66,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/designs"))
     parser.add_argument("--resume", type=Path, default=None, help="continue the grid in this directory")
     parser.add_argument("--design", action="append", default=None, metavar="NAME", dest="designs",
-                        help="measure this design (repeatable, e.g. 'teacher prototypes'; default: every one that applies)")
+                        help="measure this design (repeatable, e.g. 'trained head'; default: every one that applies)")
     parser.add_argument("--without-bida-baselines", action="store_true",
                         help="leave out the BiDA paper and plus rows (another grid of the same seeds has them)")
     parser.add_argument("overrides", nargs="*", help="key=value for every run (tests shrink the runs)")

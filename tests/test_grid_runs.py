@@ -148,11 +148,9 @@ def test_every_ablation_and_candidate_row_is_a_valid_config_with_its_own_directo
         path = None if name in dict(deeplab) or name not in dict(transformer) else str(demo.TRANSFORMER_DEMO_FILE)
         cfg = load_config(path, list(overrides))
         assert cfg.method.name in ("self_training", "bida"), name
-    assert "cand: preset plus + teacher prototypes" not in dict(deeplab)  # teacher schedule only
     assert "cand: preset plus + trained head" not in dict(deeplab)  # ASPP features have no head
     assert "cand: preset plus + trained backbone head" not in dict(transformer)  # MiT has no backbone head
-    assert {"cand: preset plus + teacher prototypes", "cand: preset plus + trained head",
-            "cand: preset plus + distribution contrast", "cand: preset plus + contrast warm-up 100"} <= set(dict(transformer))
+    assert {"cand: preset plus + trained head", "cand: preset plus + contrast warm-up 100"} <= set(dict(transformer))
     dirs = [demo._dir_name(name) for name, _ in rows]
     assert len(set(dirs)) == len(dirs)  # no two rows share a run directory
     plus = dict(demo.CANDIDATE_ROWS)["cand: memory partners + weights 0.5"]

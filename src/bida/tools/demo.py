@@ -73,13 +73,9 @@ CANDIDATE_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("cand: preset plus + temperature 0.2", ("method=bida", *preset_overrides("plus"), "loss.temperature=0.2")),
     # Contrast designs from the field (issue 20), each on top of the preset plus. A row that does
     # not apply to the config (see candidate_rows) is left out of its grid.
-    ("cand: preset plus + distribution contrast", ("method=bida", *preset_overrides("plus"),
-                                                   "method.contrast_design=distribution")),
     ("cand: preset plus + trained head", ("method=bida", *preset_overrides("plus"), "method.pretrain_head=true")),
     ("cand: preset plus + trained backbone head", ("method=bida", *preset_overrides("plus"), "method.feature=backbone",
                                                    "method.pretrain_head=true")),
-    ("cand: preset plus + teacher prototypes", ("method=bida", *preset_overrides("plus"),
-                                                "method.teacher_prototypes=true")),
     ("cand: preset plus + contrast warm-up 100", ("method=bida", *preset_overrides("plus"),
                                                   "loss.contrast_warmup_iters=100")),
 )
@@ -97,8 +93,8 @@ LABEL_CACHE = "shared_labels"  # round-0 static pseudo labels shared by the rows
 
 def candidate_rows(cfg_path: str | None, overrides: Sequence[str] = ()) -> list[tuple[str, tuple[str, ...]]]:
     """The :data:`CANDIDATE_ROWS` that apply to a config: those whose overrides it accepts
-    (teacher prototypes need the teacher schedule, a backbone head a DeepLab-V2, the trained
-    head a head); the others are named on stdout and left out."""
+    (a backbone head needs a DeepLab-V2, the trained head a head); the others are named on
+    stdout and left out."""
     rows = []
     for name, row in CANDIDATE_ROWS:
         try:
