@@ -86,7 +86,7 @@ def test_contrast_designs_grid_runs_the_rows_of_its_path_and_resumes(tmp_path, m
     rows = [k for k in summary if k not in ("environment", "timing")]
     assert rows == ["source_only", "self_training", "bida_paper", "bida_plus",
                     "cand: preset plus + trained backbone head",
-                    "cand: preset plus + contrast warm-up 100"]  # no teacher-only or MiT-only design
+                    "cand: preset plus + contrast warm-up 100"]  # no MiT-only design
     for row in rows[1:]:
         assert "val" in summary[row] and "test" in summary[row]
     text = (out / "designs.md").read_text()

@@ -9,6 +9,7 @@ import pytest
 from pathlib import Path
 
 import bida.demo as demo
+import bida.tools.grid as grid
 import bida.train as tr
 from bida.cli import main
 from bida.config import load_config
@@ -53,7 +54,7 @@ def test_rows_are_named_after_components_and_share_round_0_labels(tmp_path, tiny
 
 
 def _interrupting_train(real, name: str, trained: list[str]):
-    """``demo.train`` that stops the first (not resumed) run named ``name`` as a SIGINT at step 0
+    """``grid.train`` that stops the first (not resumed) run named ``name`` as a SIGINT at step 0
     would, and records the name of every run it lets train."""
 
     def train(cfg, out, *a, **k):
@@ -66,13 +67,13 @@ def _interrupting_train(real, name: str, trained: list[str]):
 
 
 def test_an_interrupted_demo_resumes_as_a_demo(tmp_path, tiny_overrides, monkeypatch, capsys):
-    real = demo.train
+    real = grid.train
     trained: list[str] = []
-    monkeypatch.setattr(demo, "train", _interrupting_train(real, "bida", trained))
+    monkeypatch.setattr(grid, "train", _interrupting_train(real, "bida", trained))
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--quiet", *tiny_overrides]) == 130
     assert trained == ["source_only", "self_training"] and not (out / "results.json").exists()
-    monkeypatch.setattr(demo, "train", lambda cfg, o, *a, **k: (trained.append(Path(o).name), real(cfg, o, *a, **k))[1])
+    monkeypatch.setattr(grid, "train", lambda cfg, o, *a, **k: (trained.append(Path(o).name), real(cfg, o, *a, **k))[1])
     trained.clear()
     assert main(["demo", "--resume", str(out), "--quiet"]) == 0
     assert trained == ["bida"]  # only the missing run
@@ -115,9 +116,9 @@ def test_paired_difference_is_seed_by_seed_and_other_pairs_get_their_own_table()
 
 
 def test_an_interrupted_transformer_demo_resumes_with_its_mic_rows(tmp_path, tiny_overrides, monkeypatch):
-    real = demo.train
+    real = grid.train
     trained: list[str] = []
-    monkeypatch.setattr(demo, "train", _interrupting_train(real, "self_training_mic", trained))
+    monkeypatch.setattr(grid, "train", _interrupting_train(real, "self_training_mic", trained))
     out = tmp_path / "demo"
     shrink = [o for o in tiny_overrides if not o.startswith(("model.width", "train.iters"))]
     shrink += ["train.source_iters=2", "train.iters=1", "data.rcs_min_pixels=3"]
@@ -126,7 +127,7 @@ def test_an_interrupted_transformer_demo_resumes_with_its_mic_rows(tmp_path, tin
     except Interrupted:
         pass
     assert trained == ["source_only", "self_training", "bida"] and not (out / "results.json").exists()
-    monkeypatch.setattr(demo, "train", lambda cfg, o, *a, **k: (trained.append(Path(o).name), real(cfg, o, *a, **k))[1])
+    monkeypatch.setattr(grid, "train", lambda cfg, o, *a, **k: (trained.append(Path(o).name), real(cfg, o, *a, **k))[1])
     trained.clear()
     demo.run_demo(out, quiet=True, report=False, resume=True)  # the recorded arch and overrides
     assert trained == ["self_training_mic", "bida_mic"]  # only the missing runs
@@ -148,11 +149,9 @@ def test_every_ablation_and_candidate_row_is_a_valid_config_with_its_own_directo
         path = None if name in dict(deeplab) or name not in dict(transformer) else str(demo.TRANSFORMER_DEMO_FILE)
         cfg = load_config(path, list(overrides))
         assert cfg.method.name in ("self_training", "bida"), name
-    assert "cand: preset plus + teacher prototypes" not in dict(deeplab)  # teacher schedule only
     assert "cand: preset plus + trained head" not in dict(deeplab)  # ASPP features have no head
     assert "cand: preset plus + trained backbone head" not in dict(transformer)  # MiT has no backbone head
-    assert {"cand: preset plus + teacher prototypes", "cand: preset plus + trained head",
-            "cand: preset plus + distribution contrast", "cand: preset plus + contrast warm-up 100"} <= set(dict(transformer))
+    assert {"cand: preset plus + trained head", "cand: preset plus + contrast warm-up 100"} <= set(dict(transformer))
     dirs = [demo._dir_name(name) for name, _ in rows]
     assert len(set(dirs)) == len(dirs)  # no two rows share a run directory
     plus = dict(demo.CANDIDATE_ROWS)["cand: memory partners + weights 0.5"]

@@ -1,7 +1,9 @@
 """What users call: the command line and the programs behind its commands.
 
 - :mod:`bida.tools.cli`: the ``bida`` command (``python -m bida``).
-- :mod:`bida.tools.demo`: ``bida demo`` and ``bida ablate`` on the synthetic pair.
+- :mod:`bida.tools.demo`: ``bida demo`` on the synthetic pair; :mod:`bida.tools.ablate`:
+  ``bida ablate``; both run a grid of rows over paired seeds (:mod:`bida.tools.grid`) and
+  summarise it in tables (:mod:`bida.tools.grid_tables`).
 - :mod:`bida.tools.report`: ``bida report``, the HTML page comparing runs (what it reads:
   :mod:`bida.tools.report_runs`; its tables and figures: :mod:`bida.tools.report_tables`,
   :mod:`bida.tools.report_figures`).

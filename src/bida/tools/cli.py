@@ -234,7 +234,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from .demo import run_ablation
+    from .ablate import run_ablation
 
     _grid_resume_args(args, {"-c": bool(args.config), "--seeds": args.seeds != 1, "--candidates": args.candidates,
                              "--init-checkpoint": bool(args.init_checkpoint), "--out": args.out != "runs/ablation"})
