@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/designs"))
     parser.add_argument("--resume", type=Path, default=None, help="continue the grid in this directory")
     parser.add_argument("--design", action="append", default=None, metavar="NAME", dest="designs",
-                        help="measure this design (repeatable, e.g. 'teacher prototypes'; default: every one that applies)")
+                        help="measure this design (repeatable, e.g. 'contrast warm-up 100'; default: every one that applies)")
     parser.add_argument("--without-bida-baselines", action="store_true",
                         help="leave out the BiDA paper and plus rows (another grid of the same seeds has them)")
     parser.add_argument("overrides", nargs="*", help="key=value for every run (tests shrink the runs)")
