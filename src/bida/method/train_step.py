@@ -191,7 +191,7 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
                calibration: Calibration | None, num_classes: int, reduce_sums=None,
                outputs: tuple[SegOutput, SegOutput] | None = None, seg_terms: bool = True,
                adapt_iter: int | None = None) -> StepResult:
-    """One adaptation iteration (``minent``, ``self_training`` or ``bida``): METHOD.md's
+    """One adaptation iteration (``minent``, ``self_training`` or ``bida``): docs/method.md's
     total loss (section 5),
 
         L = CE(p_S, y_S) + λ_t CE(p_T, y_F) + λ_e [H(p_S) + λ_t H(p_T)] + λ_1 L_t2s + λ_2 L_s2t,
@@ -246,7 +246,7 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
 def _bida_contrast(terms: _Terms, logs: dict, out_src: SegOutput, out_tgt: SegOutput, batch_src: dict,
                    batch_tgt: dict, cfg: Config, calibration: Calibration | None, num_classes: int,
                    reduce_sums, adapt_iter: int | None) -> Tensor:
-    """BiDA's part of one iteration, METHOD.md sections 1–4: adds L_t2s and L_s2t to ``terms``
+    """BiDA's part of one iteration, docs/method.md sections 1–4: adds L_t2s and L_s2t to ``terms``
     (and pseudo-label figures to ``logs``), updates the moving averages, and returns the
     target labels of the segmentation loss (y_F, or y_T upsampled with
     ``pseudo.dynamic_for_segmentation``)."""
