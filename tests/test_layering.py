@@ -14,8 +14,9 @@ import bida
 
 PACKAGE = Path(bida.__file__).parent
 
-# The layer of each part, and the layers each may import. "shared" is config, errors and checkpoint
-# (and the package root itself); the compatibility modules at the top belong to what they alias.
+# The layer of each part, and the layers each may import. "shared" is config (a package: its
+# modules too), errors and checkpoint (and the package root itself); the compatibility modules at
+# the top belong to what they alias.
 MAY_IMPORT = {
     "shared": {"shared"},
     "models": {"shared", "models"},
@@ -89,6 +90,10 @@ def test_the_package_imports_one_way():
     engine = {t for _, t in imported_modules(PACKAGE / "engine" / "train.py", PACKAGE)}
     assert "bida.method.train_step" in engine and "bida.config" in engine
     assert "bida.engine.train" in {t for _, t in imported_modules(PACKAGE / "tools" / "demo.py", PACKAGE)}
+    # The config package and each of its modules are shared, and they import within it.
+    assert (PACKAGE / "config" / "__init__.py").is_file()
+    assert {layer_of(f"bida.config.{p.stem}", bida.MOVED) for p in (PACKAGE / "config").glob("*.py")} == {"shared"}
+    assert "bida.config.schema" in {t for _, t in imported_modules(PACKAGE / "config" / "loading.py", PACKAGE)}
 
 
 def test_the_check_finds_planted_violations(tmp_path):
@@ -116,4 +121,23 @@ def test_the_check_finds_planted_violations(tmp_path):
         "bida/method/steps.py:4: method imports engine (bida.engine)",
         "bida/method/steps.py:4: method imports engine (bida.engine.train)",
         "bida/models/net.py:1: models imports data (bida.data)",
+    ]
+
+
+def test_the_check_reads_the_config_package(tmp_path):
+    # config is a package: its modules are shared too, and may import each other and the shared modules only.
+    root = tmp_path / "bida"
+    for sub in ("", "config", "engine", "method"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        (root / sub / "__init__.py").write_text("")
+    (root / "config" / "__init__.py").write_text("from .loading import load_config\n")
+    (root / "config" / "schema.py").write_text("from ..errors import ConfigError\n")
+    (root / "config" / "loading.py").write_text("from .schema import Config\nfrom ..checkpoint import atomic_write_text\n")
+    assert layer_violations(root, {}) == []
+
+    (root / "config" / "loading.py").write_text("from ..engine import checkpoint\n")
+    (root / "config" / "checks.py").write_text("def f():\n    from ..method.steps import x\n")
+    assert layer_violations(root, {}) == [
+        "bida/config/checks.py:2: shared imports method (bida.method.steps)",
+        "bida/config/loading.py:1: shared imports engine (bida.engine)",
     ]
