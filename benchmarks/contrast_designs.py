@@ -29,15 +29,20 @@ from bida.demo import (DEMO_ARCHS, SUMMARY_KEYS, _open_grid, candidate_rows, env
 from bida.presets import preset_overrides
 
 DESIGNS = ("cand: preset plus + trained head", "cand: preset plus + trained backbone head",
-           "cand: preset plus + contrast warm-up 100")
+           "cand: preset plus + contrast warm-up 100", "cand: paper + trained head")
 BASELINE = "self_training"
 PREFIX = "cand: preset plus + "
+
+
+def _short(name: str) -> str:
+    """A design's name as ``--design`` takes it."""
+    return name[len(PREFIX):] if name.startswith(PREFIX) else name[len("cand: "):]
 
 
 def design_rows(cfg_path: str | None, overrides: list[str], designs: list[str] | None = None,
                 bida_baselines: bool = True) -> list[tuple[str, tuple[str, ...]]]:
     """The rows measured on a path: source-only, the baselines and the designs that apply
-    (``designs``: only those, by name without ``cand: preset plus + ``; None: all).
+    (``designs``: only those, by name without ``cand: preset plus + `` or ``cand: ``; None: all).
     ``bida_baselines=False`` leaves out BiDA paper and ``plus`` (a grid that adds designs
     to another's seeds: self-training, kept, shows that both adapt from the same weights).
 
@@ -46,11 +51,11 @@ def design_rows(cfg_path: str | None, overrides: list[str], designs: list[str] |
     """
     base = [("source_only", ()), (BASELINE, ("method=self_training",)), ("bida_paper", ("method=bida",)),
             ("bida_plus", ("method=bida", *preset_overrides("plus")))]
-    wanted = DESIGNS if designs is None else [PREFIX + d for d in designs]
+    wanted = DESIGNS if designs is None else [PREFIX + d if PREFIX + d in DESIGNS else "cand: " + d for d in designs]
     unknown = [w for w in wanted if w not in DESIGNS]
     if unknown:
         raise ValueError(f"--design: unknown {', '.join(unknown)} (known: "
-                         f"{', '.join(d[len(PREFIX):] for d in DESIGNS)})")
+                         f"{', '.join(_short(d) for d in DESIGNS)})")
     base = base if bida_baselines else base[:2]
     return base + [(n, r) for n, r in candidate_rows(cfg_path, overrides) if n in wanted]
 

@@ -108,6 +108,9 @@ def test_contrast_designs_grid_measures_the_chosen_designs(tmp_path, monkeypatch
     rows = contrast_designs.design_rows(None, list(tiny_overrides), ["contrast warm-up 100"])
     assert [n for n, _ in rows] == ["source_only", "self_training", "bida_paper", "bida_plus",
                                     "cand: preset plus + contrast warm-up 100"]
+    mit = str(contrast_designs.DEMO_ARCHS["transformer"])
+    rows = contrast_designs.design_rows(mit, [], ["paper + trained head"], bida_baselines=False)
+    assert rows[-1] == ("cand: paper + trained head", ("method=bida", "method.pretrain_head=true"))
     rows = contrast_designs.design_rows(None, list(tiny_overrides), ["trained backbone head"], bida_baselines=False)
     assert [n for n, _ in rows] == ["source_only", "self_training", "cand: preset plus + trained backbone head"]
     over = [*tiny_overrides, "train.iters=2", "train.rounds=1", "train.iters_per_round=2"]

@@ -151,7 +151,9 @@ def test_every_ablation_and_candidate_row_is_a_valid_config_with_its_own_directo
         assert cfg.method.name in ("self_training", "bida"), name
     assert "cand: preset plus + trained head" not in dict(deeplab)  # ASPP features have no head
     assert "cand: preset plus + trained backbone head" not in dict(transformer)  # MiT has no backbone head
-    assert {"cand: preset plus + trained head", "cand: preset plus + contrast warm-up 100"} <= set(dict(transformer))
+    assert {"cand: preset plus + trained head", "cand: preset plus + contrast warm-up 100",
+            "cand: paper + trained head"} <= set(dict(transformer))
+    assert "cand: paper + trained head" not in dict(deeplab)
     dirs = [demo._dir_name(name) for name, _ in rows]
     assert len(set(dirs)) == len(dirs)  # no two rows share a run directory
     plus = dict(demo.CANDIDATE_ROWS)["cand: memory partners + weights 0.5"]
