@@ -257,11 +257,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP and/or torch.compile wrapper (``model`` itself when unwrapped)."""
+    inner = getattr(model, "module", model)
+    return getattr(inner, "_orig_mod", inner)
+
+
 def model_state_for_checkpoint(model: torch.nn.Module) -> dict[str, Any]:
     """State dict of the underlying module (unwraps DDP and torch.compile)."""
-    inner = getattr(model, "module", model)
-    inner = getattr(inner, "_orig_mod", inner)
-    return inner.state_dict()
+    return unwrap_model(model).state_dict()
 
 
 def ensure_writable(directory: Path) -> None:

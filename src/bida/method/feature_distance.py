@@ -11,14 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checkpoint import unwrap_model
+
 IGNORE = 255
 FD_MIN_RATIO = 0.75  # DAFormer: a feature pixel takes a label only when 75% of its pixels share it
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DDP or compiled wrapper."""
-    inner = getattr(model, "module", model)
-    return getattr(inner, "_orig_mod", inner)
 
 
 def downscale_labels_by_ratio(labels: Tensor, size: tuple[int, int], num_classes: int,
@@ -55,7 +51,7 @@ class FeatureDistance:
 
     def capture(self, student: torch.nn.Module):
         """Context manager: record the student's backbone outputs of the forwards inside it."""
-        return _Capture(_backbone_module(_unwrap(student)), self._captured)
+        return _Capture(_backbone_module(unwrap_model(student)), self._captured)
 
     def loss(self, img_src: Tensor, y_src: Tensor, return_count: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Distance for the source batch the student forwarded first inside :meth:`capture`

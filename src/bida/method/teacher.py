@@ -51,8 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checkpoint import unwrap_model
 from ..config import Config
-from .feature_distance import (FD_MIN_RATIO, FeatureDistance, _unwrap,  # noqa: F401 (public here too)
+from .feature_distance import (FD_MIN_RATIO, FeatureDistance,  # noqa: F401 (public here too)
                                downscale_labels_by_ratio)
 from .losses import seg_cross_entropy
 from .masking import MaskedImageConsistency
@@ -97,7 +98,7 @@ class EMATeacher:
 
     def reset(self, student: torch.nn.Module) -> None:
         """Start as an exact copy of ``student`` (the start of the adaptation phase)."""
-        self.model = copy.deepcopy(_unwrap(student))
+        self.model = copy.deepcopy(unwrap_model(student))
         self.model.eval()
         self.model.requires_grad_(False)
         self.updates = 0
@@ -108,7 +109,7 @@ class EMATeacher:
         assert self.model is not None, "reset() the teacher before updating it"
         self.updates += 1
         alpha = ema_alpha(self.updates, self.momentum)
-        student = _unwrap(student)
+        student = unwrap_model(student)
         t_params = list(self.model.parameters())
         s_params = [p.detach() for p in student.parameters()]
         torch._foreach_mul_(t_params, alpha)
@@ -279,7 +280,7 @@ class MeanTeacher:
         teacher stay the same on every rank.
         """
         if sync_statistics is not None:
-            sync_statistics(_unwrap(student))
+            sync_statistics(unwrap_model(student))
         self.teacher.update(student)
 
     def state_dict(self) -> dict:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 from functools import partial
 
 import torch
 from torch import Tensor
 
+from ..checkpoint import unwrap_model
 from ..config import Config
 from ..models import SegOutput
 from .losses import entropy, pixel_prototype_contrast, seg_cross_entropy
@@ -84,8 +86,7 @@ def _label_accuracy(pred: Tensor, gt: Tensor) -> Tensor:
 def head_input_detached(model: torch.nn.Module):
     """Forwards inside feed the projection head (``model.proj``) a detached input: a loss on
     the contrast features then trains the head alone, never the segmentation path."""
-    inner = getattr(model, "module", model)
-    head = getattr(getattr(inner, "_orig_mod", inner), "proj", None)
+    head = getattr(unwrap_model(model), "proj", None)
     if head is None:
         raise ValueError("the model has no projection head (method.feature=aspp_branches)")
     handle = head.register_forward_pre_hook(lambda module, args: tuple(a.detach() for a in args))
@@ -166,21 +167,32 @@ def _with_memory(protos: Tensor, present: Tensor, memory) -> tuple[Tensor, Tenso
     return torch.where(fill[..., None], memory.value.to(protos.device), protos), present | fill
 
 
+Count = Tensor | int
+
+
 class _Terms:
     """The loss terms of one step, in the order they are added: each a per-pixel mean with its
-    weight and (for distributed runs) the number of pixels behind it."""
+    weight and, for distributed runs (``reduce_sums``), the number of pixels behind it.
 
-    def __init__(self) -> None:
+    A count is given as a value or as a function that computes it; the function runs only
+    when ``reduce_sums`` needs the count, so a single process does no counting work.
+    """
+
+    def __init__(self, reduce_sums=None) -> None:
+        self.reduce_sums = reduce_sums
         self.values: dict[str, Tensor] = {}
         self.weights: dict[str, float] = {}
-        self.counts: dict[str, Tensor | int] = {}
+        self.counts: dict[str, Count] = {}
 
-    def add(self, name: str, value: Tensor, weight: float, count: Tensor | int) -> None:
-        self.values[name], self.weights[name], self.counts[name] = value, weight, count
+    def add(self, name: str, value: Tensor, weight: float, count: Count | Callable[[], Count]) -> None:
+        self.values[name], self.weights[name] = value, weight
+        if self.reduce_sums is not None:
+            self.counts[name] = count() if callable(count) else count
 
-    def result(self, logs: dict[str, Tensor | float], reduce_sums=None) -> StepResult:
+    def result(self, logs: dict[str, Tensor | float]) -> StepResult:
         """The weighted sum (each term a global-batch mean under ``reduce_sums``) and the logs."""
-        values = self.values if reduce_sums is None else reduce_sums.global_means(self.values, self.counts)
+        rs = self.reduce_sums
+        values = self.values if rs is None else rs.global_means(self.values, self.counts)
         loss = sum(self.weights[k] * values[k] for k in values)
         logs.update({f"loss/{k}": v.detach() for k, v in values.items()})
         logs["loss/total"] = loss.detach()
@@ -218,43 +230,48 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
     y_src, y_static = batch_src["label"], batch_tgt["label"]
     logit_size = tuple(out_src.logits.shape[-2:])
     valid_src_l, valid_tgt_l = _valid_at(batch_src, logit_size), _valid_at(batch_tgt, logit_size)
-    terms, logs = _Terms(), {}  # type: dict[str, Tensor | float]; weights are applied here, never inside the losses
+    terms = _Terms(reduce_sums)  # weights are applied here, never inside the losses
+    logs: dict[str, Tensor | float] = {}
 
     # CE(p_S, y_S): the source cross entropy.
-    terms.add("seg_src", seg_cross_entropy(out_src.logits, y_src), 1.0, _labelled(y_src))
+    terms.add("seg_src", seg_cross_entropy(out_src.logits, y_src), 1.0, lambda: _labelled(y_src))
     # λ_e [H(p_S) + λ_t H(p_T)]: the entropy terms (minent: the target's alone, weight λ_e).
     target_seg = m.name in ("self_training", "bida") and seg_terms
     if m.name == "minent":
         terms.add("ent_tgt", entropy(out_tgt.logits, valid_tgt_l), lw.entropy_weight,
-                  _num_valid(out_tgt.logits, valid_tgt_l))
+                  lambda: _num_valid(out_tgt.logits, valid_tgt_l))
     elif target_seg:
         terms.add("ent_src", entropy(out_src.logits, valid_src_l), lw.entropy_weight,
-                  _num_valid(out_src.logits, valid_src_l))
+                  lambda: _num_valid(out_src.logits, valid_src_l))
         terms.add("ent_tgt", entropy(out_tgt.logits, valid_tgt_l), lw.entropy_weight * lw.seg_tgt_weight,
-                  _num_valid(out_tgt.logits, valid_tgt_l))
+                  lambda: _num_valid(out_tgt.logits, valid_tgt_l))
     # λ_1 L_t2s + λ_2 L_s2t, with y_T = y_F completed by label transfer (BiDA).
     y_seg_tgt = y_static
     if m.name == "bida":
-        y_seg_tgt = _bida_contrast(terms, logs, out_src, out_tgt, batch_src, batch_tgt, cfg, calibration,
-                                   num_classes, reduce_sums, adapt_iter)
+        y_seg_tgt = _bida_contrast(terms, logs, out_src, out_tgt, batch_src, batch_tgt, valid_tgt_l, cfg,
+                                   calibration, num_classes, reduce_sums, adapt_iter)
     # λ_t CE(p_T, y_F): the target cross entropy on the static pseudo labels.
     if target_seg:
-        terms.add("seg_tgt", seg_cross_entropy(out_tgt.logits, y_seg_tgt), lw.seg_tgt_weight, _labelled(y_seg_tgt))
-    return terms.result(logs, reduce_sums)
+        terms.add("seg_tgt", seg_cross_entropy(out_tgt.logits, y_seg_tgt), lw.seg_tgt_weight,
+                  lambda: _labelled(y_seg_tgt))
+    return terms.result(logs)
 
 
 def _bida_contrast(terms: _Terms, logs: dict, out_src: SegOutput, out_tgt: SegOutput, batch_src: dict,
-                   batch_tgt: dict, cfg: Config, calibration: Calibration | None, num_classes: int,
-                   reduce_sums, adapt_iter: int | None) -> Tensor:
+                   batch_tgt: dict, valid_tgt_l: Tensor | None, cfg: Config, calibration: Calibration | None,
+                   num_classes: int, reduce_sums, adapt_iter: int | None) -> Tensor:
     """BiDA's part of one iteration, docs/method.md sections 1–4: adds L_t2s and L_s2t to ``terms``
     (and pseudo-label figures to ``logs``), updates the moving averages, and returns the
     target labels of the segmentation loss (y_F, or y_T upsampled with
-    ``pseudo.dynamic_for_segmentation``)."""
+    ``pseudo.dynamic_for_segmentation``). ``valid_tgt_l``: the target's valid mask at the
+    logit size (None without padding)."""
     m, lw = cfg.method, cfg.loss
     y_src, y_static = batch_src["label"], batch_tgt["label"]
     f_src, f_tgt = out_src.features, out_tgt.features
     feat_size = tuple(f_src.shape[-2:])
-    valid_tgt_f = _valid_at(batch_tgt, feat_size)
+    # Features and logits share the output stride: reuse the mask when the sizes agree.
+    same = feat_size == tuple(out_tgt.logits.shape[-2:])
+    valid_tgt_f = valid_tgt_l if same else _valid_at(batch_tgt, feat_size)
     y_src_f = downsample_labels(y_src, feat_size)
     y_static_f = _mask_labels(downsample_labels(y_static, feat_size), valid_tgt_f)
 
