@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bida.checkpoint import atomic_write_text
 from bida.demo import (DEMO_ARCHS, SUMMARY_KEYS, _open_grid, candidate_rows, environment, run_grid, seed_list,
-                       seeds_table, summarise, timing_table)
+                       seeds_table, source_stage_overrides, summarise, timing_table)
 from bida.presets import preset_overrides
 
 DESIGNS = ("cand: preset plus + trained head", "cand: preset plus + trained backbone head",
@@ -89,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = design_rows(cfg_path, overrides, spec.get("designs"), spec.get("bida_baselines", True))
     from bida.config import load_config
 
-    t = load_config(cfg_path, overrides).train
-    so_over = [f"train.iters={t.source_iters}"] if t.schedule == "teacher" and t.source_iters else []
+    so_over = source_stage_overrides(load_config(cfg_path, overrides))
     timing: dict = {"setup_s": time.time() - t0, "runs_s": {}}
     results = run_grid(cfg_path, out, rows, seeds, overrides, quiet=True, flat=False, resume=args.resume is not None,
                        timing=timing["runs_s"], source_overrides=so_over)

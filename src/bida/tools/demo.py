@@ -26,7 +26,7 @@ from ..engine.train import environment, train  # noqa: F401 - train: public here
 from .ablate import ABLATION_ROWS, CANDIDATE_ROWS, candidate_rows, run_ablation  # noqa: F401 - public here too
 from .grid import (  # noqa: F401 - public here too
     GRID_FILE, HEAD_ON, LABEL_CACHE, RESULT_FILE, ROW_DIRS, _complete, _dir_name, _finished, _open_grid, _train,
-    fresh_dir, head_overrides, reevaluate_run, run_grid, seed_list)
+    fresh_dir, head_overrides, reevaluate_run, run_grid, seed_list, source_stage_overrides)
 from .grid_tables import (  # noqa: F401 - public here too
     SUMMARY_KEYS, _mean_per_class, _reported, _results_text, add_pair, mean_std, paired_difference, pairs_table,
     per_class_table, reported_split, results_table, seeds_table, summarise, timing_table)
@@ -91,12 +91,8 @@ def run_demo(out: Path, overrides: Sequence[str] = (), quiet: bool = False, repo
     setup_cfg = load_config(cfg_path, list(base))
     resolve_domain(setup_cfg, "source"), resolve_domain(setup_cfg, "target")
     timing: dict = {"setup_s": time.time() - t0, "runs_s": {}}
-    # Mean teacher: a source-only run trains train.iters on source; the demo's source-only
-    # models train the config's source stage (train.source_iters) instead.
-    t = setup_cfg.train
-    so_over = [f"train.iters={t.source_iters}"] if t.schedule == "teacher" and t.source_iters else []
     results = run_grid(cfg_path, out, rows, seed_values, base, quiet=quiet, flat=seeds == 1, resume=resume,
-                       reevaluate=reevaluate, timing=timing["runs_s"], source_overrides=so_over)
+                       reevaluate=reevaluate, timing=timing["runs_s"], source_overrides=source_stage_overrides(setup_cfg))
     summary = summarise(results, "self_training")
     for name, other in (*MIC_PAIRS.items(), ("bida", "bida_paper")):
         if name in results and other in results:

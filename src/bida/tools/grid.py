@@ -46,6 +46,14 @@ def fresh_dir(path: Path) -> Path:
     return Path(f"{path}-{i}")
 
 
+def source_stage_overrides(cfg: Config) -> list[str]:
+    """What a grid's source-only runs add to train the config's source stage: on the teacher
+    schedule a source_only run trains ``train.iters`` on source, so it is given
+    ``train.source_iters`` instead; other schedules need nothing."""
+    t = cfg.train
+    return [f"train.iters={t.source_iters}"] if t.schedule == "teacher" and t.source_iters else []
+
+
 def seed_list(cfg_path: str | None, overrides: Sequence[str], num_seeds: int) -> list[int]:
     """``num_seeds`` consecutive training seeds from the config's ``seed`` (data stay fixed)."""
     if num_seeds < 1:
