@@ -175,6 +175,11 @@ class TrainConfig:
     # training up) or "aot_eager" (traces and runs the same graphs with eager kernels: fast to
     # compile, for checking that a model compiles; the mode is ignored).
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"
+    # CUDA: cuDNN's deterministic kernels, a fixed cuBLAS workspace and PyTorch's deterministic
+    # implementations where they exist (ops without one warn once). CPU: changes no result; a
+    # config repeats bit-identically on one CPU model, torch build and thread count anyway.
+    # README "Reliability" says what is and is not guaranteed.
+    deterministic: bool = False
     max_bad_steps: int = 10  # stop after this many non-finite steps in a row
     quiet: bool = False  # no progress bar
 

@@ -44,6 +44,38 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def deterministic_algorithms(enabled: bool) -> None:
+    """``train.deterministic``: on CUDA, cuDNN's deterministic kernels (no benchmark autotuning),
+    a fixed cuBLAS workspace (``CUBLAS_WORKSPACE_CONFIG=:4096:8``, unless already set) and
+    PyTorch's deterministic implementations wherever it has them. Ops that have none (on CUDA
+    some backward passes of interpolation, ``index_add_`` and the losses' scatter sums) warn
+    once instead of failing, so a run never stops for it; those stay run-to-run variable.
+
+    On CPU the kernels bida uses are deterministic already: a config repeats bit-identically
+    on the same CPU model with the same torch build and the same thread count (the switch
+    changes no result there; it only also fills uninitialised memory). Results differ across
+    CPU kinds (MKL and oneDNN choose kernels by vendor and model) and across thread counts.
+    """
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any GEMM
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def determinism_settings() -> tuple[bool, bool, bool, bool]:
+    """The process-wide switches :func:`deterministic_algorithms` sets, to restore them after a run."""
+    return (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+
+
+def restore_determinism(settings: tuple[bool, bool, bool, bool]) -> None:
+    enabled, warn_only, cudnn_deterministic, cudnn_benchmark = settings
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_deterministic, cudnn_benchmark
+
+
 def git_revision() -> str | None:
     """The commit of the git checkout this package runs from; None when it does not run
     from one (an installed copy, no git, a timeout). Never raises.
@@ -86,11 +118,11 @@ def cpu_model() -> str | None:
 
 def environment() -> dict[str, Any]:
     """What a measured figure depends on besides the config: git commit (None outside a git
-    checkout), CPU model, CPU count, torch and Python versions."""
+    checkout), CPU model, CPU count, torch's thread count, torch and Python versions."""
     import platform
 
     return {"git_commit": git_revision(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "python": platform.python_version()}
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
 
 
 RANK_SEED_SALT = 41  # the torch seed of rank r > 0 under torchrun: _mix(seed, r, salt)
@@ -136,6 +168,7 @@ def setup_run(trainer, cfg: Config, resume: bool, overwrite: bool, dump_config) 
     """Domains, model, calibration and mean teacher; then the resumed state, or the initial
     weights and a new run directory (its config written with ``dump_config``)."""
     seed_everything(cfg.seed)
+    deterministic_algorithms(cfg.train.deterministic)
     trainer.src: Domain = resolve_domain(cfg, "source")
     trainer.tgt: Domain = resolve_domain(cfg, "target")
     trainer.classes = check_same_classes(trainer.src, trainer.tgt)

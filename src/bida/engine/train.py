@@ -45,8 +45,8 @@ from .guard import StepGuard, _first_non_finite, _grad_max_norm, _step_is_finite
 from .run_dir import RunLock, _copy_dir, check_run_dir, create_run_dir  # noqa: F401,E402
 from .runlog import RunLogger  # noqa: F401,E402
 from .schedules import plan_phases, poly_lr  # noqa: F401,E402
-from .setup import (RANK_SEED_SALT, cpu_model, environment, git_revision, pick_device,  # noqa: F401,E402
-                    seed_everything)
+from .setup import (RANK_SEED_SALT, cpu_model, determinism_settings, environment, git_revision,  # noqa: F401,E402
+                    pick_device, restore_determinism, seed_everything)
 from .stop import _Stopping  # noqa: F401,E402
 
 
@@ -323,11 +323,13 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, overwrite: boo
     """
     from . import distributed
 
+    determinism = determinism_settings()
     try:
         trainer = Trainer(cfg, Path(run_dir), resume=resume, overwrite=overwrite, quiet=quiet, label_cache=label_cache)
         return trainer.fit()
     finally:  # also on error: leave the process group so that the other ranks do not wait for this one
         distributed.shutdown()
+        restore_determinism(determinism)  # train.deterministic is process-wide: the next run starts clean
 
 
 def default_run_dir(cfg: Config) -> Path:
