@@ -24,7 +24,11 @@ forwards the source and the mixed images apart (each its own BN batch);
 ``loss.pseudo_ce_mean: all`` averages the teacher-label cross-entropies over all pixels.
 ``train.teacher_bn: batch`` lets the EMA teacher's BatchNorms label with batch statistics
 (DAFormer keeps its EMA model in train mode, dropout and drop path off) rather than the
-averaged running statistics.
+averaged running statistics. ``pseudo.ignore_top`` / ``pseudo.ignore_bottom`` give the
+teacher labels of the top and bottom rows of each target crop weight 0 (DAFormer's
+pseudo-label crop, :func:`banded_weight`); ``train.mix_classes: batch`` draws the ClassMix
+classes from the batch's label values (:func:`bida.mixing.batch_class_mix_masks`);
+``loss.source_ce_mean: all`` averages the source CE over every pixel.
 
 With ``mic.weight > 0`` either method adds MIC's masked image consistency
 (:mod:`bida.masking`): the student, forwarded once more on the colour-augmented target
