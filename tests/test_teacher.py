@@ -745,21 +745,22 @@ def test_batch_class_mix_is_the_global_batch_rule_on_every_rank():
     from bida.mixing import batch_class_mix_masks
 
     g = torch.Generator().manual_seed(3)
-    y = torch.randint(0, 5, (4, 6, 6), generator=g)
+    y = torch.randint(0, 10, (16, 6, 6), generator=g)  # rank 0's 8 images: classes 0-9
     y[0, :2] = 255
-    y[3] = torch.where(y[3] == 4, 255, y[3])  # class 4 only in images 0-2
-    y[2:] = torch.where(y[2:] == 3, 1, y[2:])  # class 3 only in images 0-1: rank 1 learns of it by the reduce
-    whole = batch_class_mix_masks(y, 19, torch.Generator().manual_seed(5))
+    y[8:] = torch.randint(0, 2, (8, 6, 6), generator=g)  # rank 1's: 0 and 1 only (choosing 1 of 2 alone)
+    whole = batch_class_mix_masks(y, 19, torch.Generator().manual_seed(5))  # 11 values: 6 chosen per image
 
     def present(part):
         ids = torch.where(part == 255, 19, part).flatten()
         return torch.zeros(20, dtype=torch.long).scatter_(0, ids, 1)
 
     for rank in (0, 1):
-        other = present(y[2 * (1 - rank): 2 * (2 - rank)])
-        part = batch_class_mix_masks(y[2 * rank: 2 * rank + 2], 19, torch.Generator().manual_seed(5), rank=rank,
+        other = present(y[8 * (1 - rank): 8 * (2 - rank)])
+        part = batch_class_mix_masks(y[8 * rank: 8 * rank + 8], 19, torch.Generator().manual_seed(5), rank=rank,
                                      world_size=2, reduce=lambda t: t + other)
-        assert torch.equal(part, whole[2 * rank: 2 * rank + 2])
+        assert torch.equal(part, whole[8 * rank: 8 * rank + 8])
+    alone = batch_class_mix_masks(y[8:], 19, torch.Generator().manual_seed(5), rank=1, world_size=2)
+    assert not torch.equal(alone, whole[8:])  # without the reduce rank 1 would draw from its own values
 
 
 def test_class_mix_batch_rule_is_deterministic_and_resumes(tiny_overrides):
