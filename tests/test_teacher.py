@@ -574,7 +574,9 @@ def test_teacher_bn_config(tiny_overrides):
 
 def test_daformer_switches_train_and_resume_exactly_mid_phase(tmp_path, tiny_overrides):
     cfg = load_config(None, tiny_overrides + ["method=bida", *TEACHER, "train.iters=2", "train.teacher_bn=batch",
-                                              "train.student_forwards=separate", "loss.pseudo_ce_mean=all"])
+                                              "train.student_forwards=separate", "loss.pseudo_ce_mean=all",
+                                              "pseudo.ignore_top=3", "pseudo.ignore_bottom=5",
+                                              "train.mix_classes=batch", "loss.source_ce_mean=all"])
     train(cfg, tmp_path / "full")
     steps = [r for r in _records(tmp_path / "full") if r.get("phase") == "teacher"]
     assert len(steps) == 2 and all(math.isfinite(r["loss/total"]) for r in steps)
