@@ -385,3 +385,18 @@ def test_an_unreadable_pseudo_label_is_a_data_error_naming_it(tmp_path):
     for i, name in ((0, pseudo_label_name(samples[0].name)), (1, pseudo_label_name(samples[1].name))):
         with pytest.raises(DataError, match=f"cannot read pseudo label {labels / name}.*remove {labels}"):
             ds[(i, 0)]
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["pseudo.ignore_top=-1"], "pseudo.ignore_top"),
+    (["pseudo.ignore_bottom=-3"], "pseudo.ignore_bottom"),
+    (["pseudo.ignore_top=4", "pseudo.ignore_bottom=4"], "pseudo.ignore_top + pseudo.ignore_bottom"),  # crop height 8
+    (["pseudo.ignore_top=8"], "pseudo.ignore_top + pseudo.ignore_bottom"),
+    (["train.mix_classes=daformer"], "train.mix_classes"),
+    (["loss.source_ce_mean=pixels"], "loss.source_ce_mean"),
+])
+def test_daformer_recipe_keys_are_refused_up_front(tmp_path, capsys, overrides, needle):
+    src, tgt = folder_pair(tmp_path)
+    teacher = ["train.schedule=teacher", "method=self_training"]
+    run_cli(tmp_path, train_args(tmp_path, folder_args(src, tgt) + teacher + overrides), capsys, needle)
+    assert not (tmp_path / "run").exists()

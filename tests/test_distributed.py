@@ -330,7 +330,15 @@ def _teacher_records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if '"phase": "teacher"' in line]
 
 
-def test_teacher_two_ranks_give_the_step_0_loss_of_one_process_on_the_global_batch(tmp_path, tiny_overrides):
+# DAFormer's switches that frozen BN allows (train.teacher_bn=batch needs trainable BN): the crop
+# bands, the global batch's ClassMix candidates, all-pixel CE means (counts of every pixel on
+# every rank), separate forwards.
+DAFORMER = ["pseudo.ignore_top=3", "pseudo.ignore_bottom=5", "train.mix_classes=batch", "loss.source_ce_mean=all",
+            "loss.pseudo_ce_mean=all", "train.student_forwards=separate"]
+
+
+@pytest.mark.parametrize("extra", [[], DAFORMER], ids=["defaults", "daformer_switches"])
+def test_teacher_two_ranks_give_the_step_0_loss_of_one_process_on_the_global_batch(tmp_path, tiny_overrides, extra):
     # Frozen BN (DeepLab): no per-rank batch statistics, so the first step's losses must be those
     # of one process on the whole global batch: same images and crops, ClassMix masks, colour
     # jitter and MIC masks, quality weight, BiDA prototypes and per-pixel means.
@@ -345,7 +353,7 @@ def test_teacher_two_ranks_give_the_step_0_loss_of_one_process_on_the_global_bat
     # (teacher_threshold 0.2: some but not all of this student's target pixels pass it)
     overrides = base + TEACHER + ["train.iters=2", "pseudo.teacher_threshold=0.2", f"model.pretrained={weights}",
                                   "loss.feature_distance_weight=0.005",
-                                  f"model.init_checkpoint={tmp_path / 'source' / 'checkpoints' / 'last.pt'}"]
+                                  f"model.init_checkpoint={tmp_path / 'source' / 'checkpoints' / 'last.pt'}"] + extra
     ranks = _spawn_teacher(overrides, tmp_path / "ddp", "ddp")
     _assert_same_states(ranks[0], ranks[1], "rank 0 vs rank 1")
     run, single = tmp_path / "ddp", tmp_path / "single"

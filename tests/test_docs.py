@@ -152,3 +152,29 @@ def test_usage_of_grid_commands_shows_resume(command):
         assert "--resume" in COMMANDS[command].format_help()
     else:
         assert f"bida {command} --resume DIR" in README
+
+
+def test_daformer_deviation_table_names_real_keys_their_defaults_and_the_configs_values():
+    """Each row of README's DAFormer/MIC deviation table: a config key, its schema default in
+    the bida column, and in the published column the value the DAFormer and MIC configs set."""
+    import yaml
+
+    from bida.config import Config
+
+    start = README.index("### Deviation table: DAFormer and MIC\n")
+    end = README.index("\n### ", start + 1)
+    rows = [line for line in README[start:end].splitlines() if line.startswith("| `")]
+    keys = {}
+    for row in rows:
+        key, published, default = (cell.strip() for cell in row.strip("|").split("|"))
+        keys[key.strip("`")] = (re.match(r"`([^`]+)`", published).group(1), re.match(r"`([^`]+)`", default).group(1))
+    required = {"pseudo.ignore_top", "pseudo.ignore_bottom", "train.teacher_bn", "train.student_forwards",
+                "loss.pseudo_ce_mean", "loss.source_ce_mean", "train.mix_classes"}
+    assert required <= set(keys)
+    for name in ("daformer", "mic_daformer", "bida_daformer", "bida_mic_daformer"):
+        for pair in ("gta5", "synthia"):
+            raw = yaml.safe_load((ROOT / "configs" / f"{name}_{pair}_to_cityscapes.yaml").read_text())
+            for key, (published, default) in keys.items():
+                section, field = key.split(".")
+                assert str(getattr(getattr(Config(), section), field)) == default, key
+                assert str(raw[section][field]) == published, (name, pair, key)

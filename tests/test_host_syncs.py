@@ -124,11 +124,15 @@ DINOV2 = ["model.backbone=dinov2_vits14_reg", "model.decoder=daformer", "model.d
 
 
 TEACHER_DESIGNS = ["method.memory_partners=true", "loss.contrast_warmup_iters=1"]
+# DAFormer's published switches (the DAFormer and MIC configs): crop bands, the batch's
+# ClassMix candidates, all-pixel CE means, separate forwards, teacher BN batch statistics.
+DAFORMER = ["pseudo.ignore_top=3", "pseudo.ignore_bottom=5", "train.mix_classes=batch", "loss.source_ce_mean=all",
+            "loss.pseudo_ce_mean=all", "train.student_forwards=separate", "train.teacher_bn=batch"]
 
 
 @pytest.mark.parametrize("method, extra", [("self_training", []), ("bida", []), ("bida", DINOV2),
-                                           ("bida", TEACHER_DESIGNS)],
-                         ids=["self_training", "bida", "bida_dinov2", "bida_designs"])
+                                           ("bida", TEACHER_DESIGNS), ("bida", DAFORMER)],
+                         ids=["self_training", "bida", "bida_dinov2", "bida_designs", "bida_daformer_switches"])
 def test_teacher_steps_with_mic_read_nothing_from_the_device_but_their_finite_flag(tmp_path, tiny_overrides,
                                                                                    monkeypatch, method, extra):
     import bida.train as tr
@@ -184,15 +188,18 @@ def _teacher_rank_reads(rank: int, world: int, overrides: list[str], run: str, p
         distributed.shutdown()
 
 
-def test_teacher_steps_under_two_ranks_read_nothing_from_the_device_but_their_finite_flag(tmp_path, tiny_overrides):
+@pytest.mark.parametrize("extra", [[], DAFORMER], ids=["defaults", "daformer_switches"])
+def test_teacher_steps_under_two_ranks_read_nothing_from_the_device_but_their_finite_flag(tmp_path, tiny_overrides,
+                                                                                         extra):
     # The collectives the teacher step adds under torchrun (global quality weight and means,
-    # BiDA's prototypes, the gradient average, the flags) stay on the device.
+    # BiDA's prototypes, the batch's ClassMix candidates, the gradient average, the flags)
+    # stay on the device.
     import json
 
     import torch.multiprocessing as mp
     from test_distributed import _free_port
 
-    overrides = tiny_overrides + [
+    overrides = tiny_overrides + extra + [
         "method=bida", "train.schedule=teacher", "train.batch_size=4", "train.iters=2", "train.log_every=1000",
         "train.checkpoint_every=1000", "train.eval_every=1000", "eval.max_images=1", "data.rare_class_sampling=true",
         "data.rcs_min_pixels=2", "mic.weight=1", "mic.block_size=8"]

@@ -305,3 +305,59 @@ def test_contrast_rejects_mismatched_shapes():
         pixel_prototype_contrast(features, labels, prototypes, present, TAU, resolution="crop")
     with pytest.raises(ValueError):
         pixel_prototype_contrast(features, labels, prototypes, present[:4], TAU)
+
+
+def test_seg_cross_entropy_mean_over_all_pixels():
+    """loss.source_ce_mean=all (mmseg's mean): sum of CE / every pixel, ignored ones counting 0;
+    equal to the labelled mean times the labelled share."""
+    from bida.losses import ce_pixel_count
+
+    logits = torch.zeros(1, 2, 1, 4)
+    logits[0, 0] = torch.tensor([math.log(3.0), 0.0, 0.0, 0.0])  # p(class 0) = 3/4 at pixel 0, 1/2 elsewhere
+    labels = torch.tensor([[[0, 1, IGNORE, IGNORE]]])
+    total = -math.log(0.75) - math.log(0.5)
+    labelled = seg_cross_entropy(logits, labels)
+    everything = seg_cross_entropy(logits, labels, mean_over="all")
+    assert labelled.item() == pytest.approx(total / 2) and everything.item() == pytest.approx(total / 4)
+    assert everything.item() == pytest.approx(labelled.item() * 2 / 4)
+    assert seg_cross_entropy(logits, torch.full_like(labels, IGNORE), mean_over="all").item() == 0.0
+    assert ce_pixel_count(labels, "all").item() == 4 and ce_pixel_count(labels, "labelled").item() == 2
+    with pytest.raises(ValueError, match="mean_over"):
+        seg_cross_entropy(logits, labels, mean_over="none")
+
+
+def test_source_ce_mean_is_read_by_every_step(tiny_overrides):
+    """source_step, adapt_step and the teacher step: seg_src with all = with labelled x labelled share."""
+    import copy
+
+    from bida.config import load_config
+    from bida.models import build_model
+    from bida.teacher import MeanTeacher, teacher_step
+    from bida.train_step import adapt_step, source_step
+
+    g = torch.Generator().manual_seed(0)
+    src = {"image": torch.randn(2, 3, 32, 64, generator=g), "label": torch.randint(0, 19, (2, 32, 64), generator=g)}
+    src["label"][:, :8] = IGNORE  # a quarter unlabelled
+    src["label"][1, 8:, 48:] = IGNORE
+    share = (src["label"] != IGNORE).float().mean().item()
+    tgt = {"image": torch.randn(2, 3, 32, 64, generator=g), "label": torch.randint(0, 19, (2, 32, 64), generator=g)}
+    teacher = ["train.schedule=teacher", "method=self_training", "pseudo.teacher_threshold=0.01"]
+    steps = {
+        "source": ([], lambda m, c: source_step(m, src, c)),
+        "adapt": (["method=self_training"], lambda m, c: adapt_step(m, src, tgt, c, None, 19)),
+        "teacher": (teacher, lambda m, c: teacher_step(m, src, tgt, c, _state(c, m), None, 19)),
+    }
+
+    def _state(cfg, model):
+        state = MeanTeacher(cfg, 19, "cpu")
+        state.start(model)
+        return state
+
+    for name, (over, step) in steps.items():
+        seg = {}
+        for mean in ("labelled", "all"):
+            cfg = load_config(None, tiny_overrides + over + [f"loss.source_ce_mean={mean}"])
+            torch.manual_seed(0)
+            model = build_model(cfg.model, 19, cfg.method.feature).train()
+            seg[mean] = step(copy.deepcopy(model), cfg).logs["loss/seg_src"].item()
+        assert seg["all"] == pytest.approx(seg["labelled"] * share, rel=1e-5), name

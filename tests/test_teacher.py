@@ -574,7 +574,9 @@ def test_teacher_bn_config(tiny_overrides):
 
 def test_daformer_switches_train_and_resume_exactly_mid_phase(tmp_path, tiny_overrides):
     cfg = load_config(None, tiny_overrides + ["method=bida", *TEACHER, "train.iters=2", "train.teacher_bn=batch",
-                                              "train.student_forwards=separate", "loss.pseudo_ce_mean=all"])
+                                              "train.student_forwards=separate", "loss.pseudo_ce_mean=all",
+                                              "pseudo.ignore_top=3", "pseudo.ignore_bottom=5",
+                                              "train.mix_classes=batch", "loss.source_ce_mean=all"])
     train(cfg, tmp_path / "full")
     steps = [r for r in _records(tmp_path / "full") if r.get("phase") == "teacher"]
     assert len(steps) == 2 and all(math.isfinite(r["loss/total"]) for r in steps)
@@ -585,3 +587,214 @@ def test_daformer_switches_train_and_resume_exactly_mid_phase(tmp_path, tiny_ove
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     ta, tb = a["mean_teacher"]["teacher"]["model"], b["mean_teacher"]["teacher"]["model"]
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+# ------------------------------------------------ DAFormer's recipe: crop bands, ClassMix candidates
+
+
+def test_banded_weight_zeroes_exactly_the_band_rows_also_under_padding():
+    from bida.teacher import banded_weight
+
+    q = torch.tensor(0.75)
+    # no padding: rows 0-1 (top 2) and 7-9 (bottom 3) of 10 weigh 0, the others the quality
+    w = banded_weight(q, (2, 10, 3), 2, 3)
+    expect = torch.tensor([0, 0, 0.75, 0.75, 0.75, 0.75, 0.75, 0, 0, 0])
+    assert w.shape == (2, 10, 3) and w.dtype == torch.float32
+    assert torch.equal(w, expect.view(1, 10, 1).expand(2, 10, 3))
+    # image 1 padded below row 5 (bida pads at the bottom): its band is rows 3-5, the last three
+    # unpadded rows; image 2 is all padding: weight 0 everywhere
+    valid = torch.ones(3, 10, 3, dtype=torch.bool)
+    valid[1, 6:] = False
+    valid[1, 2, 1] = False  # a hole in a row does not end the image
+    valid[2] = False
+    w = banded_weight(q, (3, 10, 3), 2, 3, valid)
+    assert torch.equal(w[0, :, 0], expect)
+    assert w[1, :, 0].tolist() == [0, 0, 0.75] + [0] * 7
+    assert torch.equal(w[2], torch.zeros(10, 3))
+    assert torch.equal(banded_weight(q, (1, 4, 2), 0, 0), torch.full((1, 4, 2), 0.75))
+
+
+def test_quality_weight_counts_the_band_rows_and_the_bands_only_zero_the_weight():
+    """DAFormer: quality = confident pixels / all pixels of the batch, computed before the bands."""
+    from bida.teacher import banded_weight
+
+    conf = torch.tensor([[[0.99, 0.99], [0.5, 0.99], [0.5, 0.5], [0.99, 0.99]]])  # (1, 4, 2)
+    valid = torch.ones(1, 4, 2, dtype=torch.bool)
+    q = quality_weight(conf, valid, 0.968)
+    assert q.item() == pytest.approx(5 / 8)  # rows 0 and 3 (the bands below) count: 5 of 8
+    w = banded_weight(q, (1, 4, 2), 1, 1, valid)
+    assert w[0, :, 0].tolist() == pytest.approx([0, 5 / 8, 5 / 8, 0])
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_banded_pseudo_ce_matches_a_hand_reference(autocast):
+    """The weighted CE over banded weights: sum over unbanded rows of q * ce, over all pixels
+    (loss.pseudo_ce_mean=all) or the labelled ones, in fp32 also under bf16 autocast; no
+    gradient reaches a banded row."""
+    from bida.teacher import banded_weight
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 6, 4, generator=g).requires_grad_()
+    labels = torch.randint(0, 3, (2, 6, 4), generator=g)
+    labels[0, 2, :2] = 255
+    valid = torch.ones(2, 6, 4, dtype=torch.bool)
+    valid[1, 5:] = False  # image 1's last row is padding (ignore)
+    labels[1, 5:] = 255
+    q = torch.tensor(0.6)
+    w = banded_weight(q, (2, 6, 4), 1, 2, valid)
+    # hand reference (float64): -log softmax at the label, rows kept: image 0 rows 1-3, image 1 rows 1-2
+    logp = torch.log_softmax(logits.detach().double(), 1)
+    total = 0.0
+    for b, rows in ((0, range(1, 4)), (1, range(1, 3))):
+        for r in rows:
+            for c in range(4):
+                if labels[b, r, c] != 255:
+                    total += 0.6 * -logp[b, labels[b, r, c], r, c].item()
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    with ctx:
+        all_ = weighted_cross_entropy(logits, labels, w, mean_over="all")
+        labelled = weighted_cross_entropy(logits, labels, w)
+    assert all_.dtype == torch.float32
+    assert all_.item() == pytest.approx(total / 48, rel=1e-6)
+    assert labelled.item() == pytest.approx(total / int((labels != 255).sum()), rel=1e-6)
+    all_.backward()
+    grad = logits.grad.abs().sum(1)  # (2, 6, 4)
+    assert grad[0, [0, 4, 5]].eq(0).all() and grad[1, [0, 3, 4, 5]].eq(0).all()
+    assert grad[0, 1:4].gt(0).sum() == 10 and grad[1, 1:3].gt(0).all()
+
+
+def test_teacher_step_bands_weigh_the_target_pixels_of_the_mix_and_mic(tiny_overrides):
+    """seg_mix and mic of a teacher step with bands equal the losses recomputed by hand: the
+    mix weighs pasted source pixels 1 and target pixels the quality, 0 on the band rows; MIC
+    weighs the teacher labels the same way; the quality is the unbanded one."""
+    import copy
+
+    from bida.teacher import teacher_step
+
+    over = ["method=self_training", *TEACHER, "pseudo.teacher_threshold=0.1", "train.student_forwards=separate",
+            "mic.weight=1", "mic.block_size=8", "pseudo.ignore_top=3", "pseudo.ignore_bottom=5",
+            "loss.pseudo_ce_mean=all"]
+    cfg = load_config(None, tiny_overrides + over)
+    model, state, src, tgt = _step_inputs(cfg)
+    ref_model = copy.deepcopy(model)
+    logs = teacher_step(model, src, tgt, cfg, state, None, 19).logs
+    _, state, src, tgt = _step_inputs(cfg)  # fresh generators of the same seeds
+    y_t, _, q = state.teacher.pseudo_labels(tgt["image"], None, 0.1)
+    assert 0 < q.item() < 1 and torch.equal(logs["pseudo/teacher_quality"], q)
+    band = torch.zeros(32, dtype=torch.bool)
+    band[:3] = band[-5:] = True
+    img_mix, y_mix, _, mask = state.mixer(src["image"], src["label"], tgt["image"], y_t, q)
+    w_ref = torch.where(mask, 1.0, torch.where(band[None, :, None], 0.0, q))
+    ref_model(src["image"], "source")  # the same forwards in the same order (BN batch statistics)
+    ce = torch.nn.functional.cross_entropy(
+        torch.nn.functional.interpolate(ref_model(img_mix, "target").logits.float(), size=(32, 64), mode="bilinear",
+                                        align_corners=False), y_mix, ignore_index=255, reduction="none")
+    assert logs["loss/seg_mix"].item() == pytest.approx((w_ref * ce).sum().item() / y_mix.numel(), rel=1e-5)
+    img_masked, _ = state.masking(tgt["image"])
+    ce = torch.nn.functional.cross_entropy(
+        torch.nn.functional.interpolate(ref_model(img_masked, "target").logits.float(), size=(32, 64), mode="bilinear",
+                                        align_corners=False), y_t, ignore_index=255, reduction="none")
+    w_mic = torch.where(band[None, :, None], 0.0, q).expand(2, 32, 64)
+    assert logs["loss/mic"].item() == pytest.approx((w_mic * ce).sum().item() / y_t.numel(), rel=1e-5)
+
+
+def _daformer_class_masks(labels, gen):
+    """Naive reference of DAFormer's get_class_masks: for each image, torch.unique over the
+    whole batch's labels (ignore included), ceil(n / 2) of them without replacement, the
+    image's own pixels of those."""
+    masks = []
+    for label in labels:
+        classes = torch.unique(labels)
+        n = classes.numel()
+        chosen = classes[torch.randperm(n, generator=gen)[:(n + n % 2) // 2]]
+        masks.append(sum(label == c for c in chosen).bool())
+    return torch.stack(masks)
+
+
+def test_batch_class_mix_draws_from_the_batch_labels_including_ignore():
+    from bida.mixing import batch_class_mix_masks
+
+    # image A holds classes 0 and 1, image B class 2 and ignore: 4 candidates, 2 chosen per image
+    a = torch.tensor([[0, 0, 1], [1, 1, 0]])
+    b = torch.tensor([[2, 255, 255], [2, 2, 255]])
+    n = 3000
+    y = torch.stack([a, b]).repeat(n // 2, 1, 1)  # repeating the pair keeps the batch's values
+
+    def patterns(masks):
+        """Share of images of each kind (A, B) that paste nothing, the first value only, the second only, both."""
+        out = []
+        for img, (c1, c2) in ((slice(0, None, 2), (0, 1)), (slice(1, None, 2), (2, 255))):
+            m, lab = masks[img], y[img]
+            first, second = (m & (lab == c1)).flatten(1).any(1), (m & (lab == c2)).flatten(1).any(1)
+            assert torch.equal(m, (first[:, None, None] & (lab == c1)) | (second[:, None, None] & (lab == c2)))
+            out += [(~first & ~second).float().mean().item(), (first & ~second).float().mean().item(),
+                    (~first & second).float().mean().item(), (first & second).float().mean().item()]
+        return out
+
+    ours = patterns(batch_class_mix_masks(y, 19, torch.Generator().manual_seed(0)))
+    ref = patterns(_daformer_class_masks(y, torch.Generator().manual_seed(1)))
+    exact = [1 / 6, 2 / 6, 2 / 6, 1 / 6] * 2  # pairs of {0, 1, 2, 255}: {2, 255}, {0, 2}/{0, 255}, ...
+    assert ours == pytest.approx(exact, abs=0.04) and ref == pytest.approx(exact, abs=0.04)
+    assert ours == pytest.approx(ref, abs=0.05)
+    # ClassMix's per-image rule never leaves an image empty and never pastes ignore
+    image_rule = patterns(class_mix_masks(y, 19, torch.Generator().manual_seed(0)))
+    assert image_rule[0] == 0 and image_rule[4] == 0 and image_rule[6] == 0 and image_rule[7] == 0
+
+
+def test_batch_class_mix_is_the_global_batch_rule_on_every_rank():
+    """Two ranks with half the batch each (their candidates summed over ranks) draw exactly the
+    masks one process draws for the whole batch: same seed, same rows."""
+    from bida.mixing import batch_class_mix_masks
+
+    g = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 10, (16, 6, 6), generator=g)  # rank 0's 8 images: classes 0-9
+    y[0, :2] = 255
+    y[8:] = torch.randint(0, 2, (8, 6, 6), generator=g)  # rank 1's: 0 and 1 only (choosing 1 of 2 alone)
+    whole = batch_class_mix_masks(y, 19, torch.Generator().manual_seed(5))  # 11 values: 6 chosen per image
+
+    def present(part):
+        ids = torch.where(part == 255, 19, part).flatten()
+        return torch.zeros(20, dtype=torch.long).scatter_(0, ids, 1)
+
+    for rank in (0, 1):
+        other = present(y[8 * (1 - rank): 8 * (2 - rank)])
+        part = batch_class_mix_masks(y[8 * rank: 8 * rank + 8], 19, torch.Generator().manual_seed(5), rank=rank,
+                                     world_size=2, reduce=lambda t: t + other)
+        assert torch.equal(part, whole[8 * rank: 8 * rank + 8])
+    alone = batch_class_mix_masks(y[8:], 19, torch.Generator().manual_seed(5), rank=1, world_size=2)
+    assert not torch.equal(alone, whole[8:])  # without the reduce rank 1 would draw from its own values
+
+
+def test_class_mix_batch_rule_is_deterministic_and_resumes(tiny_overrides):
+    from bida.teacher import MeanTeacher
+
+    cfg = load_config(None, tiny_overrides + ["method=self_training", *TEACHER, "train.mix_classes=batch"])
+    assert load_config(None, tiny_overrides + ["method=self_training", *TEACHER]).train.mix_classes == "image"
+    state = MeanTeacher(cfg, 19, "cpu")
+    assert state.mixer.classes == "batch"
+    g = torch.Generator().manual_seed(0)
+    img, y = torch.randn(2, 3, 8, 8, generator=g), torch.randint(0, 19, (2, 8, 8), generator=g)
+    state.mixer(img, y, img, y, torch.tensor(1.0))
+    saved = state.state_dict()
+    first = state.mixer(img, y, img, y, torch.tensor(1.0))[3]
+    again = MeanTeacher(cfg, 19, "cpu")
+    again.mixer.load_state_dict(saved["mixer"])
+    assert torch.equal(again.mixer(img, y, img, y, torch.tensor(1.0))[3], first)
+    with pytest.raises(ValueError, match="classes"):
+        ClassMix(19, "imagenet", 0, classes="daformer")
+
+
+def test_daformer_keys_are_checked(tiny_overrides):
+    base = ["train.schedule=teacher", "method=self_training", "data.crop=[32,64]"]
+    assert load_config(None, base + ["pseudo.ignore_top=15", "pseudo.ignore_bottom=16"]).pseudo.ignore_bottom == 16
+    for over, needle in [(["pseudo.ignore_top=16", "pseudo.ignore_bottom=16"], "pseudo.ignore_top + pseudo.ignore_bottom"),
+                         (["pseudo.ignore_top=-1"], "pseudo.ignore_top"),
+                         (["pseudo.ignore_bottom=-2"], "pseudo.ignore_bottom"),
+                         (["train.mix_classes=daformer"], "train.mix_classes"),
+                         (["loss.source_ce_mean=mean"], "loss.source_ce_mean")]:
+        with pytest.raises(ConfigError, match=needle.replace("+", r"\+")):
+            load_config(None, base + over)
+    for key in ("pseudo.ignore_top=1", "pseudo.ignore_bottom=1", "train.mix_classes=batch"):
+        with pytest.raises(ConfigError, match=key.split("=")[0]):
+            load_config(None, [key])  # the rounds schedule reads none of them
+    assert load_config(None, ["loss.source_ce_mean=all"]).loss.source_ce_mean == "all"  # every schedule

@@ -87,6 +87,8 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "pseudo.transfer_threshold": (0, 1, True, True),
     "pseudo.max_pixels_per_image": (1, INF, True, True),
     "pseudo.teacher_threshold": (0, 1, True, True),
+    "pseudo.ignore_top": (0, MAX_SIDE, True, True),
+    "pseudo.ignore_bottom": (0, MAX_SIDE, True, True),
     "calibration.momentum": (0, 1, True, True),
     "calibration.max_weight": (0, INF, True, True),
     "calibration.ramp_iters": (0, INF, True, True),
@@ -221,6 +223,16 @@ def check_schedule(cfg: "Config") -> None:
             raise ConfigError("loss.pseudo_ce_mean: only the teacher schedule reads it (train.schedule=teacher)")
         if t.teacher_bn != "running":
             raise ConfigError("train.teacher_bn: only the teacher schedule reads it (train.schedule=teacher)")
+        if t.mix_classes != "image":
+            raise ConfigError("train.mix_classes: only the teacher schedule mixes (train.schedule=teacher)")
+        for key in ("ignore_top", "ignore_bottom"):
+            if getattr(cfg.pseudo, key):
+                raise ConfigError(f"pseudo.{key}: only the teacher schedule weighs teacher labels "
+                                  "(train.schedule=teacher)")
+    top, bottom, height = cfg.pseudo.ignore_top, cfg.pseudo.ignore_bottom, cfg.data.crop[0]
+    if top + bottom >= height:
+        raise ConfigError(f"pseudo.ignore_top + pseudo.ignore_bottom: {top} + {bottom} rows leave no row of the "
+                          f"{height}-pixel-high crop (data.crop) a pseudo-label weight; their sum must be < {height}")
     if t.teacher_bn == "batch" and cfg.model.freeze_bn and not cfg.model.bn_batch_stats:
         raise ConfigError("train.teacher_bn: 'batch' with model.freeze_bn would label with batch statistics, which "
                           "the student never uses; set it to 'running' (or model.bn_batch_stats=true)")

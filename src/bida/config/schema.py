@@ -157,6 +157,14 @@ class TrainConfig:
     # (running) or with the statistics of the target batch they label (batch: DAFormer's EMA
     # model stays in train mode, dropout and drop path off). Not with model.freeze_bn.
     teacher_bn: Literal["running", "batch"] = "running"
+    # teacher schedule: which classes ClassMix draws from for each image. image: half (rounded
+    # up) of the classes in that image's own source label, ignore excluded (ClassMix's rule).
+    # batch: half (rounded up) of the label values found in the whole (global) batch's source
+    # labels, the ignore label included, drawn independently for each image, which then pastes
+    # its own pixels of the chosen values (DAFormer's and MIC's get_class_masks: torch.unique
+    # over the batch; a chosen value the image lacks pastes nothing, a chosen 255 pastes
+    # unlabelled pixels). Published (DAFormer, MIC): batch.
+    mix_classes: Literal["image", "batch"] = "image"
     rounds: int = 3  # self-training rounds (paper: 10)
     iters_per_round: int = 300  # paper: 10000 for GTA5
     adapt_lr: Optional[float] = None  # base LR of the adaptation rounds (paper 7.5e-5); default lr
@@ -206,6 +214,11 @@ class LossConfig:
     # over the labelled pixels (labelled) or over all pixels, ignored ones counting 0 (all:
     # DAFormer's and MIC's mean, smaller by the labelled share).
     pseudo_ce_mean: Literal["labelled", "all"] = "labelled"
+    # Every schedule: the source cross-entropy averages over the labelled pixels (labelled) or
+    # over every pixel of the crop, ignored and padded ones counting 0 (all: mmseg's
+    # CrossEntropyLoss as DAFormer and MIC pin it, v0.16 without avg_non_ignore; smaller by
+    # the labelled share). Published (DAFormer, MIC): all.
+    source_ce_mean: Literal["labelled", "all"] = "labelled"
     feature_distance_classes: Optional[list[int]] = field(default_factory=lambda: [6, 7, 11, 12, 13, 14, 15, 16, 17, 18])
 
 
@@ -219,6 +232,18 @@ class PseudoConfig:
     # teacher schedule: quality weight of a target batch = share of its pixels whose teacher
     # confidence exceeds this (DAFormer: 0.968).
     teacher_threshold: float = 0.968
+    # teacher schedule: pseudo-label weight 0 on the top ignore_top and bottom ignore_bottom
+    # pixel rows of each target crop (DAFormer's and MIC's croppl, psweight_ignore_top/bottom:
+    # published 15 and 120 for Cityscapes at 1024x512 with 512 crops, against rectification
+    # artefacts at the top and the ego car at the bottom). The quality weight is computed
+    # first, over every valid pixel, banded ones included (as DAFormer); the bands then zero
+    # the teacher-label weight there, in the ClassMix loss (where target pixels show: pasted
+    # source pixels keep weight 1) and in MIC's loss. They remove no pixel from a mean
+    # (loss.pseudo_ce_mean). The bottom band ends at the crop's last unpadded row (DAFormer's
+    # crops are never padded). They weigh only these pseudo CEs: BiDA's target labels y_F,
+    # label transfer, prototypes and contrast are unaffected. 0 = no band (bida's default).
+    ignore_top: int = 0
+    ignore_bottom: int = 0
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .prototypes import _full_precision, scaled_similarity
 
-__all__ = ["seg_cross_entropy", "entropy", "pixel_prototype_contrast"]
+__all__ = ["seg_cross_entropy", "ce_pixel_count", "entropy", "pixel_prototype_contrast"]
 
 # Logit given to absent classes: exp() of it is exactly 0 next to any cos/tau for a sane
 # temperature, yet it stays finite, so that a pixel with every class masked gives a finite
@@ -22,8 +22,12 @@ __all__ = ["seg_cross_entropy", "entropy", "pixel_prototype_contrast"]
 MASKED_LOGIT = -1.0e9
 
 
-def seg_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 255) -> Tensor:
-    """Pixel-wise cross entropy, averaged over the labelled pixels.
+MEANS = ("labelled", "all")
+
+
+def seg_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 255, mean_over: str = "labelled") -> Tensor:
+    """Pixel-wise cross entropy, averaged over the labelled pixels (or, ``mean_over="all"``,
+    over every pixel, an ignored one counting 0: mmseg's mean, which DAFormer and MIC use).
 
     Logits at a lower resolution than the labels are upsampled bilinearly first
     (align_corners=False), so that the loss is taken at full label resolution.
@@ -32,6 +36,8 @@ def seg_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 255) -
         logits: Class scores (any float dtype; the loss is computed in float32).
         labels: Class ids; ``ignore_index`` pixels do not count.
         ignore_index: Label value that marks pixels without a class.
+        mean_over: ``"labelled"`` divides the sum by the labelled pixels, ``"all"`` by
+            ``labels.numel()`` (:func:`ce_pixel_count`).
 
     Returns:
         float32 scalar; 0 (with graph) when no pixel is labelled, where
@@ -47,14 +53,32 @@ def seg_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 255) -
         >>> seg_cross_entropy(logits, y).shape
         torch.Size([])
     """
+    if mean_over not in MEANS:
+        raise ValueError(f"mean_over must be 'labelled' or 'all', not {mean_over!r}")
     logits = logits.float()
     if logits.shape[-2:] != labels.shape[-2:]:
         logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     total = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="sum")
+    if mean_over == "all":
+        return total / labels.numel()
     # Dividing by a clamped count (a tensor, no host sync) is the mean when pixels are
     # labelled and an exact 0 / 1 when none is.
     num_labelled = (labels != ignore_index).sum().clamp_min(1)
     return total / num_labelled
+
+
+def ce_pixel_count(labels: Tensor, mean_over: str, ignore_index: int = 255) -> Tensor:
+    """The pixels a cross entropy with ``mean_over`` divides by, as a device scalar (no host
+    read): the labelled ones, or all of them. Distributed runs sum it over processes.
+
+    Shape:
+        - labels: (B, H, W); output: () int64
+    """
+    if mean_over not in MEANS:
+        raise ValueError(f"mean_over must be 'labelled' or 'all', not {mean_over!r}")
+    if mean_over == "all":
+        return torch.full((), labels.numel(), device=labels.device, dtype=torch.int64)
+    return (labels != ignore_index).sum()
 
 
 def entropy(logits: Tensor, valid: Tensor | None = None) -> Tensor:

@@ -18,7 +18,7 @@ here rather than once per batch.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +75,40 @@ def class_mix_masks(labels_src: Tensor, num_classes: int, generator: torch.Gener
     n_choose = (present.sum(1, keepdim=True) + 1) // 2
     chosen = present & (rank < n_choose)
     chosen = torch.cat([chosen, torch.zeros_like(chosen[:, :1])], 1)  # the ignore column is never chosen
+    return chosen.gather(1, flat).reshape(labels_src.shape)
+
+
+def batch_class_mix_masks(labels_src: Tensor, num_classes: int, generator: torch.Generator,
+                          ignore_index: int = IGNORE, rank: int = 0, world_size: int = 1,
+                          reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Per image, its pixels of a random half of the label values found in the whole batch.
+
+    DAFormer's and MIC's rule (``get_class_masks``): the candidates are the n distinct values
+    of the batch's source labels, ``ignore_index`` included when some pixel carries it; each
+    image independently chooses ceil(n / 2) of them uniformly without replacement, and its
+    mask is True on its own pixels of the chosen values (a chosen value the image lacks
+    pastes nothing; a chosen ``ignore_index`` pastes unlabelled pixels, which the loss then
+    ignores). ``rank``, ``world_size``: the images are this rank's slice of a global batch,
+    their draws that slice's rows (:func:`global_rand`); ``reduce`` (distributed runs, a sum
+    over processes) makes the candidates those of the global batch.
+
+    Shape:
+        - labels_src: (B, H, W) class ids in [0, num_classes) or ``ignore_index``
+        - output: (B, H, W) bool
+    """
+    b = labels_src.shape[0]
+    # the ignore label takes column num_classes: a candidate like any class
+    ids = torch.where(labels_src == ignore_index, torch.full_like(labels_src, num_classes), labels_src).long()
+    flat = ids.reshape(b, -1)
+    present = torch.zeros(num_classes + 1, dtype=torch.bool, device=labels_src.device)
+    present.scatter_(0, flat.reshape(-1), True)  # (K + 1,): the batch's distinct values
+    if reduce is not None:
+        present = reduce(present.long()) > 0
+    scores = global_rand(b, num_classes + 1, generator=generator, device=labels_src.device, rank=rank,
+                         world_size=world_size)
+    scores = torch.where(present, scores, torch.full_like(scores, 2.0))  # absent values rank last
+    order = scores.argsort(1).argsort(1)  # (B, K + 1): each image's own random order of the candidates
+    chosen = present & (order < (present.sum() + 1) // 2)
     return chosen.gather(1, flat).reshape(labels_src.shape)
 
 
@@ -201,19 +235,32 @@ class ClassMix:
     image's classes onto its target partner and returns the jittered and blurred mixed
     images, their labels (source labels under the mask, target pseudo labels elsewhere)
     and pixel weights (1 under the mask, ``w_tgt`` elsewhere), and the mask.
+    ``classes``: the candidates of each image's half, its own classes (``image``,
+    :func:`class_mix_masks`) or the batch's label values (``batch``, DAFormer's,
+    :func:`batch_class_mix_masks`).
     """
 
     def __init__(self, num_classes: int, normalize: Literal["imagenet", "caffe"], seed: int,
-                 device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1):
-        self.num_classes, self.normalize = num_classes, normalize
+                 device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
+                 classes: Literal["image", "batch"] = "image"):
+        if classes not in ("image", "batch"):
+            raise ValueError(f"classes must be 'image' or 'batch', not {classes!r}")
+        self.num_classes, self.normalize, self.classes = num_classes, normalize, classes
         self.rank, self.world_size = rank, world_size  # the batches are this slice of the global batch
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, img_src: Tensor, y_src: Tensor, img_tgt: Tensor, y_tgt: Tensor,
-                 w_tgt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Shape: images (B, 3, H, W), labels (B, H, W), ``w_tgt`` () or (B, H, W) -> same shapes."""
+    def __call__(self, img_src: Tensor, y_src: Tensor, img_tgt: Tensor, y_tgt: Tensor, w_tgt: Tensor,
+                 reduce: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Shape: images (B, 3, H, W), labels (B, H, W), ``w_tgt`` () or (B, H, W) -> same shapes.
+
+        ``reduce`` (distributed runs, a sum over processes): with ``classes="batch"``, the
+        candidates are the global batch's.
+        """
         g, rows = self.generator, {"rank": self.rank, "world_size": self.world_size}
-        mask = class_mix_masks(y_src, self.num_classes, g, **rows)
+        if self.classes == "batch":
+            mask = batch_class_mix_masks(y_src, self.num_classes, g, reduce=reduce, **rows)
+        else:
+            mask = class_mix_masks(y_src, self.num_classes, g, **rows)
         img = mix(mask, img_src, img_tgt)
         labels = mix(mask, y_src, y_tgt)
         weight = torch.where(mask, torch.ones((), device=mask.device), w_tgt.float())

@@ -24,7 +24,11 @@ forwards the source and the mixed images apart (each its own BN batch);
 ``loss.pseudo_ce_mean: all`` averages the teacher-label cross-entropies over all pixels.
 ``train.teacher_bn: batch`` lets the EMA teacher's BatchNorms label with batch statistics
 (DAFormer keeps its EMA model in train mode, dropout and drop path off) rather than the
-averaged running statistics.
+averaged running statistics. ``pseudo.ignore_top`` / ``pseudo.ignore_bottom`` give the
+teacher labels of the top and bottom rows of each target crop weight 0 (DAFormer's
+pseudo-label crop, :func:`banded_weight`); ``train.mix_classes: batch`` draws the ClassMix
+classes from the batch's label values (:func:`bida.mixing.batch_class_mix_masks`);
+``loss.source_ce_mean: all`` averages the source CE over every pixel.
 
 With ``mic.weight > 0`` either method adds MIC's masked image consistency
 (:mod:`bida.masking`): the student, forwarded once more on the colour-augmented target
@@ -55,7 +59,7 @@ from ..checkpoint import unwrap_model
 from ..config import Config
 from .feature_distance import (FD_MIN_RATIO, FeatureDistance,  # noqa: F401 (public here too)
                                downscale_labels_by_ratio)
-from .losses import seg_cross_entropy
+from .losses import ce_pixel_count, seg_cross_entropy
 from .masking import MaskedImageConsistency
 from .mixing import ClassMix
 from .train_step import StepResult, adapt_step, forward_domains
@@ -174,6 +178,30 @@ def quality_weight(conf: Tensor, valid: Tensor, threshold: float,
     return counts[0] / counts[1].clamp_min(1)
 
 
+def banded_weight(quality: Tensor, shape: tuple[int, int, int], top: int, bottom: int,
+                  valid: Tensor | None = None) -> Tensor:
+    """The teacher-label weight of each target pixel: ``quality``, but 0 on the first ``top``
+    and the last ``bottom`` rows of each crop (DAFormer's pseudo-label crop, ``croppl``).
+
+    As DAFormer, the bands act on the weight only, after the quality weight was computed over
+    the whole crop: they neither change the quality nor remove pixels from a mean. The bottom
+    band ends at each crop's last row with a ``valid`` pixel (bida pads crops at the bottom;
+    without padding, or with ``valid`` None, the crop's last row, DAFormer's indexing).
+
+    Shape:
+        - quality: (); valid: (B, H, W) bool or None; output: (B, H, W) float32, ``shape``
+    """
+    b, h, w = shape
+    rows = torch.arange(h, device=quality.device)  # (H,)
+    if valid is None:
+        end = torch.full((1,), h, device=quality.device)
+    else:  # one past the last row holding a valid pixel; 0 for an all-padding crop
+        end = (valid.any(-1) * (rows + 1)).amax(-1)  # (B,)
+    keep = (rows >= top) & (rows < end[:, None] - bottom)  # (1 or B, H)
+    weight = torch.where(keep, quality.float(), torch.zeros((), device=quality.device))
+    return weight[:, :, None].expand(b, h, w)
+
+
 def weighted_cross_entropy(logits: Tensor, labels: Tensor, weight: Tensor, ignore_index: int = IGNORE,
                            mean_over: str = "labelled") -> Tensor:
     """Pixel-weighted cross entropy, ``sum(w * ce)`` over the labelled pixels divided by their
@@ -194,17 +222,6 @@ def weighted_cross_entropy(logits: Tensor, labels: Tensor, weight: Tensor, ignor
     if mean_over == "all":
         return (ce * weight).sum() / labels.numel()
     return (ce * weight).sum() / (labels != ignore_index).sum().clamp_min(1)
-
-
-def _labelled(labels: Tensor, ignore_index: int = IGNORE) -> Tensor:
-    return (labels != ignore_index).sum()
-
-
-def _ce_count(labels: Tensor, mean_over: str) -> Tensor:
-    """Pixels :func:`weighted_cross_entropy` divides by (a device scalar, no host read)."""
-    if mean_over == "all":
-        return torch.full((), labels.numel(), device=labels.device, dtype=torch.int64)
-    return _labelled(labels)
 
 
 def bida_terms_on(cfg: Config) -> bool:
@@ -254,7 +271,8 @@ class MeanTeacher:
         self.teacher = EMATeacher(cfg.train.teacher_momentum, cfg.train.teacher_bn)
         rows = {"rank": rank, "world_size": world_size}
         # Its own stream, away from the run's other random draws (offset: not the data seeds).
-        self.mixer = ClassMix(num_classes, cfg.data.normalize, seed=cfg.seed + MIX_SEED_OFFSET, device=device, **rows)
+        self.mixer = ClassMix(num_classes, cfg.data.normalize, seed=cfg.seed + MIX_SEED_OFFSET, device=device,
+                              classes=cfg.train.mix_classes, **rows)
         self.masking = None
         if cfg.mic.weight > 0:
             self.masking = MaskedImageConsistency(cfg.mic.block_size, cfg.mic.mask_ratio, cfg.data.normalize,
@@ -313,9 +331,12 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
     lw, num_classes = cfg.loss, num_classes or state.num_classes
     img_src, y_src, img_tgt = batch_src["image"], batch_src["label"], batch_tgt["image"]
     valid_tgt = batch_tgt.get("valid")
-    y_teacher, conf, quality = state.teacher.pseudo_labels(img_tgt, valid_tgt, cfg.pseudo.teacher_threshold,
-                                                           reduce_sums.sum if reduce_sums is not None else None)
-    img_mix, y_mix, w_mix, _ = state.mixer(img_src, y_src, img_tgt, y_teacher, quality)
+    reduce = reduce_sums.sum if reduce_sums is not None else None
+    y_teacher, conf, quality = state.teacher.pseudo_labels(img_tgt, valid_tgt, cfg.pseudo.teacher_threshold, reduce)
+    # The teacher-label weight: the quality, with pseudo.ignore_top/bottom its rows of weight 0.
+    top, bottom = cfg.pseudo.ignore_top, cfg.pseudo.ignore_bottom
+    w_tgt = banded_weight(quality, tuple(y_teacher.shape), top, bottom, valid_tgt) if top or bottom else quality
+    img_mix, y_mix, w_mix, _ = state.mixer(img_src, y_src, img_tgt, y_teacher, w_tgt, reduce=reduce)
 
     shared = not cfg.model.separate_target_stem
     fd = state.feature_distance
@@ -343,19 +364,20 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
         loss = result.loss  # the source CE plus BiDA's terms (global-batch means already)
         logs.update({k: v for k, v in result.logs.items() if k != "loss/total"})
     else:
-        loss = 0.0
-        terms["seg_src"], counts["seg_src"] = seg_cross_entropy(out_src.logits, y_src), _labelled(y_src)
+        loss, mean = 0.0, lw.source_ce_mean
+        terms["seg_src"] = seg_cross_entropy(out_src.logits, y_src, mean_over=mean)
+        counts["seg_src"] = ce_pixel_count(y_src, mean)
     weights = {"seg_src": 1.0, "seg_mix": lw.mix_weight, "mic": cfg.mic.weight,
                "feature_distance": lw.feature_distance_weight}
     terms["seg_mix"] = weighted_cross_entropy(out_mix.logits, y_mix, w_mix, mean_over=lw.pseudo_ce_mean)
-    counts["seg_mix"] = _ce_count(y_mix, lw.pseudo_ce_mean)
+    counts["seg_mix"] = ce_pixel_count(y_mix, lw.pseudo_ce_mean)
     if state.masking is not None:
         # MIC: the masked, colour-augmented target in its own forward (as MIC's own), against
-        # the teacher's labels of the whole image, with the same quality weight as the mix.
+        # the teacher's labels of the whole image, with the same weight as the mix's target pixels.
         img_masked, _ = state.masking(img_tgt)
         out_masked = model(img_masked, "target")
-        terms["mic"] = weighted_cross_entropy(out_masked.logits, y_teacher, quality, mean_over=lw.pseudo_ce_mean)
-        counts["mic"] = _ce_count(y_teacher, lw.pseudo_ce_mean)
+        terms["mic"] = weighted_cross_entropy(out_masked.logits, y_teacher, w_tgt, mean_over=lw.pseudo_ce_mean)
+        counts["mic"] = ce_pixel_count(y_teacher, lw.pseudo_ce_mean)
     if fd is not None:
         terms["feature_distance"], counts["feature_distance"] = fd.loss(img_src, y_src, return_count=True)
     if reduce_sums is not None:

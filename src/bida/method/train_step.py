@@ -22,7 +22,7 @@ from torch import Tensor
 from ..checkpoint import unwrap_model
 from ..config import Config
 from ..models import SegOutput
-from .losses import entropy, pixel_prototype_contrast, seg_cross_entropy
+from .losses import ce_pixel_count, entropy, pixel_prototype_contrast, seg_cross_entropy
 from .prototypes import class_prototypes, downsample_labels, pair_prototypes
 from .pseudo_labels import Calibration, fuse_labels, label_transfer
 
@@ -105,8 +105,9 @@ def source_step(model: torch.nn.Module, batch_src: dict, cfg: Config, reduce_sum
     head = cfg.method.pretrain_head
     with head_input_detached(model) if head else contextlib.nullcontext():
         out = model(batch_src["image"], "source")
-    terms = {"seg_src": seg_cross_entropy(out.logits, y_src)}
-    counts = {"seg_src": _labelled(y_src)}
+    mean = cfg.loss.source_ce_mean
+    terms = {"seg_src": seg_cross_entropy(out.logits, y_src, mean_over=mean)}
+    counts = {"seg_src": ce_pixel_count(y_src, mean)}
     if head:
         y_f = _mask_labels(downsample_labels(y_src, tuple(out.features.shape[-2:])),
                            _valid_at(batch_src, tuple(out.features.shape[-2:])))
@@ -233,8 +234,10 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
     terms = _Terms(reduce_sums)  # weights are applied here, never inside the losses
     logs: dict[str, Tensor | float] = {}
 
-    # CE(p_S, y_S): the source cross entropy.
-    terms.add("seg_src", seg_cross_entropy(out_src.logits, y_src), 1.0, lambda: _labelled(y_src))
+    # CE(p_S, y_S): the source cross entropy (over labelled pixels, or all with loss.source_ce_mean).
+    mean = lw.source_ce_mean
+    terms.add("seg_src", seg_cross_entropy(out_src.logits, y_src, mean_over=mean), 1.0,
+              lambda: ce_pixel_count(y_src, mean))
     # λ_e [H(p_S) + λ_t H(p_T)]: the entropy terms (minent: the target's alone, weight λ_e).
     target_seg = m.name in ("self_training", "bida") and seg_terms
     if m.name == "minent":
