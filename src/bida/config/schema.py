@@ -68,6 +68,12 @@ class DataConfig:
     rcs_temperature: float = 0.01
     rcs_min_pixels: int = 3000
     rcs_min_crop_ratio: float = 0.5
+    # teacher schedule, adaptation methods: VFM-UDA's weak colour jitter (probability 0.9 per
+    # image; brightness factor in 1 +- 32/255, contrast and saturation in 1 +- 0.5, hue +- 0.05
+    # turn) of the source images the source loss sees and of the target images pasted into
+    # ClassMix. The teacher labels, and MIC masks, the clean target image; ClassMix pastes the
+    # clean source. false: no weak jitter (DAFormer, MIC).
+    weak_jitter: bool = False
 
 
 @dataclass(frozen=True)
@@ -140,8 +146,16 @@ class TrainConfig:
     head_lr_mult: float = 10.0
     # Layer-wise LR decay of a ViT encoder (dinov2_* only; 1.0 = off): the final norm trains
     # at lr, block i (of N, from 0) at lr x layer_decay^(N - i), the patch/position embeddings
-    # at lr x layer_decay^(N + 1); the head keeps head_lr_mult x lr (BEiT/mmseg rule).
+    # and class/register tokens at lr x layer_decay^(N + 1). These are the encoder's layer ids
+    # of BEiT's decay as mmsegmentation's LayerDecayOptimizerConstructor assigns them (there the
+    # head shares the final norm's layer and LR); the head's head_lr_mult x lr is bida's own
+    # decoder multiplier (DAFormer's 10x), applied on top. VFM-UDA's rule differs (the final
+    # norm sits with the embeddings, the last block at lr), but its configs leave decay off (1.0).
     layer_decay: float = 1.0
+    # dinov2_* only. false: biases, norms and LayerScale gammas of the encoder are exempt from
+    # weight decay (DINOv2's own rule); true: every parameter decays, as VFM-UDA's AdamW (one
+    # weight decay for all its parameter groups).
+    decay_norms_biases: bool = False
     optimizer: Literal["sgd", "adamw"] = "sgd"  # DAFormer: adamw, lr 6e-5, weight_decay 0.01
     momentum: float = 0.9  # sgd only (adamw: betas 0.9, 0.999)
     weight_decay: float = 5e-4
@@ -214,6 +228,10 @@ class PseudoConfig:
     # teacher schedule: quality weight of a target batch = share of its pixels whose teacher
     # confidence exceeds this (DAFormer: 0.968).
     teacher_threshold: float = 0.968
+    # teacher schedule: the teacher's labels and confidences come from the mean of its softmax
+    # on the target image and on its horizontal mirror (mirrored back), as VFM-UDA's
+    # (true); false: from the image alone (DAFormer, MIC). Costs a second teacher forward.
+    teacher_flip: bool = False
 
 
 @dataclass(frozen=True)

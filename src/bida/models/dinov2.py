@@ -6,9 +6,14 @@ The encoder follows DINOv2's definition (Oquab et al., 2023; ``dinov2/models/vis
   variants, 4 register tokens (Darcet et al., 2024), in the order [cls, registers, patches];
 - learned position embeddings for the pretraining grid of 37x37 patches (518 pixels) plus
   the class token; the registers have none. For any other grid the patch part is resampled
-  on the fly, bicubically, in float32 (the interpolation of Hugging Face's ``Dinov2Model``
-  and ``Dinov2WithRegistersModel``: to the grid size, with antialiasing for the register
-  variants, as their released models were trained);
+  on the fly, bicubically, in float32, as DINOv2's own models do (``interpolate_pos_encoding``
+  with the hub's settings, ``dinov2/hub/backbones.py``): the variants without registers
+  with ``scale_factor = ((gh + 0.1) / 37, (gw + 0.1) / 37)`` and no antialiasing
+  (``interpolate_offset=0.1``, a legacy offset their released models were trained and are
+  served with); the ``_reg`` variants to the grid size, antialiased (``interpolate_offset=0``,
+  ``interpolate_antialias=True``). Hugging Face's ``Dinov2WithRegistersModel`` interpolates
+  as the latter; its ``Dinov2Model`` resamples to the grid size, so for the variants without
+  registers it differs from the hub model (by up to about 2e-2 on a 37 -> 74 grid);
 - pre-norm blocks ``x + ls1 * attn(norm1 x)``, ``x + ls2 * mlp(norm2 x)`` with LayerScale
   (``ls1.gamma``, ``ls2.gamma``), multi-head attention through one ``qkv`` layer (queries,
   keys, values stacked), a GELU MLP of 4x the width or, for ViT-g, SwiGLU
@@ -45,6 +50,9 @@ from .output import SegOutput
 
 PATCH = 14
 PRETRAIN_GRID = 37  # 518 / 14: the grid the released position embeddings were trained at
+# DINOv2's interpolate_offset of the variants without registers (dinov2/hub/backbones.py):
+# the position embeddings are resampled by the scale (grid + 0.1) / 37, not to the grid size.
+POS_INTERPOLATE_OFFSET = 0.1
 NUM_REGISTERS = 4
 NORM_EPS = 1e-6
 MLP_RATIO = 4
@@ -225,7 +233,10 @@ class VisionTransformer(nn.Module):
         self.levels = spec.levels
         self.num_prefix = 1 + spec.registers  # class token and registers, ahead of the patches
         self.pos_grid = pos_grid
-        self.antialias = spec.registers > 0  # the register models' (and Hugging Face's) interpolation
+        # DINOv2's hub settings: the register models resample to the grid size with antialiasing,
+        # the others by a scale factor with the legacy offset and without (see position_embedding).
+        self.antialias = spec.registers > 0
+        self.interpolate_offset = 0.0 if spec.registers else POS_INTERPOLATE_OFFSET
         self.grad_checkpoint = grad_checkpoint
         self.patch_embed = PatchEmbed(self.dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, self.dim))
@@ -256,8 +267,11 @@ class VisionTransformer(nn.Module):
     def position_embedding(self, gh: int, gw: int) -> Tensor:
         """The class token's embedding and the patch embeddings resampled to a gh x gw grid.
 
-        Bicubic in float32 (``align_corners=False``; antialiased for the register
-        variants), cast back to the parameter's dtype; unchanged at the pretraining grid.
+        Bicubic in float32 (``align_corners=False``), cast back to the parameter's dtype;
+        unchanged at the pretraining grid. As DINOv2's ``interpolate_pos_encoding``: without
+        registers by ``scale_factor = ((gh + 0.1) / g, (gw + 0.1) / g)`` (the output is still
+        gh x gw, but the source coordinates of the resampling follow the slightly larger
+        scale), without antialiasing; with registers to the size gh x gw, antialiased.
 
         Shape:
             -> (1, 1 + gh*gw, C)
@@ -267,8 +281,13 @@ class VisionTransformer(nn.Module):
             return pos
         g, c = self.pos_grid, pos.shape[-1]
         patch = pos[:, 1:].reshape(1, g, g, c).permute(0, 3, 1, 2)
-        patch = F.interpolate(patch.float(), size=(gh, gw), mode="bicubic", align_corners=False,
-                              antialias=self.antialias).to(pos.dtype)
+        if self.interpolate_offset:
+            off = self.interpolate_offset
+            resample = {"scale_factor": ((gh + off) / g, (gw + off) / g)}
+        else:
+            resample = {"size": (gh, gw)}
+        patch = F.interpolate(patch.float(), mode="bicubic", align_corners=False, antialias=self.antialias,
+                              **resample).to(pos.dtype)
         return torch.cat([pos[:, :1], patch.permute(0, 2, 3, 1).reshape(1, gh * gw, c)], 1)
 
     def tokens(self, x: Tensor, blocks: tuple[int, ...]) -> tuple[list[Tensor], int, int]:
@@ -398,12 +417,15 @@ class DINOv2Segmentor(nn.Module):
             return int(name.split(".")[1]) + 1
         return self.backbone.depth + 1
 
-    def param_groups(self, lr: float, head_lr_mult: float = 10.0, layer_decay: float = 1.0) -> list[dict]:
+    def param_groups(self, lr: float, head_lr_mult: float = 10.0, layer_decay: float = 1.0,
+                     decay_norms_biases: bool = False) -> list[dict]:
         """Encoder parameters at ``lr x layer_decay ** (depth + 1 - layer)`` (:meth:`layer_id`:
-        the final norm at ``lr``, the embeddings at ``lr x layer_decay ** (depth + 1)``, the
-        mmseg/BEiT rule); pyramid, decoder and projection head (all randomly initialised) at
-        ``head_lr_mult x lr``. Biases, norms and LayerScale gammas have no weight decay
-        (DINOv2's rule).
+        the final norm at ``lr``, the embeddings at ``lr x layer_decay ** (depth + 1)``: the
+        layer ids of BEiT's layer-wise decay as mmsegmentation's
+        ``LayerDecayOptimizerConstructor`` assigns them); pyramid, decoder and projection head
+        (all randomly initialised) at ``head_lr_mult x lr``. Biases, norms and LayerScale
+        gammas have no weight decay (DINOv2's rule) unless ``decay_norms_biases``
+        (``train.decay_norms_biases``: every parameter decays, as VFM-UDA's AdamW).
 
         One group per distinct (LR multiplier, weight decay); each carries its multiplier in
         ``lr_mult``, which the trainer's schedule scales.
@@ -417,7 +439,7 @@ class DINOv2Segmentor(nn.Module):
                 continue
             layer = self.layer_id(name)
             mult = layer_decay ** (top - layer)
-            no_wd = name.endswith(".bias") or "norm" in name or name.endswith(".gamma")
+            no_wd = not decay_norms_biases and (name.endswith(".bias") or "norm" in name or name.endswith(".gamma"))
             key = (mult, no_wd)
             if key not in groups:
                 groups[key] = {"params": [], "lr": lr * mult, "lr_mult": mult,
