@@ -118,13 +118,69 @@ def _hf_reference(arch: str, width: float, pos_grid: int, seed: int = 0):
     return ref.eval()
 
 
+def hub_pos_embed(pos: torch.Tensor, gh: int, gw: int, registers: bool) -> torch.Tensor:
+    """DINOv2's ``interpolate_pos_encoding`` with the hub's settings, written out here from
+    dinov2/models/vision_transformer.py and dinov2/hub/backbones.py: unchanged at the
+    pretraining grid; otherwise the patch part resampled bicubically in float32, by
+    ``scale_factor = ((gh + 0.1) / M, (gw + 0.1) / M)`` without antialiasing
+    (``interpolate_offset=0.1``, the variants without registers) or to the size (gh, gw) with
+    antialiasing (``interpolate_offset=0``, ``interpolate_antialias=True``, the ``_reg`` ones)."""
+    m = math.isqrt(pos.shape[1] - 1)
+    if (gh, gw) == (m, m):
+        return pos
+    grid = pos[:, 1:].float().reshape(1, m, m, -1).permute(0, 3, 1, 2)
+    if registers:
+        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", antialias=True)
+    else:
+        grid = F.interpolate(grid, scale_factor=((gh + 0.1) / m, (gw + 0.1) / m), mode="bicubic", antialias=False)
+    assert grid.shape[-2:] == (gh, gw)
+    return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)], 1).to(pos.dtype)
+
+
+@pytest.mark.parametrize("arch", ["dinov2_vits14", "dinov2_vits14_reg"])
+@pytest.mark.parametrize("grid", [(6, 6), (12, 12), (4, 9), (13, 5)])
+def test_position_embeddings_follow_the_dinov2_hub_interpolation(arch, grid):
+    """bida's resampled position embeddings against the hub formula above, on a random 6 x 6
+    grid of embeddings: up, down, mixed and the identity (the pretraining grid itself)."""
+    vit = VisionTransformer(arch, width=0.125, pos_grid=6)
+    with torch.no_grad():
+        vit.pos_embed.normal_(generator=torch.Generator().manual_seed(4))
+    registers = arch.endswith("_reg")
+    got = vit.position_embedding(*grid)
+    want = hub_pos_embed(vit.pos_embed.detach(), *grid, registers)
+    assert torch.allclose(got, want, rtol=0, atol=1e-6)
+    if grid == (6, 6):
+        assert got is vit.pos_embed
+    elif not registers:  # the offset is not vacuous: resampling to the size differs
+        to_size = F.interpolate(vit.pos_embed[:, 1:].reshape(1, 6, 6, -1).permute(0, 3, 1, 2), size=grid,
+                                mode="bicubic").permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+        assert (got[:, 1:] - to_size).abs().max() > 1e-3
+
+
+def _hub_interpolation(embeddings, registers: bool):
+    """Hugging Face's embeddings module resampling as DINOv2's hub model (:func:`hub_pos_embed`)."""
+    def interpolate(tokens, height, width):
+        return hub_pos_embed(embeddings.position_embeddings, height // 14, width // 14, registers)
+    return interpolate
+
+
 @pytest.mark.parametrize("arch, width", [("dinov2_vits14", 0.125), ("dinov2_vitb14_reg", 1 / 16),
                                          ("dinov2_vitg14", 1 / 32)])
 @pytest.mark.parametrize("files", ["save_pretrained", "state_dict"])
 def test_matches_hugging_face_dinov2(tmp_path, arch, width, files):
     """Last hidden state and the four levels bida reads, at an input whose grid (4 x 8) is not
-    the position embeddings' (6 x 6): max abs difference <= 1e-5 in fp32."""
+    the position embeddings' (6 x 6): max abs difference <= 1e-5 in fp32.
+
+    The register variants match Hugging Face's ``Dinov2WithRegistersModel`` as it is (its
+    resampling is the hub's). ``Dinov2Model`` resamples to the grid size where DINOv2's hub
+    model (and bida) resample by the offset scale factor: for the variants without registers
+    the reference's position-embedding resampling is replaced by the hub formula, the rest of
+    the network is Hugging Face's."""
     ref = _hf_reference(arch, width, pos_grid=6)
+    registers = ARCHS[arch].registers > 0
+    hf_resampling = ref.embeddings.interpolate_pos_encoding
+    if not registers:
+        ref.embeddings.interpolate_pos_encoding = _hub_interpolation(ref.embeddings, registers)
     if files == "save_pretrained":  # the Hub's names: query/key/value, weights_in/out, lambda1
         ref.save_pretrained(tmp_path)
         path = tmp_path / "model.safetensors"
@@ -149,6 +205,10 @@ def test_matches_hugging_face_dinov2(tmp_path, arch, width, files):
         want = ref.layernorm(out.hidden_states[i + 1])[:, prefix:].transpose(1, 2).reshape(2, -1, gh, gw)
         assert torch.allclose(level, want, rtol=0, atol=1e-5), i
     assert (out.last_hidden_state - out.hidden_states[-1]).abs().max() > 0.1  # the final norm is not vacuous
+    with torch.no_grad():  # where the two references differ, bida follows the hub
+        pos_hf = hf_resampling(torch.zeros(1, 33, ref.config.hidden_size), 56, 112)
+    gap = (pos_hf - vit.position_embedding(4, 8)).abs().max()
+    assert gap < 1e-6 if registers else gap > 1e-3
 
 
 def _release_of_hf(ref) -> dict[str, torch.Tensor]:
@@ -287,11 +347,39 @@ def test_layer_decay_param_groups_hand_computed():
     assert [g["lr_mult"] for g in seg.param_groups(1.0, 10.0)] == [1.0, 1.0, 10.0]
 
 
+def test_decay_norms_biases_puts_every_parameter_under_the_optimizer_weight_decay():
+    """train.decay_norms_biases (VFM-UDA: one AdamW weight decay for every group): no group
+    overrides the weight decay, so biases, norms, LayerScale gammas and tokens decay at 0.01."""
+    seg = _segmentor("dinov2_vits14_reg")
+    groups = seg.param_groups(1.0, 10.0, layer_decay=0.5, decay_norms_biases=True)
+    assert all("weight_decay" not in g for g in groups)
+    opt = torch.optim.AdamW(groups, lr=1.0, weight_decay=0.01)
+    wd_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert len(wd_of) == sum(1 for _ in seg.parameters())
+    assert set(wd_of.values()) == {0.01}
+    # the default: exactly the biases, norms and gammas of the encoder are exempt
+    opt = torch.optim.AdamW(seg.param_groups(1.0, 10.0), lr=1.0, weight_decay=0.01)
+    wd_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    for name, p in seg.named_parameters():
+        exempt = name.startswith("backbone.") and (name.endswith((".bias", ".gamma")) or "norm" in name)
+        assert wd_of[id(p)] == (0.0 if exempt else 0.01), name
+    # the LRs do not depend on the switch
+    lrs = lambda gs: sorted((g["lr"], len(g["params"])) for g in gs)  # noqa: E731
+    merged = lrs(seg.param_groups(1.0, 10.0, 0.5, decay_norms_biases=True))
+    split = seg.param_groups(1.0, 10.0, 0.5)
+    per_lr: dict[float, int] = {}
+    for g in split:
+        per_lr[g["lr"]] = per_lr.get(g["lr"], 0) + len(g["params"])
+    assert merged == sorted(per_lr.items())
+
+
 @pytest.mark.parametrize("override, key", [
     (["train.layer_decay=0"], "train.layer_decay"),
     (["train.layer_decay=1.5"], "train.layer_decay"),
     (["model.backbone=mit_b0", "train.layer_decay=0.9"], "train.layer_decay"),
     (["model.backbone=resnet18", "train.layer_decay=0.9"], "train.layer_decay"),
+    (["model.backbone=mit_b0", "train.decay_norms_biases=true"], "train.decay_norms_biases"),
+    (["model.backbone=resnet18", "train.decay_norms_biases=true"], "train.decay_norms_biases"),
     (["method.feature=aspp_branches"], "method.feature"),
     (["model.freeze_bn=true"], "model.freeze_bn"),
     (["data.normalize=caffe"], "data.normalize"),
