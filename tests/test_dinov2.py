@@ -20,7 +20,7 @@ from bida.cli import main
 from bida.config import load_config
 from bida.errors import CheckpointError, ConfigError
 from bida.models import DINOv2Segmentor, MiTSegmentor, build_model
-from bida.models.dinov2 import ARCHS, VisionTransformer
+from bida.models.dinov2 import ARCHS, LightHead, VisionTransformer
 from bida.models.heads import DAFormerHead, SegFormerHead
 from bida.weights import load_pretrained
 
@@ -454,3 +454,72 @@ def test_teacher_run_with_layer_decay_resumes_exactly(tmp_path, tiny_overrides):
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     assert not torch.equal(a["model"]["backbone.blocks.0.attn.qkv.weight"],
                            a["mean_teacher"]["teacher"]["model"]["backbone.blocks.0.attn.qkv.weight"])
+
+
+def test_light_head_is_vfm_udas_on_the_last_block():
+    """decoder=light against a hand-written forward: two 2x2 transposed convs (no bias), channel
+    LayerNorms (eps 1e-6), GELU after the first, a 3x3 conv, LayerNorm, a 1x1 classifier."""
+    seg = _segmentor(decoder="light").eval()
+    dim = seg.backbone.dim
+    assert not list(seg.neck.parameters()) and seg.backbone.levels == (11,)
+    head = seg.decode_head
+    with torch.no_grad():  # off the neutral LayerNorm initialisation
+        for m in head.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.normal_(1.0, 0.3)
+                m.bias.normal_(0.0, 0.3)
+    x = torch.randn(2, 3, 42, 56, generator=torch.Generator().manual_seed(5))
+
+    def ln(t, m):
+        return F.layer_norm(t.permute(0, 2, 3, 1), (t.shape[1],), m.weight, m.bias, 1e-6).permute(0, 3, 1, 2)
+
+    with torch.no_grad():
+        out = seg(x)
+        raw, gh, gw = seg.backbone.tokens(x, (11,))
+        tokens = seg.backbone.norm(raw[0])[:, 1:].transpose(1, 2).reshape(2, dim, gh, gw)
+        u = head.upscale
+        t = F.gelu(ln(F.conv_transpose2d(tokens, u[0].weight, stride=2), u[1]))
+        t = ln(F.conv_transpose2d(t, u[3].weight, stride=2), u[4])
+        fused = ln(F.conv2d(t, u[5].weight, padding=1), u[6])
+        logits = F.conv2d(fused, head.classifier.weight)
+    assert out.logits.shape == (2, 5, 12, 16) and out.features.shape == (2, 8, 12, 16)
+    assert torch.allclose(out.logits, logits, rtol=0, atol=1e-5)
+    assert torch.allclose(out.features, seg.proj(fused), rtol=0, atol=1e-5)
+    assert all(m.bias is None for m in (u[0], u[3], u[5], head.classifier))
+    assert seg.proj[0].in_channels == dim // 4
+    groups = seg.param_groups(1.0, 10.0)
+    assert sum(len(g["params"]) for g in groups) == sum(1 for _ in seg.parameters())
+    assert {id(p) for p in head.parameters()} <= {id(p) for p in groups[-1]["params"]}
+
+
+def test_input_scale_resizes_to_whole_patches_as_vfm_uda():
+    """input_scale 1.1: a 40 x 60 input goes to the ViT at floor(44/14)*14 x floor(66/14)*14 =
+    42 x 56, bilinearly; the outputs are that input's (12 x 16), and a 1024 crop goes in at 1120."""
+    seg = _segmentor(input_scale=1.1).eval()
+    plain = _segmentor()
+    plain.load_state_dict(seg.state_dict())
+    plain.eval()
+    x = torch.randn(2, 3, 40, 60, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        out = seg(x)
+        want = plain(F.interpolate(x, size=(42, 56), mode="bilinear", align_corners=False))
+    assert out.logits.shape[-2:] == (12, 16)
+    assert torch.equal(out.logits, want.logits) and torch.equal(out.features, want.features)
+    assert int(1024 * 1.1) // 14 * 14 == 1120
+
+
+@pytest.mark.parametrize("override, key", [
+    (["model.backbone=mit_b0", "model.decoder=light"], "model.decoder"),
+    (["model.backbone=mit_b0", "model.input_scale=1.1"], "model.input_scale"),
+    (["model.backbone=dinov2_vits14", "model.input_scale=0"], "model.input_scale"),
+])
+def test_config_rejects_vit_only_options_elsewhere(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+        load_config(None, override)
+    assert "\n" not in str(err.value)
+
+
+def test_config_builds_the_light_head_and_input_scale():
+    cfg = load_config(None, DINO_TINY + ["model.decoder=light", "model.input_scale=1.1", "data.crop=[20,30]"])
+    m = build_model(cfg.model, 4, cfg.method.feature)
+    assert isinstance(m.decode_head, LightHead) and m.input_scale == 1.1

@@ -52,10 +52,12 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "model.width": (0, INF, False, True),
     "model.proj_dim": (1, INF, True, True),
     "model.decoder_dim": (1, INF, True, True),
+    "model.input_scale": (0, INF, False, True),
     "model.drop_path": (0, 1, True, False),  # a rate of 1 drops every residual branch
     "train.iters": (1, INF, True, True),
     "train.source_iters": (0, INF, True, True),
     "train.warmup_iters": (0, INF, True, True),
+    "train.warmup_ratio": (0, 1, False, True),
     "train.teacher_momentum": (0, 1, True, True),
     "train.batch_size": (1, INF, True, True),
     "train.lr": (0, INF, False, True),
@@ -276,6 +278,11 @@ def check_model_choices(cfg: "Config") -> None:
     if cfg.train.layer_decay != 1.0 and not backbone.startswith("dinov2_"):
         raise ConfigError(f"train.layer_decay={cfg.train.layer_decay:g}: layer-wise LR decay is defined for the "
                           f"blocks of a ViT (model.backbone=dinov2_*), not model.backbone={backbone}; set it to 1.0")
+    vit_only = (("model.decoder=light", m.decoder == "light"), (f"model.input_scale={m.input_scale:g}", m.input_scale != 1.0))
+    for what, on in vit_only:
+        if on and not backbone.startswith("dinov2_"):
+            raise ConfigError(f"{what}: only the DINOv2 segmentor has it (model.backbone=dinov2_*), "
+                              f"not model.backbone={backbone}")
     if cfg.train.decay_norms_biases and not backbone.startswith("dinov2_"):
         raise ConfigError(f"train.decay_norms_biases=true: only the DINOv2 segmentor's parameter groups read it "
                           f"(model.backbone=dinov2_*), not model.backbone={backbone}; set it to false")

@@ -94,9 +94,16 @@ class ModelConfig:
     # domain forwarded separately), running stats updated and used at evaluation -- the official code.
     bn_batch_stats: bool = False
     proj_dim: int = 256  # projection head size when method.feature = backbone or decoder
-    # MiT and DINOv2. segformer: all-MLP head; daformer: context-aware fusion (dilated separable convs)
-    decoder: Literal["segformer", "daformer"] = "segformer"
+    # MiT and DINOv2. segformer: all-MLP head; daformer: context-aware fusion (dilated separable convs);
+    # light (dinov2_* only): VFM-UDA's head, two 2x2 transposed convs and a 3x3 conv with
+    # LayerNorms on the last block alone, no feature pyramid (decoder_dim unused)
+    decoder: Literal["segformer", "daformer", "light"] = "segformer"
     decoder_dim: int = 256  # MiT decoder channels: SegFormer-B0/B1 256, B2-B5 768; DAFormer 256
+    # dinov2_* only: every input (crop, window, image) is resized bilinearly to
+    # floor(side x input_scale / 14) x 14 per side before the ViT, and the outputs stay on that
+    # grid (losses and evaluation upsample them to the label size). VFM-UDA: 1.1 (its 1024
+    # crops go to the ViT at 1120). 1.0: no resize, sides padded to multiples of 14.
+    input_scale: float = 1.0
     drop_path: float = 0.1  # MiT/ViT stochastic-depth rate of the last block (SegFormer, DAFormer: 0.1)
     # Activation checkpointing of the MiT blocks / the ResNet blocks of layer1..layer4: their
     # activations are recomputed in the backward instead of kept. Same losses, gradients and
@@ -160,9 +167,12 @@ class TrainConfig:
     momentum: float = 0.9  # sgd only (adamw: betas 0.9, 0.999)
     weight_decay: float = 5e-4
     poly_power: float = 0.9  # DAFormer: 1.0
-    # Linear warm-up over the first warmup_iters of each phase, from 1e-6 x the scheduled LR
+    # Linear warm-up over the first warmup_iters of each phase, from warmup_ratio x the scheduled LR
     # (mmcv's rule, DAFormer: 1500); 0 = none.
     warmup_iters: int = 0
+    # The share of the scheduled LR the warm-up starts from: 1e-6 (mmcv's warmup_ratio, DAFormer);
+    # VFM-UDA's warm-up starts at 1e-3 (start_warmup_lr).
+    warmup_ratio: float = 1e-6
     teacher_momentum: float = 0.999  # EMA teacher: alpha = min(1 - 1 / (t + 1), this) at update t
     # teacher schedule: the student's source and ClassMix images in one concatenated forward
     # (joint: one BN batch of both) or in two (separate: each its own BN batch, as DAFormer).

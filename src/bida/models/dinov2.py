@@ -345,8 +345,50 @@ class SimplePyramid(nn.Module):
         return [self.up4(levels[0]), self.up2(levels[1]), levels[2], self.down2(levels[3])]
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map (eps 1e-6, timm's ``LayerNorm2d``)."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, eps=NORM_EPS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class LightHead(nn.Module):
+    """VFM-UDA's light head on the last block's (normed) patch tokens alone, no pyramid:
+    a 2x2 transposed conv to C/2 channels, LayerNorm, GELU, a 2x2 transposed conv to C/4,
+    LayerNorm, a 3x3 conv, LayerNorm (the fused feature), and a 1x1 classifier; no biases,
+    the classifier initialised N(0, 0.1), the rest PyTorch's defaults. Stride 14 / 4 = 3.5,
+    as the pyramid's first level.
+
+    Shape:
+        [..., (B, C, gh, gw)] -> logits (B, K, 4gh, 4gw), fused (B, C/4, 4gh, 4gw)
+    """
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        half, quarter = dim // 2, dim // 4
+        self.upscale = nn.Sequential(
+            nn.ConvTranspose2d(dim, half, 2, 2, bias=False), LayerNorm2d(half), nn.GELU(),
+            nn.ConvTranspose2d(half, quarter, 2, 2, bias=False), LayerNorm2d(quarter),
+            nn.Conv2d(quarter, quarter, 3, padding=1, bias=False), LayerNorm2d(quarter))
+        self.classifier = nn.Conv2d(quarter, num_classes, 1, bias=False)
+        nn.init.normal_(self.classifier.weight, 0.0, 0.1)
+        self.embed_dim = quarter
+
+    def forward(self, levels: list[Tensor]) -> tuple[Tensor, Tensor]:
+        fused = self.upscale(levels[-1])
+        return self.classifier(fused), fused
+
+
+DECODERS = ("segformer", "daformer", "light")
+
+
 class DINOv2Segmentor(nn.Module):
-    """A DINOv2 encoder, a simple feature pyramid and a SegFormer or DAFormer decoder.
+    """A DINOv2 encoder, a simple feature pyramid and a SegFormer or DAFormer decoder, or
+    VFM-UDA's light head on the last block alone (``decoder="light"``, :class:`LightHead`:
+    no pyramid; ``decoder_dim`` unused, the fused feature has a quarter of the encoder's width).
 
     The four levels come from blocks ``spec.levels`` (normed), at patch stride 14 of the
     padded input; the pyramid brings them to strides 3.5, 7, 14 and 28, the ViT's
@@ -369,28 +411,40 @@ class DINOv2Segmentor(nn.Module):
         proj_dim: contrast feature channels.
         grad_checkpoint: activation checkpointing of the encoder blocks (``model.grad_checkpoint``).
         pos_grid: the position embeddings' grid (37 for the released weights).
+        input_scale: ``model.input_scale``: 1.0 pads the input to multiples of 14; otherwise it
+            is resized to H' = floor(H x input_scale / 14) x 14 (likewise W'), as VFM-UDA (1.1).
 
     Shape:
-        input (B, 3, H, W) -> logits and features (B, ., ceil(2H/7), ceil(2W/7)).
+        input (B, 3, H, W) -> logits and features (B, ., ceil(2H/7), ceil(2W/7)), or
+        (B, ., 2H'/7, 2W'/7) with an input scale.
     """
 
     target_stem = None
     concat_domains_ok = True
 
     def __init__(self, num_classes: int, backbone: str = "dinov2_vits14",
-                 decoder: Literal["segformer", "daformer"] = "daformer", decoder_dim: int = 256,
+                 decoder: Literal["segformer", "daformer", "light"] = "daformer", decoder_dim: int = 256,
                  width: float = 1.0, drop_path: float = 0.0, proj_dim: int = 256, grad_checkpoint: bool = False,
-                 pos_grid: int = PRETRAIN_GRID):
+                 pos_grid: int = PRETRAIN_GRID, input_scale: float = 1.0):
         super().__init__()
-        if decoder not in HEADS:
-            raise ValueError(f"unknown decoder {decoder!r}; choose from {sorted(HEADS)}")
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {decoder!r}; choose from {sorted(DECODERS)}")
+        if input_scale <= 0:
+            raise ValueError(f"input_scale must be > 0, got {input_scale}")
         self.arch = backbone
         self.num_classes = num_classes
         self.feature_kind = "decoder"
+        self.input_scale = input_scale
         self.backbone = VisionTransformer(backbone, width, drop_path, grad_checkpoint, pos_grid)
         dim = self.backbone.dim
-        self.neck = SimplePyramid(dim)
-        self.decode_head = HEADS[decoder]([dim] * 4, decoder_dim, num_classes)
+        if decoder == "light":
+            self.backbone.levels = (self.backbone.depth - 1,)  # the head reads the last block alone
+            self.neck = nn.Identity()
+            self.decode_head = LightHead(dim, num_classes)
+            decoder_dim = self.decode_head.embed_dim
+        else:
+            self.neck = SimplePyramid(dim)
+            self.decode_head = HEADS[decoder]([dim] * 4, decoder_dim, num_classes)
         self.proj = nn.Sequential(nn.Conv2d(decoder_dim, decoder_dim, 1), nn.ReLU(inplace=True),
                                   nn.Conv2d(decoder_dim, proj_dim, 1))
         for m in [*self.neck.modules(), *self.proj.modules()]:
@@ -455,8 +509,11 @@ class DINOv2Segmentor(nn.Module):
 
         Shape:
             x: (B, 3, H, W) -> SegOutput(logits (B, K, h, w), features (B, proj_dim, h, w)),
-            h = ceil(2H/7), w = ceil(2W/7).
+            h = ceil(2H/7), w = ceil(2W/7) (of the resized input with ``input_scale``).
         """
+        if self.input_scale != 1.0:  # VFM-UDA's resize: the ViT sees a whole grid of patches, no padding
+            size = [max(PATCH, int(s * self.input_scale) // PATCH * PATCH) for s in x.shape[-2:]]
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         h, w = (math.ceil(4 * s / PATCH) for s in x.shape[-2:])
         logits, fused = self.decode_head(self.neck(self.backbone(x)))
         return SegOutput(logits=logits[..., :h, :w], features=self.proj(fused[..., :h, :w]))
