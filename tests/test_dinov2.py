@@ -523,3 +523,99 @@ def test_config_builds_the_light_head_and_input_scale():
     cfg = load_config(None, DINO_TINY + ["model.decoder=light", "model.input_scale=1.1", "data.crop=[20,30]"])
     m = build_model(cfg.model, 4, cfg.method.feature)
     assert isinstance(m.decode_head, LightHead) and m.input_scale == 1.1
+
+
+def test_token_masking_swaps_patch_tokens_for_the_mask_token():
+    """token_keep against the same ViT whose patch embedding itself outputs the mask token on
+    the withheld cells: the two must agree (the swap happens before the position embeddings)."""
+    seg = _segmentor(mask_token=True, input_scale=1.1).eval()
+    vit = seg.backbone
+    with torch.no_grad():
+        vit.mask_token.normal_(generator=torch.Generator().manual_seed(7))
+    x = torch.randn(2, 3, 40, 60, generator=torch.Generator().manual_seed(8))
+    grid = seg.token_grid(40, 60)
+    assert grid == (3, 4)  # 42 x 56 after the 1.1 resize
+    keep = torch.rand(2, *grid, generator=torch.Generator().manual_seed(9)) >= 0.5
+    assert keep.any() and not keep.all()
+    with torch.no_grad():
+        out = seg(x, "target", token_keep=keep)
+        unmasked = seg(x, "target")
+        conv = vit.patch_embed.proj
+
+        class MaskedEmbed(torch.nn.Module):
+            def forward(self, img):
+                patches = conv(img)
+                return torch.where(keep[:, None], patches, vit.mask_token[0].view(1, -1, 1, 1))
+
+        vit.patch_embed = MaskedEmbed()
+        want = seg(x, "target")
+    assert torch.allclose(out.logits, want.logits, rtol=0, atol=1e-6)
+    assert (out.logits - unmasked.logits).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="token_keep"):
+        seg(x, "target", token_keep=keep[:, :2])
+
+
+def test_mask_token_loads_from_the_release_file_only_when_kept(tmp_path):
+    shapes = release_shapes(48, 12, False, grid=6)
+    state = _release_file(tmp_path / "release.pth", shapes)
+    state["mask_token"] = torch.randn(1, 48)
+    torch.save(state, tmp_path / "release.pth")
+    kept = _segmentor(pos_grid=6, mask_token=True)
+    report = load_pretrained(kept, tmp_path / "release.pth")
+    assert "backbone.mask_token" in report["loaded"] and report["skipped"] == []
+    assert torch.equal(kept.backbone.mask_token, state["mask_token"])
+    assert load_pretrained(_segmentor(pos_grid=6), tmp_path / "release.pth")["skipped"] == ["mask_token"]
+    groups = kept.param_groups(1.0, 10.0, layer_decay=0.5)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert lr_of[id(kept.backbone.mask_token)] == 0.5 ** 13  # with the embeddings, as VFM-UDA's stems
+
+
+def test_token_masks_draw_like_pixel_blocks_of_one_token():
+    from bida.masking import MaskedImageConsistency
+
+    a = MaskedImageConsistency(14, 0.7, "imagenet", seed=3)
+    b = MaskedImageConsistency(1, 0.7, "imagenet", seed=3)
+    img = torch.randn(4, 3, 28, 42, generator=torch.Generator().manual_seed(1))
+    aug, keep = a.tokens(img, (5, 6))
+    masked, keep_px = b(img[..., :5, :6])  # the same draws: colour augmentation, then one number per cell
+    assert keep.shape == (4, 5, 6) and torch.equal(keep, keep_px)
+    assert 0.1 < 1 - keep.float().mean() < 0.95
+    assert torch.allclose(aug[..., :5, :6], masked, atol=1e-6) or not keep_px.all()  # pixels: zeros where withheld
+    state = a.state_dict()
+    first = a.tokens(img, (5, 6))[1]
+    a.load_state_dict(state)
+    assert torch.equal(a.tokens(img, (5, 6))[1], first)
+
+
+@pytest.mark.parametrize("override, key", [
+    (["model.mask_token=true"], "model.mask_token"),  # no MIC: nothing uses it
+    (["model.backbone=mit_b0", "model.mask_token=true", "train.schedule=teacher", "method=self_training",
+      "mic.weight=1"], "model.mask_token"),
+])
+def test_config_rejects_a_mask_token_nothing_uses(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+        load_config(None, ["model.backbone=dinov2_vits14"] + override)
+    assert "\n" not in str(err.value)
+
+
+def test_vfm_uda_recipe_on_a_tiny_dinov2_trains_and_resumes_exactly(tmp_path, tiny_overrides):
+    """Light head, 1.1 input resize, token masking, flip-averaged teacher, weak jitter, weight
+    decay on every parameter, warm-up from 1e-3: a run stopped after step 2 and resumed ends
+    with the weights of the uninterrupted run; the mask token is trained (threshold 0: the
+    untrained teacher's labels count, so the masked loss has a weight)."""
+    from bida.train import Trainer, train
+
+    cfg = load_config(None, tiny_overrides + DINO_TINY + [
+        "model.decoder=light", "model.input_scale=1.1", "model.mask_token=true", "model.drop_path=0.0",
+        "method=self_training", "train.schedule=teacher", "train.iters=3", "train.optimizer=adamw", "train.lr=1e-4",
+        "train.weight_decay=0.01", "train.decay_norms_biases=true", "train.warmup_iters=2", "train.warmup_ratio=1e-3",
+        "train.teacher_bn=batch", "train.student_forwards=separate", "pseudo.teacher_flip=true",
+        "data.weak_jitter=true", "mic.weight=1", "pseudo.teacher_threshold=0", "eval.max_images=1"])
+    train(cfg, tmp_path / "full")
+    assert Trainer(cfg, tmp_path / "part").fit(stop_after=2) is None
+    Trainer(cfg, tmp_path / "part", resume=True).fit()
+    a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("full", "part"))
+    for x, y in ((a["model"], b["model"]), (a["mean_teacher"]["teacher"]["model"], b["mean_teacher"]["teacher"]["model"])):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert a["model"]["backbone.mask_token"].abs().max() > 0  # trained away from its zero start
+    assert all("weight_decay" not in g or g["weight_decay"] == 0.01 for g in a["optimizer"]["param_groups"])

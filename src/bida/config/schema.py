@@ -104,6 +104,11 @@ class ModelConfig:
     # grid (losses and evaluation upsample them to the label size). VFM-UDA: 1.1 (its 1024
     # crops go to the ViT at 1120). 1.0: no resize, sides padded to multiples of 14.
     input_scale: float = 1.0
+    # dinov2_* with mic.weight > 0 only: the encoder keeps DINOv2's pretraining mask token as a
+    # trained parameter (loaded from the weights file, in the embeddings' LR group), and MIC
+    # replaces each patch token with it with probability mic.mask_ratio instead of zeroing
+    # pixel blocks of mic.block_size (VFM-UDA's token masking: true). false: MIC's pixel blocks.
+    mask_token: bool = False
     drop_path: float = 0.1  # MiT/ViT stochastic-depth rate of the last block (SegFormer, DAFormer: 0.1)
     # Activation checkpointing of the MiT blocks / the ResNet blocks of layer1..layer4: their
     # activations are recomputed in the backward instead of kept. Same losses, gradients and

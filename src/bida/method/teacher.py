@@ -28,7 +28,9 @@ averaged running statistics.
 
 With ``mic.weight > 0`` either method adds MIC's masked image consistency
 (:mod:`bida.masking`): the student, forwarded once more on the colour-augmented target
-image with random blocks masked, learns the teacher's labels of the unmasked image.
+image with random blocks masked, learns the teacher's labels of the unmasked image. With
+``model.mask_token`` (DINOv2) random patch tokens are masked instead, by the mask token
+(VFM-UDA's variant).
 
 Under torchrun (:mod:`bida.distributed`) every rank trains on its slice of the global batch
 ``train.batch_size``: ClassMix and MIC draw by global sample index, the quality weight and
@@ -375,8 +377,12 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
     if state.masking is not None:
         # MIC: the masked, colour-augmented target in its own forward (as MIC's own), against
         # the teacher's labels of the whole image, with the same quality weight as the mix.
-        img_masked, _ = state.masking(img_tgt)
-        out_masked = model(img_masked, "target")
+        if cfg.model.mask_token:  # VFM-UDA: patch tokens swapped for the mask token inside the ViT
+            img_aug, keep = state.masking.tokens(img_tgt, unwrap_model(model).token_grid(*img_tgt.shape[-2:]))
+            out_masked = model(img_aug, "target", token_keep=keep)
+        else:
+            img_masked, _ = state.masking(img_tgt)
+            out_masked = model(img_masked, "target")
         terms["mic"] = weighted_cross_entropy(out_masked.logits, y_teacher, quality, mean_over=lw.pseudo_ce_mean)
         counts["mic"] = _ce_count(y_teacher, lw.pseudo_ce_mean)
     if fd is not None:

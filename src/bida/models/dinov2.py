@@ -23,7 +23,10 @@ The encoder follows DINOv2's definition (Oquab et al., 2023; ``dinov2/models/vis
 Parameter names are those of the public release files (``dinov2_vits14_pretrain.pth``...),
 so those load without renaming; :mod:`bida.weights` maps the Hugging Face ``dinov2``
 layout onto them. The release's ``mask_token`` (iBOT's masked-patch token) is only used in
-pretraining and is not a parameter here.
+pretraining and is not a parameter here, unless ``mask_token=True`` (``model.mask_token``):
+then it is loaded and trained, and ``forward(x, token_keep=...)`` replaces the patch tokens
+not kept by it before the position embeddings are added (DINOv2's ``prepare_tokens_with_masks``;
+VFM-UDA's token masking).
 
 Inputs whose sides are not multiples of 14 are padded with zeros (the mean colour of the
 normalised input) at the bottom and right up to the next multiple, as DINOv2's segmentation
@@ -58,7 +61,7 @@ NORM_EPS = 1e-6
 MLP_RATIO = 4
 LAYERSCALE_INIT = 1e-5  # DINOv2's training value; pretrained files overwrite it
 # The final LayerNorm is the last "layer" of layer-wise LR decay; the head comes after it.
-EMBED_PARAMS = ("patch_embed.", "cls_token", "pos_embed", "register_tokens")
+EMBED_PARAMS = ("patch_embed.", "cls_token", "pos_embed", "register_tokens", "mask_token")
 
 
 @dataclass(frozen=True)
@@ -215,6 +218,8 @@ class VisionTransformer(nn.Module):
             grad only; same results, less memory, see :mod:`bida.models.checkpointing`).
         pos_grid: side of the square patch grid of the position embeddings (37 for every
             released model; smaller for reference tests).
+        mask_token: keep DINOv2's mask token (``(1, C)``, zeros until loaded) as a parameter,
+            for token masking (``token_keep``).
 
     Shape:
         (B, 3, H, W) -> four (B, C, ceil(H/14), ceil(W/14)) maps: the outputs of the blocks
@@ -222,7 +227,7 @@ class VisionTransformer(nn.Module):
     """
 
     def __init__(self, arch: str = "dinov2_vits14", width: float = 1.0, drop_path: float = 0.0,
-                 grad_checkpoint: bool = False, pos_grid: int = PRETRAIN_GRID):
+                 grad_checkpoint: bool = False, pos_grid: int = PRETRAIN_GRID, mask_token: bool = False):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown DINOv2 variant {arch!r}; choose from {sorted(ARCHS)}")
@@ -243,6 +248,8 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + pos_grid * pos_grid, self.dim))
         if spec.registers:
             self.register_tokens = nn.Parameter(torch.zeros(1, spec.registers, self.dim))
+        if mask_token:
+            self.mask_token = nn.Parameter(torch.zeros(1, self.dim))  # DINOv2 starts it at zero
         rates = [drop_path * i / max(1, spec.depth - 1) for i in range(spec.depth)]
         self.blocks = nn.ModuleList(Block(self.dim, spec.heads, spec.swiglu, r) for r in rates)
         self.norm = nn.LayerNorm(self.dim, eps=NORM_EPS)
@@ -290,14 +297,17 @@ class VisionTransformer(nn.Module):
                               **resample).to(pos.dtype)
         return torch.cat([pos[:, :1], patch.permute(0, 2, 3, 1).reshape(1, gh * gw, c)], 1)
 
-    def tokens(self, x: Tensor, blocks: tuple[int, ...]) -> tuple[list[Tensor], int, int]:
+    def tokens(self, x: Tensor, blocks: tuple[int, ...],
+               token_keep: Tensor | None = None) -> tuple[list[Tensor], int, int]:
         """The raw outputs (before the final norm) of the given blocks, and the patch grid.
 
         ``x`` is padded at the bottom and right to multiples of 14 (zeros) when needed.
+        ``token_keep``: patch tokens where it is False become the mask token (needs
+        ``mask_token=True``), before the position embeddings are added.
 
         Shape:
-            x: (B, 3, H, W) -> [(B, 1 + R + gh*gw, C)], gh = ceil(H/14), gw = ceil(W/14),
-            tokens ordered [cls, R registers, patches row by row].
+            x: (B, 3, H, W), token_keep: (B, gh, gw) bool or None -> [(B, 1 + R + gh*gw, C)],
+            gh = ceil(H/14), gw = ceil(W/14), tokens ordered [cls, R registers, patches row by row].
         """
         h, w = x.shape[-2:]
         pad_h, pad_w = padded_size(h) - h, padded_size(w) - w
@@ -305,7 +315,12 @@ class VisionTransformer(nn.Module):
             x = F.pad(x, (0, pad_w, 0, pad_h))
         patches = self.patch_embed(x)  # (B, C, gh, gw)
         b, _, gh, gw = patches.shape
-        t = torch.cat([self.cls_token.expand(b, -1, -1), patches.flatten(2).transpose(1, 2)], 1)
+        patches = patches.flatten(2).transpose(1, 2)  # (B, gh*gw, C)
+        if token_keep is not None:
+            if token_keep.shape != (b, gh, gw):
+                raise ValueError(f"token_keep has shape {tuple(token_keep.shape)}, the patch grid is {(b, gh, gw)}")
+            patches = torch.where(token_keep.reshape(b, gh * gw, 1), patches, self.mask_token.to(patches.dtype)[None])
+        t = torch.cat([self.cls_token.expand(b, -1, -1), patches], 1)
         t = t + self.position_embedding(gh, gw)
         if hasattr(self, "register_tokens"):
             t = torch.cat([t[:, :1], self.register_tokens.expand(b, -1, -1), t[:, 1:]], 1)
@@ -317,8 +332,8 @@ class VisionTransformer(nn.Module):
                 out.append(t)
         return out, gh, gw
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        outs, gh, gw = self.tokens(x, self.levels)
+    def forward(self, x: Tensor, token_keep: Tensor | None = None) -> list[Tensor]:
+        outs, gh, gw = self.tokens(x, self.levels, token_keep)
         levels = [self.norm(t)[:, self.num_prefix:].transpose(1, 2).reshape(t.shape[0], -1, gh, gw) for t in outs]
         levels[-1] = self.last_level(levels[-1])
         return levels
@@ -413,6 +428,8 @@ class DINOv2Segmentor(nn.Module):
         pos_grid: the position embeddings' grid (37 for the released weights).
         input_scale: ``model.input_scale``: 1.0 pads the input to multiples of 14; otherwise it
             is resized to H' = floor(H x input_scale / 14) x 14 (likewise W'), as VFM-UDA (1.1).
+        mask_token: ``model.mask_token``: the encoder keeps DINOv2's mask token, and
+            ``forward(x, domain, token_keep)`` masks patch tokens with it (VFM-UDA's masking).
 
     Shape:
         input (B, 3, H, W) -> logits and features (B, ., ceil(2H/7), ceil(2W/7)), or
@@ -425,7 +442,7 @@ class DINOv2Segmentor(nn.Module):
     def __init__(self, num_classes: int, backbone: str = "dinov2_vits14",
                  decoder: Literal["segformer", "daformer", "light"] = "daformer", decoder_dim: int = 256,
                  width: float = 1.0, drop_path: float = 0.0, proj_dim: int = 256, grad_checkpoint: bool = False,
-                 pos_grid: int = PRETRAIN_GRID, input_scale: float = 1.0):
+                 pos_grid: int = PRETRAIN_GRID, input_scale: float = 1.0, mask_token: bool = False):
         super().__init__()
         if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; choose from {sorted(DECODERS)}")
@@ -435,7 +452,7 @@ class DINOv2Segmentor(nn.Module):
         self.num_classes = num_classes
         self.feature_kind = "decoder"
         self.input_scale = input_scale
-        self.backbone = VisionTransformer(backbone, width, drop_path, grad_checkpoint, pos_grid)
+        self.backbone = VisionTransformer(backbone, width, drop_path, grad_checkpoint, pos_grid, mask_token)
         dim = self.backbone.dim
         if decoder == "light":
             self.backbone.levels = (self.backbone.depth - 1,)  # the head reads the last block alone
@@ -504,16 +521,31 @@ class DINOv2Segmentor(nn.Module):
         head = [p for m in (self.neck, self.decode_head, self.proj) for p in m.parameters() if p.requires_grad]
         return [*groups.values(), {"params": head, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult, "name": "head"}]
 
-    def forward(self, x: Tensor, domain: Literal["source", "target"] = "source") -> SegOutput:  # noqa: ARG002
+    def vit_input_size(self, h: int, w: int) -> tuple[int, int]:
+        """The size an h x w input reaches the ViT at (resized with ``input_scale``, else as is)."""
+        if self.input_scale == 1.0:
+            return h, w
+        return tuple(max(PATCH, int(s * self.input_scale) // PATCH * PATCH) for s in (h, w))
+
+    def token_grid(self, h: int, w: int) -> tuple[int, int]:
+        """The patch grid (gh, gw) of an h x w input: what ``token_keep`` of :meth:`forward` covers."""
+        return tuple(math.ceil(s / PATCH) for s in self.vit_input_size(h, w))
+
+    def forward(self, x: Tensor, domain: Literal["source", "target"] = "source",  # noqa: ARG002
+                token_keep: Tensor | None = None) -> SegOutput:
         """Logits and contrast features of a batch (either domain).
 
+        ``token_keep`` (``model.mask_token``): patch tokens where it is False are replaced by
+        the mask token (:meth:`token_grid` gives its size).
+
         Shape:
-            x: (B, 3, H, W) -> SegOutput(logits (B, K, h, w), features (B, proj_dim, h, w)),
-            h = ceil(2H/7), w = ceil(2W/7) (of the resized input with ``input_scale``).
+            x: (B, 3, H, W), token_keep: (B, gh, gw) bool or None -> SegOutput(logits (B, K, h, w),
+            features (B, proj_dim, h, w)), h = ceil(2H/7), w = ceil(2W/7) (of the resized input
+            with ``input_scale``).
         """
-        if self.input_scale != 1.0:  # VFM-UDA's resize: the ViT sees a whole grid of patches, no padding
-            size = [max(PATCH, int(s * self.input_scale) // PATCH * PATCH) for s in x.shape[-2:]]
+        size = self.vit_input_size(*x.shape[-2:])
+        if size != tuple(x.shape[-2:]):  # VFM-UDA's resize: the ViT sees a whole grid of patches, no padding
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         h, w = (math.ceil(4 * s / PATCH) for s in x.shape[-2:])
-        logits, fused = self.decode_head(self.neck(self.backbone(x)))
+        logits, fused = self.decode_head(self.neck(self.backbone(x, token_keep)))
         return SegOutput(logits=logits[..., :h, :w], features=self.proj(fused[..., :h, :w]))
