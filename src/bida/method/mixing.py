@@ -102,6 +102,7 @@ _CONSTANTS = {
     "gray": torch.tensor(_GRAY).view(1, 3, 1, 1),
     "rgb_to_yiq": _RGB_TO_YIQ.float(),
     "yiq_to_rgb": torch.linalg.inv(_RGB_TO_YIQ).float(),
+    "weak_jitter": torch.tensor(WEAK_JITTER_STRENGTHS),
 }
 _on_device: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
 
@@ -128,7 +129,7 @@ def from_unit_rgb(x: Tensor, normalize: Literal["imagenet", "caffe"]) -> Tensor:
     return (x - _const("imagenet_mean", x)) / _const("imagenet_std", x)
 
 
-def color_jitter(rgb: Tensor, u: Tensor, strength: float | tuple[float, float, float, float] = JITTER_STRENGTH,
+def color_jitter(rgb: Tensor, u: Tensor, strength: float | Tensor = JITTER_STRENGTH,
                  brightness: Literal["add", "mul"] = "add") -> Tensor:
     """Brightness, contrast, saturation and hue jitter of RGB images in [0, 1], per sample.
 
@@ -136,14 +137,12 @@ def color_jitter(rgb: Tensor, u: Tensor, strength: float | tuple[float, float, f
     [-s, s] (``brightness="add"``, DAFormer's strong view) or factor in [1 - s, 1 + s]
     (``"mul"``, torchvision's), contrast and saturation factors in [1 - s, 1 + s], hue rotation
     in [-s, s] turns (a rotation of the YIQ chroma plane, a linear stand-in for an HSV hue
-    shift). ``strength``: one s for all four, or (brightness, contrast, saturation, hue).
-    Applied in that order, clamped to [0, 1] after each.
+    shift). ``strength``: one s for all four, or a (4,) tensor on ``u``'s device of
+    (brightness, contrast, saturation, hue). Applied in that order, clamped to [0, 1] after each.
 
     Shape:
-        - rgb: (B, 3, H, W); u: (B, 4); output: (B, 3, H, W)
+        - rgb: (B, 3, H, W); u: (B, 4); strength: () or (4,); output: (B, 3, H, W)
     """
-    if not isinstance(strength, (int, float)):
-        strength = torch.tensor(strength, dtype=u.dtype, device=u.device)
     f = (2 * u - 1) * strength  # (B, 4) in [-s, s]
     view = (-1, 1, 1, 1)
     gray_w = _const("gray", rgb)
@@ -224,7 +223,7 @@ def weak_jitter(img: Tensor, u: Tensor, normalize: Literal["imagenet", "caffe"])
         - output: (B, 3, H, W), ``img``'s dtype
     """
     rgb = to_unit_rgb(img.float(), normalize)
-    jittered = color_jitter(rgb, u[:, 1:5], WEAK_JITTER_STRENGTHS, brightness="mul")
+    jittered = color_jitter(rgb, u[:, 1:5], _const("weak_jitter", u), brightness="mul")
     rgb = torch.where((u[:, 0] < WEAK_JITTER_PROB).view(-1, 1, 1, 1), jittered, rgb)
     return from_unit_rgb(rgb, normalize).to(img.dtype)
 
