@@ -399,4 +399,19 @@ def test_daformer_recipe_keys_are_refused_up_front(tmp_path, capsys, overrides, 
     src, tgt = folder_pair(tmp_path)
     teacher = ["train.schedule=teacher", "method=self_training"]
     run_cli(tmp_path, train_args(tmp_path, folder_args(src, tgt) + teacher + overrides), capsys, needle)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.warmup_ratio=0", "train.warmup_ratio"),  # the warm-up would start at LR 0
+    ("train.warmup_ratio=1.5", "train.warmup_ratio"),
+    ("model.input_scale=0", "model.input_scale"),
+    ("model.input_scale=1.1", "model.input_scale"),  # a DeepLab-V2 backbone has no ViT input
+    ("model.decoder=light", "model.decoder"),
+    ("train.decay_norms_biases=true", "train.decay_norms_biases"),
+    ("pseudo.teacher_flip=true", "pseudo.teacher_flip"),  # the rounds schedule has no teacher
+    ("data.weak_jitter=true", "data.weak_jitter"),
+])
+def test_vfm_uda_switches_are_refused_where_nothing_reads_them(tmp_path, capsys, override, needle):
+    src, tgt = folder_pair(tmp_path)
+    run_cli(tmp_path, train_args(tmp_path, folder_args(src, tgt) + [override]), capsys, needle)
     assert not (tmp_path / "run").exists()

@@ -20,7 +20,7 @@ from bida.cli import main
 from bida.config import load_config
 from bida.errors import CheckpointError, ConfigError
 from bida.models import DINOv2Segmentor, MiTSegmentor, build_model
-from bida.models.dinov2 import ARCHS, VisionTransformer
+from bida.models.dinov2 import ARCHS, LightHead, VisionTransformer
 from bida.models.heads import DAFormerHead, SegFormerHead
 from bida.weights import load_pretrained
 
@@ -118,13 +118,69 @@ def _hf_reference(arch: str, width: float, pos_grid: int, seed: int = 0):
     return ref.eval()
 
 
+def hub_pos_embed(pos: torch.Tensor, gh: int, gw: int, registers: bool) -> torch.Tensor:
+    """DINOv2's ``interpolate_pos_encoding`` with the hub's settings, written out here from
+    dinov2/models/vision_transformer.py and dinov2/hub/backbones.py: unchanged at the
+    pretraining grid; otherwise the patch part resampled bicubically in float32, by
+    ``scale_factor = ((gh + 0.1) / M, (gw + 0.1) / M)`` without antialiasing
+    (``interpolate_offset=0.1``, the variants without registers) or to the size (gh, gw) with
+    antialiasing (``interpolate_offset=0``, ``interpolate_antialias=True``, the ``_reg`` ones)."""
+    m = math.isqrt(pos.shape[1] - 1)
+    if (gh, gw) == (m, m):
+        return pos
+    grid = pos[:, 1:].float().reshape(1, m, m, -1).permute(0, 3, 1, 2)
+    if registers:
+        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", antialias=True)
+    else:
+        grid = F.interpolate(grid, scale_factor=((gh + 0.1) / m, (gw + 0.1) / m), mode="bicubic", antialias=False)
+    assert grid.shape[-2:] == (gh, gw)
+    return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)], 1).to(pos.dtype)
+
+
+@pytest.mark.parametrize("arch", ["dinov2_vits14", "dinov2_vits14_reg"])
+@pytest.mark.parametrize("grid", [(6, 6), (12, 12), (4, 9), (13, 5)])
+def test_position_embeddings_follow_the_dinov2_hub_interpolation(arch, grid):
+    """bida's resampled position embeddings against the hub formula above, on a random 6 x 6
+    grid of embeddings: up, down, mixed and the identity (the pretraining grid itself)."""
+    vit = VisionTransformer(arch, width=0.125, pos_grid=6)
+    with torch.no_grad():
+        vit.pos_embed.normal_(generator=torch.Generator().manual_seed(4))
+    registers = arch.endswith("_reg")
+    got = vit.position_embedding(*grid)
+    want = hub_pos_embed(vit.pos_embed.detach(), *grid, registers)
+    assert torch.allclose(got, want, rtol=0, atol=1e-6)
+    if grid == (6, 6):
+        assert got is vit.pos_embed
+    elif not registers:  # the offset is not vacuous: resampling to the size differs
+        to_size = F.interpolate(vit.pos_embed[:, 1:].reshape(1, 6, 6, -1).permute(0, 3, 1, 2), size=grid,
+                                mode="bicubic").permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+        assert (got[:, 1:] - to_size).abs().max() > 1e-3
+
+
+def _hub_interpolation(embeddings, registers: bool):
+    """Hugging Face's embeddings module resampling as DINOv2's hub model (:func:`hub_pos_embed`)."""
+    def interpolate(tokens, height, width):
+        return hub_pos_embed(embeddings.position_embeddings, height // 14, width // 14, registers)
+    return interpolate
+
+
 @pytest.mark.parametrize("arch, width", [("dinov2_vits14", 0.125), ("dinov2_vitb14_reg", 1 / 16),
                                          ("dinov2_vitg14", 1 / 32)])
 @pytest.mark.parametrize("files", ["save_pretrained", "state_dict"])
 def test_matches_hugging_face_dinov2(tmp_path, arch, width, files):
     """Last hidden state and the four levels bida reads, at an input whose grid (4 x 8) is not
-    the position embeddings' (6 x 6): max abs difference <= 1e-5 in fp32."""
+    the position embeddings' (6 x 6): max abs difference <= 1e-5 in fp32.
+
+    The register variants match Hugging Face's ``Dinov2WithRegistersModel`` as it is (its
+    resampling is the hub's). ``Dinov2Model`` resamples to the grid size where DINOv2's hub
+    model (and bida) resample by the offset scale factor: for the variants without registers
+    the reference's position-embedding resampling is replaced by the hub formula, the rest of
+    the network is Hugging Face's."""
     ref = _hf_reference(arch, width, pos_grid=6)
+    registers = ARCHS[arch].registers > 0
+    hf_resampling = ref.embeddings.interpolate_pos_encoding
+    if not registers:
+        ref.embeddings.interpolate_pos_encoding = _hub_interpolation(ref.embeddings, registers)
     if files == "save_pretrained":  # the Hub's names: query/key/value, weights_in/out, lambda1
         ref.save_pretrained(tmp_path)
         path = tmp_path / "model.safetensors"
@@ -149,6 +205,10 @@ def test_matches_hugging_face_dinov2(tmp_path, arch, width, files):
         want = ref.layernorm(out.hidden_states[i + 1])[:, prefix:].transpose(1, 2).reshape(2, -1, gh, gw)
         assert torch.allclose(level, want, rtol=0, atol=1e-5), i
     assert (out.last_hidden_state - out.hidden_states[-1]).abs().max() > 0.1  # the final norm is not vacuous
+    with torch.no_grad():  # where the two references differ, bida follows the hub
+        pos_hf = hf_resampling(torch.zeros(1, 33, ref.config.hidden_size), 56, 112)
+    gap = (pos_hf - vit.position_embedding(4, 8)).abs().max()
+    assert gap < 1e-6 if registers else gap > 1e-3
 
 
 def _release_of_hf(ref) -> dict[str, torch.Tensor]:
@@ -287,11 +347,39 @@ def test_layer_decay_param_groups_hand_computed():
     assert [g["lr_mult"] for g in seg.param_groups(1.0, 10.0)] == [1.0, 1.0, 10.0]
 
 
+def test_decay_norms_biases_puts_every_parameter_under_the_optimizer_weight_decay():
+    """train.decay_norms_biases (VFM-UDA: one AdamW weight decay for every group): no group
+    overrides the weight decay, so biases, norms, LayerScale gammas and tokens decay at 0.01."""
+    seg = _segmentor("dinov2_vits14_reg")
+    groups = seg.param_groups(1.0, 10.0, layer_decay=0.5, decay_norms_biases=True)
+    assert all("weight_decay" not in g for g in groups)
+    opt = torch.optim.AdamW(groups, lr=1.0, weight_decay=0.01)
+    wd_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert len(wd_of) == sum(1 for _ in seg.parameters())
+    assert set(wd_of.values()) == {0.01}
+    # the default: exactly the biases, norms and gammas of the encoder are exempt
+    opt = torch.optim.AdamW(seg.param_groups(1.0, 10.0), lr=1.0, weight_decay=0.01)
+    wd_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    for name, p in seg.named_parameters():
+        exempt = name.startswith("backbone.") and (name.endswith((".bias", ".gamma")) or "norm" in name)
+        assert wd_of[id(p)] == (0.0 if exempt else 0.01), name
+    # the LRs do not depend on the switch
+    lrs = lambda gs: sorted((g["lr"], len(g["params"])) for g in gs)  # noqa: E731
+    merged = lrs(seg.param_groups(1.0, 10.0, 0.5, decay_norms_biases=True))
+    split = seg.param_groups(1.0, 10.0, 0.5)
+    per_lr: dict[float, int] = {}
+    for g in split:
+        per_lr[g["lr"]] = per_lr.get(g["lr"], 0) + len(g["params"])
+    assert merged == sorted(per_lr.items())
+
+
 @pytest.mark.parametrize("override, key", [
     (["train.layer_decay=0"], "train.layer_decay"),
     (["train.layer_decay=1.5"], "train.layer_decay"),
     (["model.backbone=mit_b0", "train.layer_decay=0.9"], "train.layer_decay"),
     (["model.backbone=resnet18", "train.layer_decay=0.9"], "train.layer_decay"),
+    (["model.backbone=mit_b0", "train.decay_norms_biases=true"], "train.decay_norms_biases"),
+    (["model.backbone=resnet18", "train.decay_norms_biases=true"], "train.decay_norms_biases"),
     (["method.feature=aspp_branches"], "method.feature"),
     (["model.freeze_bn=true"], "model.freeze_bn"),
     (["data.normalize=caffe"], "data.normalize"),
@@ -366,3 +454,168 @@ def test_teacher_run_with_layer_decay_resumes_exactly(tmp_path, tiny_overrides):
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     assert not torch.equal(a["model"]["backbone.blocks.0.attn.qkv.weight"],
                            a["mean_teacher"]["teacher"]["model"]["backbone.blocks.0.attn.qkv.weight"])
+
+
+def test_light_head_is_vfm_udas_on_the_last_block():
+    """decoder=light against a hand-written forward: two 2x2 transposed convs (no bias), channel
+    LayerNorms (eps 1e-6), GELU after the first, a 3x3 conv, LayerNorm, a 1x1 classifier."""
+    seg = _segmentor(decoder="light").eval()
+    dim = seg.backbone.dim
+    assert not list(seg.neck.parameters()) and seg.backbone.levels == (11,)
+    head = seg.decode_head
+    with torch.no_grad():  # off the neutral LayerNorm initialisation
+        for m in head.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.normal_(1.0, 0.3)
+                m.bias.normal_(0.0, 0.3)
+    x = torch.randn(2, 3, 42, 56, generator=torch.Generator().manual_seed(5))
+
+    def ln(t, m):
+        return F.layer_norm(t.permute(0, 2, 3, 1), (t.shape[1],), m.weight, m.bias, 1e-6).permute(0, 3, 1, 2)
+
+    with torch.no_grad():
+        out = seg(x)
+        raw, gh, gw = seg.backbone.tokens(x, (11,))
+        tokens = seg.backbone.norm(raw[0])[:, 1:].transpose(1, 2).reshape(2, dim, gh, gw)
+        u = head.upscale
+        t = F.gelu(ln(F.conv_transpose2d(tokens, u[0].weight, stride=2), u[1]))
+        t = ln(F.conv_transpose2d(t, u[3].weight, stride=2), u[4])
+        fused = ln(F.conv2d(t, u[5].weight, padding=1), u[6])
+        logits = F.conv2d(fused, head.classifier.weight)
+    assert out.logits.shape == (2, 5, 12, 16) and out.features.shape == (2, 8, 12, 16)
+    assert torch.allclose(out.logits, logits, rtol=0, atol=1e-5)
+    assert torch.allclose(out.features, seg.proj(fused), rtol=0, atol=1e-5)
+    assert all(m.bias is None for m in (u[0], u[3], u[5], head.classifier))
+    assert seg.proj[0].in_channels == dim // 4
+    groups = seg.param_groups(1.0, 10.0)
+    assert sum(len(g["params"]) for g in groups) == sum(1 for _ in seg.parameters())
+    assert {id(p) for p in head.parameters()} <= {id(p) for p in groups[-1]["params"]}
+
+
+def test_input_scale_resizes_to_whole_patches_as_vfm_uda():
+    """input_scale 1.1: a 40 x 60 input goes to the ViT at floor(44/14)*14 x floor(66/14)*14 =
+    42 x 56, bilinearly; the outputs are that input's (12 x 16), and a 1024 crop goes in at 1120."""
+    seg = _segmentor(input_scale=1.1).eval()
+    plain = _segmentor()
+    plain.load_state_dict(seg.state_dict())
+    plain.eval()
+    x = torch.randn(2, 3, 40, 60, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        out = seg(x)
+        want = plain(F.interpolate(x, size=(42, 56), mode="bilinear", align_corners=False))
+    assert out.logits.shape[-2:] == (12, 16)
+    assert torch.equal(out.logits, want.logits) and torch.equal(out.features, want.features)
+    assert int(1024 * 1.1) // 14 * 14 == 1120
+
+
+@pytest.mark.parametrize("override, key", [
+    (["model.backbone=mit_b0", "model.decoder=light"], "model.decoder"),
+    (["model.backbone=mit_b0", "model.input_scale=1.1"], "model.input_scale"),
+    (["model.backbone=dinov2_vits14", "model.input_scale=0"], "model.input_scale"),
+])
+def test_config_rejects_vit_only_options_elsewhere(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+        load_config(None, override)
+    assert "\n" not in str(err.value)
+
+
+def test_config_builds_the_light_head_and_input_scale():
+    cfg = load_config(None, DINO_TINY + ["model.decoder=light", "model.input_scale=1.1", "data.crop=[20,30]"])
+    m = build_model(cfg.model, 4, cfg.method.feature)
+    assert isinstance(m.decode_head, LightHead) and m.input_scale == 1.1
+
+
+def test_token_masking_swaps_patch_tokens_for_the_mask_token():
+    """token_keep against the same ViT whose patch embedding itself outputs the mask token on
+    the withheld cells: the two must agree (the swap happens before the position embeddings)."""
+    seg = _segmentor(mask_token=True, input_scale=1.1).eval()
+    vit = seg.backbone
+    with torch.no_grad():
+        vit.mask_token.normal_(generator=torch.Generator().manual_seed(7))
+    x = torch.randn(2, 3, 40, 60, generator=torch.Generator().manual_seed(8))
+    grid = seg.token_grid(40, 60)
+    assert grid == (3, 4)  # 42 x 56 after the 1.1 resize
+    keep = torch.rand(2, *grid, generator=torch.Generator().manual_seed(9)) >= 0.5
+    assert keep.any() and not keep.all()
+    with torch.no_grad():
+        out = seg(x, "target", token_keep=keep)
+        unmasked = seg(x, "target")
+        conv = vit.patch_embed.proj
+
+        class MaskedEmbed(torch.nn.Module):
+            def forward(self, img):
+                patches = conv(img)
+                return torch.where(keep[:, None], patches, vit.mask_token[0].view(1, -1, 1, 1))
+
+        vit.patch_embed = MaskedEmbed()
+        want = seg(x, "target")
+    assert torch.allclose(out.logits, want.logits, rtol=0, atol=1e-6)
+    assert (out.logits - unmasked.logits).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="token_keep"):
+        seg(x, "target", token_keep=keep[:, :2])
+
+
+def test_mask_token_loads_from_the_release_file_only_when_kept(tmp_path):
+    shapes = release_shapes(48, 12, False, grid=6)
+    state = _release_file(tmp_path / "release.pth", shapes)
+    state["mask_token"] = torch.randn(1, 48)
+    torch.save(state, tmp_path / "release.pth")
+    kept = _segmentor(pos_grid=6, mask_token=True)
+    report = load_pretrained(kept, tmp_path / "release.pth")
+    assert "backbone.mask_token" in report["loaded"] and report["skipped"] == []
+    assert torch.equal(kept.backbone.mask_token, state["mask_token"])
+    assert load_pretrained(_segmentor(pos_grid=6), tmp_path / "release.pth")["skipped"] == ["mask_token"]
+    groups = kept.param_groups(1.0, 10.0, layer_decay=0.5)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert lr_of[id(kept.backbone.mask_token)] == 0.5 ** 13  # with the embeddings, as VFM-UDA's stems
+
+
+def test_token_masks_draw_like_pixel_blocks_of_one_token():
+    from bida.masking import MaskedImageConsistency
+
+    a = MaskedImageConsistency(14, 0.7, "imagenet", seed=3)
+    b = MaskedImageConsistency(1, 0.7, "imagenet", seed=3)
+    img = torch.randn(4, 3, 28, 42, generator=torch.Generator().manual_seed(1))
+    aug, keep = a.tokens(img, (5, 6))
+    masked, keep_px = b(img[..., :5, :6])  # the same draws: colour augmentation, then one number per cell
+    assert keep.shape == (4, 5, 6) and torch.equal(keep, keep_px)
+    assert 0.1 < 1 - keep.float().mean() < 0.95
+    assert torch.allclose(aug[..., :5, :6], masked, atol=1e-6) or not keep_px.all()  # pixels: zeros where withheld
+    state = a.state_dict()
+    first = a.tokens(img, (5, 6))[1]
+    a.load_state_dict(state)
+    assert torch.equal(a.tokens(img, (5, 6))[1], first)
+
+
+@pytest.mark.parametrize("override, key", [
+    (["model.mask_token=true"], "model.mask_token"),  # no MIC: nothing uses it
+    (["model.backbone=mit_b0", "model.mask_token=true", "train.schedule=teacher", "method=self_training",
+      "mic.weight=1"], "model.mask_token"),
+])
+def test_config_rejects_a_mask_token_nothing_uses(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+        load_config(None, ["model.backbone=dinov2_vits14"] + override)
+    assert "\n" not in str(err.value)
+
+
+def test_vfm_uda_recipe_on_a_tiny_dinov2_trains_and_resumes_exactly(tmp_path, tiny_overrides):
+    """Light head, 1.1 input resize, token masking, flip-averaged teacher, weak jitter, weight
+    decay on every parameter, warm-up from 1e-3: a run stopped after step 2 and resumed ends
+    with the weights of the uninterrupted run; the mask token is trained (threshold 0: the
+    untrained teacher's labels count, so the masked loss has a weight)."""
+    from bida.train import Trainer, train
+
+    cfg = load_config(None, tiny_overrides + DINO_TINY + [
+        "model.decoder=light", "model.input_scale=1.1", "model.mask_token=true", "model.drop_path=0.0",
+        "method=self_training", "train.schedule=teacher", "train.iters=3", "train.optimizer=adamw", "train.lr=1e-4",
+        "train.weight_decay=0.01", "train.decay_norms_biases=true", "train.warmup_iters=2", "train.warmup_ratio=1e-3",
+        "train.teacher_bn=batch", "train.student_forwards=separate", "pseudo.teacher_flip=true",
+        "data.weak_jitter=true", "mic.weight=1", "pseudo.teacher_threshold=0", "eval.max_images=1"])
+    train(cfg, tmp_path / "full")
+    assert Trainer(cfg, tmp_path / "part").fit(stop_after=2) is None
+    Trainer(cfg, tmp_path / "part", resume=True).fit()
+    a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("full", "part"))
+    for x, y in ((a["model"], b["model"]), (a["mean_teacher"]["teacher"]["model"], b["mean_teacher"]["teacher"]["model"])):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert a["model"]["backbone.mask_token"].abs().max() > 0  # trained away from its zero start
+    assert all("weight_decay" not in g or g["weight_decay"] == 0.01 for g in a["optimizer"]["param_groups"])

@@ -128,11 +128,16 @@ TEACHER_DESIGNS = ["method.memory_partners=true", "loss.contrast_warmup_iters=1"
 # ClassMix candidates, all-pixel CE means, separate forwards, teacher BN batch statistics.
 DAFORMER = ["pseudo.ignore_top=3", "pseudo.ignore_bottom=5", "train.mix_classes=batch", "loss.source_ce_mean=all",
             "loss.pseudo_ce_mean=all", "train.student_forwards=separate", "train.teacher_bn=batch"]
+# VFM-UDA's switches: light head, input resize, token masking, flip-averaged teacher, weak jitter.
+VFM_UDA = ["model.backbone=dinov2_vits14", "model.decoder=light", "model.input_scale=1.1", "model.mask_token=true",
+           "model.proj_dim=8", "model.drop_path=0.0", "train.decay_norms_biases=true", "train.teacher_bn=batch",
+           "pseudo.teacher_flip=true", "data.weak_jitter=true"]
 
 
 @pytest.mark.parametrize("method, extra", [("self_training", []), ("bida", []), ("bida", DINOV2),
-                                           ("bida", TEACHER_DESIGNS), ("bida", DAFORMER)],
-                         ids=["self_training", "bida", "bida_dinov2", "bida_designs", "bida_daformer_switches"])
+                                           ("bida", TEACHER_DESIGNS), ("bida", DAFORMER), ("bida", VFM_UDA)],
+                         ids=["self_training", "bida", "bida_dinov2", "bida_designs", "bida_daformer_switches",
+                              "bida_vfm_uda"])
 def test_teacher_steps_with_mic_read_nothing_from_the_device_but_their_finite_flag(tmp_path, tiny_overrides,
                                                                                    monkeypatch, method, extra):
     import bida.train as tr

@@ -8,12 +8,14 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bida.checkpoint import load_checkpoint
 from bida.config import load_config
 from bida.deeplabv2 import SegOutput
 from bida.errors import ConfigError
-from bida.mixing import ClassMix, blur_kernel_size, class_mix_masks, color_jitter, from_unit_rgb, gaussian_blur, mix, to_unit_rgb
+from bida.mixing import (ClassMix, blur_kernel_size, class_mix_masks, color_jitter, from_unit_rgb, gaussian_blur, mix,
+                         to_unit_rgb, WEAK_JITTER_PROB, weak_jitter)
 from bida.optim import WARMUP_RATIO, warmup_factor
 from bida.data.rare_class import RareClassSampler, class_probabilities
 from bida.teacher import EMATeacher, downscale_labels_by_ratio, ema_alpha, quality_weight, weighted_cross_entropy
@@ -798,3 +800,135 @@ def test_daformer_keys_are_checked(tiny_overrides):
         with pytest.raises(ConfigError, match=key.split("=")[0]):
             load_config(None, [key])  # the rounds schedule reads none of them
     assert load_config(None, ["loss.source_ce_mean=all"]).loss.source_ce_mean == "all"  # every schedule
+
+
+# --------------------------------------------------------------------------- VFM-UDA's switches
+
+class _PixelNet(torch.nn.Module):
+    """Logits from a fixed 1x1 conv of the image plus a learnt per-column bias: not symmetric
+    under a horizontal flip (the column bias), at half the image's resolution (so that the
+    teacher upsamples), optionally followed by a BatchNorm."""
+
+    def __init__(self, k: int = 3, width: int = 8, bn: bool = False):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, k, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(k, 3, 1, 1, generator=g))
+            self.conv.bias.copy_(torch.randn(k, generator=g))
+        self.column = torch.nn.Parameter(torch.randn(1, k, 1, width // 2, generator=g))
+        self.bn = torch.nn.BatchNorm2d(k) if bn else torch.nn.Identity()
+
+    def forward(self, x, domain):
+        logits = self.bn(F.avg_pool2d(self.conv(x), 2) + self.column)
+        return SegOutput(logits, logits)
+
+
+def _flip_reference(net, x):
+    """By hand: the mean of softmax(up(net(x))) and flip(softmax(up(net(flip x)))), each of the
+    two forwards on its own (batch statistics of its own batch)."""
+    up = lambda z: F.interpolate(z, size=x.shape[-2:], mode="bilinear", align_corners=False)  # noqa: E731
+    p1 = up(net(x, "target").logits).softmax(1)
+    p2 = torch.flip(up(net(torch.flip(x, dims=[3]), "target").logits).softmax(1), dims=[3])
+    return (p1 + p2) / 2
+
+
+@pytest.mark.parametrize("bn", ["running", "batch"])
+def test_teacher_flip_averages_the_softmax_of_the_image_and_its_mirror(bn):
+    net = _PixelNet(bn=True)
+    with torch.no_grad():
+        net.bn.running_mean.copy_(torch.tensor([0.5, -1.0, 0.2]))
+        net.bn.running_var.copy_(torch.tensor([2.0, 0.5, 1.0]))
+    x = torch.randn(2, 3, 6, 8, generator=torch.Generator().manual_seed(1))
+    teacher = EMATeacher(0.999, bn)
+    teacher.reset(net)
+    y, conf, quality = teacher.pseudo_labels(x, None, 0.6, flip=True)
+    ref_net = _PixelNet(bn=True)
+    ref_net.load_state_dict(net.state_dict())
+    ref_net.train(bn == "batch")  # batch statistics: each of the two forwards normalises its own batch
+    with torch.no_grad():
+        prob = _flip_reference(ref_net, x)
+    assert torch.allclose(conf, prob.max(1).values, rtol=0, atol=1e-6)
+    assert torch.equal(y, prob.argmax(1))
+    assert quality == pytest.approx((prob.max(1).values >= 0.6).float().mean().item())
+    y0, conf0, _ = teacher.pseudo_labels(x, None, 0.6)
+    assert not torch.equal(conf0, conf)  # the mirror's half changes the confidences of this net
+    assert teacher.model.bn.running_mean.tolist() == pytest.approx([0.5, -1.0, 0.2])  # untouched
+
+
+def test_teacher_flip_is_a_no_op_for_a_mirror_symmetric_teacher():
+    """A 1x1 conv (no column bias) commutes with the mirror: flip-averaged labels equal the plain ones."""
+    net = _PixelNet()
+    with torch.no_grad():
+        net.column.zero_()
+    x = torch.randn(2, 3, 6, 8, generator=torch.Generator().manual_seed(2))
+    teacher = EMATeacher(0.999)
+    teacher.reset(net)
+    y0, conf0, q0 = teacher.pseudo_labels(x, None, 0.6)
+    y1, conf1, q1 = teacher.pseudo_labels(x, None, 0.6, flip=True)
+    assert torch.equal(y0, y1) and torch.allclose(conf0, conf1, rtol=0, atol=1e-6) and q0 == q1
+
+
+def _torchvision_like_jitter(rgb, b, c, s):
+    """torchvision's ColorJitter, brightness -> contrast -> saturation, written out by hand:
+    blends with black, the image's mean grey and the per-pixel grey (ITU-R 601 weights)."""
+    x = (rgb * b).clamp(0, 1)
+    grey = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]
+    x = (c * x + (1 - c) * grey.mean()).clamp(0, 1)
+    grey = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]
+    return (s * x + (1 - s) * grey).clamp(0, 1)
+
+
+def test_weak_jitter_factors_probability_and_stream():
+    rgb = torch.rand(4, 3, 5, 7, generator=torch.Generator().manual_seed(3))
+    img = from_unit_rgb(rgb, "imagenet")
+    # u: [apply?, brightness, contrast, saturation, hue]; hue 0.5 = no rotation
+    u = torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.5],    # brightness 1 + 32/255, contrast 0.5, saturation 1.5
+                      [0.5, 0.0, 1.0, 0.0, 0.5],    # brightness 1 - 32/255, contrast 1.5, saturation 0.5
+                      [0.95, 0.0, 0.0, 0.0, 0.5],   # not applied (probability 0.9)
+                      [0.0, 0.5, 0.5, 0.5, 0.5]])   # applied with neutral factors
+    out = to_unit_rgb(weak_jitter(img, u, "imagenet"), "imagenet")
+    d = 32 / 255
+    for i, (b, c, s) in enumerate([(1 + d, 0.5, 1.5), (1 - d, 1.5, 0.5)]):
+        assert torch.allclose(out[i], _torchvision_like_jitter(rgb[i], b, c, s), atol=1e-5), i
+    assert torch.allclose(out[2:], rgb[2:], atol=1e-5)
+    assert WEAK_JITTER_PROB == 0.9
+    # hue: an extreme draw (0.05 turn) moves colours but keeps the grey level (YIQ's Y)
+    hue = to_unit_rgb(weak_jitter(img[:1], torch.tensor([[0.0, 0.5, 0.5, 0.5, 1.0]]), "imagenet"), "imagenet")
+    grey = lambda t: (t * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1)  # noqa: E731
+    assert (hue - rgb[:1]).abs().max() > 1e-3
+    inside = (hue > 1e-4).all(1) & (hue < 1 - 1e-4).all(1)  # unclamped pixels
+    assert torch.allclose(grey(hue)[inside], grey(rgb[:1])[inside], atol=1e-5)
+    # the mixer draws from its own generator: same seed, same jitter; the state restores it
+    a, b = ClassMix(3, "imagenet", seed=5), ClassMix(3, "imagenet", seed=5)
+    assert torch.equal(a.weak_jitter(img), b.weak_jitter(img))
+    state = a.state_dict()
+    first = a.weak_jitter(img)
+    a.load_state_dict(state)
+    assert torch.equal(a.weak_jitter(img), first)
+
+
+def test_teacher_flip_and_weak_jitter_config(tiny_overrides):
+    base = ["train.schedule=teacher", "method=self_training"]
+    cfg = load_config(None, base)
+    assert cfg.pseudo.teacher_flip is False and cfg.data.weak_jitter is False
+    assert load_config(None, base + ["pseudo.teacher_flip=true", "data.weak_jitter=true"]).pseudo.teacher_flip
+    for key in ("pseudo.teacher_flip", "data.weak_jitter"):
+        for other in (["method=self_training"], ["train.schedule=teacher", "method=source_only"]):
+            with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+                load_config(None, other + [f"{key}=true"])
+            assert "\n" not in str(err.value)
+
+
+def test_teacher_flip_and_weak_jitter_change_the_step_and_resume_exactly(tmp_path, tiny_overrides):
+    base = tiny_overrides + ["method=self_training", *TEACHER, "train.iters=2"]
+    on = base + ["pseudo.teacher_flip=true", "data.weak_jitter=true"]
+    train(load_config(None, base), tmp_path / "off")
+    train(load_config(None, on), tmp_path / "on")
+    off_steps, on_steps = ([r for r in _records(tmp_path / run) if r.get("phase") == "teacher"] for run in ("off", "on"))
+    assert off_steps[0]["loss/seg_src"] != on_steps[0]["loss/seg_src"]  # the source loss saw a jittered image
+    cfg = load_config(None, on)
+    assert Trainer(cfg, tmp_path / "part").fit(stop_after=1) is None
+    Trainer(cfg, tmp_path / "part", resume=True).fit()
+    a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("on", "part"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

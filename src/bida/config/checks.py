@@ -52,10 +52,12 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "model.width": (0, INF, False, True),
     "model.proj_dim": (1, INF, True, True),
     "model.decoder_dim": (1, INF, True, True),
+    "model.input_scale": (0, INF, False, True),
     "model.drop_path": (0, 1, True, False),  # a rate of 1 drops every residual branch
     "train.iters": (1, INF, True, True),
     "train.source_iters": (0, INF, True, True),
     "train.warmup_iters": (0, INF, True, True),
+    "train.warmup_ratio": (0, 1, False, True),
     "train.teacher_momentum": (0, 1, True, True),
     "train.batch_size": (1, INF, True, True),
     "train.lr": (0, INF, False, True),
@@ -211,7 +213,14 @@ def check_schedule(cfg: "Config") -> None:
         if cfg.pseudo.dynamic_for_segmentation:
             raise ConfigError("pseudo.dynamic_for_segmentation: the teacher schedule trains the target CE on the "
                               "teacher's labels of ClassMix images; set it to false")
-    else:
+    # Read by the mean-teacher step alone: a source_only run (its source stage) has no teacher
+    # labels to average and no ClassMix images to jitter.
+    teacher_step_keys = (("pseudo.teacher_flip", cfg.pseudo.teacher_flip), ("data.weak_jitter", cfg.data.weak_jitter))
+    for key, on in teacher_step_keys:
+        if on and (t.schedule != "teacher" or cfg.method.name == "source_only"):
+            raise ConfigError(f"{key}: only the mean-teacher step reads it (train.schedule=teacher with method "
+                              f"self_training or bida, not {t.schedule} with {cfg.method.name}); set it to false")
+    if t.schedule != "teacher":
         if cfg.loss.feature_distance_weight > 0:
             raise ConfigError("loss.feature_distance_weight: only the teacher schedule reads it (train.schedule=teacher)")
         if cfg.mic.weight > 0:
@@ -281,6 +290,18 @@ def check_model_choices(cfg: "Config") -> None:
     if cfg.train.layer_decay != 1.0 and not backbone.startswith("dinov2_"):
         raise ConfigError(f"train.layer_decay={cfg.train.layer_decay:g}: layer-wise LR decay is defined for the "
                           f"blocks of a ViT (model.backbone=dinov2_*), not model.backbone={backbone}; set it to 1.0")
+    vit_only = (("model.decoder=light", m.decoder == "light"), (f"model.input_scale={m.input_scale:g}", m.input_scale != 1.0),
+                ("model.mask_token=true", m.mask_token))
+    for what, on in vit_only:
+        if on and not backbone.startswith("dinov2_"):
+            raise ConfigError(f"{what}: only the DINOv2 segmentor has it (model.backbone=dinov2_*), "
+                              f"not model.backbone={backbone}")
+    if m.mask_token and cfg.mic.weight <= 0:
+        raise ConfigError("model.mask_token=true: only MIC's token masking uses the mask token; "
+                          "set mic.weight > 0 (with train.schedule=teacher) or model.mask_token=false")
+    if cfg.train.decay_norms_biases and not backbone.startswith("dinov2_"):
+        raise ConfigError(f"train.decay_norms_biases=true: only the DINOv2 segmentor's parameter groups read it "
+                          f"(model.backbone=dinov2_*), not model.backbone={backbone}; set it to false")
     if not backbone.startswith(DECODER_BACKBONES):
         if cfg.method.feature == "decoder":
             raise ConfigError(f"method.feature=decoder: model.backbone={backbone} (DeepLab-V2) has no decoder "

@@ -68,6 +68,12 @@ class DataConfig:
     rcs_temperature: float = 0.01
     rcs_min_pixels: int = 3000
     rcs_min_crop_ratio: float = 0.5
+    # teacher schedule, adaptation methods: VFM-UDA's weak colour jitter (probability 0.9 per
+    # image; brightness factor in 1 +- 32/255, contrast and saturation in 1 +- 0.5, hue +- 0.05
+    # turn) of the source images the source loss sees and of the target images pasted into
+    # ClassMix. The teacher labels, and MIC masks, the clean target image; ClassMix pastes the
+    # clean source. false: no weak jitter (DAFormer, MIC).
+    weak_jitter: bool = False
 
 
 @dataclass(frozen=True)
@@ -88,9 +94,21 @@ class ModelConfig:
     # domain forwarded separately), running stats updated and used at evaluation -- the official code.
     bn_batch_stats: bool = False
     proj_dim: int = 256  # projection head size when method.feature = backbone or decoder
-    # MiT and DINOv2. segformer: all-MLP head; daformer: context-aware fusion (dilated separable convs)
-    decoder: Literal["segformer", "daformer"] = "segformer"
+    # MiT and DINOv2. segformer: all-MLP head; daformer: context-aware fusion (dilated separable convs);
+    # light (dinov2_* only): VFM-UDA's head, two 2x2 transposed convs and a 3x3 conv with
+    # LayerNorms on the last block alone, no feature pyramid (decoder_dim unused)
+    decoder: Literal["segformer", "daformer", "light"] = "segformer"
     decoder_dim: int = 256  # MiT decoder channels: SegFormer-B0/B1 256, B2-B5 768; DAFormer 256
+    # dinov2_* only: every input (crop, window, image) is resized bilinearly to
+    # floor(side x input_scale / 14) x 14 per side before the ViT, and the outputs stay on that
+    # grid (losses and evaluation upsample them to the label size). VFM-UDA: 1.1 (its 1024
+    # crops go to the ViT at 1120). 1.0: no resize, sides padded to multiples of 14.
+    input_scale: float = 1.0
+    # dinov2_* with mic.weight > 0 only: the encoder keeps DINOv2's pretraining mask token as a
+    # trained parameter (loaded from the weights file, in the embeddings' LR group), and MIC
+    # replaces each patch token with it with probability mic.mask_ratio instead of zeroing
+    # pixel blocks of mic.block_size (VFM-UDA's token masking: true). false: MIC's pixel blocks.
+    mask_token: bool = False
     drop_path: float = 0.1  # MiT/ViT stochastic-depth rate of the last block (SegFormer, DAFormer: 0.1)
     # Activation checkpointing of the MiT blocks / the ResNet blocks of layer1..layer4: their
     # activations are recomputed in the backward instead of kept. Same losses, gradients and
@@ -140,15 +158,26 @@ class TrainConfig:
     head_lr_mult: float = 10.0
     # Layer-wise LR decay of a ViT encoder (dinov2_* only; 1.0 = off): the final norm trains
     # at lr, block i (of N, from 0) at lr x layer_decay^(N - i), the patch/position embeddings
-    # at lr x layer_decay^(N + 1); the head keeps head_lr_mult x lr (BEiT/mmseg rule).
+    # and class/register tokens at lr x layer_decay^(N + 1). These are the encoder's layer ids
+    # of BEiT's decay as mmsegmentation's LayerDecayOptimizerConstructor assigns them (there the
+    # head shares the final norm's layer and LR); the head's head_lr_mult x lr is bida's own
+    # decoder multiplier (DAFormer's 10x), applied on top. VFM-UDA's rule differs (the final
+    # norm sits with the embeddings, the last block at lr), but its configs leave decay off (1.0).
     layer_decay: float = 1.0
+    # dinov2_* only. false: biases, norms and LayerScale gammas of the encoder are exempt from
+    # weight decay (DINOv2's own rule); true: every parameter decays, as VFM-UDA's AdamW (one
+    # weight decay for all its parameter groups).
+    decay_norms_biases: bool = False
     optimizer: Literal["sgd", "adamw"] = "sgd"  # DAFormer: adamw, lr 6e-5, weight_decay 0.01
     momentum: float = 0.9  # sgd only (adamw: betas 0.9, 0.999)
     weight_decay: float = 5e-4
     poly_power: float = 0.9  # DAFormer: 1.0
-    # Linear warm-up over the first warmup_iters of each phase, from 1e-6 x the scheduled LR
+    # Linear warm-up over the first warmup_iters of each phase, from warmup_ratio x the scheduled LR
     # (mmcv's rule, DAFormer: 1500); 0 = none.
     warmup_iters: int = 0
+    # The share of the scheduled LR the warm-up starts from: 1e-6 (mmcv's warmup_ratio, DAFormer);
+    # VFM-UDA's warm-up starts at 1e-3 (start_warmup_lr).
+    warmup_ratio: float = 1e-6
     teacher_momentum: float = 0.999  # EMA teacher: alpha = min(1 - 1 / (t + 1), this) at update t
     # teacher schedule: the student's source and ClassMix images in one concatenated forward
     # (joint: one BN batch of both) or in two (separate: each its own BN batch, as DAFormer).
@@ -244,6 +273,10 @@ class PseudoConfig:
     # label transfer, prototypes and contrast are unaffected. 0 = no band (bida's default).
     ignore_top: int = 0
     ignore_bottom: int = 0
+    # teacher schedule: the teacher's labels and confidences come from the mean of its softmax
+    # on the target image and on its horizontal mirror (mirrored back), as VFM-UDA's
+    # (true); false: from the image alone (DAFormer, MIC). Costs a second teacher forward.
+    teacher_flip: bool = False
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import torch
 
 from ..config import TrainConfig
 
-WARMUP_RATIO = 1e-6  # mmcv / DAFormer: the warm-up starts at this share of the scheduled LR
+WARMUP_RATIO = 1e-6  # mmcv / DAFormer: the warm-up starts at this share of the scheduled LR (train.warmup_ratio)
 ADAMW_BETAS = (0.9, 0.999)
 
 

@@ -94,7 +94,7 @@ class Schedule:
         horizon = t.poly_horizon if self.phase.kind == "round" else 1.0
         lr = poly_lr(self.base_lr, it, horizon * self.phase.iters, t.poly_power)
         if t.warmup_iters:
-            lr *= warmup_factor(it, t.warmup_iters)
+            lr *= warmup_factor(it, t.warmup_iters, t.warmup_ratio)
         return lr
 
     def build_loaders(self, trainer, build_train_dataset) -> tuple[Any, Any]:

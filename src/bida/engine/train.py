@@ -123,6 +123,8 @@ class Trainer:
         t = self.cfg.train
         # train.layer_decay is refused at load time for segmentors without ViT blocks
         decay = {"layer_decay": t.layer_decay} if t.layer_decay != 1.0 else {}
+        if t.decay_norms_biases:  # refused at load time for segmentors other than DINOv2's
+            decay["decay_norms_biases"] = True
         groups = getattr(self.model, "module", self.model).param_groups(phase_base_lr(self.cfg, phase),
                                                                           t.head_lr_mult, **decay)
         return build_optimizer(groups, phase_base_lr(self.cfg, phase), t)

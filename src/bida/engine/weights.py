@@ -199,14 +199,17 @@ def _from_hf_segformer(state: dict[str, torch.Tensor], path: str | Path) -> tupl
     return out, skipped
 
 
-def _from_dinov2_release(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _from_dinov2_release(state: dict[str, torch.Tensor],
+                         mask_token: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
     """A DINOv2 release file's keys as the bida DINOv2 segmentor's (``backbone.`` prefixed).
 
+    ``mask_token``: the model keeps the pretraining mask token (``model.mask_token``), so it loads.
+
     Returns:
-        (converted state, skipped keys: ``mask_token``).
+        (converted state, skipped keys: ``mask_token`` unless the model has one).
     """
     out: dict[str, torch.Tensor] = {}
-    skipped = [k for k in state if k == "mask_token"]
+    skipped = [k for k in state if k == "mask_token" and not mask_token]
     for key, value in state.items():
         if key in skipped:
             continue
@@ -227,17 +230,24 @@ def _hf_dinov2_name(key: str) -> str | None:
     return None
 
 
-def _from_hf_dinov2(state: dict[str, torch.Tensor], path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _from_hf_dinov2(state: dict[str, torch.Tensor], path: str | Path,
+                    mask_token: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Hugging Face dinov2 keys as the bida DINOv2 segmentor's (``backbone.`` + release names).
 
+    ``mask_token``: the model keeps the pretraining mask token (``model.mask_token``), so it loads.
+
     Returns:
-        (converted state, skipped keys: ``mask_token`` and an ImageNet ``classifier``).
+        (converted state, skipped keys: ``mask_token`` unless the model has one, and an
+        ImageNet ``classifier``).
     """
     out: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
     stacked: dict[str, dict[int, torch.Tensor]] = {}  # "blocks.0.attn.qkv.weight" -> {0: q, 1: k, 2: v}
     for key, value in state.items():
         name = key.split(".", 1)[1] if key.startswith(("dinov2.", "dinov2_with_registers.")) else key
+        if name == "embeddings.mask_token" and mask_token:
+            out["backbone.mask_token"] = value
+            continue
         if name == "embeddings.mask_token" or key.startswith("classifier."):
             skipped.append(key)
             continue
@@ -277,10 +287,11 @@ def _to_model_layout(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor
                               f"model.backbone={arch} needs {FAMILY_NEEDS[family]}")
     if layout == "hf_segformer":
         return _from_hf_segformer(state, path)
+    mask_token = "backbone.mask_token" in own  # model.mask_token: the pretraining mask token is trained on
     if layout == "hf_dinov2":
-        return _from_hf_dinov2(state, path)
+        return _from_hf_dinov2(state, path, mask_token)
     if layout == "dinov2":
-        return _from_dinov2_release(state)
+        return _from_dinov2_release(state, mask_token)
     if layout == "mit":  # ImageNet mit_b*.pth: encoder keys without a prefix, maybe an ImageNet head
         skipped = [k for k in state if k.startswith("head.")]
         return {f"backbone.{k}": v for k, v in state.items() if k not in skipped}, skipped

@@ -80,6 +80,18 @@ class MaskedImageConsistency:
         keep = block_masks(b, tuple(img.shape[-2:]), self.block_size, self.mask_ratio, g, img.device, **rows)
         return mask_image(img, keep), keep
 
+    def tokens(self, img_tgt: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """VFM-UDA's variant: the colour-augmented images, unmasked, and which patch tokens of
+        the model's ``grid`` (gh, gw) to keep (each withheld with probability ``mask_ratio``,
+        for the model's mask token). The same draws as :meth:`__call__`, one per token.
+
+        Shape: img_tgt (B, 3, H, W) -> images (B, 3, H, W), token keep mask (B, gh, gw) bool.
+        """
+        g, b, rows = self.generator, img_tgt.shape[0], {"rank": self.rank, "world_size": self.world_size}
+        u = global_rand(b, STRONG_DRAWS, generator=g, device=img_tgt.device, **rows)
+        img = strong_augment(img_tgt, u, self.normalize)
+        return img, block_masks(b, grid, 1, self.mask_ratio, g, img.device, **rows)
+
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
 

@@ -12,7 +12,9 @@ of processes, and the generators stay equal on every rank.
 
 Strengths follow DAFormer (colour jitter of strength 0.2 applied with probability 0.8,
 Gaussian blur with sigma in [0.15, 1.15] applied with probability 0.5), decided per sample
-here rather than once per batch.
+here rather than once per batch. VFM-UDA's weak jitter (``data.weak_jitter``,
+:meth:`ClassMix.weak_jitter`) is the same jitter with its own strengths, a multiplicative
+brightness (torchvision's ``ColorJitter``) and probability 0.9, drawn from the same generator.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ JITTER_STRENGTH = 0.2  # brightness, contrast, saturation and hue (DAFormer: col
 JITTER_PROB = 0.8  # DAFormer applies jitter when U(0, 1) > color_jitter_p = 0.2
 BLUR_PROB = 0.5
 BLUR_SIGMA = (0.15, 1.15)
+# VFM-UDA's weak jitter (torchvision ColorJitter(brightness=32/255, contrast=0.5,
+# saturation=0.5, hue=18/360) applied with probability 0.9 per image): the brightness is a
+# factor in 1 +- 32/255 there (torchvision multiplies), the hue a shift of up to 0.05 turn.
+WEAK_JITTER_STRENGTHS = (32 / 255, 0.5, 0.5, 18 / 360)  # brightness, contrast, saturation, hue
+WEAK_JITTER_PROB = 0.9
+WEAK_DRAWS = 5  # uniform numbers :meth:`ClassMix.weak_jitter` reads per sample: [jitter?, 4 factors]
 
 
 def global_rand(rows: int, *size: int, generator: torch.Generator, device: torch.device | str,
@@ -128,6 +136,7 @@ _CONSTANTS = {
     "gray": torch.tensor(_GRAY).view(1, 3, 1, 1),
     "rgb_to_yiq": _RGB_TO_YIQ.float(),
     "yiq_to_rgb": torch.linalg.inv(_RGB_TO_YIQ).float(),
+    "weak_jitter": torch.tensor(WEAK_JITTER_STRENGTHS),
 }
 _on_device: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
 
@@ -154,20 +163,27 @@ def from_unit_rgb(x: Tensor, normalize: Literal["imagenet", "caffe"]) -> Tensor:
     return (x - _const("imagenet_mean", x)) / _const("imagenet_std", x)
 
 
-def color_jitter(rgb: Tensor, u: Tensor, strength: float = JITTER_STRENGTH) -> Tensor:
+def color_jitter(rgb: Tensor, u: Tensor, strength: float | Tensor = JITTER_STRENGTH,
+                 brightness: Literal["add", "mul"] = "add") -> Tensor:
     """Brightness, contrast, saturation and hue jitter of RGB images in [0, 1], per sample.
 
     ``u`` (B, 4) uniform in [0, 1) draws the four factors: brightness offset in
-    [-s, s], contrast and saturation factors in [1 - s, 1 + s], hue rotation in [-s, s] turns
-    (a rotation of the YIQ chroma plane, a linear stand-in for an HSV hue shift).
+    [-s, s] (``brightness="add"``, DAFormer's strong view) or factor in [1 - s, 1 + s]
+    (``"mul"``, torchvision's), contrast and saturation factors in [1 - s, 1 + s], hue rotation
+    in [-s, s] turns (a rotation of the YIQ chroma plane, a linear stand-in for an HSV hue
+    shift). ``strength``: one s for all four, or a (4,) tensor on ``u``'s device of
+    (brightness, contrast, saturation, hue). Applied in that order, clamped to [0, 1] after each.
 
     Shape:
-        - rgb: (B, 3, H, W); u: (B, 4); output: (B, 3, H, W)
+        - rgb: (B, 3, H, W); u: (B, 4); strength: () or (4,); output: (B, 3, H, W)
     """
     f = (2 * u - 1) * strength  # (B, 4) in [-s, s]
     view = (-1, 1, 1, 1)
     gray_w = _const("gray", rgb)
-    x = (rgb + f[:, 0].view(view)).clamp(0, 1)
+    if brightness == "mul":
+        x = (rgb * (1 + f[:, 0]).view(view)).clamp(0, 1)
+    else:
+        x = (rgb + f[:, 0].view(view)).clamp(0, 1)
     gray_mean = (x * gray_w).sum(1, keepdim=True).mean((2, 3), keepdim=True)
     x = ((x - gray_mean) * (1 + f[:, 1]).view(view) + gray_mean).clamp(0, 1)
     gray = (x * gray_w).sum(1, keepdim=True)
@@ -228,6 +244,24 @@ def strong_augment(img: Tensor, u: Tensor, normalize: Literal["imagenet", "caffe
     return from_unit_rgb(rgb, normalize).to(img.dtype)
 
 
+def weak_jitter(img: Tensor, u: Tensor, normalize: Literal["imagenet", "caffe"]) -> Tensor:
+    """VFM-UDA's weak view: with probability ``WEAK_JITTER_PROB`` per sample, colour jitter of
+    strengths ``WEAK_JITTER_STRENGTHS`` with a multiplicative brightness (torchvision's
+    ``ColorJitter`` factors; its random order of the four and its HSV hue are not reproduced:
+    the order is fixed and the hue a YIQ rotation, as :func:`color_jitter`).
+
+    The images are network-normalised; the jitter acts on their RGB in [0, 1].
+
+    Shape:
+        - img: (B, 3, H, W); u: (B, 5) uniform in [0, 1): [jitter?, 4 jitter factors]
+        - output: (B, 3, H, W), ``img``'s dtype
+    """
+    rgb = to_unit_rgb(img.float(), normalize)
+    jittered = color_jitter(rgb, u[:, 1:5], _const("weak_jitter", u), brightness="mul")
+    rgb = torch.where((u[:, 0] < WEAK_JITTER_PROB).view(-1, 1, 1, 1), jittered, rgb)
+    return from_unit_rgb(rgb, normalize).to(img.dtype)
+
+
 class ClassMix:
     """ClassMix with DAFormer's strong augmentation; owns the generator its draws come from.
 
@@ -272,6 +306,17 @@ class ClassMix:
     def strong_augment(self, img: Tensor, u: Tensor) -> Tensor:
         """:func:`strong_augment` in this mixer's normalisation."""
         return strong_augment(img, u, self.normalize)
+
+    def weak_jitter(self, img: Tensor) -> Tensor:
+        """VFM-UDA's weak colour jitter (:func:`weak_jitter`), drawn from this mixer's generator
+        (the global batch's rows, as the mix), so that a resumed run jitters alike.
+
+        Shape:
+            - img: (B, 3, H, W) network-normalised; output: (B, 3, H, W), ``img``'s dtype
+        """
+        u = global_rand(img.shape[0], WEAK_DRAWS, generator=self.generator, device=img.device,
+                        rank=self.rank, world_size=self.world_size)
+        return weak_jitter(img, u, self.normalize)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

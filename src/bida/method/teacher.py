@@ -32,7 +32,9 @@ classes from the batch's label values (:func:`bida.mixing.batch_class_mix_masks`
 
 With ``mic.weight > 0`` either method adds MIC's masked image consistency
 (:mod:`bida.masking`): the student, forwarded once more on the colour-augmented target
-image with random blocks masked, learns the teacher's labels of the unmasked image.
+image with random blocks masked, learns the teacher's labels of the unmasked image. With
+``model.mask_token`` (DINOv2) random patch tokens are masked instead, by the mask token
+(VFM-UDA's variant).
 
 Under torchrun (:mod:`bida.distributed`) every rank trains on its slice of the global batch
 ``train.batch_size``: ClassMix and MIC draw by global sample index, the quality weight and
@@ -127,12 +129,21 @@ class EMATeacher:
 
     @torch.no_grad()
     def pseudo_labels(self, image: Tensor, valid: Tensor | None, threshold: float,
-                      reduce: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                      reduce: Callable[[Tensor], Tensor] | None = None,
+                      flip: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """Teacher argmax labels at the image size, their confidence and the batch's quality weight.
 
         Quality = share of valid pixels whose teacher confidence is at least ``threshold``
         (DAFormer's ``pseudo_weight``, one number per batch); crop padding gets ignore and
         counts in neither part of the share. ``reduce``: see :func:`quality_weight`.
+        ``flip`` (``pseudo.teacher_flip``, VFM-UDA's): labels and confidence come from the
+        mean of the softmax of the image and of its horizontal mirror, each upsampled to the
+        image size, the mirror's mirrored back.
+
+        The mirror goes through the teacher in a forward of its own, not concatenated to the
+        image: with ``bn="batch"`` each forward normalises with its own batch's statistics
+        (as VFM-UDA's two teacher forwards), so the unmirrored half is exactly the teacher's
+        forward without ``flip``, and peak memory stays that of one batch.
 
         Shape:
             - image: (B, 3, H, W); valid: (B, H, W) bool or None
@@ -141,8 +152,16 @@ class EMATeacher:
         assert self.model is not None, "reset() the teacher before asking it for labels"
         with bn_batch_stats_only(self.model, eval_too=self.bn == "batch"):
             logits = self.model(image, "target").logits.float()
+            if flip:
+                logits_flip = self.model(image.flip(-1), "target").logits.float()
         logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
-        conf, labels = logits.softmax(1).max(1)
+        prob = logits.softmax(1)
+        if flip:
+            # Mirrored back at the image size: the logit grid may overhang the image (a ViT's
+            # padded patches), so mirroring before the upsampling would misalign the two.
+            logits_flip = F.interpolate(logits_flip, size=image.shape[-2:], mode="bilinear", align_corners=False)
+            prob = (prob + logits_flip.flip(-1).softmax(1)) / 2
+        conf, labels = prob.max(1)
         if valid is None:
             valid = torch.ones_like(labels, dtype=torch.bool)
         labels = torch.where(valid, labels, torch.full_like(labels, IGNORE))
@@ -332,11 +351,17 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
     img_src, y_src, img_tgt = batch_src["image"], batch_src["label"], batch_tgt["image"]
     valid_tgt = batch_tgt.get("valid")
     reduce = reduce_sums.sum if reduce_sums is not None else None
-    y_teacher, conf, quality = state.teacher.pseudo_labels(img_tgt, valid_tgt, cfg.pseudo.teacher_threshold, reduce)
+    y_teacher, conf, quality = state.teacher.pseudo_labels(img_tgt, valid_tgt, cfg.pseudo.teacher_threshold, reduce,
+                                                           flip=cfg.pseudo.teacher_flip)
     # The teacher-label weight: the quality, with pseudo.ignore_top/bottom its rows of weight 0.
     top, bottom = cfg.pseudo.ignore_top, cfg.pseudo.ignore_bottom
     w_tgt = banded_weight(quality, tuple(y_teacher.shape), top, bottom, valid_tgt) if top or bottom else quality
-    img_mix, y_mix, w_mix, _ = state.mixer(img_src, y_src, img_tgt, y_teacher, w_tgt, reduce=reduce)
+    img_src_loss, img_tgt_mix = img_src, img_tgt
+    if cfg.data.weak_jitter:
+        # VFM-UDA: the source loss sees a weakly jittered source image and ClassMix pastes the
+        # clean source onto a weakly jittered target; the teacher labelled the clean target.
+        img_src_loss, img_tgt_mix = state.mixer.weak_jitter(img_src), state.mixer.weak_jitter(img_tgt)
+    img_mix, y_mix, w_mix, _ = state.mixer(img_src, y_src, img_tgt_mix, y_teacher, w_tgt, reduce=reduce)
 
     shared = not cfg.model.separate_target_stem
     fd = state.feature_distance
@@ -346,9 +371,9 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
     counts: dict[str, Tensor] = {}  # the pixels behind each
     with capture:  # the feature distance reads the source rows of this forward
         if cfg.train.student_forwards == "separate":  # DAFormer: source and mixed images apart
-            out_src, out_mix = model(img_src, "source"), model(img_mix, "target")
+            out_src, out_mix = model(img_src_loss, "source"), model(img_mix, "target")
         else:
-            out_src, out_mix = forward_domains(model, [img_src, img_mix], ["source", "target"], shared)
+            out_src, out_mix = forward_domains(model, [img_src_loss, img_mix], ["source", "target"], shared)
     if bida_terms_on(cfg):
         # The unmixed target crop in a forward of its own, after the main one: the forward the
         # self-training losses see (its BN batch and its random draws) stays self_training's.
@@ -374,12 +399,16 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
     if state.masking is not None:
         # MIC: the masked, colour-augmented target in its own forward (as MIC's own), against
         # the teacher's labels of the whole image, with the same weight as the mix's target pixels.
-        img_masked, _ = state.masking(img_tgt)
-        out_masked = model(img_masked, "target")
+        if cfg.model.mask_token:  # VFM-UDA: patch tokens swapped for the mask token inside the ViT
+            img_aug, keep = state.masking.tokens(img_tgt, unwrap_model(model).token_grid(*img_tgt.shape[-2:]))
+            out_masked = model(img_aug, "target", token_keep=keep)
+        else:
+            img_masked, _ = state.masking(img_tgt)
+            out_masked = model(img_masked, "target")
         terms["mic"] = weighted_cross_entropy(out_masked.logits, y_teacher, w_tgt, mean_over=lw.pseudo_ce_mean)
         counts["mic"] = ce_pixel_count(y_teacher, lw.pseudo_ce_mean)
     if fd is not None:
-        terms["feature_distance"], counts["feature_distance"] = fd.loss(img_src, y_src, return_count=True)
+        terms["feature_distance"], counts["feature_distance"] = fd.loss(img_src_loss, y_src, return_count=True)
     if reduce_sums is not None:
         terms = reduce_sums.global_means(terms, counts)
     for key, term in terms.items():

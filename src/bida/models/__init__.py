@@ -64,6 +64,8 @@ def build_model(model_cfg, num_classes: int, feature: str | None = None) -> nn.M
         raise ConfigError(f"method.feature={feature}: model.backbone={model_cfg.backbone} contrasts its decoder "
                           "feature (method.feature=decoder)")
     segmentor = DINOv2Segmentor if is_dinov2(model_cfg.backbone) else MiTSegmentor
+    vit_only = ({"input_scale": model_cfg.input_scale, "mask_token": model_cfg.mask_token}
+                if is_dinov2(model_cfg.backbone) else {})
     return segmentor(
         num_classes=num_classes,
         backbone=model_cfg.backbone,
@@ -73,4 +75,5 @@ def build_model(model_cfg, num_classes: int, feature: str | None = None) -> nn.M
         drop_path=model_cfg.drop_path,
         proj_dim=model_cfg.proj_dim,
         grad_checkpoint=model_cfg.grad_checkpoint,
+        **vit_only,
     )

@@ -6,9 +6,14 @@ The encoder follows DINOv2's definition (Oquab et al., 2023; ``dinov2/models/vis
   variants, 4 register tokens (Darcet et al., 2024), in the order [cls, registers, patches];
 - learned position embeddings for the pretraining grid of 37x37 patches (518 pixels) plus
   the class token; the registers have none. For any other grid the patch part is resampled
-  on the fly, bicubically, in float32 (the interpolation of Hugging Face's ``Dinov2Model``
-  and ``Dinov2WithRegistersModel``: to the grid size, with antialiasing for the register
-  variants, as their released models were trained);
+  on the fly, bicubically, in float32, as DINOv2's own models do (``interpolate_pos_encoding``
+  with the hub's settings, ``dinov2/hub/backbones.py``): the variants without registers
+  with ``scale_factor = ((gh + 0.1) / 37, (gw + 0.1) / 37)`` and no antialiasing
+  (``interpolate_offset=0.1``, a legacy offset their released models were trained and are
+  served with); the ``_reg`` variants to the grid size, antialiased (``interpolate_offset=0``,
+  ``interpolate_antialias=True``). Hugging Face's ``Dinov2WithRegistersModel`` interpolates
+  as the latter; its ``Dinov2Model`` resamples to the grid size, so for the variants without
+  registers it differs from the hub model (by up to about 2e-2 on a 37 -> 74 grid);
 - pre-norm blocks ``x + ls1 * attn(norm1 x)``, ``x + ls2 * mlp(norm2 x)`` with LayerScale
   (``ls1.gamma``, ``ls2.gamma``), multi-head attention through one ``qkv`` layer (queries,
   keys, values stacked), a GELU MLP of 4x the width or, for ViT-g, SwiGLU
@@ -18,7 +23,10 @@ The encoder follows DINOv2's definition (Oquab et al., 2023; ``dinov2/models/vis
 Parameter names are those of the public release files (``dinov2_vits14_pretrain.pth``...),
 so those load without renaming; :mod:`bida.weights` maps the Hugging Face ``dinov2``
 layout onto them. The release's ``mask_token`` (iBOT's masked-patch token) is only used in
-pretraining and is not a parameter here.
+pretraining and is not a parameter here, unless ``mask_token=True`` (``model.mask_token``):
+then it is loaded and trained, and ``forward(x, token_keep=...)`` replaces the patch tokens
+not kept by it before the position embeddings are added (DINOv2's ``prepare_tokens_with_masks``;
+VFM-UDA's token masking).
 
 Inputs whose sides are not multiples of 14 are padded with zeros (the mean colour of the
 normalised input) at the bottom and right up to the next multiple, as DINOv2's segmentation
@@ -45,12 +53,15 @@ from .output import SegOutput
 
 PATCH = 14
 PRETRAIN_GRID = 37  # 518 / 14: the grid the released position embeddings were trained at
+# DINOv2's interpolate_offset of the variants without registers (dinov2/hub/backbones.py):
+# the position embeddings are resampled by the scale (grid + 0.1) / 37, not to the grid size.
+POS_INTERPOLATE_OFFSET = 0.1
 NUM_REGISTERS = 4
 NORM_EPS = 1e-6
 MLP_RATIO = 4
 LAYERSCALE_INIT = 1e-5  # DINOv2's training value; pretrained files overwrite it
 # The final LayerNorm is the last "layer" of layer-wise LR decay; the head comes after it.
-EMBED_PARAMS = ("patch_embed.", "cls_token", "pos_embed", "register_tokens")
+EMBED_PARAMS = ("patch_embed.", "cls_token", "pos_embed", "register_tokens", "mask_token")
 
 
 @dataclass(frozen=True)
@@ -207,6 +218,8 @@ class VisionTransformer(nn.Module):
             grad only; same results, less memory, see :mod:`bida.models.checkpointing`).
         pos_grid: side of the square patch grid of the position embeddings (37 for every
             released model; smaller for reference tests).
+        mask_token: keep DINOv2's mask token (``(1, C)``, zeros until loaded) as a parameter,
+            for token masking (``token_keep``).
 
     Shape:
         (B, 3, H, W) -> four (B, C, ceil(H/14), ceil(W/14)) maps: the outputs of the blocks
@@ -214,7 +227,7 @@ class VisionTransformer(nn.Module):
     """
 
     def __init__(self, arch: str = "dinov2_vits14", width: float = 1.0, drop_path: float = 0.0,
-                 grad_checkpoint: bool = False, pos_grid: int = PRETRAIN_GRID):
+                 grad_checkpoint: bool = False, pos_grid: int = PRETRAIN_GRID, mask_token: bool = False):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown DINOv2 variant {arch!r}; choose from {sorted(ARCHS)}")
@@ -225,13 +238,18 @@ class VisionTransformer(nn.Module):
         self.levels = spec.levels
         self.num_prefix = 1 + spec.registers  # class token and registers, ahead of the patches
         self.pos_grid = pos_grid
-        self.antialias = spec.registers > 0  # the register models' (and Hugging Face's) interpolation
+        # DINOv2's hub settings: the register models resample to the grid size with antialiasing,
+        # the others by a scale factor with the legacy offset and without (see position_embedding).
+        self.antialias = spec.registers > 0
+        self.interpolate_offset = 0.0 if spec.registers else POS_INTERPOLATE_OFFSET
         self.grad_checkpoint = grad_checkpoint
         self.patch_embed = PatchEmbed(self.dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, self.dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + pos_grid * pos_grid, self.dim))
         if spec.registers:
             self.register_tokens = nn.Parameter(torch.zeros(1, spec.registers, self.dim))
+        if mask_token:
+            self.mask_token = nn.Parameter(torch.zeros(1, self.dim))  # DINOv2 starts it at zero
         rates = [drop_path * i / max(1, spec.depth - 1) for i in range(spec.depth)]
         self.blocks = nn.ModuleList(Block(self.dim, spec.heads, spec.swiglu, r) for r in rates)
         self.norm = nn.LayerNorm(self.dim, eps=NORM_EPS)
@@ -256,8 +274,11 @@ class VisionTransformer(nn.Module):
     def position_embedding(self, gh: int, gw: int) -> Tensor:
         """The class token's embedding and the patch embeddings resampled to a gh x gw grid.
 
-        Bicubic in float32 (``align_corners=False``; antialiased for the register
-        variants), cast back to the parameter's dtype; unchanged at the pretraining grid.
+        Bicubic in float32 (``align_corners=False``), cast back to the parameter's dtype;
+        unchanged at the pretraining grid. As DINOv2's ``interpolate_pos_encoding``: without
+        registers by ``scale_factor = ((gh + 0.1) / g, (gw + 0.1) / g)`` (the output is still
+        gh x gw, but the source coordinates of the resampling follow the slightly larger
+        scale), without antialiasing; with registers to the size gh x gw, antialiased.
 
         Shape:
             -> (1, 1 + gh*gw, C)
@@ -267,18 +288,26 @@ class VisionTransformer(nn.Module):
             return pos
         g, c = self.pos_grid, pos.shape[-1]
         patch = pos[:, 1:].reshape(1, g, g, c).permute(0, 3, 1, 2)
-        patch = F.interpolate(patch.float(), size=(gh, gw), mode="bicubic", align_corners=False,
-                              antialias=self.antialias).to(pos.dtype)
+        if self.interpolate_offset:
+            off = self.interpolate_offset
+            resample = {"scale_factor": ((gh + off) / g, (gw + off) / g)}
+        else:
+            resample = {"size": (gh, gw)}
+        patch = F.interpolate(patch.float(), mode="bicubic", align_corners=False, antialias=self.antialias,
+                              **resample).to(pos.dtype)
         return torch.cat([pos[:, :1], patch.permute(0, 2, 3, 1).reshape(1, gh * gw, c)], 1)
 
-    def tokens(self, x: Tensor, blocks: tuple[int, ...]) -> tuple[list[Tensor], int, int]:
+    def tokens(self, x: Tensor, blocks: tuple[int, ...],
+               token_keep: Tensor | None = None) -> tuple[list[Tensor], int, int]:
         """The raw outputs (before the final norm) of the given blocks, and the patch grid.
 
         ``x`` is padded at the bottom and right to multiples of 14 (zeros) when needed.
+        ``token_keep``: patch tokens where it is False become the mask token (needs
+        ``mask_token=True``), before the position embeddings are added.
 
         Shape:
-            x: (B, 3, H, W) -> [(B, 1 + R + gh*gw, C)], gh = ceil(H/14), gw = ceil(W/14),
-            tokens ordered [cls, R registers, patches row by row].
+            x: (B, 3, H, W), token_keep: (B, gh, gw) bool or None -> [(B, 1 + R + gh*gw, C)],
+            gh = ceil(H/14), gw = ceil(W/14), tokens ordered [cls, R registers, patches row by row].
         """
         h, w = x.shape[-2:]
         pad_h, pad_w = padded_size(h) - h, padded_size(w) - w
@@ -286,7 +315,12 @@ class VisionTransformer(nn.Module):
             x = F.pad(x, (0, pad_w, 0, pad_h))
         patches = self.patch_embed(x)  # (B, C, gh, gw)
         b, _, gh, gw = patches.shape
-        t = torch.cat([self.cls_token.expand(b, -1, -1), patches.flatten(2).transpose(1, 2)], 1)
+        patches = patches.flatten(2).transpose(1, 2)  # (B, gh*gw, C)
+        if token_keep is not None:
+            if token_keep.shape != (b, gh, gw):
+                raise ValueError(f"token_keep has shape {tuple(token_keep.shape)}, the patch grid is {(b, gh, gw)}")
+            patches = torch.where(token_keep.reshape(b, gh * gw, 1), patches, self.mask_token.to(patches.dtype)[None])
+        t = torch.cat([self.cls_token.expand(b, -1, -1), patches], 1)
         t = t + self.position_embedding(gh, gw)
         if hasattr(self, "register_tokens"):
             t = torch.cat([t[:, :1], self.register_tokens.expand(b, -1, -1), t[:, 1:]], 1)
@@ -298,8 +332,8 @@ class VisionTransformer(nn.Module):
                 out.append(t)
         return out, gh, gw
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        outs, gh, gw = self.tokens(x, self.levels)
+    def forward(self, x: Tensor, token_keep: Tensor | None = None) -> list[Tensor]:
+        outs, gh, gw = self.tokens(x, self.levels, token_keep)
         levels = [self.norm(t)[:, self.num_prefix:].transpose(1, 2).reshape(t.shape[0], -1, gh, gw) for t in outs]
         levels[-1] = self.last_level(levels[-1])
         return levels
@@ -326,8 +360,50 @@ class SimplePyramid(nn.Module):
         return [self.up4(levels[0]), self.up2(levels[1]), levels[2], self.down2(levels[3])]
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map (eps 1e-6, timm's ``LayerNorm2d``)."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, eps=NORM_EPS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class LightHead(nn.Module):
+    """VFM-UDA's light head on the last block's (normed) patch tokens alone, no pyramid:
+    a 2x2 transposed conv to C/2 channels, LayerNorm, GELU, a 2x2 transposed conv to C/4,
+    LayerNorm, a 3x3 conv, LayerNorm (the fused feature), and a 1x1 classifier; no biases,
+    the classifier initialised N(0, 0.1), the rest PyTorch's defaults. Stride 14 / 4 = 3.5,
+    as the pyramid's first level.
+
+    Shape:
+        [..., (B, C, gh, gw)] -> logits (B, K, 4gh, 4gw), fused (B, C/4, 4gh, 4gw)
+    """
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        half, quarter = dim // 2, dim // 4
+        self.upscale = nn.Sequential(
+            nn.ConvTranspose2d(dim, half, 2, 2, bias=False), LayerNorm2d(half), nn.GELU(),
+            nn.ConvTranspose2d(half, quarter, 2, 2, bias=False), LayerNorm2d(quarter),
+            nn.Conv2d(quarter, quarter, 3, padding=1, bias=False), LayerNorm2d(quarter))
+        self.classifier = nn.Conv2d(quarter, num_classes, 1, bias=False)
+        nn.init.normal_(self.classifier.weight, 0.0, 0.1)
+        self.embed_dim = quarter
+
+    def forward(self, levels: list[Tensor]) -> tuple[Tensor, Tensor]:
+        fused = self.upscale(levels[-1])
+        return self.classifier(fused), fused
+
+
+DECODERS = ("segformer", "daformer", "light")
+
+
 class DINOv2Segmentor(nn.Module):
-    """A DINOv2 encoder, a simple feature pyramid and a SegFormer or DAFormer decoder.
+    """A DINOv2 encoder, a simple feature pyramid and a SegFormer or DAFormer decoder, or
+    VFM-UDA's light head on the last block alone (``decoder="light"``, :class:`LightHead`:
+    no pyramid; ``decoder_dim`` unused, the fused feature has a quarter of the encoder's width).
 
     The four levels come from blocks ``spec.levels`` (normed), at patch stride 14 of the
     padded input; the pyramid brings them to strides 3.5, 7, 14 and 28, the ViT's
@@ -350,28 +426,42 @@ class DINOv2Segmentor(nn.Module):
         proj_dim: contrast feature channels.
         grad_checkpoint: activation checkpointing of the encoder blocks (``model.grad_checkpoint``).
         pos_grid: the position embeddings' grid (37 for the released weights).
+        input_scale: ``model.input_scale``: 1.0 pads the input to multiples of 14; otherwise it
+            is resized to H' = floor(H x input_scale / 14) x 14 (likewise W'), as VFM-UDA (1.1).
+        mask_token: ``model.mask_token``: the encoder keeps DINOv2's mask token, and
+            ``forward(x, domain, token_keep)`` masks patch tokens with it (VFM-UDA's masking).
 
     Shape:
-        input (B, 3, H, W) -> logits and features (B, ., ceil(2H/7), ceil(2W/7)).
+        input (B, 3, H, W) -> logits and features (B, ., ceil(2H/7), ceil(2W/7)), or
+        (B, ., 2H'/7, 2W'/7) with an input scale.
     """
 
     target_stem = None
     concat_domains_ok = True
 
     def __init__(self, num_classes: int, backbone: str = "dinov2_vits14",
-                 decoder: Literal["segformer", "daformer"] = "daformer", decoder_dim: int = 256,
+                 decoder: Literal["segformer", "daformer", "light"] = "daformer", decoder_dim: int = 256,
                  width: float = 1.0, drop_path: float = 0.0, proj_dim: int = 256, grad_checkpoint: bool = False,
-                 pos_grid: int = PRETRAIN_GRID):
+                 pos_grid: int = PRETRAIN_GRID, input_scale: float = 1.0, mask_token: bool = False):
         super().__init__()
-        if decoder not in HEADS:
-            raise ValueError(f"unknown decoder {decoder!r}; choose from {sorted(HEADS)}")
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {decoder!r}; choose from {sorted(DECODERS)}")
+        if input_scale <= 0:
+            raise ValueError(f"input_scale must be > 0, got {input_scale}")
         self.arch = backbone
         self.num_classes = num_classes
         self.feature_kind = "decoder"
-        self.backbone = VisionTransformer(backbone, width, drop_path, grad_checkpoint, pos_grid)
+        self.input_scale = input_scale
+        self.backbone = VisionTransformer(backbone, width, drop_path, grad_checkpoint, pos_grid, mask_token)
         dim = self.backbone.dim
-        self.neck = SimplePyramid(dim)
-        self.decode_head = HEADS[decoder]([dim] * 4, decoder_dim, num_classes)
+        if decoder == "light":
+            self.backbone.levels = (self.backbone.depth - 1,)  # the head reads the last block alone
+            self.neck = nn.Identity()
+            self.decode_head = LightHead(dim, num_classes)
+            decoder_dim = self.decode_head.embed_dim
+        else:
+            self.neck = SimplePyramid(dim)
+            self.decode_head = HEADS[decoder]([dim] * 4, decoder_dim, num_classes)
         self.proj = nn.Sequential(nn.Conv2d(decoder_dim, decoder_dim, 1), nn.ReLU(inplace=True),
                                   nn.Conv2d(decoder_dim, proj_dim, 1))
         for m in [*self.neck.modules(), *self.proj.modules()]:
@@ -398,12 +488,15 @@ class DINOv2Segmentor(nn.Module):
             return int(name.split(".")[1]) + 1
         return self.backbone.depth + 1
 
-    def param_groups(self, lr: float, head_lr_mult: float = 10.0, layer_decay: float = 1.0) -> list[dict]:
+    def param_groups(self, lr: float, head_lr_mult: float = 10.0, layer_decay: float = 1.0,
+                     decay_norms_biases: bool = False) -> list[dict]:
         """Encoder parameters at ``lr x layer_decay ** (depth + 1 - layer)`` (:meth:`layer_id`:
-        the final norm at ``lr``, the embeddings at ``lr x layer_decay ** (depth + 1)``, the
-        mmseg/BEiT rule); pyramid, decoder and projection head (all randomly initialised) at
-        ``head_lr_mult x lr``. Biases, norms and LayerScale gammas have no weight decay
-        (DINOv2's rule).
+        the final norm at ``lr``, the embeddings at ``lr x layer_decay ** (depth + 1)``: the
+        layer ids of BEiT's layer-wise decay as mmsegmentation's
+        ``LayerDecayOptimizerConstructor`` assigns them); pyramid, decoder and projection head
+        (all randomly initialised) at ``head_lr_mult x lr``. Biases, norms and LayerScale
+        gammas have no weight decay (DINOv2's rule) unless ``decay_norms_biases``
+        (``train.decay_norms_biases``: every parameter decays, as VFM-UDA's AdamW).
 
         One group per distinct (LR multiplier, weight decay); each carries its multiplier in
         ``lr_mult``, which the trainer's schedule scales.
@@ -417,7 +510,7 @@ class DINOv2Segmentor(nn.Module):
                 continue
             layer = self.layer_id(name)
             mult = layer_decay ** (top - layer)
-            no_wd = name.endswith(".bias") or "norm" in name or name.endswith(".gamma")
+            no_wd = not decay_norms_biases and (name.endswith(".bias") or "norm" in name or name.endswith(".gamma"))
             key = (mult, no_wd)
             if key not in groups:
                 groups[key] = {"params": [], "lr": lr * mult, "lr_mult": mult,
@@ -428,13 +521,31 @@ class DINOv2Segmentor(nn.Module):
         head = [p for m in (self.neck, self.decode_head, self.proj) for p in m.parameters() if p.requires_grad]
         return [*groups.values(), {"params": head, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult, "name": "head"}]
 
-    def forward(self, x: Tensor, domain: Literal["source", "target"] = "source") -> SegOutput:  # noqa: ARG002
+    def vit_input_size(self, h: int, w: int) -> tuple[int, int]:
+        """The size an h x w input reaches the ViT at (resized with ``input_scale``, else as is)."""
+        if self.input_scale == 1.0:
+            return h, w
+        return tuple(max(PATCH, int(s * self.input_scale) // PATCH * PATCH) for s in (h, w))
+
+    def token_grid(self, h: int, w: int) -> tuple[int, int]:
+        """The patch grid (gh, gw) of an h x w input: what ``token_keep`` of :meth:`forward` covers."""
+        return tuple(math.ceil(s / PATCH) for s in self.vit_input_size(h, w))
+
+    def forward(self, x: Tensor, domain: Literal["source", "target"] = "source",  # noqa: ARG002
+                token_keep: Tensor | None = None) -> SegOutput:
         """Logits and contrast features of a batch (either domain).
 
+        ``token_keep`` (``model.mask_token``): patch tokens where it is False are replaced by
+        the mask token (:meth:`token_grid` gives its size).
+
         Shape:
-            x: (B, 3, H, W) -> SegOutput(logits (B, K, h, w), features (B, proj_dim, h, w)),
-            h = ceil(2H/7), w = ceil(2W/7).
+            x: (B, 3, H, W), token_keep: (B, gh, gw) bool or None -> SegOutput(logits (B, K, h, w),
+            features (B, proj_dim, h, w)), h = ceil(2H/7), w = ceil(2W/7) (of the resized input
+            with ``input_scale``).
         """
+        size = self.vit_input_size(*x.shape[-2:])
+        if size != tuple(x.shape[-2:]):  # VFM-UDA's resize: the ViT sees a whole grid of patches, no padding
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         h, w = (math.ceil(4 * s / PATCH) for s in x.shape[-2:])
-        logits, fused = self.decode_head(self.neck(self.backbone(x)))
+        logits, fused = self.decode_head(self.neck(self.backbone(x, token_keep)))
         return SegOutput(logits=logits[..., :h, :w], features=self.proj(fused[..., :h, :w]))
