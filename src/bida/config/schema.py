@@ -97,6 +97,13 @@ class ModelConfig:
     # BN statistics, lower peak memory for about one more forward of the encoder per step:
     # for GPUs that cannot hold a step otherwise (benchmarks/memory.py).
     grad_checkpoint: bool = False
+    # Under torchrun (2 or more processes): the BatchNorms that train (not frozen by
+    # freeze_bn; the MiT/DINOv2 decoders', DeepLab-V2's with freeze_bn off or bn_batch_stats)
+    # normalise with, and update their running statistics from, the statistics of the global
+    # batch, so N processes train what one process does (mmseg's multi-GPU SegFormer runs:
+    # SyncBN). false: each process's own slice (plain DDP; no collective per BatchNorm).
+    # One process, frozen BN and evaluation are the same either way: nothing is converted.
+    sync_bn: bool = True
 
 
 @dataclass(frozen=True)
@@ -133,8 +140,10 @@ class TrainConfig:
     # teacher: length of the adaptation phase (or of a source_only run).
     iters: int = 1500
     source_iters: int = 0  # teacher: source-only stage before adaptation (DAFormer: none); skipped with init_checkpoint
-    # Images per domain in a step: per process under torchrun, except with schedule teacher,
-    # where it is the global batch (split over the processes; a multiple of their number).
+    # Images per domain in a step, the global batch on every schedule and stage: under
+    # torchrun each of N processes takes batch_size / N of them (a multiple of N), so a config
+    # trains the same run on any number of processes. (Before, the rounds schedule took it per
+    # process: for 2 images per GPU on 4 GPUs, set 8.)
     batch_size: int = 2
     lr: float = 2.5e-3  # backbone; the classifier gets head_lr_mult x this
     head_lr_mult: float = 10.0
