@@ -4,12 +4,13 @@ The equivalence test runs a source step and a few BiDA iterations (``source_step
 ``adapt_step``) in each rank on its slice of fixed global batches, through DDP and the
 rank's ``GlobalBatch`` reducer, and compares with one process on the whole global batch:
 logged losses (averaged over ranks), calibration EMAs (built from the global prototypes)
-and gradients. BN is frozen, as in the paper: trainable BN normalises with per-rank
-statistics (see distributed.py). The end-to-end test runs
-``torchrun --nproc_per_node=2 -m bida train`` and one process with the global batch.
-The mean-teacher tests run whole trainings as 2 ranks (``train.batch_size`` is then the
-global batch): the first step's losses against one process, student and EMA teacher
-bit-identical across ranks, and an exact mid-phase resume.
+and gradients. BN is frozen, as in the paper. The end-to-end test runs
+``torchrun --nproc_per_node=2 -m bida train`` and one process with the same config
+(``train.batch_size`` is the global batch on every schedule). The mean-teacher tests run
+whole trainings as 2 ranks: the first step's losses against one process, student and EMA
+teacher bit-identical across ranks, and an exact mid-phase resume; with trainable
+BatchNorm synchronised (``model.sync_bn``), a MiT run gives one process's losses and
+BatchNorm statistics.
 """
 
 from __future__ import annotations
@@ -267,8 +268,10 @@ def test_torchrun_two_processes_end_to_end(tmp_path, tiny_overrides):
     assert (run / "checkpoints" / "last.pt").is_file() and (run / "metrics.json").is_file()
     assert len(list((run / "tensorboard").iterdir())) == 1  # one writer
 
-    global_batch = load_config(None, overrides).train.batch_size * 2
-    train(load_config(None, overrides + [f"train.batch_size={global_batch}"]), single)
+    # The same config in one process: train.batch_size is the global batch (2 ranks x 1 image
+    # each here), and the ranks' slices are those of one process's batches.
+    assert load_config(None, overrides).train.batch_size == 2
+    train(load_config(None, overrides), single)
     labels = sorted((single / "pseudo_labels" / "round_0").glob("*.png"))
     assert labels and all(f.read_bytes() == (run / f.relative_to(single)).read_bytes() for f in labels)
     records = {name: [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
@@ -391,17 +394,19 @@ def test_teacher_under_two_ranks_stays_identical_on_every_rank_and_resumes_exact
                for k in a["mean_teacher"]["teacher"]["model"])
 
 
-def test_a_teacher_global_batch_that_the_ranks_cannot_split_is_a_one_line_config_error(tmp_path, tiny_overrides,
-                                                                                         monkeypatch, capsys):
+def test_a_global_batch_that_the_ranks_cannot_split_is_a_one_line_config_error_on_every_schedule(
+        tmp_path, tiny_overrides, monkeypatch, capsys):
     from bida.cli import main
 
     # Rank 0 of 2 (no process group is needed: the check comes before any collective).
     monkeypatch.setattr(distributed, "init_from_env", lambda: DistContext(rank=0, world_size=2))
-    code = main(["train", *tiny_overrides, *TEACHER, "train.batch_size=3", "--out", str(tmp_path / "run")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code != 0 and len(err) == 1, err
-    assert "train.batch_size: 3" in err[0] and "multiple of the 2 processes" in err[0]
-    assert not (tmp_path / "run").exists()
+    for name, schedule in (("teacher", TEACHER), ("rounds", ["method=bida"]), ("source", ["method=source_only"])):
+        run = tmp_path / name
+        code = main(["train", *tiny_overrides, *schedule, "train.batch_size=3", "--out", str(run)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, (name, err)
+        assert "train.batch_size: 3" in err[0] and "world size, 2 processes" in err[0], (name, err)
+        assert not run.exists(), name
 
 
 def test_train_under_torchrun_without_out_is_a_one_line_error(tmp_path, tiny_overrides, monkeypatch, capsys):
