@@ -298,27 +298,38 @@ MIT = ["model.backbone=mit_b0", "method.feature=decoder", "model.width=0.25", "m
 
 
 def _teacher_run(rank: int, world: int, overrides: list[str], run: str, tag: str, port: int = 0,
-                 stop_after: int | None = None, resume: bool = False) -> None:
+                 stop_after: int | None = None, resume: bool = False, head_dropout: bool = True,
+                 config: str | None = None) -> None:
     """A teacher run (or its resume) as rank ``rank`` of ``world``; saves what this rank holds
-    at the end: the student's and the teacher's state dicts."""
+    at the end: the student's and the teacher's state dicts, and how many of the student's
+    BatchNorms are synchronised. ``head_dropout=False``: the MiT head's dropout off (each rank
+    draws its own masks, which one process does not draw), for comparisons with one process.
+    ``config``: a config file under the overrides."""
+    from bida.models import heads
+    from bida.models.sync_bn import SyncBatchNorm2d
     from bida.train import Trainer
 
     if world > 1:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), BIDA_DIST_TIMEOUT_S="120")
     torch.set_num_threads(1)
+    dropout = heads.DROPOUT
     try:
-        trainer = Trainer(load_config(None, overrides), Path(run), resume=resume)
+        heads.DROPOUT = dropout if head_dropout else 0.0
+        trainer = Trainer(load_config(config, overrides), Path(run), resume=resume)
         trainer.fit(stop_after=stop_after)
-        torch.save({"student": trainer.model.state_dict(), "teacher": trainer.mean_teacher.teacher.model.state_dict()},
+        torch.save({"student": trainer.model.state_dict(), "teacher": trainer.mean_teacher.teacher.model.state_dict(),
+                    "sync_bn": sum(isinstance(m, SyncBatchNorm2d) for m in trainer.model.modules())},
                    Path(run).parent / f"{tag}-rank{rank}.pt")
     finally:
+        heads.DROPOUT = dropout
         distributed.shutdown()
 
 
 def _spawn_teacher(overrides: list[str], run: Path, tag: str, **kwargs) -> list[dict]:
     mp.spawn(_teacher_run, args=(WORLD, overrides, str(run), tag, _free_port(), kwargs.get("stop_after"),
-                                 kwargs.get("resume", False)), nprocs=WORLD, join=True)
+                                 kwargs.get("resume", False), kwargs.get("head_dropout", True), kwargs.get("config")),
+             nprocs=WORLD, join=True)
     return [torch.load(run.parent / f"{tag}-rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
@@ -392,6 +403,55 @@ def test_teacher_under_two_ranks_stays_identical_on_every_rank_and_resumes_exact
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["mean_teacher"]["teacher"]["model"][k], b["mean_teacher"]["teacher"]["model"][k])
                for k in a["mean_teacher"]["teacher"]["model"])
+
+
+DEMO_TRANSFORMER = Path(__file__).resolve().parents[1] / "configs" / "demo_transformer.yaml"
+
+
+def test_sync_bn_two_ranks_give_the_losses_and_batchnorm_statistics_of_one_process(tmp_path, synthetic_cache):
+    # configs/demo_transformer.yaml (MiT-B0 + SegFormer head: its BatchNorm trains), shrunk in
+    # sizes and lengths as tests/test_configs.py does, with the demo's adaptation run on (bida,
+    # + MIC): a source step (DDP), then two teacher steps with DAFormer's separate student
+    # forwards and an EMA teacher labelling with batch statistics. train.batch_size 2: one
+    # image per rank. No stochastic depth and no head dropout: each rank draws its own masks.
+    # With per-rank BatchNorm statistics the first loss already differs (2.9493 vs 2.9527 on
+    # the full-size demo); synchronised, 2 ranks give one process's numbers. The warm-up keeps
+    # the first updates tiny, so later steps compare the same computation too.
+    import yaml
+    from test_configs import _domain_overrides, shrink
+
+    raw = yaml.safe_load(DEMO_TRANSFORMER.read_text())
+    overrides = (_domain_overrides(raw, tmp_path / "data", synthetic_cache) + shrink(raw) + [
+        "method=bida", "mic.weight=1", "train.source_iters=1", "train.iters=2", "model.drop_path=0",
+        "train.student_forwards=separate", "train.teacher_bn=batch", "pseudo.teacher_threshold=0.3",
+        "eval.max_images=1"])
+    cfg = load_config(DEMO_TRANSFORMER, overrides)
+    assert cfg.train.batch_size == 2 and cfg.model.sync_bn and not cfg.model.freeze_bn
+    ranks = _spawn_teacher(overrides, tmp_path / "ddp", "ddp", head_dropout=False, config=str(DEMO_TRANSFORMER))
+    _teacher_run(0, 1, overrides, str(tmp_path / "single"), "single", head_dropout=False, config=str(DEMO_TRANSFORMER))
+    single = torch.load(tmp_path / "single-rank0.pt", weights_only=True)
+    assert ranks[0]["sync_bn"] > 0 and single["sync_bn"] == 0  # one process: plain BatchNorm2d
+    _assert_same_states(ranks[0], ranks[1], "rank 0 vs rank 1")  # the global batch's statistics everywhere
+    records = {name: [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()
+                      if '"phase"' in line] for name in ("ddp", "single")}
+    assert [r["step"] for r in records["ddp"]] == [r["step"] for r in records["single"]] == [1, 2, 3]
+    for got, ref in zip(records["ddp"], records["single"]):
+        # *_acc: the mean of the ranks' accuracies, not the global batch's.
+        keys = [k for k in ref if k.startswith(("loss/", "pseudo/", "calibration/")) and not k.endswith("_acc")]
+        for key in keys:
+            assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (ref["step"], key)
+    assert {"loss/seg_mix", "loss/mic", "loss/contrast_t2s"} <= set(records["single"][-1])
+    # BatchNorm running statistics of the student and of the EMA teacher after the steps.
+    for part in ("student", "teacher"):
+        stats = [k for k in single[part] if k.endswith(("running_mean", "running_var"))]
+        assert stats and single[part].keys() == ranks[0][part].keys()
+        for key in stats:
+            torch.testing.assert_close(ranks[0][part][key], single[part][key], rtol=1e-5, atol=1e-6, msg=f"{part}.{key}")
+    # A checkpoint of 2 ranks is one of 1 process: the same keys, loaded strictly.
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("ddp", "single"))
+    assert a["model"].keys() == b["model"].keys()
+    num_classes = len(json.loads((tmp_path / "single" / "run.json").read_text())["classes"])
+    build_model(cfg.model, num_classes, cfg.method.feature).load_state_dict(a["model"])
 
 
 def test_a_global_batch_that_the_ranks_cannot_split_is_a_one_line_config_error_on_every_schedule(
