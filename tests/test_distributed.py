@@ -292,7 +292,7 @@ def test_torchrun_two_processes_end_to_end(tmp_path, tiny_overrides):
 # Rare-class sampling, ClassMix, MIC and BiDA's terms on; train.batch_size is the global batch.
 TEACHER = ["method=bida", "train.schedule=teacher", "train.batch_size=4", "train.optimizer=adamw", "train.lr=6e-4",
            "data.rare_class_sampling=true", "data.rcs_min_pixels=2", "mic.weight=1", "mic.block_size=8",
-           "pseudo.teacher_threshold=0.07", "train.checkpoint_every=1000"]  # 0.07: tiny models are unsure
+           "pseudo.teacher_threshold=0.055", "train.checkpoint_every=1000"]  # 0.07: tiny models are unsure
 MIT = ["model.backbone=mit_b0", "method.feature=decoder", "model.width=0.25", "model.decoder_dim=32",
        "model.proj_dim=16", "model.drop_path=0.3", "data.normalize=imagenet"]
 
@@ -423,8 +423,8 @@ def test_sync_bn_two_ranks_give_the_losses_and_batchnorm_statistics_of_one_proce
     raw = yaml.safe_load(DEMO_TRANSFORMER.read_text())
     overrides = (_domain_overrides(raw, tmp_path / "data", synthetic_cache) + shrink(raw) + [
         "method=bida", "mic.weight=1", "train.source_iters=1", "train.iters=2", "model.drop_path=0",
-        "train.student_forwards=separate", "train.teacher_bn=batch", "pseudo.teacher_threshold=0.3",
-        "eval.max_images=1"])
+        "train.student_forwards=separate", "train.teacher_bn=batch", "eval.max_images=1",
+        "pseudo.teacher_threshold=0.055"])  # 19 classes: a barely trained teacher is unsure
     cfg = load_config(DEMO_TRANSFORMER, overrides)
     assert cfg.train.batch_size == 2 and cfg.model.sync_bn and not cfg.model.freeze_bn
     ranks = _spawn_teacher(overrides, tmp_path / "ddp", "ddp", head_dropout=False, config=str(DEMO_TRANSFORMER))
@@ -440,7 +440,9 @@ def test_sync_bn_two_ranks_give_the_losses_and_batchnorm_statistics_of_one_proce
         keys = [k for k in ref if k.startswith(("loss/", "pseudo/", "calibration/")) and not k.endswith("_acc")]
         for key in keys:
             assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (ref["step"], key)
-    assert {"loss/seg_mix", "loss/mic", "loss/contrast_t2s"} <= set(records["single"][-1])
+    # Nothing trivial: the teacher passes some but not all pixels, so MIC and the contrasts weigh in.
+    first = records["single"][1]
+    assert 0 < first["pseudo/teacher_quality"] < 1 and first["loss/mic"] > 0 and first["loss/contrast_t2s"] > 0
     # BatchNorm running statistics of the student and of the EMA teacher after the steps.
     for part in ("student", "teacher"):
         stats = [k for k in single[part] if k.endswith(("running_mean", "running_var"))]
