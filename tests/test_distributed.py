@@ -292,7 +292,7 @@ def test_torchrun_two_processes_end_to_end(tmp_path, tiny_overrides):
 # Rare-class sampling, ClassMix, MIC and BiDA's terms on; train.batch_size is the global batch.
 TEACHER = ["method=bida", "train.schedule=teacher", "train.batch_size=4", "train.optimizer=adamw", "train.lr=6e-4",
            "data.rare_class_sampling=true", "data.rcs_min_pixels=2", "mic.weight=1", "mic.block_size=8",
-           "pseudo.teacher_threshold=0.055", "train.checkpoint_every=1000"]  # 0.07: tiny models are unsure
+           "pseudo.teacher_threshold=0.07", "train.checkpoint_every=1000"]  # 0.07: tiny models are unsure
 MIT = ["model.backbone=mit_b0", "method.feature=decoder", "model.width=0.25", "model.decoder_dim=32",
        "model.proj_dim=16", "model.drop_path=0.3", "data.normalize=imagenet"]
 
