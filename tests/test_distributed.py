@@ -378,15 +378,17 @@ def test_teacher_two_ranks_give_the_step_0_loss_of_one_process_on_the_global_bat
 
 
 def test_teacher_under_two_ranks_stays_identical_on_every_rank_and_resumes_exactly(tmp_path, tiny_overrides):
-    # MiT with drop path and a trainable BatchNorm in its decoder: each rank's batch statistics
-    # differ, and the EMA teacher reads the running ones. After a few steps, the student and the
-    # teacher must be bit-identical on both ranks; a run stopped mid-phase and resumed with 2
-    # ranks must end bit-identical to the uninterrupted one.
-    overrides = tiny_overrides + TEACHER + MIT + ["train.iters=4"]
+    # MiT with drop path and a trainable BatchNorm in its decoder, synchronised (model.sync_bn),
+    # also in the EMA teacher (train.teacher_bn: batch) and in DAFormer's separate student
+    # forwards. After a few steps, the student and the teacher must be bit-identical on both
+    # ranks; a run stopped mid-phase and resumed with 2 ranks must end bit-identical to the
+    # uninterrupted one.
+    overrides = tiny_overrides + TEACHER + MIT + ["train.iters=4", "train.teacher_bn=batch",
+                                                  "train.student_forwards=separate"]
     resolve_domain(load_config(None, overrides), "source")
     full = _spawn_teacher(overrides, tmp_path / "full", "full")
     _assert_same_states(full[0], full[1], "rank 0 vs rank 1")
-    assert any("running_mean" in k for k in full[0]["student"])
+    assert any("running_mean" in k for k in full[0]["student"]) and full[0]["sync_bn"] > 0
     part = _spawn_teacher(overrides, tmp_path / "part", "stopped", stop_after=2)
     stopped = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")
     assert stopped["iter"] == 2
@@ -398,6 +400,7 @@ def test_teacher_under_two_ranks_stays_identical_on_every_rank_and_resumes_exact
                    for k in full[0]["teacher"] if k.endswith("running_mean"))
     resumed = _spawn_teacher(overrides, tmp_path / "part", "resumed", resume=True)
     _assert_same_states(resumed[0], resumed[1], "resumed: rank 0 vs rank 1")
+    assert resumed[0]["sync_bn"] == full[0]["sync_bn"]
     _assert_same_states(resumed[0], full[0], "resumed vs uninterrupted")
     a, b = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("full", "part"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
