@@ -166,3 +166,20 @@ def test_conversion_takes_the_batchnorms_that_train_and_changes_nothing_in_one_p
     before = copy.deepcopy(teacher.model.state_dict())
     teacher.pseudo_labels(x, None, 0.5)
     assert all(torch.equal(v, teacher.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_run_synchronises_its_batchnorms_only_under_torchrun_with_model_sync_bn():
+    from bida.engine.distributed import DistContext
+    from bida.engine.setup import build_student
+
+    def synced(world: int, *overrides: str) -> int:
+        cfg = load_config(None, ["model.width=0.125", *overrides])
+        model = build_student(cfg, 5, DistContext(world_size=world), torch.device("cpu"))
+        return sum(isinstance(m, SyncBatchNorm2d) for m in model.modules())
+
+    trainable = sum(isinstance(m, nn.BatchNorm2d) for m in build_model(load_config(None, ["model.width=0.125"]).model,
+                                                                      5).modules())
+    assert synced(2) == trainable > 0  # the default: on under torchrun
+    assert synced(1) == 0  # one process: the plain model, saved and loaded as ever
+    assert synced(2, "model.sync_bn=false") == 0
+    assert synced(2, "model.freeze_bn=true") == 0  # frozen (eval-mode) BatchNorm stays as it is

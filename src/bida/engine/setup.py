@@ -145,13 +145,7 @@ def setup_run(trainer, cfg: Config, resume: bool, overwrite: bool, dump_config) 
     check_class_ids("data.eval_classes", cfg.data.eval_classes, trainer.num_classes)  # before the run dir exists
     if cfg.data.check:
         check_data(trainer)
-    trainer.model: DeepLabV2 | MiTSegmentor = build_model(cfg.model, trainer.num_classes, cfg.method.feature).to(trainer.device)
-    if cfg.model.sync_bn and trainer.dist.enabled:
-        # Before anything copies the model (the EMA teacher) or reads its state; the state dict
-        # is BatchNorm's, so checkpoints load with any number of processes.
-        convert_sync_bn(trainer.model)
-    if cfg.train.channels_last:
-        trainer.model = trainer.model.to(memory_format=torch.channels_last)
+    trainer.model: DeepLabV2 | MiTSegmentor = build_student(cfg, trainer.num_classes, trainer.dist, trainer.device)
     trainer.phases = plan_phases(cfg)
     trainer.calibration = None
     # The prototype moving averages: calibration's domain bias, memory_partners' fill-ins.
@@ -215,6 +209,21 @@ def setup_run(trainer, cfg: Config, resume: bool, overwrite: bool, dump_config) 
     trainer.total_steps = sum(p.iters for p in trainer.phases)
     trainer._stop_after: int | None = None
     trainer._data_wait_s = 0.0
+
+
+def build_student(cfg: Config, num_classes: int, dist, device: torch.device) -> torch.nn.Module:
+    """The model a run trains, on ``device``: under torchrun (``dist``, a
+    :class:`~bida.engine.distributed.DistContext` of 2 or more processes) with ``model.sync_bn``,
+    its BatchNorms that train are synchronised (:func:`~bida.models.sync_bn.convert_sync_bn`);
+    one process gets the plain model. Converted here, before anything copies the model (the
+    EMA teacher) or loads a state into it; the state dict stays BatchNorm's, so checkpoints
+    load with any number of processes."""
+    model = build_model(cfg.model, num_classes, cfg.method.feature).to(device)
+    if cfg.model.sync_bn and dist.enabled:
+        convert_sync_bn(model)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def check_batch_splits(cfg: Config, world_size: int) -> None:
