@@ -451,7 +451,8 @@ def test_sync_bn_two_ranks_give_the_losses_and_batchnorm_statistics_of_one_proce
         stats = [k for k in single[part] if k.endswith(("running_mean", "running_var"))]
         assert stats and single[part].keys() == ranks[0][part].keys()
         for key in stats:
-            torch.testing.assert_close(ranks[0][part][key], single[part][key], rtol=1e-5, atol=1e-6, msg=f"{part}.{key}")
+            torch.testing.assert_close(ranks[0][part][key], single[part][key], rtol=1e-5, atol=1e-6,
+                                       msg=f"{part}.{key}")
     # A checkpoint of 2 ranks is one of 1 process: the same keys, loaded strictly.
     a, b = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("ddp", "single"))
     assert a["model"].keys() == b["model"].keys()

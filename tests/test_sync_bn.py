@@ -93,13 +93,16 @@ def _rank(rank: int, port: int) -> None:
             y_ref = ref(x16.float())
         _close(y.float(), y_ref[part], "bf16 output", rtol=1e-2, atol=2e-2)
         _close(sync.running_var, ref.running_var, "bf16 running var")
-        # track_running_stats off (bn_batch_stats_only, the EMA teacher's batch mode): statistics untouched.
-        _, sync = _bn_pair()
+        # The EMA teacher's batch mode (bn_batch_stats_only on an eval-mode copy): the global
+        # batch's statistics, its own left untouched.
+        ref, sync = _bn_pair()
+        sync.eval()
         before = copy.deepcopy(sync.state_dict())
-        with bn_batch_stats_only(sync, eval_too=True):
-            sync.eval()
-            sync(x[part])
-        assert all(torch.equal(before[k], v) for k, v in sync.state_dict().items())
+        with torch.no_grad(), bn_batch_stats_only(sync, eval_too=True):
+            y = sync(x[part])
+        assert not sync.training and all(torch.equal(before[k], v) for k, v in sync.state_dict().items())
+        with torch.no_grad():
+            _close(y, ref(x)[part], "batch statistics of an eval-mode copy")
         # Inside activation checkpointing (the recomputation communicates again, and its
         # buffer updates are undone) and under torch.compile: the same as the plain module.
         net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
@@ -145,7 +148,8 @@ def test_conversion_takes_the_batchnorms_that_train_and_changes_nothing_in_one_p
                                                                   ("trainable", trainable))}
     # Every BatchNorm in training mode (the decoder's; DeepLab's unless frozen in eval mode), none other.
     assert converted == {name: training for name, (_, training) in counts.items()}
-    assert converted["frozen"] == 0 and converted["mit"] > 0 and converted["bn_batch_stats"] == counts["bn_batch_stats"][0]
+    assert converted["frozen"] == 0 and converted["mit"] > 0
+    assert converted["bn_batch_stats"] == counts["bn_batch_stats"][0]  # all of them: in training mode
     frozen.train()  # DeepLab-V2's train() keeps frozen BN in eval mode, converted or not
     assert not any(m.training for m in frozen.modules() if isinstance(m, nn.BatchNorm2d))
     # The same state dict (keys, values): checkpoints load across world sizes.

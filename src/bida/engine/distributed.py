@@ -31,15 +31,17 @@ trains on its slice of ``batch_size / W`` images (:func:`~bida.engine.schedules.
 
 The mean-teacher schedule (``train.schedule: teacher``) runs several forwards of the student
 in a step (source, mixed, MIC's masked and BiDA's unmixed target images), which DDP, one
-forward per backward, does not allow; the student is left unwrapped and :meth:`DistContext.average_gradients` averages the gradients after the
-backward, as DDP would. ClassMix and MIC draw the random numbers of the whole global batch
-on every rank and keep their rows (:func:`bida.mixing.global_rand`); the teacher's quality
-weight counts the global batch (:meth:`GlobalBatch.sum`). With ``model.sync_bn: false`` the
-student's BatchNorm running statistics are averaged over ranks after every step, where the
-EMA reads them, so the student and the EMA teacher stay identical on every rank (synchronised
+forward per backward, does not allow; the student is left unwrapped and
+:meth:`DistContext.average_gradients` averages the gradients after the backward, as DDP
+would. ClassMix and MIC draw the random numbers of the whole global batch on every rank and
+keep their rows (:func:`bida.mixing.global_rand`); the teacher's quality weight counts the
+global batch (:meth:`GlobalBatch.sum`). With ``model.sync_bn: false`` the student's
+BatchNorm running statistics are averaged over ranks after every step, where the EMA reads
+them, so the student and the EMA teacher stay identical on every rank (synchronised
 BatchNorm, and the teacher's with ``train.teacher_bn: batch``, use the global batch's).
-Not reproduced: dropout and stochastic depth draw from each rank's own torch generator (independent masks for every image, as in one process,
-but not the masks one process draws); checkpoints hold every rank's generator state.
+Not reproduced: dropout and stochastic depth draw from each rank's own torch generator
+(independent masks for every image, as in one process, but not the masks one process
+draws); checkpoints hold every rank's generator state.
 
 Stops: a SIGTERM/SIGINT that reaches one rank reaches all of them at the next point
 where the ranks meet anyway: the step's finiteness all-reduce carries it
