@@ -100,9 +100,11 @@ class ModelConfig:
     # Under torchrun (2 or more processes): the BatchNorms that train (not frozen by
     # freeze_bn; the MiT/DINOv2 decoders', DeepLab-V2's with freeze_bn off or bn_batch_stats)
     # normalise with, and update their running statistics from, the statistics of the global
-    # batch, so N processes train what one process does (mmseg's multi-GPU SegFormer runs:
-    # SyncBN). false: each process's own slice (plain DDP; no collective per BatchNorm).
-    # One process, frozen BN and evaluation are the same either way: nothing is converted.
+    # batch, so N processes train what one process does. SegFormer's multi-GPU mmseg configs
+    # use SyncBN; DAFormer trains on one GPU with plain BN, which is what this gives on any
+    # number of processes. false: each process's own slice (plain DDP; no collectives per
+    # BatchNorm). One process, frozen BN and evaluation are the same either way (nothing is
+    # converted), so there is no separate "auto".
     sync_bn: bool = True
 
 
