@@ -4,12 +4,13 @@ The equivalence test runs a source step and a few BiDA iterations (``source_step
 ``adapt_step``) in each rank on its slice of fixed global batches, through DDP and the
 rank's ``GlobalBatch`` reducer, and compares with one process on the whole global batch:
 logged losses (averaged over ranks), calibration EMAs (built from the global prototypes)
-and gradients. BN is frozen, as in the paper: trainable BN normalises with per-rank
-statistics (see distributed.py). The end-to-end test runs
-``torchrun --nproc_per_node=2 -m bida train`` and one process with the global batch.
-The mean-teacher tests run whole trainings as 2 ranks (``train.batch_size`` is then the
-global batch): the first step's losses against one process, student and EMA teacher
-bit-identical across ranks, and an exact mid-phase resume.
+and gradients. BN is frozen, as in the paper. The end-to-end test runs
+``torchrun --nproc_per_node=2 -m bida train`` and one process with the same config
+(``train.batch_size`` is the global batch on every schedule). The mean-teacher tests run
+whole trainings as 2 ranks: the first step's losses against one process, student and EMA
+teacher bit-identical across ranks, and an exact mid-phase resume; with trainable
+BatchNorm synchronised (``model.sync_bn``), a MiT run gives one process's losses and
+BatchNorm statistics.
 """
 
 from __future__ import annotations
@@ -267,8 +268,10 @@ def test_torchrun_two_processes_end_to_end(tmp_path, tiny_overrides):
     assert (run / "checkpoints" / "last.pt").is_file() and (run / "metrics.json").is_file()
     assert len(list((run / "tensorboard").iterdir())) == 1  # one writer
 
-    global_batch = load_config(None, overrides).train.batch_size * 2
-    train(load_config(None, overrides + [f"train.batch_size={global_batch}"]), single)
+    # The same config in one process: train.batch_size is the global batch (2 ranks x 1 image
+    # each here), and the ranks' slices are those of one process's batches.
+    assert load_config(None, overrides).train.batch_size == 2
+    train(load_config(None, overrides), single)
     labels = sorted((single / "pseudo_labels" / "round_0").glob("*.png"))
     assert labels and all(f.read_bytes() == (run / f.relative_to(single)).read_bytes() for f in labels)
     records = {name: [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
@@ -295,27 +298,38 @@ MIT = ["model.backbone=mit_b0", "method.feature=decoder", "model.width=0.25", "m
 
 
 def _teacher_run(rank: int, world: int, overrides: list[str], run: str, tag: str, port: int = 0,
-                 stop_after: int | None = None, resume: bool = False) -> None:
+                 stop_after: int | None = None, resume: bool = False, head_dropout: bool = True,
+                 config: str | None = None) -> None:
     """A teacher run (or its resume) as rank ``rank`` of ``world``; saves what this rank holds
-    at the end: the student's and the teacher's state dicts."""
+    at the end: the student's and the teacher's state dicts, and how many of the student's
+    BatchNorms are synchronised. ``head_dropout=False``: the MiT head's dropout off (each rank
+    draws its own masks, which one process does not draw), for comparisons with one process.
+    ``config``: a config file under the overrides."""
+    from bida.models import heads
+    from bida.models.sync_bn import SyncBatchNorm2d
     from bida.train import Trainer
 
     if world > 1:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), BIDA_DIST_TIMEOUT_S="120")
     torch.set_num_threads(1)
+    dropout = heads.DROPOUT
     try:
-        trainer = Trainer(load_config(None, overrides), Path(run), resume=resume)
+        heads.DROPOUT = dropout if head_dropout else 0.0
+        trainer = Trainer(load_config(config, overrides), Path(run), resume=resume)
         trainer.fit(stop_after=stop_after)
-        torch.save({"student": trainer.model.state_dict(), "teacher": trainer.mean_teacher.teacher.model.state_dict()},
+        torch.save({"student": trainer.model.state_dict(), "teacher": trainer.mean_teacher.teacher.model.state_dict(),
+                    "sync_bn": sum(isinstance(m, SyncBatchNorm2d) for m in trainer.model.modules())},
                    Path(run).parent / f"{tag}-rank{rank}.pt")
     finally:
+        heads.DROPOUT = dropout
         distributed.shutdown()
 
 
 def _spawn_teacher(overrides: list[str], run: Path, tag: str, **kwargs) -> list[dict]:
     mp.spawn(_teacher_run, args=(WORLD, overrides, str(run), tag, _free_port(), kwargs.get("stop_after"),
-                                 kwargs.get("resume", False)), nprocs=WORLD, join=True)
+                                 kwargs.get("resume", False), kwargs.get("head_dropout", True), kwargs.get("config")),
+             nprocs=WORLD, join=True)
     return [torch.load(run.parent / f"{tag}-rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
@@ -372,15 +386,17 @@ def test_teacher_two_ranks_give_the_step_0_loss_of_one_process_on_the_global_bat
 
 
 def test_teacher_under_two_ranks_stays_identical_on_every_rank_and_resumes_exactly(tmp_path, tiny_overrides):
-    # MiT with drop path and a trainable BatchNorm in its decoder: each rank's batch statistics
-    # differ, and the EMA teacher reads the running ones. After a few steps, the student and the
-    # teacher must be bit-identical on both ranks; a run stopped mid-phase and resumed with 2
-    # ranks must end bit-identical to the uninterrupted one.
-    overrides = tiny_overrides + TEACHER + MIT + ["train.iters=4"]
+    # MiT with drop path and a trainable BatchNorm in its decoder, synchronised (model.sync_bn),
+    # also in the EMA teacher (train.teacher_bn: batch) and in DAFormer's separate student
+    # forwards. After a few steps, the student and the teacher must be bit-identical on both
+    # ranks; a run stopped mid-phase and resumed with 2 ranks must end bit-identical to the
+    # uninterrupted one.
+    overrides = tiny_overrides + TEACHER + MIT + ["train.iters=4", "train.teacher_bn=batch",
+                                                  "train.student_forwards=separate"]
     resolve_domain(load_config(None, overrides), "source")
     full = _spawn_teacher(overrides, tmp_path / "full", "full")
     _assert_same_states(full[0], full[1], "rank 0 vs rank 1")
-    assert any("running_mean" in k for k in full[0]["student"])
+    assert any("running_mean" in k for k in full[0]["student"]) and full[0]["sync_bn"] > 0
     part = _spawn_teacher(overrides, tmp_path / "part", "stopped", stop_after=2)
     stopped = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")
     assert stopped["iter"] == 2
@@ -392,6 +408,7 @@ def test_teacher_under_two_ranks_stays_identical_on_every_rank_and_resumes_exact
                    for k in full[0]["teacher"] if k.endswith("running_mean"))
     resumed = _spawn_teacher(overrides, tmp_path / "part", "resumed", resume=True)
     _assert_same_states(resumed[0], resumed[1], "resumed: rank 0 vs rank 1")
+    assert resumed[0]["sync_bn"] == full[0]["sync_bn"]
     _assert_same_states(resumed[0], full[0], "resumed vs uninterrupted")
     a, b = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("full", "part"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -399,17 +416,72 @@ def test_teacher_under_two_ranks_stays_identical_on_every_rank_and_resumes_exact
                for k in a["mean_teacher"]["teacher"]["model"])
 
 
-def test_a_teacher_global_batch_that_the_ranks_cannot_split_is_a_one_line_config_error(tmp_path, tiny_overrides,
-                                                                                         monkeypatch, capsys):
+DEMO_TRANSFORMER = Path(__file__).resolve().parents[1] / "configs" / "demo_transformer.yaml"
+
+
+def test_sync_bn_two_ranks_give_the_losses_and_batchnorm_statistics_of_one_process(tmp_path, synthetic_cache):
+    # configs/demo_transformer.yaml (MiT-B0 + SegFormer head: its BatchNorm trains), shrunk in
+    # sizes and lengths as tests/test_configs.py does, with the demo's adaptation run on (bida,
+    # + MIC): a source step (DDP), then two teacher steps with DAFormer's separate student
+    # forwards and an EMA teacher labelling with batch statistics. train.batch_size 2: one
+    # image per rank. No stochastic depth and no head dropout: each rank draws its own masks.
+    # With per-rank BatchNorm statistics (model.sync_bn=false) the first loss already differs
+    # (2.943470 vs one process's 2.943373, 3e-5 relative; the teacher steps by up to 100 %);
+    # synchronised, 2 ranks give one process's numbers (measured: 3e-7). The warm-up keeps the
+    # first updates tiny, so later steps compare the same computation too.
+    import yaml
+    from test_configs import _domain_overrides, shrink
+
+    raw = yaml.safe_load(DEMO_TRANSFORMER.read_text())
+    overrides = (_domain_overrides(raw, tmp_path / "data", synthetic_cache) + shrink(raw) + [
+        "method=bida", "mic.weight=1", "train.source_iters=1", "train.iters=2", "model.drop_path=0",
+        "train.student_forwards=separate", "train.teacher_bn=batch", "eval.max_images=1",
+        "pseudo.teacher_threshold=0.055"])  # 19 classes: a barely trained teacher is unsure
+    cfg = load_config(DEMO_TRANSFORMER, overrides)
+    assert cfg.train.batch_size == 2 and cfg.model.sync_bn and not cfg.model.freeze_bn
+    ranks = _spawn_teacher(overrides, tmp_path / "ddp", "ddp", head_dropout=False, config=str(DEMO_TRANSFORMER))
+    _teacher_run(0, 1, overrides, str(tmp_path / "single"), "single", head_dropout=False, config=str(DEMO_TRANSFORMER))
+    single = torch.load(tmp_path / "single-rank0.pt", weights_only=True)
+    assert ranks[0]["sync_bn"] > 0 and single["sync_bn"] == 0  # one process: plain BatchNorm2d
+    _assert_same_states(ranks[0], ranks[1], "rank 0 vs rank 1")  # the global batch's statistics everywhere
+    records = {name: [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()
+                      if '"phase"' in line] for name in ("ddp", "single")}
+    assert [r["step"] for r in records["ddp"]] == [r["step"] for r in records["single"]] == [1, 2, 3]
+    for got, ref in zip(records["ddp"], records["single"]):
+        # *_acc: the mean of the ranks' accuracies, not the global batch's.
+        keys = [k for k in ref if k.startswith(("loss/", "pseudo/", "calibration/")) and not k.endswith("_acc")]
+        for key in keys:
+            assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (ref["step"], key)
+    # Nothing trivial: the teacher passes some but not all pixels, so MIC and the contrasts weigh in.
+    first = records["single"][1]
+    assert 0 < first["pseudo/teacher_quality"] < 1 and first["loss/mic"] > 0 and first["loss/contrast_t2s"] > 0
+    # BatchNorm running statistics of the student and of the EMA teacher after the steps.
+    for part in ("student", "teacher"):
+        stats = [k for k in single[part] if k.endswith(("running_mean", "running_var"))]
+        assert stats and single[part].keys() == ranks[0][part].keys()
+        for key in stats:
+            torch.testing.assert_close(ranks[0][part][key], single[part][key], rtol=1e-5, atol=1e-6,
+                                       msg=f"{part}.{key}")
+    # A checkpoint of 2 ranks is one of 1 process: the same keys, loaded strictly.
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("ddp", "single"))
+    assert a["model"].keys() == b["model"].keys()
+    num_classes = len(json.loads((tmp_path / "single" / "run.json").read_text())["classes"])
+    build_model(cfg.model, num_classes, cfg.method.feature).load_state_dict(a["model"])
+
+
+def test_a_global_batch_that_the_ranks_cannot_split_is_a_one_line_config_error_on_every_schedule(
+        tmp_path, tiny_overrides, monkeypatch, capsys):
     from bida.cli import main
 
     # Rank 0 of 2 (no process group is needed: the check comes before any collective).
     monkeypatch.setattr(distributed, "init_from_env", lambda: DistContext(rank=0, world_size=2))
-    code = main(["train", *tiny_overrides, *TEACHER, "train.batch_size=3", "--out", str(tmp_path / "run")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code != 0 and len(err) == 1, err
-    assert "train.batch_size: 3" in err[0] and "multiple of the 2 processes" in err[0]
-    assert not (tmp_path / "run").exists()
+    for name, schedule in (("teacher", TEACHER), ("rounds", ["method=bida"]), ("source", ["method=source_only"])):
+        run = tmp_path / name
+        code = main(["train", *tiny_overrides, *schedule, "train.batch_size=3", "--out", str(run)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, (name, err)
+        assert "train.batch_size: 3" in err[0] and "world size, 2 processes" in err[0], (name, err)
+        assert not run.exists(), name
 
 
 def test_train_under_torchrun_without_out_is_a_one_line_error(tmp_path, tiny_overrides, monkeypatch, capsys):

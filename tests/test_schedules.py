@@ -29,8 +29,10 @@ def test_learning_rates_and_phase_ends_by_hand():
     assert teacher.base_lr == pytest.approx(0.004) and teacher.uses_target
     assert teacher.lr(3) == pytest.approx(0.004 * (1 - 3 / 4))  # past the warm-up
     assert teacher.lr(0) < teacher.lr(1) < 0.004  # warming up
+    # train.batch_size is the global batch on every schedule: each of 2 processes takes half
     assert rank_batch(_cfg("train.batch_size=4", "train.schedule=teacher"), 2) == 2
-    assert rank_batch(_cfg("train.batch_size=4"), 2) == 4  # the rounds schedule: per process
+    assert rank_batch(_cfg("train.batch_size=4"), 2) == 2
+    assert rank_batch(_cfg("train.batch_size=4"), 1) == 4
 
 
 def test_plan_and_steps_call_the_method_with_the_run_state():

@@ -115,6 +115,15 @@ class ModelConfig:
     # BN statistics, lower peak memory for about one more forward of the encoder per step:
     # for GPUs that cannot hold a step otherwise (benchmarks/memory.py).
     grad_checkpoint: bool = False
+    # Under torchrun (2 or more processes): the BatchNorms that train (not frozen by
+    # freeze_bn; the MiT/DINOv2 decoders', DeepLab-V2's with freeze_bn off or bn_batch_stats)
+    # normalise with, and update their running statistics from, the statistics of the global
+    # batch, so N processes train what one process does. SegFormer's multi-GPU mmseg configs
+    # use SyncBN; DAFormer trains on one GPU with plain BN, which is what this gives on any
+    # number of processes. false: each process's own slice (plain DDP; no collectives per
+    # BatchNorm). One process, frozen BN and evaluation are the same either way (nothing is
+    # converted), so there is no separate "auto".
+    sync_bn: bool = True
 
 
 @dataclass(frozen=True)
@@ -151,8 +160,10 @@ class TrainConfig:
     # teacher: length of the adaptation phase (or of a source_only run).
     iters: int = 1500
     source_iters: int = 0  # teacher: source-only stage before adaptation (DAFormer: none); skipped with init_checkpoint
-    # Images per domain in a step: per process under torchrun, except with schedule teacher,
-    # where it is the global batch (split over the processes; a multiple of their number).
+    # Images per domain in a step, the global batch on every schedule and stage: under
+    # torchrun each of N processes takes batch_size / N of them (a multiple of N), so a config
+    # trains the same run on any number of processes. (Before, the rounds schedule took it per
+    # process: for 2 images per GPU on 4 GPUs, set 8.)
     batch_size: int = 2
     lr: float = 2.5e-3  # backbone; the classifier gets head_lr_mult x this
     head_lr_mult: float = 10.0

@@ -149,11 +149,13 @@ def rare_class_loader(dataset: SegmentationDataset, counts: np.ndarray, cfg, see
                       batch_size: int | None = None) -> Iterator[dict]:
     """An endless iterator of rare-class-sampled source batches starting at batch ``start``.
 
-    ``batch_size``: images per process (default ``train.batch_size``); rank ``rank`` of
-    ``world_size`` takes its slice of each global batch of ``batch_size * world_size``.
+    ``batch_size``: images per process (default: this process's share of the global batch
+    ``train.batch_size``); rank ``rank`` of ``world_size`` takes its slice of each global
+    batch of ``batch_size * world_size``.
     """
     d = cfg.data
-    sampler = RareClassSampler(counts, d.rcs_temperature, d.rcs_min_pixels, batch_size or cfg.train.batch_size, seed,
+    batch_size = batch_size or cfg.train.batch_size // world_size
+    sampler = RareClassSampler(counts, d.rcs_temperature, d.rcs_min_pixels, batch_size, seed,
                                start, rank, world_size, class_names)
     crops = RareClassCrops(dataset, d.rcs_min_crop_ratio * d.rcs_min_pixels)
     # Its own generator, as datasets.train_loader: iter() must not draw from the global

@@ -15,29 +15,33 @@ batch, see :class:`~bida.data.datasets.InfiniteBatchSampler`):
   the gradient (and the mean of the rank losses) is that of the global-batch mean.
 - Logs: :meth:`DistContext.mean_logs` averages them over ranks, so that rank 0 logs the
   losses of the global batch.
+- BatchNorm that trains (MiT/DINOv2 decoders, DeepLab-V2 without ``model.freeze_bn``):
+  with ``model.sync_bn`` (the default) it is a :class:`~bida.models.sync_bn.SyncBatchNorm2d`
+  that normalises with the global batch's statistics (all-reduced sums, differentiable),
+  so its running statistics are equal on every rank, as one process's. With
+  ``model.sync_bn: false`` each rank normalises with its own slice's statistics, as plain
+  DDP does; the running statistics are then averaged over ranks
+  (:meth:`DistContext.average_bn_statistics`) before each evaluation and each checkpoint,
+  so every rank evaluates the model the checkpoint holds (the running-average update is
+  linear, so averaging at any point gives the same statistics later, up to rounding). The
+  paper freezes BN, which has no batch statistics.
 
-Not reproduced: trainable BatchNorm (the synthetic demo's default) normalises with
-per-rank batch statistics, as plain DDP does (SyncBatchNorm has no CPU kernel). The
-paper freezes BN, which has no batch statistics, so its runs are exact. The running
-statistics are averaged over ranks (:meth:`DistContext.average_bn_statistics`) before each
-evaluation and each checkpoint, so every rank evaluates the model the checkpoint holds;
-the running-average update is linear, so averaging at any point gives the same statistics
-later (up to rounding), and a stopped and resumed run evaluates as an uninterrupted one.
+``train.batch_size`` is the global batch on every schedule and stage: each of the W ranks
+trains on its slice of ``batch_size / W`` images (:func:`~bida.engine.schedules.rank_batch`).
 
-The mean-teacher schedule (``train.schedule: teacher``) takes ``train.batch_size`` as the
-global batch: each of the W ranks trains on its slice of ``batch_size / W`` images. Its
-step runs several forwards of the student (source, mixed, MIC's masked and BiDA's unmixed
-target images), which DDP, one forward per backward, does not allow; the student is left
-unwrapped and :meth:`DistContext.average_gradients` averages the gradients after the
-backward, as DDP would. ClassMix and MIC draw the random numbers of the whole global batch
-on every rank and keep their rows (:func:`bida.mixing.global_rand`); the teacher's quality
-weight counts the global batch (:meth:`GlobalBatch.sum`). The student's BatchNorm running
-statistics are averaged over ranks after every step, where the EMA reads them, so the
-student and the EMA teacher stay identical on every rank. Not reproduced, as above: the
-student's trainable BatchNorm normalises with per-rank batch statistics (so does the
-teacher's with ``train.teacher_bn: batch``), and dropout and stochastic depth draw from
-each rank's own torch generator (independent masks for every image, as in one process,
-but not the masks one process draws); checkpoints hold every rank's generator state.
+The mean-teacher schedule (``train.schedule: teacher``) runs several forwards of the student
+in a step (source, mixed, MIC's masked and BiDA's unmixed target images), which DDP, one
+forward per backward, does not allow; the student is left unwrapped and
+:meth:`DistContext.average_gradients` averages the gradients after the backward, as DDP
+would. ClassMix and MIC draw the random numbers of the whole global batch on every rank and
+keep their rows (:func:`bida.mixing.global_rand`); the teacher's quality weight counts the
+global batch (:meth:`GlobalBatch.sum`). With ``model.sync_bn: false`` the student's
+BatchNorm running statistics are averaged over ranks after every step, where the EMA reads
+them, so the student and the EMA teacher stay identical on every rank (synchronised
+BatchNorm, and the teacher's with ``train.teacher_bn: batch``, use the global batch's).
+Not reproduced: dropout and stochastic depth draw from each rank's own torch generator
+(independent masks for every image, as in one process, but not the masks one process
+draws); checkpoints hold every rank's generator state.
 
 Stops: a SIGTERM/SIGINT that reaches one rank reaches all of them at the next point
 where the ranks meet anyway: the step's finiteness all-reduce carries it
@@ -65,6 +69,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..models import SegOutput
+from ..models.sync_bn import AllReduceSum, SyncBatchNorm2d
 from ..method.prototypes import class_sums, prototypes_from_sums
 
 TIMEOUT_ENV = "BIDA_DIST_TIMEOUT_S"
@@ -73,26 +78,6 @@ DEFAULT_TIMEOUT_S = 1800.0  # 30 min: far longer than any step, image or checkpo
 # Whether init_from_env created the default process group (and so must destroy it):
 # a group that a caller created itself is left to that caller.
 _owns_group = False
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks, differentiable: the backward sums the gradients over ranks too.
-
-    Rank r's loss depends on every rank's contribution to the sum, so the gradient of
-    rank q's contribution is the sum over r of dL_r/d(sum); DDP then averages over ranks.
-    """
-
-    @staticmethod
-    def forward(ctx, tensor: Tensor) -> Tensor:  # noqa: ARG004 - autograd API
-        total = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(total)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ARG004 - autograd API
-        total = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(total)
-        return total
 
 
 class GlobalBatch:
@@ -121,7 +106,7 @@ class GlobalBatch:
             - output: (K, D) prototypes and (K,) bool present
         """
         sums, counts = class_sums(features, labels, self.num_classes)  # (K, D), (K,)
-        packed = _AllReduceSum.apply(torch.cat([sums, counts[:, None]], dim=1))  # (K, D+1)
+        packed = AllReduceSum.apply(torch.cat([sums, counts[:, None]], dim=1))  # (K, D+1)
         return prototypes_from_sums(packed[:, :-1], packed[:, -1])
 
     @staticmethod
@@ -287,12 +272,15 @@ class DistContext:
 
         Each rank updates them from its own slice of the batch; averaged, every rank holds
         the same model, so a checkpoint written by rank 0 is the model every rank evaluated.
-        BatchNorm in eval mode (``model.freeze_bn``) is never updated and left alone.
+        BatchNorm in eval mode (``model.freeze_bn``) is never updated and left alone, and so is
+        a :class:`~bida.models.sync_bn.SyncBatchNorm2d` (``model.sync_bn``): its statistics are
+        the global batch's, equal on every rank already, and averaging equal values is not
+        exact for 3 or more ranks.
         """
         if not self.enabled:
             return
         stats = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
-                 for b in (m.running_mean, m.running_var) if b is not None]
+                 and not isinstance(m, SyncBatchNorm2d) for b in (m.running_mean, m.running_var) if b is not None]
         if not stats:
             return
         flat = torch.cat([b.detach().reshape(-1).float() for b in stats]).to(self.device or "cpu")

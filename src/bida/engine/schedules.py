@@ -61,12 +61,12 @@ def phase_base_lr(cfg: Config, phase: Phase) -> float:
 def rank_batch(cfg: Config, world_size: int) -> int:
     """Images per domain that this process trains on in a step.
 
-    ``train.schedule: teacher``: ``train.batch_size`` is the global batch, split evenly over
-    the ranks (checked at set-up); the rounds schedule takes it per process.
+    ``train.batch_size`` is the global batch on every schedule and stage, split evenly over
+    the ranks (checked at set-up, :func:`~bida.engine.setup.check_batch_splits`); the samplers
+    give rank r the r-th slice of each global batch, so the global sample order is that of
+    one process.
     """
-    if cfg.train.schedule == "teacher":
-        return cfg.train.batch_size // world_size
-    return cfg.train.batch_size
+    return cfg.train.batch_size // world_size
 
 
 class Schedule:

@@ -27,6 +27,7 @@ from ..errors import BidaError, ConfigError, DataError, Interrupted
 from ..method.pseudo_labels import Calibration
 from ..method.teacher import MeanTeacher
 from ..models import DeepLabV2, MiTSegmentor, build_model
+from ..models.sync_bn import convert_sync_bn
 from .guard import StepGuard
 from .resume import load_resume, resume_checkpoint, truncate_run_log
 from .run_dir import RunLock, check_run_dir, create_run_dir
@@ -167,6 +168,7 @@ def open_run(trainer, cfg: Config, run_dir: Path, resume: bool, overwrite: bool,
 def setup_run(trainer, cfg: Config, resume: bool, overwrite: bool, dump_config) -> None:
     """Domains, model, calibration and mean teacher; then the resumed state, or the initial
     weights and a new run directory (its config written with ``dump_config``)."""
+    check_batch_splits(cfg, trainer.world_size)  # before the run dir exists
     seed_everything(cfg.seed)
     deterministic_algorithms(cfg.train.deterministic)
     trainer.src: Domain = resolve_domain(cfg, "source")
@@ -174,14 +176,9 @@ def setup_run(trainer, cfg: Config, resume: bool, overwrite: bool, dump_config) 
     trainer.classes = check_same_classes(trainer.src, trainer.tgt)
     trainer.num_classes = trainer.classes.num_classes
     check_class_ids("data.eval_classes", cfg.data.eval_classes, trainer.num_classes)  # before the run dir exists
-    if cfg.train.schedule == "teacher" and cfg.train.batch_size % trainer.world_size:
-        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is the global batch of train.schedule=teacher "
-                          f"and must be a multiple of the {trainer.world_size} processes")
     if cfg.data.check:
         check_data(trainer)
-    trainer.model: DeepLabV2 | MiTSegmentor = build_model(cfg.model, trainer.num_classes, cfg.method.feature).to(trainer.device)
-    if cfg.train.channels_last:
-        trainer.model = trainer.model.to(memory_format=torch.channels_last)
+    trainer.model: DeepLabV2 | MiTSegmentor = build_student(cfg, trainer.num_classes, trainer.dist, trainer.device)
     trainer.phases = plan_phases(cfg)
     trainer.calibration = None
     # The prototype moving averages: calibration's domain bias, memory_partners' fill-ins.
@@ -245,6 +242,34 @@ def setup_run(trainer, cfg: Config, resume: bool, overwrite: bool, dump_config) 
     trainer.total_steps = sum(p.iters for p in trainer.phases)
     trainer._stop_after: int | None = None
     trainer._data_wait_s = 0.0
+
+
+def build_student(cfg: Config, num_classes: int, dist, device: torch.device) -> torch.nn.Module:
+    """The model a run trains, on ``device``: under torchrun (``dist``, a
+    :class:`~bida.engine.distributed.DistContext` of 2 or more processes) with ``model.sync_bn``,
+    its BatchNorms that train are synchronised (:func:`~bida.models.sync_bn.convert_sync_bn`);
+    one process gets the plain model. Converted here, before anything copies the model (the
+    EMA teacher) or loads a state into it; the state dict stays BatchNorm's, so checkpoints
+    load with any number of processes."""
+    model = build_model(cfg.model, num_classes, cfg.method.feature).to(device)
+    if cfg.model.sync_bn and dist.enabled:
+        convert_sync_bn(model)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def check_batch_splits(cfg: Config, world_size: int) -> None:
+    """``train.batch_size`` is the global batch of every schedule and stage: it must split evenly
+    over the ``world_size`` processes (each trains on ``batch_size / world_size`` images per domain).
+
+    Raises:
+        ConfigError: one line naming the key, its value and the number of processes.
+    """
+    if cfg.train.batch_size % world_size:
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is the global batch and must be a multiple of "
+                          f"the world size, {world_size} processes (each trains on batch_size / {world_size} images "
+                          "per domain)")
 
 
 def seed_rank_stream(trainer) -> None:

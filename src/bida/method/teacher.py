@@ -38,9 +38,11 @@ image with random blocks masked, learns the teacher's labels of the unmasked ima
 
 Under torchrun (:mod:`bida.distributed`) every rank trains on its slice of the global batch
 ``train.batch_size``: ClassMix and MIC draw by global sample index, the quality weight and
-every per-pixel mean are the global batch's, BiDA's prototypes come from all-reduced sums,
-and :meth:`MeanTeacher.after_step` averages the student's BatchNorm statistics where the EMA
-reads them, so the teacher is the same on every rank.
+every per-pixel mean are the global batch's, BiDA's prototypes come from all-reduced sums.
+Trainable BatchNorm normalises with the global batch's statistics (``model.sync_bn``; the
+EMA teacher is a copy, so with ``train.teacher_bn: batch`` it labels with them too); with
+``model.sync_bn: false`` :meth:`MeanTeacher.after_step` averages the student's BatchNorm
+statistics where the EMA reads them. Either way the teacher is the same on every rank.
 
 The schedule is model-agnostic: it uses ``model(x, domain) -> SegOutput`` and
 ``model.param_groups``, and for the feature distance ``model.backbone_output_module()``.
