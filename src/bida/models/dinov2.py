@@ -29,7 +29,6 @@ outputs back to the input's extent.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -100,7 +99,9 @@ def swiglu_hidden(dim: int) -> int:
 
 def padded_size(size: int) -> int:
     """``size`` rounded up to a multiple of the patch (14)."""
-    return -(-size // PATCH) * PATCH
+    # Non-negative integer arithmetic only: an exported graph (ONNX) computes it for any
+    # input size, and ONNX's integer division truncates where Python's floors.
+    return (size + PATCH - 1) // PATCH * PATCH
 
 
 class PatchEmbed(nn.Module):
@@ -435,6 +436,6 @@ class DINOv2Segmentor(nn.Module):
             x: (B, 3, H, W) -> SegOutput(logits (B, K, h, w), features (B, proj_dim, h, w)),
             h = ceil(2H/7), w = ceil(2W/7).
         """
-        h, w = (math.ceil(4 * s / PATCH) for s in x.shape[-2:])
+        h, w = ((4 * s + PATCH - 1) // PATCH for s in x.shape[-2:])  # ceil(4s/14), in integers (see padded_size)
         logits, fused = self.decode_head(self.neck(self.backbone(x)))
         return SegOutput(logits=logits[..., :h, :w], features=self.proj(fused[..., :h, :w]))
