@@ -12,6 +12,8 @@ The method is described for users in ``docs/method.md``. The package is grouped 
 - :mod:`bida.tools`: what users call (CLI, demo and ablation, report, predict, features);
 - :mod:`bida.config`, :mod:`bida.errors`, :mod:`bida.checkpoint` (atomic writes, checkpoint files): shared by every layer.
 
+``bida.Segmenter`` (:mod:`bida.tools.inference`) predicts with a trained network from Python.
+
 Every module keeps its old flat path: ``bida.losses``, ``bida.prototypes``,
 ``bida.pseudo_labels``, ``bida.labels``, ``bida.train``, ``bida.cli``, ... are the very module
 objects of their new homes (see :data:`MOVED`), so ``import bida.train as tr`` and
@@ -41,7 +43,7 @@ MOVED = {
 PUBLIC_MODULES = tuple(sorted({
     "checkpoint", "config", "data", "deeplabv2", "engine", "errors", "labels", "method", "models", "tools", *MOVED}))
 
-__all__ = ["__version__", *PUBLIC_MODULES]
+__all__ = ["__version__", "Segmenter", *PUBLIC_MODULES]
 
 
 class _AliasLoader(importlib.abc.Loader):
@@ -70,6 +72,10 @@ if not any(isinstance(f, _AliasFinder) for f in sys.meta_path):
 
 
 def __getattr__(name: str):
+    if name == "Segmenter":  # the inference API (bida.tools.inference), imported on first use like the modules
+        from .tools.inference import Segmenter
+
+        return Segmenter
     if name in PUBLIC_MODULES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
