@@ -43,7 +43,10 @@ MOVED = {
 PUBLIC_MODULES = tuple(sorted({
     "checkpoint", "config", "data", "deeplabv2", "engine", "errors", "labels", "method", "models", "tools", *MOVED}))
 
-__all__ = ["__version__", "Segmenter", *PUBLIC_MODULES]
+# Public names defined in a module of the package -> that module (imported on first use).
+PUBLIC_NAMES = {"Segmenter": "tools.inference"}
+
+__all__ = ["__version__", *PUBLIC_NAMES, *PUBLIC_MODULES]
 
 
 class _AliasLoader(importlib.abc.Loader):
@@ -72,14 +75,12 @@ if not any(isinstance(f, _AliasFinder) for f in sys.meta_path):
 
 
 def __getattr__(name: str):
-    if name == "Segmenter":  # the inference API (bida.tools.inference), imported on first use like the modules
-        from .tools.inference import Segmenter
-
-        return Segmenter
+    if name in PUBLIC_NAMES:  # as the modules: imported on first use
+        return getattr(importlib.import_module(f".{PUBLIC_NAMES[name]}", __name__), name)
     if name in PUBLIC_MODULES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(PUBLIC_MODULES))
+    return sorted(set(globals()) | set(PUBLIC_MODULES) | set(PUBLIC_NAMES))
