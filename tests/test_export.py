@@ -126,9 +126,16 @@ def test_the_sliding_window_loop_around_an_onnx_model_scores_as_bida_evaluate(tm
     got = evaluate(seg.model, build_eval_dataset(cfg, target, "val"), seg.cfg.eval, seg.classes)
     assert abs(got["mIoU"] - expected["mIoU"]) <= 1e-4
     assert np.abs(np.array(got["confusion"]) - np.array(expected["confusion"])).sum() <= 2  # pixels
-    # The Python API on the same image: the PyTorch network and the ONNX window model agree.
-    image = np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8)
+    # The PyTorch Segmenter on the val images (uint8, as read) gives bida evaluate's confusion exactly.
+    from bida.engine.evaluate import confusion_matrix
+
     torch_seg = Segmenter.from_checkpoint(ckpt)
+    ds = build_eval_dataset(cfg, target, "val")
+    confusion = sum(confusion_matrix(torch.from_numpy(torch_seg.predict(image)), torch.from_numpy(label.astype(np.int64)),
+                                     len(torch_seg.classes)) for image, label in map(ds.load, range(len(ds))))
+    assert confusion.tolist() == expected["confusion"]
+    # The Python API on another image: the PyTorch network and the ONNX window model agree.
+    image = np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8)
     assert np.abs(torch_seg.predict_proba(image) - seg.predict_proba(image)).max() <= 1e-5
 
 
