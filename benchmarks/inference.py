@@ -11,11 +11,12 @@ a time, on the embedded target val images resized to each ``--sizes`` entry. Bac
 - on CUDA also ``eager bf16`` (``torch.autocast``) and ``onnxruntime cuda`` when the CUDA
   execution provider is installed.
 
-Each backend runs in a fresh process (allocators keep freed memory, so only a fresh process
-gives a backend's own peak): images/s is the median over ``--repeats`` passes over the
-images (after one warm-up pass); peak memory is the growth of the peak resident set
-(CPU, Linux ``VmHWM``) or of ``torch.cuda.max_memory_allocated`` (CUDA; n/a for
-onnxruntime's own CUDA allocator) over what was in use before the pass.
+Each backend runs each size in a fresh process (allocators keep freed memory, so only a
+fresh process gives a backend's own peak): images/s is the median over ``--repeats``
+passes over the images (after one warm-up pass, whose time is printed); peak memory is the
+growth of the peak resident set (CPU, Linux ``VmHWM``) or of
+``torch.cuda.max_memory_allocated`` (CUDA; n/a for onnxruntime's own CUDA allocator) from
+just before the warm-up pass, over the built network.
 
     python benchmarks/inference.py [--sizes 64x128 256x512] [--images 20] [--repeats 3] [--compile]
         [--checkpoint CKPT|FOLDER] [--backbone resnet18 --width 0.25] [--device cpu|cuda] [--threads N]
@@ -131,7 +132,9 @@ def runner(backend: str, graph: ExportGraph, onnx_path: Path, device: torch.devi
         session = ort.InferenceSession(str(onnx_path), options, providers=[provider])
         return lambda x: session.run(None, {"image": x.numpy()})[0].argmax(1)
     graph = graph.to(device)
-    model = torch.compile(graph) if backend == "compiled" else graph
+    # One static graph per input size (dynamic=False): a second size would otherwise be
+    # recompiled with dynamic shapes, whose generated CPU kernels were measured several times slower.
+    model = torch.compile(graph, dynamic=False) if backend == "compiled" else graph
     dtype = torch.bfloat16 if backend == "eager bf16" else None
 
     @torch.no_grad()
@@ -145,20 +148,24 @@ def runner(backend: str, graph: ExportGraph, onnx_path: Path, device: torch.devi
     return run
 
 
-def measure(backend: str, args: argparse.Namespace, onnx_path: Path) -> list[dict]:
-    """Rows (backend, size, images/s, peak MiB, warm-up s) of one backend at every size."""
+def measure(backend: str, args: argparse.Namespace, onnx_path: Path, sizes: list[str]) -> list[dict]:
+    """Rows (backend, size, images/s, peak MiB, warm-up s) of one backend at ``sizes``.
+
+    The peak counts from just before the warm-up pass: what predicting at that size adds
+    to the built network (activations, workspaces, onnxruntime's arena, compiled code).
+    """
     device = torch.device(args.device)
     graph = build_graph(args)
     images = val_images(args)
     run = runner(backend, graph, onnx_path, device)
     rows = []
-    for size in map(parse_size, args.sizes):
+    for size in map(parse_size, sizes):
         batch = resized(images, size)
+        before = _reset_peak(device)
         start = time.perf_counter()
         for x in batch:  # warm-up: compilation, allocator growth, onnxruntime's first runs
             run(x)
         warmup = time.perf_counter() - start
-        before = _reset_peak(device)
         rates = []
         for _ in range(args.repeats):
             start = time.perf_counter()
@@ -170,8 +177,9 @@ def measure(backend: str, args: argparse.Namespace, onnx_path: Path) -> list[dic
     return rows
 
 
-def measure_in_child(backend: str, argv: list[str]) -> list[dict]:
-    done = subprocess.run([sys.executable, __file__, *argv, "--child", backend], capture_output=True, text=True)
+def measure_in_child(backend: str, size: str, argv: list[str]) -> list[dict]:
+    done = subprocess.run([sys.executable, __file__, *argv, "--child", backend, "--child-size", size],
+                          capture_output=True, text=True)
     if done.returncode != 0:
         print(f"{backend}: failed ({done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode})")
         return []
@@ -193,6 +201,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="synthetic data cache directory (default: bida's)")
     p.add_argument("--onnx", help=argparse.SUPPRESS)
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--child-size", help=argparse.SUPPRESS)
     p.add_argument("--json", help="write the rows to this file")
     p.add_argument("--smoke", action="store_true", help="tiny: 2 images, sizes 32x64 and 48x80, one pass, one process")
     return p
@@ -206,7 +215,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(measure(args.child, args, Path(args.onnx))))
+        print(json.dumps(measure(args.child, args, Path(args.onnx), [args.child_size])))
         return []
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"
@@ -216,9 +225,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = []
         for backend in backends(args):
             if args.smoke:  # one process: fast enough for a test
-                rows += measure(backend, args, onnx_path)
+                rows += measure(backend, args, onnx_path, args.sizes)
             else:
-                rows += measure_in_child(backend, argv + ["--onnx", str(onnx_path)])
+                for size in args.sizes:
+                    rows += measure_in_child(backend, size, argv + ["--onnx", str(onnx_path)])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     what = args.checkpoint or f"{args.backbone} width {args.width:g} (random weights, {NUM_CLASSES} classes)"
     print(f"Inference: {what}; {rows[0]['images'] if rows else 0} embedded target val images per pass, batch 1, "
