@@ -180,6 +180,14 @@ def test_bad_exports_are_refused_in_one_line(tmp_path, capsys, monkeypatch):
     assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(out)]) == 2
     assert "already exists; use --overwrite" in _one_line_error(capsys)
     assert out.read_bytes() == b"keep me"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "folder", "--out", str(folder)]) == 2
+    assert "already exists; use --overwrite" in _one_line_error(capsys)
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "folder", "--out", str(folder), "--overwrite"]) == 2
+    assert "holds no bida model folder" in _one_line_error(capsys)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed
     assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "n.onnx")]) == 2
     assert "pip install 'bida[export]'" in _one_line_error(capsys)
@@ -191,3 +199,11 @@ def test_bad_exports_are_refused_in_one_line(tmp_path, capsys, monkeypatch):
 
     with pytest.raises(CheckpointError, match="export with --output logits"):
         Segmenter.from_onnx(tmp_path / "labels.onnx")
+
+
+def test_the_help_states_the_opset_and_the_formats():
+    from bida.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if hasattr(a, "choices") and a.choices and "export" in a.choices)
+    text = " ".join(sub.choices["export"].format_help().split())
+    assert "ONNX opset 18" in text and "one of onnx, pt2, folder" in text
