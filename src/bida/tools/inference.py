@@ -70,8 +70,9 @@ def read_model_folder(folder: str | Path, overrides: Sequence[str] = ()) -> tupl
         raise CheckpointError(f"model folder {folder} {'is a file' if folder.exists() else 'does not exist'}")
     lacking = [n for n in (MODEL_FOLDER_WEIGHTS, MODEL_FOLDER_CONFIG, MODEL_FOLDER_CLASSES) if not (folder / n).is_file()]
     if lacking:
-        raise CheckpointError(f"{folder} is not a bida model folder: no {', '.join(lacking)} "
-                              "(bida export --format folder writes one)")
+        hint = (f"; a training checkpoint is a file, e.g. {folder / 'checkpoints' / 'last.pt'}"
+                if (folder / "checkpoints").is_dir() else " (bida export --format folder writes one)")
+        raise CheckpointError(f"{folder} is not a bida model folder: no {', '.join(lacking)}{hint}")
     cfg = load_config(folder / MODEL_FOLDER_CONFIG, overrides)
     classes = class_info("folder", folder)
     return cfg, list(classes.names), [tuple(c) for c in classes.palette]
