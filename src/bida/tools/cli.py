@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace predictions already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    from .export import FORMATS, ONNX_OPSET, OUTPUTS
+    from .export_spec import FORMATS, ONNX_OPSET, OUTPUTS
 
     p = sub.add_parser(
         "export", help="export a trained network: ONNX graph, torch.export program or model folder",

@@ -34,14 +34,10 @@ from torch import Tensor
 
 from ..checkpoint import atomic_write_bytes, atomic_write_text
 from ..errors import BidaError, CheckpointError
+from .export_spec import FORMATS, ONNX_OPSET, OUTPUTS
 from .inference import (MODEL_FOLDER_CARD, MODEL_FOLDER_CLASSES, MODEL_FOLDER_CONFIG, Normalise, Segmenter,
                         inference_config)
 
-FORMATS = ("onnx", "pt2", "folder")
-OUTPUTS = ("logits", "labels")
-# ONNX opset of the exported graphs: 18 is what torch's exporter targets natively and what
-# onnxruntime >= 1.14 runs (Resize with dynamic sizes, ReduceMean with axes as an input).
-ONNX_OPSET = 18
 # The traced example: a batch of 2 (a batch of 1 would be specialised) at a size that is no
 # multiple of DINOv2's 14-pixel patch (its padding must be in the graph) and at least MiT's 32.
 EXAMPLE_SHAPE = (2, 3, 66, 94)
