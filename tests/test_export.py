@@ -207,3 +207,12 @@ def test_the_help_states_the_opset_and_the_formats():
     sub = next(a for a in build_parser()._actions if hasattr(a, "choices") and a.choices and "export" in a.choices)
     text = " ".join(sub.choices["export"].format_help().split())
     assert "ONNX opset 18" in text and "one of onnx, pt2, folder" in text
+
+
+def test_the_command_line_parser_imports_no_export_machinery():
+    import subprocess
+
+    code = ("import sys; from bida.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'onnx', 'bida.tools.export') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
