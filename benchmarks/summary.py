@@ -1,6 +1,8 @@
-"""One table from the JSON files of gpu_step.py, method_extras.py, train_loop.py, teacher_step.py and memory.py.
+"""One table from the JSON files of gpu_step.py, method_extras.py, train_loop.py, teacher_step.py, memory.py
+and inference.py.
 
-    python benchmarks/summary.py DIR      # DIR holds step.json, extras.json, loop.json, teacher.json, memory.json, memory_vit.json
+    python benchmarks/summary.py DIR      # DIR holds step.json, extras.json, loop.json, teacher.json, memory.json,
+                                          # memory_vit.json, inference.json
 
 A missing or failed part shows as "n/a", so that the rest of a run is still reported.
 """
@@ -88,6 +90,12 @@ def rows(folder: Path) -> list[tuple[str, str]]:
                         f"(x{_fmt(ckpt['peak_ratio'], '.3f')}), step {_fmt(plain['step_ms'])} -> {_fmt(ckpt['step_ms'])} ms"))
         if not by_m:
             out.append((f"memory with grad_checkpoint ({file})", "n/a"))
+    inference = _load(folder / "inference.json").get("rows", [])
+    for r in inference:
+        out.append((f"inference {r['backend']} {r['size']}",
+                    f"{_fmt(r['images_per_s'])} images/s, peak {_fmt(r['peak_mib'], '.0f')} MiB"))
+    if not inference:
+        out.append(("inference", "n/a"))
     return out
 
 

@@ -120,3 +120,23 @@ def test_contrast_designs_grid_measures_the_chosen_designs(tmp_path, monkeypatch
     assert contrast_designs.main(["--resume", str(out)]) == 0  # the resumed grid keeps the subset
     assert [k for k in json.loads((out / "designs.json").read_text()) if k.startswith("cand")] == \
         ["cand: preset plus + contrast warm-up 100"]
+
+
+def test_inference_benchmark_runs_every_cpu_backend_at_two_sizes(tmp_path, monkeypatch, synthetic_cache, capsys):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.syspath_prepend(str(BENCH))
+    import inference
+
+    rows = inference.main(["--smoke", "--cache", str(synthetic_cache), "--json", str(tmp_path / "inference.json")])
+    assert [(r["backend"], r["size"]) for r in rows] == [(b, s) for b in ("eager", "onnxruntime")
+                                                         for s in ("32x64", "48x80")]
+    assert all(r["images_per_s"] > 0 for r in rows)  # no figure asserted: a shared CPU
+    assert "| onnxruntime | 48x80 |" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "inference.json").read_text())["rows"]) == 4
+    assert inference.backends(inference.parser().parse_args(["--compile", "--device", "cpu"])) == [
+        "eager", "compiled", "onnxruntime"]
+    import summary
+
+    capsys.readouterr()
+    summary.main([str(tmp_path)])
+    assert "| inference onnxruntime 48x80" in capsys.readouterr().out

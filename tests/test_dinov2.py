@@ -118,17 +118,19 @@ def _hf_reference(arch: str, width: float, pos_grid: int, seed: int = 0):
     return ref.eval()
 
 
-def hub_pos_embed(pos: torch.Tensor, gh: int, gw: int, registers: bool) -> torch.Tensor:
+def hub_pos_embed(pos: torch.Tensor, gh: int, gw: int, registers: bool, dtype=torch.float32) -> torch.Tensor:
     """DINOv2's ``interpolate_pos_encoding`` with the hub's settings, written out here from
     dinov2/models/vision_transformer.py and dinov2/hub/backbones.py: unchanged at the
     pretraining grid; otherwise the patch part resampled bicubically in float32, by
     ``scale_factor = ((gh + 0.1) / M, (gw + 0.1) / M)`` without antialiasing
     (``interpolate_offset=0.1``, the variants without registers) or to the size (gh, gw) with
-    antialiasing (``interpolate_offset=0``, ``interpolate_antialias=True``, the ``_reg`` ones)."""
+    antialiasing (``interpolate_offset=0``, ``interpolate_antialias=True``, the ``_reg`` ones).
+    ``dtype``: float64 gives the formula's exact values (float32 source coordinates are off by
+    up to about 1e-6 of a grid step)."""
     m = math.isqrt(pos.shape[1] - 1)
     if (gh, gw) == (m, m):
         return pos
-    grid = pos[:, 1:].float().reshape(1, m, m, -1).permute(0, 3, 1, 2)
+    grid = pos[:, 1:].to(dtype).reshape(1, m, m, -1).permute(0, 3, 1, 2)
     if registers:
         grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", antialias=True)
     else:
@@ -147,8 +149,10 @@ def test_position_embeddings_follow_the_dinov2_hub_interpolation(arch, grid):
         vit.pos_embed.normal_(generator=torch.Generator().manual_seed(4))
     registers = arch.endswith("_reg")
     got = vit.position_embedding(*grid)
-    want = hub_pos_embed(vit.pos_embed.detach(), *grid, registers)
-    assert torch.allclose(got, want, rtol=0, atol=1e-6)
+    want = hub_pos_embed(vit.pos_embed.detach(), *grid, registers)  # the hub model's own, in float32
+    assert torch.allclose(got, want, rtol=0, atol=1e-5)
+    exact = hub_pos_embed(vit.pos_embed.detach(), *grid, registers, torch.float64)
+    assert torch.allclose(got, exact.float(), rtol=0, atol=1e-6 if not registers else 1e-5)
     if grid == (6, 6):
         assert got is vit.pos_embed
     elif not registers:  # the offset is not vacuous: resampling to the size differs

@@ -12,6 +12,8 @@ The method is described for users in ``docs/method.md``. The package is grouped 
 - :mod:`bida.tools`: what users call (CLI, demo and ablation, report, predict, features);
 - :mod:`bida.config`, :mod:`bida.errors`, :mod:`bida.checkpoint` (atomic writes, checkpoint files): shared by every layer.
 
+``bida.Segmenter`` (:mod:`bida.tools.inference`) predicts with a trained network from Python.
+
 Every module keeps its old flat path: ``bida.losses``, ``bida.prototypes``,
 ``bida.pseudo_labels``, ``bida.labels``, ``bida.train``, ``bida.cli``, ... are the very module
 objects of their new homes (see :data:`MOVED`), so ``import bida.train as tr`` and
@@ -41,7 +43,10 @@ MOVED = {
 PUBLIC_MODULES = tuple(sorted({
     "checkpoint", "config", "data", "deeplabv2", "engine", "errors", "labels", "method", "models", "tools", *MOVED}))
 
-__all__ = ["__version__", *PUBLIC_MODULES]
+# Public names defined in a module of the package -> that module (imported on first use).
+PUBLIC_NAMES = {"Segmenter": "tools.inference"}
+
+__all__ = ["__version__", *PUBLIC_NAMES, *PUBLIC_MODULES]
 
 
 class _AliasLoader(importlib.abc.Loader):
@@ -70,10 +75,12 @@ if not any(isinstance(f, _AliasFinder) for f in sys.meta_path):
 
 
 def __getattr__(name: str):
+    if name in PUBLIC_NAMES:  # as the modules: imported on first use
+        return getattr(importlib.import_module(f".{PUBLIC_NAMES[name]}", __name__), name)
     if name in PUBLIC_MODULES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(PUBLIC_MODULES))
+    return sorted(set(globals()) | set(PUBLIC_MODULES) | set(PUBLIC_NAMES))

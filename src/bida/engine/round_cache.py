@@ -91,7 +91,12 @@ def shared_round_labels(trainer, phase: Phase) -> Path | None:
     if trainer.label_cache is None or phase.round != 0 or not trainer.cfg.model.init_checkpoint:
         return None
     digest = hashlib.sha256()
-    with open(trainer.cfg.model.init_checkpoint, "rb") as fh:
+    init = Path(trainer.cfg.model.init_checkpoint)
+    if init.is_dir():  # a model folder: its weights
+        from .weights import MODEL_FOLDER_WEIGHTS
+
+        init = init / MODEL_FOLDER_WEIGHTS
+    with open(init, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     cfg = to_dict(trainer.cfg)

@@ -25,7 +25,8 @@ These layouts are recognised:
   and SwiGLU's ``weights_in``/``weights_out`` as ``w12``/``w3`` (transformers' in-memory names
   ``q_proj``..., ``gate_proj``/``up_proj``/``down_proj`` too); ``mask_token`` and an ImageNet
   ``classifier`` are skipped;
-* bida checkpoints (a dict with ``model``) and safetensors files.
+* bida checkpoints (a dict with ``model``) and safetensors files;
+* bida model folders (``bida export --format folder``): their ``model.safetensors``.
 
 Keys that fit nowhere, backbone keys that are missing, shapes that differ, or a file of
 another segmentor family (ResNet weights for a MiT, MiT weights for a DINOv2 ViT...) are
@@ -48,6 +49,7 @@ SKIPPED_PREFIXES = ("fc.",)
 CLASSIFIER_BIASES = ("layer5.conv2d_list.0.bias", "decode_head.classifier.bias")
 MIT_KEY = "backbone.patch_embed1.proj.weight"  # a MiT segmentor's state dict has it
 DINOV2_KEY = "backbone.pos_embed"  # a DINOv2 segmentor's state dict has it
+MODEL_FOLDER_WEIGHTS = "model.safetensors"  # the weights of a model folder (bida export --format folder)
 
 # Hugging Face segformer -> mmseg MiT names, inside one block (``key``/``value`` are merged apart).
 _HF_BLOCK_NAMES = {
@@ -63,8 +65,10 @@ _HF_KV = re.compile(r"attention\.self\.(key|value)\.(weight|bias)")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensor state dict inside a weight file (``.pt``/``.pth`` or ``.safetensors``)."""
+    """The tensor state dict inside a weight file (``.pt``/``.pth`` or ``.safetensors``) or a model folder."""
     path = Path(path)
+    if path.is_dir() and (path / MODEL_FOLDER_WEIGHTS).is_file():
+        path = path / MODEL_FOLDER_WEIGHTS
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise CheckpointError(f"weight file {path} {'is a directory' if path.is_dir() else 'does not exist'}")
@@ -397,9 +401,16 @@ def check_trained_head(path: str | Path) -> None:
     """
     from ..errors import ConfigError
 
-    state = load_checkpoint(Path(path))
-    trained = bool(state.get("config", {}).get("method", {}).get("pretrain_head", False))
-    if not trained or not any(k.startswith("proj.") for k in _normalise_keys(tensor_state(state, path))):
+    if Path(path).is_dir():  # a model folder: its config.yaml says how the head was trained
+        from ..config import load_config
+
+        trained = load_config(Path(path) / "config.yaml").method.pretrain_head
+        keys = list(read_state_dict(path))
+    else:
+        state = load_checkpoint(Path(path))
+        trained = bool(state.get("config", {}).get("method", {}).get("pretrain_head", False))
+        keys = list(tensor_state(state, path))
+    if not trained or not any(k.startswith("proj.") for k in _normalise_keys(dict.fromkeys(keys))):
         raise ConfigError(f"method.pretrain_head: model.init_checkpoint {path} has no projection head trained in its "
                           "source stage; train the source-only model with method.pretrain_head=true "
                           "(bida demo and bida ablate do so when a row needs it)")

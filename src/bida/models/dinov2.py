@@ -37,7 +37,6 @@ outputs back to the input's extent.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -94,6 +93,39 @@ ARCHS: dict[str, ViTSpec] = {
 }
 
 
+def bicubic_matrix(out: int, size: int, scale: float, device: torch.device) -> Tensor:
+    """The (out, size) float64 matrix of bicubic resampling (A = -0.75, ``align_corners=False``,
+    border taps clamped) whose source coordinates follow ``scale`` rather than ``out / size``:
+    ``F.interpolate(x.double(), scale_factor=scale, mode="bicubic")`` along one axis, as a product.
+
+    DINOv2's hub models resample their position embeddings with ``scale_factor = (n + 0.1) / g``;
+    a matrix product keeps that exact in an exported graph, where a traced scale factor would
+    be frozen at the example's grid. In float64 because float32 source coordinates are off by
+    up to about 1e-6 of a grid step at a 74-patch grid (PyTorch's float32 kernel is).
+
+    Shape:
+        -> (out, size)
+    """
+    a = -0.75  # PyTorch's (and OpenCV's) bicubic constant
+    dst = torch.arange(out, device=device, dtype=torch.float64)
+    src = (dst + 0.5) * (1.0 / scale) - 0.5
+    base = torch.floor(src)
+    t = src - base
+
+    def near(d: Tensor) -> Tensor:  # |d| <= 1
+        return ((a + 2) * d - (a + 3)) * d * d + 1
+
+    def far(d: Tensor) -> Tensor:  # 1 < |d| < 2
+        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+
+    taps = torch.arange(size, device=device)
+    matrix = torch.zeros(out, size, device=device, dtype=torch.float64)
+    for k, w in zip((-1, 0, 1, 2), (far(t + 1), near(t), near(1 - t), far(2 - t))):
+        index = (base + k).clamp(0, size - 1).long()
+        matrix = matrix + (index[:, None] == taps[None, :]).double() * w[:, None]
+    return matrix
+
+
 def scaled_dim(spec: ViTSpec, width: float) -> int:
     """The width times ``width``, rounded to a multiple of the heads (at least one channel per head)."""
     return max(spec.heads, int(round(spec.dim * width / spec.heads)) * spec.heads)
@@ -111,7 +143,9 @@ def swiglu_hidden(dim: int) -> int:
 
 def padded_size(size: int) -> int:
     """``size`` rounded up to a multiple of the patch (14)."""
-    return -(-size // PATCH) * PATCH
+    # Non-negative integer arithmetic only: an exported graph (ONNX) computes it for any
+    # input size, and ONNX's integer division truncates where Python's floors.
+    return (size + PATCH - 1) // PATCH * PATCH
 
 
 class PatchEmbed(nn.Module):
@@ -288,13 +322,14 @@ class VisionTransformer(nn.Module):
             return pos
         g, c = self.pos_grid, pos.shape[-1]
         patch = pos[:, 1:].reshape(1, g, g, c).permute(0, 3, 1, 2)
-        if self.interpolate_offset:
+        if self.interpolate_offset:  # as two resampling matrices: the graph stays exportable at any grid
             off = self.interpolate_offset
-            resample = {"scale_factor": ((gh + off) / g, (gw + off) / g)}
+            rows, cols = (bicubic_matrix(n, g, (n + off) / g, pos.device) for n in (gh, gw))
+            with torch.autocast(pos.device.type, enabled=False):  # float64 throughout, never bf16
+                patch = (rows @ patch.double() @ cols.T).to(pos.dtype)
         else:
-            resample = {"size": (gh, gw)}
-        patch = F.interpolate(patch.float(), mode="bicubic", align_corners=False, antialias=self.antialias,
-                              **resample).to(pos.dtype)
+            patch = F.interpolate(patch.float(), size=(gh, gw), mode="bicubic", align_corners=False,
+                                  antialias=self.antialias).to(pos.dtype)
         return torch.cat([pos[:, :1], patch.permute(0, 2, 3, 1).reshape(1, gh * gw, c)], 1)
 
     def tokens(self, x: Tensor, blocks: tuple[int, ...],
@@ -529,7 +564,7 @@ class DINOv2Segmentor(nn.Module):
 
     def token_grid(self, h: int, w: int) -> tuple[int, int]:
         """The patch grid (gh, gw) of an h x w input: what ``token_keep`` of :meth:`forward` covers."""
-        return tuple(math.ceil(s / PATCH) for s in self.vit_input_size(h, w))
+        return tuple((s + PATCH - 1) // PATCH for s in self.vit_input_size(h, w))
 
     def forward(self, x: Tensor, domain: Literal["source", "target"] = "source",  # noqa: ARG002
                 token_keep: Tensor | None = None) -> SegOutput:
@@ -546,6 +581,6 @@ class DINOv2Segmentor(nn.Module):
         size = self.vit_input_size(*x.shape[-2:])
         if size != tuple(x.shape[-2:]):  # VFM-UDA's resize: the ViT sees a whole grid of patches, no padding
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        h, w = (math.ceil(4 * s / PATCH) for s in x.shape[-2:])
+        h, w = ((4 * s + PATCH - 1) // PATCH for s in x.shape[-2:])  # ceil(4s/14), in integers (see padded_size)
         logits, fused = self.decode_head(self.neck(self.backbone(x, token_keep)))
         return SegOutput(logits=logits[..., :h, :w], features=self.proj(fused[..., :h, :w]))

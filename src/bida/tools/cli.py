@@ -1,4 +1,4 @@
-"""The ``bida`` command line: train, evaluate, predict, demo, ablate, data check.
+"""The ``bida`` command line: train, evaluate, predict, export, demo, ablate, data check.
 
 Every user-facing error (:class:`~bida.errors.BidaError`) is printed as one line on stderr
 with exit code 2; tracebacks are kept for genuine bugs. A run stopped cleanly by SIGINT or
@@ -73,12 +73,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target split: data.target.val_split (default) or data.target.test_split")
 
     p = sub.add_parser("predict", help="predict label maps and overlays for images or folders")
-    p.add_argument("--checkpoint", required=True, help="bida checkpoint, e.g. runs/NAME/checkpoints/last.pt")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="bida checkpoint, e.g. runs/NAME/checkpoints/last.pt")
+    which.add_argument("--model", help="model folder written by bida export --format folder")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (walked recursively)")
     p.add_argument("--out", required=True,
                    help="output directory; folder inputs keep their relative paths under it")
     p.add_argument("--overwrite", action="store_true", help="replace predictions already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    from .export_spec import FORMATS, ONNX_OPSET, OUTPUTS
+
+    p = sub.add_parser(
+        "export", help="export a trained network: ONNX graph, torch.export program or model folder",
+        description=f"onnx: ONNX opset {ONNX_OPSET}, dynamic batch/height/width, uint8 RGB input (N, 3, H, W) "
+                    "normalised inside the graph, logits (N, K, H, W) at the input size or class ids (N, H, W); "
+                    "sliding windows and flip stay outside (bida.Segmenter.from_onnx runs them). pt2: the same "
+                    "graph as a torch.export program. folder: model.safetensors, config.yaml, classes.json and a "
+                    "README.md model card (bida.Segmenter.from_pretrained, bida predict --model).")
+    p.add_argument("--checkpoint", required=True, help="bida checkpoint (runs/NAME/checkpoints/last.pt) or model folder")
+    p.add_argument("--format", required=True, metavar="FORMAT", help=f"one of {', '.join(FORMATS)}")
+    p.add_argument("--out", required=True, help="output file (onnx, pt2) or directory (folder)")
+    p.add_argument("--output", default="logits", metavar="OUTPUT",
+                   help=f"graph output: {' or '.join(OUTPUTS)} (default logits)")
+    p.add_argument("--license", default="unknown", help="licence field of the model card (default: unknown)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--quiet", action="store_true", help="no check figures printed")
 
     p = sub.add_parser("demo", help="source-only, self-training and BiDA on the embedded domain pair")
     p.add_argument("--out", default="runs/demo", help="demo directory (a fresh suffix is added if it exists)")
@@ -207,8 +227,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict
 
-    written = predict(args.checkpoint, args.inputs, args.out, overwrite=args.overwrite, quiet=args.quiet)
+    if args.model is not None and not Path(args.model).is_dir():
+        raise CheckpointError(f"--model {args.model} is not a directory (a model folder of bida export --format "
+                              "folder); use --checkpoint for a checkpoint file")
+    written = predict(args.checkpoint or args.model, args.inputs, args.out, overwrite=args.overwrite, quiet=args.quiet)
     print(f"wrote {len(written)} predictions to {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    result = export(args.checkpoint, args.format, args.out, output=args.output, overwrite=args.overwrite,
+                    license=args.license, quiet=args.quiet)
+    print(f"wrote {result['path']}")
     return 0
 
 
@@ -315,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return launch(words[1:])
     args = parse_args(argv)
-    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "demo": cmd_demo,
+    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export, "demo": cmd_demo,
                 "ablate": cmd_ablate, "check-data": cmd_data_check, "report": cmd_report}
     try:
         if args.command == "data":

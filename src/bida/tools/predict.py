@@ -1,4 +1,7 @@
-"""Prediction on image files or folders: label PNGs, colour maps and overlays."""
+"""Prediction on image files or folders: label PNGs, colour maps and overlays.
+
+The loop over files of ``bida predict``; each image is predicted by :class:`bida.Segmenter`.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +17,11 @@ from tqdm import tqdm
 
 from ..checkpoint import atomic_write_text, ensure_writable, load_checkpoint
 from ..config import Config, from_dict, to_dict
-from ..data.labels import colorize, default_palette, CITYSCAPES
+from ..data.labels import default_palette, CITYSCAPES
 from ..data.readers import read_image
-from ..data.transforms import to_tensor
 from ..models import DeepLabV2, MiTSegmentor, build_model
 from ..errors import BidaError, CheckpointError, DataError
-from ..engine.evaluate import predict_probs
-from ..engine.weights import load_model_weights
+from ..engine.weights import MODEL_FOLDER_WEIGHTS, load_model_weights
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -108,16 +109,24 @@ def _save_png(array: np.ndarray, path: Path) -> None:
         raise BidaError(f"cannot write {path}: {err.strerror or err}") from None
 
 
-@torch.no_grad()
 def predict(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, overwrite: bool = False,
             quiet: bool = False, cfg: Config | None = None) -> list[Path]:
     """Write ``NAME.png`` (class indices), ``NAME_color.png`` and ``NAME_overlay.png`` per image.
 
-    ``NAME`` mirrors the image's path inside a folder input (see :func:`collect_images`);
-    colours come from the training classes' palette (``classes.json`` of a folder domain).
+    ``checkpoint``: a training checkpoint, or a model folder (``bida export --format folder``).
+    Each image goes through :meth:`bida.Segmenter.predict`, so the files hold what the Python
+    API returns. ``NAME`` mirrors the image's path inside a folder input (see
+    :func:`collect_images`); colours come from the training classes' palette
+    (``classes.json`` of a folder domain).
     """
+    from .inference import Segmenter
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg, names, palette = model_from_checkpoint(checkpoint, cfg, device)
+    if cfg is None:
+        seg = Segmenter.load(checkpoint, device)
+    else:  # another config for the checkpoint's network
+        model, cfg, names, palette = model_from_checkpoint(checkpoint, cfg, device)
+        seg = Segmenter(model, cfg, names or [str(i) for i in range(model.num_classes)], palette)
     images = collect_images(inputs)
     out = Path(out_dir)
     ensure_writable(out)
@@ -125,8 +134,9 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str |
     # predicted are kept. Another checkpoint's predictions are never replaced silently.
     manifest = out / ".bida-predict.json"
     ckpt = Path(checkpoint).resolve()
-    stat = ckpt.stat()
-    mine = {"checkpoint": str(ckpt), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "eval": to_dict(cfg.eval)}
+    weights = ckpt / MODEL_FOLDER_WEIGHTS if ckpt.is_dir() else ckpt
+    stat = weights.stat()
+    mine = {"checkpoint": str(ckpt), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "eval": to_dict(seg.cfg.eval)}
     try:
         same_run = json.loads(manifest.read_text()) == mine
     except (OSError, ValueError):
@@ -154,9 +164,8 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str |
         if stem in done:
             continue
         image = read_image(path)
-        x = to_tensor(image, cfg.data.normalize).unsqueeze(0).to(device)
-        pred = predict_probs(model, x, cfg.eval, len(names) or model.num_classes).argmax(1)[0].cpu().numpy().astype(np.uint8)
-        color = colorize(pred, palette)
+        pred = seg.predict(image).astype(np.uint8)
+        color = seg.colorize(pred)
         overlay = (0.5 * image.astype(np.float32) + 0.5 * color.astype(np.float32)).astype(np.uint8)
         # The class-index PNG last and each file atomically: a PNG that exists is complete.
         (out / stem).parent.mkdir(parents=True, exist_ok=True)
