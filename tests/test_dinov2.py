@@ -74,6 +74,20 @@ def _segmentor(arch="dinov2_vits14", width=0.125, seed=0, **kw) -> DINOv2Segment
 
 
 @pytest.mark.parametrize("arch", sorted(PUBLISHED))
+
+def last_after_exact_resume(cfg, tmp_path):
+    """Train ``cfg`` whole, and again stopped after step 2 and resumed; the student's and the
+    teacher's weights must be equal. Returns the whole run's last checkpoint."""
+    from bida.engine.train import Trainer, train
+
+    train(cfg, tmp_path / "full")
+    assert Trainer(cfg, tmp_path / "part").fit(stop_after=2) is None
+    Trainer(cfg, tmp_path / "part", resume=True).fit()
+    a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("full", "part"))
+    for x, y in ((a["model"], b["model"]), (a["mean_teacher"]["teacher"]["model"], b["mean_teacher"]["teacher"]["model"])):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    return a
+
 def test_published_sizes_and_release_shapes(arch):
     dim, depth, heads, swiglu, count = PUBLISHED[arch]
     for name in (arch, arch + "_reg"):
@@ -444,18 +458,11 @@ def test_bf16_autocast_forward_and_backward():
 def test_teacher_run_with_layer_decay_resumes_exactly(tmp_path, tiny_overrides):
     """Drop path, MIC, layer-decayed AdamW groups: a run stopped after step 2 and resumed ends
     with the weights (student and teacher) of the uninterrupted run."""
-    from bida.train import Trainer, train
-
     cfg = load_config(None, tiny_overrides + DINO_TINY + [
         "model.drop_path=0.3", "method=bida", "train.schedule=teacher", "train.iters=3", "train.optimizer=adamw",
         "train.lr=1e-4", "train.weight_decay=0.01", "train.layer_decay=0.8", "mic.weight=1", "mic.block_size=14",
         "eval.max_images=1"])
-    train(cfg, tmp_path / "full")
-    assert Trainer(cfg, tmp_path / "part").fit(stop_after=2) is None
-    Trainer(cfg, tmp_path / "part", resume=True).fit()
-    a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("full", "part"))
-    for x, y in ((a["model"], b["model"]), (a["mean_teacher"]["teacher"]["model"], b["mean_teacher"]["teacher"]["model"])):
-        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    a = last_after_exact_resume(cfg, tmp_path)
     assert not torch.equal(a["model"]["backbone.blocks.0.attn.qkv.weight"],
                            a["mean_teacher"]["teacher"]["model"]["backbone.blocks.0.attn.qkv.weight"])
 
@@ -607,19 +614,12 @@ def test_vfm_uda_recipe_on_a_tiny_dinov2_trains_and_resumes_exactly(tmp_path, ti
     decay on every parameter, warm-up from 1e-3: a run stopped after step 2 and resumed ends
     with the weights of the uninterrupted run; the mask token is trained (threshold 0: the
     untrained teacher's labels count, so the masked loss has a weight)."""
-    from bida.train import Trainer, train
-
     cfg = load_config(None, tiny_overrides + DINO_TINY + [
         "model.decoder=light", "model.input_scale=1.1", "model.mask_token=true", "model.drop_path=0.0",
         "method=self_training", "train.schedule=teacher", "train.iters=3", "train.optimizer=adamw", "train.lr=1e-4",
         "train.weight_decay=0.01", "train.decay_norms_biases=true", "train.warmup_iters=2", "train.warmup_ratio=1e-3",
         "train.teacher_bn=batch", "train.student_forwards=separate", "pseudo.teacher_flip=true",
         "data.weak_jitter=true", "mic.weight=1", "pseudo.teacher_threshold=0", "eval.max_images=1"])
-    train(cfg, tmp_path / "full")
-    assert Trainer(cfg, tmp_path / "part").fit(stop_after=2) is None
-    Trainer(cfg, tmp_path / "part", resume=True).fit()
-    a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("full", "part"))
-    for x, y in ((a["model"], b["model"]), (a["mean_teacher"]["teacher"]["model"], b["mean_teacher"]["teacher"]["model"])):
-        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    a = last_after_exact_resume(cfg, tmp_path)
     assert a["model"]["backbone.mask_token"].abs().max() > 0  # trained away from its zero start
     assert all("weight_decay" not in g or g["weight_decay"] == 0.01 for g in a["optimizer"]["param_groups"])
