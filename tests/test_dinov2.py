@@ -74,20 +74,6 @@ def _segmentor(arch="dinov2_vits14", width=0.125, seed=0, **kw) -> DINOv2Segment
 
 
 @pytest.mark.parametrize("arch", sorted(PUBLISHED))
-
-def last_after_exact_resume(cfg, tmp_path):
-    """Train ``cfg`` whole, and again stopped after step 2 and resumed; the student's and the
-    teacher's weights must be equal. Returns the whole run's last checkpoint."""
-    from bida.engine.train import Trainer, train
-
-    train(cfg, tmp_path / "full")
-    assert Trainer(cfg, tmp_path / "part").fit(stop_after=2) is None
-    Trainer(cfg, tmp_path / "part", resume=True).fit()
-    a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("full", "part"))
-    for x, y in ((a["model"], b["model"]), (a["mean_teacher"]["teacher"]["model"], b["mean_teacher"]["teacher"]["model"])):
-        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-    return a
-
 def test_published_sizes_and_release_shapes(arch):
     dim, depth, heads, swiglu, count = PUBLISHED[arch]
     for name in (arch, arch + "_reg"):
@@ -453,6 +439,20 @@ def test_bf16_autocast_forward_and_backward():
     (out.logits.float().square().mean() + out.features.float().square().mean()).backward()
     for p in (seg.backbone.pos_embed, seg.backbone.register_tokens, seg.backbone.blocks[0].ls1.gamma):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+def last_after_exact_resume(cfg, tmp_path):
+    """Train ``cfg`` whole, and again stopped after step 2 and resumed; the student's and the
+    teacher's weights must be equal. Returns the whole run's last checkpoint."""
+    from bida.engine.train import Trainer, train
+
+    train(cfg, tmp_path / "full")
+    assert Trainer(cfg, tmp_path / "part").fit(stop_after=2) is None
+    Trainer(cfg, tmp_path / "part", resume=True).fit()
+    a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("full", "part"))
+    for x, y in ((a["model"], b["model"]), (a["mean_teacher"]["teacher"]["model"], b["mean_teacher"]["teacher"]["model"])):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    return a
 
 
 def test_teacher_run_with_layer_decay_resumes_exactly(tmp_path, tiny_overrides):
