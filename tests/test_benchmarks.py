@@ -140,3 +140,19 @@ def test_inference_benchmark_runs_every_cpu_backend_at_two_sizes(tmp_path, monke
     capsys.readouterr()
     summary.main([str(tmp_path)])
     assert "| inference onnxruntime 48x80" in capsys.readouterr().out
+
+
+def test_repeatability_smoke_compares_fresh_processes(tmp_path, monkeypatch, capsys):
+    """benchmarks/repeatability.py: one bida demo per condition in a fresh process, each run
+    compared with the first process's (the figures are findings, not asserted)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import repeatability
+
+    rows = repeatability.main(["--smoke", "--conditions", "warm", "hash", "--out", str(tmp_path),
+                               "--json", str(tmp_path / "repeat.json")])
+    assert [r["condition"] for r in rows] == ["warm", "hash"] and rows[1]["env"] == {"PYTHONHASHSEED": "123"}
+    assert all(set(r["same_as_first"]) == set(repeatability.RUNS) for r in rows)
+    assert all(rows[0]["same_as_first"].values())  # the first process is its own reference
+    assert all(0 <= m <= 1 for r in rows for m in r["test_mIoU"].values())
+    assert json.loads((tmp_path / "repeat.json").read_text())["overrides"] == repeatability.SMOKE
+    assert "hash | source_only" in capsys.readouterr().out
