@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         test = {r: metrics[r].get("test", {}).get("mIoU", metrics[r]["mIoU"]) for r in RUNS}
         if first is None:
             first = (runs, test)
-        same = {r: runs[r] == first[0][r] and test[r] == first[1][r] for r in RUNS}
+        # compared as JSON text: a NaN (an undefined accuracy) then equals itself
+        same = {r: json.dumps(runs[r], sort_keys=True) == json.dumps(first[0][r], sort_keys=True)
+                and test[r] == first[1][r] for r in RUNS}
         rows.append({"condition": name, "env": env, "fresh_cache": fresh, "wall_s": wall,
                      "same_as_first": same, "test_mIoU": test})
         print(f"{name:>11} | " + " | ".join(f"{r} {'same' if same[r] else 'DIFFERS'} {100 * test[r]:.4f}"
