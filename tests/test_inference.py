@@ -234,3 +234,27 @@ def test_segmenter_is_exported_lazily():
     code = "import sys, bida; assert 'bida.tools.inference' not in sys.modules; print(bida.Segmenter.__name__)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "Segmenter"
+
+
+def test_a_vfm_uda_dinov2_folder_predicts_as_its_checkpoint(tmp_path):
+    """Every segmentor key reaches the folder (VFM-UDA's light head and input resize change the
+    network), and MIC's mask token, which only masks training inputs, stays out of it."""
+    from conftest import TINY
+    from safetensors.torch import load_file
+
+    from bida import Segmenter
+
+    vfm_uda = ["model.backbone=dinov2_vits14", "model.decoder=light", "model.input_scale=1.1", "model.mask_token=true",
+               "mic.weight=1", "train.schedule=teacher", "method=self_training", "model.drop_path=0.0",
+               "model.proj_dim=8", "train.iters=2"]
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *TINY, f"data.synthetic.cache_dir={tmp_path / 'cache'}", *vfm_uda]) == 0
+    folder = tmp_path / "model"
+    assert main(["export", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--format", "folder",
+                 "--out", str(folder)]) == 0
+    config = yaml.safe_load((folder / "config.yaml").read_text())["model"]
+    assert (config["decoder"], config["input_scale"], config["mask_token"]) == ("light", 1.1, False)
+    assert "backbone.mask_token" not in load_file(str(folder / "model.safetensors"))
+    image = _image(40, 50, 5)
+    a, b = Segmenter.from_checkpoint(run / "checkpoints" / "last.pt"), Segmenter.from_pretrained(folder)
+    assert np.array_equal(a.predict_proba(image), b.predict_proba(image))

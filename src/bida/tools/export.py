@@ -35,8 +35,8 @@ from torch import Tensor
 from ..checkpoint import atomic_write_bytes, atomic_write_text
 from ..errors import BidaError, CheckpointError
 from .export_spec import FORMATS, ONNX_OPSET, OUTPUTS
-from .inference import (MODEL_FOLDER_CARD, MODEL_FOLDER_CLASSES, MODEL_FOLDER_CONFIG, Normalise, Segmenter,
-                        inference_config)
+from .inference import (MODEL_FOLDER_CARD, MODEL_FOLDER_CLASSES, MODEL_FOLDER_CONFIG, TRAINING_ONLY_WEIGHTS,
+                        Normalise, Segmenter, inference_config)
 
 # The traced example: a batch of 2 (a batch of 1 would be specialised) at a size that is no
 # multiple of DINOv2's 14-pixel patch (its padding must be in the graph) and at least MiT's 32.
@@ -308,7 +308,8 @@ def export_folder(seg: Segmenter, source: Path, out: Path, license: str) -> Path
     from safetensors.torch import save
 
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in seg.model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in seg.model.state_dict().items()
+             if k not in TRAINING_ONLY_WEIGHTS}
     atomic_write_bytes(out / "model.safetensors", save(state, metadata={"format": "pt"}))
     header = ("# bida model folder: the config keys that rebuild the network and say how it predicts\n"
               "# (bida.tools.inference.inference_config); every other key takes its default.\n")

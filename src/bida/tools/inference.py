@@ -34,22 +34,27 @@ from ..models.output import SegOutput
 
 # A model folder: the files ``bida export --format folder`` writes (README: "Model folders").
 MODEL_FOLDER_CONFIG, MODEL_FOLDER_CLASSES, MODEL_FOLDER_CARD = "config.yaml", "classes.json", "README.md"
+# Parameters a network trains with but never predicts with (model.mask_token's): not in a model folder.
+TRAINING_ONLY_WEIGHTS = ("backbone.mask_token",)
 
 
 def inference_config(cfg: Config) -> dict:
     """The part of a config that rebuilds the network and says how it predicts.
 
-    The keys of a model folder's ``config.yaml``: the segmentor (``model.*`` that change
-    its modules or their keys), the contrast head it carries (``method.feature``,
+    The keys of a model folder's ``config.yaml``: the segmentor (every ``model.*`` key, with
+    ``model.mask_token`` off), the contrast head it carries (``method.feature``,
     ``method.pretrain_head``: read by a run that starts from the folder), the input
     normalisation and the evaluation settings. Initial weight files are left out: the
     folder holds the weights.
     """
-    m = cfg.model
+    # Every model key but the initial weight files, so that a key added to the segmentor
+    # (an input resize, a head) is carried without a list here to keep up. MIC's mask token
+    # (model.mask_token) masks training inputs only: the predicting network is the one
+    # without it, and the folder's weights leave it out (:data:`TRAINING_ONLY_WEIGHTS`).
+    model = {k: v for k, v in to_dict(cfg.model).items() if k not in ("pretrained", "init_checkpoint")}
+    model["mask_token"] = False
     return {
-        "model": {"backbone": m.backbone, "width": m.width, "decoder": m.decoder, "decoder_dim": m.decoder_dim,
-                  "proj_dim": m.proj_dim, "freeze_bn": m.freeze_bn, "bn_batch_stats": m.bn_batch_stats,
-                  "separate_target_stem": m.separate_target_stem},
+        "model": model,
         "method": {"feature": cfg.method.feature, "pretrain_head": cfg.method.pretrain_head},
         "data": {"normalize": cfg.data.normalize},
         "eval": {k: v for k, v in to_dict(cfg.eval).items() if k != "max_images"},
