@@ -53,18 +53,14 @@ def seg_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 255, m
         >>> seg_cross_entropy(logits, y).shape
         torch.Size([])
     """
-    if mean_over not in MEANS:
-        raise ValueError(f"mean_over must be 'labelled' or 'all', not {mean_over!r}")
+    count = ce_pixel_count(labels, mean_over, ignore_index)
     logits = logits.float()
     if logits.shape[-2:] != labels.shape[-2:]:
         logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     total = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="sum")
-    if mean_over == "all":
-        return total / labels.numel()
     # Dividing by a clamped count (a tensor, no host sync) is the mean when pixels are
     # labelled and an exact 0 / 1 when none is.
-    num_labelled = (labels != ignore_index).sum().clamp_min(1)
-    return total / num_labelled
+    return total / count.clamp_min(1)
 
 
 def ce_pixel_count(labels: Tensor, mean_over: str, ignore_index: int = 255) -> Tensor:

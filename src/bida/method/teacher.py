@@ -234,15 +234,12 @@ def weighted_cross_entropy(logits: Tensor, labels: Tensor, weight: Tensor, ignor
     Shape:
         - logits: (B, K, h, w); labels: (B, H, W); weight: (B, H, W) or (); output: ()
     """
-    if mean_over not in ("labelled", "all"):
-        raise ValueError(f"mean_over must be 'labelled' or 'all', not {mean_over!r}")
+    count = ce_pixel_count(labels, mean_over, ignore_index)
     logits = logits.float()
     if logits.shape[-2:] != labels.shape[-2:]:
         logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     ce = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="none")  # 0 on ignore
-    if mean_over == "all":
-        return (ce * weight).sum() / labels.numel()
-    return (ce * weight).sum() / (labels != ignore_index).sum().clamp_min(1)
+    return (ce * weight).sum() / count.clamp_min(1)
 
 
 def bida_terms_on(cfg: Config) -> bool:
