@@ -291,7 +291,8 @@ def check_model_choices(cfg: "Config") -> None:
         raise ConfigError(f"train.layer_decay={cfg.train.layer_decay:g}: layer-wise LR decay is defined for the "
                           f"blocks of a ViT (model.backbone=dinov2_*), not model.backbone={backbone}; set it to 1.0")
     vit_only = (("model.decoder=light", m.decoder == "light"), (f"model.input_scale={m.input_scale:g}", m.input_scale != 1.0),
-                ("model.mask_token=true", m.mask_token))
+                ("model.mask_token=true", m.mask_token),
+                ("train.decay_norms_biases=true", cfg.train.decay_norms_biases))  # its parameter groups read it
     for what, on in vit_only:
         if on and not backbone.startswith("dinov2_"):
             raise ConfigError(f"{what}: only the DINOv2 segmentor has it (model.backbone=dinov2_*), "
@@ -299,9 +300,6 @@ def check_model_choices(cfg: "Config") -> None:
     if m.mask_token and cfg.mic.weight <= 0:
         raise ConfigError("model.mask_token=true: only MIC's token masking uses the mask token; "
                           "set mic.weight > 0 (with train.schedule=teacher) or model.mask_token=false")
-    if cfg.train.decay_norms_biases and not backbone.startswith("dinov2_"):
-        raise ConfigError(f"train.decay_norms_biases=true: only the DINOv2 segmentor's parameter groups read it "
-                          f"(model.backbone=dinov2_*), not model.backbone={backbone}; set it to false")
     if not backbone.startswith(DECODER_BACKBONES):
         if cfg.method.feature == "decoder":
             raise ConfigError(f"method.feature=decoder: model.backbone={backbone} (DeepLab-V2) has no decoder "

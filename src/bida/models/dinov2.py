@@ -6,7 +6,7 @@ The encoder follows DINOv2's definition (Oquab et al., 2023; ``dinov2/models/vis
   variants, 4 register tokens (Darcet et al., 2024), in the order [cls, registers, patches];
 - learned position embeddings for the pretraining grid of 37x37 patches (518 pixels) plus
   the class token; the registers have none. For any other grid the patch part is resampled
-  on the fly, bicubically, in float32, as DINOv2's own models do (``interpolate_pos_encoding``
+  on the fly, bicubically, as DINOv2's own models do (``interpolate_pos_encoding``
   with the hub's settings, ``dinov2/hub/backbones.py``): the variants without registers
   with ``scale_factor = ((gh + 0.1) / 37, (gw + 0.1) / 37)`` and no antialiasing
   (``interpolate_offset=0.1``, a legacy offset their released models were trained and are
@@ -308,8 +308,8 @@ class VisionTransformer(nn.Module):
     def position_embedding(self, gh: int, gw: int) -> Tensor:
         """The class token's embedding and the patch embeddings resampled to a gh x gw grid.
 
-        Bicubic in float32 (``align_corners=False``), cast back to the parameter's dtype;
-        unchanged at the pretraining grid. As DINOv2's ``interpolate_pos_encoding``: without
+        Bicubic (``align_corners=False``; float64 with the offset, float32 without), cast back
+        to the parameter's dtype; unchanged at the pretraining grid. As DINOv2's ``interpolate_pos_encoding``: without
         registers by ``scale_factor = ((gh + 0.1) / g, (gw + 0.1) / g)`` (the output is still
         gh x gw, but the source coordinates of the resampling follow the slightly larger
         scale), without antialiasing; with registers to the size gh x gw, antialiased.
@@ -564,7 +564,7 @@ class DINOv2Segmentor(nn.Module):
 
     def token_grid(self, h: int, w: int) -> tuple[int, int]:
         """The patch grid (gh, gw) of an h x w input: what ``token_keep`` of :meth:`forward` covers."""
-        return tuple((s + PATCH - 1) // PATCH for s in self.vit_input_size(h, w))
+        return tuple(padded_size(s) // PATCH for s in self.vit_input_size(h, w))
 
     def forward(self, x: Tensor, domain: Literal["source", "target"] = "source",  # noqa: ARG002
                 token_keep: Tensor | None = None) -> SegOutput:
