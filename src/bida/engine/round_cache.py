@@ -91,12 +91,9 @@ def shared_round_labels(trainer, phase: Phase) -> Path | None:
     if trainer.label_cache is None or phase.round != 0 or not trainer.cfg.model.init_checkpoint:
         return None
     digest = hashlib.sha256()
-    init = Path(trainer.cfg.model.init_checkpoint)
-    if init.is_dir():  # a model folder: its weights
-        from .weights import MODEL_FOLDER_WEIGHTS
+    from .weights import weights_file
 
-        init = init / MODEL_FOLDER_WEIGHTS
-    with open(init, "rb") as fh:
+    with open(weights_file(trainer.cfg.model.init_checkpoint), "rb") as fh:  # a model folder: its weights
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     cfg = to_dict(trainer.cfg)

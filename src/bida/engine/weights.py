@@ -64,11 +64,15 @@ _HF_NORM = re.compile(r"encoder\.layer_norm\.(\d+)\.(.+)")
 _HF_KV = re.compile(r"attention\.self\.(key|value)\.(weight|bias)")
 
 
+def weights_file(path: str | Path) -> Path:
+    """The file that holds the weights: ``path`` itself, or a model folder's ``model.safetensors``."""
+    path = Path(path)
+    return path / MODEL_FOLDER_WEIGHTS if path.is_dir() and (path / MODEL_FOLDER_WEIGHTS).is_file() else path
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensor state dict inside a weight file (``.pt``/``.pth`` or ``.safetensors``) or a model folder."""
-    path = Path(path)
-    if path.is_dir() and (path / MODEL_FOLDER_WEIGHTS).is_file():
-        path = path / MODEL_FOLDER_WEIGHTS
+    path = weights_file(path)
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise CheckpointError(f"weight file {path} {'is a directory' if path.is_dir() else 'does not exist'}")

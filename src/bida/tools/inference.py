@@ -177,7 +177,7 @@ class Segmenter:
     Args:
         model: a bida segmentor (or :class:`OnnxWindowModel`), in eval mode.
         cfg: its config: ``data.normalize`` and ``eval`` are read.
-        classes, palette: class names and their RGB colours.
+        classes, palette: class names (empty: the class ids as names) and their RGB colours.
         autocast: ``"bf16"`` (or ``"fp16"``) runs the network under ``torch.autocast``, as
             ``bida evaluate`` does with ``train.amp``; None: float32.
     """
@@ -187,7 +187,7 @@ class Segmenter:
         if autocast not in (None, "bf16", "fp16"):
             raise BidaError(f"autocast: {autocast!r} is not one of None, 'bf16', 'fp16'")
         self.model, self.cfg = model.eval(), cfg
-        self.classes = list(classes)
+        self.classes = list(classes) or [str(i) for i in range(model.num_classes)]  # a checkpoint without names
         self.palette = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
         self.autocast = autocast
         self.device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
@@ -202,7 +202,7 @@ class Segmenter:
         from .predict import model_from_checkpoint
 
         model, cfg, names, palette = model_from_checkpoint(path, None, device, overrides=overrides)
-        return cls(model, cfg, names or [str(i) for i in range(model.num_classes)], palette, autocast)
+        return cls(model, cfg, names, palette, autocast)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: torch.device | str = "cpu", overrides: Sequence[str] = (),

@@ -21,7 +21,7 @@ from ..data.labels import default_palette, CITYSCAPES
 from ..data.readers import read_image
 from ..models import DeepLabV2, MiTSegmentor, build_model
 from ..errors import BidaError, CheckpointError, DataError
-from ..engine.weights import MODEL_FOLDER_WEIGHTS, load_model_weights
+from ..engine.weights import load_model_weights, weights_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -126,7 +126,7 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str |
         seg = Segmenter.load(checkpoint, device)
     else:  # another config for the checkpoint's network
         model, cfg, names, palette = model_from_checkpoint(checkpoint, cfg, device)
-        seg = Segmenter(model, cfg, names or [str(i) for i in range(model.num_classes)], palette)
+        seg = Segmenter(model, cfg, names, palette)
     images = collect_images(inputs)
     out = Path(out_dir)
     ensure_writable(out)
@@ -134,8 +134,7 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str |
     # predicted are kept. Another checkpoint's predictions are never replaced silently.
     manifest = out / ".bida-predict.json"
     ckpt = Path(checkpoint).resolve()
-    weights = ckpt / MODEL_FOLDER_WEIGHTS if ckpt.is_dir() else ckpt
-    stat = weights.stat()
+    stat = weights_file(ckpt).stat()
     mine = {"checkpoint": str(ckpt), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "eval": to_dict(seg.cfg.eval)}
     try:
         same_run = json.loads(manifest.read_text()) == mine
