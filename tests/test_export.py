@@ -30,8 +30,16 @@ FAMILIES = {  # tiny widths, as the model tests use; DeepLab-V2 with the caffe i
     "mit": ["model.backbone=mit_b0", "model.width=0.25", "model.decoder_dim=16", "model.proj_dim=8"],
     "dinov2": ["model.backbone=dinov2_vits14", "model.width=0.125", "model.decoder=daformer", "model.decoder_dim=16",
                "model.proj_dim=8"],
+    # VFM-UDA's: the input resized to a whole patch grid, which the graph must compute for each size
+    "dinov2_vfm_uda": ["model.backbone=dinov2_vits14", "model.width=0.125", "model.decoder=light",
+                       "model.input_scale=1.1", "model.proj_dim=8"],
 }
 NAMES = ["sky", "tree", "house", "road", "car"]
+# max |logit difference| allowed; 1e-4 unless said here. The input resize of model.input_scale
+# runs as ONNX's Resize, which derives its source coordinates from the size ratio where
+# PyTorch's bilinear takes the inverse ratio: float rounding, 1.3e-4 to 2.6e-4 on these
+# logits (std 5), every class id the same. A size frozen at the traced example gives 21.
+TOLERANCE = {"dinov2_vfm_uda": 1e-3}
 
 
 def _one_line_error(capsys) -> str:
@@ -102,7 +110,7 @@ def test_onnx_matches_pytorch_at_other_sizes(tmp_path, family, capsys):
     # Training crops are 64x128 (defaults.yaml): other sizes, batches of 1 and 3.
     for shape in ((3, 45, 77), (1, 70, 99)):
         diff, same = parity(ckpt, out, shape)
-        assert diff <= 1e-4 and same >= 0.9999, (shape, diff, same)
+        assert diff <= TOLERANCE.get(family, 1e-4) and same >= 0.9999, (shape, diff, same)
     model = onnx.load(str(out))
     assert {o.domain: o.version for o in model.opset_import}[""] == 18
     meta = {p.key: p.value for p in model.metadata_props}

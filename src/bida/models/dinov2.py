@@ -37,6 +37,8 @@ outputs back to the input's extent.
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 from dataclasses import dataclass
 from typing import Literal
 
@@ -487,6 +489,11 @@ class DINOv2Segmentor(nn.Module):
         self.num_classes = num_classes
         self.feature_kind = "decoder"
         self.input_scale = input_scale
+        # As an exact fraction of the decimal it was written as (1.1 -> 11/10): the resized side
+        # is then integer arithmetic, which an exported graph keeps symbolic for any input size
+        # (a float product truncated by int() is frozen at the traced example's size).
+        scale = Fraction(repr(float(input_scale)))
+        self._scale_num, self._scale_den = scale.numerator, scale.denominator
         self.backbone = VisionTransformer(backbone, width, drop_path, grad_checkpoint, pos_grid, mask_token)
         dim = self.backbone.dim
         if decoder == "light":
@@ -560,7 +567,7 @@ class DINOv2Segmentor(nn.Module):
         """The size an h x w input reaches the ViT at (resized with ``input_scale``, else as is)."""
         if self.input_scale == 1.0:
             return h, w
-        return tuple(max(PATCH, int(s * self.input_scale) // PATCH * PATCH) for s in (h, w))
+        return tuple(max(PATCH, s * self._scale_num // (self._scale_den * PATCH) * PATCH) for s in (h, w))
 
     def token_grid(self, h: int, w: int) -> tuple[int, int]:
         """The patch grid (gh, gw) of an h x w input: what ``token_keep`` of :meth:`forward` covers."""
