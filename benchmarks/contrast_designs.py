@@ -1,7 +1,7 @@
 """Measure the contrast designs of issue 20 over paired seeds, on one path.
 
 Rows: self-training, BiDA with the paper's settings, the preset ``plus``, and each design
-candidate of ``bida.demo.CANDIDATE_ROWS`` that applies to the path (trained head, contrast
+candidate of ``bida.tools.ablate.CANDIDATE_ROWS`` that applies to the path (trained head, contrast
 warm-up; each on top of ``plus``). The distribution-aware contrast and teacher prototypes
 were measured with this script too (README, "Contrast designs from the field"); they lost
 and their switches were removed.
@@ -13,7 +13,7 @@ weights are the same with it) and every row of the seed adapts from it.
     ... --design "trained head" --design "contrast warm-up 100"   # a subset of the designs
 
 Writes ``designs.md`` (tables on target test and on target val, the split choices are made
-on) and ``designs.json`` (``bida.demo.summarise`` rows, each with a ``val`` and a ``test`` block).
+on) and ``designs.json`` (``bida.tools.grid_tables.summarise`` rows, each with a ``val`` and a ``test`` block).
 """
 
 from __future__ import annotations
@@ -24,9 +24,12 @@ import time
 from pathlib import Path
 
 from bida.checkpoint import atomic_write_text
-from bida.demo import (DEMO_ARCHS, SUMMARY_KEYS, _open_grid, candidate_rows, environment, run_grid, seed_list,
-                       seeds_table, source_stage_overrides, summarise, timing_table)
-from bida.presets import preset_overrides
+from bida.engine.setup import environment
+from bida.tools.ablate import candidate_rows
+from bida.tools.demo import DEMO_ARCHS
+from bida.tools.grid import _open_grid, run_grid, seed_list, source_stage_overrides
+from bida.tools.grid_tables import SUMMARY_KEYS, seeds_table, summarise, timing_table
+from bida.method.presets import preset_overrides
 
 DESIGNS = ("cand: preset plus + trained head", "cand: preset plus + trained backbone head",
            "cand: preset plus + contrast warm-up 100", "cand: paper + trained head")

@@ -32,7 +32,7 @@ import torch
 
 from bida.config import EvalConfig, ModelConfig
 from bida.models import build_model
-from bida.evaluate import predict_probs
+from bida.engine.inference import predict_probs
 
 NUM_CLASSES = 19  # Cityscapes train ids
 MODES = ("whole", "slide")
@@ -51,7 +51,7 @@ def eval_config(mode: str, args: argparse.Namespace) -> EvalConfig:
 
 
 def windows(args: argparse.Namespace) -> int:
-    """Number of windows ``slide`` runs per image (as bida.evaluate.slide_logits counts them)."""
+    """Number of windows ``slide`` runs per image (as bida.engine.inference.slide_logits counts them)."""
     ch, cw = min(args.crop[0], args.height), min(args.crop[1], args.width_px)
     rows = max(1, math.ceil((args.height - ch) / args.stride[0]) + 1)
     cols = max(1, math.ceil((args.width_px - cw) / args.stride[1]) + 1)

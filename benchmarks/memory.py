@@ -40,8 +40,8 @@ from evaluation import _reset_peak_rss  # noqa: E402 - resets VmHWM
 
 from bida.config import replace_path  # noqa: E402
 from bida.models import build_model  # noqa: E402
-from bida.optim import build_optimizer  # noqa: E402
-from bida.teacher import MeanTeacher  # noqa: E402
+from bida.engine.optim import build_optimizer  # noqa: E402
+from bida.method.teacher import MeanTeacher  # noqa: E402
 
 PRECISIONS = teacher_step.PRECISIONS
 BACKBONES = teacher_step.BACKBONES

@@ -35,8 +35,8 @@ import train_step as ts  # noqa: E402 - the benchmark next to this one
 
 from bida.config import Config, load_config  # noqa: E402
 from bida.models import build_model  # noqa: E402
-from bida.optim import build_optimizer  # noqa: E402
-from bida.teacher import MeanTeacher, teacher_step  # noqa: E402
+from bida.engine.optim import build_optimizer  # noqa: E402
+from bida.method.teacher import MeanTeacher, teacher_step  # noqa: E402
 
 METHODS = ("self_training", "bida", "self_training+mic", "bida+mic")
 BACKBONES = [f"mit_b{i}" for i in range(6)] + [f"dinov2_vit{s}14{r}" for s in "sblg" for r in ("", "_reg")]

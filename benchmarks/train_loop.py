@@ -34,8 +34,8 @@ import train_step as ts  # noqa: E402 - the benchmark next to this one
 
 from bida.config import load_config  # noqa: E402
 from bida.data.datasets import build_eval_dataset  # noqa: E402
-from bida.evaluate import evaluate  # noqa: E402
-from bida.train import Trainer  # noqa: E402
+from bida.engine.inference import evaluate  # noqa: E402
+from bida.engine.train import Trainer  # noqa: E402
 
 
 def overrides(args: argparse.Namespace, cache: Path) -> list[str]:

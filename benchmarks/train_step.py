@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from bida.config import Config, load_config
 from bida.models import DeepLabV2, SegOutput, build_model
 from bida.pseudo_labels import Calibration
-from bida.train_step import adapt_step
+from bida.method.train_step import adapt_step
 
 IGNORE = 255
 NUM_CLASSES = 19  # Cityscapes train ids

@@ -10,15 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-import bida.round_labels as round_labels
+import bida.engine.round_labels as round_labels
 from bida.config import load_config
 from bida.data.datasets import SegmentationDataset
-from bida.data.readers import Sample
+from bida.data.listing import Sample
 from bida.models import SegOutput
 from bida.losses import entropy, pixel_prototype_contrast
 from bida.prototypes import class_sums, scaled_similarity
 from bida.pseudo_labels import Calibration, label_transfer
-from bida.train_step import adapt_step
+from bida.method.train_step import adapt_step
 
 
 # ----------------------------------------------------------------- autocast (bug 3)
@@ -117,7 +117,7 @@ def test_classes_the_source_never_labels_get_no_static_label(tmp_path, monkeypat
 
 def test_rounds_read_the_source_class_counts(tmp_path, tiny_overrides):
     """The embedded source never draws rider, truck, bus, train, motorcycle or bicycle."""
-    from bida.train import train
+    from bida.engine.train import train
 
     cfg = load_config(None, tiny_overrides + ["method=self_training", "train.rounds=1", "train.iters=2",
                                               "train.iters_per_round=1"])
@@ -216,7 +216,7 @@ def test_entropy_over_valid_pixels():
 def test_labels_brought_to_label_size_keep_padding_ignored():
     """Nearest upsampling 2 -> 5 columns copies feature column 1 onto label columns 3 and 4;
     column 4 is padding and must stay ignore (static labels are ignore there too)."""
-    from bida.train_step import _fused_at_label_size
+    from bida.method.train_step import _fused_at_label_size
 
     y_f = torch.tensor([[[1, 2]]])  # (1, 1, 2) at feature size
     y_static = torch.tensor([[[255, 0, 255, 255, 255]]])  # (1, 1, 5)
@@ -228,7 +228,7 @@ def test_labels_brought_to_label_size_keep_padding_ignored():
 # ------------------------------------------------- label-size contrast, pair scope (issue 20.3)
 def test_label_size_holes_are_filled_from_dynamic_labels_only():
     """y_D reaches a hole of y_F in its own cell; y_F's own samples never do."""
-    from bida.train_step import _fused_at_label_size
+    from bida.method.train_step import _fused_at_label_size
 
     y_static = torch.tensor([[[0, 255, 1, 255], [255, 255, 255, 255]]])  # (1, 2, 4): two 2x2 cells
     assert torch.equal(_fused_at_label_size(y_static, torch.full((1, 1, 2), 255), {}), y_static)
@@ -314,7 +314,7 @@ def test_memory_partners_work_without_calibration_and_per_pair(extra, monkeypatc
 
 
 def test_trainer_keeps_moving_averages_for_memory_partners_alone(tmp_path, tiny_overrides):
-    from bida.train import Trainer
+    from bida.engine.train import Trainer
 
     for partners, built in (("false", False), ("true", True)):
         cfg = load_config(None, tiny_overrides + ["method=bida", "method.calibration=false",

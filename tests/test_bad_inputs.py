@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from bida.checkpoint import save_checkpoint
-from bida.cli import main
+from bida.tools.cli import main
 from bida.models import DeepLabV2
 from fixtures import make_folder_tree
 
@@ -180,7 +180,7 @@ def test_existing_run_dir_needs_resume_or_overwrite(tmp_path, capsys):
 
 def test_disk_full_while_writing_checkpoint(tmp_path, capsys, monkeypatch):
     from bida.config import load_config
-    from bida.train import Trainer
+    from bida.engine.train import Trainer
 
     src, tgt = folder_pair(tmp_path)
     run = tmp_path / "run"
@@ -275,7 +275,7 @@ def test_numbers_are_read_as_yaml_1_2(tmp_path):
 
 def test_a_bad_saved_config_is_one_line_on_resume_and_evaluate(tmp_path, capsys):
     from bida.config import load_config
-    from bida.train import Trainer
+    from bida.engine.train import Trainer
 
     src, tgt = folder_pair(tmp_path)
     run = tmp_path / "run"
@@ -373,7 +373,7 @@ def test_a_bad_target_file_met_mid_run_says_how_to_resume(tmp_path, capsys, wher
 def test_an_unreadable_pseudo_label_is_a_data_error_naming_it(tmp_path):
     # before: a raw FileNotFoundError / PIL error from the target loader (a traceback)
     from bida.data.datasets import SegmentationDataset, pseudo_label_name
-    from bida.data.readers import list_samples
+    from bida.data.listing import list_samples
     from bida.errors import DataError
 
     make_folder_tree(tmp_path / "tgt", target_without_train_labels=True)

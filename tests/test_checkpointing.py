@@ -14,7 +14,7 @@ from bida.checkpoint import load_checkpoint
 from bida.config import load_config
 from bida.models import DeepLabV2, DINOv2Segmentor, MiTSegmentor
 from bida.models.deeplabv2 import Stage
-from bida.train import Trainer, train
+from bida.engine.train import Trainer, train
 
 MIT_TINY = ["model.backbone=mit_b0", "model.width=0.25", "model.decoder_dim=32", "model.proj_dim=16"]
 
@@ -76,7 +76,7 @@ def test_checkpointed_step_is_bit_identical(make, amp):
 
 def test_checkpointing_only_in_training_with_grad(monkeypatch):
     """Evaluation and no-grad forwards (pseudo labels, the EMA teacher) run the blocks plainly."""
-    import bida.models.checkpointing as ckpt_mod
+    import bida.models.grad_checkpoint as ckpt_mod
 
     calls = []
     real = ckpt_mod.checkpoint

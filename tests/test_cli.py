@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bida.cli import main
+from bida.tools.cli import main
 from bida.config import load_config
-from bida.train import git_revision
+from bida.engine.setup import git_revision
 
 
 def test_train_evaluate_predict(tmp_path, tiny_overrides, capsys):
@@ -121,7 +121,7 @@ def test_seeds_must_be_positive(tmp_path, capsys):
 
 def test_presets_are_overrides_that_user_overrides_beat(tmp_path, tiny_overrides):
     from bida.config import load_config
-    from bida.presets import PRESETS, preset_overrides
+    from bida.method.presets import PRESETS, preset_overrides
 
     assert preset_overrides("paper") == [] and preset_overrides(None) == []
     plus = load_config(None, preset_overrides("plus"))
@@ -137,7 +137,7 @@ def test_presets_are_overrides_that_user_overrides_beat(tmp_path, tiny_overrides
 
 def test_transformer_demo_runs_source_only_teacher_self_training_bida_and_both_with_mic(tmp_path, tiny_overrides):
     """``bida demo --arch transformer``: its packaged config as shipped, lengths shrunk."""
-    from bida.demo import TRANSFORMER_DEMO_FILE
+    from bida.tools.demo import TRANSFORMER_DEMO_FILE
 
     assert (Path(__file__).parents[1] / "configs" / "demo_transformer.yaml").read_text() == \
         TRANSFORMER_DEMO_FILE.read_text()

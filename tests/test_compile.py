@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import bida.train as tr
+import bida.engine.train as tr
 from bida.checkpoint import load_checkpoint
 from bida.config import ConfigError, load_config
-from bida.deeplabv2 import build_model
+from bida.models.deeplabv2 import build_model
 
 
 def test_compile_modes_map_to_torch_compile(monkeypatch):

@@ -123,3 +123,19 @@ def test_grad_checkpoint_key_reaches_both_segmentors():
             assert stages.grad_checkpoint is on
     with pytest.raises(ConfigError, match=r"model\.grad_checkpoint"):
         load_config(None, ["model.grad_checkpoint=2"])
+
+
+def test_an_unknown_key_names_the_nearest_known_key_in_overrides_and_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"^unknown config key 'train.iter' in override 'train.iter=10' "
+                                          r"\(did you mean 'train.iters'\?\)$"):
+        load_config(None, ["train.iter=10"])
+    with pytest.raises(ConfigError, match=r"^unknown config key 'trian' in override .*\(did you mean 'train'\?\)$"):
+        load_config(None, ["trian.iters=10"])
+    bad = tmp_path / "c.yaml"
+    bad.write_text("train: {iter: 10}\n")
+    with pytest.raises(ConfigError, match=r"^unknown config key 'train.iter' \(did you mean 'train.iters'\?\)$"):
+        load_config(bad)
+    # nothing near: the section's keys, so that the user can pick
+    with pytest.raises(ConfigError, match=r"'train.zzz' .*\(known in train: adapt_lr, amp, .*warmup_ratio, weight_decay\)$"):
+        load_config(None, ["train.zzz=1"])
+

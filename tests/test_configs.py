@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from bida.cli import main
+from bida.tools.cli import main
 from bida.models import DeepLabV2
 from bida.models.dinov2 import DINOv2Segmentor
 from bida.models.mit import MiTSegmentor

@@ -13,7 +13,7 @@ import torch
 from bida.checkpoint import load_checkpoint
 from bida.config import load_config
 from bida.errors import ConfigError
-from bida.train import Trainer, train
+from bida.engine.train import Trainer, train
 
 TEACHER = ["train.schedule=teacher", "train.iters=4", "train.optimizer=adamw", "train.weight_decay=0.01",
            "train.lr=6e-4", "train.warmup_iters=2", "train.poly_power=1.0"]
@@ -112,35 +112,15 @@ def test_trained_head_leaves_the_segmentation_weights_unchanged(tmp_path, tiny_o
         assert torch.equal(v, a[k] if k.startswith("proj.") else b[k]), k
 
 
-def test_removed_variants_are_refused_unless_at_their_former_default(tmp_path):
-    for key, value in (("method.center_features", "batch"), ("method.t2s_dynamic", "separate"),
-                       ("method.t2s_dynamic", "prototypes_only"), ("method.dynamic_t2s_weight", 0.5)):
-        with pytest.raises(ConfigError, match=rf"^{key}: removed \(.*did not help"):
-            load_config(None, ["method=bida", f"{key}={value}"])
-    for key, value in (("method.contrast_design", "distribution"), ("method.teacher_prototypes", "true")):
-        with pytest.raises(ConfigError, match=rf"^{key}: removed \(.*measured over 5 seeds .* lost"):
-            load_config(None, ["method=bida", *TEACHER, f"{key}={value}"])
-    # an older run directory's config holds the former defaults: it still loads
-    old = tmp_path / "config.yaml"
-    old.write_text("method: {name: bida, center_features: none, t2s_dynamic: fused, dynamic_t2s_weight: 1.0,"
-                   " contrast_design: prototype, teacher_prototypes: false}\n")
-    cfg = load_config(old)
-    assert cfg.method.name == "bida" and not hasattr(cfg.method, "center_features")
-    assert not hasattr(cfg.method, "contrast_design") and not hasattr(cfg.method, "teacher_prototypes")
-    old.write_text("method: {name: bida, center_features: batch}\n")
-    with pytest.raises(ConfigError, match="method.center_features: removed"):
-        load_config(old)
-
-
 def test_preset_plus_adds_the_designs_that_won_on_its_schedule():
-    from bida.presets import preset_overrides, preset_overrides_for
+    from bida.method.presets import preset_overrides, preset_overrides_for
 
     base = preset_overrides("plus")
     rounds, teacher = preset_overrides("plus", "rounds"), preset_overrides("plus", "teacher")
     assert "method.pretrain_head=true" in teacher and "method.pretrain_head=true" not in rounds
     assert "loss.contrast_warmup_iters=100" in rounds and "loss.contrast_warmup_iters=100" not in teacher
     assert set(base) <= set(rounds) and set(base) <= set(teacher)
-    from bida.demo import TRANSFORMER_DEMO_FILE
+    from bida.tools.demo import TRANSFORMER_DEMO_FILE
 
     mit = str(TRANSFORMER_DEMO_FILE)
     assert preset_overrides_for("plus", mit, []) == teacher

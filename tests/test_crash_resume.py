@@ -35,7 +35,7 @@ SLOW_RENAME = textwrap.dedent(
                 time.sleep(30)
             return real_replace(a, b)
     ck.os = _Os()
-    from bida.cli import main
+    from bida.tools.cli import main
     sys.exit(main())
     """
 )

@@ -2,7 +2,7 @@
 import numpy as np
 from PIL import Image
 
-from bida.data.data_check import IGNORE_NAME, QUICK_CHECK_FILES, CheckReport, check_domain
+from bida.data.check import IGNORE_NAME, QUICK_CHECK_FILES, CheckReport, check_domain
 from bida.labels import CITYSCAPES_CLASSES
 
 from fixtures import (

@@ -87,7 +87,7 @@ def test_bn_batch_stats_is_the_official_bn():
 
 
 def test_bn_batch_stats_forwards_each_domain_alone():
-    from bida.train_step import forward_pair
+    from bida.method.train_step import forward_pair
 
     torch.manual_seed(0)
     m = DeepLabV2(3, "resnet18", width=0.125, freeze_bn=True, bn_batch_stats=True).train()
@@ -111,7 +111,7 @@ def test_bn_batch_stats_needs_freeze_bn():
 
 
 def test_old_import_path_is_the_same_module():
-    import bida.deeplabv2 as old
+    import bida.models.deeplabv2 as old
     import bida.models as models
     from bida.models import deeplabv2
 

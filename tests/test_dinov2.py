@@ -16,13 +16,13 @@ import transformers
 from safetensors.torch import save_file
 
 from bida.checkpoint import load_checkpoint
-from bida.cli import main
+from bida.tools.cli import main
 from bida.config import load_config
 from bida.errors import CheckpointError, ConfigError
 from bida.models import DINOv2Segmentor, MiTSegmentor, build_model
 from bida.models.dinov2 import ARCHS, LightHead, VisionTransformer
 from bida.models.heads import DAFormerHead, SegFormerHead
-from bida.weights import load_pretrained
+from bida.models.weights import load_pretrained
 
 # DINOv2 (Oquab et al., Table 17 and the released models): width, depth, heads, FFN, and the
 # parameter count of the release file (its mask_token included).
@@ -582,7 +582,7 @@ def test_mask_token_loads_from_the_release_file_only_when_kept(tmp_path):
 
 
 def test_token_masks_draw_like_pixel_blocks_of_one_token():
-    from bida.masking import MaskedImageConsistency
+    from bida.method.masking import MaskedImageConsistency
 
     a = MaskedImageConsistency(14, 0.7, "imagenet", seed=3)
     b = MaskedImageConsistency(1, 0.7, "imagenet", seed=3)

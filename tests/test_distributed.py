@@ -28,15 +28,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from bida import distributed
+from bida.engine import distributed
 from bida.checkpoint import load_checkpoint
 from bida.config import load_config
 from bida.data.datasets import build_train_dataset, resolve_domain, train_loader
 from bida.models import build_model
-from bida.distributed import DistContext, init_from_env, timeout_from_env
+from bida.engine.distributed import DistContext, init_from_env, timeout_from_env
 from bida.pseudo_labels import Calibration
-from bida.train import train
-from bida.train_step import adapt_step, source_step
+from bida.engine.train import train
+from bida.method.train_step import adapt_step, source_step
 
 WORLD = 2
 BATCH = 2  # per rank; the single process takes WORLD * BATCH
@@ -178,7 +178,7 @@ def test_collectives_in_buckets_cover_every_tensor_once_in_any_layout():
     # What average_gradients and broadcast_module run their collectives on: flat buckets per
     # dtype of at most bucket_elements values (a tensor larger than that gets one of its own),
     # results written back by index (channels_last too).
-    from bida.distributed import _in_buckets
+    from bida.engine.distributed import _in_buckets
 
     g = torch.Generator().manual_seed(0)
     tensors = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g).double(),
@@ -212,7 +212,7 @@ def test_timeout_comes_from_the_environment(monkeypatch):
 
 STALLED_PEER = textwrap.dedent("""
     import sys, time
-    from bida import distributed
+    from bida.engine import distributed
     ctx = distributed.init_from_env()
     try:
         if ctx.rank == 1:
@@ -307,7 +307,7 @@ def _teacher_run(rank: int, world: int, overrides: list[str], run: str, tag: str
     ``config``: a config file under the overrides."""
     from bida.models import heads
     from bida.models.sync_bn import SyncBatchNorm2d
-    from bida.train import Trainer
+    from bida.engine.train import Trainer
 
     if world > 1:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
@@ -358,7 +358,7 @@ def test_teacher_two_ranks_give_the_step_0_loss_of_one_process_on_the_global_bat
     # jitter and MIC masks, quality weight, BiDA prototypes and per-pixel means.
     # The ImageNet feature distance too: "ImageNet" weights (any weight file of the architecture)
     # for the frozen copy, and a student that starts elsewhere (from a source-only checkpoint).
-    from bida.deeplabv2 import build_model as build_deeplab
+    from bida.models.deeplabv2 import build_model as build_deeplab
 
     weights = tmp_path / "imagenet.pth"
     torch.save(build_deeplab(load_config(None, tiny_overrides).model, 19).state_dict(), weights)
@@ -471,7 +471,7 @@ def test_sync_bn_two_ranks_give_the_losses_and_batchnorm_statistics_of_one_proce
 
 def test_a_global_batch_that_the_ranks_cannot_split_is_a_one_line_config_error_on_every_schedule(
         tmp_path, tiny_overrides, monkeypatch, capsys):
-    from bida.cli import main
+    from bida.tools.cli import main
 
     # Rank 0 of 2 (no process group is needed: the check comes before any collective).
     monkeypatch.setattr(distributed, "init_from_env", lambda: DistContext(rank=0, world_size=2))
@@ -487,7 +487,7 @@ def test_a_global_batch_that_the_ranks_cannot_split_is_a_one_line_config_error_o
 def test_train_under_torchrun_without_out_is_a_one_line_error(tmp_path, tiny_overrides, monkeypatch, capsys):
     # before: the default run directory holds the process id, so rank 1 chose a directory of its
     # own, found none of rank 0's files there (rare-class counts, pseudo labels) and failed
-    from bida.cli import main
+    from bida.tools.cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WORLD_SIZE", "2")

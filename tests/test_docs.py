@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bida.cli import build_parser
+from bida.tools.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -135,7 +135,7 @@ def test_license_uses_the_current_pyproject_form():
 
 
 def test_readme_states_the_demo_time_breakdown():
-    from bida.demo import timing_table
+    from bida.tools.grid_tables import timing_table
 
     header = timing_table({}).splitlines()[0]
     start = README.index("Where the time goes")

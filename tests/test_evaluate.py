@@ -3,7 +3,7 @@ import math
 import torch
 
 from bida.config import EvalConfig
-from bida.evaluate import confusion_matrix, iou_from_confusion, markdown_table, metrics_from_confusion, predict_probs
+from bida.engine.inference import confusion_matrix, iou_from_confusion, markdown_table, metrics_from_confusion, predict_probs
 
 
 def test_confusion_matrix_hand_computed():
@@ -71,7 +71,7 @@ def test_slide_windows_cover_everything():
 
 
 def test_synthia_protocols_on_cityscapes_classes():
-    from bida.evaluate import protocol_metrics
+    from bida.engine.inference import protocol_metrics
     from bida.labels import CITYSCAPES_CLASSES, SYNTHIA_13_CLASSES
 
     conf = torch.eye(19, dtype=torch.int64) * 10

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bida.checkpoint import save_checkpoint
-from bida.cli import main
+from bida.tools.cli import main
 from bida.config import load_config, to_dict
 from bida.data.transforms import to_tensor
 from bida.models import build_model
@@ -83,7 +83,7 @@ def _checkpoint(path: Path, overrides: list[str], seed: int = 0) -> Path:
 
 def _reference_logits(ckpt: Path, images: np.ndarray) -> torch.Tensor:
     """PyTorch logits at the input size of uint8 RGB images (N, H, W, 3)."""
-    from bida.predict import model_from_checkpoint
+    from bida.tools.predict import model_from_checkpoint
 
     model, cfg, _, _ = model_from_checkpoint(ckpt)
     x = torch.stack([to_tensor(im, cfg.data.normalize) for im in images])
@@ -139,7 +139,7 @@ def test_onnx_labels_output_and_torch_export_program(tmp_path):
 def test_the_sliding_window_loop_around_an_onnx_model_scores_as_bida_evaluate(tmp_path, tiny_overrides):
     from bida import Segmenter
     from bida.data.datasets import build_eval_dataset, resolve_domain
-    from bida.engine.evaluate import evaluate
+    from bida.engine.inference import evaluate
 
     # Windows smaller than the 32x64 val images, overlapping, with flip: the loop does real work.
     slide = ["eval.mode=slide", "eval.crop=[24,40]", "eval.stride=[8,12]", "eval.flip=true"]
@@ -158,7 +158,7 @@ def test_the_sliding_window_loop_around_an_onnx_model_scores_as_bida_evaluate(tm
     assert abs(got["mIoU"] - expected["mIoU"]) <= 1e-4
     assert np.abs(np.array(got["confusion"]) - np.array(expected["confusion"])).sum() <= 2  # pixels
     # The PyTorch Segmenter on the val images (uint8, as read) gives bida evaluate's confusion exactly.
-    from bida.engine.evaluate import confusion_matrix
+    from bida.engine.inference import confusion_matrix
 
     torch_seg = Segmenter.from_checkpoint(ckpt)
     ds = build_eval_dataset(cfg, target, "val")
@@ -210,7 +210,7 @@ def test_bad_exports_are_refused_in_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_the_help_states_the_opset_and_the_formats():
-    from bida.cli import build_parser
+    from bida.tools.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if hasattr(a, "choices") and a.choices and "export" in a.choices)
     text = " ".join(sub.choices["export"].format_help().split())
@@ -220,7 +220,7 @@ def test_the_help_states_the_opset_and_the_formats():
 def test_the_command_line_parser_imports_no_export_machinery():
     import subprocess
 
-    code = ("import sys; from bida.cli import build_parser; build_parser(); "
+    code = ("import sys; from bida.tools.cli import build_parser; build_parser(); "
             "print(sorted(m for m in ('torch', 'onnx', 'bida.tools.export') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

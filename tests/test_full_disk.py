@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bida.checkpoint import ensure_writable
-from bida.cli import main
+from bida.tools.cli import main
 from bida.errors import BidaError
 
 TINY_RUN = [
@@ -90,7 +90,7 @@ def test_full_disk_in_the_report_names_the_figure_and_leaves_no_empty_png(tmp_pa
                                                                           monkeypatch):
     # before: one line without a file name, and a 0-byte figures/iou_bars.png
     from bida.config import load_config
-    from bida.train import train
+    from bida.engine.train import train
 
     run, out = tmp_path / "run", tmp_path / "report"
     train(load_config(None, [*TINY_RUN, "train.iters=2", f"data.synthetic.cache_dir={synthetic_cache}"]), run)

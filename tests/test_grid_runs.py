@@ -8,13 +8,15 @@ import json
 import pytest
 from pathlib import Path
 
-import bida.demo as demo
+import bida.tools.ablate as ablate
+import bida.tools.demo as demo
 import bida.tools.grid as grid
-import bida.train as tr
-from bida.cli import main
+import bida.tools.grid_tables as grid_tables
+import bida.engine.train as tr
+from bida.tools.cli import main
 from bida.config import load_config
 from bida.errors import ConfigError, Interrupted
-from bida.presets import preset_overrides
+from bida.method.presets import preset_overrides
 
 
 def _count_label_passes(monkeypatch) -> list[str]:
@@ -36,9 +38,9 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 def test_rows_are_named_after_components_and_share_round_0_labels(tmp_path, tiny_overrides, monkeypatch):
     calls = _count_label_passes(monkeypatch)
-    rows = [demo.ABLATION_ROWS[0], demo.ABLATION_ROWS[-1]]  # self-training, full BiDA
+    rows = [ablate.ABLATION_ROWS[0], ablate.ABLATION_ROWS[-1]]  # self-training, full BiDA
     out = tmp_path / "grid"
-    demo.run_grid(None, out, rows, [0], tiny_overrides, quiet=True, flat=True)
+    grid.run_grid(None, out, rows, [0], tiny_overrides, quiet=True, flat=True)
     assert sorted(p.name for p in out.iterdir() if (p / "config.yaml").is_file()) == [
         "self_training", "source_only", "t2s_s2t_dynamic_calibration"]
     # round 0 once for both rows, round 1 per row
@@ -83,7 +85,7 @@ def test_an_interrupted_demo_resumes_as_a_demo(tmp_path, tiny_overrides, monkeyp
     assert set(timing) == {"setup_s", "runs_s", "report_s", "total_s"}
     assert set(timing["runs_s"]) == {"source_only", "self_training", "bida"}
     text = (out / "results.md").read_text()
-    assert demo.timing_table(timing) in text and (out / "report" / "index.html").is_file()
+    assert grid_tables.timing_table(timing) in text and (out / "report" / "index.html").is_file()
     capsys.readouterr()
     # finished: nothing is trained or written again
     before = (out / "results.json").read_bytes()
@@ -106,13 +108,13 @@ def test_paired_difference_is_seed_by_seed_and_other_pairs_get_their_own_table()
             {"mIoU": 0.3, "per_class_iou": {"road": 0.2, "sky": 0.4}}]
     base = [{"mIoU": 0.4, "per_class_iou": {"road": 0.5, "sky": 0.1}},
             {"mIoU": 0.35, "per_class_iou": {"road": 0.4, "sky": 0.3}}]
-    vs = demo.paired_difference(runs, base)
+    vs = grid_tables.paired_difference(runs, base)
     assert vs["per_seed"] == [0.5 - 0.4, 0.3 - 0.35] and vs["wins"] == 1
     assert abs(vs["mean"] - 0.025) < 1e-12 and abs(vs["std"] - 0.075 * 2 ** 0.5) < 1e-12  # ddof 1
     assert abs(vs["per_class_iou"]["road"] - (0.4 - 0.45)) < 1e-12 and vs["per_class_iou"]["sky"] is None
     summary = {"a": {"vs_base": vs}, "b": {"vs_base": vs, "vs_a": vs, "preset": "paper"}}
-    assert demo.pairs_table(summary, "base").splitlines()[2] == "| b − a | +2.5 ± 10.6 | +10.0, -5.0 | 1/2 |"
-    assert demo.pairs_table({"a": {"vs_base": vs}}, "base") == ""  # the DeepLab-V2 demo: no extra table
+    assert grid_tables.pairs_table(summary, "base").splitlines()[2] == "| b − a | +2.5 ± 10.6 | +10.0, -5.0 | 1/2 |"
+    assert grid_tables.pairs_table({"a": {"vs_base": vs}}, "base") == ""  # the DeepLab-V2 demo: no extra table
 
 
 def test_an_interrupted_transformer_demo_resumes_with_its_mic_rows(tmp_path, tiny_overrides, monkeypatch):
@@ -134,7 +136,7 @@ def test_an_interrupted_transformer_demo_resumes_with_its_mic_rows(tmp_path, tin
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"source_only", "self_training", "bida", "self_training_mic", "bida_mic", "timing", "split",
                             "environment"}
-    assert set(results["timing"]["runs_s"]) == set(results) - set(demo.SUMMARY_KEYS)
+    assert set(results["timing"]["runs_s"]) == set(results) - set(grid_tables.SUMMARY_KEYS)
     assert load_config(out / "self_training_mic" / "config.yaml").mic.weight == 1.0
     assert "loss/mic" in (out / "bida_mic" / "log.jsonl").read_text()
     diff = results["bida_mic"]["vs_self_training_mic"]["per_seed"]
@@ -142,8 +144,8 @@ def test_an_interrupted_transformer_demo_resumes_with_its_mic_rows(tmp_path, tin
 
 
 def test_every_ablation_and_candidate_row_is_a_valid_config_with_its_own_directory():
-    rows = list(demo.ABLATION_ROWS) + list(demo.CANDIDATE_ROWS)
-    deeplab, transformer = demo.candidate_rows(None), demo.candidate_rows(str(demo.TRANSFORMER_DEMO_FILE))
+    rows = list(ablate.ABLATION_ROWS) + list(ablate.CANDIDATE_ROWS)
+    deeplab, transformer = ablate.candidate_rows(None), ablate.candidate_rows(str(demo.TRANSFORMER_DEMO_FILE))
     for name, overrides in rows:
         # an unknown key or bad value raises ConfigError; a design may fit one path only
         path = None if name in dict(deeplab) or name not in dict(transformer) else str(demo.TRANSFORMER_DEMO_FILE)
@@ -154,25 +156,25 @@ def test_every_ablation_and_candidate_row_is_a_valid_config_with_its_own_directo
     assert {"cand: preset plus + trained head", "cand: preset plus + contrast warm-up 100",
             "cand: paper + trained head"} <= set(dict(transformer))
     assert "cand: paper + trained head" not in dict(deeplab)
-    dirs = [demo._dir_name(name) for name, _ in rows]
+    dirs = [grid._dir_name(name) for name, _ in rows]
     assert len(set(dirs)) == len(dirs)  # no two rows share a run directory
-    plus = dict(demo.CANDIDATE_ROWS)["cand: memory partners + weights 0.5"]
+    plus = dict(ablate.CANDIDATE_ROWS)["cand: memory partners + weights 0.5"]
     assert set(preset_overrides("plus")) <= set(plus)  # the preset row is the preset as shipped
 
 
 def test_source_only_models_train_the_head_a_row_needs():
     rows = [("self_training", ("method=self_training",)),
             ("head", ("method=bida", "method.feature=backbone", "method.pretrain_head=true"))]
-    assert demo.head_overrides(rows) == ["method.pretrain_head=true", "method.feature=backbone"]
-    assert demo.head_overrides(rows[:1]) == []
+    assert grid.head_overrides(rows) == ["method.pretrain_head=true", "method.feature=backbone"]
+    assert grid.head_overrides(rows[:1]) == []
     with pytest.raises(ConfigError, match="method.pretrain_head"):
-        demo.head_overrides([*rows, ("other", ("method=bida", "method.feature=aspp_branches", "method.pretrain_head=true"))])
+        grid.head_overrides([*rows, ("other", ("method=bida", "method.feature=aspp_branches", "method.pretrain_head=true"))])
 
 
 def test_a_grid_with_a_trained_head_row_adapts_every_row_from_one_source_model(tmp_path, tiny_overrides):
     rows = [("source_only", ()), ("self_training", ("method=self_training",)),
             ("head", ("method=bida", "method.feature=backbone", "method.pretrain_head=true", "model.proj_dim=8"))]
-    res = demo.run_grid(None, tmp_path / "g", rows, [0], tiny_overrides + ["train.iters=2", "train.rounds=1",
+    res = grid.run_grid(None, tmp_path / "g", rows, [0], tiny_overrides + ["train.iters=2", "train.rounds=1",
                                                                            "train.iters_per_round=1"],
                         quiet=True, flat=True)
     so = tmp_path / "g" / "source_only"

@@ -18,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bida.config import load_config
+from bida.engine.runlog import LogAccumulator
 
 HOST_READS = ("item", "__float__", "__int__", "__bool__", "__index__", "tolist", "cpu", "numpy")
 ATEN = torch.ops.aten
@@ -52,7 +53,7 @@ class _Recorder(TorchDispatchMode):
 
 
 def _watch(monkeypatch) -> dict:
-    import bida.train as tr
+    import bida.engine.train as tr
 
     state = {"depth": 0, "reads": [], "flag_reads": 0, "steps": 0}
     for name in HOST_READS:
@@ -83,7 +84,7 @@ def _watch(monkeypatch) -> dict:
     monkeypatch.setattr(tr, "adapt_step", in_step(tr.adapt_step, count=True))
     monkeypatch.setattr(tr, "teacher_step", in_step(tr.teacher_step, count=True))
     monkeypatch.setattr(tr.Trainer, "_backward_and_step", in_step(tr.Trainer._backward_and_step))
-    monkeypatch.setattr(tr.LogAccumulator, "add", in_step(tr.LogAccumulator.add))
+    monkeypatch.setattr(LogAccumulator, "add", in_step(LogAccumulator.add))
     return state
 
 
@@ -100,7 +101,7 @@ DESIGNS = ["method.feature=backbone", "model.proj_dim=8",
                          ids=["minent", "bida", "bida-options", "bida-designs"])
 def test_steady_state_steps_read_nothing_from_the_device_but_their_finite_flag(tmp_path, tiny_overrides,
                                                                                monkeypatch, method, options):
-    import bida.train as tr
+    import bida.engine.train as tr
 
     cfg = load_config(None, tiny_overrides + options + [
         f"method={method}", "train.iters=2", "train.iters_per_round=2", "train.rounds=1", "train.log_every=1000",
@@ -140,7 +141,7 @@ VFM_UDA = ["model.backbone=dinov2_vits14", "model.decoder=light", "model.input_s
                               "bida_vfm_uda"])
 def test_teacher_steps_with_mic_read_nothing_from_the_device_but_their_finite_flag(tmp_path, tiny_overrides,
                                                                                    monkeypatch, method, extra):
-    import bida.train as tr
+    import bida.engine.train as tr
 
     cfg = load_config(None, tiny_overrides + extra + [
         f"method={method}", "train.schedule=teacher", "train.iters=2",
@@ -176,8 +177,8 @@ def _teacher_rank_reads(rank: int, world: int, overrides: list[str], run: str, p
     import os
     from pathlib import Path
 
-    import bida.train as tr
-    from bida import distributed
+    import bida.engine.train as tr
+    from bida.engine import distributed
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), BIDA_DIST_TIMEOUT_S="120")

@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 
 from bida.checkpoint import save_checkpoint
-from bida.cli import main
+from bida.tools.cli import main
 from bida.config import load_config, to_dict
 from bida.data.transforms import to_tensor
 from bida.errors import CheckpointError
@@ -195,7 +195,7 @@ def test_a_folder_whose_weights_do_not_fit_its_config_is_refused(run, tmp_path, 
 
 
 def test_init_checkpoint_and_pretrained_accept_a_model_folder(run, tmp_path):
-    from bida.engine.weights import check_trained_head, load_model_weights, load_pretrained
+    from bida.models.weights import check_trained_head, load_model_weights, load_pretrained
     from bida.errors import ConfigError
 
     folder = tmp_path / "model"
@@ -231,7 +231,7 @@ def test_segmenter_is_exported_lazily():
     import subprocess
     import sys
 
-    code = "import sys, bida; assert 'bida.tools.inference' not in sys.modules; print(bida.Segmenter.__name__)"
+    code = "import sys, bida; assert 'bida.tools.segmenter' not in sys.modules; print(bida.Segmenter.__name__)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "Segmenter"
 

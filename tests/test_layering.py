@@ -1,8 +1,7 @@
 """The package's layers import one way: tools -> engine -> method -> models, data -> shared.
 
 Every import of every module under ``src/bida`` is read from its syntax tree (those inside
-functions too), resolved to a module of the package (relative imports, absolute ones, and
-the old flat paths of :data:`bida.MOVED`), and checked against :data:`MAY_IMPORT`.
+functions too), resolved to a module of the package (relative imports and absolute ones), and checked against :data:`MAY_IMPORT`.
 """
 
 from __future__ import annotations
@@ -15,8 +14,8 @@ import bida
 PACKAGE = Path(bida.__file__).parent
 
 # The layer of each part, and the layers each may import. "shared" is config (a package: its
-# modules too), errors and checkpoint (and the package root itself); the compatibility modules at
-# the top belong to what they alias.
+# modules too), errors, checkpoint and labels (and the package root itself); the public method
+# modules at the top (bida.losses, ...) belong to the method, whose functions they expose.
 MAY_IMPORT = {
     "shared": {"shared"},
     "models": {"shared", "models"},
@@ -26,17 +25,18 @@ MAY_IMPORT = {
     "tools": {"shared", "models", "data", "method", "engine", "tools"},
 }
 TOP_LEVEL = {"config": "shared", "errors": "shared", "checkpoint": "shared", "__init__": "shared",
-             "labels": "data", "deeplabv2": "models", "__main__": "tools"}
+             "labels": "shared", "losses": "method", "prototypes": "method", "pseudo_labels": "method",
+             "__main__": "tools"}
 
 
-def layer_of(module: str, moved: dict[str, str]) -> str | None:
+def layer_of(module: str) -> str | None:
     """Layer of ``bida.<...>`` (None for modules outside the package)."""
     parts = module.split(".")
     if parts[0] != "bida":
         return None
     if len(parts) == 1:
         return "shared"
-    head = moved.get(parts[1], parts[1]).split(".")[0]
+    head = parts[1]
     if head in MAY_IMPORT:
         return head
     return TOP_LEVEL.get(head, "shared")
@@ -70,29 +70,29 @@ def imported_modules(path: Path, root: Path) -> list[tuple[int, str]]:
     return found
 
 
-def layer_violations(root: Path, moved: dict[str, str]) -> list[str]:
+def layer_violations(root: Path) -> list[str]:
     """Every import in the package at ``root`` that goes against :data:`MAY_IMPORT`, as 'file:line: a -> b'."""
     problems = []
     for path in sorted(root.rglob("*.py")):
-        source = layer_of(module_name(path, root), moved)
+        source = layer_of(module_name(path, root))
         if path.parent == root:
             source = TOP_LEVEL.get(path.stem, "shared")
         for line, target in imported_modules(path, root):
-            dest = layer_of(target, moved)
+            dest = layer_of(target)
             if dest is not None and dest not in MAY_IMPORT[source]:
                 problems.append(f"{path.relative_to(root.parent)}:{line}: {source} imports {dest} ({target})")
     return problems
 
 
 def test_the_package_imports_one_way():
-    assert layer_violations(PACKAGE, bida.MOVED) == []
+    assert layer_violations(PACKAGE) == []
     # The check sees real imports: the engine reaches the method, tools reach the engine.
     engine = {t for _, t in imported_modules(PACKAGE / "engine" / "train.py", PACKAGE)}
     assert "bida.method.train_step" in engine and "bida.config" in engine
     assert "bida.engine.train" in {t for _, t in imported_modules(PACKAGE / "tools" / "demo.py", PACKAGE)}
     # The config package and each of its modules are shared, and they import within it.
     assert (PACKAGE / "config" / "__init__.py").is_file()
-    assert {layer_of(f"bida.config.{p.stem}", bida.MOVED) for p in (PACKAGE / "config").glob("*.py")} == {"shared"}
+    assert {layer_of(f"bida.config.{p.stem}") for p in (PACKAGE / "config").glob("*.py")} == {"shared"}
     assert "bida.config.schema" in {t for _, t in imported_modules(PACKAGE / "config" / "loading.py", PACKAGE)}
 
 
@@ -106,17 +106,17 @@ def test_the_check_finds_planted_violations(tmp_path):
     (root / "engine" / "checkpoint.py").write_text("")
     (root / "method" / "steps.py").write_text("from ..models import net\n")
     (root / "tools" / "cli.py").write_text("from ..engine.train import run\n")
-    assert layer_violations(root, {}) == []
+    assert layer_violations(root) == []
 
     (root / "method" / "steps.py").write_text("import torch\n\ndef f():\n    from ..engine import train\n")
-    (root / "data" / "reader.py").write_text("import bida.cli\n")  # an old flat path of a tool
+    (root / "data" / "reader.py").write_text("import bida.tools.cli\n")  # an absolute import of a tool
     (root / "engine" / "train.py").write_text("from ..tools.cli import main\n")
     (root / "models" / "net.py").write_text("from .. import data\n")
     (root / "config.py").write_text("from .engine import checkpoint\n")
-    assert layer_violations(root, {"cli": "tools.cli"}) == [
+    assert layer_violations(root) == [
         "bida/config.py:1: shared imports engine (bida.engine)",
         "bida/config.py:1: shared imports engine (bida.engine.checkpoint)",
-        "bida/data/reader.py:1: data imports tools (bida.cli)",
+        "bida/data/reader.py:1: data imports tools (bida.tools.cli)",
         "bida/engine/train.py:1: engine imports tools (bida.tools.cli)",
         "bida/method/steps.py:4: method imports engine (bida.engine)",
         "bida/method/steps.py:4: method imports engine (bida.engine.train)",
@@ -133,11 +133,11 @@ def test_the_check_reads_the_config_package(tmp_path):
     (root / "config" / "__init__.py").write_text("from .loading import load_config\n")
     (root / "config" / "schema.py").write_text("from ..errors import ConfigError\n")
     (root / "config" / "loading.py").write_text("from .schema import Config\nfrom ..checkpoint import atomic_write_text\n")
-    assert layer_violations(root, {}) == []
+    assert layer_violations(root) == []
 
     (root / "config" / "loading.py").write_text("from ..engine import checkpoint\n")
     (root / "config" / "checks.py").write_text("def f():\n    from ..method.steps import x\n")
-    assert layer_violations(root, {}) == [
+    assert layer_violations(root) == [
         "bida/config/checks.py:2: shared imports method (bida.method.steps)",
         "bida/config/loading.py:1: shared imports engine (bida.engine)",
     ]

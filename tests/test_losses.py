@@ -332,8 +332,8 @@ def test_source_ce_mean_is_read_by_every_step(tiny_overrides):
 
     from bida.config import load_config
     from bida.models import build_model
-    from bida.teacher import MeanTeacher, teacher_step
-    from bida.train_step import adapt_step, source_step
+    from bida.method.teacher import MeanTeacher, teacher_step
+    from bida.method.train_step import adapt_step, source_step
 
     g = torch.Generator().manual_seed(0)
     src = {"image": torch.randn(2, 3, 32, 64, generator=g), "label": torch.randint(0, 19, (2, 32, 64), generator=g)}

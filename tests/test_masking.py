@@ -15,12 +15,12 @@ from bida.checkpoint import load_checkpoint
 from bida.config import load_config
 from bida.errors import ConfigError
 from bida.losses import seg_cross_entropy
-from bida.masking import MaskedImageConsistency, block_masks, mask_image
-from bida.mixing import STRONG_DRAWS, strong_augment
+from bida.method.masking import MaskedImageConsistency, block_masks, mask_image
+from bida.method.mixing import STRONG_DRAWS, strong_augment
 from bida.models import SegOutput
-from bida.teacher import MeanTeacher, bn_batch_stats_only, teacher_step, weighted_cross_entropy
-from bida.train import Trainer, train
-from bida.train_step import adapt_step, forward_domains
+from bida.method.teacher import MeanTeacher, bn_batch_stats_only, teacher_step, weighted_cross_entropy
+from bida.engine.train import Trainer, train
+from bida.method.train_step import adapt_step, forward_domains
 
 TEACHER = ["train.schedule=teacher", "train.iters=4", "train.optimizer=adamw", "train.weight_decay=0.01",
            "train.lr=6e-4", "train.warmup_iters=2", "train.poly_power=1.0", "data.rare_class_sampling=true",
@@ -172,7 +172,7 @@ def _step_before_mic(model, batch_src, batch_tgt, cfg, state, calibration=None, 
     """The teacher step without MIC (no feature distance): the reference of weight 0.
 
     bida forwards the unmixed target crop apart, after the source and mixed images, on its
-    own BN batch without touching the running statistics (bida.teacher.bn_batch_stats_only).
+    own BN batch without touching the running statistics (bida.method.teacher.bn_batch_stats_only).
     """
     img_src, y_src, img_tgt = batch_src["image"], batch_src["label"], batch_tgt["image"]
     valid_tgt = batch_tgt.get("valid")
@@ -193,7 +193,7 @@ def _step_before_mic(model, batch_src, batch_tgt, cfg, state, calibration=None, 
 
 @pytest.mark.parametrize("method", ["self_training", "bida"])
 def test_weight_zero_is_the_step_before_mic_bit_for_bit(method, tiny_overrides, monkeypatch):
-    from bida.deeplabv2 import build_model
+    from bida.models.deeplabv2 import build_model
     from bida.pseudo_labels import Calibration
 
     cfg = load_config(None, tiny_overrides + TEACHER + [f"method={method}", "pseudo.teacher_threshold=0.0"])
@@ -202,7 +202,7 @@ def test_weight_zero_is_the_step_before_mic_bit_for_bit(method, tiny_overrides, 
     def never(*args, **kwargs):
         raise AssertionError("MIC's masking ran with mic.weight=0")
 
-    monkeypatch.setattr("bida.teacher.MaskedImageConsistency", never)
+    monkeypatch.setattr("bida.method.teacher.MaskedImageConsistency", never)
     torch.manual_seed(0)
     model = build_model(cfg.model, 19, cfg.method.feature).train()
     g = torch.Generator().manual_seed(2)

@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from bida.checkpoint import save_checkpoint
-from bida.cli import main
+from bida.tools.cli import main
 from bida.config import load_config
 from bida.errors import CheckpointError, ConfigError
 from bida.models import MiTSegmentor, build_model
 from bida.models.deeplabv2 import DeepLabV2
 from bida.models.heads import DAFormerHead, SegFormerHead
 from bida.models.mit import ARCHS, MixTransformer, scaled_dims
-from bida.weights import load_model_weights, load_pretrained
+from bida.models.weights import load_model_weights, load_pretrained
 
 # SegFormer (Table 6 and the mmseg mit_b* classes): widths, depths (heads 1/2/5/8, sr 8/4/2/1),
 # the encoder's parameter count as published (millions, rounded to 0.1) and exactly (the
@@ -294,7 +294,7 @@ def test_config_builds_each_family():
 def test_adapt_step_at_stride_4_with_padded_crops(extra):
     """A BiDA step with features at 1/4 of sizes that are no multiple of 4, padded target crops, bf16."""
     from bida.pseudo_labels import Calibration
-    from bida.train_step import adapt_step
+    from bida.method.train_step import adapt_step
 
     cfg = load_config(None, MIT_TINY + ["method=bida", "data.crop=[38,70]"] + extra)
     m = build_model(cfg.model, 4, cfg.method.feature)
@@ -324,7 +324,7 @@ def test_bida_train_runs_mit(tmp_path, tiny_overrides, capsys):
     assert {"loss/contrast_t2s", "loss/contrast_s2t", "pseudo/dynamic_coverage"} <= set(steps[-1])
     assert 0.0 <= json.loads((run / "metrics.json").read_text())["mIoU"] <= 1.0
     # The run's checkpoint rebuilds the same segmentor (evaluation, prediction, init_checkpoint).
-    from bida.predict import model_from_checkpoint
+    from bida.tools.predict import model_from_checkpoint
 
     model = model_from_checkpoint(run / "checkpoints" / "last.pt")[0]
     assert isinstance(model, MiTSegmentor) and model.backbone.dims == (8, 16, 40, 64)
@@ -333,7 +333,7 @@ def test_bida_train_runs_mit(tmp_path, tiny_overrides, capsys):
 def test_mit_resume_is_exact_with_drop_path_and_dropout(tmp_path, tiny_overrides):
     """Stochastic depth and decoder dropout draw from the seeded generator that a resume restores."""
     from bida.checkpoint import load_checkpoint
-    from bida.train import Trainer, train
+    from bida.engine.train import Trainer, train
 
     cfg = load_config(None, tiny_overrides + MIT_TINY + ["method=bida", "model.drop_path=0.3", "train.iters=2",
                                                          "train.iters_per_round=2", "train.rounds=1"])

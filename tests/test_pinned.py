@@ -196,7 +196,7 @@ def test_git_commit_is_null_outside_this_package_checkout(tmp_path):
     commit = ["-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "--allow-empty", "-m", "x"]
     for args in (["init", "-q"], commit):
         subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
-    code = "import bida.train as t; print(repr(t.git_revision()))"
+    code = "import bida.engine.setup as t; print(repr(t.git_revision()))"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          env={"PYTHONPATH": str(repo / "lib"), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "None", out.stderr[-2000:]

@@ -8,18 +8,9 @@ from PIL import Image
 
 from bida.errors import ConfigError, DataError
 from bida.labels import CITYSCAPES, default_palette
-from bida.data.readers import (
-    KINDS,
-    LabelResizedWarning,
-    Sample,
-    class_info,
-    decode_png,
-    list_samples,
-    orphan_labels,
-    read_image,
-    read_label,
-    read_pair,
-)
+from bida.data.listing import KINDS, Sample, list_samples, orphan_labels
+from bida.data.png import decode_png
+from bida.data.readers import LabelResizedWarning, class_info, read_image, read_label, read_pair
 
 from fixtures import (
     EXPECTED_CITYSCAPES_TRAIN_IDS,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bida.cli import main
+from bida.tools.cli import main
 from bida.config import load_config
 from bida.data.datasets import build_eval_dataset, build_train_dataset, resolve_domain
 from fixtures import make_cityscapes_tree, make_folder_tree, make_gta5_tree, make_synthia_tree

@@ -17,9 +17,12 @@ import pytest
 import torch
 
 from bida.checkpoint import load_checkpoint
-from bida.cli import main
+from bida.tools.cli import main
 from bida.config import load_config
-from bida.train import Interrupted
+from bida.engine.guard import TrainingDiverged
+from bida.engine.run_dir import check_run_dir, create_run_dir
+from bida.engine.runlog import RunLogger
+from bida.errors import Interrupted, RunDirError
 
 
 def _records(run: Path) -> list[dict]:
@@ -51,7 +54,7 @@ def test_counts_are_validated_before_anything_is_created(tmp_path, capsys, tiny_
 def test_stop_flag_is_read_before_the_first_iteration(tmp_path, tiny_overrides, monkeypatch):
     # before: the flag was read only after an iteration, so a SIGTERM that arrived while the
     # loaders were built still ran a full step (at real scale: minutes) before stopping.
-    import bida.train as tr
+    import bida.engine.train as tr
 
     real = tr.build_train_dataset
 
@@ -76,7 +79,7 @@ def test_stop_flag_is_read_before_the_first_iteration(tmp_path, tiny_overrides, 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_clean_stop_by_signal_exits_128_plus_signal(tmp_path, capsys, tiny_overrides, monkeypatch, sig, code):
     # before: exit code 2 and "bida: error: ...", which a scheduler reads as bad input
-    import bida.train as tr
+    import bida.engine.train as tr
 
     real, calls = tr.source_step, {"n": 0}
 
@@ -101,14 +104,14 @@ def test_clean_stop_by_signal_exits_128_plus_signal(tmp_path, capsys, tiny_overr
 def test_a_live_run_directory_is_locked(tmp_path, capsys, tiny_overrides):
     # before: a second run (--overwrite) or --resume on a live run was accepted, and two
     # runs started together both wrote into the same directory.
-    import bida.train as tr
+    import bida.engine.train as tr
 
     run = tmp_path / "run"
     cfg = load_config(None, tiny_overrides)
-    tr.check_run_dir(run, resume=False, overwrite=False)  # a second run passes this check first...
+    check_run_dir(run, resume=False, overwrite=False)  # a second run passes this check first...
     live = tr.Trainer(cfg, run)  # ...then the first one creates the directory and holds the lock
-    with pytest.raises(tr.RunDirError, match="in use by another bida process"):
-        tr.create_run_dir(run, overwrite=False)  # the second one's creation step refuses
+    with pytest.raises(RunDirError, match="in use by another bida process"):
+        create_run_dir(run, overwrite=False)  # the second one's creation step refuses
     for args in (["--resume", str(run)], ["--out", str(run), "--overwrite", *tiny_overrides]):
         assert main(["train", *args]) == 2
         err = _one_line_error(capsys)
@@ -182,7 +185,7 @@ def test_sigterm_to_the_process_group_with_workers_stops_cleanly(tmp_path, tiny_
 
 def _poison_second_batch(monkeypatch):
     """A NaN image in the 2nd source batch: NaN loss and NaN BatchNorm statistics."""
-    import bida.train as tr
+    import bida.engine.train as tr
 
     real, state = tr.source_step, {"calls": 0, "armed": True}
 
@@ -199,7 +202,7 @@ def _poison_second_batch(monkeypatch):
 def test_a_skipped_step_leaves_no_trace_and_resume_stays_exact(tmp_path, tiny_overrides, monkeypatch):
     # before: the NaN forward poisoned BN running stats (non-finite tensors in last.pt, exit 0),
     # and a run resumed after the skip drew other batches than the uninterrupted run
-    import bida.train as tr
+    import bida.engine.train as tr
 
     cfg = load_config(None, tiny_overrides + ["train.iters=5", "train.checkpoint_every=1"])
     _poison_second_batch(monkeypatch)
@@ -219,7 +222,7 @@ def test_a_skipped_step_leaves_no_trace_and_resume_stays_exact(tmp_path, tiny_ov
 
 
 def test_a_checkpoint_with_a_non_finite_tensor_is_never_written(tmp_path, tiny_overrides):
-    import bida.train as tr
+    import bida.engine.train as tr
 
     trainer = tr.Trainer(load_config(None, tiny_overrides), tmp_path / "run")
     assert trainer.fit(stop_after=1) is None
@@ -227,7 +230,7 @@ def test_a_checkpoint_with_a_non_finite_tensor_is_never_written(tmp_path, tiny_o
     with torch.no_grad():
         next(trainer.model.parameters()).fill_(float("nan"))
     optimizer = trainer._make_optimizer(trainer.phases[0])
-    with pytest.raises(tr.TrainingDiverged, match="non-finite.*the last good checkpoint is .*last.pt"):
+    with pytest.raises(TrainingDiverged, match="non-finite.*the last good checkpoint is .*last.pt"):
         trainer.save("last", optimizer, torch.amp.GradScaler("cpu", enabled=False))
     assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
 
@@ -243,7 +246,7 @@ def _same_weights(a: Path, b: Path) -> None:
 
 def test_a_run_stopped_before_its_first_checkpoint_resumes(tmp_path, capsys, tiny_overrides):
     # before: "cannot resume ...: no checkpoints/last.pt", and a plain rerun pointed to --resume
-    import bida.train as tr
+    import bida.engine.train as tr
 
     cfg = load_config(None, tiny_overrides + ["train.iters=2"])
     tr.Trainer(cfg, tmp_path / "ref").fit()
@@ -256,8 +259,8 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes(tmp_path, capsys, tin
 def test_sigterm_in_the_pseudo_label_pass_stops_at_once_and_the_pass_resumes(tmp_path, tiny_overrides, monkeypatch):
     # before: SIGTERM waited for the whole pass (at scale: the scheduler's SIGKILL came first)
     # and the pass restarted from its first image
-    import bida.round_labels as rl
-    import bida.train as tr
+    import bida.engine.round_labels as rl
+    import bida.engine.train as tr
 
     cfg = load_config(None, tiny_overrides + ["method=self_training", "train.iters=2", "train.iters_per_round=2",
                                               "train.rounds=1"])
@@ -284,7 +287,7 @@ def test_sigterm_in_the_pseudo_label_pass_stops_at_once_and_the_pass_resumes(tmp
 
 
 def test_sigterm_in_an_evaluation_stops_at_once_and_resume_evaluates_again(tmp_path, tiny_overrides, monkeypatch):
-    import bida.train as tr
+    import bida.engine.train as tr
 
     cfg = load_config(None, tiny_overrides + ["train.iters=4", "train.eval_every=2", "train.checkpoint_every=100"])
     tr.Trainer(cfg, tmp_path / "ref").fit()
@@ -318,14 +321,14 @@ def test_full_disk_or_read_only_output_in_other_writers_gives_one_line(tmp_path,
     import numpy as np
     from PIL import Image
 
-    import bida.evaluate
-    import bida.train as tr
+    import bida.engine.inference
+    import bida.engine.train as tr
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run" / "log.jsonl"))
 
     with monkeypatch.context() as m:
-        m.setattr(tr.RunLogger, "log", full)
+        m.setattr(RunLogger, "log", full)
         assert main(["train", "--out", str(tmp_path / "run"), *tiny_overrides]) == 2
         assert "No space left on device" in _one_line_error(capsys)
 
@@ -333,7 +336,7 @@ def test_full_disk_or_read_only_output_in_other_writers_gives_one_line(tmp_path,
     ckpt = str(tmp_path / "ok" / "checkpoints" / "last.pt")
     (tmp_path / "afile").write_text("x")
     with monkeypatch.context() as m:
-        m.setattr(bida.evaluate, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking --out"))
+        m.setattr(bida.engine.inference, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking --out"))
         assert main(["evaluate", "--checkpoint", ckpt, "--out", str(tmp_path / "afile" / "eval")]) == 2
         assert "not writable" in _one_line_error(capsys)
 
@@ -358,7 +361,7 @@ def test_full_disk_or_read_only_output_in_other_writers_gives_one_line(tmp_path,
 
 
 def test_resume_honours_quiet_and_logs_round_statistics_once(tmp_path, capsys, tiny_overrides):
-    import bida.train as tr
+    import bida.engine.train as tr
 
     cfg = load_config(None, [o for o in tiny_overrides if o != "train.quiet=true"] +
                       ["method=self_training", "train.iters=2", "train.iters_per_round=2", "train.rounds=1"])
@@ -409,7 +412,7 @@ def test_predict_after_a_bad_file_resumes_without_overwrite(tmp_path, capsys, ti
     import numpy as np
     from PIL import Image
 
-    import bida.train as tr
+    import bida.engine.train as tr
 
     tr.Trainer(load_config(None, tiny_overrides), tmp_path / "ok").fit(stop_after=1)
     ckpt = str(tmp_path / "ok" / "checkpoints" / "last.pt")
@@ -435,7 +438,7 @@ def test_loader_workers_are_shut_down_on_every_exit_path(tmp_path):
 
     from fixtures import make_folder_tree
 
-    import bida.train as tr
+    import bida.engine.train as tr
 
     src, tgt = tmp_path / "src", tmp_path / "tgt"
     make_folder_tree(src, n_train=4)

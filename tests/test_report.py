@@ -1,4 +1,4 @@
-"""The HTML run report (bida.report) and the feature sampler behind its feature view."""
+"""The HTML run report (bida.tools.report) and the feature sampler behind its feature view."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from bida.cli import main
+from bida.tools.cli import main
 from bida.config import load_config
 from bida.data.datasets import build_eval_dataset, resolve_domain
-from bida.features import SOURCE, TARGET, prototype_distances, sample_features
-from bida.predict import model_from_checkpoint
+from bida.tools.features import SOURCE, TARGET, prototype_distances, sample_features
+from bida.tools.predict import model_from_checkpoint
 from bida.prototypes import downsample_labels
-from bida.report import write_report
-from bida.train import train
+from bida.tools.report import write_report
+from bida.engine.train import train
 
 TINY = [
     "data.synthetic.num_train=8", "data.synthetic.num_val=4", "data.synthetic.num_test=2", "data.synthetic.height=32",
@@ -217,7 +217,7 @@ def test_page_renders_in_headless_chromium(report, tmp_path):
 
 
 def test_prototype_alignment_hand_example():
-    from bida.features import prototype_alignment
+    from bida.tools.features import prototype_alignment
 
     src = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     tgt = np.array([[1.0, 0.1], [1.0, 0.0], [0.0, 0.0]])  # class 1's target sits on class 0's source

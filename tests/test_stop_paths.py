@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from bida.checkpoint import load_checkpoint
-from bida.cli import main
+from bida.tools.cli import main
 from bida.config import load_config
-from bida.train import Interrupted
+from bida.errors import Interrupted
 
 
 def _records(run: Path) -> list[dict]:
@@ -45,7 +45,7 @@ def _wait_for(predicate, procs, timeout: float = 180.0, what: str = "") -> None:
 HOLD_LOCK = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    from bida.train import RunLock
+    from bida.engine.run_dir import RunLock
     lock = RunLock(Path(sys.argv[1])).acquire()
     child = os.fork()
     if child == 0:  # a DataLoader worker: inherits the lock's descriptor, outlives its parent
@@ -59,7 +59,7 @@ HOLD_LOCK = textwrap.dedent("""
 def test_a_sigkilled_holder_with_live_forked_children_does_not_block_resume(tmp_path):
     # before: the forked child shared the flock'd open file description, so the lock
     # outlived the SIGKILLed process: "in use by another bida process (pid <dead>)"
-    from bida.train import RunLock
+    from bida.engine.run_dir import RunLock
 
     proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     child = int(proc.stdout.readline())
@@ -238,7 +238,7 @@ def _stop_lines(capsys) -> tuple[str, str]:
 @pytest.mark.parametrize("where", ["final evaluation", "checkpoint write"])
 def test_the_stop_message_names_the_step_really_saved(tmp_path, capsys, tiny_overrides, monkeypatch, where):
     # before: "saving a checkpoint at step 3", then "stopped by SIGTERM at step 2"
-    import bida.train as tr
+    import bida.engine.train as tr
 
     name, at_call = ("evaluate", 2) if where == "final evaluation" else ("save_checkpoint", 2)
     real, calls = getattr(tr, name), {"n": 0}
@@ -263,8 +263,8 @@ def test_the_stop_message_names_the_step_really_saved(tmp_path, capsys, tiny_ove
 
 def test_sigterm_in_the_second_pseudo_label_pass_stops_within_an_image(tmp_path, tiny_overrides, monkeypatch):
     # before: pass 2 (thresholds applied, one PNG written per image) ran to its end first
-    import bida.round_labels as rl
-    import bida.train as tr
+    import bida.engine.round_labels as rl
+    import bida.engine.train as tr
 
     real, calls = rl.static_labels, {"n": 0}
 
@@ -289,7 +289,7 @@ def test_sigterm_in_the_second_pseudo_label_pass_stops_within_an_image(tmp_path,
 
 def test_sigterm_in_the_class_pixel_count_scan_stops_within_an_image(tmp_path, tiny_overrides, monkeypatch):
     # before: the scan read every source label at full resolution before the stop was seen
-    import bida.train as tr
+    import bida.engine.train as tr
     from bida.data.datasets import SegmentationDataset
 
     real, calls = SegmentationDataset.load, {"n": 0}

@@ -17,7 +17,7 @@ import torch.nn as nn
 from bida.config import load_config
 from bida.method.teacher import EMATeacher, bn_batch_stats_only
 from bida.models import build_model
-from bida.models.checkpointing import checkpointed
+from bida.models.grad_checkpoint import checkpointed
 from bida.models.sync_bn import SyncBatchNorm2d, convert_sync_bn
 
 WORLD = 2

@@ -6,8 +6,8 @@ import torch
 from bida.checkpoint import load_checkpoint
 from bida.config import load_config
 from bida.models import DeepLabV2
-from bida.train import Trainer, train
-from bida.weights import load_model_weights
+from bida.engine.train import Trainer, train
+from bida.models.weights import load_model_weights
 
 STEM = ("conv1.", "bn1.", "layer1.")
 

@@ -12,14 +12,16 @@ import torch.nn.functional as F
 
 from bida.checkpoint import load_checkpoint
 from bida.config import load_config
-from bida.deeplabv2 import SegOutput
+from bida.models.deeplabv2 import SegOutput
 from bida.errors import ConfigError
-from bida.mixing import (ClassMix, blur_kernel_size, class_mix_masks, color_jitter, from_unit_rgb, gaussian_blur, mix,
+from bida.method.mixing import (ClassMix, blur_kernel_size, class_mix_masks, color_jitter, from_unit_rgb, gaussian_blur, mix,
                          to_unit_rgb, WEAK_JITTER_PROB, weak_jitter)
-from bida.optim import WARMUP_RATIO, warmup_factor
+from bida.engine.optim import WARMUP_RATIO, warmup_factor
 from bida.data.rare_class import RareClassSampler, class_probabilities
-from bida.teacher import EMATeacher, downscale_labels_by_ratio, ema_alpha, quality_weight, weighted_cross_entropy
-from bida.train import Trainer, plan_phases, train
+from bida.method.feature_distance import downscale_labels_by_ratio
+from bida.method.teacher import EMATeacher, ema_alpha, quality_weight, weighted_cross_entropy
+from bida.engine.schedules import plan_phases
+from bida.engine.train import Trainer, train
 
 TEACHER = ["train.schedule=teacher", "train.iters=4", "train.optimizer=adamw", "train.weight_decay=0.01",
            "train.lr=6e-4", "train.warmup_iters=2", "train.poly_power=1.0", "data.rare_class_sampling=true",
@@ -281,7 +283,7 @@ def test_teacher_runs_self_training(tmp_path, tiny_overrides):
 
 def test_bida_teacher_run_with_feature_distance_stopped_mid_way_resumes_exactly(tmp_path, tiny_overrides):
     # "ImageNet" weights: any weight file of the architecture
-    from bida.deeplabv2 import build_model
+    from bida.models.deeplabv2 import build_model
 
     weights = tmp_path / "init.pth"
     torch.save(build_model(load_config(None, tiny_overrides).model, 19).state_dict(), weights)
@@ -316,8 +318,8 @@ def test_bida_teacher_run_with_feature_distance_stopped_mid_way_resumes_exactly(
 def test_feature_distance_reads_the_backbone_output_on_the_chosen_classes(tiny_overrides):
     import copy
 
-    from bida.deeplabv2 import build_model
-    from bida.teacher import FeatureDistance
+    from bida.models.deeplabv2 import build_model
+    from bida.method.feature_distance import FeatureDistance
 
     student = build_model(load_config(None, tiny_overrides).model, 19).eval()
     fd = FeatureDistance(copy.deepcopy(student), [11, 13], 19)
@@ -416,7 +418,7 @@ def test_bida_with_its_components_off_trains_bit_identically_to_self_training(tm
 
 def _step_inputs(cfg, seed=0):
     from bida.models import build_model
-    from bida.teacher import MeanTeacher
+    from bida.method.teacher import MeanTeacher
 
     torch.manual_seed(seed)
     model = build_model(cfg.model, 19, cfg.method.feature).train()
@@ -435,7 +437,7 @@ def _bn_buffers(model):
 def test_bida_teacher_step_differs_from_self_training_by_its_terms_alone(tiny_overrides):
     """Same start, same batch: bida (components on) logs its terms, and its source and mix
     losses and the BN running statistics equal self_training's (the target forward leaves them)."""
-    from bida.teacher import teacher_step
+    from bida.method.teacher import teacher_step
 
     base = tiny_overrides + [*TEACHER, "pseudo.teacher_threshold=0.01"]
     out = {}
@@ -454,7 +456,7 @@ def test_bida_teacher_step_differs_from_self_training_by_its_terms_alone(tiny_ov
 
 
 def test_bn_batch_stats_only_normalises_by_the_batch_and_keeps_running_statistics():
-    from bida.teacher import bn_batch_stats_only
+    from bida.method.teacher import bn_batch_stats_only
 
     net = torch.nn.Sequential(torch.nn.BatchNorm1d(1), torch.nn.BatchNorm1d(1).eval())
     with torch.no_grad():
@@ -494,7 +496,7 @@ def test_student_forwards_and_pseudo_ce_mean_switches(tiny_overrides, forwards):
     import copy
 
     from bida.losses import seg_cross_entropy
-    from bida.teacher import teacher_step
+    from bida.method.teacher import teacher_step
 
     over = [f"train.student_forwards={forwards}", "pseudo.teacher_threshold=0.01"]
     logs = {}
@@ -595,7 +597,7 @@ def test_daformer_switches_train_and_resume_exactly_mid_phase(tmp_path, tiny_ove
 
 
 def test_banded_weight_zeroes_exactly_the_band_rows_also_under_padding():
-    from bida.teacher import banded_weight
+    from bida.method.teacher import banded_weight
 
     q = torch.tensor(0.75)
     # no padding: rows 0-1 (top 2) and 7-9 (bottom 3) of 10 weigh 0, the others the quality
@@ -618,7 +620,7 @@ def test_banded_weight_zeroes_exactly_the_band_rows_also_under_padding():
 
 def test_quality_weight_counts_the_band_rows_and_the_bands_only_zero_the_weight():
     """DAFormer: quality = confident pixels / all pixels of the batch, computed before the bands."""
-    from bida.teacher import banded_weight
+    from bida.method.teacher import banded_weight
 
     conf = torch.tensor([[[0.99, 0.99], [0.5, 0.99], [0.5, 0.5], [0.99, 0.99]]])  # (1, 4, 2)
     valid = torch.ones(1, 4, 2, dtype=torch.bool)
@@ -633,7 +635,7 @@ def test_banded_pseudo_ce_matches_a_hand_reference(autocast):
     """The weighted CE over banded weights: sum over unbanded rows of q * ce, over all pixels
     (loss.pseudo_ce_mean=all) or the labelled ones, in fp32 also under bf16 autocast; no
     gradient reaches a banded row."""
-    from bida.teacher import banded_weight
+    from bida.method.teacher import banded_weight
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, 6, 4, generator=g).requires_grad_()
@@ -671,7 +673,7 @@ def test_teacher_step_bands_weigh_the_target_pixels_of_the_mix_and_mic(tiny_over
     weighs the teacher labels the same way; the quality is the unbanded one."""
     import copy
 
-    from bida.teacher import teacher_step
+    from bida.method.teacher import teacher_step
 
     over = ["method=self_training", *TEACHER, "pseudo.teacher_threshold=0.1", "train.student_forwards=separate",
             "mic.weight=1", "mic.block_size=8", "pseudo.ignore_top=3", "pseudo.ignore_bottom=5",
@@ -714,7 +716,7 @@ def _daformer_class_masks(labels, gen):
 
 
 def test_batch_class_mix_draws_from_the_batch_labels_including_ignore():
-    from bida.mixing import batch_class_mix_masks
+    from bida.method.mixing import batch_class_mix_masks
 
     # image A holds classes 0 and 1, image B class 2 and ignore: 4 candidates, 2 chosen per image
     a = torch.tensor([[0, 0, 1], [1, 1, 0]])
@@ -746,7 +748,7 @@ def test_batch_class_mix_draws_from_the_batch_labels_including_ignore():
 def test_batch_class_mix_is_the_global_batch_rule_on_every_rank():
     """Two ranks with half the batch each (their candidates summed over ranks) draw exactly the
     masks one process draws for the whole batch: same seed, same rows."""
-    from bida.mixing import batch_class_mix_masks
+    from bida.method.mixing import batch_class_mix_masks
 
     g = torch.Generator().manual_seed(3)
     y = torch.randint(0, 10, (16, 6, 6), generator=g)  # rank 0's 8 images: classes 0-9
@@ -768,7 +770,7 @@ def test_batch_class_mix_is_the_global_batch_rule_on_every_rank():
 
 
 def test_class_mix_batch_rule_is_deterministic_and_resumes(tiny_overrides):
-    from bida.teacher import MeanTeacher
+    from bida.method.teacher import MeanTeacher
 
     cfg = load_config(None, tiny_overrides + ["method=self_training", *TEACHER, "train.mix_classes=batch"])
     assert load_config(None, tiny_overrides + ["method=self_training", *TEACHER]).train.mix_classes == "image"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import bida.data.datasets as datasets
-from bida.cli import main
+from bida.tools.cli import main
 from bida.config import load_config
 from bida.data.synthetic import SyntheticSpec, ensure_synthetic
 from bida.errors import ConfigError
@@ -65,7 +65,7 @@ def test_the_embedded_target_has_a_test_split_when_it_has_test_images():
 def test_no_test_image_is_read_before_the_final_evaluation(tmp_path, tiny_overrides, monkeypatch):
     """Every image read is recorded: training, pseudo labels (two rounds) and the periodic
     evaluations that choose best.pt read no test image; only the final test evaluation does."""
-    import bida.train as tr
+    import bida.engine.train as tr
 
     reads: list[tuple[str, bool]] = []
     phase = {"final_test": False}

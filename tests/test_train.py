@@ -6,7 +6,9 @@ import torch
 from bida.checkpoint import load_checkpoint
 from bida.config import load_config
 from bida.errors import RunDirError
-from bida.train import Trainer, plan_phases, poly_lr, train
+from bida.engine.schedules import plan_phases, poly_lr
+from bida.engine.guard import TrainingDiverged
+from bida.engine.train import Trainer, train
 
 EXPECTED_TERMS = {
     "source_only": {"loss/seg_src"},
@@ -95,8 +97,8 @@ def test_existing_run_dir_is_refused_without_overwrite(tmp_path, tiny_overrides)
 
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path, tiny_overrides, monkeypatch):
-    import bida.train as tr
-    from bida.train_step import StepResult
+    import bida.engine.train as tr
+    from bida.method.train_step import StepResult
 
     real = tr.source_step
     calls = {"n": 0}
@@ -111,7 +113,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, tiny_overrides, monkey
     monkeypatch.setattr(tr, "source_step", flaky)
     cfg = load_config(None, tiny_overrides + ["train.max_bad_steps=3", "train.iters=20", "train.checkpoint_every=1"])
     run = tmp_path / "nan"
-    with pytest.raises(tr.TrainingDiverged, match="3 non-finite steps"):
+    with pytest.raises(TrainingDiverged, match="3 non-finite steps"):
         train(cfg, run)
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["step"] == 3  # steps 1, 3, 4 succeeded (call 2 skipped); then 3 bad in a row

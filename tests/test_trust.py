@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from bida.checkpoint import load_checkpoint
-from bida.cli import main
+from bida.tools.cli import main
 from bida.config import load_config
 from bida.errors import CheckpointError, RunDirError
 
@@ -42,7 +42,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 @pytest.fixture
 def stopped_run(tmp_path, tiny_overrides):
     """A source-only run stopped at step 3 (checkpoints at 2 and 3: last.pt and last.prev.pt)."""
-    import bida.train as tr
+    import bida.engine.train as tr
 
     run = tmp_path / "run"
     cfg = load_config(None, tiny_overrides + ["train.iters=6"])
@@ -110,7 +110,7 @@ def test_predict_overwrite_never_replaces_inputs_or_files_it_did_not_write(stopp
 
 def test_report_overwrite_replaces_only_a_bida_report(stopped_run, tmp_path, capsys):
     # before: --overwrite replaced any index.html and deleted any figures/*.png
-    from bida.report import prepare_out_dir
+    from bida.tools.report import prepare_out_dir
 
     site = tmp_path / "site"
     (site / "figures").mkdir(parents=True)
@@ -161,7 +161,7 @@ def test_resume_without_any_checkpoint_refuses_and_changes_nothing(stopped_run, 
 
 def test_resume_without_checkpoint_or_log_refuses_when_pseudo_labels_were_made(tmp_path, capsys, tiny_overrides):
     # before: the restarted run reused pseudo_labels/round_0 of the lost model
-    import bida.train as tr
+    import bida.engine.train as tr
 
     run = tmp_path / "run"
     cfg = load_config(None, tiny_overrides + ["method=self_training", "train.iters=2", "train.rounds=1"])
@@ -188,7 +188,7 @@ def test_resume_with_last_pt_a_directory_refuses_before_touching_the_log(stopped
 
 
 def test_resume_before_any_trained_step_restarts_from_step_0_saying_so(tmp_path, capsys, tiny_overrides):
-    import bida.train as tr
+    import bida.engine.train as tr
 
     run = tmp_path / "run"
     tr.Trainer(load_config(None, tiny_overrides + ["train.iters=1"]), run)._lock.release()  # config.yaml only
@@ -250,7 +250,7 @@ def test_a_damaged_checkpoint_is_refused_everywhere_and_resume_falls_back(stoppe
 
 def test_the_last_good_checkpoint_is_never_a_damaged_one(stopped_run, tiny_overrides):
     # before: a TrainingDiverged message named a damaged last.pt "the last good checkpoint"
-    import bida.train as tr
+    import bida.engine.train as tr
 
     _flip_tensor_bytes(stopped_run / "checkpoints" / "last.pt")
     trainer = tr.Trainer(load_config(None, tiny_overrides), stopped_run.parent / "other")
@@ -269,7 +269,7 @@ def test_checkpoints_without_a_checksum_still_load(tmp_path):
 
 def test_a_step_that_blows_up_a_batchnorm_statistic_is_skipped(tmp_path, tiny_overrides):
     # before: the step counted as finite, and the checkpoint after it was refused (run failed)
-    import bida.train as tr
+    import bida.engine.train as tr
 
     cfg = load_config(None, tiny_overrides + ["train.iters=3", "train.checkpoint_every=1"])
     trainer = tr.Trainer(cfg, tmp_path / "run")
@@ -304,7 +304,7 @@ def test_a_temporary_file_of_a_killed_writer_is_removed_on_resume(stopped_run):
 
 
 def test_a_resumed_finished_run_logs_source_val_once(tmp_path, tiny_overrides):
-    import bida.train as tr
+    import bida.engine.train as tr
 
     cfg = load_config(None, tiny_overrides + ["train.iters=1", "data.source.val_split=val"])
     tr.Trainer(cfg, tmp_path / "run").fit()
@@ -314,7 +314,7 @@ def test_a_resumed_finished_run_logs_source_val_once(tmp_path, tiny_overrides):
 
 def test_a_run_resumed_between_log_points_logs_what_an_uninterrupted_one_logs(tmp_path, tiny_overrides):
     # before: the first record after the resume averaged only the steps since the resume
-    import bida.train as tr
+    import bida.engine.train as tr
 
     cfg = load_config(None, tiny_overrides + ["train.iters=4", "train.log_every=3", "train.checkpoint_every=100"])
     tr.Trainer(cfg, tmp_path / "full").fit()
@@ -333,7 +333,7 @@ def test_the_rng_state_holds_the_cuda_generator_of_the_current_device(monkeypatc
     # Dropout and stochastic depth on a GPU draw from the CUDA generator: without its state in
     # the checkpoint a resumed GPU run draws other masks than the run it continues. (A stand-in
     # CUDA generator: this machine has no GPU.)
-    from bida.checkpoint import rng_state, set_rng_state
+    from bida.engine.resume import rng_state, set_rng_state
 
     cuda = {"state": torch.tensor([1, 2, 3], dtype=torch.uint8)}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-import bida.train as tr
+import bida.engine.train as tr
 from bida.checkpoint import load_checkpoint
-from bida.cli import main, parse_args
+from bida.tools.cli import main, parse_args
 from bida.data.readers import read_image
 from bida.errors import CheckpointError, DataError
 from fixtures import make_folder_tree
@@ -123,7 +123,7 @@ def test_predictions_use_the_palette_of_classes_json(folder_run, tmp_path):
 
 
 def test_palette_of_an_older_checkpoint_comes_from_its_config(folder_run, tmp_path):
-    from bida.predict import model_from_checkpoint
+    from bida.tools.predict import model_from_checkpoint
 
     run, _, _ = folder_run
     state = load_checkpoint(run / "checkpoints" / "last.pt")
@@ -160,11 +160,11 @@ def test_jpg_label_is_named_and_histogram_is_in_class_order(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "labels must be PNG" in out and "img_000.jpg" in out
     with pytest.raises(DataError, match="labels must be PNG"):
-        from bida.data.readers import list_samples
+        from bida.data.listing import list_samples
 
         list_samples("folder", tmp_path / "A", "train")
     # class order in the histogram, whatever order the splits meet the classes in
-    from bida.data.data_check import check_domain
+    from bida.data.check import check_domain
 
     (tmp_path / "C" / "images" / "train").mkdir(parents=True)
     (tmp_path / "C" / "labels" / "train").mkdir(parents=True)
@@ -228,29 +228,26 @@ def test_public_modules_are_attributes_of_the_package():
     import bida
 
     assert callable(bida.losses.pixel_prototype_contrast) and bida.losses.__doc__
-    # The method's public modules live in bida.method; the flat paths are those very module objects.
+    # The public method modules expose the very functions of bida.method, and name each in __all__.
     for name in ("prototypes", "pseudo_labels", "losses"):
-        module = importlib.import_module(f"bida.{name}")
-        assert getattr(bida, name) is module is sys.modules[f"bida.{name}"] is importlib.import_module(f"bida.method.{name}")
-        assert module.__name__ == f"bida.method.{name}"
-    # bida.labels is the very module bida.data.labels, under every way of reaching it.
-    import bida.data.labels
+        public, home = importlib.import_module(f"bida.{name}"), importlib.import_module(f"bida.method.{name}")
+        assert getattr(bida, name) is public and public.__all__ == home.__all__
+        assert all(getattr(public, n) is getattr(home, n) for n in public.__all__)
     import bida.labels
-    from bida.labels import _SYNTHIA_TO_TRAIN_ID as private_name
 
-    assert bida.labels is bida.data.labels is sys.modules["bida.labels"] is importlib.import_module("bida.labels")
-    assert private_name is bida.data.labels._SYNTHIA_TO_TRAIN_ID
-    # The list covers every module and subpackage on disk, so it cannot go stale.
+    assert bida.labels.CITYSCAPES_CLASSES[0] == "road" and callable(bida.labels.colorize)
+    # The list covers every public module and subpackage on disk, so it cannot go stale.
     package = Path(bida.__file__).parent
     modules = {p.stem for p in package.glob("*.py") if not p.stem.startswith("_")}
     modules |= {p.parent.name for p in package.glob("*/__init__.py")}
-    # The old flat paths: each names a module that is on disk in its new home, and none is shadowed.
-    moved = set(bida.MOVED)
-    assert all((package / bida.MOVED[name].replace(".", "/")).with_suffix(".py").is_file() for name in moved)
-    assert not moved & modules
-    assert modules | moved == set(bida.PUBLIC_MODULES)
+    assert modules == set(bida.PUBLIC_MODULES)
     for name in bida.PUBLIC_MODULES:
-        assert getattr(bida, name).__name__ in (f"bida.{name}", f"bida.data.{name}", f"bida.{bida.MOVED.get(name)}")
+        assert getattr(bida, name).__name__ == f"bida.{name}"
+    assert bida.Segmenter.__module__ == "bida.tools.segmenter"
+    # Internal modules have one path: the old flat ones are gone.
+    for old in ("train", "cli", "teacher", "weights", "deeplabv2"):
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(f"bida.{old}")
     with pytest.raises(AttributeError):
         bida.no_such_module  # noqa: B018
 
@@ -331,7 +328,7 @@ def test_second_ctrl_c_during_a_save_waits_for_it(tmp_path, tiny_overrides, monk
 
 def test_resume_says_it_loads_the_static_labels(tmp_path, tiny_overrides, capsys):
     from bida.config import load_config
-    from bida.train import Trainer
+    from bida.engine.train import Trainer
 
     verbose = [o for o in tiny_overrides if o != "train.quiet=true"]
     run = tmp_path / "r"

@@ -8,7 +8,7 @@ import torch
 from bida.checkpoint import load_checkpoint, save_checkpoint
 from bida.models import DeepLabV2
 from bida.errors import CheckpointError
-from bida.weights import load_model_weights, load_pretrained
+from bida.models.weights import load_model_weights, load_pretrained
 
 
 def _model(k=19, **kw):

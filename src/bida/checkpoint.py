@@ -18,12 +18,10 @@ import hashlib
 import io
 import os
 import pickle
-import random
 import zipfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .errors import BidaError, CheckpointError, RunDirError
@@ -222,50 +220,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {path} is damaged: checksum mismatch (its contents changed after "
                               f"it was written)")
     return state
-
-
-def rng_state() -> dict:
-    """Python, numpy and torch RNG states as plain data (loadable with weights_only).
-
-    With CUDA, also the generator of the current device (``cuda``): dropout and stochastic
-    depth on a GPU draw from it, not from the CPU generator.
-    """
-    np_state = np.random.get_state()
-    py_version, py_internal, py_gauss = random.getstate()
-    state = {
-        "python": [py_version, list(py_internal), py_gauss],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore :func:`rng_state`'s states (the CUDA one on the current device, when both have CUDA).
-
-    The tensors may come from a checkpoint loaded onto a GPU (``map_location``): the
-    generators take host tensors.
-    """
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"].cpu())
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DDP and/or torch.compile wrapper (``model`` itself when unwrapped)."""
-    inner = getattr(model, "module", model)
-    return getattr(inner, "_orig_mod", inner)
-
-
-def model_state_for_checkpoint(model: torch.nn.Module) -> dict[str, Any]:
-    """State dict of the underlying module (unwraps DDP and torch.compile)."""
-    return unwrap_model(model).state_dict()
 
 
 def ensure_writable(directory: Path) -> None:

@@ -42,7 +42,6 @@ from .checks import (
     target_test_split,
 )
 from .loading import (
-    REMOVED_KEYS,
     dump_config,
     from_dict,
     load_config,
@@ -79,7 +78,7 @@ __all__ = [
     "target_test_split", "check_test_split", "check_contrast_designs", "check_schedule", "check_class_ids",
     "MIT_MIN_CROP", "DECODER_BACKBONES", "default_feature", "check_model_choices",
     # loading
-    "REMOVED_KEYS", "to_dict", "yaml_load", "parse_override", "from_dict", "load_config", "replace_path",
+    "to_dict", "yaml_load", "parse_override", "from_dict", "load_config", "replace_path",
     "dump_config",
     # the error every check raises
     "ConfigError",

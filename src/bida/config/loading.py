@@ -1,14 +1,15 @@
 """Loading and saving configs: YAML 1.2 files and ``dotted.key=value`` overrides into a
 validated :class:`~bida.config.schema.Config`, and a config back to YAML.
 
-Types are checked against the dataclass annotations (:func:`_coerce`), keys that were
-measured and removed are dropped or refused (:data:`REMOVED_KEYS`), and every built config
-goes through the checks of :mod:`bida.config.checks`.
+Types are checked against the dataclass annotations (:func:`_coerce`), an unknown key is
+refused with the nearest known key (:func:`unknown_key`), and every built config goes
+through the checks of :mod:`bida.config.checks`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -90,43 +91,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover
 
 
-# Keys that were measured and removed (README: "Does the contrast count?", "Contrast designs from the field"), with the value that
-# kept the paper's behaviour: a config holding that value (an older run directory) still loads,
-# the key dropped; any other value is refused with the reason.
-REMOVED_KEYS: dict[str, tuple[Any, str]] = {
-    "method.center_features": ("none", "centred features were measured over seeds and did not help the contrast"),
-    "method.t2s_dynamic": ("fused", "scoring y_D pixels apart in L_t2s was measured over seeds and did not help"),
-    "method.dynamic_t2s_weight": (1.0, "it weighed method.t2s_dynamic=separate, which was measured over seeds "
-                                       "and did not help"),
-    "method.contrast_design": ("prototype", "the distribution-aware contrast was measured over 5 seeds on both "
-                                            "paths and lost to the prototype contrast"),
-    "method.teacher_prototypes": (False, "prototypes from the EMA teacher were measured over 5 seeds and lost "
-                                         "to the student's"),
-}
-
-
-def _check_removed(full: str, value: Any) -> bool:
-    """True when ``full`` is a removed key holding its former default (to be dropped).
-
-    Raises:
-        ConfigError: a removed key with any other value.
-    """
-    if full not in REMOVED_KEYS:
-        return False
-    default, why = REMOVED_KEYS[full]
-    if value != default:
-        raise ConfigError(f"{full}: removed ({why}; its rows stay in README); delete the key")
-    return True
+def unknown_key(full: str, known: list[str], where: str = "") -> ConfigError:
+    """The error for the unknown key ``full``: the nearest of ``known`` (same section), or the section's keys."""
+    section, _, name = full.rpartition(".")
+    near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = (f"did you mean '{section + '.' if section else ''}{near[0]}'?" if near
+            else f"known{' in ' + section if section else ''}: {', '.join(sorted(known))}")
+    return ConfigError(f"unknown config key '{full}'{where} ({hint})")
 
 
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    data = {k: v for k, v in data.items() if k in names or not _check_removed(f"{prefix}.{k}" if prefix else str(k), v)}
     for key in data:
         if key not in names:
-            full = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(f"unknown config key '{full}' (known: {', '.join(sorted(names))})")
+            raise unknown_key(f"{prefix}.{key}" if prefix else str(key), sorted(names))
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
@@ -215,12 +194,11 @@ def _set_path(tree: dict, parts: list[str], value: Any, text: str) -> None:
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
         if not isinstance(child, dict):
-            raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}' in override '{text}'")
+            raise unknown_key(".".join(parts[: i + 1]), [k for k, v in node.items() if isinstance(v, dict)],
+                              f" in override '{text}'")
         node = child
     if parts[-1] not in node:
-        if _check_removed(".".join(parts), value):
-            return
-        raise ConfigError(f"unknown config key '{'.'.join(parts)}' in override '{text}'")
+        raise unknown_key(".".join(parts), list(node), f" in override '{text}'")
     node[parts[-1]] = value
 
 

@@ -226,7 +226,7 @@ class TrainConfig:
     # CUDA: cuDNN's deterministic kernels, a fixed cuBLAS workspace and PyTorch's deterministic
     # implementations where they exist (ops without one warn once). CPU: changes no result; a
     # config repeats bit-identically on one CPU model, torch build and thread count anyway.
-    # README "Reliability" says what is and is not guaranteed.
+    # docs/reliability.md says what is and is not guaranteed.
     deterministic: bool = False
     max_bad_steps: int = 10  # stop after this many non-finite steps in a row
     quiet: bool = False  # no progress bar

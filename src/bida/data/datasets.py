@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config, DomainConfig
 from ..errors import DataError
-from .labels import ClassInfo
+from ..labels import ClassInfo
 from .readers import Sample, class_info, list_samples, read_pair
 from .synthetic import SyntheticSpec, ensure_synthetic
 from .transforms import random_scale_crop_flip, resize_pair, shorter_side_size, to_tensor
@@ -81,7 +81,7 @@ class SegmentationDataset(Dataset):
     and augmented with an RNG made from that seed; evaluation items by a plain index.
 
     Args:
-        samples: from :func:`bida.data.readers.list_samples`.
+        samples: from :func:`bida.data.listing.list_samples`.
         kind: reader kind (label mapping).
         num_classes: labels outside [0, K) and not ignore are an error.
         train: apply random scale/crop/flip.

@@ -50,16 +50,9 @@ import numpy as np
 from PIL import Image
 
 from bida.errors import DataError
-from .listing import (  # noqa: F401 - listing is part of this module's public interface
-    KINDS,
-    Sample,
-    _check_kind,
-    list_samples,
-    non_png_label_hint,
-    orphan_labels,
-)
-from .png import _PNG_GRAY, _PNG_SIGNATURE, decode_png  # noqa: F401 - decode_png is public here too
-from .labels import (
+from .listing import Sample, _check_kind
+from .png import _PNG_GRAY, _PNG_SIGNATURE, decode_png
+from ..labels import (
     CITYSCAPES,
     CITYSCAPES_ID_TO_TRAIN_ID,
     IGNORE_INDEX,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .labels import IGNORE_INDEX
+from ..labels import IGNORE_INDEX
 
 
 # Cityscapes train ids used by the generator.

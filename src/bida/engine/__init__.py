@@ -7,7 +7,7 @@ The loop and its parts:
   stage, self-training rounds, mean teacher): what to build, what one step does, when it ends.
 - :mod:`bida.engine.setup`: set-up of a run (domains, model, method state, run directory).
 - :mod:`bida.engine.resume`: the checkpoint state and exact resume.
-- :mod:`bida.engine.evaluation`: when evaluations run, ``best.pt`` and the final ``metrics.json``.
+- :mod:`bida.engine.evaluator`: when evaluations run, ``best.pt`` and the final ``metrics.json``.
 - :mod:`bida.engine.round_cache`: the static pseudo labels of each round.
 - :mod:`bida.engine.stop`: SIGINT/SIGTERM handling and stop messages.
 - :mod:`bida.engine.runlog`: ``log.jsonl``, TensorBoard and device-side log sums.
@@ -16,12 +16,10 @@ The loop and its parts:
 
 What the loop uses:
 
-- :mod:`bida.engine.evaluate`: sliding-window inference, confusion matrices, metrics files.
+- :mod:`bida.engine.inference`: sliding-window inference, confusion matrices, metrics files.
 - :mod:`bida.engine.round_labels`: generating a round's static pseudo labels.
 - :mod:`bida.engine.distributed`: torchrun process groups and bucketed collectives.
 - :mod:`bida.engine.optim`: optimizers and learning-rate warm-up.
-- :mod:`bida.engine.weights`: pretrained and checkpoint weights into a model.
-- :mod:`bida.engine.launch`: ``bida launch``, a local multi-process launcher.
 
 May import :mod:`bida.method`, :mod:`bida.models`, :mod:`bida.data` and the shared modules
 (:mod:`bida.config`, :mod:`bida.errors`, :mod:`bida.checkpoint`); never :mod:`bida.tools`

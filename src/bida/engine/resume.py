@@ -10,18 +10,53 @@ it. :func:`last_good` names the checkpoint a resume would start from.
 from __future__ import annotations
 
 import os
+import random
 import signal
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ..checkpoint import (load_checkpoint, model_state_for_checkpoint, rng_state, rotate_checkpoint, save_checkpoint,
-                          set_rng_state)
+from ..checkpoint import load_checkpoint, rotate_checkpoint, save_checkpoint
 from ..config import to_dict
 from ..errors import CheckpointError, Interrupted, RunDirError
+from ..models import model_state_for_checkpoint
+from ..models.weights import load_model_weights
 from .guard import TrainingDiverged, _first_non_finite
 from .runlog import LOG_DISCARDED, logged_steps, truncate_log
-from .weights import load_model_weights
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch RNG states as plain data (loadable with weights_only).
+
+    With CUDA, also the generator of the current device (``cuda``): dropout and stochastic
+    depth on a GPU draw from it, not from the CPU generator.
+    """
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {
+        "python": [py_version, list(py_internal), py_gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state`'s states (the CUDA one on the current device, when both have CUDA).
+
+    The tensors may come from a checkpoint loaded onto a GPU (``map_location``): the
+    generators take host tensors.
+    """
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
 def checkpoint_state(trainer, optimizer: torch.optim.Optimizer, scaler, rng_ranks: list[dict]) -> dict:

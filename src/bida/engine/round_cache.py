@@ -91,7 +91,7 @@ def shared_round_labels(trainer, phase: Phase) -> Path | None:
     if trainer.label_cache is None or phase.round != 0 or not trainer.cfg.model.init_checkpoint:
         return None
     digest = hashlib.sha256()
-    from .weights import weights_file
+    from ..models.weights import weights_file
 
     with open(weights_file(trainer.cfg.model.init_checkpoint), "rb") as fh:  # a model folder: its weights
         for chunk in iter(lambda: fh.read(1 << 20), b""):

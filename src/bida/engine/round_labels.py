@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..checkpoint import atomic_write_bytes
 from ..config import Config
 from ..data.datasets import SegmentationDataset, pseudo_label_name
-from .evaluate import confusion_matrix, predict_probs
+from .inference import confusion_matrix, predict_probs
 from ..method.pseudo_labels import class_thresholds, sample_confidences, static_labels
 
 IGNORE = 255

@@ -33,7 +33,7 @@ from .resume import load_resume, resume_checkpoint, truncate_run_log
 from .run_dir import RunLock, check_run_dir, create_run_dir
 from .runlog import LogAccumulator, RunLogger
 from .schedules import plan_phases
-from .weights import check_trained_head, load_model_weights, load_pretrained
+from ..models.weights import check_trained_head, load_model_weights, load_pretrained
 
 
 def seed_everything(seed: int) -> None:
@@ -297,11 +297,11 @@ def warn_random_init(trainer) -> None:
     tqdm.write(f"bida: warning: training {trainer.cfg.model.backbone} from random weights (model.pretrained and "
                "model.init_checkpoint are not set); for real data start from ImageNet weights, e.g. "
                "model.backbone=resnet101 model.pretrained=weights/DeepLab_init.pth data.normalize=caffe "
-               "(README, 'Initial weights')")
+               "(docs/datasets.md, 'Initial weights')")
 
 
 def check_data(trainer) -> None:
-    from ..data.data_check import check_domain
+    from ..data.check import check_domain
 
     t = trainer.cfg.data.target
     for name, dom, splits in (

@@ -27,8 +27,8 @@ from ..data.datasets import build_train_dataset, close_loader
 from ..errors import DataError
 from ..method.teacher import teacher_step
 from ..method.train_step import adapt_step, source_step
-from .evaluate import evaluate
-from .evaluation import evaluate_and_maybe_best, evaluate_split, evaluate_target, evaluate_test, finish
+from .inference import evaluate
+from .evaluator import evaluate_and_maybe_best, evaluate_split, evaluate_target, evaluate_test, finish
 from .guard import TrainingDiverged, backward_and_step
 from .optim import build_optimizer
 from .resume import last_good, save
@@ -36,18 +36,9 @@ from .round_cache import target_labels_dir
 from .round_labels import generate_static_labels
 from .runlog import LogAccumulator, log_record
 from .schedules import Phase, Rounds, Schedule, SourceStage, TeacherPhase, phase_base_lr
-from .setup import open_run
+from .setup import determinism_settings, open_run, restore_determinism
 from .stop import StopControl, _StopRequested
 
-# Public here too: the loop's parts, as ``bida.train`` has always offered them.
-from ..errors import BidaError, CheckpointError, ConfigError, Interrupted, RunDirError  # noqa: F401,E402
-from .guard import StepGuard, _first_non_finite, _grad_max_norm, _step_is_finite  # noqa: F401,E402
-from .run_dir import RunLock, _copy_dir, check_run_dir, create_run_dir  # noqa: F401,E402
-from .runlog import RunLogger  # noqa: F401,E402
-from .schedules import plan_phases, poly_lr  # noqa: F401,E402
-from .setup import (RANK_SEED_SALT, cpu_model, determinism_settings, environment, git_revision,  # noqa: F401,E402
-                    pick_device, restore_determinism, seed_everything)
-from .stop import _Stopping  # noqa: F401,E402
 
 
 def compile_for_training(model: torch.nn.Module, train_cfg) -> torch.nn.Module:

@@ -2,8 +2,8 @@
 
 - :mod:`bida.method.prototypes`: class prototypes, the prototype memory (public path ``bida.prototypes``).
 - :mod:`bida.method.losses`: segmentation, entropy and pixel-prototype contrast losses (``bida.losses``).
-- :mod:`bida.method.pseudo_labels`: calibration, label transfer and fusion, and (from
-  :mod:`bida.method.static_labels`) the round's class-balanced static labels (``bida.pseudo_labels``).
+- :mod:`bida.method.pseudo_labels`: calibration, label transfer and fusion, and the round's
+  class-balanced static labels (``bida.pseudo_labels``).
 - :mod:`bida.method.train_step`: one source step and one adaptation step (the paper's iteration).
 - :mod:`bida.method.teacher`: the mean teacher and its step; :mod:`bida.method.feature_distance`:
   DAFormer's ImageNet feature distance.

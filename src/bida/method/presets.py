@@ -2,8 +2,7 @@
 user's own overrides (so a user's ``key=value`` still wins).
 
 ``paper`` is BiDA as published (docs/method.md). ``plus`` is the variant that won over paired
-seeds on the embedded pair's target val (README, "Does the contrast count?"), chosen per
-path: the same losses with the contrast weighted more and each prototype set completed by
+seeds on the embedded pair's target val (docs/results.md), chosen per path: the same losses with the contrast weighted more and each prototype set completed by
 its moving average for the classes a batch lacks; on the rounds schedule (DeepLab-V2) the
 contrast also waits 100 adaptation iterations (``loss.contrast_warmup_iters``), on the
 mean-teacher schedule with a projection head (MiT) the head arrives trained from the source
@@ -29,9 +28,9 @@ PRESETS: dict[str, tuple[str, ...]] = {
 # (the teacher schedule on ASPP features) gets the preset alone.
 SCHEDULE_PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
     "plus": {
-        # the contrast counts from the 101st adaptation iteration: +0.8 val (+0.8 test) over self-training against +0.7
+        # the contrast counts from the 101st adaptation iteration
         "rounds": ("loss.contrast_warmup_iters=100",),
-        # the head arrives trained: +0.4 val (+0.5 test) over self-training against plus's +0.1
+        # the head arrives trained by the source stage
         "teacher": ("method.pretrain_head=true",),
     },
 }

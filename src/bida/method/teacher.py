@@ -59,10 +59,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..checkpoint import unwrap_model
+from ..models import unwrap_model
 from ..config import Config
-from .feature_distance import (FD_MIN_RATIO, FeatureDistance,  # noqa: F401 (public here too)
-                               downscale_labels_by_ratio)
+from .feature_distance import FeatureDistance
 from .losses import ce_pixel_count, seg_cross_entropy
 from .masking import MaskedImageConsistency
 from .mixing import ClassMix

@@ -19,7 +19,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from ..checkpoint import unwrap_model
+from ..models import unwrap_model
 from ..config import Config
 from ..models import SegOutput
 from .losses import ce_pixel_count, entropy, pixel_prototype_contrast, seg_cross_entropy

@@ -6,6 +6,11 @@
 - :mod:`bida.models.dinov2`: DINOv2 ViTs (patch 14, with or without registers), a simple
   feature pyramid and the same decoders, ``model.backbone: dinov2_*``.
 
+- :mod:`bida.models.weights`: pretrained and checkpoint weights into a model (each public
+  release's key layout, detected and converted).
+- :mod:`bida.models.grad_checkpoint`: activation checkpointing (``model.grad_checkpoint``);
+  :mod:`bida.models.sync_bn`: BatchNorm synchronised across processes (``model.sync_bn``).
+
 All expose the interface the trainer uses: ``forward(x, domain) -> SegOutput``,
 ``param_groups(lr, head_lr_mult)``, ``num_classes``, ``feature_dim``, ``proj`` (or None),
 ``target_stem`` (or None), ``sync_target_stem()`` and ``concat_domains_ok``.
@@ -77,3 +82,14 @@ def build_model(model_cfg, num_classes: int, feature: str | None = None) -> nn.M
         grad_checkpoint=model_cfg.grad_checkpoint,
         **vit_only,
     )
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a DDP and/or torch.compile wrapper (``model`` itself when unwrapped)."""
+    inner = getattr(model, "module", model)
+    return getattr(inner, "_orig_mod", inner)
+
+
+def model_state_for_checkpoint(model: nn.Module) -> dict:
+    """State dict of the underlying module (unwraps DDP and torch.compile)."""
+    return unwrap_model(model).state_dict()

@@ -19,7 +19,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..errors import ConfigError
-from .checkpointing import checkpointed, checkpointing
+from .grad_checkpoint import checkpointed, checkpointing
 from .output import SegOutput
 
 ARCHS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
@@ -142,7 +142,7 @@ class DeepLabV2(nn.Module):
         separate_target_stem: own conv1/bn1/layer1 for target images (the official code).
         grad_checkpoint: recompute the activations of the blocks of layer1..layer4 in the
             backward (training with grad only; same results, less memory, see
-            :mod:`bida.models.checkpointing`).
+            :mod:`bida.models.grad_checkpoint`).
 
     Shape:
         input (B, 3, H, W) -> logits (B, K, ceil(H/8), ceil(W/8)) roughly (caffe pooling).

@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checkpointing import checkpointed, checkpointing
+from .grad_checkpoint import checkpointed, checkpointing
 from .heads import HEADS
 from .mit import DropPath
 from .output import SegOutput
@@ -251,7 +251,7 @@ class VisionTransformer(nn.Module):
             multiple of the heads.
         drop_path: stochastic-depth rate of the last block (0 at the first, linear between).
         grad_checkpoint: recompute each block's activations in the backward (training with
-            grad only; same results, less memory, see :mod:`bida.models.checkpointing`).
+            grad only; same results, less memory, see :mod:`bida.models.grad_checkpoint`).
         pos_grid: side of the square patch grid of the position embeddings (37 for every
             released model; smaller for reference tests).
         mask_token: keep DINOv2's mask token (``(1, C)``, zeros until loaded) as a parameter,

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checkpointing import checkpointed, checkpointing
+from .grad_checkpoint import checkpointed, checkpointing
 from .heads import HEADS
 from .output import SegOutput
 
@@ -187,7 +187,7 @@ class MixTransformer(nn.Module):
         width: stage-width multiplier (1.0 = the published widths; < 1 for CPU demos).
         drop_path: the stochastic-depth rate of the last block (0 for the first).
         grad_checkpoint: recompute each block's activations in the backward (training with
-            grad only; same results, less memory, see :mod:`bida.models.checkpointing`).
+            grad only; same results, less memory, see :mod:`bida.models.grad_checkpoint`).
 
     Shape:
         (B, 3, H, W) -> [(B, C_i, ceil(H / s_i), ceil(W / s_i)) for s_i in 4, 8, 16, 32]

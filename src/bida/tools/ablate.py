@@ -30,7 +30,7 @@ ABLATION_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("+ calibration (full BiDA)", ("method=bida",)),
 )
 
-# Candidates for making the contrast count (README "Does the contrast count?"); each row
+# Candidates for making the contrast count (docs/results.md); each row
 # is full BiDA with one change (the last three: the preset ``plus`` with one change), so
 # each is compared with full BiDA and with self-training.
 CANDIDATE_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (

@@ -192,7 +192,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from ..config import load_config, target_test_split
     from ..data.datasets import build_eval_dataset, check_same_classes, resolve_domain
-    from ..engine.evaluate import evaluate, markdown_table, write_metrics
+    from ..engine.inference import evaluate, markdown_table, write_metrics
     from .predict import model_from_checkpoint
 
     cfg = load_config(args.config, args.overrides) if args.config else None
@@ -290,7 +290,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     from ..config import load_config, target_test_split
-    from ..data.data_check import check_domain
+    from ..data.check import check_domain
     from ..data.datasets import check_same_classes, resolve_domain
     from ..errors import DataError
 
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     bida``): the process exits after it, so a stop leaves further stop signals ignored."""
     words = sys.argv[1:] if argv is None else list(argv)
     if words[:1] == ["launch"]:  # torchrun's own options follow: not parsed here
-        from ..engine.launch import main as launch
+        from .launch import main as launch
 
         return launch(words[1:])
     args = parse_args(argv)

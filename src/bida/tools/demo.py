@@ -22,14 +22,9 @@ from ..checkpoint import atomic_write_text
 from ..config import load_config
 from ..errors import ConfigError
 from ..method.presets import preset_overrides, preset_path
-from ..engine.train import environment, train  # noqa: F401 - train: public here too
-from .ablate import ABLATION_ROWS, CANDIDATE_ROWS, candidate_rows, run_ablation  # noqa: F401 - public here too
-from .grid import (  # noqa: F401 - public here too
-    GRID_FILE, HEAD_ON, LABEL_CACHE, RESULT_FILE, ROW_DIRS, _complete, _dir_name, _finished, _open_grid, _train,
-    fresh_dir, head_overrides, reevaluate_run, run_grid, seed_list, source_stage_overrides)
-from .grid_tables import (  # noqa: F401 - public here too
-    SUMMARY_KEYS, _mean_per_class, _reported, _results_text, add_pair, mean_std, paired_difference, pairs_table,
-    per_class_table, reported_split, results_table, seeds_table, summarise, timing_table)
+from ..engine.setup import environment
+from .grid import _complete, _open_grid, run_grid, seed_list, source_stage_overrides
+from .grid_tables import SUMMARY_KEYS, _results_text, add_pair, reported_split, summarise
 
 # Demo settings: a narrow ResNet-18 DeepLab-V2 on 64x128 images trains in minutes on a CPU.
 DEMO_OVERRIDES: tuple[str, ...] = ()

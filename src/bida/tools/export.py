@@ -35,7 +35,7 @@ from torch import Tensor
 from ..checkpoint import atomic_write_bytes, atomic_write_text
 from ..errors import BidaError, CheckpointError
 from .export_spec import FORMATS, ONNX_OPSET, OUTPUTS
-from .inference import (MODEL_FOLDER_CARD, MODEL_FOLDER_CLASSES, MODEL_FOLDER_CONFIG, TRAINING_ONLY_WEIGHTS,
+from .segmenter import (MODEL_FOLDER_CARD, MODEL_FOLDER_CLASSES, MODEL_FOLDER_CONFIG, TRAINING_ONLY_WEIGHTS,
                         Normalise, Segmenter, inference_config)
 
 # The traced example: a batch of 2 (a batch of 1 would be specialised) at a size that is no
@@ -312,7 +312,7 @@ def export_folder(seg: Segmenter, source: Path, out: Path, license: str) -> Path
              if k not in TRAINING_ONLY_WEIGHTS}
     atomic_write_bytes(out / "model.safetensors", save(state, metadata={"format": "pt"}))
     header = ("# bida model folder: the config keys that rebuild the network and say how it predicts\n"
-              "# (bida.tools.inference.inference_config); every other key takes its default.\n")
+              "# (bida.tools.segmenter.inference_config); every other key takes its default.\n")
     atomic_write_text(out / MODEL_FOLDER_CONFIG, header + yaml.safe_dump(inference_config(seg.cfg), sort_keys=False))
     atomic_write_text(out / MODEL_FOLDER_CLASSES, json.dumps(
         {"classes": seg.classes, "palette": seg.palette.tolist(), "ignore_index": 255}, indent=2))

@@ -140,7 +140,7 @@ def reevaluate_run(run_dir: Path) -> dict:
     import torch
 
     from ..data.datasets import build_eval_dataset, resolve_domain
-    from ..engine.evaluate import evaluate, write_metrics
+    from ..engine.inference import evaluate, write_metrics
     from .predict import model_from_checkpoint
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -17,11 +17,11 @@ from tqdm import tqdm
 
 from ..checkpoint import atomic_write_text, ensure_writable, load_checkpoint
 from ..config import Config, from_dict, to_dict
-from ..data.labels import default_palette, CITYSCAPES
+from ..labels import default_palette, CITYSCAPES
 from ..data.readers import read_image
 from ..models import DeepLabV2, MiTSegmentor, build_model
 from ..errors import BidaError, CheckpointError, DataError
-from ..engine.weights import load_model_weights, weights_file
+from ..models.weights import load_model_weights, weights_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -119,7 +119,7 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str |
     :func:`collect_images`); colours come from the training classes' palette
     (``classes.json`` of a folder domain).
     """
-    from .inference import Segmenter
+    from .segmenter import Segmenter
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg is None:

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from ..checkpoint import atomic_write_bytes, atomic_write_text
 from ..errors import RunDirError
 from .report_figures import _curves, _features, _load_models, _predictions, _pseudo
-from .report_runs import Run, load_runs, read_log  # noqa: F401 - public here too
+from .report_runs import load_runs
 from .report_tables import _confusion, _e, _header, _iou
 
 

@@ -91,21 +91,21 @@ def _target_val(cfg: Config):
 
 @torch.no_grad()
 def _predict(model, cfg: Config, item: dict, k: int, device) -> np.ndarray:
-    from ..engine.evaluate import predict_probs
+    from ..engine.inference import predict_probs
 
     x = item["image"].unsqueeze(0).to(device)
     return predict_probs(model, x, cfg.eval, k, tuple(item["label"].shape[-2:])).argmax(1)[0].cpu().numpy().astype(np.uint8)
 
 
 def _image_miou(pred: np.ndarray, label: torch.Tensor, names: Sequence[str], cfg: Config, ignore: int) -> float:
-    from ..engine.evaluate import confusion_matrix, metrics_from_confusion
+    from ..engine.inference import confusion_matrix, metrics_from_confusion
 
     conf = confusion_matrix(torch.from_numpy(pred.astype(np.int64)), label, len(names), ignore)
     return metrics_from_confusion(conf, names, cfg.data.eval_classes)["mIoU"]
 
 
 def _predictions(page: _Page, runs: list[Run], models: dict, max_images: int, scan_images: int, device) -> None:
-    from ..data.labels import colorize
+    from ..labels import colorize
 
     page.section("predictions", "Target validation predictions")
     for run in runs:

@@ -2,7 +2,7 @@
 
 A :class:`Segmenter` comes from a training checkpoint, from a model folder written by
 ``bida export --format folder`` or from an ONNX window model written by ``bida export
---format onnx``. Every path goes through :func:`bida.engine.evaluate.predict_probs`, the
+--format onnx``. Every path goes through :func:`bida.engine.inference.predict_probs`, the
 very function ``bida evaluate`` calls: whole image or sliding windows (``eval.mode``),
 flip averaging (``eval.flip``), ``eval.size``. Any input size works: the loop clips its
 windows to the image and the networks take any size (DINOv2 pads to its 14-pixel grid).
@@ -26,13 +26,13 @@ from torch import Tensor
 
 from ..config import Config, from_dict, to_dict
 from ..data.transforms import CAFFE_MEAN_BGR, IMAGENET_MEAN, IMAGENET_STD
-from ..engine.evaluate import predict_probs
-from ..engine.weights import MODEL_FOLDER_WEIGHTS, load_model_weights
+from ..engine.inference import predict_probs
+from ..models.weights import MODEL_FOLDER_WEIGHTS, load_model_weights
 from ..errors import BidaError, CheckpointError
 from ..models import build_model
 from ..models.output import SegOutput
 
-# A model folder: the files ``bida export --format folder`` writes (README: "Model folders").
+# A model folder: the files ``bida export --format folder`` writes (docs/export.md).
 MODEL_FOLDER_CONFIG, MODEL_FOLDER_CLASSES, MODEL_FOLDER_CARD = "config.yaml", "classes.json", "README.md"
 # Parameters a network trains with but never predicts with (model.mask_token's): not in a model folder.
 TRAINING_ONLY_WEIGHTS = ("backbone.mask_token",)
@@ -133,8 +133,8 @@ class OnnxWindowModel(torch.nn.Module):
 
     ``forward(x, domain)`` takes the normalised float images that bida's loops pass, turns
     them back into the uint8 RGB the graph takes (exact for pixels that were integers) and
-    returns the graph's logits: :func:`~bida.engine.evaluate.predict_probs` and
-    :func:`~bida.engine.evaluate.evaluate` run it with their own sliding-window and flip
+    returns the graph's logits: :func:`~bida.engine.inference.predict_probs` and
+    :func:`~bida.engine.inference.evaluate` run it with their own sliding-window and flip
     loop, as they run the PyTorch network.
     """
 
@@ -293,6 +293,6 @@ class Segmenter:
 
     def colorize(self, labels: np.ndarray) -> np.ndarray:
         """(H, W) class ids -> (H, W, 3) uint8 colours of :attr:`palette` (ignore and unknown ids black)."""
-        from ..data.labels import colorize
+        from ..labels import colorize
 
         return colorize(np.asarray(labels).astype(np.uint8), [tuple(c) for c in self.palette.tolist()])

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from bida.errors import DataError
-from .labels import IGNORE_INDEX
+from ..labels import IGNORE_INDEX
 from .readers import (
     Sample,
     check_label_values,

@@ -12,7 +12,7 @@ import torch
 from ..config import target_test_split
 from ..data.datasets import build_eval_dataset
 from ..errors import DataError
-from .evaluate import markdown_table, write_metrics
+from .inference import markdown_table, write_metrics
 from .runlog import log_has
 from .stop import _Stopping
 
@@ -106,7 +106,7 @@ def evaluate_split(trainer, ds, stoppable: bool, evaluate) -> dict:
 
     ``stoppable``: a stop on any rank abandons the evaluation on every rank
     (:class:`_Stopping`); every rank polls as often as the longest shard has images.
-    ``evaluate``: :func:`bida.engine.evaluate.evaluate`, as the loop calls it.
+    ``evaluate``: :func:`bida.engine.inference.evaluate`, as the loop calls it.
     """
     trainer._average_bn_statistics()
     polls, n_polls = 0, -(-len(ds) // trainer.world_size)

@@ -66,7 +66,7 @@ def protocol_metrics(conf: Tensor, class_names: Sequence[str]) -> dict:
     Returns ``{"mIoU_19": .., "mIoU_16": .., "mIoU_13": ..}`` (GTA5 is reported on 19
     classes, SYNTHIA on 16 and 13), or ``{}`` for another class list.
     """
-    from ..data.labels import CITYSCAPES_CLASSES, SYNTHIA_13_CLASSES, SYNTHIA_16_CLASSES
+    from ..labels import CITYSCAPES_CLASSES, SYNTHIA_13_CLASSES, SYNTHIA_16_CLASSES
 
     if tuple(class_names) != tuple(CITYSCAPES_CLASSES):
         return {}

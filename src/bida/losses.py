@@ -1,0 +1,12 @@
+"""The paper's losses (public): segmentation CE, entropy and the pixel-prototype contrast.
+
+Defined in :mod:`bida.method.losses`; this module is the stable import path for other tooling.
+"""
+
+from .method.losses import (
+    seg_cross_entropy, ce_pixel_count, entropy, pixel_prototype_contrast,
+)
+
+__all__ = [
+    "seg_cross_entropy", "ce_pixel_count", "entropy", "pixel_prototype_contrast",
+]
