@@ -15,17 +15,8 @@ import numpy as np
 
 from bida.errors import DataError
 from ..labels import IGNORE_INDEX
-from .readers import (
-    Sample,
-    check_label_values,
-    class_info,
-    list_samples,
-    non_png_label_hint,
-    orphan_labels,
-    read_image,
-    read_label,
-    size_mismatch_message,
-)
+from .listing import Sample, list_samples, non_png_label_hint, orphan_labels
+from .readers import check_label_values, class_info, read_image, read_label, size_mismatch_message
 
 QUICK_CHECK_FILES = 2  # files read per split when full=False and max_files is not given
 IGNORE_NAME = "(ignore)"  # histogram key of ignored pixels; parentheses avoid clashing with a class

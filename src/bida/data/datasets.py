@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import Config, DomainConfig
 from ..errors import DataError
 from ..labels import ClassInfo
-from .readers import Sample, class_info, list_samples, read_pair
+from .listing import Sample, list_samples
+from .readers import class_info, read_pair
 from .synthetic import SyntheticSpec, ensure_synthetic
 from .transforms import random_scale_crop_flip, resize_pair, shorter_side_size, to_tensor
 

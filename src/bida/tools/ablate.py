@@ -17,7 +17,7 @@ from ..checkpoint import atomic_write_text
 from ..config import load_config
 from ..errors import ConfigError
 from ..method.presets import preset_overrides
-from ..engine.train import environment
+from ..engine.setup import environment
 from .grid import _complete, _dir_name, _open_grid, run_grid, seed_list
 from .grid_tables import _results_text, reported_split, summarise
 
