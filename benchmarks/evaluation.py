@@ -1,6 +1,6 @@
 """Evaluation throughput and peak memory: whole-image prediction vs sliding windows.
 
-Both modes call :func:`bida.evaluate.predict_probs` (softmax probabilities at input size)
+Both modes call :func:`bida.engine.inference.predict_probs` (softmax probabilities at input size)
 with ``EvalConfig(mode=...)`` on the same random images. Images/s: the two modes
 alternate in one process, medians reported. Peak memory: each mode runs again in a
 fresh subprocess, and the growth of its peak resident set size over the process after

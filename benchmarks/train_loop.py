@@ -1,6 +1,6 @@
 """The trainer against its benchmark: ``bida train`` steps/s, data wait, pseudo labels, evaluation.
 
-Runs the real trainer (``bida.train.Trainer``, the code ``bida train`` runs) on generated
+Runs the real trainer (``bida.engine.train.Trainer``, the code ``bida train`` runs) on generated
 synthetic data at the paper's shapes: DeepLab-V2 ResNet-101 (frozen BN), 2 + 2 crops of
 730x730, bf16 autocast, BiDA. A short source phase, then one BiDA round of ``--iters``
 iterations; its log records give the trainer's step time and the share spent waiting for

@@ -110,10 +110,3 @@ def test_bn_batch_stats_needs_freeze_bn():
     assert m.bn_batch_stats and m.bn1.weight.requires_grad is False
 
 
-def test_old_import_path_is_the_same_module():
-    import bida.models.deeplabv2 as old
-    import bida.models as models
-    from bida.models import deeplabv2
-
-    assert old.DeepLabV2 is deeplabv2.DeepLabV2 and old.SegOutput is models.SegOutput
-    assert old.build_model is models.build_model and old.ASPPClassifier is deeplabv2.ASPPClassifier

@@ -6,7 +6,7 @@ On a GPU, every read of a device value on the host (``.item()``, ``float(t)``, `
 training steps of every method and record both kinds of reads inside the step (forward,
 losses, method extras, backward, optimizer, log accumulation); log records, evaluation
 and checkpoints are outside it. The one read allowed is the step's finiteness flag
-(:func:`bida.train._step_is_finite`), once a step.
+(:func:`bida.engine.guard._step_is_finite`), once a step.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def test_the_package_imports_one_way():
     # The check sees real imports: the engine reaches the method, tools reach the engine.
     engine = {t for _, t in imported_modules(PACKAGE / "engine" / "train.py", PACKAGE)}
     assert "bida.method.train_step" in engine and "bida.config" in engine
-    assert "bida.engine.train" in {t for _, t in imported_modules(PACKAGE / "tools" / "demo.py", PACKAGE)}
+    assert "bida.engine.train" in {t for _, t in imported_modules(PACKAGE / "tools" / "grid.py", PACKAGE)}
     # The config package and each of its modules are shared, and they import within it.
     assert (PACKAGE / "config" / "__init__.py").is_file()
     assert {layer_of(f"bida.config.{p.stem}") for p in (PACKAGE / "config").glob("*.py")} == {"shared"}

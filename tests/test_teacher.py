@@ -283,7 +283,7 @@ def test_teacher_runs_self_training(tmp_path, tiny_overrides):
 
 def test_bida_teacher_run_with_feature_distance_stopped_mid_way_resumes_exactly(tmp_path, tiny_overrides):
     # "ImageNet" weights: any weight file of the architecture
-    from bida.models.deeplabv2 import build_model
+    from bida.models import build_model
 
     weights = tmp_path / "init.pth"
     torch.save(build_model(load_config(None, tiny_overrides).model, 19).state_dict(), weights)
@@ -318,7 +318,7 @@ def test_bida_teacher_run_with_feature_distance_stopped_mid_way_resumes_exactly(
 def test_feature_distance_reads_the_backbone_output_on_the_chosen_classes(tiny_overrides):
     import copy
 
-    from bida.models.deeplabv2 import build_model
+    from bida.models import build_model
     from bida.method.feature_distance import FeatureDistance
 
     student = build_model(load_config(None, tiny_overrides).model, 19).eval()
