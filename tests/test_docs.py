@@ -1,19 +1,30 @@
-"""README, docs and packaging agree with the code: commands, options, paths, references."""
+"""README, docs/ and packaging agree with the code: commands, options, config keys, paths, links.
+
+The checks read facts, not prose: every ``bida`` command the docs name exists in the parser,
+every dotted config key exists in the schema, every repository path exists, every docs page
+is linked from README, every config is listed in docs/recipes.md.
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import re
 import tomllib
 from pathlib import Path
 
 import pytest
 
+from bida.config import Config, to_dict
+from bida.tools import cli
 from bida.tools.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
-
+README_PATH = ROOT / "README.md"
+README = README_PATH.read_text()
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+PAGES = [README_PATH, *DOCS]
+MAX_README_LINES = 250
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     """Every (sub)command's parser, keyed ``train``, ``data check``, ..."""
@@ -43,6 +54,104 @@ def _command_table() -> dict[str, list[tuple[str, str]]]:
         if m:
             rows.setdefault(m.group(1), []).append((m.group(1) + m.group(2), m.group(3).strip()))
     return rows
+
+
+def _code(text: str) -> list[str]:
+    """The code of a page: its inline code spans and the lines of its bash blocks (comments cut)."""
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    lines = [line.split(" #")[0] for block in blocks for line in block.splitlines() if not line.startswith("#")]
+    return re.findall(r"`([^`\n]+)`", prose) + lines
+
+
+def _doc_keys(text: str) -> set[str]:
+    """Dotted config keys written in a page's code (``section.key``, ``data.source.root=...``)."""
+    sections = set(to_dict(Config()))
+    keys = set()
+    for code in _code(text):
+        for token in re.findall(r"(?<![\w./-])([a-z_]+(?:\.[a-z_0-9]+)+)(?![\w/(\[-])", code):
+            if token.split(".")[0] in sections and not re.search(r"\.(safetensors|pth|pt|yaml|json|md|py)$", token):
+                keys.add(token)
+    return keys
+
+
+def _schema_keys(tree: dict, prefix: str = "") -> set[str]:
+    """Every key of the config, sections and leaves, dotted."""
+    keys = set()
+    for name, value in tree.items():
+        keys.add(prefix + name)
+        if isinstance(value, dict):
+            keys |= _schema_keys(value, f"{prefix}{name}.")
+    return keys
+
+
+def _page_paths(path: Path) -> set[str]:
+    """Repository paths a page names: files under configs/, src/bida/, benchmarks/, docs/ and tests/,
+    and the targets of its relative Markdown links (resolved from the page)."""
+    text = path.read_text()
+    matches = re.finditer(r"(?<![\w./-])((?:configs|src/bida|benchmarks|docs|tests)/[\w./-]*\w)", text)
+    # a path followed by a placeholder (tests/test_<family>.py, blocks.*) names no file
+    found = {m.group(1) for m in matches if text[m.end():m.end() + 1] not in ("<", "*")}
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        if not re.match(r"[a-z]+://", target):
+            found.add((path.parent / target).resolve().relative_to(ROOT).as_posix())
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_command_named_exists(page):
+    """(a) Every ``bida <command>`` in a page's code is a command of the parser (``bida launch``
+    is dispatched before the parser, to torchrun)."""
+    known = {name.split()[0] for name in COMMANDS} | {"launch"}
+    assert "launch" in inspect.getsource(cli.main), "bida launch is no longer dispatched by the CLI"
+    named = []
+    for code in _code(page.read_text()):
+        for command, word in re.findall(r"(?:^|\s|bin/)bida ([a-z][\w-]*)(?: ([a-z]+))?", code):
+            named.append((command, word))
+            assert command in known, f"{page.name} names 'bida {command}', which the CLI does not have"
+            if command == "data":
+                assert f"data {word}" in COMMANDS, f"{page.name} names 'bida data {word}'"
+    if page == README_PATH:
+        assert {c for c, _ in named} >= {name.split()[0] for name in COMMANDS} - {"check-data"}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_config_key_named_exists(page):
+    """(b) Every dotted config key in a page's code is a key of the schema."""
+    known = _schema_keys(to_dict(Config()))
+    for key in sorted(_doc_keys(page.read_text())):
+        assert key in known, f"{page.name} names config key {key!r}, which the schema lacks"
+
+
+def test_the_key_check_reads_keys():
+    """The key reader finds keys in spans, with values and in bash blocks, and skips file names."""
+    text = "`train.lr=6e-5 train.poly_power=1.0`, `model.safetensors`, `bida.losses`\n```bash\nbida train data.source.root=A\n```\n"
+    assert _doc_keys(text) == {"train.lr", "train.poly_power", "data.source.root"}
+    assert _doc_keys(README) and _doc_keys((ROOT / "docs" / "method.md").read_text())
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_repository_path_named_exists(page):
+    """(c) Every repository path a page names exists."""
+    paths = _page_paths(page)
+    assert paths or page.name not in ("README.md", "recipes.md")
+    for path in sorted(paths):
+        assert (ROOT / path).exists(), f"{page.name} names {path}, which does not exist"
+
+
+def test_readme_is_a_front_page_linking_every_docs_page():
+    """(d) README stays short and links every page under docs/."""
+    assert len(README.splitlines()) <= MAX_README_LINES, f"README has {len(README.splitlines())} lines"
+    links = set(re.findall(r"\]\((docs/[^)#\s]+)", README))
+    for doc in DOCS:
+        assert f"docs/{doc.name}" in links, f"README does not link docs/{doc.name}"
+
+
+def test_recipes_lists_every_config():
+    """(e) docs/recipes.md lists every file in configs/."""
+    recipes = (ROOT / "docs" / "recipes.md").read_text()
+    for config in sorted((ROOT / "configs").glob("*.yaml")):
+        assert f"`configs/{config.name}`" in recipes, f"docs/recipes.md does not list configs/{config.name}"
 
 
 def test_every_option_has_help_text():
@@ -96,14 +205,22 @@ def test_readme_documents_every_option():
     assert "--version" in section
 
 
-def test_readme_example_outputs_are_git_ignored():
+@pytest.mark.parametrize("command", ["train", "ablate", "demo"])
+def test_usage_of_grid_commands_shows_resume(command):
+    if command == "train":
+        assert "--resume" in COMMANDS[command].format_help()
+    else:
+        assert f"bida {command} --resume DIR" in README
+
+
+def test_example_outputs_are_git_ignored():
     ignored = [line.strip().rstrip("/") for line in (ROOT / ".gitignore").read_text().splitlines() if line.strip()]
-    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    blocks = [block for page in PAGES for block in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S)]
     outs = [m for block in blocks for m in re.findall(r"--out\s+(\S+)", block)]
     assert outs
     for out in outs:
         first = Path(out).parts[0]
-        assert first in ignored, f"README writes to {out}, which .gitignore does not cover"
+        assert first in ignored, f"the docs write to {out}, which .gitignore does not cover"
 
 
 def test_method_description_ships_with_the_project():
@@ -115,7 +232,7 @@ def test_method_description_ships_with_the_project():
         assert f"`{key}`" in text, f"docs/method.md does not name {key}"
     sections = set(re.findall(r"^## (\d+)\. ", text, flags=re.M))
     for path in [*(ROOT / "src").rglob("*.py"), *(ROOT / "configs").glob("*.yaml"), *(ROOT / "benchmarks").glob("*"),
-                 ROOT / "README.md"]:
+                 *PAGES]:
         if not path.is_file():
             continue
         body = path.read_text()
@@ -123,7 +240,6 @@ def test_method_description_ships_with_the_project():
         for refs in re.findall(r"docs/method\.md,? sections? ([\d, and]+)", body):
             for number in re.findall(r"\d+", refs):
                 assert number in sections, f"{path} cites docs/method.md section {number}"
-    assert "docs/method.md" in README
 
 
 def test_license_uses_the_current_pyproject_form():
@@ -134,36 +250,32 @@ def test_license_uses_the_current_pyproject_form():
     assert version and int(version.group(1)) >= 77  # the first setuptools that reads SPDX strings
 
 
-def test_readme_states_the_demo_time_breakdown():
+def test_demo_time_breakdown_has_the_demos_own_rows():
+    """docs/performance.md's wall-time table has the rows ``bida demo`` writes (its header, the
+    set-up, a row per run of the demo, the report and the total), in the demo's own words."""
     from bida.tools.grid_tables import timing_table
 
-    header = timing_table({}).splitlines()[0]
-    start = README.index("Where the time goes")
-    text = README[start:README.index("## Install")]
-    assert header in text and "set-up" in text and "report" in text and "**total**" in text
-    for run in ("source_only", "self_training", "bida"):
-        assert f"run `{run}`" in text
-    assert "Machine" in text and "fresh clone" in text
-
-
-@pytest.mark.parametrize("command", ["train", "ablate", "demo"])
-def test_usage_of_grid_commands_shows_resume(command):
-    if command == "train":
-        assert "--resume" in COMMANDS[command].format_help()
-    else:
-        assert f"bida {command} --resume DIR" in README
+    written = timing_table({"setup_s": 0.0, "runs_s": {"source_only": 63.0, "self_training": 69.0, "bida": 71.0},
+                            "report_s": 14.0, "total_s": 220.0}).splitlines()
+    text = (ROOT / "docs" / "performance.md").read_text()
+    start = text.index("## Where the time of `make demo` goes")
+    section = text[start:text.index("\n## ", start + 1)]
+    assert "\n".join(written[:2]) in section
+    cells = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")]
+    for row in written[2:]:
+        label = row.split("|")[1].strip()
+        assert any(cell.startswith(label) for cell in cells), f"docs/performance.md's demo timing lacks {label!r}"
 
 
 def test_daformer_deviation_table_names_real_keys_their_defaults_and_the_configs_values():
-    """Each row of README's DAFormer/MIC deviation table: a config key, its schema default in
-    the bida column, and in the published column the value the DAFormer and MIC configs set."""
+    """Each row of the DAFormer/MIC deviation table (docs/recipes.md): a config key, its schema
+    default in the bida column, and in the published column the value the DAFormer and MIC configs set."""
     import yaml
 
-    from bida.config import Config
-
-    start = README.index("### Deviation table: DAFormer and MIC\n")
-    end = README.index("\n### ", start + 1)
-    rows = [line for line in README[start:end].splitlines() if line.startswith("| `")]
+    recipes = (ROOT / "docs" / "recipes.md").read_text()
+    start = recipes.index("### Deviation table: DAFormer and MIC\n")
+    end = recipes.index("\n#", start + 1)
+    rows = [line for line in recipes[start:end].splitlines() if line.startswith("| `")]
     keys = {}
     for row in rows:
         key, published, default = (cell.strip() for cell in row.strip("|").split("|"))

@@ -1,11 +1,11 @@
 """The reproducibility record: a seeded short run of the demo config, pinned per CPU kind.
 
-README's demo tables are measured with ``bida demo``; a change to the training path that
+The demo tables of docs/results.md are measured with ``bida demo``; a change to the training path that
 alters a seeded run's losses or metrics makes those tables stale without anyone noticing.
 This test runs the demo's
 config (``defaults.yaml``, DeepLab-V2, offline rounds, method ``bida``) shrunk in sizes and
 lengths only, and compares its logged losses and final metrics with stored constants. A
-deliberate change re-measures README's tables and then updates :data:`PINNED_RECORDS`.
+deliberate change re-measures those tables and then updates :data:`PINNED_RECORDS`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from bida.config import load_config
 from bida.engine.setup import cpu_model, environment, git_revision
 from bida.engine.train import train
 
-MESSAGE = "the seeded demo changed: re-measure README's tables and update this constant"
+MESSAGE = "the seeded demo changed: re-measure the tables of docs/results.md and update this constant"
 
 # Sizes and lengths only: 8/4/2 images at 32x64, 1/8 width, 6 source steps, two rounds of 3
 # BiDA steps (round 1 labelled by an adapted model), evaluations every 3 steps (best.pt);

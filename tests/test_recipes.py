@@ -1,8 +1,8 @@
-"""Configs that name a published recipe say what they are, and README's deviation tables hold.
+"""Configs that name a published recipe say what they are, and the deviation tables of docs/recipes.md hold.
 
 A config named after a published method (DAFormer, MIC, VFM-UDA on DINOv2) opens with the
 recipe's source, the published figure ("published, not measured by bida") and a list
-"Deviations from the recipe". A switch in one of README's deviation tables that such a
+"Deviations from the recipe". A switch in one of the deviation tables (docs/recipes.md) that such a
 config leaves at bida's default, where the recipe has another value, must be named under
 "Deviations" (with its reason): a recipe config either runs the published value or says why not.
 """
@@ -22,7 +22,7 @@ from bida.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-# README's deviation tables, by heading, and the configs each one covers.
+# The deviation tables of docs/recipes.md, by heading, and the configs each one covers.
 TABLES = {
     "DAFormer and MIC": lambda name: "daformer" in name,
     "VFM-UDA (DINOv2)": lambda name: "dinov2" in name,
@@ -56,17 +56,17 @@ def deviations(path: Path) -> list[str]:
 
 
 def deviation_tables() -> dict[str, list[tuple[str, str, str]]]:
-    """README's "### Deviation table: <name>" tables: (dotted key, published, bida default) per row."""
-    text, tables = (ROOT / "README.md").read_text(), {}
+    """docs/recipes.md's "### Deviation table: <name>" tables: (dotted key, published, bida default) per row."""
+    text, tables = (ROOT / "docs" / "recipes.md").read_text(), {}
     for name in TABLES:
         match = re.search(rf"^### Deviation table: {re.escape(name)}\n(.*?)(?=^#|\Z)", text, re.M | re.S)
-        assert match, f"README has no '### Deviation table: {name}'"
+        assert match, f"docs/recipes.md has no '### Deviation table: {name}'"
         rows = []
         for line in match.group(1).splitlines():
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             if len(cells) >= 3 and cells[0].startswith("`") and not set(cells[1]) <= set("-: "):
                 rows.append((cells[0].strip("`"), cells[1], cells[2]))
-        assert rows, f"README's deviation table '{name}' has no rows"
+        assert rows, f"docs/recipes.md's deviation table '{name}' has no rows"
         tables[name] = rows
     return tables
 
@@ -143,7 +143,7 @@ def test_deviation_tables_show_bida_defaults():
     for name, rows in deviation_tables().items():
         for key, _published, default in rows:
             assert same(value_at(defaults, key), cell_value(default)), \
-                f"README deviation table '{name}': {key} default {default!r}, schema {value_at(defaults, key)!r}"
+                f"docs/recipes.md deviation table '{name}': {key} default {default!r}, schema {value_at(defaults, key)!r}"
 
 
 @pytest.mark.parametrize("name", RECIPE_CONFIGS)

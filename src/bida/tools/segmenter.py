@@ -32,7 +32,7 @@ from ..errors import BidaError, CheckpointError
 from ..models import build_model
 from ..models.output import SegOutput
 
-# A model folder: the files ``bida export --format folder`` writes (docs/export.md).
+# A model folder: the files ``bida export --format folder`` writes (docs/usage.md, "Model folders").
 MODEL_FOLDER_CONFIG, MODEL_FOLDER_CLASSES, MODEL_FOLDER_CARD = "config.yaml", "classes.json", "README.md"
 # Parameters a network trains with but never predicts with (model.mask_token's): not in a model folder.
 TRAINING_ONLY_WEIGHTS = ("backbone.mask_token",)
