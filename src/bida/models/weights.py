@@ -26,7 +26,8 @@ These layouts are recognised:
   ``q_proj``..., ``gate_proj``/``up_proj``/``down_proj`` too); ``mask_token`` and an ImageNet
   ``classifier`` are skipped;
 * bida checkpoints (a dict with ``model``) and safetensors files;
-* bida model folders (``bida export --format folder``): their ``model.safetensors``.
+* folders: a bida model folder (``bida export --format folder``) or a Hugging Face one
+  (``config.json`` + ``model.safetensors``, or ``pytorch_model.bin``): the weights file inside.
 
 Keys that fit nowhere, backbone keys that are missing, shapes that differ, or a file of
 another segmentor family (ResNet weights for a MiT, MiT weights for a DINOv2 ViT...) are
@@ -53,13 +54,21 @@ CLASSIFIER_BIASES = ("layer5.conv2d_list.0.bias", "decode_head.classifier.bias")
 MIT_KEY = "backbone.patch_embed1.proj.weight"  # a MiT segmentor's state dict has it
 DINOV2_KEY = "backbone.pos_embed"  # a DINOv2 segmentor's state dict has it
 MODEL_FOLDER_WEIGHTS = "model.safetensors"  # the weights of a model folder (bida export --format folder)
+# The weights file of a folder, in the order looked for: bida's and Hugging Face's safetensors,
+# then the pickled PyTorch file of older Hugging Face folders (save_pretrained(safe_serialization=False)).
+FOLDER_WEIGHTS = (MODEL_FOLDER_WEIGHTS, "pytorch_model.bin")
 
 
 
 def weights_file(path: str | Path) -> Path:
-    """The file that holds the weights: ``path`` itself, or a model folder's ``model.safetensors``."""
+    """The file that holds the weights: ``path`` itself, or the weights file of a model folder
+    (a bida or Hugging Face folder: the first of :data:`FOLDER_WEIGHTS` it holds)."""
     path = Path(path)
-    return path / MODEL_FOLDER_WEIGHTS if path.is_dir() and (path / MODEL_FOLDER_WEIGHTS).is_file() else path
+    if path.is_dir():
+        for name in FOLDER_WEIGHTS:
+            if (path / name).is_file():
+                return path / name
+    return path
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -224,6 +233,11 @@ def load_pretrained(model: torch.nn.Module, path: str | Path) -> dict[str, list[
         CheckpointError: a file of the other segmentor family, unexpected keys, missing
             backbone keys or shape mismatches.
     """
+    if Path(path).is_dir() and weights_file(path) == Path(path):  # a folder without a weights file
+        found = sorted(p.name for p in Path(path).iterdir())
+        raise CheckpointError(f"pretrained folder {path} holds no {' or '.join(FOLDER_WEIGHTS)} (it holds "
+                              + (", ".join(found[:5]) + (f" +{len(found) - 5} more" if len(found) > 5 else "")
+                                 if found else "nothing") + "); give the weights file or its folder")
     own = model.state_dict()
     state, skipped = _to_model_layout(_normalise_keys(read_state_dict(path)), own, path,
                                       getattr(model, "arch", type(model).__name__))
