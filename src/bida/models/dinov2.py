@@ -489,6 +489,7 @@ class DINOv2Segmentor(nn.Module):
         if input_scale <= 0:
             raise ValueError(f"input_scale must be > 0, got {input_scale}")
         self.arch = backbone
+        self.width = width  # channel multiplier: named when a weight file of another width does not fit
         self.num_classes = num_classes
         self.feature_kind = "decoder"
         self.input_scale = input_scale

@@ -290,6 +290,7 @@ class MiTSegmentor(nn.Module):
         if decoder not in HEADS:
             raise ValueError(f"unknown decoder {decoder!r}; choose from {sorted(HEADS)}")
         self.arch = backbone
+        self.width = width  # channel multiplier: named when a weight file of another width does not fit
         self.num_classes = num_classes
         self.feature_kind = "decoder"
         self.backbone = MixTransformer(backbone, width, drop_path, grad_checkpoint)

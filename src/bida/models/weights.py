@@ -195,6 +195,37 @@ def architecture_mismatch(state: dict[str, torch.Tensor], saved: str | None, arc
     return f"a {FAMILY_MODELS[family]} (the key layout of a {LAYOUT_NAMES[layout]})"
 
 
+# Hugging Face's size names of the DINOv2 ViTs (facebook/dinov2-small ...).
+_HF_DINOV2_SIZES = {"vits14": "small", "vitb14": "base", "vitl14": "large", "vitg14": "giant"}
+
+
+def pretrained_recipe(backbone: str) -> str:
+    """Where the ImageNet / DINOv2 weights of ``backbone`` come from, which file and key to set:
+    one sentence for the warning of a run that starts from random weights (bida never downloads)."""
+    family = arch_family(backbone)
+    if family == "mit":
+        return (f"model.pretrained=pretrained/{backbone}.pth, SegFormer's ImageNet-1k {backbone} encoder "
+                f"(NVlabs SegFormer release, mmseg layout), or the Hugging Face folder nvidia/{backbone.replace('_', '-')} "
+                "(its model.safetensors); data.normalize=imagenet (docs/datasets.md, 'MiT weights')")
+    if family == "dinov2":
+        size = backbone.split("_")[1]
+        reg = backbone.endswith("_reg")
+        release = f"dinov2_{size}{'_reg4' if reg else ''}_pretrain.pth"
+        hf = f"facebook/dinov2-{'with-registers-' if reg else ''}{_HF_DINOV2_SIZES[size]}"
+        return (f"model.pretrained=pretrained/{release}, the DINOv2 release file "
+                f"(https://dl.fbaipublicfiles.com/dinov2/dinov2_{size}/{release}), or the Hugging Face folder {hf} "
+                "(its model.safetensors); data.normalize=imagenet (docs/datasets.md, 'DINOv2 weights')")
+    return ("model.backbone=resnet101 model.pretrained=weights/DeepLab_init.pth data.normalize=caffe "
+            "(docs/datasets.md, 'Initial weights')")
+
+
+def random_init_warning(backbone: str) -> str:
+    """The line a run from random weights prints (on real data: on the embedded synthetic pair
+    random weights are the design)."""
+    return (f"bida: warning: training {backbone} from random weights (model.pretrained and model.init_checkpoint "
+            f"are not set); for real data start from pretrained weights: {pretrained_recipe(backbone)}")
+
+
 def _family(own: dict[str, torch.Tensor]) -> str:
     return "mit" if MIT_KEY in own else "dinov2" if DINOV2_KEY in own else "resnet"
 
@@ -221,6 +252,23 @@ def _to_model_layout(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor
     if layout == "mit":
         return from_mit_imagenet(state)
     return state, []
+
+
+def _shape_error(path: str | Path, key: str, shape: tuple[int, ...], expected: tuple[int, ...], arch: str,
+                 width: float) -> CheckpointError:
+    """A backbone tensor of another shape, named by the config key that explains it: ``model.width``
+    when the model is scaled and the file is wider by a factor that makes it a width of at most 1
+    (a width left from a demo config: pretrained weights are full width), else ``model.backbone``
+    (another depth or size of the family)."""
+    detail = f"pretrained file {path}: {key} has shape {shape}, model expects {expected}"
+    differ = [(a, b) for a, b in zip(shape, expected) if a != b]
+    file_width = width * differ[0][0] / differ[0][1] if len(shape) == len(expected) and differ else None
+    if width != 1.0 and file_width is not None and file_width <= 1.0 + 1e-6:
+        return CheckpointError(f"model.width={width:g}: {detail}, as the file holds {arch} weights of model.width="
+                               f"{file_width:.3g}; set model.width={file_width:.3g} (a width below 1 is for training "
+                               "from random weights, as the demo configs do) or leave out model.pretrained")
+    return CheckpointError(f"model.backbone={arch}: {detail} (weights of another depth or size: set the "
+                           "model.backbone and model.width they were trained with)")
 
 
 def load_pretrained(model: torch.nn.Module, path: str | Path) -> dict[str, list[str]]:
@@ -256,9 +304,8 @@ def load_pretrained(model: torch.nn.Module, path: str | Path) -> dict[str, list[
             if key.startswith(HEAD_PREFIXES):  # another label set: keep the fresh classifier
                 skipped.append(key)
                 continue
-            raise CheckpointError(
-                f"pretrained file {path}: {key} has shape {tuple(value.shape)}, model expects {tuple(own[key].shape)} "
-                "(another backbone depth or width?)")
+            raise _shape_error(path, key, tuple(value.shape), tuple(own[key].shape),
+                               getattr(model, "arch", type(model).__name__), getattr(model, "width", 1.0))
         load[key] = value
     backbone_missing = [k for k in own if k not in load and not k.startswith(HEAD_PREFIXES)
                         and not k.startswith("target_stem.") and not k.endswith("num_batches_tracked")]
