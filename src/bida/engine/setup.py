@@ -33,6 +33,7 @@ from .resume import load_resume, resume_checkpoint, truncate_run_log
 from .run_dir import RunLock, check_run_dir, create_run_dir
 from .runlog import LogAccumulator, RunLogger
 from .schedules import plan_phases
+from .class_weights import source_class_weights
 from ..models.weights import check_trained_head, load_model_weights, load_pretrained, random_init_warning
 
 
@@ -239,6 +240,7 @@ def setup_run(trainer, cfg: Config, resume: bool, overwrite: bool, dump_config) 
     if trainer.is_main and resume and not (trainer.run_dir / "run.json").is_file():
         write_run_json(trainer)  # a run stopped between its config and run.json
     trainer.logger = RunLogger(trainer.run_dir, enabled=trainer.is_main)
+    trainer.class_weights = source_class_weights(trainer)  # loss.class_weights (None: every class weighs 1)
     trainer.total_steps = sum(p.iters for p in trainer.phases)
     trainer._stop_after: int | None = None
     trainer._data_wait_s = 0.0

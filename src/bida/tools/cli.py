@@ -192,7 +192,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from ..config import load_config, target_test_split
     from ..data.datasets import build_eval_dataset, check_same_classes, resolve_domain
-    from ..engine.inference import evaluate, markdown_table, write_metrics
+    from ..engine.inference import evaluate, majority_collapse, markdown_table, write_metrics
     from ..models.weights import ArchitectureError
     from .predict import model_from_checkpoint
 
@@ -224,6 +224,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics["checkpoint"] = str(args.checkpoint)
     metrics["split"] = split
     print(markdown_table(metrics, f"target {split}"))
+    if warn := majority_collapse(torch.tensor(metrics["confusion"]), classes.names, f"target {split}"):
+        print(warn)
     if args.out:
         write_metrics(metrics, Path(args.out) / "metrics.json")
         print(f"wrote {Path(args.out) / 'metrics.json'}")
