@@ -150,3 +150,12 @@ def test_a_run_trains_its_source_ce_with_the_class_weights(tmp_path, monkeypatch
         y = labels.clamp(max=2).long()
         nll = -F.log_softmax(up, 1).gather(1, y[:, None])[:, 0]
         torch.testing.assert_close(loss, (w[y] * nll)[valid].sum() / valid.sum())
+
+
+def test_an_unknown_class_weighting_is_one_line_naming_the_key(tmp_path, capsys):
+    from bida.tools.cli import main
+
+    assert main(["train", "--out", str(tmp_path / "run"), "loss.class_weights=inverse_freq"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "loss.class_weights" in err and "inverse_sqrt_freq" in err
+    assert not (tmp_path / "run").exists()
