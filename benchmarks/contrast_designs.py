@@ -27,7 +27,7 @@ from bida.checkpoint import atomic_write_text
 from bida.engine.setup import environment
 from bida.tools.ablate import candidate_rows
 from bida.tools.demo import DEMO_ARCHS
-from bida.tools.grid import _open_grid, run_grid, seed_list, source_stage_overrides
+from bida.tools.grid import _open_grid, run_grid, seed_list
 from bida.tools.grid_tables import SUMMARY_KEYS, seeds_table, summarise, timing_table
 from bida.method.presets import preset_overrides
 
@@ -90,12 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg_path, overrides = DEMO_ARCHS[spec["arch"]], list(spec["overrides"])
     seeds = seed_list(cfg_path, overrides, int(spec["seeds"]))
     rows = design_rows(cfg_path, overrides, spec.get("designs"), spec.get("bida_baselines", True))
-    from bida.config import load_config
-
-    so_over = source_stage_overrides(load_config(cfg_path, overrides))
     timing: dict = {"setup_s": time.time() - t0, "runs_s": {}}
     results = run_grid(cfg_path, out, rows, seeds, overrides, quiet=True, flat=False, resume=args.resume is not None,
-                       timing=timing["runs_s"], source_overrides=so_over)
+                       timing=timing["runs_s"])
     summary = summarise(results, BASELINE)
     timing["total_s"] = time.time() - t0
     env = environment()

@@ -208,3 +208,25 @@ def test_transformer_demo_with_preset_plus_adapts_bida_with_the_trained_head(tmp
     assert load_config(out / "source_only" / "config.yaml").method.pretrain_head  # the head trains at the source
     for row, head in (("bida", True), ("bida_mic", True), ("bida_paper", False), ("self_training", False)):
         assert load_config(out / row / "config.yaml").method.pretrain_head == head, row
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_ablate_on_a_teacher_config_trains_its_source_only_model_for_source_iters(tmp_path, tiny_overrides, monkeypatch):
+    """One rule for every grid: the source-only run of a teacher-schedule config trains
+    train.source_iters iterations (its source stage), not train.iters (the teacher phase)."""
+    from bida.tools.ablate import run_ablation
+
+    seen = []
+
+    def first_run(cfg, out, *a, **k):
+        seen.append((Path(out).name, cfg.method.name, cfg.train.iters))
+        raise _Stop
+
+    monkeypatch.setattr(grid, "train", first_run)
+    demo = str(Path(__file__).parents[1] / "configs" / "demo_transformer.yaml")
+    with pytest.raises(_Stop):
+        run_ablation(demo, tmp_path / "abl", [*tiny_overrides, "train.source_iters=7", "train.iters=3"], quiet=True)
+    assert seen == [("source_only", "source_only", 7)]

@@ -226,6 +226,34 @@ def test_mmseg_and_hugging_face_layouts_load_exactly(tmp_path):
     assert torch.equal(dst.decode_head.classifier.weight, src.decode_head.classifier.weight)
 
 
+def test_a_hugging_face_folder_loads_its_weights_file(tmp_path):
+    """``model.pretrained=<folder>``: a Hugging Face model folder (config.json + model.safetensors,
+    or the older pytorch_model.bin) loads the file inside; a folder without one is named."""
+    import json
+
+    from safetensors.torch import save_file
+
+    src = _segmentor(seed=1)
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": "segformer"}))
+        if name.endswith(".safetensors"):
+            save_file(_hf_state(src), str(folder / name))
+        else:
+            torch.save(_hf_state(src), folder / name)
+        dst = _segmentor(seed=2)
+        load_pretrained(dst, folder)
+        _same_encoder(src, dst)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"pretrained folder .*empty holds no model\.safetensors or "
+                                              r"pytorch_model\.bin \(it holds config\.json\)") as err:
+        load_pretrained(_segmentor(), empty)
+    assert "\n" not in str(err.value)
+
+
 def test_wrong_weight_files_give_one_line_errors(tmp_path):
     from safetensors.torch import save_file
 

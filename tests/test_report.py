@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import shutil
 import subprocess
@@ -73,9 +74,21 @@ def test_page_and_every_figure_exist(report):
         assert f.stat().st_size > 1000
         with Image.open(f) as im:
             assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+    # every figure is on the page, embedded: the bytes of its PNG file, no relative path to follow
     sources = _img_sources(page)
-    assert sorted(sources) == sorted(f"figures/{f.name}" for f in figures)  # every figure is on the page
-    assert all((report.parent / s).is_file() for s in sources)
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
+    embedded = sorted(base64.b64decode(s.split(",", 1)[1]) for s in sources)
+    assert embedded == sorted(f.read_bytes() for f in figures)
+
+
+def test_index_html_alone_is_the_report_and_its_tables_scroll_in_their_box(report):
+    page = report.read_text()
+    assert _img_sources(page) and not [s for s in _img_sources(page) if not s.startswith("data:")]
+    assert not re.search(r"""(src|href)\s*=\s*["'](?!data:|#)""", page)  # nothing relative to the folder
+    css = page[page.index("<style>"):page.index("</style>")]
+    rule = re.search(r"(?:^|[}\n])table\{([^}]*)\}", css)
+    assert rule and {"display:block", "max-width:100%", "overflow-x:auto"} <= set(rule[1].split(";"))
+    assert "max-width:1280px" in css  # the page itself fits a 1280-pixel window
 
 
 def test_page_compares_runs_per_class(report, runs):
@@ -127,7 +140,8 @@ def test_section_without_target_labels_is_left_out_with_a_note(runs, tmp_path):
     assert page.count("No labelled target validation images") == 2  # predictions and features
     assert not (tmp_path / "out" / "figures" / "predictions.png").exists()
     assert not (tmp_path / "out" / "figures" / "tsne.png").exists()
-    assert all((tmp_path / "out" / s).is_file() for s in _img_sources(page))
+    files = re.findall(r'<img[^>]*\sdata-file="([^"]+)"', page)  # each embedded figure's PNG beside the page
+    assert files and all((tmp_path / "out" / f).is_file() for f in files)
 
 
 def test_cli_refuses_to_overwrite(runs, tmp_path, capsys):
@@ -205,6 +219,11 @@ def test_prototype_distances_in_range(model_and_data):
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs headless Chromium at /usr/bin/chromium")
 def test_page_renders_in_headless_chromium(report, tmp_path):
+    """index.html copied alone (its figures embedded) renders in a 1280-pixel window."""
+    alone = tmp_path / "alone" / "index.html"
+    alone.parent.mkdir()
+    alone.write_bytes(report.read_bytes())
+    report = alone
     shot = tmp_path / "shot.png"
     subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                     "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -40,7 +40,7 @@ def test_plan_and_steps_call_the_method_with_the_run_state():
     assert plan_phases(cfg) == [Phase("source", 3), Phase("round", 2, 0), Phase("round", 2, 1)]
     calls = []
     trainer = SimpleNamespace(dist=DistContext(), num_classes=3, calibration="cal", mean_teacher="mt",
-                              step=5, phases=plan_phases(cfg))
+                              step=5, phases=plan_phases(cfg), class_weights="weights")
 
     def step(*args, **kwargs):
         calls.append((args, kwargs))
@@ -48,11 +48,13 @@ def test_plan_and_steps_call_the_method_with_the_run_state():
 
     src, tgt = {"image": 1}, {"label": torch.zeros(2, dtype=torch.uint8)}
     assert SourceStage(Phase("source", 3), cfg, step).step(trainer, "model", src, None) == "result"
-    assert calls[-1][0] == ("model", src, cfg) and set(calls[-1][1]) == {"reduce_sums", "num_classes"}
-    assert calls[-1][1]["num_classes"] == 3
+    assert calls[-1][0] == ("model", src, cfg) and set(calls[-1][1]) == {"reduce_sums", "num_classes", "class_weights"}
+    assert calls[-1][1]["num_classes"] == 3 and calls[-1][1]["class_weights"] == "weights"
     Rounds(Phase("round", 2), cfg, step, label_dir=None).step(trainer, "model", src, tgt)
     assert calls[-1][0] == ("model", src, tgt, cfg, "cal", 3)
     assert calls[-1][1]["adapt_iter"] == 5 - 3  # the contrast warm-up counts adaptation steps only
+    assert calls[-1][1]["class_weights"] == "weights"  # loss.class_weights reaches every schedule's source CE
     assert tgt["label"].tolist() == [255, 255]  # no labels (minent): every target pixel ignored
     TeacherPhase(Phase("teacher", 2), cfg, step).step(trainer, "model", src, tgt)
     assert calls[-1][0] == ("model", src, tgt, cfg, "mt", "cal", 3) and calls[-1][1]["adapt_iter"] == 2
+    assert calls[-1][1]["class_weights"] == "weights"

@@ -339,3 +339,46 @@ def test_resume_says_it_loads_the_static_labels(tmp_path, tiny_overrides, capsys
     out = capsys.readouterr()
     text = out.out + out.err
     assert "loading static pseudo labels of round 0" in text and "generating static pseudo labels" not in text
+
+
+def test_random_init_warning_gives_each_family_its_weights_recipe():
+    from bida.models.weights import random_init_warning
+
+    dino = random_init_warning("dinov2_vitl14")
+    assert dino.startswith("bida: warning: training dinov2_vitl14 from random weights")
+    assert "model.pretrained=pretrained/dinov2_vitl14_pretrain.pth" in dino
+    assert "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth" in dino
+    assert "facebook/dinov2-large" in dino and "'DINOv2 weights'" in dino
+    reg = random_init_warning("dinov2_vits14_reg")
+    assert "dinov2_vits14_reg4_pretrain.pth" in reg and "facebook/dinov2-with-registers-small" in reg
+    mit = random_init_warning("mit_b5")
+    assert "model.pretrained=pretrained/mit_b5.pth" in mit and "nvidia/mit-b5" in mit and "'MiT weights'" in mit
+    assert "DeepLab_init.pth data.normalize=caffe" in random_init_warning("resnet101")
+    assert all("\n" not in w for w in (dino, reg, mit))
+
+
+def test_a_width_left_from_a_demo_config_is_named_before_the_run_directory(tmp_path, capsys):
+    """model.width below 1 with a full-width weight file: one line naming model.width, no run directory."""
+    from bida.models import DeepLabV2
+    from bida.models.dinov2 import DINOv2Segmentor
+    from bida.models.weights import load_pretrained
+
+    wide = DeepLabV2(3, "resnet18", width=0.25)
+    torch.save({k: v for k, v in wide.state_dict().items() if not k.startswith("layer5.")}, tmp_path / "r18.pth")
+    data = _folder_pair(tmp_path)
+    assert main(["train", *data, *FOLDER_TINY, f"model.pretrained={tmp_path / 'r18.pth'}",
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("bida: error: model.width=0.125: ")
+    assert "model.width=0.25; set model.width=0.25" in err
+    assert not (tmp_path / "run").exists()
+    # DINOv2: a full-width release file into a ViT scaled to a quarter (6 heads: 96 of 384 channels)
+    full = DINOv2Segmentor(3, "dinov2_vits14", width=1.0)
+    torch.save({k[len("backbone."):]: v for k, v in full.state_dict().items() if k.startswith("backbone.")},
+               tmp_path / "dinov2_vits14_pretrain.pth")
+    with pytest.raises(CheckpointError, match=r"^model\.width=0\.25: .*model\.width=1; set model\.width=1 "):
+        load_pretrained(DINOv2Segmentor(3, "dinov2_vits14", width=0.25), tmp_path / "dinov2_vits14_pretrain.pth")
+    # at full width, another size of the family names model.backbone
+    with pytest.raises(CheckpointError, match=r"^model\.backbone=dinov2_vitb14: .*has shape \(1, 1, 384\), model "
+                                              r"expects \(1, 1, 768\)"):
+        load_pretrained(DINOv2Segmentor(3, "dinov2_vitb14", width=1.0), tmp_path / "dinov2_vits14_pretrain.pth")

@@ -1,6 +1,7 @@
 """Initial weights in the layouts users hold: DeepLab_init (Scale.), torchvision, bida, safetensors."""
 
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +145,68 @@ def test_init_checkpoint_with_a_head_starts_a_fresh_head_unless_asked_for_it(tmp
     aspp = _model()  # no head at all: the checkpoint's is left out
     load_model_weights(aspp, tmp_path / "head.pt", fresh_projection=True)
     assert torch.equal(aspp.layer3[0].conv2.weight, trained.layer3[0].conv2.weight)
+
+
+def _saved_run(tmp_path, cfg_overrides, name="last.pt", with_config=True):
+    """A checkpoint as a run writes it: the model, its config and class count."""
+    from bida.config import load_config, to_dict
+    from bida.models import build_model
+
+    cfg = load_config(None, cfg_overrides)
+    model = build_model(cfg.model, 19, cfg.method.feature)
+    state = {"model": model.state_dict(), "num_classes": 19}
+    if with_config:
+        state["config"] = to_dict(cfg)
+    save_checkpoint(state, tmp_path / name)
+    return tmp_path / name
+
+
+def test_a_checkpoint_of_another_backbone_is_named_with_both_backbones(tmp_path, capsys):
+    from bida.tools.cli import main
+
+    ckpt = _saved_run(tmp_path, ["model.backbone=resnet18", "model.width=0.0625"])
+    demo = str(Path(__file__).parents[1] / "configs" / "demo_transformer.yaml")
+    assert main(["evaluate", "-c", demo, "--checkpoint", str(ckpt), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "holds a DeepLab-V2 (resnet18) model and the config asks for model.backbone=mit_b0" in err
+    assert "leave out -c" in err and "patch_embed" not in err
+    # without a saved config the key layout names the family; the same path loads model.init_checkpoint
+    bare = _saved_run(tmp_path, ["model.backbone=resnet18", "model.width=0.0625"], "bare.pt", with_config=False)
+    from bida.config import load_config
+    from bida.models import build_model
+
+    mit = build_model(load_config(demo).model, 19, "decoder")
+    with pytest.raises(CheckpointError, match=r"bare\.pt holds a DeepLab-V2 \(the key layout of a ResNet/DeepLab-V2\) "
+                                              r"model and the config asks for model\.backbone=mit_b0$"):
+        load_model_weights(mit, bare)
+    # the other way round, a MiT run's checkpoint into a DeepLab-V2
+    mit_ckpt = _saved_run(tmp_path, ["model.backbone=mit_b0", "model.width=0.25", "method.feature=decoder"], "mit.pt")
+    with pytest.raises(CheckpointError, match=r"holds a MiT \(SegFormer/DAFormer\) \(mit_b0\) model and the config "
+                                              r"asks for model\.backbone=resnet50"):
+        load_model_weights(_model(), mit_ckpt)
+
+
+def test_a_checkpoint_of_the_same_backbone_and_another_class_count_names_both_counts(tmp_path, capsys):
+    from bida.tools.cli import main
+
+    ckpt = _saved_run(tmp_path, ["model.width=0.0625"])
+    from bida.config import load_config, to_dict
+
+    cfg = to_dict(load_config(None, ["model.width=0.0625"]))
+    state = load_checkpoint(ckpt)
+    k7 = DeepLabV2(7, cfg["model"]["backbone"], width=0.0625)
+    save_checkpoint({**state, "model": k7.state_dict(), "num_classes": 19}, tmp_path / "k7.pt")
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "k7.pt"), "--quiet"]) == 2
+    assert "was trained for 7 classes, the config has 19" in capsys.readouterr().err
+
+
+def test_converters_live_beside_their_models():
+    from bida.models import dinov2, mit
+
+    assert mit.hf_segformer_name("encoder.block.0.1.attention.self.query.weight") == "block1.1.attn.q.weight"
+    assert mit.hf_segformer_name("encoder.patch_embeddings.2.layer_norm.bias") == "patch_embed3.norm.bias"
+    assert dinov2.hf_dinov2_name("encoder.layer.3.layer_scale2.lambda1") == "blocks.3.ls2.gamma"
+    assert dinov2.hf_dinov2_name("embeddings.position_embeddings") == "pos_embed"
+    out, skipped = dinov2.from_dinov2_release({"blocks.1.4.attn.qkv.weight": torch.zeros(1), "mask_token": torch.zeros(1)})
+    assert list(out) == ["backbone.blocks.4.attn.qkv.weight"] and skipped == ["mask_token"]

@@ -4,9 +4,10 @@ Defined in :mod:`bida.method.losses`; this module is the stable import path for 
 """
 
 from .method.losses import (
-    seg_cross_entropy, ce_pixel_count, entropy, pixel_prototype_contrast,
+    seg_cross_entropy, ce_pixel_count, entropy, pixel_prototype_contrast, inverse_sqrt_frequency_weights,
 )
 
 __all__ = [
     "seg_cross_entropy", "ce_pixel_count", "entropy", "pixel_prototype_contrast",
+    "inverse_sqrt_frequency_weights",
 ]

@@ -259,6 +259,12 @@ class LossConfig:
     # CrossEntropyLoss as DAFormer and MIC pin it, v0.16 without avg_non_ignore; smaller by
     # the labelled share). Published (DAFormer, MIC): all.
     source_ce_mean: Literal["labelled", "all"] = "labelled"
+    # Every schedule: the source cross-entropy's per-class weights. none: every pixel weighs 1
+    # (the paper, DAFormer, MIC). inverse_sqrt_freq: a pixel of class c weighs 1/sqrt(f_c), f_c
+    # the class's share of the source training labels (counted once per run, kept in the run
+    # directory), scaled so that the pixel-weighted mean weight is 1; for a source whose
+    # majority class (e.g. 92 % background) a model from random weights otherwise learns alone.
+    class_weights: Literal["none", "inverse_sqrt_freq"] = "none"
     feature_distance_classes: Optional[list[int]] = field(default_factory=lambda: [6, 7, 11, 12, 13, 14, 15, 16, 17, 18])
 
 

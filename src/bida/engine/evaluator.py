@@ -8,11 +8,12 @@ loop; these decide when it runs, what is logged and what ``metrics.json`` holds:
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 from ..config import target_test_split
 from ..data.datasets import build_eval_dataset
 from ..errors import DataError
-from .inference import markdown_table, write_metrics
+from .inference import majority_collapse, markdown_table, write_metrics
 from .runlog import log_has
 from .stop import _Stopping
 
@@ -92,6 +93,9 @@ def finish(trainer) -> dict:
     metrics["method"] = trainer.cfg.method.name
     metrics["best"] = {"mIoU": trainer.best_miou, "step": trainer.best_step,
                        "note": "selected on target val (as the official code does); report 'last' as the main number"}
+    if trainer.is_main and metrics.get("confusion") and (warn := majority_collapse(
+            torch.tensor(metrics["confusion"]), trainer.classes.names, f"target {metrics['split']}")):
+        tqdm.write(warn)  # even with --quiet, as the random-weights warning
     if trainer.is_main:
         write_metrics(metrics, trainer.run_dir / "metrics.json")
         trainer._info(markdown_table(metrics))

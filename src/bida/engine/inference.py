@@ -60,6 +60,42 @@ def metrics_from_confusion(conf: Tensor, class_names: Sequence[str], eval_classe
     }
 
 
+# A model "predicts one class on nearly every pixel" when that class takes at least
+# COLLAPSE_SHARE of its predictions while the other classes get less than COLLAPSE_RECALL of
+# the pixels they cover. The second condition is relative, so that a 92 %-background source
+# still warns (predicting background on 99.5 % of the pixels leaves the digits 0.5 % of
+# their 8 %) and a class that truly covers 96 % of the labels, predicted as such, does not.
+COLLAPSE_SHARE = 0.95
+COLLAPSE_RECALL = 0.25
+
+
+def majority_collapse(conf: Tensor, class_names: Sequence[str], split: str) -> str | None:
+    """A one-line warning when a confusion matrix shows a model that predicts one class on
+    nearly every pixel, else None (also for an empty matrix or labels of one class only).
+
+    Args:
+        conf: (K, K) counts, rows = ground truth, columns = prediction (:func:`confusion_matrix`).
+        class_names: K names. split: the split's name, for the message.
+
+    Shape:
+        - conf: (K, K)
+    """
+    conf = conf.double()
+    total = conf.sum()
+    if total <= 0:
+        return None
+    predicted, labelled = conf.sum(0) / total, conf.sum(1) / total
+    top = int(predicted.argmax())
+    others_labelled, others_predicted = 1.0 - float(labelled[top]), 1.0 - float(predicted[top])
+    if float(predicted[top]) < COLLAPSE_SHARE or others_labelled <= 0 or \
+            others_predicted >= COLLAPSE_RECALL * others_labelled:
+        return None
+    return (f"bida: warning: the model predicts {class_names[top]} on {100 * float(predicted[top]):.1f} % of the "
+            f"{split} pixels, where it covers {100 * float(labelled[top]):.1f} %: it has learnt little beyond the "
+            "majority class; try more iterations (train.iters, train.source_iters), a pretrained backbone "
+            "(model.pretrained) or a class-balanced source loss (loss.class_weights=inverse_sqrt_freq)")
+
+
 def protocol_metrics(conf: Tensor, class_names: Sequence[str]) -> dict:
     """The standard class subsets of UDA papers when the classes are Cityscapes' 19.
 

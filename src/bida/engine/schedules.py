@@ -148,7 +148,7 @@ class SourceStage(Schedule):
 
     def step(self, trainer, model, batch_src, batch_tgt):
         return self.step_fn(model, batch_src, self.cfg, reduce_sums=trainer.dist.prototype_reducer(trainer.num_classes),
-                            num_classes=trainer.num_classes)
+                            num_classes=trainer.num_classes, class_weights=trainer.class_weights)
 
     def after_step(self, trainer) -> None:
         trainer.model.sync_target_stem()  # the target stem gets no gradient here
@@ -168,7 +168,7 @@ class Rounds(Schedule):
             batch_tgt["label"] = torch.full_like(batch_tgt["label"], 255)
         return self.step_fn(model, batch_src, batch_tgt, self.cfg, trainer.calibration, trainer.num_classes,
                             reduce_sums=trainer.dist.prototype_reducer(trainer.num_classes),
-                            adapt_iter=adapt_iter(trainer))
+                            adapt_iter=adapt_iter(trainer), class_weights=trainer.class_weights)
 
 
 class TeacherPhase(Schedule):
@@ -191,7 +191,7 @@ class TeacherPhase(Schedule):
     def step(self, trainer, model, batch_src, batch_tgt):
         return self.step_fn(model, batch_src, batch_tgt, self.cfg, trainer.mean_teacher, trainer.calibration,
                             trainer.num_classes, reduce_sums=trainer.dist.prototype_reducer(trainer.num_classes),
-                            adapt_iter=adapt_iter(trainer))
+                            adapt_iter=adapt_iter(trainer), class_weights=trainer.class_weights)
 
     def after_step(self, trainer) -> None:
         # Under torchrun: BN statistics averaged where the EMA reads them.

@@ -33,7 +33,8 @@ from .resume import load_resume, resume_checkpoint, truncate_run_log
 from .run_dir import RunLock, check_run_dir, create_run_dir
 from .runlog import LogAccumulator, RunLogger
 from .schedules import plan_phases
-from ..models.weights import check_trained_head, load_model_weights, load_pretrained
+from .class_weights import source_class_weights
+from ..models.weights import check_trained_head, load_model_weights, load_pretrained, random_init_warning
 
 
 def seed_everything(seed: int) -> None:
@@ -239,6 +240,7 @@ def setup_run(trainer, cfg: Config, resume: bool, overwrite: bool, dump_config) 
     if trainer.is_main and resume and not (trainer.run_dir / "run.json").is_file():
         write_run_json(trainer)  # a run stopped between its config and run.json
     trainer.logger = RunLogger(trainer.run_dir, enabled=trainer.is_main)
+    trainer.class_weights = source_class_weights(trainer)  # loss.class_weights (None: every class weighs 1)
     trainer.total_steps = sum(p.iters for p in trainer.phases)
     trainer._stop_after: int | None = None
     trainer._data_wait_s = 0.0
@@ -294,10 +296,7 @@ def warn_random_init(trainer) -> None:
     errors), except for the embedded pair, which is designed to train from scratch."""
     if not trainer.is_main or (trainer.cfg.data.source.kind == "synthetic" and trainer.cfg.data.target.kind == "synthetic"):
         return
-    tqdm.write(f"bida: warning: training {trainer.cfg.model.backbone} from random weights (model.pretrained and "
-               "model.init_checkpoint are not set); for real data start from ImageNet weights, e.g. "
-               "model.backbone=resnet101 model.pretrained=weights/DeepLab_init.pth data.normalize=caffe "
-               "(docs/datasets.md, 'Initial weights')")
+    tqdm.write(random_init_warning(trainer.cfg.model.backbone))
 
 
 def check_data(trainer) -> None:

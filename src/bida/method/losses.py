@@ -14,7 +14,8 @@ from torch import Tensor
 
 from .prototypes import _full_precision, scaled_similarity
 
-__all__ = ["seg_cross_entropy", "ce_pixel_count", "entropy", "pixel_prototype_contrast"]
+__all__ = ["seg_cross_entropy", "ce_pixel_count", "entropy", "pixel_prototype_contrast",
+           "inverse_sqrt_frequency_weights"]
 
 # Logit given to absent classes: exp() of it is exactly 0 next to any cos/tau for a sane
 # temperature, yet it stays finite, so that a pixel with every class masked gives a finite
@@ -25,9 +26,16 @@ MASKED_LOGIT = -1.0e9
 MEANS = ("labelled", "all")
 
 
-def seg_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 255, mean_over: str = "labelled") -> Tensor:
+def seg_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 255, mean_over: str = "labelled",
+                      class_weights: Tensor | None = None) -> Tensor:
     """Pixel-wise cross entropy, averaged over the labelled pixels (or, ``mean_over="all"``,
     over every pixel, an ignored one counting 0: mmseg's mean, which DAFormer and MIC use).
+
+    With ``class_weights`` (``loss.class_weights``) a pixel of class c counts ``w_c`` times its
+    cross entropy; the sum is still divided by the pixel count, not by the batch's weight sum
+    (``F.cross_entropy``'s weighted mean), so that a batch holding only majority pixels is not
+    scaled back up: weights whose pixel-weighted mean over the data is 1
+    (:func:`inverse_sqrt_frequency_weights`) keep the loss's scale.
 
     Logits at a lower resolution than the labels are upsampled bilinearly first
     (align_corners=False), so that the loss is taken at full label resolution.
@@ -38,6 +46,7 @@ def seg_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 255, m
         ignore_index: Label value that marks pixels without a class.
         mean_over: ``"labelled"`` divides the sum by the labelled pixels, ``"all"`` by
             ``labels.numel()`` (:func:`ce_pixel_count`).
+        class_weights: Optional (K,) float weight of each class's pixels; None: all 1.
 
     Returns:
         float32 scalar; 0 (with graph) when no pixel is labelled, where
@@ -57,10 +66,32 @@ def seg_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 255, m
     logits = logits.float()
     if logits.shape[-2:] != labels.shape[-2:]:
         logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    total = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="sum")
+    weight = None if class_weights is None else class_weights.to(device=logits.device, dtype=torch.float32)
+    total = F.cross_entropy(logits, labels.long(), weight=weight, ignore_index=ignore_index, reduction="sum")
     # Dividing by a clamped count (a tensor, no host sync) is the mean when pixels are
     # labelled and an exact 0 / 1 when none is.
     return total / count.clamp_min(1)
+
+
+def inverse_sqrt_frequency_weights(histogram: Tensor) -> Tensor:
+    """Class weights ``w_c ∝ 1 / sqrt(f_c)`` from a pixel histogram (``loss.class_weights=
+    inverse_sqrt_freq``), ``f_c = n_c / sum(n)``, scaled so that ``sum_c f_c w_c = 1``: the
+    mean weight of a labelled pixel of the data is 1, and the loss keeps its scale. The square
+    root balances halfway between none and full inverse frequency, which would let a class of
+    a few pixels dominate. A class without pixels weighs 0: no source pixel ever carries it.
+
+    Shape:
+        - histogram: (K,) pixel counts (any numeric dtype); output: (K,) float32
+
+    Examples:
+        >>> inverse_sqrt_frequency_weights(torch.tensor([81, 9, 9, 0, 1]))  # 1/sqrt(f) / (0.9+0.3+0.3+0.1)
+        tensor([0.6944, 2.0833, 2.0833, 0.0000, 6.2500])
+    """
+    counts = histogram.double()
+    freq = counts / counts.sum().clamp_min(1)
+    # sum_c f_c / sqrt(f_c) = sum_c sqrt(f_c): the normaliser of the pixel-weighted mean
+    inv = torch.where(freq > 0, freq.clamp_min(1e-300).rsqrt(), torch.zeros_like(freq))
+    return (inv / freq.sqrt().sum().clamp_min(1e-300)).float()
 
 
 def ce_pixel_count(labels: Tensor, mean_over: str, ignore_index: int = 255) -> Tensor:

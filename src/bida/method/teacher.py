@@ -333,7 +333,7 @@ class MeanTeacher:
 
 def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Config, state: MeanTeacher,
                  calibration=None, num_classes: int | None = None, reduce_sums=None,
-                 adapt_iter: int | None = None) -> StepResult:
+                 adapt_iter: int | None = None, class_weights: Tensor | None = None) -> StepResult:
     """One mean-teacher iteration (``self_training``: DAFormer's; ``bida``: plus BiDA's terms;
     either plus MIC's masked image consistency when ``mic.weight > 0``).
 
@@ -344,6 +344,7 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
     batch): the quality weight, BiDA's prototypes and every per-pixel mean are the global
     batch's.
     ``adapt_iter``: the contrast warm-up's count (:func:`~bida.train_step.adapt_step`).
+    ``class_weights``: (K,) weights of the source CE's classes (``loss.class_weights``), or None.
     """
     lw, num_classes = cfg.loss, num_classes or state.num_classes
     img_src, y_src, img_tgt = batch_src["image"], batch_src["label"], batch_tgt["image"]
@@ -383,12 +384,13 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
         if valid_tgt is not None:
             tgt["valid"] = valid_tgt
         result = adapt_step(model, batch_src, tgt, cfg, calibration, num_classes, outputs=(out_src, out_tgt),
-                            seg_terms=False, reduce_sums=reduce_sums, adapt_iter=adapt_iter)
+                            seg_terms=False, reduce_sums=reduce_sums, adapt_iter=adapt_iter,
+                            class_weights=class_weights)
         loss = result.loss  # the source CE plus BiDA's terms (global-batch means already)
         logs.update({k: v for k, v in result.logs.items() if k != "loss/total"})
     else:
         loss, mean = 0.0, lw.source_ce_mean
-        terms["seg_src"] = seg_cross_entropy(out_src.logits, y_src, mean_over=mean)
+        terms["seg_src"] = seg_cross_entropy(out_src.logits, y_src, mean_over=mean, class_weights=class_weights)
         counts["seg_src"] = ce_pixel_count(y_src, mean)
     weights = {"seg_src": 1.0, "seg_mix": lw.mix_weight, "mic": cfg.mic.weight,
                "feature_distance": lw.feature_distance_weight}

@@ -97,16 +97,17 @@ def head_input_detached(model: torch.nn.Module):
 
 
 def source_step(model: torch.nn.Module, batch_src: dict, cfg: Config, reduce_sums=None,
-                num_classes: int | None = None) -> StepResult:
+                num_classes: int | None = None, class_weights: Tensor | None = None) -> StepResult:
     """CE on source; with ``method.pretrain_head`` also the supervised pixel-prototype contrast
     of the source pixels with their batch's source prototypes, on the projection head of
-    detached features (the head learns it; the segmentation path's gradients stay CE's alone)."""
+    detached features (the head learns it; the segmentation path's gradients stay CE's alone).
+    ``class_weights``: (K,) weights of the source CE's classes (``loss.class_weights``), or None."""
     y_src = batch_src["label"]
     head = cfg.method.pretrain_head
     with head_input_detached(model) if head else contextlib.nullcontext():
         out = model(batch_src["image"], "source")
     mean = cfg.loss.source_ce_mean
-    terms = {"seg_src": seg_cross_entropy(out.logits, y_src, mean_over=mean)}
+    terms = {"seg_src": seg_cross_entropy(out.logits, y_src, mean_over=mean, class_weights=class_weights)}
     counts = {"seg_src": ce_pixel_count(y_src, mean)}
     if head:
         y_f = _mask_labels(downsample_labels(y_src, tuple(out.features.shape[-2:])),
@@ -203,7 +204,7 @@ class _Terms:
 def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Config,
                calibration: Calibration | None, num_classes: int, reduce_sums=None,
                outputs: tuple[SegOutput, SegOutput] | None = None, seg_terms: bool = True,
-               adapt_iter: int | None = None) -> StepResult:
+               adapt_iter: int | None = None, class_weights: Tensor | None = None) -> StepResult:
     """One adaptation iteration (``minent``, ``self_training`` or ``bida``): docs/method.md's
     total loss (section 5),
 
@@ -224,6 +225,7 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
     trains the target through its ClassMix loss instead).
     ``adapt_iter``: iterations of the adaptation phase done before this one; the contrast
     terms weigh 0 while it is below ``loss.contrast_warmup_iters``.
+    ``class_weights``: (K,) weights of the source CE's classes (``loss.class_weights``), or None.
     """
     m, lw = cfg.method, cfg.loss
     out_src, out_tgt = outputs or forward_pair(model, batch_src["image"], batch_tgt["image"],
@@ -236,7 +238,7 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
 
     # CE(p_S, y_S): the source cross entropy (over labelled pixels, or all with loss.source_ce_mean).
     mean = lw.source_ce_mean
-    terms.add("seg_src", seg_cross_entropy(out_src.logits, y_src, mean_over=mean), 1.0,
+    terms.add("seg_src", seg_cross_entropy(out_src.logits, y_src, mean_over=mean, class_weights=class_weights), 1.0,
               lambda: ce_pixel_count(y_src, mean))
     # λ_e [H(p_S) + λ_t H(p_T)]: the entropy terms (minent: the target's alone, weight λ_e).
     target_seg = m.name in ("self_training", "bida") and seg_terms

@@ -170,6 +170,7 @@ class DeepLabV2(nn.Module):
         block_kind, layers = ARCHS[backbone]
         block = Bottleneck if block_kind == "bottleneck" else BasicBlock
         self.arch = backbone
+        self.width = width  # channel multiplier: named when a weight file of another width does not fit
         self.num_classes = num_classes
         self.feature_kind = feature
         self.freeze_bn = freeze_bn

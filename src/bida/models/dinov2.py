@@ -21,8 +21,8 @@ The encoder follows DINOv2's definition (Oquab et al., 2023; ``dinov2/models/vis
   multiple of 8: 4096 for ViT-g); LayerNorms with eps 1e-6; a final LayerNorm ``norm``.
 
 Parameter names are those of the public release files (``dinov2_vits14_pretrain.pth``...),
-so those load without renaming; :mod:`bida.weights` maps the Hugging Face ``dinov2``
-layout onto them. The release's ``mask_token`` (iBOT's masked-patch token) is only used in
+so those load without renaming; :func:`from_hf_dinov2` (at the end of this module)
+maps the Hugging Face ``dinov2`` layout onto them. The release's ``mask_token`` (iBOT's masked-patch token) is only used in
 pretraining and is not a parameter here, unless ``mask_token=True`` (``model.mask_token``):
 then it is loaded and trained, and ``forward(x, token_keep=...)`` replaces the patch tokens
 not kept by it before the position embeddings are added (DINOv2's ``prepare_tokens_with_masks``;
@@ -37,9 +37,11 @@ outputs back to the input's extent.
 
 from __future__ import annotations
 
+import re
 from fractions import Fraction
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -47,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import CheckpointError
 from .grad_checkpoint import checkpointed, checkpointing
 from .heads import HEADS
 from .mit import DropPath
@@ -486,6 +489,7 @@ class DINOv2Segmentor(nn.Module):
         if input_scale <= 0:
             raise ValueError(f"input_scale must be > 0, got {input_scale}")
         self.arch = backbone
+        self.width = width  # channel multiplier: named when a weight file of another width does not fit
         self.num_classes = num_classes
         self.feature_kind = "decoder"
         self.input_scale = input_scale
@@ -591,3 +595,100 @@ class DINOv2Segmentor(nn.Module):
         h, w = ((4 * s + PATCH - 1) // PATCH for s in x.shape[-2:])  # ceil(4s/14), in integers (see padded_size)
         logits, fused = self.decode_head(self.neck(self.backbone(x, token_keep)))
         return SegOutput(logits=logits[..., :h, :w], features=self.proj(fused[..., :h, :w]))
+
+
+# Checkpoint filters: other releases' key layouts as this module's names (the release ones), kept
+# beside the model whose names they target; bida.models.weights detects the layout and calls them.
+
+# Hugging Face dinov2 -> DINOv2 release names, inside one block; q/k/v and SwiGLU's gate/up are stacked apart.
+_HF_DINO_BLOCK_NAMES = {
+    "norm1.": "norm1.", "norm2.": "norm2.", "attention.output.dense.": "attn.proj.", "attention.o_proj.": "attn.proj.",
+    "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
+    "mlp.fc1.": "mlp.fc1.", "mlp.fc2.": "mlp.fc2.", "mlp.weights_in.": "mlp.w12.", "mlp.weights_out.": "mlp.w3.",
+    "mlp.down_proj.": "mlp.w3.",
+}
+_HF_DINO_EMBED_NAMES = {
+    "embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
+    "embeddings.register_tokens": "register_tokens", "embeddings.patch_embeddings.projection.weight":
+    "patch_embed.proj.weight", "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
+}
+_HF_DINO_BLOCK = re.compile(r"encoder\.layer\.(\d+)\.(.+)")
+# Parts stacked into one release tensor, in the release's order: qkv = [q; k; v], w12 = [gate; up].
+_HF_DINO_STACKED = {
+    **{f"attention.attention.{p}.": ("attn.qkv", i) for i, p in enumerate(("query", "key", "value"))},
+    **{f"attention.{p}.": ("attn.qkv", i) for i, p in enumerate(("q_proj", "k_proj", "v_proj"))},
+    "mlp.gate_proj.": ("mlp.w12", 0), "mlp.up_proj.": ("mlp.w12", 1),
+}
+_STACK_PARTS = {"attn.qkv": ("query", "key", "value"), "mlp.w12": ("gate", "up")}
+_CHUNKED_BLOCK = re.compile(r"blocks\.\d+\.(\d+\..+)")
+
+
+def from_dinov2_release(state: dict[str, torch.Tensor],
+                         mask_token: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A DINOv2 release file's keys as the bida DINOv2 segmentor's (``backbone.`` prefixed).
+
+    ``mask_token``: the model keeps the pretraining mask token (``model.mask_token``), so it loads.
+
+    Returns:
+        (converted state, skipped keys: ``mask_token`` unless the model has one).
+    """
+    out: dict[str, torch.Tensor] = {}
+    skipped = [k for k in state if k == "mask_token" and not mask_token]
+    for key, value in state.items():
+        if key in skipped:
+            continue
+        if m := _CHUNKED_BLOCK.fullmatch(key):  # FSDP chunks: blocks.C.N.* with N the block's own index
+            key = f"blocks.{m[1]}"
+        out[f"backbone.{key}"] = value
+    return out, skipped
+
+
+def hf_dinov2_name(key: str) -> str | None:
+    """The release name of a Hugging Face dinov2 key (prefix removed), else None."""
+    if key in _HF_DINO_EMBED_NAMES:
+        return _HF_DINO_EMBED_NAMES[key]
+    if m := _HF_DINO_BLOCK.fullmatch(key):
+        for old, new in _HF_DINO_BLOCK_NAMES.items():
+            if m[2].startswith(old):
+                return f"blocks.{m[1]}.{new}{m[2][len(old):]}"
+    return None
+
+
+def from_hf_dinov2(state: dict[str, torch.Tensor], path: str | Path,
+                    mask_token: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Hugging Face dinov2 keys as the bida DINOv2 segmentor's (``backbone.`` + release names).
+
+    ``mask_token``: the model keeps the pretraining mask token (``model.mask_token``), so it loads.
+
+    Returns:
+        (converted state, skipped keys: ``mask_token`` unless the model has one, and an
+        ImageNet ``classifier``).
+    """
+    out: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    stacked: dict[str, dict[int, torch.Tensor]] = {}  # "blocks.0.attn.qkv.weight" -> {0: q, 1: k, 2: v}
+    for key, value in state.items():
+        name = key.split(".", 1)[1] if key.startswith(("dinov2.", "dinov2_with_registers.")) else key
+        if name == "embeddings.mask_token" and mask_token:
+            out["backbone.mask_token"] = value
+            continue
+        if name == "embeddings.mask_token" or key.startswith("classifier."):
+            skipped.append(key)
+            continue
+        block = _HF_DINO_BLOCK.fullmatch(name)
+        part = next(((old, target) for old, target in _HF_DINO_STACKED.items()
+                     if block and block[2].startswith(old)), None)
+        if part:
+            (old, (target, index)) = part
+            stacked.setdefault(f"blocks.{block[1]}.{target}.{block[2][len(old):]}", {})[index] = value
+            continue
+        new = hf_dinov2_name(name)
+        out[f"backbone.{new}" if new is not None else key] = value  # unknown keys stay, to be reported
+    for name, parts in stacked.items():
+        labels = _STACK_PARTS[".".join(name.split(".")[2:4])]
+        if len(parts) != len(labels):
+            lacking = [labels[i] for i in range(len(labels)) if i not in parts]
+            raise CheckpointError(f"pretrained file {path}: the {'/'.join(lacking)} part of {name} is missing")
+        out[f"backbone.{name}"] = torch.cat([parts[i] for i in range(len(labels))], 0)
+    return out, skipped

@@ -11,15 +11,17 @@ stochastic depth, whose rate grows linearly from 0 to ``drop_path`` over all blo
 
 Parameter names follow the SegFormer/mmseg ``mit_b*.pth`` files (``patch_embed1.proj``,
 ``block1.0.attn.q``/``kv``/``sr``/``norm``/``proj``, ``block1.0.mlp.fc1``/``dwconv.dwconv``/
-``fc2``, ``norm1``...), so those load without renaming; :mod:`bida.weights` also maps the
-Hugging Face ``segformer`` layout onto them. Layer norms inside the blocks and after each
+``fc2``, ``norm1``...), so those load without renaming; :func:`from_hf_segformer` (at the end of this
+module) maps the Hugging Face ``segformer`` layout onto them. Layer norms inside the blocks and after each
 stage use eps 1e-6, those of the patch embeddings and the key/value reduction 1e-5, as the
 released checkpoints were trained.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -27,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import CheckpointError
 from .grad_checkpoint import checkpointed, checkpointing
 from .heads import HEADS
 from .output import SegOutput
@@ -287,6 +290,7 @@ class MiTSegmentor(nn.Module):
         if decoder not in HEADS:
             raise ValueError(f"unknown decoder {decoder!r}; choose from {sorted(HEADS)}")
         self.arch = backbone
+        self.width = width  # channel multiplier: named when a weight file of another width does not fit
         self.num_classes = num_classes
         self.feature_kind = "decoder"
         self.backbone = MixTransformer(backbone, width, drop_path, grad_checkpoint)
@@ -328,3 +332,71 @@ class MiTSegmentor(nn.Module):
         """
         logits, fused = self.decode_head(self.backbone(x))
         return SegOutput(logits=logits, features=self.proj(fused))
+
+
+# Checkpoint filters: other releases' key layouts as this module's names (the mmseg ones), kept
+# beside the model whose names they target; bida.models.weights detects the layout and calls them.
+
+# Hugging Face segformer -> mmseg MiT names, inside one block (``key``/``value`` are merged apart).
+_HF_BLOCK_NAMES = {
+    "layer_norm_1.": "norm1.", "layer_norm_2.": "norm2.",
+    "attention.self.query.": "attn.q.", "attention.self.sr.": "attn.sr.",
+    "attention.self.layer_norm.": "attn.norm.", "attention.output.dense.": "attn.proj.",
+    "mlp.dense1.": "mlp.fc1.", "mlp.dwconv.dwconv.": "mlp.dwconv.dwconv.", "mlp.dense2.": "mlp.fc2.",
+}
+_HF_PATCH = re.compile(r"encoder\.patch_embeddings\.(\d+)\.(proj|layer_norm)\.(.+)")
+_HF_BLOCK = re.compile(r"encoder\.block\.(\d+)\.(\d+)\.(.+)")
+_HF_NORM = re.compile(r"encoder\.layer_norm\.(\d+)\.(.+)")
+_HF_KV = re.compile(r"attention\.self\.(key|value)\.(weight|bias)")
+
+
+def hf_segformer_name(key: str) -> str | None:
+    """The mmseg MiT name of a Hugging Face encoder key (``segformer.`` already removed), else None."""
+    if m := _HF_PATCH.fullmatch(key):
+        return f"patch_embed{int(m[1]) + 1}.{'proj' if m[2] == 'proj' else 'norm'}.{m[3]}"
+    if m := _HF_NORM.fullmatch(key):
+        return f"norm{int(m[1]) + 1}.{m[2]}"
+    if m := _HF_BLOCK.fullmatch(key):
+        for old, new in _HF_BLOCK_NAMES.items():
+            if m[3].startswith(old):
+                return f"block{int(m[1]) + 1}.{m[2]}.{new}{m[3][len(old):]}"
+    return None
+
+
+def from_hf_segformer(state: dict[str, torch.Tensor], path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Hugging Face segformer keys as the bida MiT segmentor's (``backbone.`` + mmseg names).
+
+    Returns:
+        (converted state, skipped keys: the ImageNet classifier and any decode head).
+    """
+    out: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    kv: dict[str, dict[str, torch.Tensor]] = {}  # "block1.0.attn.kv.weight" -> {"key": ..., "value": ...}
+    for key, value in state.items():
+        if key.startswith(("classifier.", "decode_head.")):
+            skipped.append(key)
+            continue
+        name = key[len("segformer."):] if key.startswith("segformer.") else key
+        block = _HF_BLOCK.fullmatch(name)
+        if block and (m := _HF_KV.fullmatch(block[3])):
+            kv.setdefault(f"block{int(block[1]) + 1}.{block[2]}.attn.kv.{m[2]}", {})[m[1]] = value
+            continue
+        new = hf_segformer_name(name)
+        out[f"backbone.{new}" if new is not None else key] = value  # unknown keys stay, to be reported
+    for name, parts in kv.items():
+        if set(parts) != {"key", "value"}:
+            lacking = "value" if "key" in parts else "key"
+            raise CheckpointError(f"pretrained file {path}: the attention {lacking} layer of {name} is missing")
+        out[f"backbone.{name}"] = torch.cat([parts["key"], parts["value"]], 0)  # mmseg kv: keys, then values
+    return out, skipped
+
+
+def from_mit_imagenet(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """An ImageNet ``mit_b*.pth`` (encoder keys without a prefix, maybe an ImageNet ``head``)
+    as the bida MiT segmentor's keys (``backbone.`` prefixed).
+
+    Returns:
+        (converted state, skipped keys: the ImageNet head).
+    """
+    skipped = [k for k in state if k.startswith("head.")]
+    return {f"backbone.{k}": v for k, v in state.items() if k not in skipped}, skipped

@@ -26,7 +26,8 @@ These layouts are recognised:
   ``q_proj``..., ``gate_proj``/``up_proj``/``down_proj`` too); ``mask_token`` and an ImageNet
   ``classifier`` are skipped;
 * bida checkpoints (a dict with ``model``) and safetensors files;
-* bida model folders (``bida export --format folder``): their ``model.safetensors``.
+* folders: a bida model folder (``bida export --format folder``) or a Hugging Face one
+  (``config.json`` + ``model.safetensors``, or ``pytorch_model.bin``): the weights file inside.
 
 Keys that fit nowhere, backbone keys that are missing, shapes that differ, or a file of
 another segmentor family (ResNet weights for a MiT, MiT weights for a DINOv2 ViT...) are
@@ -35,13 +36,16 @@ errors that name the file and the first offending keys.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import load_checkpoint
 from ..errors import CheckpointError
+from .dinov2 import ARCHS as DINOV2_ARCHS
+from .dinov2 import from_dinov2_release, from_hf_dinov2
+from .mit import ARCHS as MIT_ARCHS
+from .mit import from_hf_segformer, from_mit_imagenet
 
 HEAD_PREFIXES = ("layer5.", "proj.", "decode_head.", "neck.")
 SKIPPED_PREFIXES = ("fc.",)
@@ -50,24 +54,21 @@ CLASSIFIER_BIASES = ("layer5.conv2d_list.0.bias", "decode_head.classifier.bias")
 MIT_KEY = "backbone.patch_embed1.proj.weight"  # a MiT segmentor's state dict has it
 DINOV2_KEY = "backbone.pos_embed"  # a DINOv2 segmentor's state dict has it
 MODEL_FOLDER_WEIGHTS = "model.safetensors"  # the weights of a model folder (bida export --format folder)
+# The weights file of a folder, in the order looked for: bida's and Hugging Face's safetensors,
+# then the pickled PyTorch file of older Hugging Face folders (save_pretrained(safe_serialization=False)).
+FOLDER_WEIGHTS = (MODEL_FOLDER_WEIGHTS, "pytorch_model.bin")
 
-# Hugging Face segformer -> mmseg MiT names, inside one block (``key``/``value`` are merged apart).
-_HF_BLOCK_NAMES = {
-    "layer_norm_1.": "norm1.", "layer_norm_2.": "norm2.",
-    "attention.self.query.": "attn.q.", "attention.self.sr.": "attn.sr.",
-    "attention.self.layer_norm.": "attn.norm.", "attention.output.dense.": "attn.proj.",
-    "mlp.dense1.": "mlp.fc1.", "mlp.dwconv.dwconv.": "mlp.dwconv.dwconv.", "mlp.dense2.": "mlp.fc2.",
-}
-_HF_PATCH = re.compile(r"encoder\.patch_embeddings\.(\d+)\.(proj|layer_norm)\.(.+)")
-_HF_BLOCK = re.compile(r"encoder\.block\.(\d+)\.(\d+)\.(.+)")
-_HF_NORM = re.compile(r"encoder\.layer_norm\.(\d+)\.(.+)")
-_HF_KV = re.compile(r"attention\.self\.(key|value)\.(weight|bias)")
 
 
 def weights_file(path: str | Path) -> Path:
-    """The file that holds the weights: ``path`` itself, or a model folder's ``model.safetensors``."""
+    """The file that holds the weights: ``path`` itself, or the weights file of a model folder
+    (a bida or Hugging Face folder: the first of :data:`FOLDER_WEIGHTS` it holds)."""
     path = Path(path)
-    return path / MODEL_FOLDER_WEIGHTS if path.is_dir() and (path / MODEL_FOLDER_WEIGHTS).is_file() else path
+    if path.is_dir():
+        for name in FOLDER_WEIGHTS:
+            if (path / name).is_file():
+                return path / name
+    return path
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -142,139 +143,87 @@ FAMILY_NEEDS = {
     "resnet": "ResNet weights (torchvision, DeepLab_init.pth or a bida DeepLab-V2 checkpoint)",
 }
 
-# Hugging Face dinov2 -> DINOv2 release names, inside one block; q/k/v and SwiGLU's gate/up are stacked apart.
-_HF_DINO_BLOCK_NAMES = {
-    "norm1.": "norm1.", "norm2.": "norm2.", "attention.output.dense.": "attn.proj.", "attention.o_proj.": "attn.proj.",
-    "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
-    "mlp.fc1.": "mlp.fc1.", "mlp.fc2.": "mlp.fc2.", "mlp.weights_in.": "mlp.w12.", "mlp.weights_out.": "mlp.w3.",
-    "mlp.down_proj.": "mlp.w3.",
-}
-_HF_DINO_EMBED_NAMES = {
-    "embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
-    "embeddings.register_tokens": "register_tokens", "embeddings.patch_embeddings.projection.weight":
-    "patch_embed.proj.weight", "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-    "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
-}
-_HF_DINO_BLOCK = re.compile(r"encoder\.layer\.(\d+)\.(.+)")
-# Parts stacked into one release tensor, in the release's order: qkv = [q; k; v], w12 = [gate; up].
-_HF_DINO_STACKED = {
-    **{f"attention.attention.{p}.": ("attn.qkv", i) for i, p in enumerate(("query", "key", "value"))},
-    **{f"attention.{p}.": ("attn.qkv", i) for i, p in enumerate(("q_proj", "k_proj", "v_proj"))},
-    "mlp.gate_proj.": ("mlp.w12", 0), "mlp.up_proj.": ("mlp.w12", 1),
-}
-_STACK_PARTS = {"attn.qkv": ("query", "key", "value"), "mlp.w12": ("gate", "up")}
-_CHUNKED_BLOCK = re.compile(r"blocks\.\d+\.(\d+\..+)")
+
+class ArchitectureError(CheckpointError):
+    """A checkpoint of another backbone than the model it is loaded into."""
 
 
-def _hf_to_mmseg(key: str) -> str | None:
-    """The mmseg MiT name of a Hugging Face encoder key (``segformer.`` already removed), else None."""
-    if m := _HF_PATCH.fullmatch(key):
-        return f"patch_embed{int(m[1]) + 1}.{'proj' if m[2] == 'proj' else 'norm'}.{m[3]}"
-    if m := _HF_NORM.fullmatch(key):
-        return f"norm{int(m[1]) + 1}.{m[2]}"
-    if m := _HF_BLOCK.fullmatch(key):
-        for old, new in _HF_BLOCK_NAMES.items():
-            if m[3].startswith(old):
-                return f"block{int(m[1]) + 1}.{m[2]}.{new}{m[3][len(old):]}"
-    return None
+# What each family's segmentor is called in messages.
+FAMILY_MODELS = {"resnet": "DeepLab-V2", "mit": "MiT (SegFormer/DAFormer)", "dinov2": "DINOv2 ViT"}
 
 
-def _from_hf_segformer(state: dict[str, torch.Tensor], path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Hugging Face segformer keys as the bida MiT segmentor's (``backbone.`` + mmseg names).
-
-    Returns:
-        (converted state, skipped keys: the ImageNet classifier and any decode head).
-    """
-    out: dict[str, torch.Tensor] = {}
-    skipped: list[str] = []
-    kv: dict[str, dict[str, torch.Tensor]] = {}  # "block1.0.attn.kv.weight" -> {"key": ..., "value": ...}
-    for key, value in state.items():
-        if key.startswith(("classifier.", "decode_head.")):
-            skipped.append(key)
-            continue
-        name = key[len("segformer."):] if key.startswith("segformer.") else key
-        block = _HF_BLOCK.fullmatch(name)
-        if block and (m := _HF_KV.fullmatch(block[3])):
-            kv.setdefault(f"block{int(block[1]) + 1}.{block[2]}.attn.kv.{m[2]}", {})[m[1]] = value
-            continue
-        new = _hf_to_mmseg(name)
-        out[f"backbone.{new}" if new is not None else key] = value  # unknown keys stay, to be reported
-    for name, parts in kv.items():
-        if set(parts) != {"key", "value"}:
-            lacking = "value" if "key" in parts else "key"
-            raise CheckpointError(f"pretrained file {path}: the attention {lacking} layer of {name} is missing")
-        out[f"backbone.{name}"] = torch.cat([parts["key"], parts["value"]], 0)  # mmseg kv: keys, then values
-    return out, skipped
+def arch_family(backbone: str) -> str:
+    """``mit``, ``dinov2`` or ``resnet``: the family of a ``model.backbone`` name."""
+    return "mit" if backbone in MIT_ARCHS else "dinov2" if backbone in DINOV2_ARCHS else "resnet"
 
 
-def _from_dinov2_release(state: dict[str, torch.Tensor],
-                         mask_token: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """A DINOv2 release file's keys as the bida DINOv2 segmentor's (``backbone.`` prefixed).
+def saved_backbone(path: str | Path, checkpoint: dict | None = None) -> str | None:
+    """``model.backbone`` of the config saved with a bida checkpoint or model folder, else None
+    (a bare weight file, or a checkpoint written without its config)."""
+    path = Path(path)
+    if checkpoint is None and path.is_dir() and (path / "config.yaml").is_file():
+        import yaml
 
-    ``mask_token``: the model keeps the pretraining mask token (``model.mask_token``), so it loads.
+        try:
+            checkpoint = {"config": yaml.safe_load((path / "config.yaml").read_text())}
+        except (OSError, yaml.YAMLError):
+            return None
+    elif checkpoint is None and path.is_file() and path.suffix != ".safetensors":
+        checkpoint = load_checkpoint(path)
+    model = ((checkpoint or {}).get("config") or {}).get("model") or {}
+    backbone = model.get("backbone") if isinstance(model, dict) else None
+    return backbone if isinstance(backbone, str) else None
+
+
+def architecture_mismatch(state: dict[str, torch.Tensor], saved: str | None, arch: str) -> str | None:
+    """What a checkpoint holds when it is not a model of ``arch`` (``model.backbone``), else None.
+
+    ``state``: the checkpoint's model state dict (keys normalised); ``saved``: the backbone its
+    saved config names (:func:`saved_backbone`), if any. The family comes from the key layout
+    (:func:`detect_layout`), so that a checkpoint without a config is still named.
 
     Returns:
-        (converted state, skipped keys: ``mask_token`` unless the model has one).
+        e.g. ``"a DeepLab-V2 (resnet101)"``, ``"a MiT (SegFormer/DAFormer) (key layout of a mit
+        segmentor)"``; None when the family and the saved backbone agree with ``arch``.
     """
-    out: dict[str, torch.Tensor] = {}
-    skipped = [k for k in state if k == "mask_token" and not mask_token]
-    for key, value in state.items():
-        if key in skipped:
-            continue
-        if m := _CHUNKED_BLOCK.fullmatch(key):  # FSDP chunks: blocks.C.N.* with N the block's own index
-            key = f"blocks.{m[1]}"
-        out[f"backbone.{key}"] = value
-    return out, skipped
+    layout = detect_layout(state)
+    family = LAYOUT_FAMILIES.get(layout)
+    if saved == arch or (saved is None and family in (None, arch_family(arch))):
+        return None
+    if saved is not None:  # the saved config names it exactly
+        return f"a {FAMILY_MODELS[arch_family(saved)]} ({saved})"
+    return f"a {FAMILY_MODELS[family]} (the key layout of a {LAYOUT_NAMES[layout]})"
 
 
-def _hf_dinov2_name(key: str) -> str | None:
-    """The release name of a Hugging Face dinov2 key (prefix removed), else None."""
-    if key in _HF_DINO_EMBED_NAMES:
-        return _HF_DINO_EMBED_NAMES[key]
-    if m := _HF_DINO_BLOCK.fullmatch(key):
-        for old, new in _HF_DINO_BLOCK_NAMES.items():
-            if m[2].startswith(old):
-                return f"blocks.{m[1]}.{new}{m[2][len(old):]}"
-    return None
+# Hugging Face's size names of the DINOv2 ViTs (facebook/dinov2-small ...).
+_HF_DINOV2_SIZES = {"vits14": "small", "vitb14": "base", "vitl14": "large", "vitg14": "giant"}
 
 
-def _from_hf_dinov2(state: dict[str, torch.Tensor], path: str | Path,
-                    mask_token: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Hugging Face dinov2 keys as the bida DINOv2 segmentor's (``backbone.`` + release names).
+def pretrained_recipe(backbone: str) -> str:
+    """Where the ImageNet / DINOv2 weights of ``backbone`` come from, which file and key to set:
+    one sentence for the warning of a run that starts from random weights (bida never downloads)."""
+    family = arch_family(backbone)
+    if family == "mit":
+        return (f"model.pretrained=pretrained/{backbone}.pth, SegFormer's ImageNet-1k {backbone} encoder "
+                f"(NVlabs SegFormer release, mmseg layout), or the Hugging Face folder nvidia/{backbone.replace('_', '-')} "
+                "(its model.safetensors); data.normalize=imagenet (docs/datasets.md, 'MiT weights')")
+    if family == "dinov2":
+        size = backbone.split("_")[1]
+        reg = backbone.endswith("_reg")
+        release = f"dinov2_{size}{'_reg4' if reg else ''}_pretrain.pth"
+        hf = f"facebook/dinov2-{'with-registers-' if reg else ''}{_HF_DINOV2_SIZES[size]}"
+        return (f"model.pretrained=pretrained/{release}, the DINOv2 release file "
+                f"(https://dl.fbaipublicfiles.com/dinov2/dinov2_{size}/{release}), or the Hugging Face folder {hf} "
+                "(its model.safetensors); data.normalize=imagenet (docs/datasets.md, 'DINOv2 weights')")
+    return ("model.backbone=resnet101 model.pretrained=weights/DeepLab_init.pth data.normalize=caffe "
+            "(docs/datasets.md, 'Initial weights')")
 
-    ``mask_token``: the model keeps the pretraining mask token (``model.mask_token``), so it loads.
 
-    Returns:
-        (converted state, skipped keys: ``mask_token`` unless the model has one, and an
-        ImageNet ``classifier``).
-    """
-    out: dict[str, torch.Tensor] = {}
-    skipped: list[str] = []
-    stacked: dict[str, dict[int, torch.Tensor]] = {}  # "blocks.0.attn.qkv.weight" -> {0: q, 1: k, 2: v}
-    for key, value in state.items():
-        name = key.split(".", 1)[1] if key.startswith(("dinov2.", "dinov2_with_registers.")) else key
-        if name == "embeddings.mask_token" and mask_token:
-            out["backbone.mask_token"] = value
-            continue
-        if name == "embeddings.mask_token" or key.startswith("classifier."):
-            skipped.append(key)
-            continue
-        block = _HF_DINO_BLOCK.fullmatch(name)
-        part = next(((old, target) for old, target in _HF_DINO_STACKED.items()
-                     if block and block[2].startswith(old)), None)
-        if part:
-            (old, (target, index)) = part
-            stacked.setdefault(f"blocks.{block[1]}.{target}.{block[2][len(old):]}", {})[index] = value
-            continue
-        new = _hf_dinov2_name(name)
-        out[f"backbone.{new}" if new is not None else key] = value  # unknown keys stay, to be reported
-    for name, parts in stacked.items():
-        labels = _STACK_PARTS[".".join(name.split(".")[2:4])]
-        if len(parts) != len(labels):
-            lacking = [labels[i] for i in range(len(labels)) if i not in parts]
-            raise CheckpointError(f"pretrained file {path}: the {'/'.join(lacking)} part of {name} is missing")
-        out[f"backbone.{name}"] = torch.cat([parts[i] for i in range(len(labels))], 0)
-    return out, skipped
+def random_init_warning(backbone: str) -> str:
+    """The line a run from random weights prints (on real data: on the embedded synthetic pair
+    random weights are the design)."""
+    return (f"bida: warning: training {backbone} from random weights (model.pretrained and model.init_checkpoint "
+            f"are not set); for real data start from pretrained weights: {pretrained_recipe(backbone)}")
 
 
 def _family(own: dict[str, torch.Tensor]) -> str:
@@ -294,16 +243,32 @@ def _to_model_layout(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor
         raise CheckpointError(f"pretrained file {path} holds {LAYOUT_NAMES[layout]} weights; "
                               f"model.backbone={arch} needs {FAMILY_NEEDS[family]}")
     if layout == "hf_segformer":
-        return _from_hf_segformer(state, path)
+        return from_hf_segformer(state, path)
     mask_token = "backbone.mask_token" in own  # model.mask_token: the pretraining mask token is trained on
     if layout == "hf_dinov2":
-        return _from_hf_dinov2(state, path, mask_token)
+        return from_hf_dinov2(state, path, mask_token)
     if layout == "dinov2":
-        return _from_dinov2_release(state, mask_token)
-    if layout == "mit":  # ImageNet mit_b*.pth: encoder keys without a prefix, maybe an ImageNet head
-        skipped = [k for k in state if k.startswith("head.")]
-        return {f"backbone.{k}": v for k, v in state.items() if k not in skipped}, skipped
+        return from_dinov2_release(state, mask_token)
+    if layout == "mit":
+        return from_mit_imagenet(state)
     return state, []
+
+
+def _shape_error(path: str | Path, key: str, shape: tuple[int, ...], expected: tuple[int, ...], arch: str,
+                 width: float) -> CheckpointError:
+    """A backbone tensor of another shape, named by the config key that explains it: ``model.width``
+    when the model is scaled and the file is wider by a factor that makes it a width of at most 1
+    (a width left from a demo config: pretrained weights are full width), else ``model.backbone``
+    (another depth or size of the family)."""
+    detail = f"pretrained file {path}: {key} has shape {shape}, model expects {expected}"
+    differ = [(a, b) for a, b in zip(shape, expected) if a != b]
+    file_width = width * differ[0][0] / differ[0][1] if len(shape) == len(expected) and differ else None
+    if width != 1.0 and file_width is not None and file_width <= 1.0 + 1e-6:
+        return CheckpointError(f"model.width={width:g}: {detail}, as the file holds {arch} weights of model.width="
+                               f"{file_width:.3g}; set model.width={file_width:.3g} (a width below 1 is for training "
+                               "from random weights, as the demo configs do) or leave out model.pretrained")
+    return CheckpointError(f"model.backbone={arch}: {detail} (weights of another depth or size: set the "
+                           "model.backbone and model.width they were trained with)")
 
 
 def load_pretrained(model: torch.nn.Module, path: str | Path) -> dict[str, list[str]]:
@@ -316,6 +281,11 @@ def load_pretrained(model: torch.nn.Module, path: str | Path) -> dict[str, list[
         CheckpointError: a file of the other segmentor family, unexpected keys, missing
             backbone keys or shape mismatches.
     """
+    if Path(path).is_dir() and weights_file(path) == Path(path):  # a folder without a weights file
+        found = sorted(p.name for p in Path(path).iterdir())
+        raise CheckpointError(f"pretrained folder {path} holds no {' or '.join(FOLDER_WEIGHTS)} (it holds "
+                              + (", ".join(found[:5]) + (f" +{len(found) - 5} more" if len(found) > 5 else "")
+                                 if found else "nothing") + "); give the weights file or its folder")
     own = model.state_dict()
     state, skipped = _to_model_layout(_normalise_keys(read_state_dict(path)), own, path,
                                       getattr(model, "arch", type(model).__name__))
@@ -334,9 +304,8 @@ def load_pretrained(model: torch.nn.Module, path: str | Path) -> dict[str, list[
             if key.startswith(HEAD_PREFIXES):  # another label set: keep the fresh classifier
                 skipped.append(key)
                 continue
-            raise CheckpointError(
-                f"pretrained file {path}: {key} has shape {tuple(value.shape)}, model expects {tuple(own[key].shape)} "
-                "(another backbone depth or width?)")
+            raise _shape_error(path, key, tuple(value.shape), tuple(own[key].shape),
+                               getattr(model, "arch", type(model).__name__), getattr(model, "width", 1.0))
         load[key] = value
     backbone_missing = [k for k in own if k not in load and not k.startswith(HEAD_PREFIXES)
                         and not k.startswith("target_stem.") and not k.endswith("num_batches_tracked")]
@@ -382,6 +351,10 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, checkpoint: dic
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or mismatched:  # the cause first: another backbone, then another class count
+        arch = getattr(model, "arch", type(model).__name__)
+        if (other := architecture_mismatch(state, saved_backbone(path, checkpoint), arch)) is not None:
+            raise ArchitectureError(f"checkpoint {path} holds {other} model and the config asks for model.backbone={arch}")
     for k in CLASSIFIER_BIASES:
         if k in mismatched:
             raise CheckpointError(

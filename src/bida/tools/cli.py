@@ -192,14 +192,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from ..config import load_config, target_test_split
     from ..data.datasets import build_eval_dataset, check_same_classes, resolve_domain
-    from ..engine.inference import evaluate, markdown_table, write_metrics
+    from ..engine.inference import evaluate, majority_collapse, markdown_table, write_metrics
+    from ..models.weights import ArchitectureError
     from .predict import model_from_checkpoint
 
     cfg = load_config(args.config, args.overrides) if args.config else None
     if args.out and (Path(args.out) / "metrics.json").exists() and not args.overwrite:
         raise BidaError(f"{Path(args.out) / 'metrics.json'} already exists; use --overwrite to replace it")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg, names, _ = model_from_checkpoint(args.checkpoint, cfg, device, overrides=args.overrides)
+    try:
+        model, cfg, names, _ = model_from_checkpoint(args.checkpoint, cfg, device, overrides=args.overrides)
+    except ArchitectureError as err:
+        if not args.config:
+            raise
+        raise ArchitectureError(f"{err}; leave out -c to evaluate with the checkpoint's own config") from None
     src, tgt = resolve_domain(cfg, "source"), resolve_domain(cfg, "target")
     classes = check_same_classes(src, tgt)
     if model.num_classes != classes.num_classes:  # as train does: metrics of another class list are meaningless
@@ -218,6 +224,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics["checkpoint"] = str(args.checkpoint)
     metrics["split"] = split
     print(markdown_table(metrics, f"target {split}"))
+    if warn := majority_collapse(torch.tensor(metrics["confusion"]), classes.names, f"target {split}"):
+        print(warn)
     if args.out:
         write_metrics(metrics, Path(args.out) / "metrics.json")
         print(f"wrote {Path(args.out) / 'metrics.json'}")

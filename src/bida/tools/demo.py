@@ -23,7 +23,7 @@ from ..config import load_config
 from ..errors import ConfigError
 from ..method.presets import preset_overrides, preset_path
 from ..engine.setup import environment
-from .grid import _complete, _open_grid, run_grid, seed_list, source_stage_overrides
+from .grid import _complete, _open_grid, run_grid, seed_list
 from .grid_tables import SUMMARY_KEYS, _results_text, add_pair, reported_split, summarise
 
 # Demo settings: a narrow ResNet-18 DeepLab-V2 on 64x128 images trains in minutes on a CPU.
@@ -87,7 +87,7 @@ def run_demo(out: Path, overrides: Sequence[str] = (), quiet: bool = False, repo
     resolve_domain(setup_cfg, "source"), resolve_domain(setup_cfg, "target")
     timing: dict = {"setup_s": time.time() - t0, "runs_s": {}}
     results = run_grid(cfg_path, out, rows, seed_values, base, quiet=quiet, flat=seeds == 1, resume=resume,
-                       reevaluate=reevaluate, timing=timing["runs_s"], source_overrides=source_stage_overrides(setup_cfg))
+                       reevaluate=reevaluate, timing=timing["runs_s"])
     summary = summarise(results, "self_training")
     for name, other in (*MIC_PAIRS.items(), ("bida", "bida_paper")):
         if name in results and other in results:

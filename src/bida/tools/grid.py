@@ -162,7 +162,7 @@ def reevaluate_run(run_dir: Path) -> dict:
 def run_grid(cfg_path: str | None, out: Path, rows: Sequence[tuple[str, Sequence[str]]], seeds: Sequence[int],
              overrides: Sequence[str] = (), init_checkpoint: str | None = None, quiet: bool = False,
              flat: bool = False, resume: bool = False, reevaluate: bool = False,
-             timing: dict[str, float] | None = None, source_overrides: Sequence[str] = ()) -> dict[str, list[dict]]:
+             timing: dict[str, float] | None = None) -> dict[str, list[dict]]:
     """Train every row for every seed; returns ``{row name: [metrics per seed]}``.
 
     Each seed first trains its own source-only model (unless ``init_checkpoint`` is given),
@@ -172,11 +172,13 @@ def run_grid(cfg_path: str | None, out: Path, rows: Sequence[tuple[str, Sequence
     of a seed, are generated once (``<seed dir>/shared_labels``). With ``resume``, finished
     runs are read back, stopped ones continued and missing ones trained. ``timing`` gets
     each run's wall time in seconds, keyed by its directory relative to ``out``.
-    ``source_overrides`` apply to the source-only runs only.
+    The source-only runs train the config's source stage (:func:`source_stage_overrides`), for
+    every caller alike (demo, ablate, the benchmarks).
     """
     results: dict[str, list[dict]] = {name: [] for name, _ in rows}
+    source_overrides = source_stage_overrides(load_config(cfg_path, list(overrides)))
     if init_checkpoint is None:  # the source-only models train the head a row adapts with
-        source_overrides = [*source_overrides, *head_overrides(rows)]
+        source_overrides += head_overrides(rows)
     total = len(seeds) * (len(rows) + (init_checkpoint is None and not any(n == "source_only" for n, _ in rows)))
     done = 0
 

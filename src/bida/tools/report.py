@@ -2,8 +2,10 @@
 
 :func:`write_report` reads run directories (``config.yaml``, ``run.json``, ``log.jsonl``,
 ``metrics.json``, ``checkpoints/last.pt``, ``pseudo_labels/round_R/stats.json``) and
-writes ``OUT/index.html`` with its figures as PNG files in ``OUT/figures/``. The page
-needs nothing else: no scripts, no external style sheets, no network. The first run is the
+writes ``OUT/index.html`` with its figures embedded (PNG data URIs; the same PNG files are
+also written to ``OUT/figures/``). The page alone is the report: no other file, no scripts,
+no external style sheets, no network; a table wider than the window (many runs or classes)
+scrolls inside its own box. The first run is the
 baseline that the others are compared with (as ``bida demo`` orders them: source-only
 first). A section that a run cannot fill (no rounds, no target labels, no checkpoint) is
 left out for that run with a note saying why.
@@ -15,6 +17,7 @@ is :mod:`bida.tools.report_runs`, its tables :mod:`bida.tools.report_tables` and
 
 from __future__ import annotations
 
+import base64
 import io
 import time
 from pathlib import Path
@@ -58,8 +61,11 @@ class _Page:
         png = io.BytesIO()
         fig.savefig(png, format="png", dpi=100, bbox_inches="tight", facecolor="white")
         atomic_write_bytes(path, png.getvalue())  # a full disk leaves no empty or partial PNG
-        rel = f"figures/{path.name}"
-        self.parts.append(f'<figure><img src="{_e(rel)}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>')
+        # Embedded, so that index.html alone is the report (mailed, uploaded, opened from anywhere);
+        # the PNG file stays beside it for slides and papers.
+        uri = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode("ascii")
+        self.parts.append(f'<figure><img src="{uri}" alt="{_e(caption)}" data-file="figures/{_e(path.name)}">'
+                          f"<figcaption>{_e(caption)}</figcaption></figure>")
 
     def html(self, title: str) -> str:
         toc = " &middot; ".join(f'<a href="#{a}">{_e(t)}</a>' for a, t in self.toc)
@@ -72,7 +78,7 @@ _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;max-width:1280px;padding:0 16px;color:#222}
 h1{font-size:26px;margin-bottom:4px}h2{border-bottom:2px solid #ccc;padding-bottom:4px;margin-top:36px}
 nav{color:#666;margin-bottom:16px}a{color:#1a5fb4}
-table{border-collapse:collapse;margin:8px 0 16px;font-size:14px}
+table{border-collapse:collapse;margin:8px 0 16px;font-size:14px;display:block;max-width:100%;overflow-x:auto}
 th,td{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}th{background:#f0f0f0}
 td:first-child,th:first-child{text-align:left}td.path{white-space:normal;word-break:break-all;text-align:left}
 td.up{background:#d8f0d2}td.down{background:#f6d3d0}tr.total td{font-weight:bold;border-top:2px solid #888}
