@@ -43,7 +43,7 @@ import torch
 from ..checkpoint import load_checkpoint
 from ..errors import CheckpointError
 
-HEAD_PREFIXES = ("layer5.", "proj.", "decode_head.", "neck.")
+HEAD_PREFIXES = ("layer5.", "proj.", "decode_head.", "neck.", "scale_attention.")
 SKIPPED_PREFIXES = ("fc.",)
 # The classifier bias of each segmentor: its length is the class count.
 CLASSIFIER_BIASES = ("layer5.conv2d_list.0.bias", "decode_head.classifier.bias")
