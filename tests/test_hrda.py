@@ -162,3 +162,102 @@ def test_state_dict_is_the_segmentors_plus_the_attention():
 def test_bad_hrda_settings_fail_at_load(override, needle):
     with pytest.raises(ConfigError, match="^" + re.escape(needle)):
         load_config(None, [*TINY_MIT, override])
+
+
+# --------------------------------------------------------------------------- the teacher schedule
+
+def hrda_run_overrides(cache) -> list[str]:
+    """A tiny HRDA teacher run: 64x64 context crops (MiT needs 32 pixels a side at half
+    resolution), 32x32 detail crops, of the synthetic pair at 64x128."""
+    from conftest import TINY
+
+    return TINY + [f"data.synthetic.cache_dir={cache}", "data.synthetic.height=64", "data.synthetic.width=128",
+                   "method.feature=decoder", "data.normalize=imagenet", "train.optimizer=adamw", "train.lr=6e-4",
+                   "train.iters=3", *TINY_MIT]
+
+
+class Recorder(torch.nn.Module):
+    """Calls the model and keeps every output (to check the losses against them)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, *args, **kwargs):
+        out = self.model(*args, **kwargs)
+        self.calls.append((args, kwargs, out))
+        return out
+
+
+@pytest.mark.parametrize("lam, mix_weight", [(0.1, 0.0), (0.3, 1.0)])
+def test_teacher_step_weighs_fused_and_detail_ces_one_minus_lambda_and_lambda(synthetic_cache, lam, mix_weight):
+    from bida.method.teacher import MeanTeacher, teacher_step
+
+    cfg = load_config(None, hrda_run_overrides(synthetic_cache) + [
+        f"model.hrda.detail_loss_weight={lam}", f"loss.mix_weight={mix_weight}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 5).train()
+    state = MeanTeacher(cfg, 5, "cpu")
+    state.start(model)
+    g = torch.Generator().manual_seed(3)
+    src = {"image": torch.randn(2, 3, 64, 64, generator=g), "label": torch.randint(0, 5, (2, 64, 64), generator=g)}
+    src["label"][0, :10] = 255
+    tgt = {"image": torch.randn(2, 3, 64, 64, generator=g), "label": torch.full((2, 64, 64), 255)}
+    rec = Recorder(model)
+    logs = teacher_step(rec, src, tgt, cfg, state, None, 5).logs
+    (args, kwargs, out), = [c for c in rec.calls if c[0][1] == "source"]
+    assert kwargs["detail_box"].shape == (2, 2)
+    fused = F.cross_entropy(F.interpolate(out.logits, size=(64, 64), mode="bilinear", align_corners=False),
+                            src["label"], ignore_index=255)
+    crops = [src["label"][i, y:y + 32, c:c + 32] for i, (y, c) in enumerate(out.detail_box.tolist())]
+    detail = F.cross_entropy(F.interpolate(out.detail_logits, size=(32, 32), mode="bilinear", align_corners=False),
+                             torch.stack(crops), ignore_index=255)
+    torch.testing.assert_close(logs["loss/seg_src"], fused)
+    if mix_weight == 0:  # the mixed forward weighs nothing: the detail log is the source's alone
+        torch.testing.assert_close(logs["loss/hrda_detail"], detail)
+    expected = (1 - lam) * (logs["loss/seg_src"] + mix_weight * logs["loss/seg_mix"]) + lam * logs["loss/hrda_detail"]
+    torch.testing.assert_close(logs["loss/total"], expected)
+
+
+def test_detail_crops_follow_the_global_sample_index_and_restore():
+    from bida.method.hrda import DetailCrops
+
+    hcfg = load_config(None, TINY_MIT).model.hrda
+    img = torch.zeros(4, 3, 64, 64)
+    one = DetailCrops(hcfg, seed=5)
+    ref = [one(img), one(img)]
+    for rank in range(2):
+        part = DetailCrops(hcfg, seed=5, rank=rank, world_size=2)
+        for r in ref:
+            assert torch.equal(part(img[:2]), r[2 * rank:2 * rank + 2])
+    again = DetailCrops(hcfg, seed=0)
+    again.load_state_dict(DetailCrops(hcfg, seed=5).state_dict())
+    assert torch.equal(again(img), ref[0])
+
+
+def test_hrda_bida_mic_teacher_run_stopped_mid_phase_resumes_exactly(tmp_path, synthetic_cache):
+    """BiDA + MIC + feature distance under HRDA, in bf16: a run stopped after its first step
+    and resumed ends bit-identical to the uninterrupted one (model, teacher, every generator)."""
+    from bida.checkpoint import load_checkpoint
+    from bida.engine.train import Trainer, train
+
+    base = hrda_run_overrides(synthetic_cache) + ["method=bida", "mic.weight=1", "mic.block_size=16",
+                                                  "model.drop_path=0.1", "train.amp=bf16",
+                                                  "pseudo.teacher_threshold=0.2"]
+    weights = tmp_path / "imagenet.pth"
+    torch.save(build_model(load_config(None, base).model, 19).state_dict(), weights)
+    cfg = load_config(None, base + [f"model.pretrained={weights}", "loss.feature_distance_weight=0.005"])
+    train(cfg, tmp_path / "full")
+    records = [line for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines() if '"teacher"' in line]
+    assert len(records) == 3 and all('"loss/hrda_detail"' in r for r in records)
+    assert Trainer(cfg, tmp_path / "part").fit(stop_after=1) is None
+    Trainer(cfg, tmp_path / "part", resume=True).fit()
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("full", "part"))
+    assert any(k.startswith("scale_attention.") for k in a["model"])
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ta, tb = a["mean_teacher"], b["mean_teacher"]
+    for k in ta["teacher"]["model"]:
+        assert torch.equal(ta["teacher"]["model"][k], tb["teacher"]["model"][k]), k
+    for part in ("mixer", "masking", "detail_crops"):
+        assert torch.equal(ta[part]["generator"], tb[part]["generator"]), part
