@@ -103,26 +103,33 @@ def test_crop_boxes_slices_each_sample_at_its_corner():
         assert torch.equal(crop_boxes(x[:, 0], box, (4, 6))[i], x[i, 0, y:y + 4, c:c + 6])
 
 
+@torch.no_grad()
+def naive_fused(model, x):
+    """HRDA's prediction of a whole input (sides multiples of 16, 32-pixel detail crops): the
+    context at half resolution, the detail on 32-pixel windows at stride 16 (one forward
+    each), averaged where they overlap, fused with the unmasked attention (paper eq. 5)."""
+    base, (h, w) = model.base, x.shape[-2:]
+    small = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
+    levels = base.backbone(small)
+    context = base.decode_head(levels)[0]
+    attention = torch.sigmoid(model.scale_attention(levels)[0])
+    total, count = torch.zeros(x.shape[0], model.num_classes, h // 4, w // 4), torch.zeros(1, 1, h // 4, w // 4)
+    for y in range(0, h - 16, 16):
+        for c in range(0, w - 16, 16):
+            total[..., y // 4:y // 4 + 8, c // 4:c // 4 + 8] += base.decode_head(
+                base.backbone(x[..., y:y + 32, c:c + 32]))[0]
+            count[..., y // 4:y // 4 + 8, c // 4:c // 4 + 8] += 1
+    a_up = F.interpolate(attention, scale_factor=2, mode="bilinear", align_corners=False)
+    low = F.interpolate((1 - attention) * context, scale_factor=2, mode="bilinear", align_corners=False)
+    return a_up * (total / count) + low
+
+
 def test_fused_inference_slides_detail_windows_like_a_naive_loop():
     model = tiny_hrda().eval()
-    x = torch.randn(1, 3, 64, 96)
+    x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         out = model(x, "target").logits
-        base = model.base
-        small = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
-        levels = base.backbone(small)
-        context = base.decode_head(levels)[0]
-        attention = torch.sigmoid(model.scale_attention(levels)[0])
-        total, count = torch.zeros(1, 5, 16, 24), torch.zeros(1, 1, 16, 24)
-        for y in (0, 16, 32):  # 32-pixel windows, stride 16, over 64 x 96
-            for c in (0, 16, 32, 48, 64):
-                total[..., y // 4:y // 4 + 8, c // 4:c // 4 + 8] += base.decode_head(
-                    base.backbone(x[..., y:y + 32, c:c + 32]))[0]
-                count[..., y // 4:y // 4 + 8, c // 4:c // 4 + 8] += 1
-        a_up = F.interpolate(attention, scale_factor=2, mode="bilinear", align_corners=False)
-        low = F.interpolate((1 - attention) * context, scale_factor=2, mode="bilinear", align_corners=False)
-        ref = a_up * (total / count) + low
-    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(out, naive_fused(model, x))
 
 
 def test_fused_inference_on_any_size_pads_and_crops_back():
@@ -261,3 +268,41 @@ def test_hrda_bida_mic_teacher_run_stopped_mid_phase_resumes_exactly(tmp_path, s
         assert torch.equal(ta["teacher"]["model"][k], tb["teacher"]["model"][k]), k
     for part in ("mixer", "masking", "detail_crops"):
         assert torch.equal(ta[part]["generator"], tb[part]["generator"]), part
+
+
+def test_bida_predict_on_an_unseen_size_uses_the_sliding_fused_prediction(tmp_path, synthetic_cache):
+    """An HRDA checkpoint predicts a 70x101 image (trained on 64x64 crops) with 64-pixel
+    evaluation windows at stride 32, each fused as HRDA fuses (context + sliding detail
+    crops + attention), batched; the reference loops over the windows one by one."""
+    import numpy as np
+    from PIL import Image
+
+    from bida.tools.cli import main
+    from bida.engine.train import train
+    from bida.tools.predict import model_from_checkpoint
+
+    cfg = load_config(None, hrda_run_overrides(synthetic_cache) + [
+        "train.iters=1", "eval.mode=slide", "eval.crop=[64,64]", "eval.stride=[32,32]"])
+    train(cfg, tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    image = rng.integers(0, 256, (70, 101, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "in" / "a.png")
+    assert main(["predict", "--checkpoint", str(ckpt), str(tmp_path / "in"), "--out", str(tmp_path / "out"),
+                 "--quiet"]) == 0
+    model, _, _, _ = model_from_checkpoint(ckpt)
+    assert isinstance(model, HRDASegmentor) and model.batched_slide
+    from bida.data.transforms import to_tensor
+
+    x = to_tensor(image, "imagenet").unsqueeze(0)
+    total, count = torch.zeros(1, model.num_classes, 70, 101), torch.zeros(1, 1, 70, 101)
+    for y in (0, 6):  # 64-pixel windows at stride 32, the last flush with the border
+        for c in (0, 32, 37):
+            logits = naive_fused(model, x[..., y:y + 64, c:c + 64])
+            total[..., y:y + 64, c:c + 64] += F.interpolate(logits, size=(64, 64), mode="bilinear",
+                                                            align_corners=False)
+            count[..., y:y + 64, c:c + 64] += 1
+    expected = (total / count).argmax(1)[0].numpy()
+    written = np.asarray(Image.open(tmp_path / "out" / "a.png"))
+    assert written.shape == (70, 101) and (written == expected).mean() > 0.999

@@ -185,6 +185,9 @@ class HRDASegmentor(nn.Module):
             raise ValueError(f"context_scale {context_scale}: 1 / context_scale must be a whole number")
         self.ratio = int(ratio)
         self.scale_attention = base.attention_head(base.num_classes if attention_classwise else 1)
+        # Sliding-window evaluation forwards every window of an image in one batch (HRDA's
+        # batched_slide): each window is fused alike, the windows only share the forward.
+        self.batched_slide = True
         for attr in ("arch", "feature_kind", "feature_dim", "backbone_channels", "target_stem", "concat_domains_ok"):
             setattr(self, attr, getattr(base, attr))
 
