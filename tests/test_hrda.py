@@ -306,3 +306,71 @@ def test_bida_predict_on_an_unseen_size_uses_the_sliding_fused_prediction(tmp_pa
     expected = (total / count).argmax(1)[0].numpy()
     written = np.asarray(Image.open(tmp_path / "out" / "a.png"))
     assert written.shape == (70, 101) and (written == expected).mean() > 0.999
+
+
+# --------------------------------------------------------------------------- pseudo-label margins (v2)
+
+def test_pseudo_margins_are_marked_on_the_image_before_the_crop(tmp_path):
+    """Each crop pixel knows its image row and column (encoded in the colours): pseudo_keep is
+    False exactly on the image's [top, bottom, left, right] margins, wherever the crop fell
+    and whether or not it was flipped."""
+    import numpy as np
+    from PIL import Image
+
+    from bida.data.datasets import SegmentationDataset
+    from bida.data.listing import Sample
+    from bida.data.transforms import denormalize
+
+    h, w = 20, 24
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    image = np.stack([cols * 8, rows * 8, np.zeros_like(rows)], -1).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    Image.fromarray(np.ones((h, w), np.uint8)).save(tmp_path / "a_label.png")
+    samples = [Sample(name="a", image=tmp_path / "a.png", label=tmp_path / "a_label.png")]
+    ds = SegmentationDataset(samples, "folder", 3, train=True, crop=(8, 12), scale_range=(1.0, 1.0), flip=True,
+                             pseudo_margins=(2, 5, 3, 1))
+    seen = set()
+    for seed in range(12):
+        item = ds[(0, seed)]
+        rgb = denormalize(item["image"], "imagenet").astype(int)
+        r, c = (rgb[..., 1] + 4) // 8, (rgb[..., 0] + 4) // 8
+        expected = (r >= 2) & (r < h - 5) & (c >= 3) & (c < w - 1)
+        assert np.array_equal(item["pseudo_keep"].numpy(), expected), seed
+        seen.add(bool(expected.all()))
+    assert seen == {True, False}  # some crops inside the margins, some touching them
+    plain = SegmentationDataset(samples, "folder", 3, train=True, crop=(8, 12), scale_range=(1.0, 1.0))
+    assert "pseudo_keep" not in plain[(0, 0)]
+
+
+def test_pseudo_margins_weigh_the_teacher_labels_zero(synthetic_cache):
+    """MIC's masked loss reads the teacher labels alone: 0 when the whole crop is margin,
+    the plain loss when none of it is."""
+    from bida.method.teacher import MeanTeacher, teacher_step
+
+    cfg = load_config(None, hrda_run_overrides(synthetic_cache) + ["mic.weight=1", "mic.block_size=16",
+                                                                  "pseudo.teacher_threshold=0",
+                                                                  "pseudo.margins=[2,2,2,2]"])
+    out = {}
+    for keep in (None, True, False):
+        torch.manual_seed(0)
+        model = build_model(cfg.model, 5).train()
+        state = MeanTeacher(cfg, 5, "cpu")
+        state.start(model)
+        g = torch.Generator().manual_seed(3)
+        src = {"image": torch.randn(2, 3, 64, 64, generator=g), "label": torch.randint(0, 5, (2, 64, 64), generator=g)}
+        tgt = {"image": torch.randn(2, 3, 64, 64, generator=g), "label": torch.full((2, 64, 64), 255)}
+        if keep is not None:
+            tgt["pseudo_keep"] = torch.full((2, 64, 64), keep)
+        out[keep] = teacher_step(model, src, tgt, cfg, state, None, 5).logs
+    assert out[None]["loss/mic"] > 0
+    assert torch.equal(out[True]["loss/mic"], out[None]["loss/mic"])
+    assert out[False]["loss/mic"] == 0
+
+
+def test_pseudo_margins_config_checks():
+    with pytest.raises(ConfigError, match=r"^pseudo\.margins: the image margins .* replace the crop bands"):
+        load_config(None, [*TINY_MIT, "pseudo.margins=[1,2,1,1]", "pseudo.ignore_top=3"])
+    with pytest.raises(ConfigError, match=r"^pseudo\.margins: only the teacher schedule"):
+        load_config(None, ["pseudo.margins=[1,2,1,1]"])
+    with pytest.raises(ConfigError, match=r"^pseudo\.margins\[1\]: -2 is out of range"):
+        load_config(None, [*TINY_MIT, "pseudo.margins=[1,-2,1,1]"])

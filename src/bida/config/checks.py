@@ -96,6 +96,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "pseudo.teacher_threshold": (0, 1, True, True),
     "pseudo.ignore_top": (0, MAX_SIDE, True, True),
     "pseudo.ignore_bottom": (0, MAX_SIDE, True, True),
+    "pseudo.margins": (0, MAX_SIDE, True, True),
     "calibration.momentum": (0, 1, True, True),
     "calibration.max_weight": (0, INF, True, True),
     "calibration.ramp_iters": (0, INF, True, True),
@@ -239,14 +240,17 @@ def check_schedule(cfg: "Config") -> None:
             raise ConfigError("train.teacher_bn: only the teacher schedule reads it (train.schedule=teacher)")
         if t.mix_classes != "image":
             raise ConfigError("train.mix_classes: only the teacher schedule mixes (train.schedule=teacher)")
-        for key in ("ignore_top", "ignore_bottom"):
-            if getattr(cfg.pseudo, key):
+        for key in ("ignore_top", "ignore_bottom", "margins"):
+            if any(getattr(cfg.pseudo, key) if key == "margins" else [getattr(cfg.pseudo, key)]):
                 raise ConfigError(f"pseudo.{key}: only the teacher schedule weighs teacher labels "
                                   "(train.schedule=teacher)")
     top, bottom, height = cfg.pseudo.ignore_top, cfg.pseudo.ignore_bottom, cfg.data.crop[0]
     if top + bottom >= height:
         raise ConfigError(f"pseudo.ignore_top + pseudo.ignore_bottom: {top} + {bottom} rows leave no row of the "
                           f"{height}-pixel-high crop (data.crop) a pseudo-label weight; their sum must be < {height}")
+    if any(cfg.pseudo.margins) and (top or bottom):
+        raise ConfigError("pseudo.margins: the image margins (HRDA's pseudo-label cropping v2) replace the crop "
+                          "bands pseudo.ignore_top/ignore_bottom (v1); set those to 0")
     if t.teacher_bn == "batch" and cfg.model.freeze_bn and not cfg.model.bn_batch_stats:
         raise ConfigError("train.teacher_bn: 'batch' with model.freeze_bn would label with batch statistics, which "
                           "the student never uses; set it to 'running' (or model.bn_batch_stats=true)")

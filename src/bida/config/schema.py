@@ -314,6 +314,13 @@ class PseudoConfig:
     # label transfer, prototypes and contrast are unaffected. 0 = no band (bida's default).
     ignore_top: int = 0
     ignore_bottom: int = 0
+    # teacher schedule: pseudo-label weight 0 on margins of [top, bottom, left, right] pixels of
+    # each target *image* (after data.resize, before the random crop), so that a crop loses
+    # them only where it touches the image's border (HRDA's and MIC(HRDA)'s "pseudo-label
+    # cropping v2", crop_pseudo_margins: published [30, 240, 30, 30] on Cityscapes at 2048x1024).
+    # Weighs as the crop bands do (after the quality weight, in the ClassMix and MIC losses);
+    # not together with ignore_top/ignore_bottom (the bands of every crop, v1). 0s: none.
+    margins: tuple[int, int, int, int] = (0, 0, 0, 0)
     # teacher schedule: the teacher's labels and confidences come from the mean of its softmax
     # on the target image and on its horizontal mirror (mirrored back), as VFM-UDA's
     # (true); false: from the image alone (DAFormer, MIC). Costs a second teacher forward.

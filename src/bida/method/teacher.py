@@ -364,9 +364,12 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
     reduce = reduce_sums.sum if reduce_sums is not None else None
     y_teacher, conf, quality = state.teacher.pseudo_labels(img_tgt, valid_tgt, cfg.pseudo.teacher_threshold, reduce,
                                                            flip=cfg.pseudo.teacher_flip)
-    # The teacher-label weight: the quality, with pseudo.ignore_top/bottom its rows of weight 0.
+    # The teacher-label weight: the quality, with pseudo.ignore_top/bottom its rows of weight 0
+    # (or, with pseudo.margins, the image margins the crop holds).
     top, bottom = cfg.pseudo.ignore_top, cfg.pseudo.ignore_bottom
     w_tgt = banded_weight(quality, tuple(y_teacher.shape), top, bottom, valid_tgt) if top or bottom else quality
+    if "pseudo_keep" in batch_tgt:  # pseudo.margins: weight 0 on the image's margins (HRDA's v2)
+        w_tgt = torch.where(batch_tgt["pseudo_keep"], w_tgt.float(), torch.zeros((), device=w_tgt.device))
     img_src_loss, img_tgt_mix = img_src, img_tgt
     if cfg.data.weak_jitter:
         # VFM-UDA: the source loss sees a weakly jittered source image and ClassMix pastes the
