@@ -374,3 +374,55 @@ def test_pseudo_margins_config_checks():
         load_config(None, ["pseudo.margins=[1,2,1,1]"])
     with pytest.raises(ConfigError, match=r"^pseudo\.margins\[1\]: -2 is out of range"):
         load_config(None, [*TINY_MIT, "pseudo.margins=[1,-2,1,1]"])
+
+
+# --------------------------------------------------------------------------- guarantees
+
+def test_grad_checkpoint_gives_the_same_hrda_step(synthetic_cache):
+    from bida.method.teacher import MeanTeacher, teacher_step
+
+    got = {}
+    for ckpt in ("false", "true"):
+        cfg = load_config(None, hrda_run_overrides(synthetic_cache) + ["method=bida", "mic.weight=1",
+                                                                      "mic.block_size=16",
+                                                                      f"model.grad_checkpoint={ckpt}"])
+        torch.manual_seed(0)
+        model = build_model(cfg.model, 5).train()
+        state = MeanTeacher(cfg, 5, "cpu")
+        state.start(model)
+        g = torch.Generator().manual_seed(3)
+        src = {"image": torch.randn(2, 3, 64, 64, generator=g), "label": torch.randint(0, 5, (2, 64, 64), generator=g)}
+        tgt = {"image": torch.randn(2, 3, 64, 64, generator=g), "label": torch.full((2, 64, 64), 255)}
+        torch.manual_seed(1)
+        result = teacher_step(model, src, tgt, cfg, state, None, 5)
+        result.loss.backward()
+        got[ckpt] = (result.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (la, ga), (lb, gb) = got["false"], got["true"]
+    torch.testing.assert_close(la, lb, rtol=0, atol=0)
+    assert ga.keys() == gb.keys() and any(k.startswith("scale_attention.") for k in ga)
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_hrda_teacher_on_two_ranks_gives_the_losses_of_one_process(tmp_path, synthetic_cache):
+    """BiDA + MIC under HRDA, global batch 2 (one image per rank): every detail crop, mix and
+    mask is drawn by global sample index and the BatchNorms see the global batch, so two
+    ranks log one process's losses (head dropout and drop path off: each rank draws its own)."""
+    import json
+
+    from test_distributed import _assert_same_states, _spawn_teacher, _teacher_run
+
+    overrides = hrda_run_overrides(synthetic_cache) + [
+        "method=bida", "mic.weight=1", "mic.block_size=16", "train.iters=2", "model.drop_path=0",
+        "pseudo.teacher_threshold=0.1", "train.batch_size=2", "train.checkpoint_every=1000"]
+    ranks = _spawn_teacher(overrides, tmp_path / "ddp", "ddp", head_dropout=False)
+    _teacher_run(0, 1, overrides, str(tmp_path / "single"), "single", head_dropout=False)
+    _assert_same_states(ranks[0], ranks[1], "rank 0 vs rank 1")
+    records = {name: [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()
+                      if '"teacher"' in line] for name in ("ddp", "single")}
+    assert [r["step"] for r in records["ddp"]] == [r["step"] for r in records["single"]] == [1, 2]
+    for got, ref in zip(records["ddp"], records["single"]):
+        keys = [k for k in ref if k.startswith(("loss/", "pseudo/")) and not k.endswith("_acc")]
+        assert "loss/hrda_detail" in keys and "loss/mic" in keys
+        for key in keys:
+            assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (ref["step"], key)
