@@ -426,3 +426,33 @@ def test_hrda_teacher_on_two_ranks_gives_the_losses_of_one_process(tmp_path, syn
         assert "loss/hrda_detail" in keys and "loss/mic" in keys
         for key in keys:
             assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (ref["step"], key)
+
+
+# --------------------------------------------------------------------------- HRDA's "HR" datasets
+
+@pytest.mark.parametrize("native, shorter, hrda", [
+    ((1052, 1914), 1407, (1407, 2560)),  # GTA5: mmseg's keep-ratio fit into 2560x1440
+    ((760, 1280), 1520, (1520, 2560)),   # SYNTHIA: into 2560x1520
+    ((1024, 2048), 1024, (1024, 2048)),  # Cityscapes: 2048x1024, as it is
+])
+def test_the_configs_resize_gives_hrdas_hr_sizes(native, shorter, hrda):
+    from bida.data.transforms import shorter_side_size
+
+    # mmseg's Resize(img_scale=(W, H), keep_ratio=True): scale = min(W / w, H / h), sides rounded
+    box = {(1052, 1914): (2560, 1440), (760, 1280): (2560, 1520), (1024, 2048): (2048, 1024)}[native]
+    scale = min(box[0] / native[1], box[1] / native[0])
+    assert (int(native[0] * scale + 0.5), int(native[1] * scale + 0.5)) == hrda
+    assert shorter_side_size(native, shorter) == hrda
+
+
+def test_a_full_size_gta5_image_serves_1024_context_crops(tmp_path):
+    from fixtures import make_gta5_tree
+
+    from bida.data.datasets import SegmentationDataset
+    from bida.data.listing import list_samples
+
+    make_gta5_tree(tmp_path / "gta", n=1, size=(1052, 1914), mismatched=0)
+    samples = list_samples("gta5", tmp_path / "gta", "train", require_labels=True)
+    ds = SegmentationDataset(samples, "gta5", 19, train=True, crop=(1024, 1024), resize=1407, flip=True)
+    item = ds[(0, 7)]
+    assert item["image"].shape == (3, 1024, 1024) and bool(item["valid"].all())  # inside the 1407x2560 image
