@@ -138,6 +138,8 @@ def test_fused_inference_on_any_size_pads_and_crops_back():
         out = model(torch.randn(1, 3, 70, 101), "target")
     assert out.logits.shape == (1, 5, 18, 26)  # ceil(70 / 4), ceil(101 / 4)
     assert out.features.shape == (1, 8, 9, 13)  # ceil(70 / 8), ceil(101 / 8)
+    with torch.no_grad():  # below the 64 pixels whose context MiT takes: padded up to them
+        assert model(torch.randn(1, 3, 23, 37), "target").logits.shape == (1, 5, 6, 10)
 
 
 def test_state_dict_is_the_segmentors_plus_the_attention():

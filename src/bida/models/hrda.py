@@ -254,8 +254,11 @@ class HRDASegmentor(nn.Module):
     def _fused_inference(self, x: Tensor, domain: str) -> SegOutput:
         h, w = x.shape[-2:]
         unit = self.unit.numerator  # unit's denominator is 1 for every supported segmentor
-        ph, pw = math.ceil(h / unit) * unit, math.ceil(w / unit) * unit
-        if (ph, pw) != (h, w):  # whole cells of both grids: zero padding (the normalised mean) at the far sides
+        # Whole cells of both grids, and a context the encoder takes (MiT: 32 pixels a side):
+        # zero padding (the normalised mean) at the far sides, cropped off the outputs.
+        least = math.ceil(getattr(self.base, "min_input", 1) / self.context_scale)
+        ph, pw = (math.ceil(max(s, least) / unit) * unit for s in (h, w))
+        if (ph, pw) != (h, w):
             x = F.pad(x, (0, pw - w, 0, ph - h))
         ctx, att = self._context(x, domain)
         grid = tuple(s * self.ratio for s in ctx.logits.shape[-2:])

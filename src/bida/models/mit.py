@@ -331,6 +331,7 @@ class MiTSegmentor(nn.Module):
 
     # The two halves of :meth:`forward`, for wrappers that reuse them (HRDA, bida.models.hrda).
     output_stride = Fraction(4)  # input pixels per output cell: outputs are ceil(H/4) x ceil(W/4)
+    min_input = MIN_INPUT  # the shortest side the encoder takes
 
     def encode(self, x: Tensor, domain: Literal["source", "target"] = "source") -> list[Tensor]:  # noqa: ARG002
         """The encoder's four levels (strides 4, 8, 16, 32) that the decoder reads."""
