@@ -458,3 +458,35 @@ def test_a_full_size_gta5_image_serves_1024_context_crops(tmp_path):
     ds = SegmentationDataset(samples, "gta5", 19, train=True, crop=(1024, 1024), resize=1407, flip=True)
     item = ds[(0, 7)]
     assert item["image"].shape == (3, 1024, 1024) and bool(item["valid"].all())  # inside the 1407x2560 image
+
+
+def test_bida_under_hrda_contrasts_the_context_crops_features(synthetic_cache):
+    """BiDA's design under HRDA: the source side reads the source forward's context features,
+    the target side one extra forward of the unmixed target's context crop alone (no detail
+    crop, no fused prediction); the contrast terms are BiDA's on exactly these features."""
+    from bida.method.teacher import IGNORE, MeanTeacher, teacher_step
+    from bida.method.train_step import adapt_step
+
+    cfg = load_config(None, hrda_run_overrides(synthetic_cache) + [
+        "method=bida", "method.calibration=false", "pseudo.teacher_threshold=0.1"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 5).train()
+    state = MeanTeacher(cfg, 5, "cpu")
+    state.start(model)
+    g = torch.Generator().manual_seed(3)
+    src = {"image": torch.randn(2, 3, 64, 64, generator=g), "label": torch.randint(0, 5, (2, 64, 64), generator=g)}
+    tgt = {"image": torch.randn(2, 3, 64, 64, generator=g), "label": torch.full((2, 64, 64), 255)}
+    rec = Recorder(model)
+    logs = teacher_step(rec, src, tgt, cfg, state, None, 5).logs
+    kinds = [(args[1], "detail_box" in kw, kw.get("context_only", False)) for args, kw, _ in rec.calls]
+    assert kinds == [("source", True, False), ("target", True, False), ("target", False, True)]
+    out_src, out_tgt = rec.calls[0][2], rec.calls[2][2]
+    assert out_src.features.shape[-2:] == out_tgt.features.shape[-2:] == (8, 8)  # the context grid (64 / 8)
+    assert out_tgt.logits.shape[-2:] == (8, 8)  # no fused prediction of the target
+    labels, conf, _ = state.teacher.pseudo_labels(tgt["image"], None, cfg.pseudo.teacher_threshold)
+    y_static = torch.where(conf >= cfg.pseudo.teacher_threshold, labels, torch.full_like(labels, IGNORE))
+    ref = adapt_step(model, src, {"image": tgt["image"], "label": y_static}, cfg, None, 5,
+                     outputs=(out_src, out_tgt), seg_terms=False).logs
+    assert logs["loss/contrast_t2s"] > 0 and logs["loss/contrast_s2t"] > 0
+    for key in ("loss/contrast_t2s", "loss/contrast_s2t", "pseudo/dynamic_coverage"):
+        torch.testing.assert_close(logs[key], ref[key])
