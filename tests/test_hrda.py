@@ -42,7 +42,7 @@ def reference_fusion(context, attention, detail, box, os_, scale):
         low = F.interpolate((1 - a) * context[i:i + 1], scale_factor=r, mode="bilinear", align_corners=False)
         a_up = F.interpolate(a, scale_factor=r, mode="bilinear", align_corners=False)
         ins = torch.zeros_like(low)
-        fy, fx = y // os_, x // os_
+        fy, fx = int(y / os_), int(x / os_)  # the box on the full-resolution grid
         ins[..., fy:fy + dh, fx:fx + dw] = detail[i:i + 1]
         out.append(a_up * ins + low)
     return torch.cat(out)
@@ -490,3 +490,23 @@ def test_bida_under_hrda_contrasts_the_context_crops_features(synthetic_cache):
     assert logs["loss/contrast_t2s"] > 0 and logs["loss/contrast_s2t"] > 0
     for key in ("loss/contrast_t2s", "loss/contrast_s2t", "pseudo/dynamic_coverage"):
         torch.testing.assert_close(logs[key], ref[key])
+
+
+def test_dinov2_training_forward_matches_the_papers_fusion():
+    """DINOv2 (3.5 input pixels a cell): crops on multiples of 7 fall on whole cells of both grids."""
+    torch.manual_seed(0)
+    cfg = load_config(None, [*TINY_MIT, "model.backbone=dinov2_vits14", "model.width=0.125", "data.crop=[56,84]",
+                             "model.hrda.detail_crop=[28,28]", "model.hrda.crop_divisible=7"])
+    model = build_model(cfg.model, 5).eval()
+    x, box = torch.randn(2, 3, 56, 84), torch.tensor([[7, 14], [28, 49]])
+    out = model(x, "source", detail_box=box)
+    base = model.base
+    with torch.no_grad():
+        small = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
+        levels = base.encode(small)
+        context = base.decode(levels, (28, 42)).logits
+        attention = torch.sigmoid(model.scale_attention(levels)[0][..., :8, :12])
+        crops = torch.stack([x[i, :, y:y + 28, c:c + 28] for i, (y, c) in enumerate(box.tolist())])
+        detail = base(crops).logits
+    assert out.logits.shape == (2, 5, 16, 24) and detail.shape == (2, 5, 8, 8)
+    torch.testing.assert_close(out.logits, reference_fusion(context, attention, detail, box, 3.5, 0.5))
