@@ -36,6 +36,17 @@ image with random blocks masked, learns the teacher's labels of the unmasked ima
 ``model.mask_token`` (DINOv2) random patch tokens are masked instead, by the mask token
 (VFM-UDA's variant).
 
+With ``model.hrda.enabled`` (HRDA, :mod:`bida.models.hrda`) every student forward (source,
+ClassMix, MIC) is HRDA's: the crop is the context crop, with a detail crop drawn for each
+image by :class:`bida.method.hrda.DetailCrops`; each forward's fused CE weighs
+``1 - model.hrda.detail_loss_weight`` and its detail crop's CE the weight itself (logged
+together as ``loss/hrda_detail``). ClassMix mixes, and MIC masks, the context crop, so both
+crops see the same mix and mask. The teacher labels with HRDA's sliding fused prediction of
+the whole crop. The feature distance and BiDA's contrast read the context crop's features:
+the source forward's context branch, and for the target one forward of the unmixed target's
+context crop alone (no detail crop). ``pseudo.margins`` (HRDA's image margins) weigh the
+teacher labels as the crop bands do.
+
 Under torchrun (:mod:`bida.distributed`) every rank trains on its slice of the global batch
 ``train.batch_size``: ClassMix and MIC draw by global sample index, the quality weight and
 every per-pixel mean are the global batch's, BiDA's prototypes come from all-reduced sums.
