@@ -510,3 +510,17 @@ def test_dinov2_training_forward_matches_the_papers_fusion():
         detail = base(crops).logits
     assert out.logits.shape == (2, 5, 16, 24) and detail.shape == (2, 5, 8, 8)
     torch.testing.assert_close(out.logits, reference_fusion(context, attention, detail, box, 3.5, 0.5))
+
+
+def test_an_hrda_checkpoint_exports_as_a_folder_and_refuses_a_graph(tmp_path, synthetic_cache, capsys):
+    pytest.importorskip("onnxruntime")
+    from bida.engine.train import train
+    from bida.tools.cli import main
+
+    train(load_config(None, hrda_run_overrides(synthetic_cache) + ["train.iters=1"]), tmp_path / "run")
+    ckpt = str(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert main(["export", "--checkpoint", ckpt, "--format", "folder", "--out", str(tmp_path / "m")]) == 0
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", ckpt, "--format", "onnx", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "exports as a model folder only" in err and not (tmp_path / "o").exists()
