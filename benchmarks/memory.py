@@ -13,6 +13,7 @@ and BiDA, each alone and with MIC.
     bash benchmarks/gpu.sh                         # runs this as one of its parts
     .venv/bin/python benchmarks/memory.py [--size 512] [--backbone mit_b5] [--methods self_training bida]
     .venv/bin/python benchmarks/memory.py --smoke  # CPU, MiT-B0 at width 0.25, 64x64, self_training: runs?
+    .venv/bin/python benchmarks/memory.py --hrda --methods self_training+mic bida+mic  # MIC(HRDA) [+ BiDA], 1024 + 512
 
 On a CPU there is no allocator peak to read: the figure is the growth of the process's
 resident memory (its high-water mark, reset before the step where Linux allows) over the
@@ -111,7 +112,7 @@ def measure(cfg, args: argparse.Namespace, device: torch.device, amp_dtype) -> t
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--size", type=int, default=512, help="square crop (DAFormer: 512)")
+    parser.add_argument("--size", type=int, default=None, help="square crop (DAFormer: 512; with --hrda 1024)")
     parser.add_argument("--backbone", default=None, choices=BACKBONES,
                         help="MiT (DAFormer's mit_b5) or a DINOv2 ViT (dinov2_vitl14: VFM-UDA's), no weights loaded")
     parser.add_argument("--width", type=float, default=None, help="encoder width multiplier (MiT stages, ViT embedding)")
@@ -120,6 +121,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--precision", default="bf16", choices=list(PRECISIONS))
     parser.add_argument("--repeats", type=int, default=2, help="measured steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="steps per variant before measuring")
+    parser.add_argument("--hrda", action="store_true",
+                        help="HRDA: --size is the context crop (HRDA: 1024, the default then), a detail crop of half its side")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU, MiT-B0 (or --backbone) at width 0.25 (or --width), 64x64, self_training: checks the script runs")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -127,16 +130,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.smoke:
         args.device, args.size, args.decoder_dim = "cpu", 64, 32
         args.backbone, args.width = args.backbone or "mit_b0", args.width or 0.25
-        args.precision, args.repeats, args.warmup, args.methods = "fp32", 1, 1, ["self_training"]
+        args.precision, args.repeats, args.warmup = "fp32", 1, 1
+        if args.methods == list(teacher_step.METHODS):  # unless named: the cheapest variant
+            args.methods = ["self_training"]
     args.backbone, args.width = args.backbone or "mit_b5", args.width or 1.0
+    args.size = args.size or (1024 if args.hrda else 512)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit(f"no CUDA device (torch {torch.__version__}); use --smoke for a CPU check")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    hrda = f" in HRDA (detail crops {args.size // 2}x{args.size // 2})" if args.hrda else ""
     print(f"peak memory of a teacher train step: {args.backbone} (width {args.width}) + DAFormer head "
-          f"({args.decoder_dim}), {ts.BATCH} source + {ts.BATCH} target {args.size}x{args.size} crops, "
+          f"({args.decoder_dim}){hrda}, {ts.BATCH} source + {ts.BATCH} target {args.size}x{args.size} crops, "
           f"K={ts.NUM_CLASSES}, {args.precision}, AdamW, EMA teacher")
     print(f"torch {torch.__version__}, device {device}: {name}")
     print(f"each variant: a fresh model, {args.warmup} warm-up step(s), then the peak and median time of "
@@ -163,7 +170,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if args.json:  # after every row: a run stopped by its time limit keeps what it measured
                 with open(args.json, "w") as fh:
                     json.dump({"device": name, "torch": torch.__version__, "backbone": args.backbone,
-                               "size": args.size, "precision": args.precision, "rows": rows}, fh, indent=1)
+                               "size": args.size, "precision": args.precision, "hrda": args.hrda, "rows": rows},
+                              fh, indent=1)
     print(f"\nckpt/plain: peak with grad_checkpoint over peak without; total {time.perf_counter() - start:.0f} s")
     return rows
 

@@ -2,7 +2,7 @@
 and inference.py.
 
     python benchmarks/summary.py DIR      # DIR holds step.json, extras.json, loop.json, teacher.json, memory.json,
-                                          # memory_vit.json, inference.json
+                                          # memory_vit.json, teacher_hrda.json, memory_hrda.json, inference.json
 
 A missing or failed part shows as "n/a", so that the rest of a run is still reported.
 """
@@ -69,23 +69,26 @@ def rows(folder: Path) -> list[tuple[str, str]]:
                 ("evaluation slide", f"{_fmt(loop['eval_slide_images_per_s'], '.2f')} images/s")]
     else:
         out.append(("trainer loop", "n/a"))
-    teacher = _load(folder / "teacher.json")
-    by_t = {(r["precision"], r["method"]): r for r in teacher.get("rows", [])}
-    for (precision, method), r in by_t.items():
-        out.append((f"teacher step {teacher.get('backbone', '')} {precision} {method}",
-                    f"{_fmt(r['step_ms'])} ms, peak {_fmt(r['peak_gib'], '.2f')} GiB"
-                    + (f", / {r['base']} {_fmt(r['over_base'], '.3f')}" if r.get("base", method) != method else "")))
-    if not by_t:
-        out.append(("teacher step", "n/a"))
-    for file in ("memory.json", "memory_vit.json"):
+    for file in ("teacher.json", "teacher_hrda.json"):
+        teacher = _load(folder / file)
+        hrda = " hrda" if teacher.get("hrda") else ""
+        by_t = {(r["precision"], r["method"]): r for r in teacher.get("rows", [])}
+        for (precision, method), r in by_t.items():
+            out.append((f"teacher step {teacher.get('backbone', '')}{hrda} {precision} {method}",
+                        f"{_fmt(r['step_ms'])} ms, peak {_fmt(r['peak_gib'], '.2f')} GiB"
+                        + (f", / {r['base']} {_fmt(r['over_base'], '.3f')}" if r.get("base", method) != method else "")))
+        if not by_t:
+            out.append((f"teacher step ({file})", "n/a"))
+    for file in ("memory.json", "memory_vit.json", "memory_hrda.json"):
         memory = _load(folder / file)
+        hrda = " hrda" if memory.get("hrda") else ""
         by_m = {(r["method"], r["grad_checkpoint"]): r for r in memory.get("rows", [])}
         for method in dict.fromkeys(m for m, _ in by_m):
             plain, ckpt = by_m.get((method, False)), by_m.get((method, True))
             if plain is None or ckpt is None:
                 continue
             approx = "~" if ckpt.get("approximate") else ""
-            out.append((f"memory {memory.get('backbone', '')} {memory.get('precision', '')} {method} grad_checkpoint",
+            out.append((f"memory {memory.get('backbone', '')}{hrda} {memory.get('precision', '')} {method} grad_checkpoint",
                         f"peak {approx}{_fmt(plain['peak_gib'], '.2f')} -> {approx}{_fmt(ckpt['peak_gib'], '.2f')} GiB "
                         f"(x{_fmt(ckpt['peak_ratio'], '.3f')}), step {_fmt(plain['step_ms'])} -> {_fmt(ckpt['step_ms'])} ms"))
         if not by_m:

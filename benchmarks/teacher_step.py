@@ -14,6 +14,7 @@ all variants together: ``memory.py`` measures each variant's own peak, with and 
     bash benchmarks/gpu.sh                              # runs this after the DeepLab-V2 parts
     .venv/bin/python benchmarks/teacher_step.py [--size 512] [--repeats 6] [--backbone mit_b5] [--grad-checkpoint]
     .venv/bin/python benchmarks/teacher_step.py --smoke  # CPU, MiT-B0 at width 0.25: checks the script runs
+    .venv/bin/python benchmarks/teacher_step.py --hrda   # HRDA, MIC(HRDA), BiDA + MIC(HRDA): 1024 context + 512 detail
 
 The feature distance is off (it needs the ImageNet weights, which the benchmark does not
 load); with it, each step adds one forward of a frozen copy of the network.
@@ -43,20 +44,27 @@ BACKBONES = [f"mit_b{i}" for i in range(6)] + [f"dinov2_vit{s}14{r}" for s in "s
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def mic_block(size: int) -> int:
-    """MIC's mask block at a ``size`` crop: 64 at 512, scaled with the crop."""
-    return max(1, size // 8)
+def mic_block(size: int, hrda: bool = False) -> int:
+    """MIC's mask block at a ``size`` crop: 64 at 512 (DAFormer's half-resolution crops),
+    scaled with the crop; under HRDA 64 at its full-resolution 1024 context crops."""
+    return max(1, size // (16 if hrda else 8))
 
 
 def method_config(method: str, args: argparse.Namespace) -> Config:
     """DAFormer's recipe (AdamW, EMA 0.999, ClassMix) at the given shapes, for ``method``.
 
     ``method`` is ``self_training`` or ``bida``, with ``+mic`` for masked image consistency
-    at MIC's settings (weight 1, mask ratio 0.7, block 64 at 512 crops).
+    at MIC's settings (weight 1, mask ratio 0.7, block 64 at 512 crops). ``args.hrda``: the
+    same on HRDA's network (HRDA, MIC(HRDA) and BiDA + MIC(HRDA)).
     """
     name, _, extra = method.partition("+")
-    mic = ["mic.weight=1.0", "mic.mask_ratio=0.7", f"mic.block_size={mic_block(args.size)}"] if extra == "mic" else []
-    return load_config(None, mic + [
+    hrda = getattr(args, "hrda", False)
+    mic = ["mic.weight=1.0", "mic.mask_ratio=0.7", f"mic.block_size={mic_block(args.size, hrda)}"] if extra == "mic" else []
+    # HRDA (--hrda): the crop is the context crop, with a detail crop of half its side inside
+    # (HRDA's 1024 + 512); each student forward separate, as HRDA's.
+    hrda_keys = ["model.hrda.enabled=true", f"model.hrda.detail_crop=[{args.size // 2},{args.size // 2}]",
+                 "train.student_forwards=separate"] if hrda else []
+    return load_config(None, mic + hrda_keys + [
         f"method={name}", "train.schedule=teacher", "train.optimizer=adamw", "train.lr=6e-5",
         "train.weight_decay=0.01", f"model.backbone={args.backbone}", "model.decoder=daformer",
         f"model.decoder_dim={args.decoder_dim}", f"model.width={args.width}", "model.freeze_bn=false",
@@ -87,7 +95,7 @@ def step_fn(model, optimizer, state: MeanTeacher, batches, cfg: Config, calibrat
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--size", type=int, default=512, help="square crop (DAFormer: 512)")
+    parser.add_argument("--size", type=int, default=None, help="square crop (DAFormer: 512; with --hrda 1024)")
     parser.add_argument("--backbone", default="mit_b5", choices=BACKBONES,
                         help="MiT (DAFormer's mit_b5) or a DINOv2 ViT (dinov2_vitl14: VFM-UDA's), no weights loaded")
     parser.add_argument("--width", type=float, default=1.0, help="encoder width multiplier (MiT stages, ViT embedding)")
@@ -98,12 +106,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                         help="variants to time against each other (the first is the ratio's base)")
     parser.add_argument("--grad-checkpoint", action="store_true", help="model.grad_checkpoint=true for every variant")
+    parser.add_argument("--hrda", action="store_true",
+                        help="HRDA: --size is the context crop (HRDA: 1024, the default then), a detail crop of half its side")
     parser.add_argument("--smoke", action="store_true", help="CPU, MiT-B0 at width 0.25, 64x64: checks the script runs")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     if args.smoke:
         args.device, args.size, args.backbone, args.width, args.decoder_dim = "cpu", 64, "mit_b0", 0.25, 32
         args.repeats, args.warmup = 1, 1
+    args.size = args.size or (1024 if args.hrda else 512)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit(f"no CUDA device (torch {torch.__version__}); use --smoke for a CPU check")
@@ -112,7 +123,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"teacher train step: {args.backbone} (width {args.width}) + DAFormer head ({args.decoder_dim}), "
+    hrda = f" in HRDA (detail crops {args.size // 2}x{args.size // 2})" if args.hrda else ""
+    print(f"teacher train step: {args.backbone} (width {args.width}) + DAFormer head ({args.decoder_dim}){hrda}, "
           f"{ts.BATCH} source + {ts.BATCH} target {args.size}x{args.size} crops, K={ts.NUM_CLASSES}, AdamW, EMA teacher")
     print(f"torch {torch.__version__}, device {device}: {name}")
     print(f"median of {args.repeats} steps per method (after {args.warmup} warm-up), the methods alternating")
@@ -155,7 +167,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump({"device": name, "torch": torch.__version__, "backbone": args.backbone, "size": args.size,
-                           "grad_checkpoint": args.grad_checkpoint, "rows": rows}, fh, indent=1)
+                           "grad_checkpoint": args.grad_checkpoint, "hrda": args.hrda, "rows": rows}, fh, indent=1)
     print(f"\npeak memory: every variant's steps together (one model; memory.py gives each its own); total {time.perf_counter() - start:.0f} s")
     return rows
 

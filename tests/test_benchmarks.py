@@ -56,11 +56,22 @@ def test_smoke_runs_of_every_gpu_script_make_one_table(tmp_path, bench, capsys, 
     assert [(r["method"], r["grad_checkpoint"]) for r in vit] == [("self_training", False), ("self_training", True)]
     assert json.loads((tmp_path / "memory_vit.json").read_text())["backbone"] == "dinov2_vits14"
     capsys.readouterr()
+    hrda = teacher_step.main(["--smoke", "--hrda", "--precisions", "fp32", "--methods", "self_training",
+                              "bida+mic", "--json", str(tmp_path / "teacher_hrda.json")])
+    assert [r["method"] for r in hrda] == ["self_training", "bida+mic"] and all(r["step_ms"] > 0 for r in hrda)
+    mic_hrda = teacher_step.method_config("bida+mic", teacher_step.argparse.Namespace(
+        size=1024, backbone="mit_b5", width=1.0, decoder_dim=256, grad_checkpoint=False, hrda=True))
+    assert mic_hrda.model.hrda.enabled and mic_hrda.model.hrda.detail_crop == (512, 512)
+    assert mic_hrda.mic.block_size == 64  # MIC(HRDA): 64 at the full-resolution 1024 crop
+    peaks = memory.main(["--smoke", "--hrda", "--methods", "bida+mic", "--json", str(tmp_path / "memory_hrda.json")])
+    assert [(r["method"], r["grad_checkpoint"]) for r in peaks] == [("bida+mic", False), ("bida+mic", True)]
+    capsys.readouterr()
     summary.main([str(tmp_path)])
     table = capsys.readouterr().out
     for line in ("step fp32 contiguous bida", "compiled bf16 bida", "extras D=8", "trainer / benchmark",
                  "evaluation slide", "teacher step mit_b0 fp32 bida+mic", "/ self_training", "memory mit_b0 fp32 self_training grad_checkpoint",
-                 "memory dinov2_vits14 fp32 self_training grad_checkpoint"):
+                 "memory dinov2_vits14 fp32 self_training grad_checkpoint", "teacher step mit_b0 hrda fp32 bida+mic",
+                 "memory mit_b0 hrda fp32 bida+mic grad_checkpoint"):
         assert line in table, line
     assert "| step fp32 contiguous bida " in table and "n/a ms" not in table.split("compiled bf16")[0]
 

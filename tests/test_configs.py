@@ -53,6 +53,11 @@ def shrink(raw: dict) -> list[str]:
     for key in ("ignore_top", "ignore_bottom"):  # pixel rows of the crop
         if raw.get("pseudo", {}).get(key):
             out.append(f"pseudo.{key}={_scaled(raw['pseudo'][key], factor)}")
+    if any(raw.get("pseudo", {}).get("margins", ())):  # pixels of the (resized) image
+        out.append(f"pseudo.margins=[{','.join(str(_scaled(m, factor)) for m in raw['pseudo']['margins'])}]")
+    hrda = raw.get("model", {}).get("hrda", {})
+    if hrda.get("detail_crop"):  # pixels of the crop, shrunk with it (HRDA stays on)
+        out.append(f"model.hrda.detail_crop=[{','.join(str(_scaled(s, factor)) for s in hrda['detail_crop'])}]")
     if str(raw.get("model", {}).get("backbone", "")).startswith(("mit_", "dinov2_")):
         out += ["model.decoder_dim=16", "model.proj_dim=16"]
     for key in ("size", "crop", "stride"):
@@ -202,6 +207,7 @@ def _teacher_config_runs(name: str, raw: dict, tmp_path: Path, synthetic_cache) 
     if method == "bida":
         assert "loss/contrast_t2s" in steps[0] and "loss/contrast_s2t" in steps[0]
     assert ("loss/mic" in steps[0]) == bool(raw.get("mic", {}).get("weight"))
+    assert ("loss/hrda_detail" in steps[0]) == bool(raw.get("model", {}).get("hrda", {}).get("enabled"))
 
 
 def test_a_domain_resize_overrides_data_resize_for_that_domain_only(tiny_overrides):

@@ -62,6 +62,7 @@ from .schema import (
     MethodConfig,
     Methods,
     MICConfig,
+    HRDAConfig,
     ModelConfig,
     PseudoConfig,
     SyntheticConfig,
@@ -71,7 +72,7 @@ from .schema import (
 __all__ = [
     # schema
     "DEFAULTS_FILE", "Methods", "DomainKinds", "SyntheticConfig", "DomainConfig", "DataConfig", "ModelConfig",
-    "MethodConfig", "TrainConfig", "LossConfig", "PseudoConfig", "CalibrationConfig", "MICConfig", "EvalConfig",
+    "MethodConfig", "TrainConfig", "LossConfig", "PseudoConfig", "CalibrationConfig", "MICConfig", "HRDAConfig", "EvalConfig",
     "Config",
     # checks
     "INF", "MAX_SIDE", "MIN_TEMPERATURE", "MAX_WORKERS", "RANGES", "RANGE_REASONS", "check_ranges",

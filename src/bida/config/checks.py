@@ -8,6 +8,7 @@ is created; :func:`check_class_ids` runs once the data's class count is known.
 from __future__ import annotations
 
 import typing
+from fractions import Fraction
 from typing import Any
 
 from ..errors import ConfigError
@@ -54,6 +55,10 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "model.decoder_dim": (1, INF, True, True),
     "model.input_scale": (0, INF, False, True),
     "model.drop_path": (0, 1, True, False),  # a rate of 1 drops every residual branch
+    "model.hrda.context_scale": (0, 1, False, True),
+    "model.hrda.detail_crop": (1, MAX_SIDE, True, True),
+    "model.hrda.detail_loss_weight": (0, 1, True, False),  # 1 would leave the fused prediction untrained
+    "model.hrda.crop_divisible": (1, MAX_SIDE, True, True),
     "train.iters": (1, INF, True, True),
     "train.source_iters": (0, INF, True, True),
     "train.warmup_iters": (0, INF, True, True),
@@ -91,6 +96,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "pseudo.teacher_threshold": (0, 1, True, True),
     "pseudo.ignore_top": (0, MAX_SIDE, True, True),
     "pseudo.ignore_bottom": (0, MAX_SIDE, True, True),
+    "pseudo.margins": (0, MAX_SIDE, True, True),
     "calibration.momentum": (0, 1, True, True),
     "calibration.max_weight": (0, INF, True, True),
     "calibration.ramp_iters": (0, INF, True, True),
@@ -234,14 +240,17 @@ def check_schedule(cfg: "Config") -> None:
             raise ConfigError("train.teacher_bn: only the teacher schedule reads it (train.schedule=teacher)")
         if t.mix_classes != "image":
             raise ConfigError("train.mix_classes: only the teacher schedule mixes (train.schedule=teacher)")
-        for key in ("ignore_top", "ignore_bottom"):
-            if getattr(cfg.pseudo, key):
+        for key in ("ignore_top", "ignore_bottom", "margins"):
+            if any(getattr(cfg.pseudo, key) if key == "margins" else [getattr(cfg.pseudo, key)]):
                 raise ConfigError(f"pseudo.{key}: only the teacher schedule weighs teacher labels "
                                   "(train.schedule=teacher)")
     top, bottom, height = cfg.pseudo.ignore_top, cfg.pseudo.ignore_bottom, cfg.data.crop[0]
     if top + bottom >= height:
         raise ConfigError(f"pseudo.ignore_top + pseudo.ignore_bottom: {top} + {bottom} rows leave no row of the "
                           f"{height}-pixel-high crop (data.crop) a pseudo-label weight; their sum must be < {height}")
+    if any(cfg.pseudo.margins) and (top or bottom):
+        raise ConfigError("pseudo.margins: the image margins (HRDA's pseudo-label cropping v2) replace the crop "
+                          "bands pseudo.ignore_top/ignore_bottom (v1); set those to 0")
     if t.teacher_bn == "batch" and cfg.model.freeze_bn and not cfg.model.bn_batch_stats:
         raise ConfigError("train.teacher_bn: 'batch' with model.freeze_bn would label with batch statistics, which "
                           "the student never uses; set it to 'running' (or model.bn_batch_stats=true)")
@@ -287,6 +296,7 @@ def check_model_choices(cfg: "Config") -> None:
         ConfigError: naming the key that does not fit.
     """
     m, backbone = cfg.model, cfg.model.backbone
+    check_hrda(cfg)
     if cfg.train.layer_decay != 1.0 and not backbone.startswith("dinov2_"):
         raise ConfigError(f"train.layer_decay={cfg.train.layer_decay:g}: layer-wise LR decay is defined for the "
                           f"blocks of a ViT (model.backbone=dinov2_*), not model.backbone={backbone}; set it to 1.0")
@@ -328,3 +338,56 @@ def check_model_choices(cfg: "Config") -> None:
         if crop is not None and min(crop) < MIT_MIN_CROP:
             raise ConfigError(f"{key}: {list(crop)} is too small for model.backbone={backbone} "
                               f"(at least {MIT_MIN_CROP} pixels a side)")
+
+
+# Input pixels per output cell of the segmentors HRDA wraps (MiT: ceil(H/4); DINOv2 at
+# input_scale 1: ceil(2H/7)); ResNets' caffe pooling gives H/8 + 1 cells, off HRDA's grid.
+HRDA_OUTPUT_STRIDES = {"mit_": Fraction(4), "dinov2_": Fraction(7, 2)}
+
+
+def check_hrda(cfg: "Config") -> None:
+    """``model.hrda``: a segmentor, schedule and crop geometry that HRDA supports.
+
+    The detail crop lies inside the context crop (``data.crop``), and the context crop, the
+    detail crop and ``crop_divisible`` are whole multiples of the alignment unit
+    ``output_stride / context_scale`` (8 for MiT at 0.5, 7 for DINOv2), so that every crop
+    falls on whole cells of both output grids.
+
+    Raises:
+        ConfigError: one line naming the key.
+    """
+    h, m = cfg.model.hrda, cfg.model
+    if not h.enabled:
+        return
+    stride = next((s for prefix, s in HRDA_OUTPUT_STRIDES.items() if m.backbone.startswith(prefix)), None)
+    if stride is None:
+        raise ConfigError(f"model.hrda.enabled: HRDA wraps a MiT or DINOv2 segmentor, not model.backbone={m.backbone} "
+                          "(DeepLab-V2's caffe pooling gives H/8 + 1 cells, which a detail crop cannot align to)")
+    for what, on in (("model.decoder=light", m.decoder == "light"), (f"model.input_scale={m.input_scale:g}",
+                     m.input_scale != 1.0), ("model.mask_token=true", m.mask_token)):
+        if on:
+            raise ConfigError(f"model.hrda.enabled: HRDA does not support {what} (the scale attention needs a "
+                              "segformer or daformer decoder on an unresized input)")
+    t = cfg.train
+    if t.schedule != "teacher" or cfg.method.name not in ("self_training", "bida") or t.source_iters:
+        raise ConfigError(f"model.hrda.enabled: HRDA trains on the mean-teacher schedule (train.schedule=teacher, "
+                          f"method self_training or bida, train.source_iters=0), not {t.schedule} with "
+                          f"{cfg.method.name}" + (f" and source_iters={t.source_iters}" if t.source_iters else ""))
+    if t.student_forwards != "separate":
+        raise ConfigError("model.hrda.enabled: each student forward draws its own detail crop, as HRDA's; set "
+                          "train.student_forwards=separate")
+    ratio = 1 / Fraction(str(h.context_scale))
+    unit = stride * ratio
+    if ratio.denominator != 1 or unit.denominator != 1:
+        raise ConfigError(f"model.hrda.context_scale: {h.context_scale:g} must be 1 / a whole number that makes "
+                          f"output_stride / context_scale ({stride} / {h.context_scale:g}) whole, e.g. 0.5")
+    unit = int(unit)
+    for key, sides in (("data.crop", cfg.data.crop), ("model.hrda.detail_crop", h.detail_crop),
+                       ("model.hrda.crop_divisible", [h.crop_divisible])):
+        if any(side % unit for side in sides):
+            raise ConfigError(f"{key}: {list(sides) if len(sides) > 1 else sides[0]} must be a multiple of {unit} "
+                              f"(output stride {stride} / model.hrda.context_scale {h.context_scale:g}) for the "
+                              "detail crop to align with the context crop")
+    if any(d > c for d, c in zip(h.detail_crop, cfg.data.crop)):
+        raise ConfigError(f"model.hrda.detail_crop: {list(h.detail_crop)} is larger than the context crop "
+                          f"data.crop {list(cfg.data.crop)}")

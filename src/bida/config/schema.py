@@ -77,6 +77,34 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class HRDAConfig:
+    """HRDA's multi-resolution training (Hoyer et al., ECCV 2022), see :mod:`bida.models.hrda`.
+
+    Each training crop (data.crop, the *context* crop; HRDA: 1024x1024) goes through the
+    segmentor downscaled by ``context_scale``; a *detail* crop of ``detail_crop`` pixels
+    inside it goes through the same segmentor at full resolution; a scale-attention head on
+    the context features fuses the two on the detail region. Teacher schedule with MiT or
+    DINOv2 (input_scale 1, not the light decoder) only."""
+
+    enabled: bool = False  # false: the plain segmentor, bit-identical to a config without this section
+    # Downscale factor of the context crop (HRDA: scales=[1, 0.5]; the detail crop is at full resolution).
+    context_scale: float = 0.5
+    # (h, w) of the detail crop at full resolution (HRDA: hr_crop_size 512x512, half the context crop).
+    detail_crop: tuple[int, int] = (512, 512)
+    # lambda_d: the fused CE weighs 1 - lambda_d and the detail crop's own CE lambda_d (HRDA: hr_loss_weight 0.1).
+    detail_loss_weight: float = 0.1
+    # The scale attention has one channel per class (HRDA: attention_classwise=True) or one for all.
+    attention_classwise: bool = True
+    # Forwards without a training crop (the teacher's labels, evaluation windows) run the detail
+    # branch on overlapping detail crops (stride half a crop) over the whole input and fuse them
+    # with the attention (HRDA: hr_slide_inference=True); false: one detail forward of the whole input.
+    slide_pseudo_labels: bool = True
+    # Detail crop corners are drawn on multiples of this (HRDA: crop_coord_divisible 8 = the
+    # output stride 4 / context_scale 0.5), so that the crop falls on whole cells of both grids.
+    crop_divisible: int = 8
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     # resnet*: DeepLab-V2 (output stride 8); mit_b*: Mix Transformer + decoder (stride 4);
     # dinov2_*: DINOv2 ViT (patch 14; _reg: with 4 register tokens) + simple feature pyramid
@@ -124,6 +152,8 @@ class ModelConfig:
     # BatchNorm). One process, frozen BN and evaluation are the same either way (nothing is
     # converted), so there is no separate "auto".
     sync_bn: bool = True
+    # HRDA's context + detail crops with a learnt scale attention (off by default).
+    hrda: HRDAConfig = field(default_factory=HRDAConfig)
 
 
 @dataclass(frozen=True)
@@ -290,6 +320,13 @@ class PseudoConfig:
     # label transfer, prototypes and contrast are unaffected. 0 = no band (bida's default).
     ignore_top: int = 0
     ignore_bottom: int = 0
+    # teacher schedule: pseudo-label weight 0 on margins of [top, bottom, left, right] pixels of
+    # each target *image* (after data.resize, before the random crop), so that a crop loses
+    # them only where it touches the image's border (HRDA's and MIC(HRDA)'s "pseudo-label
+    # cropping v2", crop_pseudo_margins: published [30, 240, 30, 30] on Cityscapes at 2048x1024).
+    # Weighs as the crop bands do (after the quality weight, in the ClassMix and MIC losses);
+    # not together with ignore_top/ignore_bottom (the bands of every crop, v1). 0s: none.
+    margins: tuple[int, int, int, int] = (0, 0, 0, 0)
     # teacher schedule: the teacher's labels and confidences come from the mean of its softmax
     # on the target image and on its horizontal mirror (mirrored back), as VFM-UDA's
     # (true); false: from the image alone (DAFormer, MIC). Costs a second teacher forward.

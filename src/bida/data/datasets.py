@@ -78,7 +78,9 @@ class SegmentationDataset(Dataset):
 
     Items are dicts: ``image`` (3, H, W) float32, ``label`` (H, W) int64 (all ignore when the
     sample has no label), ``valid`` (H, W) bool (False on the padding a crop larger than
-    the rescaled image adds: no loss or prototype may read those pixels), ``index`` int. Training items are addressed by ``(index, seed)``
+    the rescaled image adds: no loss or prototype may read those pixels), ``index`` int;
+    with ``pseudo_margins`` (training only) ``pseudo_keep`` (H, W) bool, False on the image's
+    margins (marked before the crop) and on padding. Training items are addressed by ``(index, seed)``
     and augmented with an RNG made from that seed; evaluation items by a plain index.
 
     Args:
@@ -103,6 +105,7 @@ class SegmentationDataset(Dataset):
         normalize: str = "imagenet",
         ignore_index: int = 255,
         label_dir: Path | None = None,
+        pseudo_margins: tuple[int, int, int, int] | None = None,
     ):
         self.samples = samples
         self.kind = kind
@@ -111,6 +114,7 @@ class SegmentationDataset(Dataset):
         self.crop, self.scale_range, self.flip = crop, scale_range, flip
         self.resize, self.normalize, self.ignore_index = resize, normalize, ignore_index
         self.label_dir = label_dir
+        self.pseudo_margins = pseudo_margins if pseudo_margins and any(pseudo_margins) else None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -148,9 +152,13 @@ class SegmentationDataset(Dataset):
             maps = np.concatenate([maps, np.zeros(maps.shape[:2] + (1,), np.uint8)], -1)
             if self.resize:
                 image, maps = resize_pair(image, maps, shorter_side_size(maps.shape[:2], self.resize))
+            if self.pseudo_margins is not None:  # marked on the image, before the crop (HRDA's v2)
+                maps = np.concatenate([maps[..., :-1], margin_map(maps.shape[:2], self.pseudo_margins), maps[..., -1:]], -1)
             rng = np.random.default_rng(seed)
             image, maps = random_scale_crop_flip(image, maps, rng, self.crop, self.scale_range, self.flip, self.ignore_index)
             valid, maps = maps[..., -1] != self.ignore_index, maps[..., :-1]
+            if self.pseudo_margins is not None:  # padding (ignore) is outside the image: weight 0 too
+                pseudo_keep, maps = maps[..., -1] == 0, maps[..., :-1]
         else:
             valid = np.ones(maps.shape[:2], bool)
         item = {"image": to_tensor(image, self.normalize), "index": int(index),
@@ -158,6 +166,8 @@ class SegmentationDataset(Dataset):
                 "valid": torch.from_numpy(np.ascontiguousarray(valid))}
         if maps.shape[-1] == 2:
             item["gt"] = torch.from_numpy(maps[..., 1].astype(np.int64))
+        if self.train and self.pseudo_margins is not None:
+            item["pseudo_keep"] = torch.from_numpy(np.ascontiguousarray(pseudo_keep))
         return item
 
 
@@ -254,13 +264,29 @@ def train_loader(dataset: SegmentationDataset, batch_size: int, seed: int, start
 
 
 def build_train_dataset(cfg: Config, domain: Domain, split: str, *, require_labels: bool,
-                        label_dir: Path | None = None) -> SegmentationDataset:
+                        label_dir: Path | None = None, target: bool = False) -> SegmentationDataset:
+    """Augmented training crops of a split; ``target``: the target's, whose items carry
+    ``pseudo_keep`` with ``pseudo.margins``."""
     samples = list_samples(domain.kind, domain.root, split, require_labels=require_labels)
     return SegmentationDataset(
         samples, domain.kind, domain.classes.num_classes, train=True, crop=tuple(cfg.data.crop),
         scale_range=tuple(cfg.data.scale_range), flip=cfg.data.flip, resize=domain.resize,
         normalize=cfg.data.normalize, ignore_index=domain.classes.ignore_index, label_dir=label_dir,
+        pseudo_margins=tuple(cfg.pseudo.margins) if target else None,
     )
+
+
+def margin_map(shape: tuple[int, int], margins: tuple[int, int, int, int]) -> np.ndarray:
+    """1 on the [top, bottom, left, right] margins of an image of ``shape``, 0 inside.
+
+    Shape:
+        output: (H, W, 1) uint8
+    """
+    h, w = shape
+    top, bottom, left, right = margins
+    rows, cols = np.arange(h)[:, None], np.arange(w)[None, :]
+    inside = (rows >= top) & (rows < h - bottom) & (cols >= left) & (cols < w - right)
+    return (~inside).astype(np.uint8)[..., None]
 
 
 def build_eval_dataset(cfg: Config, domain: Domain, split: str, *, require_labels: bool = True,

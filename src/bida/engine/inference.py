@@ -141,13 +141,15 @@ def slide_logits(model: torch.nn.Module, x: Tensor, crop: tuple[int, int], strid
     cols = max(1, math.ceil((w - cw) / sw) + 1)
     out = x.new_zeros((b, num_classes, h, w), dtype=torch.float32)
     count = x.new_zeros((1, 1, h, w), dtype=torch.float32)
-    for r in range(rows):
-        for c in range(cols):
-            y0 = min(r * sh, h - ch)
-            x0 = min(c * sw, w - cw)
-            logits = _forward_logits(model, x[:, :, y0 : y0 + ch, x0 : x0 + cw], domain)
-            out[:, :, y0 : y0 + ch, x0 : x0 + cw] += F.interpolate(logits, (ch, cw), mode="bilinear", align_corners=False)
-            count[:, :, y0 : y0 + ch, x0 : x0 + cw] += 1
+    corners = [(min(r * sh, h - ch), min(c * sw, w - cw)) for r in range(rows) for c in range(cols)]
+    if getattr(model, "batched_slide", False):  # HRDA: every window in one forward, as its batched_slide
+        windows = torch.cat([x[:, :, y0:y0 + ch, x0:x0 + cw] for y0, x0 in corners])
+        window_logits = _forward_logits(model, windows, domain).split(b)
+    else:
+        window_logits = (_forward_logits(model, x[:, :, y0:y0 + ch, x0:x0 + cw], domain) for y0, x0 in corners)
+    for (y0, x0), logits in zip(corners, window_logits):
+        out[:, :, y0 : y0 + ch, x0 : x0 + cw] += F.interpolate(logits, (ch, cw), mode="bilinear", align_corners=False)
+        count[:, :, y0 : y0 + ch, x0 : x0 + cw] += 1
     return out / count
 
 

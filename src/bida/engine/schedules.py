@@ -122,7 +122,7 @@ class Schedule:
         tgt_iter = None
         if self.uses_target:
             tgt_ds = build_train_dataset(cfg, t.tgt, cfg.data.target.train_split, require_labels=False,
-                                         label_dir=self.label_dir)
+                                         label_dir=self.label_dir, target=True)
             tgt_iter = train_loader(tgt_ds, batch, cfg.seed + 1, t.data_pos, cfg.data.num_workers,
                                     t.rank, t.world_size, pin_memory=pin)
         return src_iter, tgt_iter

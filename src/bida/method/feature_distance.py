@@ -40,8 +40,12 @@ class FeatureDistance:
     reads it during the student's ordinary forward, so nothing is computed twice.
     """
 
-    def __init__(self, imagenet_model: torch.nn.Module, classes: list[int] | None, num_classes: int):
+    def __init__(self, imagenet_model: torch.nn.Module, classes: list[int] | None, num_classes: int,
+                 forward_kwargs: dict | None = None):
         self.model = imagenet_model.eval().requires_grad_(False)
+        # HRDA ({"context_only": True}): the frozen model encodes the context crop alone, the
+        # student's first encoding of each forward, which the hook reads.
+        self.forward_kwargs = forward_kwargs or {}
         self.num_classes = num_classes
         # Lookup table over class ids plus ignore (the last entry): which pixels count.
         table = torch.zeros(num_classes + 1, dtype=torch.bool)
@@ -61,7 +65,7 @@ class FeatureDistance:
         with torch.no_grad():
             frozen: list[Tensor] = []
             with _Capture(_backbone_module(self.model), frozen):
-                self.model(img_src, "source")
+                self.model(img_src, "source", **self.forward_kwargs)
             feat_imnet = frozen[0].float()
         dist = (feat - feat_imnet).norm(dim=1)  # (B, h, w)
         y = downscale_labels_by_ratio(y_src, tuple(feat.shape[-2:]), self.num_classes)

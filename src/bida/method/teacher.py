@@ -36,6 +36,17 @@ image with random blocks masked, learns the teacher's labels of the unmasked ima
 ``model.mask_token`` (DINOv2) random patch tokens are masked instead, by the mask token
 (VFM-UDA's variant).
 
+With ``model.hrda.enabled`` (HRDA, :mod:`bida.models.hrda`) every student forward (source,
+ClassMix, MIC) is HRDA's: the crop is the context crop, with a detail crop drawn for each
+image by :class:`bida.method.hrda.DetailCrops`; each forward's fused CE weighs
+``1 - model.hrda.detail_loss_weight`` and its detail crop's CE the weight itself (logged
+together as ``loss/hrda_detail``). ClassMix mixes, and MIC masks, the context crop, so both
+crops see the same mix and mask. The teacher labels with HRDA's sliding fused prediction of
+the whole crop. The feature distance and BiDA's contrast read the context crop's features:
+the source forward's context branch, and for the target one forward of the unmixed target's
+context crop alone (no detail crop). ``pseudo.margins`` (HRDA's image margins) weigh the
+teacher labels as the crop bands do.
+
 Under torchrun (:mod:`bida.distributed`) every rank trains on its slice of the global batch
 ``train.batch_size``: ClassMix and MIC draw by global sample index, the quality weight and
 every per-pixel mean are the global batch's, BiDA's prototypes come from all-reduced sums.
@@ -62,6 +73,7 @@ from torch import Tensor
 from ..models import unwrap_model
 from ..config import Config
 from .feature_distance import FeatureDistance
+from .hrda import DetailCrops, detail_terms
 from .losses import ce_pixel_count, seg_cross_entropy
 from .masking import MaskedImageConsistency
 from .mixing import ClassMix
@@ -71,6 +83,7 @@ IGNORE = 255
 # Offsets of the schedule's own random streams from the run seed (primes, away from the data seeds).
 MIX_SEED_OFFSET = 7919
 MASK_SEED_OFFSET = 7927
+DETAIL_SEED_OFFSET = 7933
 
 
 def ema_alpha(update: int, momentum: float) -> float:
@@ -298,8 +311,14 @@ class MeanTeacher:
         if cfg.loss.feature_distance_weight > 0:
             if imagenet_model is None:
                 raise ValueError("a feature-distance weight needs the ImageNet model")
+            # HRDA: the distance reads the context crop's features (HRDA's feature_scale 0.5), so the
+            # frozen model encodes the context crop alone.
             self.feature_distance = FeatureDistance(imagenet_model.to(device), cfg.loss.feature_distance_classes,
-                                                    num_classes)
+                                                    num_classes,
+                                                    {"context_only": True} if cfg.model.hrda.enabled else None)
+        # HRDA: the detail crop of every student forward, drawn from a stream of its own.
+        self.detail_crops = (DetailCrops(cfg.model.hrda, cfg.seed + DETAIL_SEED_OFFSET, device, **rows)
+                             if cfg.model.hrda.enabled else None)
 
     def start(self, student: torch.nn.Module) -> None:
         """At the adaptation phase's first step: the teacher starts as a copy of the student."""
@@ -322,6 +341,8 @@ class MeanTeacher:
         state = {"teacher": self.teacher.state_dict(), "mixer": self.mixer.state_dict()}
         if self.masking is not None:
             state["masking"] = self.masking.state_dict()
+        if self.detail_crops is not None:
+            state["detail_crops"] = self.detail_crops.state_dict()
         return state
 
     def load_state_dict(self, state: dict, student: torch.nn.Module) -> None:
@@ -329,6 +350,8 @@ class MeanTeacher:
         self.mixer.load_state_dict(state["mixer"])
         if self.masking is not None:
             self.masking.load_state_dict(state["masking"])
+        if self.detail_crops is not None:
+            self.detail_crops.load_state_dict(state["detail_crops"])
 
 
 def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Config, state: MeanTeacher,
@@ -347,14 +370,18 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
     ``class_weights``: (K,) weights of the source CE's classes (``loss.class_weights``), or None.
     """
     lw, num_classes = cfg.loss, num_classes or state.num_classes
+    detail_weight = cfg.model.hrda.detail_loss_weight if cfg.model.hrda.enabled else 0.0  # HRDA's lambda_d
     img_src, y_src, img_tgt = batch_src["image"], batch_src["label"], batch_tgt["image"]
     valid_tgt = batch_tgt.get("valid")
     reduce = reduce_sums.sum if reduce_sums is not None else None
     y_teacher, conf, quality = state.teacher.pseudo_labels(img_tgt, valid_tgt, cfg.pseudo.teacher_threshold, reduce,
                                                            flip=cfg.pseudo.teacher_flip)
-    # The teacher-label weight: the quality, with pseudo.ignore_top/bottom its rows of weight 0.
+    # The teacher-label weight: the quality, with pseudo.ignore_top/bottom its rows of weight 0
+    # (or, with pseudo.margins, the image margins the crop holds).
     top, bottom = cfg.pseudo.ignore_top, cfg.pseudo.ignore_bottom
     w_tgt = banded_weight(quality, tuple(y_teacher.shape), top, bottom, valid_tgt) if top or bottom else quality
+    if "pseudo_keep" in batch_tgt:  # pseudo.margins: weight 0 on the image's margins (HRDA's v2)
+        w_tgt = torch.where(batch_tgt["pseudo_keep"], w_tgt.float(), torch.zeros((), device=w_tgt.device))
     img_src_loss, img_tgt_mix = img_src, img_tgt
     if cfg.data.weak_jitter:
         # VFM-UDA: the source loss sees a weakly jittered source image and ClassMix pastes the
@@ -363,6 +390,11 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
     img_mix, y_mix, w_mix, _ = state.mixer(img_src, y_src, img_tgt_mix, y_teacher, w_tgt, reduce=reduce)
 
     shared = not cfg.model.separate_target_stem
+    crops = state.detail_crops  # HRDA: each student forward on a context crop with a detail crop inside
+
+    def student(img: Tensor, domain: str):
+        return model(img, domain) if crops is None else model(img, domain, detail_box=crops(img))
+
     fd = state.feature_distance
     capture = fd.capture(model) if fd is not None else contextlib.nullcontext()
     logs: dict[str, Tensor] = {}
@@ -370,14 +402,15 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
     counts: dict[str, Tensor] = {}  # the pixels behind each
     with capture:  # the feature distance reads the source rows of this forward
         if cfg.train.student_forwards == "separate":  # DAFormer: source and mixed images apart
-            out_src, out_mix = model(img_src_loss, "source"), model(img_mix, "target")
+            out_src, out_mix = student(img_src_loss, "source"), student(img_mix, "target")
         else:
             out_src, out_mix = forward_domains(model, [img_src_loss, img_mix], ["source", "target"], shared)
     if bida_terms_on(cfg):
         # The unmixed target crop in a forward of its own, after the main one: the forward the
         # self-training losses see (its BN batch and its random draws) stays self_training's.
+        # HRDA: the context crop alone, the features the contrast reads on the source side too.
         with bn_batch_stats_only(model):
-            out_tgt = model(img_tgt, "target")
+            out_tgt = model(img_tgt, "target") if crops is None else model(img_tgt, "target", context_only=True)
         # y_F: the teacher's confident labels; label transfer completes the rest.
         y_static = torch.where(conf >= cfg.pseudo.teacher_threshold, y_teacher, torch.full_like(y_teacher, IGNORE))
         tgt = {"image": img_tgt, "label": y_static, "gt": batch_tgt["label"]}
@@ -385,7 +418,7 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
             tgt["valid"] = valid_tgt
         result = adapt_step(model, batch_src, tgt, cfg, calibration, num_classes, outputs=(out_src, out_tgt),
                             seg_terms=False, reduce_sums=reduce_sums, adapt_iter=adapt_iter,
-                            class_weights=class_weights)
+                            class_weights=class_weights, source_ce_weight=1.0 - detail_weight)
         loss = result.loss  # the source CE plus BiDA's terms (global-batch means already)
         logs.update({k: v for k, v in result.logs.items() if k != "loss/total"})
     else:
@@ -396,6 +429,13 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
                "feature_distance": lw.feature_distance_weight}
     terms["seg_mix"] = weighted_cross_entropy(out_mix.logits, y_mix, w_mix, mean_over=lw.pseudo_ce_mean)
     counts["seg_mix"] = ce_pixel_count(y_mix, lw.pseudo_ce_mean)
+    detail = {}  # HRDA: each forward's CE term -> (its detail term's key, the labels and weights under it)
+    if crops is not None:
+        detail["seg_mix"] = ("hrda_detail_mix", out_mix, y_mix, w_mix)
+        if "seg_src" in terms:  # else adapt_step weighed the fused source CE already
+            detail["seg_src"] = ("hrda_detail_src", out_src, y_src, None)
+        else:
+            detail["bida_src"] = ("hrda_detail_src", out_src, y_src, None)
     if state.masking is not None:
         # MIC: the masked, colour-augmented target in its own forward (as MIC's own), against
         # the teacher's labels of the whole image, with the same weight as the mix's target pixels.
@@ -403,17 +443,38 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
             img_aug, keep = state.masking.tokens(img_tgt, unwrap_model(model).token_grid(*img_tgt.shape[-2:]))
             out_masked = model(img_aug, "target", token_keep=keep)
         else:
+            # HRDA: the masked context crop, so that its detail crop is masked alike (as MIC(HRDA)).
             img_masked, _ = state.masking(img_tgt)
-            out_masked = model(img_masked, "target")
+            out_masked = student(img_masked, "target")
         terms["mic"] = weighted_cross_entropy(out_masked.logits, y_teacher, w_tgt, mean_over=lw.pseudo_ce_mean)
         counts["mic"] = ce_pixel_count(y_teacher, lw.pseudo_ce_mean)
+        if crops is not None:
+            detail["mic"] = ("hrda_detail_mic", out_masked, y_teacher, w_tgt)
     if fd is not None:
         terms["feature_distance"], counts["feature_distance"] = fd.loss(img_src_loss, y_src, return_count=True)
+    forward_weights: dict[str, float] = {}
+    for key, (name, out, labels, weight) in detail.items():
+        # HRDA's detail loss: the detail crop's CE weighs lambda_d, its forward's fused CE 1 - lambda_d
+        # (the fused source CE of method=bida, "bida_src", was weighed inside adapt_step).
+        terms[name], counts[name] = detail_terms(out, labels, weight, lw.source_ce_mean if weight is None
+                                                 else lw.pseudo_ce_mean, weighted_cross_entropy,
+                                                 class_weights if weight is None else None)
+        forward_weight = 1.0 if key == "bida_src" else weights[key]
+        weights[name], forward_weights[name] = forward_weight * detail_weight, forward_weight
+        if key in weights and key != "bida_src":
+            weights[key] = forward_weight * (1.0 - detail_weight)
     if reduce_sums is not None:
         terms = reduce_sums.global_means(terms, counts)
+    detail_sum = None
     for key, term in terms.items():
         loss = loss + weights[key] * term
-        logs[f"loss/{key}"] = term.detach()
+        if key.startswith("hrda_detail_"):  # logged once, summed with the forwards' weights
+            scaled = forward_weights[key] * term.detach()
+            detail_sum = scaled if detail_sum is None else detail_sum + scaled
+        else:
+            logs[f"loss/{key}"] = term.detach()
+    if detail_sum is not None:
+        logs["loss/hrda_detail"] = detail_sum
     logs["pseudo/teacher_quality"] = quality
     gt = batch_tgt["label"]
     both = (gt != IGNORE) & (y_teacher != IGNORE)

@@ -204,7 +204,8 @@ class _Terms:
 def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Config,
                calibration: Calibration | None, num_classes: int, reduce_sums=None,
                outputs: tuple[SegOutput, SegOutput] | None = None, seg_terms: bool = True,
-               adapt_iter: int | None = None, class_weights: Tensor | None = None) -> StepResult:
+               adapt_iter: int | None = None, class_weights: Tensor | None = None,
+               source_ce_weight: float = 1.0) -> StepResult:
     """One adaptation iteration (``minent``, ``self_training`` or ``bida``): docs/method.md's
     total loss (section 5),
 
@@ -226,6 +227,8 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
     ``adapt_iter``: iterations of the adaptation phase done before this one; the contrast
     terms weigh 0 while it is below ``loss.contrast_warmup_iters``.
     ``class_weights``: (K,) weights of the source CE's classes (``loss.class_weights``), or None.
+    ``source_ce_weight``: the weight of CE(p_S, y_S) (HRDA's 1 - lambda_d for its fused
+    prediction; the teacher step adds the detail crop's CE).
     """
     m, lw = cfg.method, cfg.loss
     out_src, out_tgt = outputs or forward_pair(model, batch_src["image"], batch_tgt["image"],
@@ -238,7 +241,8 @@ def adapt_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: Co
 
     # CE(p_S, y_S): the source cross entropy (over labelled pixels, or all with loss.source_ce_mean).
     mean = lw.source_ce_mean
-    terms.add("seg_src", seg_cross_entropy(out_src.logits, y_src, mean_over=mean, class_weights=class_weights), 1.0,
+    terms.add("seg_src", seg_cross_entropy(out_src.logits, y_src, mean_over=mean, class_weights=class_weights),
+              source_ce_weight,
               lambda: ce_pixel_count(y_src, mean))
     # λ_e [H(p_S) + λ_t H(p_T)]: the entropy terms (minent: the target's alone, weight λ_e).
     target_seg = m.name in ("self_training", "bida") and seg_terms
@@ -274,8 +278,9 @@ def _bida_contrast(terms: _Terms, logs: dict, out_src: SegOutput, out_tgt: SegOu
     y_src, y_static = batch_src["label"], batch_tgt["label"]
     f_src, f_tgt = out_src.features, out_tgt.features
     feat_size = tuple(f_src.shape[-2:])
-    # Features and logits share the output stride: reuse the mask when the sizes agree.
-    same = feat_size == tuple(out_tgt.logits.shape[-2:])
+    # Features and logits share the output stride: reuse the mask when the sizes agree (under
+    # HRDA the features are the context crop's, on a coarser grid than the fused logits).
+    same = valid_tgt_l is None or feat_size == tuple(valid_tgt_l.shape[-2:])
     valid_tgt_f = valid_tgt_l if same else _valid_at(batch_tgt, feat_size)
     y_src_f = downsample_labels(y_src, feat_size)
     y_static_f = _mask_labels(downsample_labels(y_static, feat_size), valid_tgt_f)

@@ -6,6 +6,9 @@
 - :mod:`bida.models.dinov2`: DINOv2 ViTs (patch 14, with or without registers), a simple
   feature pyramid and the same decoders, ``model.backbone: dinov2_*``.
 
+- :mod:`bida.models.hrda`: HRDA's context and detail crops fused by a scale attention, around
+  a MiT or DINOv2 segmentor (``model.hrda.enabled``).
+
 - :mod:`bida.models.weights`: pretrained and checkpoint weights into a model (each public
   release's key layout, detected and converted).
 - :mod:`bida.models.grad_checkpoint`: activation checkpointing (``model.grad_checkpoint``);
@@ -30,12 +33,13 @@ from .deeplabv2 import ARCHS as RESNET_ARCHS
 from .deeplabv2 import DeepLabV2, build_deeplabv2
 from .dinov2 import ARCHS as DINOV2_ARCHS
 from .dinov2 import DINOv2Segmentor, VisionTransformer
+from .hrda import HRDAOutput, HRDASegmentor
 from .mit import ARCHS as MIT_ARCHS
 from .mit import MiTSegmentor, MixTransformer
 from .output import SegOutput, upsample
 
 __all__ = ["SegOutput", "DeepLabV2", "MiTSegmentor", "MixTransformer", "DINOv2Segmentor", "VisionTransformer",
-           "build_model", "upsample", "RESNET_ARCHS", "MIT_ARCHS", "DINOV2_ARCHS", "is_mit", "is_dinov2"]
+           "build_model", "upsample", "HRDASegmentor", "HRDAOutput", "RESNET_ARCHS", "MIT_ARCHS", "DINOV2_ARCHS", "is_mit", "is_dinov2"]
 
 
 def is_mit(backbone: str) -> bool:
@@ -64,6 +68,9 @@ def build_model(model_cfg, num_classes: int, feature: str | None = None) -> nn.M
     if feature is None:
         feature = default_feature(model_cfg.backbone)
     if not is_mit(model_cfg.backbone) and not is_dinov2(model_cfg.backbone):
+        if model_cfg.hrda.enabled:
+            raise ConfigError(f"model.hrda.enabled: HRDA wraps a MiT or DINOv2 segmentor, not "
+                              f"model.backbone={model_cfg.backbone}")
         return build_deeplabv2(model_cfg, num_classes, feature)
     if feature != "decoder":
         raise ConfigError(f"method.feature={feature}: model.backbone={model_cfg.backbone} contrasts its decoder "
@@ -71,7 +78,7 @@ def build_model(model_cfg, num_classes: int, feature: str | None = None) -> nn.M
     segmentor = DINOv2Segmentor if is_dinov2(model_cfg.backbone) else MiTSegmentor
     vit_only = ({"input_scale": model_cfg.input_scale, "mask_token": model_cfg.mask_token}
                 if is_dinov2(model_cfg.backbone) else {})
-    return segmentor(
+    model = segmentor(
         num_classes=num_classes,
         backbone=model_cfg.backbone,
         decoder=model_cfg.decoder,
@@ -82,6 +89,12 @@ def build_model(model_cfg, num_classes: int, feature: str | None = None) -> nn.M
         grad_checkpoint=model_cfg.grad_checkpoint,
         **vit_only,
     )
+    hrda = model_cfg.hrda
+    if not hrda.enabled:
+        return model
+    # Drawn after the segmentor: its weights start as without HRDA, the attention decoder's follow.
+    return HRDASegmentor(model, hrda.context_scale, tuple(hrda.detail_crop), hrda.attention_classwise,
+                         hrda.slide_pseudo_labels)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

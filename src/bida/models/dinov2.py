@@ -51,7 +51,7 @@ from torch import Tensor
 
 from ..errors import CheckpointError
 from .grad_checkpoint import checkpointed, checkpointing
-from .heads import HEADS
+from .heads import HEADS, AttentionHead
 from .mit import DropPath
 from .output import SegOutput
 
@@ -592,9 +592,28 @@ class DINOv2Segmentor(nn.Module):
         size = self.vit_input_size(*x.shape[-2:])
         if size != tuple(x.shape[-2:]):  # VFM-UDA's resize: the ViT sees a whole grid of patches, no padding
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        h, w = ((4 * s + PATCH - 1) // PATCH for s in x.shape[-2:])  # ceil(4s/14), in integers (see padded_size)
-        logits, fused = self.decode_head(self.neck(self.backbone(x, token_keep)))
+        return self.decode(self.neck(self.backbone(x, token_keep)), tuple(x.shape[-2:]))
+
+    # The two halves of :meth:`forward` (with input_scale 1), for wrappers that reuse them
+    # (HRDA, bida.models.hrda): outputs are ceil(2H/7) x ceil(2W/7), 3.5 input pixels a cell.
+    output_stride = Fraction(7, 2)
+
+    def encode(self, x: Tensor, domain: Literal["source", "target"] = "source") -> list[Tensor]:  # noqa: ARG002
+        """The pyramid's four levels that the decoder reads (model.input_scale 1: no resize)."""
+        return self.neck(self.backbone(x))
+
+    def decode(self, levels: list[Tensor], size: tuple[int, int]) -> SegOutput:
+        """Logits and contrast features of the levels of an input of ``size`` (the ViT's input),
+        cropped to the cells that cover it."""
+        h, w = ((4 * s + PATCH - 1) // PATCH for s in size)  # ceil(4s/14), in integers (see padded_size)
+        logits, fused = self.decode_head(levels)
         return SegOutput(logits=logits[..., :h, :w], features=self.proj(fused[..., :h, :w]))
+
+    def attention_head(self, out_channels: int) -> nn.Module:
+        """A fresh decoder of ``out_channels`` maps on :meth:`encode`'s levels (HRDA's scale attention)."""
+        if isinstance(self.decode_head, LightHead):
+            raise ValueError("HRDA's scale attention needs a segformer or daformer decoder, not the light head")
+        return AttentionHead([self.backbone.dim] * 4, self.decode_head.embed_dim, out_channels)
 
 
 # Checkpoint filters: other releases' key layouts as this module's names (the release ones), kept

@@ -137,4 +137,14 @@ class DAFormerHead(_Head):
                          ContextFusion(len(in_channels) * embed_dim, embed_dim, dilations))
 
 
+class AttentionHead(_Head):
+    """HRDA's scale-attention decoder: the same per-level embeddings as the segmentation
+    decoder, fused by a 1x1 conv + BN + ReLU (HRDA swaps DAFormer's context fusion for one),
+    and a 1x1 conv to the attention's channels (K, or 1 for one attention for all classes).
+    Its output is the attention's logit; :mod:`bida.models.hrda` applies the sigmoid."""
+
+    def __init__(self, in_channels: Sequence[int], embed_dim: int, out_channels: int):
+        super().__init__(in_channels, embed_dim, out_channels, ConvBNReLU(len(in_channels) * embed_dim, embed_dim, 1))
+
+
 HEADS: dict[str, type[_Head]] = {"segformer": SegFormerHead, "daformer": DAFormerHead}

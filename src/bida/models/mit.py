@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from fractions import Fraction
 from typing import Literal
 
 import torch
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from ..errors import CheckpointError
 from .grad_checkpoint import checkpointed, checkpointing
-from .heads import HEADS
+from .heads import HEADS, AttentionHead
 from .output import SegOutput
 
 
@@ -330,8 +331,24 @@ class MiTSegmentor(nn.Module):
             x: (B, 3, H, W) -> SegOutput(logits (B, K, h, w), features (B, proj_dim, h, w)),
             h = ceil(H/4), w = ceil(W/4).
         """
-        logits, fused = self.decode_head(self.backbone(x))
+        return self.decode(self.encode(x), tuple(x.shape[-2:]))
+
+    # The two halves of :meth:`forward`, for wrappers that reuse them (HRDA, bida.models.hrda).
+    output_stride = Fraction(4)  # input pixels per output cell: outputs are ceil(H/4) x ceil(W/4)
+    min_input = MIN_INPUT  # the shortest side the encoder takes
+
+    def encode(self, x: Tensor, domain: Literal["source", "target"] = "source") -> list[Tensor]:  # noqa: ARG002
+        """The encoder's four levels (strides 4, 8, 16, 32) that the decoder reads."""
+        return self.backbone(x)
+
+    def decode(self, levels: list[Tensor], size: tuple[int, int]) -> SegOutput:  # noqa: ARG002
+        """Logits and contrast features of :meth:`encode`'s levels (``size``: the input's, unused)."""
+        logits, fused = self.decode_head(levels)
         return SegOutput(logits=logits, features=self.proj(fused))
+
+    def attention_head(self, out_channels: int) -> nn.Module:
+        """A fresh decoder of ``out_channels`` maps on :meth:`encode`'s levels (HRDA's scale attention)."""
+        return AttentionHead(self.backbone.dims, self.decode_head.embed_dim, out_channels)
 
 
 # Checkpoint filters: other releases' key layouts as this module's names (the mmseg ones), kept

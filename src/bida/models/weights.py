@@ -47,7 +47,7 @@ from .dinov2 import from_dinov2_release, from_hf_dinov2
 from .mit import ARCHS as MIT_ARCHS
 from .mit import from_hf_segformer, from_mit_imagenet
 
-HEAD_PREFIXES = ("layer5.", "proj.", "decode_head.", "neck.")
+HEAD_PREFIXES = ("layer5.", "proj.", "decode_head.", "neck.", "scale_attention.")
 SKIPPED_PREFIXES = ("fc.",)
 # The classifier bias of each segmentor: its length is the class count.
 CLASSIFIER_BIASES = ("layer5.conv2d_list.0.bias", "decode_head.classifier.bias")

@@ -118,6 +118,9 @@ def export(source: str | Path, fmt: str, out: str | Path, output: str = "logits"
     seg = Segmenter.load(source, "cpu")
     if fmt == "folder":
         return {"path": export_folder(seg, source, out, license)}
+    if seg.cfg.model.hrda.enabled:  # its padding and detail windows depend on the input size in Python
+        raise BidaError(f"{source}: an HRDA model (model.hrda.enabled) exports as a model folder only "
+                        f"(--format folder), not as a graph ({fmt})")
     graph = ExportGraph(seg.model, seg.cfg.data.normalize, output).eval()
     meta = {"bida.config": json.dumps(inference_config(seg.cfg)),
             "bida.classes": json.dumps({"classes": seg.classes, "palette": seg.palette.tolist()}),
