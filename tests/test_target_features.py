@@ -108,6 +108,26 @@ def _contrast(f: torch.Tensor, y: torch.Tensor, protos: dict[int, torch.Tensor],
     return float(torch.stack(losses).mean()) if losses else 0.0
 
 
+def _label_transfer(f: torch.Tensor, protos: dict[int, torch.Tensor], tau: float, threshold: float,
+                    where: torch.Tensor) -> torch.Tensor:
+    """Dynamic labels: the class of the most similar prototype where its softmax probability
+    reaches ``threshold``, at the pixels ``where`` alone (ignore elsewhere), pixel by pixel."""
+    classes = sorted(protos)
+    b, _, h, w = f.shape
+    out = torch.full((b, h, w), IGNORE, dtype=torch.long)
+    for i in range(b):
+        for r in range(h):
+            for c in range(w):
+                if not where[i, r, c]:
+                    continue
+                v = f[i, :, r, c].double()
+                sims = torch.stack([torch.dot(v, protos[j]) / (v.norm() * protos[j].norm()) / tau for j in classes])
+                q = sims.softmax(0)
+                if q.max() >= threshold:
+                    out[i, r, c] = classes[int(q.argmax())]
+    return out
+
+
 def _at_features(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """A (B, H, W) map at the feature size by nearest neighbour: output row i reads input row
     floor(i * H / h), and likewise for columns."""
@@ -140,15 +160,17 @@ def test_mixed_target_batch_keeps_target_origin_valid_pixels_only():
 
 @pytest.mark.parametrize("case", ["plain", "padded", "bands", "bf16"])
 def test_mixed_contrast_reads_the_mixed_forward_at_target_origin_pixels(tiny_overrides, case):
-    """Both contrasts of a ``mixed`` step equal a pixel-by-pixel reference built from the mixed
-    forward's features at the target-origin pixels (labels: the teacher's confident ones),
-    source prototypes from the source forward. Crop padding counts as no pixel; the crop bands
-    weigh the mix's CE only, as on the unmixed path; under bf16 autocast the losses are those
-    of the features the forward returned, in full precision."""
+    """Both contrasts and the label transfer of a ``mixed`` step equal a pixel-by-pixel
+    reference built from the mixed forward's features at the target-origin pixels (labels: the
+    teacher's confident ones, completed by label transfer), source prototypes from the source
+    forward. Crop padding counts as no pixel; the crop bands weigh the mix's CE only, as on
+    the unmixed path; under bf16 autocast the losses are those of the features the forward
+    returned, in full precision."""
     extra = ["pseudo.ignore_top=3", "pseudo.ignore_bottom=5"] if case == "bands" else []
+    teacher_threshold, transfer_threshold = 0.12, 0.1
     cfg = load_config(None, tiny_overrides + TEACHER + MIXED + extra + [
-        "method.dynamic_labels=false", "method.calibration=false", "train.student_forwards=separate",
-        f"pseudo.teacher_threshold={THRESHOLD}"])
+        "method.calibration=false", "train.student_forwards=separate",
+        f"pseudo.teacher_threshold={teacher_threshold}", f"pseudo.transfer_threshold={transfer_threshold}"])
     model, state, src, tgt, rec = _setup(cfg, padded=case == "padded")
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "bf16"):
         result = teacher_step(model, src, tgt, cfg, state, None, K)
@@ -158,22 +180,26 @@ def test_mixed_contrast_reads_the_mixed_forward_at_target_origin_pixels(tiny_ove
     f_src, f_mix = out_src.features.detach(), out_mix.features.detach()
     size = tuple(f_mix.shape[-2:])
     labels, conf, _ = rec["teacher"]
-    y_static = torch.where(conf >= THRESHOLD, labels, torch.full_like(labels, IGNORE))  # padding: ignore already
-    target_origin = ~rec["mask"]
-    y_t = _at_features(torch.where(target_origin, y_static, torch.full_like(y_static, IGNORE)), size)
-    cells = _at_features(target_origin, size)
+    y_static = torch.where(conf >= teacher_threshold, labels, torch.full_like(labels, IGNORE))  # padding: ignore
+    keep = ~rec["mask"] & tgt.get("valid", torch.ones_like(rec["mask"]))  # target-origin, not padding
+    y_f = _at_features(torch.where(keep, y_static, torch.full_like(y_static, IGNORE)), size)
+    cells = _at_features(keep, size)
     assert cells.any() and not cells.all()  # both origins at the feature size: the test can tell them apart
-    if case == "padded":
-        assert (_at_features(labels, size)[0, -1] == IGNORE).all()
     tau = cfg.loss.temperature
-    protos_src = _prototypes(f_src, _at_features(src["label"], size))
+    y_src = _at_features(src["label"], size)
+    protos_src = _prototypes(f_src, y_src)
+    y_d = _label_transfer(f_mix, protos_src, tau, transfer_threshold, cells)
+    y_t = torch.where(y_f != IGNORE, y_f, y_d)
+    assert ((y_f == IGNORE) & (y_d != IGNORE)).any()  # label transfer completes some target pixels
+    assert float(result.logs["pseudo/dynamic_coverage"]) == pytest.approx(float((y_d != IGNORE).double().mean()))
     protos_tgt = _prototypes(f_mix, y_t)
-    t2s, s2t = _contrast(f_mix, y_t, protos_src, tau), _contrast(f_src, _at_features(src["label"], size), protos_tgt, tau)
+    t2s, s2t = _contrast(f_mix, y_t, protos_src, tau), _contrast(f_src, y_src, protos_tgt, tau)
     assert t2s > 0 and s2t > 0
     assert float(result.logs["loss/contrast_t2s"]) == pytest.approx(t2s, rel=1e-5, abs=1e-6)
     assert float(result.logs["loss/contrast_s2t"]) == pytest.approx(s2t, rel=1e-5, abs=1e-6)
-    # Counting the pasted source pixels as target pixels would give other values.
-    y_all = _at_features(y_static, size)
+    # Counting the pasted source pixels (or the padding) as target pixels would give other values.
+    y_all = torch.where(_at_features(y_static, size) != IGNORE, _at_features(y_static, size),
+                        _label_transfer(f_mix, protos_src, tau, transfer_threshold, torch.ones_like(cells)))
     assert float(result.logs["loss/contrast_t2s"]) != pytest.approx(_contrast(f_mix, y_all, protos_src, tau), rel=1e-3)
     assert result.loss.dtype == torch.float32 and math.isfinite(float(result.loss.detach()))
     result.loss.backward()
