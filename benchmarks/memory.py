@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="MiT (DAFormer's mit_b5) or a DINOv2 ViT (dinov2_vitl14: VFM-UDA's), no weights loaded")
     parser.add_argument("--width", type=float, default=None, help="encoder width multiplier (MiT stages, ViT embedding)")
     parser.add_argument("--decoder-dim", type=int, default=256, help="DAFormer head channels (DAFormer: 256)")
-    parser.add_argument("--methods", nargs="+", default=list(teacher_step.METHODS), choices=teacher_step.METHODS)
+    parser.add_argument("--methods", nargs="+", default=["self_training", "bida", "self_training+mic", "bida+mic"],
+                        choices=teacher_step.METHODS)
     parser.add_argument("--precision", default="bf16", choices=list(PRECISIONS))
     parser.add_argument("--repeats", type=int, default=2, help="measured steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="steps per variant before measuring")

@@ -42,7 +42,10 @@ def test_smoke_runs_of_every_gpu_script_make_one_table(tmp_path, bench, capsys, 
         assert figures[key] >= 0, key
     assert json.loads((tmp_path / "loop.json").read_text())["records"] >= 1
     teacher = teacher_step.main(["--smoke", "--precisions", "fp32", "--json", str(tmp_path / "teacher.json")])
-    assert [r["method"] for r in teacher] == ["self_training", "bida", "self_training+mic", "bida+mic"]
+    assert [r["method"] for r in teacher] == ["self_training", "bida", "bida_mixed", "self_training+mic", "bida+mic",
+                                              "bida_mixed+mic"]
+    assert teacher_step.method_config("bida_mixed+mic", teacher_step.argparse.Namespace(
+        size=64, backbone="mit_b0", width=0.25, decoder_dim=32)).method.target_features == "mixed"
     assert all(r["step_ms"] > 0 and r["base"] == "self_training" for r in teacher)
     assert teacher_step.method_config("bida+mic", teacher_step.argparse.Namespace(
         size=512, backbone="mit_b5", width=1.0, decoder_dim=256, grad_checkpoint=True)).mic.block_size == 64
