@@ -125,6 +125,31 @@ def test_contrast_designs_grid_measures_the_chosen_designs(tmp_path, monkeypatch
         ["cand: preset plus + contrast warm-up 100"]
 
 
+def test_target_features_grid_pairs_mixed_with_unmixed_and_resumes(tmp_path, monkeypatch, tiny_overrides, capsys):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import target_features
+
+    over = [*tiny_overrides, "train.iters=2", "train.source_iters=2", "train.warmup_iters=1", "data.rcs_min_pixels=2", "model.decoder_dim=16",
+            "model.proj_dim=8"]
+    out = tmp_path / "tf"
+    assert target_features.main(["--seeds", "1", "--out", str(out), *over]) == 0
+    summary = json.loads((out / "target_features.json").read_text())
+    assert [k for k in summary if k not in ("environment", "timing")] == [
+        "source_only", "self_training", "bida", "bida_mixed", "bida_plus", "bida_plus_mixed"]
+    for name, other in (("bida_mixed", "bida"), ("bida_plus_mixed", "bida_plus")):
+        vs = summary[name]["test"][f"vs_{other}"]
+        assert vs["per_seed"] == [pytest.approx(summary[name]["test"]["per_seed"][0]
+                                                - summary[other]["test"]["per_seed"][0])]
+    configs = {row: (out / "seed_0" / row / "config.yaml").read_text() for row in ("bida", "bida_mixed", "bida_plus_mixed")}
+    assert "target_features: unmixed" in configs["bida"] and "target_features: mixed" in configs["bida_mixed"]
+    assert "pretrain_head: true" in configs["bida_plus_mixed"] and "target_features: mixed" in configs["bida_plus_mixed"]
+    text = (out / "target_features.md").read_text()
+    assert "## Target test" in text and "| bida_mixed - bida |" in text
+    capsys.readouterr()
+    assert target_features.main(["--resume", str(out)]) == 0  # every run finished: read back
+    assert capsys.readouterr().out.count("finished earlier") == 6
+
+
 def test_inference_benchmark_runs_every_cpu_backend_at_two_sizes(tmp_path, monkeypatch, synthetic_cache, capsys):
     pytest.importorskip("onnxruntime")
     monkeypatch.syspath_prepend(str(BENCH))
