@@ -205,11 +205,13 @@ def test_mixed_contrast_reads_the_mixed_forward_at_target_origin_pixels(tiny_ove
     result.loss.backward()
 
 
-def test_no_target_pixel_in_the_mix_leaves_the_contrast_at_zero_and_the_step_finite(tiny_overrides):
+@pytest.mark.parametrize("designs", [[], ["loss.contrast_resolution=label", "method.prototype_scope=pair"]],
+                         ids=["defaults", "label_resolution_pair_scope"])
+def test_no_target_pixel_in_the_mix_leaves_the_contrast_at_zero_and_the_step_finite(tiny_overrides, designs):
     """A mix that pasted source everywhere: no target pixel, so no target prototype, label
     transfer or t2s pixel; both contrasts are 0, the calibration's target average stays
     unset, and the loss and gradients are finite."""
-    cfg = load_config(None, tiny_overrides + TEACHER + MIXED + [f"pseudo.teacher_threshold={THRESHOLD}"])
+    cfg = load_config(None, tiny_overrides + TEACHER + MIXED + designs + [f"pseudo.teacher_threshold={THRESHOLD}"])
     model, state, src, tgt, rec = _setup(cfg, all_source=True)
     c = cfg.calibration
     calibration = Calibration(K, model.feature_dim, momentum=c.momentum, max_weight=c.max_weight,
