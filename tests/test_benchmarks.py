@@ -135,7 +135,7 @@ def test_target_features_grid_pairs_mixed_with_unmixed_and_resumes(tmp_path, mon
     assert target_features.main(["--seeds", "1", "--out", str(out), *over]) == 0
     summary = json.loads((out / "target_features.json").read_text())
     assert [k for k in summary if k not in ("environment", "timing")] == [
-        "source_only", "self_training", "bida", "bida_mixed", "bida_plus", "bida_plus_mixed"]
+        "source_only", "bida", "bida_mixed", "bida_plus", "bida_plus_mixed", "self_training"]
     for name, other in (("bida_mixed", "bida"), ("bida_plus_mixed", "bida_plus")):
         vs = summary[name]["test"][f"vs_{other}"]
         assert vs["per_seed"] == [pytest.approx(summary[name]["test"]["per_seed"][0]
