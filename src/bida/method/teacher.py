@@ -266,6 +266,11 @@ def mixed_target_batch(batch_tgt: dict[str, Tensor], img_mix: Tensor, mask_mix: 
     to ignore on the pasted ones. The pasted pixels serve no source term either: the source
     crop's own forward already gives every source pixel's feature.
 
+    At the feature size the mask is sampled as the labels are (nearest): a feature cell counts
+    as target-origin when the pixel its label comes from does, even where its receptive field
+    also covers pasted pixels. Shares logged over feature pixels (``pseudo/dynamic_coverage``)
+    count the pasted ones as unlabelled.
+
     Shape:
         - batch_tgt: "label", "gt" (B, H, W) int64, optional "valid" (B, H, W) bool
         - img_mix: (B, 3, H, W); mask_mix: (B, H, W) bool, True where a source pixel was pasted
@@ -274,6 +279,7 @@ def mixed_target_batch(batch_tgt: dict[str, Tensor], img_mix: Tensor, mask_mix: 
     keep = ~mask_mix
     if "valid" in batch_tgt:
         keep = keep & batch_tgt["valid"]
+
     def at_target_origin(labels: Tensor) -> Tensor:
         return torch.where(keep, labels, torch.full_like(labels, IGNORE))
 
