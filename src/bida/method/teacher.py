@@ -283,8 +283,8 @@ def mixed_target_batch(batch_tgt: dict[str, Tensor], img_mix: Tensor, mask_mix: 
     def at_target_origin(labels: Tensor) -> Tensor:
         return torch.where(keep, labels, torch.full_like(labels, IGNORE))
 
-    return {"image": img_mix, "label": at_target_origin(batch_tgt["label"]), "gt": at_target_origin(batch_tgt["gt"]),
-            "valid": keep}
+    return {"image": img_mix, "label": at_target_origin(batch_tgt["label"]),
+            "gt": at_target_origin(batch_tgt["gt"]), "valid": keep}
 
 
 @contextlib.contextmanager
