@@ -10,6 +10,7 @@ figures reported on target test.
 
     PYTHONPATH=src python benchmarks/target_features.py --seeds 5 --out runs/target_features
     PYTHONPATH=src python benchmarks/target_features.py --resume runs/target_features
+    ... --rows bida bida_mixed --init-checkpoint SOURCE.pt   # a quicker, weaker pairing: see --init-checkpoint
 
 Writes ``target_features.md`` (test and val tables, the paired differences mixed - unmixed)
 and ``target_features.json`` (``bida.tools.grid_tables.summarise`` rows with ``vs_bida`` /
@@ -36,13 +37,15 @@ MIXED = "method.target_features=mixed"
 PAIRS = {"bida_mixed": "bida", "bida_plus_mixed": "bida_plus", "bida_plus": "bida"}
 
 
-def rows(cfg_path: str, overrides: list[str]) -> list[tuple[str, tuple[str, ...]]]:
-    """Source-only, self-training, and BiDA (paper, plus) with each target-feature source."""
+def rows(cfg_path: str, overrides: list[str], names: list[str] | None = None) -> list[tuple[str, tuple[str, ...]]]:
+    """Source-only, BiDA (paper, plus) with each target-feature source, and self-training;
+    ``names``: only those rows (source-only is always trained unless an init checkpoint is given)."""
     plus = tuple(preset_overrides("plus", preset_path(load_config(cfg_path, overrides))))
     # In the order that matters when a seed must stop early: the pair first, self-training last.
-    return [("source_only", ()), ("bida", ("method=bida",)), ("bida_mixed", ("method=bida", MIXED)),
-            ("bida_plus", ("method=bida", *plus)), ("bida_plus_mixed", ("method=bida", *plus, MIXED)),
-            (BASELINE, ("method=self_training",))]
+    every = [("source_only", ()), ("bida", ("method=bida",)), ("bida_mixed", ("method=bida", MIXED)),
+             ("bida_plus", ("method=bida", *plus)), ("bida_plus_mixed", ("method=bida", *plus, MIXED)),
+             (BASELINE, ("method=self_training",))]
+    return every if names is None else [r for r in every if r[0] in names]
 
 
 def pairs_text(summary: dict, split: str) -> str:
@@ -67,27 +70,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("runs/target_features"))
     parser.add_argument("--resume", type=Path, default=None, help="continue the grid in this directory")
+    parser.add_argument("--rows", nargs="+", default=None, choices=[n for n, _ in rows(DEMO_ARCHS["transformer"], [])],
+                        help="only these rows (default: all)")
+    parser.add_argument("--init-checkpoint", default=None,
+                        help="every seed adapts from this source-only checkpoint instead of training its own "
+                             "(the seeds then vary the adaptation alone: a quicker, weaker pairing)")
     parser.add_argument("overrides", nargs="*", help="key=value for every run (tests shrink the runs)")
     args = parser.parse_args(argv)
     t0 = time.time()
     cfg_path = DEMO_ARCHS["transformer"]
-    spec = {"command": "target-features", "seeds": args.seeds, "overrides": args.overrides}
+    spec = {"command": "target-features", "seeds": args.seeds, "overrides": args.overrides, "rows": args.rows,
+            "init_checkpoint": args.init_checkpoint}
     if args.resume is None:
         seed_list(cfg_path, args.overrides, args.seeds)
     out, spec = _open_grid(args.resume or args.out, spec, args.resume is not None)
     overrides = list(spec["overrides"])
     seeds = seed_list(cfg_path, overrides, int(spec["seeds"]))
     timing: dict = {"setup_s": time.time() - t0, "runs_s": {}}
-    results = run_grid(cfg_path, out, rows(cfg_path, overrides), seeds, overrides, quiet=True,
+    init = spec.get("init_checkpoint")
+    grid_rows = [r for r in rows(cfg_path, overrides, spec.get("rows")) if not (init and r[0] == "source_only")]
+    results = run_grid(cfg_path, out, grid_rows, seeds, overrides, init_checkpoint=init, quiet=True,
                        resume=args.resume is not None, timing=timing["runs_s"],
                        source_overrides=source_stage_overrides(load_config(cfg_path, overrides)))
     summary = summarise(results, BASELINE)
     for name, other in PAIRS.items():
-        add_pair(summary, results, name, other)
+        if name in results and other in results:
+            add_pair(summary, results, name, other)
     timing["total_s"] = time.time() - t0
     env = environment()
     text = "\n".join([
         f"# method.target_features, transformer demo ({len(seeds)} paired seeds: {', '.join(map(str, seeds))})", "",
+        *([f"Every seed adapts from one source-only model: {init}.", ""] if init else []),
+        *([f"Overrides: {' '.join(overrides)}", ""] if overrides else []),
         "## Target val (the split choices are made on)", "", seeds_table(_val_only(summary), BASELINE, "row"), "",
         pairs_text(summary, "val"), "",
         "## Target test (300 images no choice saw; last checkpoint)", "", seeds_table(summary, BASELINE, "row"), "",
