@@ -148,6 +148,16 @@ def test_target_features_grid_pairs_mixed_with_unmixed_and_resumes(tmp_path, mon
     capsys.readouterr()
     assert target_features.main(["--resume", str(out)]) == 0  # every run finished: read back
     assert capsys.readouterr().out.count("finished earlier") == 6
+    # The quicker pairing: two rows, every seed from one source-only model.
+    init = out / "seed_0" / "source_only" / "checkpoints" / "last.pt"
+    quick = tmp_path / "quick"
+    assert target_features.main(["--seeds", "2", "--out", str(quick), "--rows", "bida", "bida_mixed",
+                                 "--init-checkpoint", str(init), *over]) == 0
+    summary = json.loads((quick / "target_features.json").read_text())
+    assert [k for k in summary if k not in ("environment", "timing")] == ["bida", "bida_mixed"]
+    assert summary["bida_mixed"]["seeds"] == [0, 1] and len(summary["bida_mixed"]["test"]["vs_bida"]["per_seed"]) == 2
+    assert not (quick / "seed_0" / "source_only").exists()
+    assert f"init_checkpoint: {init}" in (quick / "seed_1" / "bida_mixed" / "config.yaml").read_text()
 
 
 def test_inference_benchmark_runs_every_cpu_backend_at_two_sizes(tmp_path, monkeypatch, synthetic_cache, capsys):
