@@ -5,7 +5,9 @@ The transformer path at DAFormer's shapes: MiT-B5 with the DAFormer head (decode
 ``train.py`` runs in ``train.schedule=teacher``: zero grad, ``teacher_step`` (teacher
 pseudo labels, ClassMix, the student's forward of source, target and mixed crops, every
 loss, MIC's masked-target forward for the ``+mic`` variants), backward, AdamW step and
-the EMA teacher update. The variants (self_training, bida, self_training+mic, bida+mic)
+the EMA teacher update. The variants (self_training, bida, bida_mixed, self_training+mic,
+bida+mic, bida_mixed+mic; ``bida`` reads BiDA's target pixels from a forward of the unmixed
+target crop, ``bida_mixed`` from the ClassMix crop's forward, ``method.target_features``)
 alternate (A B C D D C B A ...) after warm-up steps and are given as ratios to the first;
 peak memory (``torch.cuda.max_memory_allocated``) is reset after the warm-up and covers
 all variants together: ``memory.py`` measures each variant's own peak, with and without
@@ -15,6 +17,8 @@ all variants together: ``memory.py`` measures each variant's own peak, with and 
     .venv/bin/python benchmarks/teacher_step.py [--size 512] [--repeats 6] [--backbone mit_b5] [--grad-checkpoint]
     .venv/bin/python benchmarks/teacher_step.py --smoke  # CPU, MiT-B0 at width 0.25: checks the script runs
     .venv/bin/python benchmarks/teacher_step.py --hrda   # HRDA, MIC(HRDA), BiDA + MIC(HRDA): 1024 context + 512 detail
+    OMP_NUM_THREADS=1 python benchmarks/teacher_step.py --device cpu --backbone mit_b0 --size 128 \
+        --precisions fp32 --repeats 10  # the CPU figures of method.target_features (one thread)
 
 The feature distance is off (it needs the ImageNet weights, which the benchmark does not
 load); with it, each step adds one forward of a frozen copy of the network.
@@ -39,7 +43,8 @@ from bida.models import build_model  # noqa: E402
 from bida.engine.optim import build_optimizer  # noqa: E402
 from bida.method.teacher import MeanTeacher, teacher_step  # noqa: E402
 
-METHODS = ("self_training", "bida", "self_training+mic", "bida+mic")
+METHODS = ("self_training", "bida", "bida_mixed", "self_training+mic", "bida+mic", "bida_mixed+mic")
+TARGET_FEATURES = {"bida": "unmixed", "bida_mixed": "mixed"}  # method.target_features of each BiDA variant
 BACKBONES = [f"mit_b{i}" for i in range(6)] + [f"dinov2_vit{s}14{r}" for s in "sblg" for r in ("", "_reg")]
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -53,19 +58,22 @@ def mic_block(size: int, hrda: bool = False) -> int:
 def method_config(method: str, args: argparse.Namespace) -> Config:
     """DAFormer's recipe (AdamW, EMA 0.999, ClassMix) at the given shapes, for ``method``.
 
-    ``method`` is ``self_training`` or ``bida``, with ``+mic`` for masked image consistency
-    at MIC's settings (weight 1, mask ratio 0.7, block 64 at 512 crops). ``args.hrda``: the
-    same on HRDA's network (HRDA, MIC(HRDA) and BiDA + MIC(HRDA)).
+    ``method`` is ``self_training``, ``bida`` or ``bida_mixed`` (BiDA with
+    ``method.target_features=mixed``), with ``+mic`` for masked image consistency at MIC's
+    settings (weight 1, mask ratio 0.7, block 64 at 512 crops). ``args.hrda``: the same on
+    HRDA's network (HRDA, MIC(HRDA) and BiDA + MIC(HRDA)).
     """
     name, _, extra = method.partition("+")
     hrda = getattr(args, "hrda", False)
     mic = ["mic.weight=1.0", "mic.mask_ratio=0.7", f"mic.block_size={mic_block(args.size, hrda)}"] if extra == "mic" else []
+    bida = [f"method.target_features={TARGET_FEATURES[name]}"] if name in TARGET_FEATURES else []
     # HRDA (--hrda): the crop is the context crop, with a detail crop of half its side inside
     # (HRDA's 1024 + 512); each student forward separate, as HRDA's.
     hrda_keys = ["model.hrda.enabled=true", f"model.hrda.detail_crop=[{args.size // 2},{args.size // 2}]",
                  "train.student_forwards=separate"] if hrda else []
-    return load_config(None, mic + hrda_keys + [
-        f"method={name}", "train.schedule=teacher", "train.optimizer=adamw", "train.lr=6e-5",
+    return load_config(None, mic + bida + hrda_keys + [
+        f"method={name if name not in TARGET_FEATURES else 'bida'}", "train.schedule=teacher", "train.optimizer=adamw",
+        "train.lr=6e-5",
         "train.weight_decay=0.01", f"model.backbone={args.backbone}", "model.decoder=daformer",
         f"model.decoder_dim={args.decoder_dim}", f"model.width={args.width}", "model.freeze_bn=false",
         "method.feature=decoder", "data.normalize=imagenet", f"data.crop=[{args.size},{args.size}]",
@@ -160,7 +168,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ratio = medians[method] / medians[base]
             rows.append({"precision": precision, "method": method, "step_ms": 1e3 * medians[method],
                          "peak_gib": peak, "over_base": ratio, "base": base,
-                         "bida_over_st": medians["bida"] / medians["self_training"] if {"bida", "self_training"} <= set(medians) else None})
+                         "bida_over_st": medians["bida"] / medians["self_training"] if {"bida", "self_training"} <= set(medians) else None,
+                         "bida_mixed_over_st": (medians["bida_mixed"] / medians["self_training"]
+                                                if {"bida_mixed", "self_training"} <= set(medians) else None)})
             cells = [precision, method, f"{1e3 * medians[method]:.1f}", f"{peak:.2f}" if peak is not None else "n/a",
                      f"{ratio:.3f}" if method != base else ""]
             print(" | ".join(f"{c:>{w}}" for c, w in zip(cells, widths)), flush=True)

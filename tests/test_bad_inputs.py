@@ -394,6 +394,8 @@ def test_an_unreadable_pseudo_label_is_a_data_error_naming_it(tmp_path):
     (["pseudo.ignore_top=8"], "pseudo.ignore_top + pseudo.ignore_bottom"),
     (["train.mix_classes=daformer"], "train.mix_classes"),
     (["loss.source_ce_mean=pixels"], "loss.source_ce_mean"),
+    (["method.target_features=mixed"], "method.target_features"),  # self_training has no BiDA target pixels
+    (["method.target_features=both"], "method.target_features"),
 ])
 def test_daformer_recipe_keys_are_refused_up_front(tmp_path, capsys, overrides, needle):
     src, tgt = folder_pair(tmp_path)

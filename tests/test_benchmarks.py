@@ -42,7 +42,10 @@ def test_smoke_runs_of_every_gpu_script_make_one_table(tmp_path, bench, capsys, 
         assert figures[key] >= 0, key
     assert json.loads((tmp_path / "loop.json").read_text())["records"] >= 1
     teacher = teacher_step.main(["--smoke", "--precisions", "fp32", "--json", str(tmp_path / "teacher.json")])
-    assert [r["method"] for r in teacher] == ["self_training", "bida", "self_training+mic", "bida+mic"]
+    assert [r["method"] for r in teacher] == ["self_training", "bida", "bida_mixed", "self_training+mic", "bida+mic",
+                                              "bida_mixed+mic"]
+    assert teacher_step.method_config("bida_mixed+mic", teacher_step.argparse.Namespace(
+        size=64, backbone="mit_b0", width=0.25, decoder_dim=32)).method.target_features == "mixed"
     assert all(r["step_ms"] > 0 and r["base"] == "self_training" for r in teacher)
     assert teacher_step.method_config("bida+mic", teacher_step.argparse.Namespace(
         size=512, backbone="mit_b5", width=1.0, decoder_dim=256, grad_checkpoint=True)).mic.block_size == 64
@@ -131,6 +134,41 @@ def test_contrast_designs_grid_measures_the_chosen_designs(tmp_path, monkeypatch
     assert contrast_designs.main(["--resume", str(out)]) == 0  # the resumed grid keeps the subset
     assert [k for k in json.loads((out / "designs.json").read_text()) if k.startswith("cand")] == \
         ["cand: preset plus + contrast warm-up 100"]
+
+
+def test_target_features_grid_pairs_mixed_with_unmixed_and_resumes(tmp_path, monkeypatch, tiny_overrides, capsys):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import target_features
+
+    over = [*tiny_overrides, "train.iters=2", "train.source_iters=2", "train.warmup_iters=1", "data.rcs_min_pixels=2", "model.decoder_dim=16",
+            "model.proj_dim=8"]
+    out = tmp_path / "tf"
+    assert target_features.main(["--seeds", "1", "--out", str(out), *over]) == 0
+    summary = json.loads((out / "target_features.json").read_text())
+    assert [k for k in summary if k not in ("environment", "timing")] == [
+        "source_only", "bida", "bida_mixed", "bida_plus", "bida_plus_mixed", "self_training"]
+    for name, other in (("bida_mixed", "bida"), ("bida_plus_mixed", "bida_plus")):
+        vs = summary[name]["test"][f"vs_{other}"]
+        assert vs["per_seed"] == [pytest.approx(summary[name]["test"]["per_seed"][0]
+                                                - summary[other]["test"]["per_seed"][0])]
+    configs = {row: (out / "seed_0" / row / "config.yaml").read_text() for row in ("bida", "bida_mixed", "bida_plus_mixed")}
+    assert "target_features: unmixed" in configs["bida"] and "target_features: mixed" in configs["bida_mixed"]
+    assert "pretrain_head: true" in configs["bida_plus_mixed"] and "target_features: mixed" in configs["bida_plus_mixed"]
+    text = (out / "target_features.md").read_text()
+    assert "## Target test" in text and "| bida_mixed - bida |" in text
+    capsys.readouterr()
+    assert target_features.main(["--resume", str(out)]) == 0  # every run finished: read back
+    assert capsys.readouterr().out.count("finished earlier") == 6
+    # The quicker pairing: two rows, every seed from one source-only model.
+    init = out / "seed_0" / "source_only" / "checkpoints" / "last.pt"
+    quick = tmp_path / "quick"
+    assert target_features.main(["--seeds", "2", "--out", str(quick), "--rows", "bida", "bida_mixed",
+                                 "--init-checkpoint", str(init), *over]) == 0
+    summary = json.loads((quick / "target_features.json").read_text())
+    assert [k for k in summary if k not in ("environment", "timing")] == ["bida", "bida_mixed"]
+    assert summary["bida_mixed"]["seeds"] == [0, 1] and len(summary["bida_mixed"]["test"]["vs_bida"]["per_seed"]) == 2
+    assert not (quick / "seed_0" / "source_only").exists()
+    assert f"init_checkpoint: {init}" in (quick / "seed_1" / "bida_mixed" / "config.yaml").read_text()
 
 
 def test_inference_benchmark_runs_every_cpu_backend_at_two_sizes(tmp_path, monkeypatch, synthetic_cache, capsys):

@@ -351,7 +351,8 @@ DAFORMER = ["pseudo.ignore_top=3", "pseudo.ignore_bottom=5", "train.mix_classes=
             "loss.pseudo_ce_mean=all", "train.student_forwards=separate"]
 
 
-@pytest.mark.parametrize("extra", [[], DAFORMER], ids=["defaults", "daformer_switches"])
+@pytest.mark.parametrize("extra", [[], DAFORMER, ["method.target_features=mixed"]],
+                         ids=["defaults", "daformer_switches", "mixed_target_features"])
 def test_teacher_two_ranks_give_the_step_0_loss_of_one_process_on_the_global_batch(tmp_path, tiny_overrides, extra):
     # Frozen BN (DeepLab): no per-rank batch statistics, so the first step's losses must be those
     # of one process on the whole global batch: same images and crops, ClassMix masks, colour

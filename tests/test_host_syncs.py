@@ -136,9 +136,10 @@ VFM_UDA = ["model.backbone=dinov2_vits14", "model.decoder=light", "model.input_s
 
 
 @pytest.mark.parametrize("method, extra", [("self_training", []), ("bida", []), ("bida", DINOV2),
-                                           ("bida", TEACHER_DESIGNS), ("bida", DAFORMER), ("bida", VFM_UDA)],
+                                           ("bida", TEACHER_DESIGNS), ("bida", DAFORMER), ("bida", VFM_UDA),
+                                           ("bida", DAFORMER + ["method.target_features=mixed"])],
                          ids=["self_training", "bida", "bida_dinov2", "bida_designs", "bida_daformer_switches",
-                              "bida_vfm_uda"])
+                              "bida_vfm_uda", "bida_mixed_target_features"])
 def test_teacher_steps_with_mic_read_nothing_from_the_device_but_their_finite_flag(tmp_path, tiny_overrides,
                                                                                    monkeypatch, method, extra):
     import bida.engine.train as tr

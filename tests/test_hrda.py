@@ -524,3 +524,41 @@ def test_an_hrda_checkpoint_exports_as_a_folder_and_refuses_a_graph(tmp_path, sy
     assert main(["export", "--checkpoint", ckpt, "--format", "onnx", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "exports as a model folder only" in err and not (tmp_path / "o").exists()
+
+
+def test_bida_under_hrda_with_mixed_target_features_reads_the_mixed_forwards_context_features(synthetic_cache):
+    """``method.target_features: mixed`` under HRDA: no forward of its own; the target side is the
+    mixed forward's context features at its target-origin pixels (the ClassMix mask sampled to
+    the context grid as the labels are), the source side the source forward's."""
+    from bida.method.teacher import IGNORE, MeanTeacher, mixed_target_batch, teacher_step
+    from bida.method.train_step import adapt_step
+
+    cfg = load_config(None, hrda_run_overrides(synthetic_cache) + [
+        "method=bida", "method.calibration=false", "pseudo.teacher_threshold=0.1", "method.target_features=mixed"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 5).train()
+    state = MeanTeacher(cfg, 5, "cpu")
+    state.start(model)
+    g = torch.Generator().manual_seed(3)
+    src = {"image": torch.randn(2, 3, 64, 64, generator=g), "label": torch.randint(0, 5, (2, 64, 64), generator=g)}
+    tgt = {"image": torch.randn(2, 3, 64, 64, generator=g), "label": torch.full((2, 64, 64), 255)}
+    mixer_state = state.mixer.state_dict()
+    rec = Recorder(model)
+    logs = teacher_step(rec, src, tgt, cfg, state, None, 5).logs
+    kinds = [(args[1], "detail_box" in kw, kw.get("context_only", False)) for args, kw, _ in rec.calls]
+    assert kinds == [("source", True, False), ("target", True, False)]  # self-training's forwards alone
+    out_src, out_mix = rec.calls[0][2], rec.calls[1][2]
+    assert out_mix.features.shape[-2:] == (8, 8)  # the context grid
+    # the reference: the same mix, redrawn from the mixer's state before the step
+    state.mixer.load_state_dict(mixer_state)
+    labels, conf, _ = state.teacher.pseudo_labels(tgt["image"], None, cfg.pseudo.teacher_threshold)
+    w = torch.ones(2, 64, 64)
+    img_mix, _, _, mask = state.mixer(src["image"], src["label"], tgt["image"], labels, w)
+    assert torch.equal(img_mix, rec.calls[1][0][0])
+    assert mask.any() and (~mask).any()
+    y_static = torch.where(conf >= cfg.pseudo.teacher_threshold, labels, torch.full_like(labels, IGNORE))
+    batch = mixed_target_batch({"image": tgt["image"], "label": y_static, "gt": tgt["label"]}, img_mix, mask)
+    ref = adapt_step(model, src, batch, cfg, None, 5, outputs=(out_src, out_mix), seg_terms=False).logs
+    assert logs["loss/contrast_t2s"] > 0 and logs["loss/contrast_s2t"] > 0
+    for key in ("loss/contrast_t2s", "loss/contrast_s2t", "pseudo/dynamic_coverage"):
+        torch.testing.assert_close(logs[key], ref[key])

@@ -226,6 +226,10 @@ def check_schedule(cfg: "Config") -> None:
         if on and (t.schedule != "teacher" or cfg.method.name == "source_only"):
             raise ConfigError(f"{key}: only the mean-teacher step reads it (train.schedule=teacher with method "
                               f"self_training or bida, not {t.schedule} with {cfg.method.name}); set it to false")
+    if cfg.method.target_features == "mixed" and (t.schedule != "teacher" or cfg.method.name != "bida"):
+        raise ConfigError(f"method.target_features: 'mixed' reads BiDA's target pixels from the ClassMix crop of the "
+                          f"mean-teacher step (train.schedule=teacher with method=bida, not {t.schedule} with "
+                          f"{cfg.method.name}); set it to 'unmixed'")
     if t.schedule != "teacher":
         if cfg.loss.feature_distance_weight > 0:
             raise ConfigError("loss.feature_distance_weight: only the teacher schedule reads it (train.schedule=teacher)")

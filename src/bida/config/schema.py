@@ -179,6 +179,14 @@ class MethodConfig:
     # and an adaptation run from model.init_checkpoint keeps the checkpoint's head. Needs a
     # head: method.feature backbone or decoder (aspp_branches has none).
     pretrain_head: bool = False
+    # Mean-teacher schedule with method=bida: where BiDA reads the target pixels of its
+    # contrast, label transfer and target prototypes. unmixed: the unmixed target crop in a
+    # forward of its own (one more student forward a step). mixed: the ClassMix crop's
+    # forward, which the self-training loss runs anyway, at its target-origin pixels only
+    # (the pasted source pixels count on neither side: the source crop's own forward gives
+    # the source features). BiDA publishes neither (it has no mean teacher); unmixed keeps
+    # each domain's features apart, mixed saves the forward (see bida.method.teacher).
+    target_features: Literal["unmixed", "mixed"] = "unmixed"
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,10 @@ see is ``self_training``'s, so that the two rows differ by BiDA's terms alone. W
 four BiDA components off that forward is skipped, and ``bida`` trains bit-identically to
 ``self_training``. (The extra forward does draw the random numbers of its dropout and
 stochastic depth from the global generator, so later draws shift.)
+``method.target_features: mixed`` drops that forward: BiDA reads the ClassMix crop's own
+forward at the pixels that came from the target image (:func:`mixed_target_batch`), with the
+teacher's labels there; the pasted source pixels count on neither side. Those features come
+from the strongly augmented crop, in the BN batch of the self-training forward.
 
 DAFormer's choices where bida differs by default: ``train.student_forwards: separate``
 forwards the source and the mixed images apart (each its own BN batch);
@@ -263,6 +267,38 @@ def bida_terms_on(cfg: Config) -> bool:
     return m.name == "bida" and (m.t2s or m.s2t or m.dynamic_labels or m.calibration)
 
 
+def mixed_target_batch(batch_tgt: dict[str, Tensor], img_mix: Tensor, mask_mix: Tensor) -> dict[str, Tensor]:
+    """The target batch BiDA reads from the ClassMix crop (``method.target_features: mixed``).
+
+    The pixels ClassMix took from the target image (``~mask_mix``), crop padding excluded,
+    become the batch's ``valid`` pixels: :func:`bida.train_step.adapt_step` then treats the
+    pasted source pixels as it treats padding, so that no label, label transfer, prototype,
+    contrast term or moving average reads them on the target side. Labels (the teacher's y_F)
+    and true labels are the unmixed crop's at the same pixels (ClassMix moves no pixel), set
+    to ignore on the pasted ones. The pasted pixels serve no source term either: the source
+    crop's own forward already gives every source pixel's feature.
+
+    At the feature size the mask is sampled as the labels are (nearest): a feature cell counts
+    as target-origin when the pixel its label comes from does, even where its receptive field
+    also covers pasted pixels. Shares logged over feature pixels (``pseudo/dynamic_coverage``)
+    count the pasted ones as unlabelled.
+
+    Shape:
+        - batch_tgt: "label", "gt" (B, H, W) int64, optional "valid" (B, H, W) bool
+        - img_mix: (B, 3, H, W); mask_mix: (B, H, W) bool, True where a source pixel was pasted
+        - output: "image" ``img_mix``, "label" and "gt" (B, H, W), "valid" (B, H, W) bool
+    """
+    keep = ~mask_mix
+    if "valid" in batch_tgt:
+        keep = keep & batch_tgt["valid"]
+
+    def at_target_origin(labels: Tensor) -> Tensor:
+        return torch.where(keep, labels, torch.full_like(labels, IGNORE))
+
+    return {"image": img_mix, "label": at_target_origin(batch_tgt["label"]),
+            "gt": at_target_origin(batch_tgt["gt"]), "valid": keep}
+
+
 @contextlib.contextmanager
 def bn_batch_stats_only(model: torch.nn.Module, eval_too: bool = False):
     """Forwards inside normalise with their own batch statistics, as in training, but leave
@@ -387,7 +423,7 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
         # VFM-UDA: the source loss sees a weakly jittered source image and ClassMix pastes the
         # clean source onto a weakly jittered target; the teacher labelled the clean target.
         img_src_loss, img_tgt_mix = state.mixer.weak_jitter(img_src), state.mixer.weak_jitter(img_tgt)
-    img_mix, y_mix, w_mix, _ = state.mixer(img_src, y_src, img_tgt_mix, y_teacher, w_tgt, reduce=reduce)
+    img_mix, y_mix, w_mix, mask_mix = state.mixer(img_src, y_src, img_tgt_mix, y_teacher, w_tgt, reduce=reduce)
 
     shared = not cfg.model.separate_target_stem
     crops = state.detail_crops  # HRDA: each student forward on a context crop with a detail crop inside
@@ -406,16 +442,20 @@ def teacher_step(model: torch.nn.Module, batch_src: dict, batch_tgt: dict, cfg: 
         else:
             out_src, out_mix = forward_domains(model, [img_src_loss, img_mix], ["source", "target"], shared)
     if bida_terms_on(cfg):
-        # The unmixed target crop in a forward of its own, after the main one: the forward the
-        # self-training losses see (its BN batch and its random draws) stays self_training's.
-        # HRDA: the context crop alone, the features the contrast reads on the source side too.
-        with bn_batch_stats_only(model):
-            out_tgt = model(img_tgt, "target") if crops is None else model(img_tgt, "target", context_only=True)
         # y_F: the teacher's confident labels; label transfer completes the rest.
         y_static = torch.where(conf >= cfg.pseudo.teacher_threshold, y_teacher, torch.full_like(y_teacher, IGNORE))
         tgt = {"image": img_tgt, "label": y_static, "gt": batch_tgt["label"]}
         if valid_tgt is not None:
             tgt["valid"] = valid_tgt
+        if cfg.method.target_features == "mixed":
+            # The mixed crop's forward, read at its target-origin pixels alone: no forward of its own.
+            out_tgt, tgt = out_mix, mixed_target_batch(tgt, img_mix, mask_mix)
+        else:
+            # The unmixed target crop in a forward of its own, after the main one: the forward the
+            # self-training losses see (its BN batch and its random draws) stays self_training's.
+            # HRDA: the context crop alone, the features the contrast reads on the source side too.
+            with bn_batch_stats_only(model):
+                out_tgt = model(img_tgt, "target") if crops is None else model(img_tgt, "target", context_only=True)
         result = adapt_step(model, batch_src, tgt, cfg, calibration, num_classes, outputs=(out_src, out_tgt),
                             seg_terms=False, reduce_sums=reduce_sums, adapt_iter=adapt_iter,
                             class_weights=class_weights, source_ce_weight=1.0 - detail_weight)
