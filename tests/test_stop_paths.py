@@ -238,10 +238,12 @@ def _stop_lines(capsys) -> tuple[str, str]:
 @pytest.mark.parametrize("where", ["final evaluation", "checkpoint write"])
 def test_the_stop_message_names_the_step_really_saved(tmp_path, capsys, tiny_overrides, monkeypatch, where):
     # before: "saving a checkpoint at step 3", then "stopped by SIGTERM at step 2"
-    import bida.engine.train as tr
+    import bida.checkpoint
+    import bida.engine.inference
 
-    name, at_call = ("evaluate", 2) if where == "final evaluation" else ("save_checkpoint", 2)
-    real, calls = getattr(tr, name), {"n": 0}
+    module, name, at_call = ((bida.engine.inference, "evaluate", 2) if where == "final evaluation"
+                             else (bida.checkpoint, "save_checkpoint", 2))
+    real, calls = getattr(module, name), {"n": 0}
 
     def signalled(*args, **kwargs):
         calls["n"] += 1
@@ -249,7 +251,7 @@ def test_the_stop_message_names_the_step_really_saved(tmp_path, capsys, tiny_ove
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tr, name, signalled)
+    monkeypatch.setattr(module, name, signalled)
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), *tiny_overrides, "train.iters=2", "train.checkpoint_every=2"]) == 143
     announced, final = _stop_lines(capsys)
