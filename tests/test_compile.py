@@ -13,7 +13,7 @@ import torch
 import bida.engine.train as tr
 from bida.checkpoint import load_checkpoint
 from bida.config import ConfigError, load_config
-from bida.models.deeplabv2 import build_model
+from bida.models import build_model
 
 
 def test_compile_modes_map_to_torch_compile(monkeypatch):

@@ -358,7 +358,7 @@ def test_teacher_two_ranks_give_the_step_0_loss_of_one_process_on_the_global_bat
     # jitter and MIC masks, quality weight, BiDA prototypes and per-pixel means.
     # The ImageNet feature distance too: "ImageNet" weights (any weight file of the architecture)
     # for the frozen copy, and a student that starts elsewhere (from a source-only checkpoint).
-    from bida.models.deeplabv2 import build_model as build_deeplab
+    from bida.models import build_model as build_deeplab
 
     weights = tmp_path / "imagenet.pth"
     torch.save(build_deeplab(load_config(None, tiny_overrides).model, 19).state_dict(), weights)

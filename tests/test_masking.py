@@ -193,7 +193,7 @@ def _step_before_mic(model, batch_src, batch_tgt, cfg, state, calibration=None, 
 
 @pytest.mark.parametrize("method", ["self_training", "bida"])
 def test_weight_zero_is_the_step_before_mic_bit_for_bit(method, tiny_overrides, monkeypatch):
-    from bida.models.deeplabv2 import build_model
+    from bida.models import build_model
     from bida.pseudo_labels import Calibration
 
     cfg = load_config(None, tiny_overrides + TEACHER + [f"method={method}", "pseudo.teacher_threshold=0.0"])

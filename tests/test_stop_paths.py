@@ -154,8 +154,8 @@ STOP_CASES = {  # where rank 1 alone gets SIGTERM: (overrides, hook, what shows 
     "teacher step": ([*TEACHER, "train.iters=30"], None,
                      lambda run, tmp: len([r for r in _records(run) if "loss/seg_mix" in r]) >= 2),
     "pseudo-labels": (["method=self_training", "train.iters=2", "train.rounds=1", "train.iters_per_round=2"],
-                      "round_labels:predict_probs:slow", lambda run, tmp: (tmp / "started-rank0").exists()),
-    "evaluation": (["train.iters=4", "train.eval_every=2"], "evaluate:predict_probs:slow",
+                      "engine.round_labels:predict_probs:slow", lambda run, tmp: (tmp / "started-rank0").exists()),
+    "evaluation": (["train.iters=4", "train.eval_every=2"], "engine.inference:predict_probs:slow",
                    lambda run, tmp: (tmp / "started-rank1").exists()),
 }
 
@@ -194,7 +194,7 @@ def test_a_non_finite_teacher_step_on_one_rank_is_skipped_on_every_rank(tmp_path
     # and the run go on to the end with one skipped step logged once.
     run = tmp_path / "run"
     args = ["train", *tiny_overrides, *TEACHER, "train.iters=3", "--out", str(run)]
-    (code0, err0), (code1, err1) = _finish(_ranks(args, _env(tmp_path, "teacher:teacher_step:nan")), timeout=240)
+    (code0, err0), (code1, err1) = _finish(_ranks(args, _env(tmp_path, "method.teacher:teacher_step:nan")), timeout=240)
     assert (code0, code1) == (0, 0), (err0[-3000:], err1[-3000:])
     skipped = [r for r in _records(run) if "numerics/skipped_step" in r]
     assert [r["step"] for r in skipped] == [1]  # after step 1, the second step's batch was dropped
@@ -290,7 +290,8 @@ def test_sigterm_in_the_second_pseudo_label_pass_stops_within_an_image(tmp_path,
 
 
 def test_sigterm_in_the_class_pixel_count_scan_stops_within_an_image(tmp_path, tiny_overrides, monkeypatch):
-    # before: the scan read every source label at full resolution before the stop was seen
+    # before: the scan read every source label at full resolution before the stop was seen.
+    # The scan checks data.rcs_min_pixels, before the run directory exists: a stop there leaves nothing.
     import bida.engine.train as tr
     from bida.data.datasets import SegmentationDataset
 
@@ -303,13 +304,13 @@ def test_sigterm_in_the_class_pixel_count_scan_stops_within_an_image(tmp_path, t
         return real(self, index)
 
     monkeypatch.setattr(SegmentationDataset, "load", signalled)
-    cfg = load_config(None, tiny_overrides + ["data.rare_class_sampling=true", "data.rcs_min_pixels=0"])
+    overrides = tiny_overrides + ["data.rare_class_sampling=true", "data.rcs_min_pixels=0"]
     run = tmp_path / "run"
-    with pytest.raises(Interrupted, match="at step 0"):
-        tr.Trainer(cfg, run).fit()
-    assert calls["n"] == 1
+    with pytest.raises(Interrupted, match="before the run started; nothing was written"):
+        tr.Trainer(load_config(None, overrides), run).fit()
+    assert calls["n"] == 1 and not run.exists()
     monkeypatch.setattr(SegmentationDataset, "load", real)
-    assert main(["train", "--resume", str(run)]) == 0
+    assert main(["train", "--out", str(run), *overrides]) == 0  # the same command again
 
 
 # ---------------------------------------------------------------- 12. leftovers and exits
@@ -353,7 +354,7 @@ def test_a_generation_killed_outright_is_cleaned_up_by_the_next_one(tmp_path):
 def test_sigterm_between_the_config_and_the_first_step_leaves_a_resumable_run(tmp_path, tiny_overrides):
     # before: killed silently (no handler yet), and run.json was never written, even by the resume
     run = tmp_path / "run"
-    proc = _bida(["train", *tiny_overrides, "train.iters=2", "--out", str(run)], _env(tmp_path, "train:dump_config:term"))
+    proc = _bida(["train", *tiny_overrides, "train.iters=2", "--out", str(run)], _env(tmp_path, "engine.train:dump_config:term"))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1] == f"bida: stopped by SIGTERM before training started; continue with: " \
@@ -385,7 +386,7 @@ def test_more_ctrl_c_while_a_stopped_run_exits_still_exit_130_without_traceback(
 LAUNCH_CASES = {  # (signal to the launcher, overrides, hook, what shows the place was reached)
     "SIGTERM in the pseudo-label pass": (
         signal.SIGTERM, ["method=self_training", "train.iters=2", "train.rounds=1", "train.iters_per_round=2"],
-        "round_labels:predict_probs:slow", lambda run, tmp: (tmp / "started-rank0").exists()),
+        "engine.round_labels:predict_probs:slow", lambda run, tmp: (tmp / "started-rank0").exists()),
     "SIGINT in the steps": (signal.SIGINT, ["train.iters=30"], None,
                             lambda run, tmp: len([r for r in _records(run) if "loss/seg_src" in r]) >= 2),
 }

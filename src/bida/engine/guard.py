@@ -42,7 +42,7 @@ def _grad_max_norm(grads: list[torch.Tensor]) -> torch.Tensor:
 def _step_is_finite(flags: torch.Tensor) -> tuple[bool, int]:
     """Read the step's flags on the host: the one sync of a steady-state step.
 
-    ``flags`` is :meth:`~bida.distributed.DistContext.step_flags`'s: the finiteness flag in
+    ``flags`` is :meth:`~bida.engine.distributed.DistContext.step_flags`'s: the finiteness flag in
     one process, (not finite on some rank, any rank's stop signal) under torchrun. Returns
     whether the step is finite on every rank and that stop signal (0: none).
     """
