@@ -76,6 +76,12 @@ def test_progress_on_a_file_is_a_few_plain_lines():
     assert out.getvalue() == ""
     bar.close()
     assert [ln.split(",")[0] for ln in out.getvalue().splitlines()] == ["progress: 9/100 (9%)"]
+    # a transient bar (an evaluation, a pass): nothing when it is short, as it vanishes from a terminal
+    out = io.StringIO()
+    bar = PlainProgress(range(50), desc="evaluate", stream=out, transient=True)
+    assert list(bar) == list(range(50)) and bar.n == 50
+    bar.close()
+    assert out.getvalue() == ""
 
 
 def test_progress_bar_is_tqdm_on_a_terminal_only(monkeypatch):

@@ -3,7 +3,9 @@
 A tqdm bar redraws itself with carriage returns; written to a log file that is one long line
 growing by the bar's width at every redraw (a demo's output filled 128 KB). On a stream that is
 not a terminal, :func:`progress_bar` gives a :class:`PlainProgress` instead: one line at each
-tenth of the total (every 30 s when the total is unknown) and one at the end.
+tenth of the total (every 30 s when the total is unknown) and one at the end. A transient bar
+(``leave=False``: an evaluation, a pseudo-label pass, a scan), which vanishes from a terminal
+when done, writes a line only every 30 s: a short pass leaves nothing, a long one shows it lives.
 """
 
 from __future__ import annotations
@@ -34,23 +36,26 @@ def progress_bar(iterable: Iterable | None = None, *, desc: str | None = None, t
     if disable or _is_terminal(sys.stderr):
         return tqdm(iterable, desc=desc, total=total, initial=initial, disable=disable, leave=leave,
                     dynamic_ncols=True)
-    return PlainProgress(iterable, desc=desc, total=total, initial=initial)
+    return PlainProgress(iterable, desc=desc, total=total, initial=initial, transient=not leave)
 
 
 class PlainProgress:
-    """Progress as plain lines (``desc: n/total (p%), elapsed, rate, postfix``) on stderr, for logs."""
+    """Progress as plain lines (``desc: n/total (p%), elapsed, rate, postfix``) on stderr, for logs.
+
+    ``transient``: only a line every :data:`PLAIN_INTERVAL_S` seconds, none at the end.
+    """
 
     def __init__(self, iterable: Iterable | None = None, desc: str | None = None, total: int | None = None,
-                 initial: int = 0, stream: Any = None):
+                 initial: int = 0, stream: Any = None, transient: bool = False):
         self.iterable = iterable
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)
         self.total, self.desc, self.n, self.disable = total, desc, initial, False
-        self.stream = stream
+        self.stream, self.transient = stream, transient
         self.postfix: dict[str, Any] = {}
         self._start = self._last = time.monotonic()
         self._initial, self._written_n = initial, None
-        self._every = max(1, math.ceil(total * PLAIN_FRACTION)) if total else None
+        self._every = max(1, math.ceil(total * PLAIN_FRACTION)) if total and not transient else None
 
     def __iter__(self) -> Iterator:
         for item in self.iterable:
@@ -75,7 +80,7 @@ class PlainProgress:
 
     def close(self) -> None:
         """The last line, unless the last update wrote it."""
-        if self._written_n != self.n and self.n > self._initial:
+        if not self.transient and self._written_n != self.n and self.n > self._initial:
             self._write(time.monotonic())
 
     def _write(self, now: float) -> None:
