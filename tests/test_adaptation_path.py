@@ -320,6 +320,5 @@ def test_trainer_keeps_moving_averages_for_memory_partners_alone(tmp_path, tiny_
         cfg = load_config(None, tiny_overrides + ["method=bida", "method.calibration=false",
                                                   f"method.memory_partners={partners}"])
         trainer = Trainer(cfg, tmp_path / partners)
-        trainer._lock.release()
-        trainer.logger.close()
+        trainer.close()
         assert (trainer.calibration is not None) == built

@@ -12,7 +12,7 @@ import torch
 
 from bida.checkpoint import load_checkpoint
 from bida.config import load_config
-from bida.models import DeepLabV2, DINOv2Segmentor, MiTSegmentor
+from bida.models import DeepLabV2, DINOv2Segmentor, MiTSegmentor, build_model
 from bida.models.deeplabv2 import Stage
 from bida.engine.train import Trainer, train
 
@@ -161,3 +161,62 @@ def test_compiled_checkpointed_step_matches_the_plain_one():
         assert torch.equal(p.grad, q.grad), name
     for (name, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_run_state_is_the_checkpoints_progress_keys():
+    from bida.engine.state import RunState
+
+    state = RunState(phase=1, iter=2, step=7, data_pos=9, pending_eval=True, best_miou=0.5, best_step=6, bad_steps=1)
+    saved = state.state_dict()
+    assert list(saved) == ["phase", "iter", "step", "data_pos", "pending_eval", "best_miou", "best_step", "bad_steps"]
+    again = RunState()
+    again.load_state_dict(saved)
+    assert again == state
+    # a checkpoint of an older bida has no data_pos, pending_eval or bad_steps
+    old = RunState()
+    old.load_state_dict({"phase": 1, "iter": 2, "step": 7, "best_miou": 0.5, "best_step": 6})
+    assert old == RunState(phase=1, iter=2, step=7, data_pos=7, best_miou=0.5, best_step=6)
+
+
+def test_checkpointer_alone_saves_rotates_and_restores(tmp_path):
+    # The checkpointer is built from what it uses: no trainer, no data, no run set-up.
+    from types import SimpleNamespace
+
+    from bida.engine.checkpointer import Checkpointer
+    from bida.engine.distributed import BatchNormAverager, DistContext
+    from bida.engine.runlog import RunLog
+    from bida.engine.state import RunState
+    from bida.engine.stop import StopControl
+
+    cfg = load_config(None, ["model.width=0.125"])
+    classes = SimpleNamespace(num_classes=3, names=["a", "b", "c"], palette=[(0, 0, 0)] * 3)
+    model = build_model(cfg.model, 3, cfg.method.feature)
+    state, dist = RunState(), DistContext()
+    (tmp_path / "checkpoints").mkdir()
+    log = RunLog(tmp_path, dist)
+
+    def checkpointer(model, state):
+        return Checkpointer(tmp_path, cfg, classes, state, model, None, None, log, dist,
+                            BatchNormAverager(dist, model), StopControl(tmp_path, state), lambda msg: None)
+
+    ckpt = checkpointer(model, state)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    assert ckpt.kept() == "no good checkpoint was saved (start again with --overwrite)"
+    state.step, state.iter = 1, 1
+    ckpt.save("last", optimizer, scaler)
+    state.step, state.iter, state.best_miou = 2, 2, 0.25
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    ckpt.save("last", optimizer, scaler)
+    assert load_checkpoint(ckpt.path("last.prev"))["step"] == 1  # the previous one is kept
+    assert ckpt.kept() == "the checkpoint of step 2 is kept"
+    assert ckpt.last_good() == f"the last good checkpoint is {ckpt.path('last')} (step 2)"
+    # a fresh model and state, restored from the file
+    model2, state2 = build_model(cfg.model, 3, cfg.method.feature), RunState()
+    resumed = checkpointer(model2, state2).find_resume(torch.device("cpu"), "source")
+    assert resumed is not None and resumed[0] == ckpt.path("last")
+    optimizer_state, _ = checkpointer(model2, state2).load(*resumed)
+    assert state2 == RunState(phase=0, iter=2, step=2, data_pos=0, best_miou=0.25) and optimizer_state is not None
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)

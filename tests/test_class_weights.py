@@ -83,7 +83,7 @@ def test_majority_collapse_warning_on_hand_made_confusion_matrices():
     assert majority_collapse(_confusion([100, 0, 0, 0], 1.0), names, "val") is None
 
 
-def _fake_trainer(tmp_path: Path, overrides: list[str]):
+def _parts(tmp_path: Path, overrides: list[str]) -> dict:
     from bida.config import load_config
     from bida.data.datasets import resolve_domain
 
@@ -92,8 +92,8 @@ def _fake_trainer(tmp_path: Path, overrides: list[str]):
     stop = SimpleNamespace(on_rank0=lambda work: work(lambda: None), check=lambda *_: None)
     run_dir = tmp_path / "run"
     run_dir.mkdir(exist_ok=True)
-    return SimpleNamespace(cfg=cfg, src=src, num_classes=src.classes.num_classes, run_dir=run_dir, stop=stop,
-                           device=torch.device("cpu"))
+    return dict(cfg=cfg, src=src, num_classes=src.classes.num_classes, run_dir=run_dir, stop=stop,
+                device=torch.device("cpu"))
 
 
 def test_class_weights_come_from_the_source_train_labels_counted_once_per_run(tmp_path, monkeypatch):
@@ -104,21 +104,21 @@ def test_class_weights_come_from_the_source_train_labels_counted_once_per_run(tm
     make_folder_tree(tmp_path / "B", classes=("sky", "tree", "house"), size=(16, 32), target_without_train_labels=True)
     over = ["data.source.kind=folder", f"data.source.root={tmp_path / 'A'}", "data.target.kind=folder",
             f"data.target.root={tmp_path / 'B'}"]
-    assert source_class_weights(_fake_trainer(tmp_path, over)) is None  # none: nothing counted, nothing written
+    assert source_class_weights(**_parts(tmp_path, over)) is None  # none: nothing counted, nothing written
     assert not list((tmp_path / "run").iterdir())
     scans = []
     real = rc.class_pixel_counts
     monkeypatch.setattr(rc, "class_pixel_counts", lambda *a, **k: (scans.append(1), real(*a, **k))[1])
-    trainer = _fake_trainer(tmp_path, over + ["loss.class_weights=inverse_sqrt_freq"])
-    weights = source_class_weights(trainer)
+    parts = _parts(tmp_path, over + ["loss.class_weights=inverse_sqrt_freq"])
+    weights = source_class_weights(**parts)
     # my own count of the train labels the fixture wrote (255 = ignore)
     ids = np.concatenate([v.ravel() for k, v in tree.ids.items() if k.startswith("train/")])
     hist = np.bincount(ids[ids != 255], minlength=3)[:3].astype(np.float64)
     f = hist / hist.sum()
     expected = (1 / np.sqrt(f)) / np.sqrt(f).sum()
     np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-6)
-    assert source_class_weights(trainer) is not None and scans == [1]  # a resume reads the run directory's counts
-    assert (trainer.run_dir / rc.STATS_FILE).is_file()
+    assert source_class_weights(**parts) is not None and scans == [1]  # a resume reads the run directory's counts
+    assert (parts["run_dir"] / rc.STATS_FILE).is_file()
 
 
 def test_a_run_trains_its_source_ce_with_the_class_weights(tmp_path, monkeypatch):

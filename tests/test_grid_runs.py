@@ -17,18 +17,19 @@ from bida.tools.cli import main
 from bida.config import load_config
 from bida.errors import ConfigError, Interrupted
 from bida.method.presets import preset_overrides
+import bida.engine.round_labels
 
 
 def _count_label_passes(monkeypatch) -> list[str]:
     calls: list[str] = []
-    real = tr.generate_static_labels
+    real = bida.engine.round_labels.generate_static_labels
 
     def counted(model, dataset, cfg, out_dir, *a, **k):
         if not (Path(out_dir) / "stats.json").is_file():  # a pass that generates (not one that reads)
             calls.append(f"{Path(out_dir).parent.parent.name}/{Path(out_dir).name}")
         return real(model, dataset, cfg, out_dir, *a, **k)
 
-    monkeypatch.setattr(tr, "generate_static_labels", counted)
+    monkeypatch.setattr(bida.engine.round_labels, "generate_static_labels", counted)
     return calls
 
 

@@ -18,7 +18,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bida.config import load_config
+from bida.engine import guard
 from bida.engine.runlog import LogAccumulator
+from bida.engine.stop import StopControl
+import bida.method.train_step
+import bida.method.teacher
 
 HOST_READS = ("item", "__float__", "__int__", "__bool__", "__index__", "tolist", "cpu", "numpy")
 ATEN = torch.ops.aten
@@ -80,10 +84,17 @@ def _watch(monkeypatch) -> dict:
                 state["depth"] -= 1
         return run
 
-    monkeypatch.setattr(tr, "source_step", in_step(tr.source_step, count=True))
-    monkeypatch.setattr(tr, "adapt_step", in_step(tr.adapt_step, count=True))
-    monkeypatch.setattr(tr, "teacher_step", in_step(tr.teacher_step, count=True))
-    monkeypatch.setattr(tr.Trainer, "_backward_and_step", in_step(tr.Trainer._backward_and_step))
+    monkeypatch.setattr(bida.method.train_step, "source_step", in_step(bida.method.train_step.source_step, count=True))
+    monkeypatch.setattr(bida.method.train_step, "adapt_step", in_step(bida.method.train_step.adapt_step, count=True))
+    monkeypatch.setattr(bida.method.teacher, "teacher_step", in_step(bida.method.teacher.teacher_step, count=True))
+    # The loop's part of a step (Trainer._train_phase): backward, the gradients, the finiteness
+    # flag and its one read, the optimizer step.
+    monkeypatch.setattr(torch.Tensor, "backward", in_step(torch.Tensor.backward))
+    monkeypatch.setattr(guard, "gradients", in_step(guard.gradients))
+    monkeypatch.setattr(guard, "finite_flag", in_step(guard.finite_flag))
+    monkeypatch.setattr(StopControl, "agree_on_step", in_step(StopControl.agree_on_step))
+    monkeypatch.setattr(torch.amp.GradScaler, "step", in_step(torch.amp.GradScaler.step))
+    monkeypatch.setattr(torch.amp.GradScaler, "update", in_step(torch.amp.GradScaler.update))
     monkeypatch.setattr(LogAccumulator, "add", in_step(LogAccumulator.add))
     return state
 

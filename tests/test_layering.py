@@ -87,7 +87,7 @@ def layer_violations(root: Path) -> list[str]:
 def test_the_package_imports_one_way():
     assert layer_violations(PACKAGE) == []
     # The check sees real imports: the engine reaches the method, tools reach the engine.
-    engine = {t for _, t in imported_modules(PACKAGE / "engine" / "train.py", PACKAGE)}
+    engine = {t for _, t in imported_modules(PACKAGE / "engine" / "schedules.py", PACKAGE)}
     assert "bida.method.train_step" in engine and "bida.config" in engine
     assert "bida.engine.train" in {t for _, t in imported_modules(PACKAGE / "tools" / "grid.py", PACKAGE)}
     # The config package and each of its modules are shared, and they import within it.
@@ -140,4 +140,53 @@ def test_the_check_reads_the_config_package(tmp_path):
     assert layer_violations(root) == [
         "bida/config/checks.py:2: shared imports method (bida.method.steps)",
         "bida/config/loading.py:1: shared imports engine (bida.engine)",
+    ]
+
+
+def trainer_reaches(path: Path, root: Path) -> list[str]:
+    """Where a module takes the trainer: a parameter named ``trainer`` (of a function, method or
+    lambda) or an import of :mod:`bida.engine.train`, as 'file:line: what'."""
+    found = []
+    rel = path.relative_to(root.parent)
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            a = node.args
+            for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg]:
+                if arg is not None and arg.arg == "trainer":
+                    found.append(f"{rel}:{node.lineno}: parameter 'trainer'")
+    found += [f"{rel}:{line}: imports {target}" for line, target in imported_modules(path, root)
+              if target == "bida.engine.train" or target.startswith("bida.engine.train.")]
+    return sorted(found, key=lambda hit: int(hit.split(":")[1]))
+
+
+def engine_trainer_reaches(root: Path) -> list[str]:
+    """:func:`trainer_reaches` over the engine's modules but the loop's own (engine/train.py)."""
+    return [hit for path in sorted((root / "engine").glob("*.py")) if path.name != "train.py"
+            for hit in trainer_reaches(path, root)]
+
+
+def test_no_engine_part_takes_the_trainer():
+    # Each part (checkpointer, evaluator, round labels, run log, stop control, schedules) is
+    # built from what it uses: only the loop holds the trainer.
+    assert engine_trainer_reaches(PACKAGE) == []
+
+
+def test_the_trainer_check_finds_planted_reaches(tmp_path):
+    root = tmp_path / "bida"
+    (root / "engine").mkdir(parents=True)
+    (root / "engine" / "__init__.py").write_text("")
+    (root / "engine" / "train.py").write_text("def fit(trainer):\n    pass\n")  # the loop's own: allowed
+    (root / "engine" / "evaluator.py").write_text("def evaluate(model, *, steps=1):\n    pass\n")
+    assert engine_trainer_reaches(root) == []
+    (root / "engine" / "evaluator.py").write_text(
+        "class E:\n    def run(self, trainer):\n        pass\n"
+        "def g(*, trainer=None):\n    pass\n"
+        "def h():\n    from .train import Trainer\n")
+    (root / "engine" / "stop.py").write_text("import bida.engine.train\nf = lambda trainer: trainer\n")
+    assert engine_trainer_reaches(root) == [
+        "bida/engine/evaluator.py:2: parameter 'trainer'",
+        "bida/engine/evaluator.py:4: parameter 'trainer'",
+        "bida/engine/evaluator.py:7: imports bida.engine.train",
+        "bida/engine/stop.py:1: imports bida.engine.train",
+        "bida/engine/stop.py:2: parameter 'trainer'",
     ]

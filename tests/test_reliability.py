@@ -23,6 +23,8 @@ from bida.engine.guard import TrainingDiverged
 from bida.engine.run_dir import check_run_dir, create_run_dir
 from bida.engine.runlog import RunLogger
 from bida.errors import Interrupted, RunDirError
+import bida.method.train_step
+import bida.data.datasets
 
 
 def _records(run: Path) -> list[dict]:
@@ -56,13 +58,13 @@ def test_stop_flag_is_read_before_the_first_iteration(tmp_path, tiny_overrides, 
     # loaders were built still ran a full step (at real scale: minutes) before stopping.
     import bida.engine.train as tr
 
-    real = tr.build_train_dataset
+    real = bida.data.datasets.build_train_dataset
 
     def signalled(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tr, "build_train_dataset", signalled)
+    monkeypatch.setattr(bida.data.datasets, "build_train_dataset", signalled)
     handler = signal.getsignal(signal.SIGTERM)
     run = tmp_path / "run"
     with pytest.raises(Interrupted, match="--resume") as info:
@@ -81,7 +83,7 @@ def test_clean_stop_by_signal_exits_128_plus_signal(tmp_path, capsys, tiny_overr
     # before: exit code 2 and "bida: error: ...", which a scheduler reads as bad input
     import bida.engine.train as tr
 
-    real, calls = tr.source_step, {"n": 0}
+    real, calls = bida.method.train_step.source_step, {"n": 0}
 
     def step(*args, **kwargs):
         calls["n"] += 1
@@ -89,7 +91,7 @@ def test_clean_stop_by_signal_exits_128_plus_signal(tmp_path, capsys, tiny_overr
             os.kill(os.getpid(), sig)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tr, "source_step", step)
+    monkeypatch.setattr(bida.method.train_step, "source_step", step)
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), *tiny_overrides]) == code
     err = _one_line_error(capsys)
@@ -187,7 +189,7 @@ def _poison_second_batch(monkeypatch):
     """A NaN image in the 2nd source batch: NaN loss and NaN BatchNorm statistics."""
     import bida.engine.train as tr
 
-    real, state = tr.source_step, {"calls": 0, "armed": True}
+    real, state = bida.method.train_step.source_step, {"calls": 0, "armed": True}
 
     def step(model, batch, cfg, **kwargs):
         state["calls"] += 1
@@ -195,7 +197,7 @@ def _poison_second_batch(monkeypatch):
             batch = {**batch, "image": batch["image"] * float("nan")}
         return real(model, batch, cfg, **kwargs)
 
-    monkeypatch.setattr(tr, "source_step", step)
+    monkeypatch.setattr(bida.method.train_step, "source_step", step)
     return state
 
 
@@ -229,9 +231,9 @@ def test_a_checkpoint_with_a_non_finite_tensor_is_never_written(tmp_path, tiny_o
     before = (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes()
     with torch.no_grad():
         next(trainer.model.parameters()).fill_(float("nan"))
-    optimizer = trainer._make_optimizer(trainer.phases[0])
+    optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.1)
     with pytest.raises(TrainingDiverged, match="non-finite.*the last good checkpoint is .*last.pt"):
-        trainer.save("last", optimizer, torch.amp.GradScaler("cpu", enabled=False))
+        trainer.checkpointer.save("last", optimizer, torch.amp.GradScaler("cpu", enabled=False))
     assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
 
 
@@ -291,7 +293,7 @@ def test_sigterm_in_an_evaluation_stops_at_once_and_resume_evaluates_again(tmp_p
 
     cfg = load_config(None, tiny_overrides + ["train.iters=4", "train.eval_every=2", "train.checkpoint_every=100"])
     tr.Trainer(cfg, tmp_path / "ref").fit()
-    real, calls = tr.evaluate, {"n": 0}
+    real, calls = bida.engine.inference.evaluate, {"n": 0}
 
     def evaluate(*args, **kwargs):
         calls["n"] += 1
@@ -299,7 +301,7 @@ def test_sigterm_in_an_evaluation_stops_at_once_and_resume_evaluates_again(tmp_p
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tr, "evaluate", evaluate)
+    monkeypatch.setattr(bida.engine.inference, "evaluate", evaluate)
     run = tmp_path / "run"
     with pytest.raises(Interrupted, match="step 2"):
         tr.Trainer(cfg, run).fit()

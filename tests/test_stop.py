@@ -7,31 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from bida.engine.distributed import DistContext
+from bida.engine.state import RunState
 from bida.engine.stop import StopControl, _Stopping
 from bida.errors import Interrupted
 
 
-class _Run:
-    """What StopControl reads of the trainer it stops."""
-
-    def __init__(self, step: int = 3):
-        self.dist, self.is_main, self.run_dir, self.step, self._saved_step = DistContext(), True, Path("runs/x"), step, None
-
-    def _last_good(self) -> str:
-        return "no good checkpoint was saved"
-
-
-RUNS = []  # StopControl holds its run weakly: keep them alive for the test
-
-
-def _run(step: int = 3) -> _Run:
-    RUNS.append(_Run(step))
-    return RUNS[-1]
+def _run(step: int = 3) -> StopControl:
+    """The stop control of a run in runs/x at ``step``, no checkpoint written yet."""
+    return StopControl(Path("runs/x"), RunState(step=step))
 
 
 def test_first_signal_asks_for_a_checkpoint_second_stops_at_once(capsys):
-    stop = StopControl(_run())
+    stop = _run()
     before = signal.getsignal(signal.SIGTERM)
     stop.install()
     try:
@@ -58,7 +45,7 @@ def test_first_signal_asks_for_a_checkpoint_second_stops_at_once(capsys):
 
 
 def test_a_second_signal_while_saving_waits_for_the_write():
-    stop = StopControl(_run())
+    stop = _run()
     stop.install()
     try:
         signal.raise_signal(signal.SIGTERM)
@@ -70,7 +57,7 @@ def test_a_second_signal_while_saving_waits_for_the_write():
 
 
 def test_set_up_stops_at_once_unless_the_run_directory_is_being_written():
-    stop = StopControl(_run())
+    stop = _run()
     stop.setting_up = True
     stop.install()
     try:
@@ -83,4 +70,4 @@ def test_set_up_stops_at_once_unless_the_run_directory_is_being_written():
         assert stop.setup_message(signal.SIGTERM).endswith("continue with: bida train --resume runs/x")
     finally:
         stop.restore()
-    assert StopControl(_run()).on_rank0(lambda check_stop: 7) == 7
+    assert _run().on_rank0(lambda check_stop: 7) == 7

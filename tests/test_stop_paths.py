@@ -238,10 +238,12 @@ def _stop_lines(capsys) -> tuple[str, str]:
 @pytest.mark.parametrize("where", ["final evaluation", "checkpoint write"])
 def test_the_stop_message_names_the_step_really_saved(tmp_path, capsys, tiny_overrides, monkeypatch, where):
     # before: "saving a checkpoint at step 3", then "stopped by SIGTERM at step 2"
-    import bida.engine.train as tr
+    import bida.checkpoint
+    import bida.engine.inference
 
-    name, at_call = ("evaluate", 2) if where == "final evaluation" else ("save_checkpoint", 2)
-    real, calls = getattr(tr, name), {"n": 0}
+    module, name, at_call = ((bida.engine.inference, "evaluate", 2) if where == "final evaluation"
+                             else (bida.checkpoint, "save_checkpoint", 2))
+    real, calls = getattr(module, name), {"n": 0}
 
     def signalled(*args, **kwargs):
         calls["n"] += 1
@@ -249,7 +251,7 @@ def test_the_stop_message_names_the_step_really_saved(tmp_path, capsys, tiny_ove
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tr, name, signalled)
+    monkeypatch.setattr(module, name, signalled)
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), *tiny_overrides, "train.iters=2", "train.checkpoint_every=2"]) == 143
     announced, final = _stop_lines(capsys)
@@ -288,7 +290,8 @@ def test_sigterm_in_the_second_pseudo_label_pass_stops_within_an_image(tmp_path,
 
 
 def test_sigterm_in_the_class_pixel_count_scan_stops_within_an_image(tmp_path, tiny_overrides, monkeypatch):
-    # before: the scan read every source label at full resolution before the stop was seen
+    # before: the scan read every source label at full resolution before the stop was seen.
+    # The scan checks data.rcs_min_pixels, before the run directory exists: a stop there leaves nothing.
     import bida.engine.train as tr
     from bida.data.datasets import SegmentationDataset
 
@@ -301,13 +304,13 @@ def test_sigterm_in_the_class_pixel_count_scan_stops_within_an_image(tmp_path, t
         return real(self, index)
 
     monkeypatch.setattr(SegmentationDataset, "load", signalled)
-    cfg = load_config(None, tiny_overrides + ["data.rare_class_sampling=true", "data.rcs_min_pixels=0"])
+    overrides = tiny_overrides + ["data.rare_class_sampling=true", "data.rcs_min_pixels=0"]
     run = tmp_path / "run"
-    with pytest.raises(Interrupted, match="at step 0"):
-        tr.Trainer(cfg, run).fit()
-    assert calls["n"] == 1
+    with pytest.raises(Interrupted, match="before the run started; nothing was written"):
+        tr.Trainer(load_config(None, overrides), run).fit()
+    assert calls["n"] == 1 and not run.exists()
     monkeypatch.setattr(SegmentationDataset, "load", real)
-    assert main(["train", "--resume", str(run)]) == 0
+    assert main(["train", "--out", str(run), *overrides]) == 0  # the same command again
 
 
 # ---------------------------------------------------------------- 12. leftovers and exits

@@ -79,5 +79,5 @@ def test_adaptation_starts_from_the_trained_source_stem(tmp_path, tiny_overrides
     source, target = _stems(trainer.model.state_dict())
     _assert_same(source, trained_source)
     _assert_same(target, trained_source)
-    assert trainer.evaluate_target()["mIoU"] == src_metrics["mIoU"]  # round 0 starts from the source-only model
+    assert trainer.evaluator.target()["mIoU"] == src_metrics["mIoU"]  # round 0 starts from the source-only model
     assert 0.0 <= trainer.fit()["mIoU"] <= 1.0

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import bida.data.datasets as datasets
+from bida.engine.evaluator import Evaluator
 from bida.tools.cli import main
 from bida.config import load_config
 from bida.data.synthetic import SyntheticSpec, ensure_synthetic
@@ -69,7 +70,7 @@ def test_no_test_image_is_read_before_the_final_evaluation(tmp_path, tiny_overri
 
     reads: list[tuple[str, bool]] = []
     phase = {"final_test": False}
-    real_load, real_test = datasets.SegmentationDataset.load, tr.Trainer.evaluate_test
+    real_load, real_test = datasets.SegmentationDataset.load, Evaluator.test
 
     def load(self, index):
         reads.append((str(self.samples[index].image), phase["final_test"]))
@@ -83,7 +84,7 @@ def test_no_test_image_is_read_before_the_final_evaluation(tmp_path, tiny_overri
             phase["final_test"] = False
 
     monkeypatch.setattr(datasets.SegmentationDataset, "load", load)
-    monkeypatch.setattr(tr.Trainer, "evaluate_test", evaluate_test)
+    monkeypatch.setattr(Evaluator, "test", evaluate_test)
     cfg = load_config(None, tiny_overrides + ["method=bida", "train.iters=2", "train.eval_every=2"])
     metrics = tr.train(cfg, tmp_path / "run")
     test_dir = f"{Path('images') / 'test'}"

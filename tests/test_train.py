@@ -9,6 +9,7 @@ from bida.errors import RunDirError
 from bida.engine.schedules import plan_phases, poly_lr
 from bida.engine.guard import TrainingDiverged
 from bida.engine.train import Trainer, train
+import bida.method.train_step
 
 EXPECTED_TERMS = {
     "source_only": {"loss/seg_src"},
@@ -100,7 +101,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, tiny_overrides, monkey
     import bida.engine.train as tr
     from bida.method.train_step import StepResult
 
-    real = tr.source_step
+    real = bida.method.train_step.source_step
     calls = {"n": 0}
 
     def flaky(model, batch, cfg, **kwargs):
@@ -110,7 +111,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, tiny_overrides, monkey
             return StepResult(result.loss * float("nan"), result.logs)
         return result
 
-    monkeypatch.setattr(tr, "source_step", flaky)
+    monkeypatch.setattr(bida.method.train_step, "source_step", flaky)
     cfg = load_config(None, tiny_overrides + ["train.max_bad_steps=3", "train.iters=20", "train.checkpoint_every=1"])
     run = tmp_path / "nan"
     with pytest.raises(TrainingDiverged, match="3 non-finite steps"):

@@ -191,7 +191,7 @@ def test_resume_before_any_trained_step_restarts_from_step_0_saying_so(tmp_path,
     import bida.engine.train as tr
 
     run = tmp_path / "run"
-    tr.Trainer(load_config(None, tiny_overrides + ["train.iters=1"]), run)._lock.release()  # config.yaml only
+    tr.Trainer(load_config(None, tiny_overrides + ["train.iters=1"]), run).close()  # config.yaml only
     capsys.readouterr()
     assert main(["train", "--resume", str(run)]) == 0
     assert "no step was trained yet: starting again from step 0" in capsys.readouterr().err
@@ -250,13 +250,15 @@ def test_a_damaged_checkpoint_is_refused_everywhere_and_resume_falls_back(stoppe
 
 def test_the_last_good_checkpoint_is_never_a_damaged_one(stopped_run, tiny_overrides):
     # before: a TrainingDiverged message named a damaged last.pt "the last good checkpoint"
-    import bida.engine.train as tr
+    from bida.engine.checkpointer import Checkpointer
+    from bida.engine.distributed import DistContext
+    from bida.engine.state import RunState
 
     _flip_tensor_bytes(stopped_run / "checkpoints" / "last.pt")
-    trainer = tr.Trainer(load_config(None, tiny_overrides), stopped_run.parent / "other")
-    trainer.run_dir = stopped_run
-    assert trainer._last_good().endswith(f"{stopped_run / 'checkpoints' / 'last.prev.pt'} (step 2)")
-    trainer._lock.release()
+    # last_good reads only the files: the checkpointer of that directory, with nothing to save
+    checkpointer = Checkpointer(stopped_run, None, None, RunState(), None, None, None, None, DistContext(), None,
+                                None, print)
+    assert checkpointer.last_good().endswith(f"{stopped_run / 'checkpoints' / 'last.prev.pt'} (step 2)")
 
 
 def test_checkpoints_without_a_checksum_still_load(tmp_path):
@@ -333,7 +335,7 @@ def test_the_rng_state_holds_the_cuda_generator_of_the_current_device(monkeypatc
     # Dropout and stochastic depth on a GPU draw from the CUDA generator: without its state in
     # the checkpoint a resumed GPU run draws other masks than the run it continues. (A stand-in
     # CUDA generator: this machine has no GPU.)
-    from bida.engine.resume import rng_state, set_rng_state
+    from bida.engine.checkpointer import rng_state, set_rng_state
 
     cuda = {"state": torch.tensor([1, 2, 3], dtype=torch.uint8)}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

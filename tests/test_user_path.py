@@ -20,6 +20,8 @@ from bida.tools.cli import main, parse_args
 from bida.data.readers import read_image
 from bida.errors import CheckpointError, DataError
 from fixtures import make_folder_tree
+import bida.method.train_step
+import bida.checkpoint
 
 PALETTE = ((250, 0, 0), (0, 250, 0), (0, 0, 250))
 FOLDER_TINY = ["model.width=0.125", "data.crop=[16,32]", "train.iters=2", "train.checkpoint_every=1",
@@ -276,7 +278,7 @@ def test_version(capsys):
 
 def _signal_at(monkeypatch, calls: dict[int, int]):
     """Send SIGINT from inside the source step on the given calls (call number -> count)."""
-    real = tr.source_step
+    real = bida.method.train_step.source_step
     seen = {"n": 0}
 
     def step(*a, **k):
@@ -285,7 +287,7 @@ def _signal_at(monkeypatch, calls: dict[int, int]):
             os.kill(os.getpid(), signal.SIGINT)
         return real(*a, **k)
 
-    monkeypatch.setattr(tr, "source_step", step)
+    monkeypatch.setattr(bida.method.train_step, "source_step", step)
 
 
 def test_ctrl_c_says_where_it_saves_and_saves_there(tmp_path, tiny_overrides, monkeypatch, capsys):
@@ -309,7 +311,7 @@ def test_second_ctrl_c_stops_at_once_keeping_the_last_checkpoint(tmp_path, tiny_
 
 
 def test_second_ctrl_c_during_a_save_waits_for_it(tmp_path, tiny_overrides, monkeypatch, capsys):
-    real = tr.save_checkpoint
+    real = bida.checkpoint.save_checkpoint
     sent = {"n": 0}
 
     def save(state, path):
@@ -319,7 +321,7 @@ def test_second_ctrl_c_during_a_save_waits_for_it(tmp_path, tiny_overrides, monk
             os.kill(os.getpid(), signal.SIGINT)
         real(state, path)
 
-    monkeypatch.setattr(tr, "save_checkpoint", save)
+    monkeypatch.setattr(bida.checkpoint, "save_checkpoint", save)
     run = tmp_path / "r"
     assert main(["train", "--out", str(run), *tiny_overrides, "method=source_only", "train.checkpoint_every=2"]) == 130
     assert "after saving step 2" in capsys.readouterr().err
@@ -382,3 +384,33 @@ def test_a_width_left_from_a_demo_config_is_named_before_the_run_directory(tmp_p
     with pytest.raises(CheckpointError, match=r"^model\.backbone=dinov2_vitb14: .*has shape \(1, 1, 384\), model "
                                               r"expects \(1, 1, 768\)"):
         load_pretrained(DINOv2Segmentor(3, "dinov2_vitb14", width=1.0), tmp_path / "dinov2_vits14_pretrain.pth")
+
+
+# ---------------------------------------------------------------- a config error leaves nothing, resume says where
+
+def test_a_config_error_found_in_the_data_leaves_no_run_directory(tmp_path, tiny_overrides, capsys):
+    # before: data.rcs_min_pixels too high failed at the first phase, after config.yaml, run.json
+    # and checkpoints/last.pt were written; the same command was then refused (only --overwrite helped)
+    run = tmp_path / "run"
+    rcs = [*tiny_overrides, "data.rare_class_sampling=true", "train.iters=1"]
+    assert main(["train", "--out", str(run), *rcs, "data.rcs_min_pixels=100000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.rcs_min_pixels" in err[0], err
+    assert not run.exists()
+    assert main(["train", "--out", str(run), *rcs, "data.rcs_min_pixels=2"]) == 0  # the same --out, fixed
+    # the counts made before the directory existed are kept for the loaders (not counted again)
+    stats = json.loads((run / "rare_class_stats.json").read_text())
+    assert len(stats["samples"]) == 8 and stats["num_classes"] == 19
+
+
+def test_resume_says_from_which_step_phase_and_iteration(tmp_path, tiny_overrides, capsys):
+    run = tmp_path / "run"
+    from bida.config import load_config
+
+    cfg = load_config(None, tiny_overrides + ["method=self_training", "train.iters=2", "train.rounds=1",
+                                              "train.iters_per_round=4"])
+    assert tr.Trainer(cfg, run).fit(stop_after=3) is None  # 2 source steps, then 1 of the round
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert f"bida: resuming from step 3 (phase 2 of 2: round, iteration 1 of 4) in {run}" in out, out

@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 
 # The public modules and subpackages, importable as ``bida.<name>`` without an explicit import.
 PUBLIC_MODULES = ("checkpoint", "config", "data", "engine", "errors", "labels", "losses", "method", "models",
-                  "prototypes", "pseudo_labels", "tools")
+                  "progress", "prototypes", "pseudo_labels", "tools")
 
 # Public names defined in a module of the package -> that module (imported on first use).
 PUBLIC_NAMES = {"Segmenter": "tools.segmenter"}

@@ -24,11 +24,11 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from ..checkpoint import atomic_write_text
 from .datasets import _STOP_SIGNALS, SegmentationDataset, _mix, ignore_stop_signals
 from ..errors import ConfigError
+from ..progress import progress_bar
 
 STATS_FILE = "rare_class_stats.json"
 MAX_RECROPS = 10  # DAFormer's bound on re-drawing a crop that misses the sampled class
@@ -42,7 +42,7 @@ def class_pixel_counts(dataset: SegmentationDataset, num_classes: int,
     reads every source label at full resolution, minutes at real scale.
     """
     counts = np.zeros((len(dataset), num_classes), np.int64)
-    for i in tqdm(range(len(dataset)), desc="class pixel counts", disable=quiet, leave=False, dynamic_ncols=True):
+    for i in progress_bar(range(len(dataset)), desc="class pixel counts", disable=quiet, leave=False):
         if check_stop is not None:
             check_stop()
         _, label = dataset.load(i)
@@ -64,8 +64,15 @@ def cached_class_pixel_counts(dataset: SegmentationDataset, num_classes: int, ru
         except (json.JSONDecodeError, KeyError, ValueError):
             pass  # unreadable cache: count again
     counts = class_pixel_counts(dataset, num_classes, check_stop, quiet)
-    atomic_write_text(path, json.dumps({"num_classes": num_classes, "samples": names, "pixels": counts.tolist()}))
+    write_class_pixel_counts(dataset, counts, run_dir)
     return counts
+
+
+def write_class_pixel_counts(dataset: SegmentationDataset, counts: np.ndarray, run_dir: Path) -> None:
+    """Keep ``counts`` (:func:`class_pixel_counts` of ``dataset``) in ``run_dir/rare_class_stats.json``."""
+    names = [s.name for s in dataset.samples]
+    atomic_write_text(Path(run_dir) / STATS_FILE, json.dumps({"num_classes": int(counts.shape[1]), "samples": names,
+                                                              "pixels": counts.tolist()}))
 
 
 def class_probabilities(counts: np.ndarray, temperature: float) -> np.ndarray:

@@ -351,6 +351,24 @@ class DistContext:
 BUCKET_ELEMENTS = 1 << 25  # 128 MiB of float32: a few collectives for the largest model, bounded extra memory
 
 
+class BatchNormAverager:
+    """BatchNorm running statistics of ``model`` averaged over the ranks before a checkpoint or
+    an evaluation, so that the file and the metrics are those of the model every rank goes on with.
+
+    ``in_sync``: the teacher phase averages them after every step already
+    (:meth:`~bida.engine.schedules.TeacherPhase.start`); averaging equal values again is not
+    exact for 3 or more ranks, so then they are left as they are.
+    """
+
+    def __init__(self, dist: DistContext, model: torch.nn.Module):
+        self.dist, self.model = dist, model
+        self.in_sync = False
+
+    def average(self) -> None:
+        if not self.in_sync:
+            self.dist.average_bn_statistics(self.model)
+
+
 def _in_buckets(tensors: list[Tensor], collective: Callable[[Tensor], None],
                 bucket_elements: int = BUCKET_ELEMENTS) -> None:
     """Run ``collective`` (in place) on ``tensors`` packed into flat buckets per dtype, then

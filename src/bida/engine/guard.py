@@ -2,10 +2,11 @@
 
 Before a step, :meth:`StepGuard.snapshot` copies what its forward may change (BatchNorm
 running statistics of modules in training mode, the calibration memories); after the
-backward, one device flag says whether the loss, every gradient and that state are finite
-(:func:`_step_is_finite` reads it: the one host sync of a steady-state step); a step that is
-not is undone with :meth:`StepGuard.restore`. :func:`_first_non_finite` keeps non-finite
-tensors out of checkpoints.
+backward, one device flag (:func:`finite_flag`) says whether the loss, every gradient and
+that state are finite (:func:`_step_is_finite` reads it: the one host sync of a
+steady-state step); a step that is not is undone with :meth:`StepGuard.restore`. The loop
+(:mod:`bida.engine.train`) does the backward, the check and the optimizer step in that order.
+:func:`_first_non_finite` keeps non-finite tensors out of checkpoints.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _grad_max_norm(grads: list[torch.Tensor]) -> torch.Tensor:
 def _step_is_finite(flags: torch.Tensor) -> tuple[bool, int]:
     """Read the step's flags on the host: the one sync of a steady-state step.
 
-    ``flags`` is :meth:`~bida.distributed.DistContext.step_flags`'s: the finiteness flag in
+    ``flags`` is :meth:`~bida.engine.distributed.DistContext.step_flags`'s: the finiteness flag in
     one process, (not finite on some rank, any rank's stop signal) under torchrun. Returns
     whether the step is finite on every rank and that stop signal (0: none).
     """
@@ -85,45 +86,17 @@ class StepGuard:
             self.calibration.load_state_dict(cal)
 
 
-def backward_and_step(trainer, loss: torch.Tensor, optimizer, scaler) -> bool:
-    """Backward and step unless the loss or a gradient is not finite (then skip and count).
+def gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The gradients the optimizer is about to apply (parameters without one are left out)."""
+    return [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
 
-    The finiteness of the step is one device flag, read once (:func:`_step_is_finite`):
-    the one host sync of a steady-state step. The host must know before it counts the
-    step, sets the next step's learning rate, schedules checkpoints and restores what a
-    skipped forward changed; the flag is read after backward, so the sync waits for
-    work already queued and costs the launch gap before the optimizer step.
-    """
-    # Backward always runs (a NaN loss gives NaN gradients, caught below), so every rank
-    # takes part in DDP's gradient all-reduce; the flag is then the same on every rank.
-    scaler.scale(loss).backward()
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    if trainer._average_gradients:  # the teacher schedule's student, outside DDP (see fit)
-        # Before unscaling, as DDP averages in the backward: every rank's fp16 scaler then
-        # sees the same gradients and keeps the same scale.
-        trainer.dist.average_gradients(grads)
-    if scaler.is_enabled():
-        scaler.unscale_(optimizer)
+
+def finite_flag(loss: torch.Tensor, grads: list[torch.Tensor], changed: list[torch.Tensor]) -> torch.Tensor:
+    """One 0-dim bool flag on the device: the loss, every gradient and every tensor the forward
+    changed (``changed``: :meth:`StepGuard.changed_state`) are finite. Nothing is read on the host."""
     finite = torch.isfinite(loss.detach())
     if grads:
         finite = finite & torch.isfinite(_grad_max_norm(grads))
-    changed = trainer.guard.changed_state()
     if changed:  # BN statistics pushed to inf by a finite loss: the step is not good either
         finite = finite & torch.isfinite(_grad_max_norm(changed))
-    stop = trainer.stop.signal or 0  # under torchrun, a stop rides on the step's one all-reduce
-    trainer.stop.flags_sent = True
-    finite, stop = _step_is_finite(trainer.dist.step_flags(finite, stop))
-    trainer.stop.agreed = stop or trainer.stop.agreed
-    if finite:
-        scaler.step(optimizer)
-        scaler.update()
-        trainer.bad_steps = 0
-        return True
-    if scaler.is_enabled():  # fp16: no step is taken; the scale drops when the gradients overflowed
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return False
-    optimizer.zero_grad(set_to_none=True)
-    trainer.bad_steps += 1
-    trainer.logger.log({"numerics/skipped_step": 1, "numerics/bad_steps_in_row": trainer.bad_steps}, trainer.step)
-    return False
+    return finite

@@ -10,9 +10,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from ..config import EvalConfig, check_class_ids
+from ..progress import progress_bar
 
 
 # --------------------------------------------------------------------------- metrics
@@ -200,7 +200,7 @@ def evaluate(model: torch.nn.Module, dataset, cfg: EvalConfig, class_names: Sequ
     conf = torch.zeros(k, k, dtype=torch.int64)
     per_image_scores: list[float] = []
     indices: Iterable[int] = range(len(dataset))
-    for i in tqdm(indices, desc="evaluate", disable=quiet, leave=False, dynamic_ncols=True):
+    for i in progress_bar(indices, desc="evaluate", disable=quiet, leave=False):
         if check_stop is not None:
             try:
                 check_stop()

@@ -33,3 +33,20 @@ def warmup_factor(it: int, warmup_iters: int, ratio: float = WARMUP_RATIO) -> fl
     if it >= warmup_iters:
         return 1.0
     return 1.0 - (1.0 - it / warmup_iters) * (1.0 - ratio)
+
+
+def phase_optimizer(model: torch.nn.Module, t: TrainConfig, base_lr: float) -> torch.optim.Optimizer:
+    """A phase's fresh optimizer over ``model``'s parameter groups (``train.head_lr_mult``,
+    ``train.layer_decay``, ``train.decay_norms_biases``) at the phase's base LR ``base_lr``."""
+    # train.layer_decay is refused at load time for segmentors without ViT blocks
+    decay = {"layer_decay": t.layer_decay} if t.layer_decay != 1.0 else {}
+    if t.decay_norms_biases:  # refused at load time for segmentors other than DINOv2's
+        decay["decay_norms_biases"] = True
+    groups = getattr(model, "module", model).param_groups(base_lr, t.head_lr_mult, **decay)
+    return build_optimizer(groups, base_lr, t)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Each parameter group at ``lr`` times its ``lr_mult`` (the head's ``train.head_lr_mult``)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)

@@ -1,5 +1,10 @@
 """Static pseudo labels y_F of a self-training round (class-balanced, docs/method.md section 3).
 
+:class:`RoundLabels` gives each round of a run its labels: generated on rank 0 with the
+current model into ``pseudo_labels/round_R`` (a stopped pass continues from its finished
+images), read back when already there, and shared between runs that adapt from one
+checkpoint (round 0, ``label_cache``).
+
 Pass 1 predicts every target training image with the current model (scores upsampled to
 the full label size), keeps each image's argmax and confidence in a temporary folder and a
 bounded, seeded pixel subsample for the per-class thresholds. Pass 2 applies the union of
@@ -10,9 +15,11 @@ a half-written round behind; pass 1's per-image files survive a stop, so the pas
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
+import time
 import zipfile
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,13 +27,22 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from ..checkpoint import atomic_write_bytes
-from ..config import Config
+from ..config import Config, to_dict
+from ..data import datasets
 from ..data.datasets import SegmentationDataset, pseudo_label_name
-from .inference import confusion_matrix, predict_probs
+from ..data.rare_class import cached_class_pixel_counts
+from ..errors import DataError
 from ..method.pseudo_labels import class_thresholds, sample_confidences, static_labels
+from .checkpointer import Checkpointer
+from .distributed import DistContext
+from .inference import confusion_matrix, predict_probs
+from .run_dir import _copy_dir
+from .runlog import RunLog, log_has
+from .schedules import Phase
+from .stop import StopControl, _Stopping
+from ..progress import progress_bar
 
 IGNORE = 255
 
@@ -104,7 +120,7 @@ def _two_passes(model, dataset, cfg, tmp: Path, class_names, seed, device, quiet
     k = len(class_names)
     gen = torch.Generator().manual_seed(seed)
     conf_samples, pred_samples = [], []
-    for i in tqdm(range(len(dataset)), desc="pseudo labels", disable=quiet, leave=False, dynamic_ncols=True):
+    for i in progress_bar(range(len(dataset)), desc="pseudo labels", disable=quiet, leave=False):
         raw_path = tmp / "raw" / f"{i}.npz"
         done = _load_raw_samples(raw_path) if raw_path.is_file() else None
         if done is not None:  # finished before a stop
@@ -138,7 +154,7 @@ def _two_passes(model, dataset, cfg, tmp: Path, class_names, seed, device, quiet
     labelled = np.zeros(k, np.int64)
     gt_pixels = np.zeros(k, np.int64)
     total_labelled, total_pixels = 0, 0
-    for i in tqdm(range(len(dataset)), desc="pseudo labels (write)", disable=quiet, leave=False, dynamic_ncols=True):
+    for i in progress_bar(range(len(dataset)), desc="pseudo labels (write)", disable=quiet, leave=False):
         if check_stop is not None:  # pass 2 reads and writes every image too: stop within one
             check_stop()
         raw = np.load(tmp / "raw" / f"{i}.npz")
@@ -166,3 +182,101 @@ def _two_passes(model, dataset, cfg, tmp: Path, class_names, seed, device, quiet
         n for n, ok in zip(class_names, allowed.tolist()) if not ok]
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats
+
+
+class RoundLabels:
+    """The static pseudo labels of each self-training round of the run in ``run_dir``.
+
+    Args:
+        cfg: the run's config. model: the student that labels (the uncompiled module).
+        classes: the run's classes. src, tgt: the source and target domains.
+        log: the run log (one record of each round's label statistics).
+        checkpointer: names the checkpoint to continue from when a target image is bad.
+        dist, stop: the process group (rank 0 labels) and the stop control.
+        device: where the model runs. info: prints a progress message.
+        label_cache: where runs that adapt from one checkpoint share round 0 (None: not shared).
+    """
+
+    def __init__(self, run_dir: Path, cfg: Config, model: torch.nn.Module, classes, src, tgt, log: RunLog,
+                 checkpointer: Checkpointer, dist: DistContext, stop: StopControl, device: torch.device,
+                 info: Callable[[str], None], label_cache: Path | None = None):
+        self.run_dir, self.cfg, self.model, self.classes, self.src, self.tgt = Path(run_dir), cfg, model, classes, src, tgt
+        self.log, self.checkpointer, self.dist, self.stop, self.device, self.info = log, checkpointer, dist, stop, device, info
+        self.label_cache = Path(label_cache) if label_cache is not None else None
+
+    def for_phase(self, phase: Phase, step: int) -> Path | None:
+        """The static labels of round ``phase`` (None: a phase without them), generated or loaded.
+
+        ``step``: the run's step (the statistics' log record carries it).
+        """
+        cfg = self.cfg
+        if phase.kind != "round" or cfg.method.name not in ("self_training", "bida"):
+            return None
+        out = self.run_dir / "pseudo_labels" / f"round_{phase.round}"
+
+        def label(check_stop) -> None:  # rank 0 only
+            t = cfg.data.target
+            full = datasets.build_eval_dataset(cfg, self.tgt, t.train_split, require_labels=False, limit=False)
+            shared = self.shared(phase)
+            loaded = (out / "stats.json").is_file() or (shared is not None and (shared / "stats.json").is_file())
+            if shared is not None and (shared / "stats.json").is_file() and not (out / "stats.json").is_file():
+                _copy_dir(shared, out)
+                self.info(f"round {phase.round}: loading static pseudo labels of round {phase.round} "
+                          f"shared by runs from the same checkpoint ({shared})")
+            elif (out / "stats.json").is_file():  # written before a stop: read, not generated again
+                self.info(f"round {phase.round}: loading static pseudo labels of round {phase.round} from {out}")
+            elif out.with_name(out.name + ".tmp").is_dir():
+                self.info(f"round {phase.round}: continuing the static pseudo labels of {len(full)} target images")
+            else:
+                self.info(f"round {phase.round}: generating static pseudo labels for {len(full)} target images")
+            start = time.perf_counter()
+            try:
+                source_pixels = None
+                if not (out / "stats.json").is_file():  # classes the source never labels get no pseudo label
+                    src_ds = datasets.build_train_dataset(cfg, self.src, cfg.data.source.train_split, require_labels=True)
+                    source_pixels = cached_class_pixel_counts(src_ds, self.classes.num_classes, self.run_dir,
+                                                              check_stop=check_stop, quiet=cfg.train.quiet).sum(0)
+                stats = generate_static_labels(self.model, full, cfg, out, self.classes.names,
+                                               seed=cfg.seed + phase.round, device=self.device,
+                                               quiet=cfg.train.quiet, check_stop=check_stop,
+                                               source_pixels=source_pixels)
+            except DataError as err:  # a bad target image: last.pt is this phase's start
+                raise self.checkpointer.bad_file(err) from None
+            if shared is not None and not (shared / "stats.json").is_file():
+                _copy_dir(out, shared)
+            speed = {} if loaded else {"time/pseudo_label_images_per_s": len(full) / max(time.perf_counter() - start, 1e-9)}
+            logged = log_has(self.run_dir, lambda rec: rec.get("round") == phase.round and "pseudo/static_accuracy" in rec)
+            if not logged:  # a resumed round kept its record in the log
+                self.log.log({"round": phase.round, **speed,
+                              "pseudo/static_accuracy": stats["accuracy"],
+                              "pseudo/static_coverage": stats["coverage"],
+                              "pseudo/static_labelled_fraction": stats["labelled_fraction"],
+                              "pseudo/per_class": stats["per_class"]}, step)
+
+        self.dist.average_bn_statistics(self.model)  # rank 0 labels with the model of every rank
+        try:  # last.pt is this phase's start: a stop here resumes the pass from its finished images
+            self.stop.on_rank0(label)
+        except _Stopping:
+            self.stop.check(True)
+        return out
+
+    def shared(self, phase: Phase) -> Path | None:
+        """Where round-0 labels live in ``label_cache``, keyed by everything they depend on.
+
+        Round 0 labels the target with the init checkpoint itself, so runs that start from
+        the same checkpoint file with the same seed, data, model, evaluation and pseudo-label
+        settings get the same labels; they differ only from round 1 on.
+        """
+        if self.label_cache is None or phase.round != 0 or not self.cfg.model.init_checkpoint:
+            return None
+        from ..models.weights import weights_file
+
+        digest = hashlib.sha256()
+        with open(weights_file(self.cfg.model.init_checkpoint), "rb") as fh:  # a model folder: its weights
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        cfg = to_dict(self.cfg)
+        key = {"checkpoint": digest.hexdigest(), "seed": self.cfg.seed, "data": cfg["data"], "eval": cfg["eval"],
+               "pseudo": cfg["pseudo"], "model": {k: v for k, v in cfg["model"].items() if k != "init_checkpoint"}}
+        name = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return self.label_cache / f"round_0-{name}"

@@ -199,20 +199,79 @@ def truncate_log(run_dir: Path, step: int) -> int:
     return len(dropped)
 
 
-def log_record(trainer, phase: Phase, lr: float, logs: LogAccumulator, bar: tqdm, t_last: float) -> float:
-    """One log record (means over the steps since the last one) and the progress bar; returns now.
+def info_printer(enabled: bool) -> Callable[[str], None]:
+    """A progress message printer: a line through tqdm (between progress bars) when ``enabled``
+    (rank 0, not quiet), else nothing."""
+    return tqdm.write if enabled else _silent
 
-    The only point of a steady-state step where log values reach the host.
+
+def _silent(msg: str) -> None:  # noqa: ARG001 - the printer of a quiet run
+    return None
+
+
+class RunLog:
+    """The log of the run in ``run_dir``: ``log.jsonl`` and TensorBoard (rank 0), the step
+    values summed since the last record, and the host time spent waiting for batches.
+
+    :meth:`open` creates the files once the run directory exists; until then only the partial
+    sums (restored from a checkpoint) are kept.
     """
-    steps = logs.steps
-    means = trainer.dist.mean_logs(logs.means())
-    now = time.time()
-    rec = {"phase": phase.kind, "round": phase.round, "lr": lr, **means}
-    rec["time/step_s"] = (now - t_last) / max(1, steps)
-    rec["time/data_s"] = trainer._data_wait_s / max(1, steps)  # of it, waiting for batches
-    trainer._data_wait_s = 0.0
-    trainer.logger.log(rec, trainer.step)
-    if not bar.disable:
-        bar.update(trainer.step - bar.n)
-    bar.set_postfix(loss=f"{means.get('loss/total', means.get('loss/seg_src', math.nan)):.3f}", lr=f"{lr:.2e}")
-    return now
+
+    def __init__(self, run_dir: Path, dist):
+        self.run_dir, self.dist = Path(run_dir), dist
+        self.logger: RunLogger | None = None
+        self.accumulator: LogAccumulator | None = None  # the current phase's sums, saved with each checkpoint
+        self._restored: dict | None = None  # partial sums from a checkpoint, for the phase that resumes
+        self.data_wait_s = 0.0
+        self.t_last = 0.0
+
+    def open(self) -> None:
+        self.logger = RunLogger(self.run_dir, enabled=self.dist.rank == 0)
+
+    def log(self, record: dict, step: int) -> None:
+        self.logger.log(record, step)
+
+    def close(self) -> None:
+        self.logger.close()
+
+    def restore(self, state: dict | None) -> None:
+        """The partial sums of a resumed run, stopped between two log records (None: none)."""
+        self._restored = state
+
+    def state_dict(self) -> dict:
+        """The partial sums of the next record ({} before the first phase started)."""
+        if self.accumulator is not None:
+            return self.accumulator.state_dict()
+        return self._restored or {}
+
+    def start_phase(self) -> None:
+        """A phase starts (or resumes): fresh sums, or those the stopped run had not logged yet."""
+        self.t_last = time.time()
+        self.accumulator = LogAccumulator()
+        if self._restored:  # resumed between two log records: the steps before the stop count
+            self.accumulator.load_state_dict(self._restored)
+            self._restored = None
+        self.data_wait_s = 0.0
+
+    def add(self, logs: dict[str, Any]) -> None:
+        """A taken step's log values (device tensors stay on the device)."""
+        self.accumulator.add(logs)
+
+    def record(self, step: int, phase: Phase, lr: float, bar) -> None:
+        """One log record (means over the steps since the last one) and the progress bar.
+
+        The only point of a steady-state step where log values reach the host.
+        """
+        logs = self.accumulator
+        steps = logs.steps
+        means = self.dist.mean_logs(logs.means())
+        now = time.time()
+        rec = {"phase": phase.kind, "round": phase.round, "lr": lr, **means}
+        rec["time/step_s"] = (now - self.t_last) / max(1, steps)
+        rec["time/data_s"] = self.data_wait_s / max(1, steps)  # of it, waiting for batches
+        self.data_wait_s = 0.0
+        self.log(rec, step)
+        if not bar.disable:
+            bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{means.get('loss/total', means.get('loss/seg_src', math.nan)):.3f}", lr=f"{lr:.2e}")
+        self.t_last = now

@@ -3,27 +3,29 @@
 A run is a list of :class:`Phase` (:func:`plan_phases`): a ``source`` stage, ``round`` phases of
 self-training on static pseudo labels, or one ``teacher`` phase (the mean teacher). Each
 kind is a small :class:`Schedule` that the training loop calls: what to build (a target
-loader or not; the mean teacher's start), what one step does, what follows a step, its
-learning rate, and when it ends. The step functions themselves come from the loop
-(:mod:`bida.engine.train`), which owns the order of everything else.
+loader or not; the mean teacher's start), what one step does (the method's step function,
+:mod:`bida.method.train_step` or :mod:`bida.method.teacher`), what follows a step, its
+learning rate, and when it ends. The loop (:mod:`bida.engine.train`) owns the order of
+everything else.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
+
+import torch
 
 from ..config import Config
+from ..data import datasets
 from ..data.datasets import train_loader
 from ..data.rare_class import cached_class_pixel_counts, rare_class_loader
+from ..method import teacher, train_step
+from .distributed import DistContext
 from .optim import warmup_factor
-from .stop import _Stopping
-
-
-def adapt_iter(trainer) -> int:
-    """Iterations of the adaptation phase (all rounds) done before this step: a host count
-    from the checkpointed step, read by the contrast warm-up."""
-    return trainer.step - sum(p.iters for p in trainer.phases if p.kind == "source")
+from .state import RunState
+from .stop import StopControl, _Stopping
 
 
 @dataclass(frozen=True)
@@ -72,16 +74,25 @@ def rank_batch(cfg: Config, world_size: int) -> int:
 class Schedule:
     """One phase: what it builds, what one step does, when it ends.
 
-    ``step_fn`` is the method's step of this kind of phase (:mod:`bida.method.train_step`,
-    :mod:`bida.method.teacher`); ``trainer`` is the run (its model, calibration, mean teacher,
-    number of classes and distributed context).
+    Args:
+        phase: the phase it runs. cfg: the run's config.
+        model: the student (the uncompiled module: the step gets the one the loop trains).
+        dist: the process group (prototype sums over ranks). num_classes: of the run.
+        state: the run's progress (the step a warm-up reads).
+        source_iters: iterations of the run's source stage (0: none), which the
+            adaptation's warm-ups do not count.
+        class_weights: (K,) weights of the source CE's classes (``loss.class_weights``), or None.
     """
 
     uses_target = True  # what to build: a target loader besides the source one
+    keeps_bn_in_sync = False  # BN statistics averaged over ranks after every step (checkpoints leave them)
     label_dir = None  # the target's static pseudo labels (rounds only)
 
-    def __init__(self, phase: Phase, cfg: Config, step_fn: Callable[..., Any]):
-        self.phase, self.cfg, self.step_fn = phase, cfg, step_fn
+    def __init__(self, phase: Phase, cfg: Config, model: torch.nn.Module, dist: DistContext, num_classes: int,
+                 state: RunState, source_iters: int = 0, class_weights: torch.Tensor | None = None):
+        self.phase, self.cfg, self.model, self.dist = phase, cfg, model, dist
+        self.num_classes, self.state, self.source_iters = num_classes, state, source_iters
+        self.class_weights = class_weights
 
     @property
     def base_lr(self) -> float:
@@ -97,47 +108,55 @@ class Schedule:
             lr *= warmup_factor(it, t.warmup_iters, t.warmup_ratio)
         return lr
 
-    def build_loaders(self, trainer, build_train_dataset) -> tuple[Any, Any]:
-        """The source loader and (if the phase uses one) the target loader, from batch ``trainer.data_pos`` on.
+    def adapt_iter(self) -> int:
+        """Iterations of the adaptation phase (all rounds) done before this step: a host count
+        from the checkpointed step, read by the contrast warm-up."""
+        return self.state.step - self.source_iters
 
-        ``build_train_dataset``: that of :mod:`bida.data.datasets`, as the loop calls it.
+    def build_loaders(self, src, tgt, device: torch.device, stop: StopControl, run_dir: Path,
+                      class_names: list[str]) -> tuple[Any, Any]:
+        """The source loader and (if the phase uses one) the target loader, from batch ``state.data_pos`` on.
+
+        ``src``, ``tgt``: the domains; ``run_dir``: where the rare-class pixel counts are cached.
         """
-        cfg, t = self.cfg, trainer
-        src_ds = build_train_dataset(cfg, t.src, cfg.data.source.train_split, require_labels=True)
-        pin = t.device.type == "cuda"  # page-locked batches: the host-to-device copy does not block
-        batch = rank_batch(cfg, t.world_size)
+        cfg, dist, start = self.cfg, self.dist, self.state.data_pos
+        src_ds = datasets.build_train_dataset(cfg, src, cfg.data.source.train_split, require_labels=True)
+        pin = device.type == "cuda"  # page-locked batches: the host-to-device copy does not block
+        batch = rank_batch(cfg, dist.world_size)
         if cfg.data.rare_class_sampling:
             try:  # rank 0 counts (a stop during the scan keeps last.pt, this phase's start), the others read
-                counts = t.stop.on_rank0(lambda check_stop: cached_class_pixel_counts(
-                    src_ds, t.num_classes, t.run_dir, check_stop=check_stop, quiet=cfg.train.quiet))
+                counts = stop.on_rank0(lambda check_stop: cached_class_pixel_counts(
+                    src_ds, self.num_classes, run_dir, check_stop=check_stop, quiet=cfg.train.quiet))
             except _Stopping:
-                t.stop.check(True)
+                stop.check(True)
             if counts is None:
-                counts = cached_class_pixel_counts(src_ds, t.num_classes, t.run_dir)
-            src_iter = rare_class_loader(src_ds, counts, cfg, cfg.seed, t.data_pos, t.rank, t.world_size,
-                                         list(t.classes.names), batch_size=batch)
+                counts = cached_class_pixel_counts(src_ds, self.num_classes, run_dir)
+            src_iter = rare_class_loader(src_ds, counts, cfg, cfg.seed, start, dist.rank, dist.world_size,
+                                         list(class_names), batch_size=batch)
         else:
-            src_iter = train_loader(src_ds, batch, cfg.seed, t.data_pos, cfg.data.num_workers,
-                                    t.rank, t.world_size, pin_memory=pin)
+            src_iter = train_loader(src_ds, batch, cfg.seed, start, cfg.data.num_workers,
+                                    dist.rank, dist.world_size, pin_memory=pin)
         tgt_iter = None
         if self.uses_target:
-            tgt_ds = build_train_dataset(cfg, t.tgt, cfg.data.target.train_split, require_labels=False,
-                                         label_dir=self.label_dir, target=True)
-            tgt_iter = train_loader(tgt_ds, batch, cfg.seed + 1, t.data_pos, cfg.data.num_workers,
-                                    t.rank, t.world_size, pin_memory=pin)
+            tgt_ds = datasets.build_train_dataset(cfg, tgt, cfg.data.target.train_split, require_labels=False,
+                                                  label_dir=self.label_dir, target=True)
+            tgt_iter = train_loader(tgt_ds, batch, cfg.seed + 1, start, cfg.data.num_workers,
+                                    dist.rank, dist.world_size, pin_memory=pin)
         return src_iter, tgt_iter
 
     def ended(self, it: int) -> bool:
         """Whether the phase is over after ``it`` of its iterations."""
         return it >= self.phase.iters
 
-    def start(self, trainer) -> None:
+    def start(self) -> None:
         """Once when the phase starts (or resumes), before its first step."""
 
-    def step(self, trainer, model, batch_src: dict, batch_tgt: dict | None):
+    def step(self, model: torch.nn.Module, batch_src: dict, batch_tgt: dict | None):
+        """The method's step on ``model`` (the module the loop trains: wrapped, compiled):
+        forward and losses, a :class:`~bida.method.train_step.StepResult`."""
         raise NotImplementedError
 
-    def after_step(self, trainer) -> None:
+    def after_step(self) -> None:
         """After a step that was taken (not after a skipped one)."""
 
 
@@ -146,54 +165,74 @@ class SourceStage(Schedule):
 
     uses_target = False
 
-    def step(self, trainer, model, batch_src, batch_tgt):
-        return self.step_fn(model, batch_src, self.cfg, reduce_sums=trainer.dist.prototype_reducer(trainer.num_classes),
-                            num_classes=trainer.num_classes, class_weights=trainer.class_weights)
+    def step(self, model, batch_src, batch_tgt):
+        return train_step.source_step(model, batch_src, self.cfg,
+                                      reduce_sums=self.dist.prototype_reducer(self.num_classes),
+                                      num_classes=self.num_classes, class_weights=self.class_weights)
 
-    def after_step(self, trainer) -> None:
-        trainer.model.sync_target_stem()  # the target stem gets no gradient here
+    def after_step(self) -> None:
+        self.model.sync_target_stem()  # the target stem gets no gradient here
 
 
 class Rounds(Schedule):
-    """A self-training round on the static pseudo labels in ``label_dir`` (None: no labels, minent)."""
+    """A self-training round on the static pseudo labels in ``label_dir`` (None: no labels, minent),
+    with the prototype ``calibration`` (None: none)."""
 
-    def __init__(self, phase: Phase, cfg: Config, step_fn, label_dir):
-        super().__init__(phase, cfg, step_fn)
-        self.label_dir = label_dir
+    def __init__(self, phase: Phase, cfg: Config, model, dist, num_classes: int, state: RunState,
+                 source_iters: int = 0, class_weights=None, calibration=None, label_dir: Path | None = None):
+        super().__init__(phase, cfg, model, dist, num_classes, state, source_iters, class_weights)
+        self.calibration, self.label_dir = calibration, label_dir
 
-    def step(self, trainer, model, batch_src, batch_tgt):
-        import torch
-
+    def step(self, model, batch_src, batch_tgt):
         if self.label_dir is None:  # minent: no pseudo labels
             batch_tgt["label"] = torch.full_like(batch_tgt["label"], 255)
-        return self.step_fn(model, batch_src, batch_tgt, self.cfg, trainer.calibration, trainer.num_classes,
-                            reduce_sums=trainer.dist.prototype_reducer(trainer.num_classes),
-                            adapt_iter=adapt_iter(trainer), class_weights=trainer.class_weights)
+        return train_step.adapt_step(model, batch_src, batch_tgt, self.cfg, self.calibration, self.num_classes,
+                                     reduce_sums=self.dist.prototype_reducer(self.num_classes),
+                                     adapt_iter=self.adapt_iter(), class_weights=self.class_weights)
 
 
 class TeacherPhase(Schedule):
-    """Mean-teacher self-training: online pseudo labels from an EMA of the student."""
+    """Mean-teacher self-training: online pseudo labels from the ``mean_teacher``, an EMA of the student."""
 
-    def start(self, trainer) -> None:
+    keeps_bn_in_sync = True
+
+    def __init__(self, phase: Phase, cfg: Config, model, dist, num_classes: int, state: RunState,
+                 source_iters: int = 0, class_weights=None, calibration=None, mean_teacher=None):
+        super().__init__(phase, cfg, model, dist, num_classes, state, source_iters, class_weights)
+        self.calibration, self.mean_teacher = calibration, mean_teacher
+
+    def start(self) -> None:
         """The student the same on every rank (rank 0's, as DDP makes it), then the teacher a
         copy of it, unless restored.
 
         The BN statistics are equal already (averaged by the checkpoint before this phase, or
         restored from one); from here on they are averaged after every step
         (:meth:`~bida.method.teacher.MeanTeacher.after_step`), so checkpoints and evaluations
-        leave them as they are: averaging equal values again is not exact for 3 or more ranks,
-        and a resumed run must go on with the values the uninterrupted one has.
+        leave them as they are (:attr:`keeps_bn_in_sync`): averaging equal values again is not
+        exact for 3 or more ranks, and a resumed run must go on with the values the
+        uninterrupted one has.
         """
-        trainer.dist.broadcast_module(trainer.model)
-        trainer._bn_in_sync = True
-        trainer.mean_teacher.start(trainer.model)
+        self.dist.broadcast_module(self.model)
+        self.mean_teacher.start(self.model)
 
-    def step(self, trainer, model, batch_src, batch_tgt):
-        return self.step_fn(model, batch_src, batch_tgt, self.cfg, trainer.mean_teacher, trainer.calibration,
-                            trainer.num_classes, reduce_sums=trainer.dist.prototype_reducer(trainer.num_classes),
-                            adapt_iter=adapt_iter(trainer), class_weights=trainer.class_weights)
+    def step(self, model, batch_src, batch_tgt):
+        return teacher.teacher_step(model, batch_src, batch_tgt, self.cfg, self.mean_teacher, self.calibration,
+                                    self.num_classes, reduce_sums=self.dist.prototype_reducer(self.num_classes),
+                                    adapt_iter=self.adapt_iter(), class_weights=self.class_weights)
 
-    def after_step(self, trainer) -> None:
+    def after_step(self) -> None:
         # Under torchrun: BN statistics averaged where the EMA reads them.
-        dist = trainer.dist
-        trainer.mean_teacher.after_step(trainer.model, dist.average_bn_statistics if dist.enabled else None)
+        dist = self.dist
+        self.mean_teacher.after_step(self.model, dist.average_bn_statistics if dist.enabled else None)
+
+
+def build_schedule(phase: Phase, cfg: Config, model: torch.nn.Module, dist: DistContext, num_classes: int,
+                   state: RunState, source_iters: int, calibration=None, mean_teacher=None,
+                   label_dir: Path | None = None, class_weights: torch.Tensor | None = None) -> Schedule:
+    """The schedule of ``phase``: a source stage, a round on the labels in ``label_dir``, or the teacher phase."""
+    if phase.kind == "source":
+        return SourceStage(phase, cfg, model, dist, num_classes, state, source_iters, class_weights)
+    if phase.kind == "teacher":
+        return TeacherPhase(phase, cfg, model, dist, num_classes, state, source_iters, class_weights, calibration,
+                            mean_teacher)
+    return Rounds(phase, cfg, model, dist, num_classes, state, source_iters, class_weights, calibration, label_dir)

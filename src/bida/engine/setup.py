@@ -1,10 +1,10 @@
-"""Setting a run up: its configuration, data, model, method state and run directory.
+"""Setting a run up: what the trainer builds before its first step, and the checks before the run directory.
 
-:func:`open_run` checks the run directory (nothing is written before every input is valid),
-joins the process group and locks a resumed run; :func:`setup_run` builds the domains, the
-model, the calibration and the mean teacher, then resumes from the last good checkpoint or
-initialises the weights and creates the run directory. Stop signals during set-up are
-handled by :mod:`bida.engine.stop` (the run directory is never left half written).
+Seeding and determinism, the student (:func:`build_student`), the method's state
+(:func:`build_calibration`, :func:`build_mean_teacher`), the initial weights
+(:func:`init_weights`), the checks of config and data that must pass before anything is
+written (:func:`check_batch_splits`, :func:`check_data`, :func:`check_rare_class_sampling`)
+and the run's ``run.json``. :class:`~bida.engine.train.Trainer` calls them in order.
 """
 
 from __future__ import annotations
@@ -14,26 +14,20 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import atomic_write_text, remove_stale_temp_files
-from ..config import Config, check_class_ids, load_config, target_test_split
-from ..data.datasets import Domain, _mix, check_same_classes, resolve_domain
-from ..errors import BidaError, ConfigError, DataError, Interrupted
+from ..checkpoint import atomic_write_text
+from ..config import Config, target_test_split
+from ..data.datasets import Domain, _mix
+from ..errors import BidaError, ConfigError, DataError
 from ..method.pseudo_labels import Calibration
 from ..method.teacher import MeanTeacher
-from ..models import DeepLabV2, MiTSegmentor, build_model
+from ..models import build_model
 from ..models.sync_bn import convert_sync_bn
-from .guard import StepGuard
-from .resume import load_resume, resume_checkpoint, truncate_run_log
-from .run_dir import RunLock, check_run_dir, create_run_dir
-from .runlog import LogAccumulator, RunLogger
-from .schedules import plan_phases
-from .class_weights import source_class_weights
 from ..models.weights import check_trained_head, load_model_weights, load_pretrained, random_init_warning
 
 
@@ -134,118 +128,6 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def open_run(trainer, cfg: Config, run_dir: Path, resume: bool, overwrite: bool, quiet: bool,
-             label_cache: Path | None, dump_config) -> None:
-    """Check the run directory, join the process group, lock a resumed run, then :func:`setup_run`.
-
-    ``dump_config``: :func:`bida.config.dump_config`, as the loop calls it.
-    """
-    from . import distributed
-
-    trainer.run_dir = Path(run_dir)
-    # Round-0 static labels shared by runs that adapt from one checkpoint (bida demo/ablate).
-    trainer.label_cache = Path(label_cache) if label_cache is not None else None
-    check_run_dir(trainer.run_dir, resume, overwrite)
-    if resume:
-        cfg = load_config(trainer.run_dir / "config.yaml", ["train.quiet=true"] if quiet else [])
-    trainer.cfg = cfg
-    trainer.device = pick_device()
-    trainer.rank, trainer.world_size = 0, 1
-    trainer.dist = distributed.init_from_env()
-    trainer.rank, trainer.world_size = trainer.dist.rank, trainer.dist.world_size
-    if trainer.dist.device is not None:
-        trainer.device = trainer.dist.device
-    trainer.is_main = trainer.rank == 0
-    trainer._lock = RunLock(trainer.run_dir)
-    if resume and trainer.is_main:  # before anything is read from the run: a live run is refused
-        trainer._lock.acquire()
-    try:
-        setup_run(trainer, cfg, resume, overwrite, dump_config)
-    except BaseException:
-        trainer._lock.release()
-        raise
-
-
-def setup_run(trainer, cfg: Config, resume: bool, overwrite: bool, dump_config) -> None:
-    """Domains, model, calibration and mean teacher; then the resumed state, or the initial
-    weights and a new run directory (its config written with ``dump_config``)."""
-    check_batch_splits(cfg, trainer.world_size)  # before the run dir exists
-    seed_everything(cfg.seed)
-    deterministic_algorithms(cfg.train.deterministic)
-    trainer.src: Domain = resolve_domain(cfg, "source")
-    trainer.tgt: Domain = resolve_domain(cfg, "target")
-    trainer.classes = check_same_classes(trainer.src, trainer.tgt)
-    trainer.num_classes = trainer.classes.num_classes
-    check_class_ids("data.eval_classes", cfg.data.eval_classes, trainer.num_classes)  # before the run dir exists
-    if cfg.data.check:
-        check_data(trainer)
-    trainer.model: DeepLabV2 | MiTSegmentor = build_student(cfg, trainer.num_classes, trainer.dist, trainer.device)
-    trainer.phases = plan_phases(cfg)
-    trainer.calibration = None
-    # The prototype moving averages: calibration's domain bias, memory_partners' fill-ins.
-    if cfg.method.name == "bida" and (cfg.method.calibration or cfg.method.memory_partners):
-        trainer.calibration = Calibration(trainer.num_classes, trainer.model.feature_dim, momentum=cfg.calibration.momentum,
-                                          max_weight=cfg.calibration.max_weight, ramp_iters=cfg.calibration.ramp_iters)
-        trainer.calibration.to(trainer.device)
-    trainer.guard = StepGuard(trainer.model, trainer.calibration)
-    trainer.mean_teacher = build_mean_teacher(trainer, cfg)
-    trainer.phase_idx, trainer.iter, trainer.step = 0, 0, 0
-    trainer.data_pos = 0  # batches drawn: step + skipped steps (a skipped step's batch stays consumed)
-    trainer._pending_eval = False  # stopped inside the evaluation after step ``step``
-    trainer.best_miou, trainer.best_step, trainer.bad_steps = -1.0, -1, 0
-    trainer.optimizer_state: dict | None = None
-    trainer.scaler_state: dict | None = None
-    trainer._log_state: dict | None = None  # a LogAccumulator's partial sums, restored by resume
-    trainer._logs: LogAccumulator | None = None  # the current phase's, saved with each checkpoint
-    trainer._average_gradients = False  # the teacher phase under torchrun: no DDP, gradients averaged here
-    trainer._bn_in_sync = False  # BN statistics equal on every rank (teacher phase): no averaging at saves
-    trainer._good: tuple[Path, int] | None = None  # a checkpoint known good: resumed from, or written
-    # A run stopped before its first checkpoint restarts from step 0 with its saved config.
-    resumed = resume_checkpoint(trainer) if resume else None
-    if resume and trainer.is_main:  # a writer killed mid-write left its temporary file
-        for d in (trainer.run_dir, trainer.run_dir / "checkpoints"):
-            for tmp in remove_stale_temp_files(d):
-                trainer._info(f"removed {tmp}, left by a process killed while writing it")
-    if resumed is not None:
-        load_resume(trainer, *resumed)
-    else:
-        if cfg.model.pretrained:
-            report = load_pretrained(trainer.model, cfg.model.pretrained)
-            trainer._info(f"loaded {len(report['loaded'])} tensors from {cfg.model.pretrained} "
-                       f"(skipped {len(report['skipped'])}, fresh {len(report['missing'])})")
-        if cfg.model.init_checkpoint:
-            trained_head = cfg.method.pretrain_head and cfg.method.name != "source_only"
-            if trained_head:
-                check_trained_head(cfg.model.init_checkpoint)
-            stem_copied = load_model_weights(trainer.model, cfg.model.init_checkpoint, fresh_projection=not trained_head)
-            if stem_copied:  # a shared-stem checkpoint (docs/method.md, "Stem")
-                trainer._info(f"{cfg.model.init_checkpoint} has no target stem: it starts as a copy of the source stem")
-        if not cfg.model.pretrained and not cfg.model.init_checkpoint:
-            warn_random_init(trainer)
-        seed_rank_stream(trainer)
-        trainer.stop.deferring = True  # a stop signal waits until the run directory is complete
-        if trainer.is_main and not resume:  # every input is valid: only now touch the disk
-            trainer._lock = create_run_dir(trainer.run_dir, overwrite)
-        trainer.dist.barrier()
-        if trainer.is_main and resume:
-            truncate_run_log(trainer, 0)
-            (trainer.run_dir / "checkpoints").mkdir(exist_ok=True)
-        elif trainer.is_main:
-            dump_config(cfg, trainer.run_dir / "config.yaml")
-            write_run_json(trainer)
-        trainer.stop.run_written, trainer.stop.deferring = True, False
-        if trainer.stop.signal is not None:
-            trainer.stop.exiting = True
-            raise Interrupted(trainer.stop.setup_message(trainer.stop.signal), trainer.stop.signal)
-    if trainer.is_main and resume and not (trainer.run_dir / "run.json").is_file():
-        write_run_json(trainer)  # a run stopped between its config and run.json
-    trainer.logger = RunLogger(trainer.run_dir, enabled=trainer.is_main)
-    trainer.class_weights = source_class_weights(trainer)  # loss.class_weights (None: every class weighs 1)
-    trainer.total_steps = sum(p.iters for p in trainer.phases)
-    trainer._stop_after: int | None = None
-    trainer._data_wait_s = 0.0
-
-
 def build_student(cfg: Config, num_classes: int, dist, device: torch.device) -> torch.nn.Module:
     """The model a run trains, on ``device``: under torchrun (``dist``, a
     :class:`~bida.engine.distributed.DistContext` of 2 or more processes) with ``model.sync_bn``,
@@ -274,55 +156,122 @@ def check_batch_splits(cfg: Config, world_size: int) -> None:
                           "per domain)")
 
 
-def seed_rank_stream(trainer) -> None:
+def seed_rank_stream(dist, seed: int) -> None:
     """Under torchrun, once the model is built alike everywhere: a torch generator stream of
     each rank's own (rank 0 keeps the run's), so that dropout and stochastic depth draw
     independent masks for the images of different ranks, as one process would for the
     images of its batch. Checkpoints hold every rank's state (``rng_ranks``)."""
-    if trainer.dist.enabled and trainer.rank > 0:
-        torch.manual_seed(_mix(trainer.cfg.seed, trainer.rank, RANK_SEED_SALT))
+    if dist.enabled and dist.rank > 0:
+        torch.manual_seed(_mix(seed, dist.rank, RANK_SEED_SALT))
 
 
-def write_run_json(trainer) -> None:
-    atomic_write_text(trainer.run_dir / "run.json", json.dumps({
-        "git_revision": git_revision(), "torch": torch.__version__, "device": str(trainer.device), "cpu": cpu_model(),
-        "world_size": trainer.world_size, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "classes": list(trainer.classes.names)}, indent=2))
+def write_run_json(run_dir: Path, device: torch.device, world_size: int, classes) -> None:
+    atomic_write_text(run_dir / "run.json", json.dumps({
+        "git_revision": git_revision(), "torch": torch.__version__, "device": str(device), "cpu": cpu_model(),
+        "world_size": world_size, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "classes": list(classes.names)}, indent=2))
 
 
-def warn_random_init(trainer) -> None:
+def warn_random_init(cfg: Config, is_main: bool) -> None:
     """Random weights need many more iterations than ImageNet ones and reach far less on
     real photos; say so (even with --quiet; on stdout, as stderr is kept for the one-line
     errors), except for the embedded pair, which is designed to train from scratch."""
-    if not trainer.is_main or (trainer.cfg.data.source.kind == "synthetic" and trainer.cfg.data.target.kind == "synthetic"):
+    if not is_main or (cfg.data.source.kind == "synthetic" and cfg.data.target.kind == "synthetic"):
         return
-    tqdm.write(random_init_warning(trainer.cfg.model.backbone))
+    tqdm.write(random_init_warning(cfg.model.backbone))
 
 
-def check_data(trainer) -> None:
+def init_weights(model: torch.nn.Module, cfg: Config, is_main: bool, info: Callable[[str], None]) -> None:
+    """The initial weights of a new run: ``model.pretrained`` (ImageNet), then ``model.init_checkpoint``
+    (a trained model to adapt); a warning when neither is set (:func:`warn_random_init`)."""
+    if cfg.model.pretrained:
+        report = load_pretrained(model, cfg.model.pretrained)
+        info(f"loaded {len(report['loaded'])} tensors from {cfg.model.pretrained} "
+             f"(skipped {len(report['skipped'])}, fresh {len(report['missing'])})")
+    if cfg.model.init_checkpoint:
+        trained_head = cfg.method.pretrain_head and cfg.method.name != "source_only"
+        if trained_head:
+            check_trained_head(cfg.model.init_checkpoint)
+        stem_copied = load_model_weights(model, cfg.model.init_checkpoint, fresh_projection=not trained_head)
+        if stem_copied:  # a shared-stem checkpoint (docs/method.md, "Stem")
+            info(f"{cfg.model.init_checkpoint} has no target stem: it starts as a copy of the source stem")
+    if not cfg.model.pretrained and not cfg.model.init_checkpoint:
+        warn_random_init(cfg, is_main)
+
+
+def check_data(cfg: Config, src: Domain, tgt: Domain, num_classes: int) -> None:
+    """``data.check``: a quick look at two files of every split the run reads.
+
+    Raises:
+        DataError: one line naming the domain and the first problem.
+    """
     from ..data.check import check_domain
 
-    t = trainer.cfg.data.target
+    t = cfg.data.target
     for name, dom, splits in (
-        ("source", trainer.src, {trainer.cfg.data.source.train_split: True}),
-        ("target", trainer.tgt, {t.train_split: False, **({t.val_split: True} if t.val_split else {}),
-                              **({test: True} if (test := target_test_split(trainer.cfg)) else {})}),
+        ("source", src, {cfg.data.source.train_split: True}),
+        ("target", tgt, {t.train_split: False, **({t.val_split: True} if t.val_split else {}),
+                         **({test: True} if (test := target_test_split(cfg)) else {})}),
     ):
-        report = check_domain(dom.kind, dom.root, splits, num_classes=trainer.num_classes, full=False, max_files=2)
+        report = check_domain(dom.kind, dom.root, splits, num_classes=num_classes, full=False, max_files=2)
         if not report.ok():
             raise DataError(f"data.{name}: {report.errors[0]}")
 
 
-def build_mean_teacher(trainer, cfg: Config) -> MeanTeacher | None:
+def check_rare_class_sampling(cfg: Config, src: Domain, classes, dist) -> tuple[Any, np.ndarray] | None:
+    """``data.rare_class_sampling``: the pixels of each class in each source label, checked
+    against ``data.rcs_min_pixels`` before the run directory exists. Returns the source
+    training set and its (N, K) counts on rank 0, to keep in the run directory once it exists
+    (:func:`~bida.data.rare_class.write_class_pixel_counts`); None elsewhere or without
+    rare-class sampling.
+
+    Rank 0 counts (every source label at full resolution); the others learn its verdict.
+
+    Raises:
+        ConfigError: no source image holds enough pixels of some class (one line naming the key).
+    """
+    if not cfg.data.rare_class_sampling:
+        return None
+    from ..data.datasets import build_train_dataset
+    from ..data.rare_class import RareClassSampler, class_pixel_counts
+
+    src_ds, counts, error = None, None, None
+    if dist.rank == 0:
+        src_ds = build_train_dataset(cfg, src, cfg.data.source.train_split, require_labels=True)
+        counts = class_pixel_counts(src_ds, classes.num_classes, quiet=cfg.train.quiet)
+        try:
+            RareClassSampler(counts, cfg.data.rcs_temperature, cfg.data.rcs_min_pixels, 1, cfg.seed,
+                             class_names=list(classes.names))
+        except ConfigError as err:
+            error = str(err)
+    if dist.enabled:
+        error = dist.all_gather_object(error)[0]
+    if error is not None:
+        raise ConfigError(error)
+    return (src_ds, counts) if counts is not None else None
+
+
+def build_calibration(cfg: Config, num_classes: int, feature_dim: int, device: torch.device) -> Calibration | None:
+    """The prototype moving averages (calibration's domain bias, memory_partners' fill-ins), or None."""
+    if cfg.method.name != "bida" or not (cfg.method.calibration or cfg.method.memory_partners):
+        return None
+    calibration = Calibration(num_classes, feature_dim, momentum=cfg.calibration.momentum,
+                              max_weight=cfg.calibration.max_weight, ramp_iters=cfg.calibration.ramp_iters)
+    calibration.to(device)
+    return calibration
+
+
+def build_mean_teacher(cfg: Config, num_classes: int, device: torch.device, rank: int = 0,
+                       world_size: int = 1) -> MeanTeacher | None:
     """The teacher schedule's state (EMA teacher, ClassMix generator, ImageNet model), or None."""
     if cfg.train.schedule != "teacher" or cfg.method.name == "source_only":
         return None
     imagenet = None
     if cfg.loss.feature_distance_weight > 0:
         classes = cfg.loss.feature_distance_classes or []
-        if any(c >= trainer.num_classes for c in classes):
-            raise BidaError(f"loss.feature_distance_classes: {list(classes)} names a class id >= {trainer.num_classes} "
+        if any(c >= num_classes for c in classes):
+            raise BidaError(f"loss.feature_distance_classes: {list(classes)} names a class id >= {num_classes} "
                             f"(the number of classes)")
-        imagenet = build_model(cfg.model, trainer.num_classes, cfg.method.feature)
+        imagenet = build_model(cfg.model, num_classes, cfg.method.feature)
         load_pretrained(imagenet, cfg.model.pretrained)
-    return MeanTeacher(cfg, trainer.num_classes, trainer.device, imagenet, rank=trainer.rank, world_size=trainer.world_size)
+    return MeanTeacher(cfg, num_classes, device, imagenet, rank=rank, world_size=world_size)

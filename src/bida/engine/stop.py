@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import signal
 import sys
-import weakref
+from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from ..errors import Interrupted
+from .distributed import DistContext, is_main_process
+from .guard import _step_is_finite
+from .state import RunState
 
 
 class _StopRequested(Exception):
@@ -25,15 +30,19 @@ class _Stopping(Exception):
 
 
 class StopControl:
-    """The stop state of one run. ``run`` is the trainer it stops: it reads its ``dist``,
-    ``is_main``, ``run_dir``, ``step``, ``_saved_step`` and ``_last_good()``.
+    """The stop state of the run in ``run_dir``, whose progress is ``state`` (its messages name the step).
 
-    It holds ``run`` by a weak reference: the trainer owns it, and a trainer dropped without
-    :meth:`~bida.engine.train.Trainer.fit` must be freed at once, releasing its run lock.
+    It exists before the process group is joined (a signal during set-up is handled too):
+    :meth:`connect` gives it the process group and what a stop at once keeps, once known.
     """
 
-    def __init__(self, run):
-        self.run = weakref.proxy(run)
+    def __init__(self, run_dir: Path, state: RunState, dist: DistContext | None = None,
+                 kept: Callable[[], str] | None = None):
+        self.run_dir, self.state = Path(run_dir), state
+        self.dist = dist if dist is not None else DistContext()
+        # rank 0 says the stop messages; before the group is joined, torchrun's RANK tells
+        self.is_main = dist.rank == 0 if dist is not None else is_main_process()
+        self.kept = kept  # what a stop at once keeps: the checkpointer's word (None: nothing yet)
         self.signal: int | None = None  # this process's SIGTERM/SIGINT
         self.agreed: int | None = None  # under torchrun: the stop every rank has seen
         self.in_step = self.flags_sent = self.polling = self.exiting = False  # where a stop signal lands
@@ -42,6 +51,12 @@ class StopControl:
         # one after its config is written leaves a run that --resume starts (never a silent death).
         self.setting_up = self.deferring = self.run_written = False
         self._old_handlers: dict = {}
+
+    def connect(self, dist: DistContext, kept: Callable[[], str] | None = None) -> None:
+        """The process group (once joined) and what a stop at once keeps (once checkpoints exist)."""
+        self.dist, self.is_main = dist, dist.rank == 0
+        if kept is not None:
+            self.kept = kept
 
     def install(self) -> None:
         """First SIGINT/SIGTERM: say at once where the run will save, and stop there. A second
@@ -90,29 +105,28 @@ class StopControl:
         passes that poll it, the last step taken; otherwise at the next step's flags, one step
         later still if this step's flags are already exchanged.
         """
-        if self.run.dist.enabled and not self.polling:
-            return self.run.step + (2 if self.in_step and self.flags_sent else 1)
-        return self.run.step + (1 if self.in_step else 0)
+        if self.dist.enabled and not self.polling:
+            return self.state.step + (2 if self.in_step and self.flags_sent else 1)
+        return self.state.step + (1 if self.in_step else 0)
 
     def setup_message(self, signum: int) -> str:
         name = signal.Signals(signum).name
         if self.run_written:
-            return f"stopped by {name} before training started; continue with: bida train --resume {self.run.run_dir}"
-        return f"stopped by {name} before the run started; nothing was written to {self.run.run_dir}"
+            return f"stopped by {name} before training started; continue with: bida train --resume {self.run_dir}"
+        return f"stopped by {name} before the run started; nothing was written to {self.run_dir}"
 
     def say(self, msg: str) -> None:
         """A line on stderr from rank 0 at once, even with --quiet (stop messages)."""
-        if self.run.is_main:
+        if self.is_main:
             # One write with its newline: print() writes the end separately, and a second
             # Ctrl-C landing between the two ran its own line onto this one.
             sys.stderr.write(msg + "\n")
             sys.stderr.flush()
 
     def _stopped_at_once_message(self, signum: int) -> str:
-        kept = (f"the checkpoint of step {self.run._saved_step} is kept" if self.run._saved_step is not None
-                else self.run._last_good())
-        return (f"stopped at once by a second {signal.Signals(signum).name} during step {self.run.step + 1}; {kept}; "
-                f"continue with: bida train --resume {self.run.run_dir}")
+        kept = self.kept() if self.kept is not None else "no good checkpoint was saved (start again with --overwrite)"
+        return (f"stopped at once by a second {signal.Signals(signum).name} during step {self.state.step + 1}; {kept}; "
+                f"continue with: bida train --resume {self.run_dir}")
 
     def restore(self) -> None:
         for sig, old in getattr(self, "_old_handlers", {}).items():
@@ -122,13 +136,26 @@ class StopControl:
     def seen(self) -> int | None:
         """The stop signal this rank acts on: its own in one process; under torchrun, the one
         every rank agreed on at the last point where they met (so all stop at the same point)."""
-        return self.agreed if self.run.dist.enabled else self.signal
+        return self.agreed if self.dist.enabled else self.signal
 
     def sync(self) -> None:
         """Under torchrun (a collective: every rank calls it at the same point): agree on any rank's stop."""
-        if self.run.dist.enabled:
-            stop, _ = self.run.dist.poll(self.signal or 0)
+        if self.dist.enabled:
+            stop, _ = self.dist.poll(self.signal or 0)
             self.agreed = stop or self.agreed
+
+    def agree_on_step(self, finite: torch.Tensor) -> bool:
+        """The step's one meeting of the ranks: whether the step is finite on every rank; under
+        torchrun any rank's stop rides on the same all-reduce.
+
+        ``finite``: this rank's 0-dim bool flag on the device. Reading it is the one host sync
+        of a steady-state step (:func:`~bida.engine.guard._step_is_finite`).
+        """
+        own = self.signal or 0
+        self.flags_sent = True
+        finite_everywhere, stop = _step_is_finite(self.dist.step_flags(finite, own))
+        self.agreed = stop or self.agreed
+        return finite_everywhere
 
     def poll(self) -> None:
         """``check_stop`` of passes that every rank runs in step (evaluation): give up together on a stop."""
@@ -146,17 +173,17 @@ class StopControl:
         """
         self.polling = True
         try:
-            if not self.run.dist.enabled:
+            if not self.dist.enabled:
                 return work(self.poll)
-            if self.run.is_main:
+            if self.is_main:
                 result = work(self.poll)
-                stop, _ = self.run.dist.poll(self.signal or 0, done=True)
+                stop, _ = self.dist.poll(self.signal or 0, done=True)
                 self.agreed = stop or self.agreed
                 if stop:  # the waiting ranks see it with ``done``: all stop here
                     raise _Stopping()
                 return result
             while True:
-                stop, done = self.run.dist.poll(self.signal or 0)
+                stop, done = self.dist.poll(self.signal or 0)
                 self.agreed = stop or self.agreed
                 if stop:
                     raise _Stopping()
@@ -170,5 +197,5 @@ class StopControl:
         signum = self.seen()
         if signum is not None and saved:
             self.exiting = True
-            raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {self.run.step} (checkpoint saved); "
-                              f"continue with: bida train --resume {self.run.run_dir}", signum)
+            raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {self.state.step} (checkpoint saved); "
+                              f"continue with: bida train --resume {self.run_dir}", signum)

@@ -13,7 +13,6 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from ..checkpoint import atomic_write_text, ensure_writable, load_checkpoint
 from ..config import Config, from_dict, to_dict
@@ -22,6 +21,7 @@ from ..data.readers import read_image
 from ..models import DeepLabV2, MiTSegmentor, build_model
 from ..errors import BidaError, CheckpointError, DataError
 from ..models.weights import load_model_weights, weights_file
+from ..progress import progress_bar
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -159,7 +159,7 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str |
                                 f"(no {manifest.name}); remove the file yourself or choose another --out")
     atomic_write_text(manifest, json.dumps(mine))
     written = [out / f"{stem}.png" for _, stem in images if stem in done]
-    for path, stem in tqdm(images, desc="predict", disable=quiet, dynamic_ncols=True):
+    for path, stem in progress_bar(images, desc="predict", disable=quiet):
         if stem in done:
             continue
         image = read_image(path)
