@@ -97,21 +97,21 @@ def _evaluations(run: Path) -> None:
     assert [r["step"] for r in _records(run) if "eval/mIoU" in r] == [2, 4]
 
 
-def _imagenet_weights(tmp: Path, overrides: list[str]) -> list[str]:
+def _imagenet_weights(tmp: Path, tiny: list[str]) -> list[str]:
     """A weight file of the architecture, as model.pretrained (the feature distance needs one)."""
     from bida.models import build_model
 
     weights = tmp / "init.pth"
     if not weights.is_file():
         torch.manual_seed(0)
-        torch.save(build_model(load_config(None, overrides).model, 19).state_dict(), weights)
+        torch.save(build_model(load_config(None, tiny).model, 19).state_dict(), weights)
     return [f"model.pretrained={weights}"]
 
 
 @dataclass(frozen=True)
 class Setting:
     """One configuration: its overrides (after the tiny ones), extra ones computed from a
-    scratch directory, and a check of its uninterrupted run."""
+    scratch directory and the tiny overrides, and a check of its uninterrupted run."""
 
     overrides: tuple[str, ...]
     extra: Callable[[Path, list[str]], list[str]] | None = None
@@ -292,7 +292,7 @@ def _overrides(name: str, tiny_overrides: list[str], scratch: Path) -> list[str]
     setting = SETTINGS[name]
     overrides = tiny_overrides + list(setting.overrides)
     if setting.extra is not None:
-        overrides += setting.extra(scratch, overrides)
+        overrides += setting.extra(scratch, tiny_overrides)
     return overrides
 
 
