@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-fast bench clean
 
 $(BIN)/bida: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,10 @@ PYTEST_WORKERS ?= 2
 
 test: venv
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal
+
+# Everything but the tests marked slow (whole runs, torchrun, every config): about a minute.
+test-fast: venv
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal -m "not slow"
 
 bench: venv
 	$(BIN)/python benchmarks/method_extras.py
