@@ -19,46 +19,7 @@ from bida.models import DeepLabV2
 from bida.tools.cli import main
 
 from fixtures import make_folder_tree
-
-
-TINY = ["model.width=0.125", "train.iters=2", "train.quiet=true", "data.crop=[8,12]", "train.eval_every=100"]
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file under ``root`` with a hash of its bytes (dirs as markers)."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        out[rel] = "dir" if p.is_dir() else hashlib.sha1(p.read_bytes()).hexdigest()
-    return out
-
-
-def folder_pair(tmp_path: Path) -> tuple[Path, Path]:
-    src = tmp_path / "data" / "src"
-    tgt = tmp_path / "data" / "tgt"
-    make_folder_tree(src)
-    make_folder_tree(tgt, target_without_train_labels=True)
-    return src, tgt
-
-
-def folder_args(src: Path, tgt: Path) -> list[str]:
-    return ["data.source.kind=folder", f"data.source.root={src}", "data.source.val_split=null",
-            "data.target.kind=folder", f"data.target.root={tgt}", *TINY]
-
-
-def run_cli(tmp_path: Path, args: list[str], capsys, needle: str) -> None:
-    """Run ``bida ...``; expect exit 2, one stderr line containing ``needle``, nothing changed."""
-    before = snapshot(tmp_path)
-    code = main(args)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("bida: error:") and "\n" not in err, err
-    assert needle in err, err
-    assert snapshot(tmp_path) == before
-
-
-def train_args(tmp_path: Path, extra: list[str]) -> list[str]:
-    return ["train", "--out", str(tmp_path / "run"), *extra]
+from helpers import _one_line, _one_line_error, folder_args, folder_pair, run_cli, snapshot, stopped_run, train_args  # noqa: F401 (fixtures)
 
 
 def test_checkpoint_of_other_class_count_or_architecture(tmp_path, capsys):
@@ -118,36 +79,11 @@ def test_disk_full_while_writing_checkpoint(tmp_path, capsys, monkeypatch):
     assert not [k for k in after if ".tmp-" in k]
 
 
-def _one_line_error(capsys) -> str:
-    """The final stderr line; the announcement a stop signal prints at once is left out."""
-    lines = capsys.readouterr().err.strip().splitlines()
-    err = "\n".join(line for line in lines if not line.startswith("bida: stop requested"))
-    assert "\n" not in err, err
-    return err
-
-
 def test_a_directory_given_as_checkpoint_is_named_as_such(tmp_path, capsys, tiny_overrides):
     # before: "checkpoint DIR does not exist" for a directory that exists
     assert main(["train", "--out", str(tmp_path / "run"), *tiny_overrides, "method=bida",
                  f"model.init_checkpoint={tmp_path}"]) == 2
     assert "is a directory" in _one_line_error(capsys)
-
-
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err and "\n" not in err, err
-    return err
-
-
-@pytest.fixture
-def stopped_run(tmp_path, tiny_overrides):
-    """A source-only run stopped at step 3 (checkpoints at 2 and 3: last.pt and last.prev.pt)."""
-    import bida.engine.train as tr
-
-    run = tmp_path / "run"
-    cfg = load_config(None, tiny_overrides + ["train.iters=6"])
-    assert tr.Trainer(cfg, run).fit(stop_after=3) is None
-    return run
 
 
 def _flip_tensor_bytes(path: Path, n: int = 64) -> None:

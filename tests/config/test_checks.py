@@ -14,46 +14,7 @@ from bida.errors import ConfigError
 from bida.tools.cli import main
 
 from fixtures import make_folder_tree
-
-
-TINY = ["model.width=0.125", "train.iters=2", "train.quiet=true", "data.crop=[8,12]", "train.eval_every=100"]
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file under ``root`` with a hash of its bytes (dirs as markers)."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        out[rel] = "dir" if p.is_dir() else hashlib.sha1(p.read_bytes()).hexdigest()
-    return out
-
-
-def folder_pair(tmp_path: Path) -> tuple[Path, Path]:
-    src = tmp_path / "data" / "src"
-    tgt = tmp_path / "data" / "tgt"
-    make_folder_tree(src)
-    make_folder_tree(tgt, target_without_train_labels=True)
-    return src, tgt
-
-
-def folder_args(src: Path, tgt: Path) -> list[str]:
-    return ["data.source.kind=folder", f"data.source.root={src}", "data.source.val_split=null",
-            "data.target.kind=folder", f"data.target.root={tgt}", *TINY]
-
-
-def run_cli(tmp_path: Path, args: list[str], capsys, needle: str) -> None:
-    """Run ``bida ...``; expect exit 2, one stderr line containing ``needle``, nothing changed."""
-    before = snapshot(tmp_path)
-    code = main(args)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("bida: error:") and "\n" not in err, err
-    assert needle in err, err
-    assert snapshot(tmp_path) == before
-
-
-def train_args(tmp_path: Path, extra: list[str]) -> list[str]:
-    return ["train", "--out", str(tmp_path / "run"), *extra]
+from helpers import MIXED, TEACHER, TINY_MIT, _one_line_error, folder_args, folder_pair, run_cli, train_args
 
 
 @pytest.mark.parametrize("override, needle", [
@@ -190,12 +151,6 @@ def test_contrast_design_keys_are_checked():
     load_config(None, ["method=source_only", "method.pretrain_head=true", "method.feature=backbone"])
 
 
-TINY_MIT = ["model.backbone=mit_b0", "model.width=0.25", "model.decoder=daformer", "model.decoder_dim=16",
-            "model.proj_dim=8", "model.drop_path=0", "train.schedule=teacher", "method.name=self_training",
-            "train.student_forwards=separate", "data.crop=[64,64]", "model.hrda.enabled=true",
-            "model.hrda.detail_crop=[32,32]"]
-
-
 @pytest.mark.parametrize("override, needle", [
     ("model.hrda.detail_crop=[128,32]", "model.hrda.detail_crop: [128, 32] is larger than the context crop"),
     ("model.hrda.crop_divisible=4", "model.hrda.crop_divisible: 4 must be a multiple of 8"),
@@ -222,14 +177,6 @@ def test_pseudo_margins_config_checks():
         load_config(None, [*TINY_MIT, "pseudo.margins=[1,-2,1,1]"])
 
 
-def _one_line_error(capsys) -> str:
-    """The final stderr line; the announcement a stop signal prints at once is left out."""
-    lines = capsys.readouterr().err.strip().splitlines()
-    err = "\n".join(line for line in lines if not line.startswith("bida: stop requested"))
-    assert "\n" not in err, err
-    return err
-
-
 @pytest.mark.parametrize("override", ["train.iters=0", "train.iters_per_round=0", "train.rounds=-1",
                                       "train.max_bad_steps=0"])
 def test_counts_are_validated_before_anything_is_created(tmp_path, capsys, tiny_overrides, override):
@@ -249,14 +196,6 @@ def test_exponent_floats_are_accepted_where_the_key_is_a_float(tmp_path):
     assert load_config(path).train.lr == 1e-3
     with pytest.raises(Exception, match="train.iters"):  # ints and strings are unchanged
         load_config(None, ["train.iters=1e3"])
-
-
-TEACHER = ["train.schedule=teacher", "train.iters=4", "train.optimizer=adamw", "train.weight_decay=0.01",
-           "train.lr=6e-4", "train.warmup_iters=2", "train.poly_power=1.0", "data.rare_class_sampling=true",
-           "data.rcs_min_pixels=2"]
-
-
-MIXED = ["method=bida", "method.target_features=mixed"]
 
 
 def test_target_features_is_checked(tiny_overrides):

@@ -15,46 +15,7 @@ from PIL import Image
 from bida.tools.cli import main
 
 from fixtures import make_folder_tree
-
-
-TINY = ["model.width=0.125", "train.iters=2", "train.quiet=true", "data.crop=[8,12]", "train.eval_every=100"]
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file under ``root`` with a hash of its bytes (dirs as markers)."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        out[rel] = "dir" if p.is_dir() else hashlib.sha1(p.read_bytes()).hexdigest()
-    return out
-
-
-def folder_pair(tmp_path: Path) -> tuple[Path, Path]:
-    src = tmp_path / "data" / "src"
-    tgt = tmp_path / "data" / "tgt"
-    make_folder_tree(src)
-    make_folder_tree(tgt, target_without_train_labels=True)
-    return src, tgt
-
-
-def folder_args(src: Path, tgt: Path) -> list[str]:
-    return ["data.source.kind=folder", f"data.source.root={src}", "data.source.val_split=null",
-            "data.target.kind=folder", f"data.target.root={tgt}", *TINY]
-
-
-def run_cli(tmp_path: Path, args: list[str], capsys, needle: str) -> None:
-    """Run ``bida ...``; expect exit 2, one stderr line containing ``needle``, nothing changed."""
-    before = snapshot(tmp_path)
-    code = main(args)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("bida: error:") and "\n" not in err, err
-    assert needle in err, err
-    assert snapshot(tmp_path) == before
-
-
-def train_args(tmp_path: Path, extra: list[str]) -> list[str]:
-    return ["train", "--out", str(tmp_path / "run"), *extra]
+from helpers import folder_args, folder_pair, run_cli, train_args
 
 
 def test_valid_folder_pair_trains(tmp_path, capsys):

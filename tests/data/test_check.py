@@ -10,6 +10,7 @@ from bida.tools.cli import main
 
 from fixtures import (EXPECTED_CITYSCAPES_TRAIN_IDS, EXPECTED_SYNTHIA_TRAIN_IDS, expected_train_ids,
     make_cityscapes_tree, make_folder_tree, make_gta5_tree, make_synthia_tree)
+from helpers import _folder_pair
 
 
 def _histogram(labels: list[np.ndarray], names: tuple[str, ...]) -> dict[str, int]:
@@ -144,17 +145,6 @@ def test_markdown_truncates_long_lists():
     report = CheckReport(domain="x", errors=[f"error {i}" for i in range(60)])
     markdown = report.to_markdown()
     assert "- error 49" in markdown and "- error 50" not in markdown and "... and 10 more" in markdown
-
-
-PALETTE = ((250, 0, 0), (0, 250, 0), (0, 0, 250))
-
-
-def _folder_pair(root: Path, palette=PALETTE, target_classes=("sky", "tree", "house")) -> list[str]:
-    make_folder_tree(root / "A", classes=("sky", "tree", "house"), size=(16, 32), palette=palette)
-    make_folder_tree(root / "B", classes=target_classes, size=(16, 32), palette=palette,
-                     target_without_train_labels=True)
-    return ["data.source.kind=folder", f"data.source.root={root / 'A'}",
-            "data.target.kind=folder", f"data.target.root={root / 'B'}"]
 
 
 def test_data_check_refuses_different_class_lists(tmp_path, capsys):

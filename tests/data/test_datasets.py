@@ -13,14 +13,7 @@ from bida.data.synthetic import SyntheticSpec, ensure_synthetic
 from bida.tools.cli import main
 
 from fixtures import make_folder_tree
-
-
-def _one_line_error(capsys) -> str:
-    """The final stderr line; the announcement a stop signal prints at once is left out."""
-    lines = capsys.readouterr().err.strip().splitlines()
-    err = "\n".join(line for line in lines if not line.startswith("bida: stop requested"))
-    assert "\n" not in err, err
-    return err
+from helpers import _one_line_error
 
 
 @pytest.mark.parametrize("workers", [0, 1])

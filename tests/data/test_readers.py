@@ -15,6 +15,7 @@ from bida.tools.cli import main
 
 from fixtures import (EXPECTED_CITYSCAPES_TRAIN_IDS, EXPECTED_SYNTHIA_TRAIN_IDS, expected_train_ids,
     make_cityscapes_tree, make_folder_tree, make_gta5_tree, make_synthia_tree, write_png)
+from helpers import _folder_pair
 
 
 def test_kinds():
@@ -362,17 +363,6 @@ def test_messages_are_one_line(tmp_path):
     with pytest.raises(DataError) as info:
         list_samples("gta5", tmp_path / "g", "train")
     assert "\n" not in str(info.value)
-
-
-PALETTE = ((250, 0, 0), (0, 250, 0), (0, 0, 250))
-
-
-def _folder_pair(root: Path, palette=PALETTE, target_classes=("sky", "tree", "house")) -> list[str]:
-    make_folder_tree(root / "A", classes=("sky", "tree", "house"), size=(16, 32), palette=palette)
-    make_folder_tree(root / "B", classes=target_classes, size=(16, 32), palette=palette,
-                     target_without_train_labels=True)
-    return ["data.source.kind=folder", f"data.source.root={root / 'A'}",
-            "data.target.kind=folder", f"data.target.root={root / 'B'}"]
 
 
 def test_16_bit_grayscale_is_scaled_not_white(tmp_path):

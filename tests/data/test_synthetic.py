@@ -20,6 +20,7 @@ from bida.data import synthetic
 from bida.data.synthetic import (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, SyntheticSpec, default_cache_dir,
     ensure_synthetic, render_scene)
 from bida.errors import ConfigError
+from helpers import _bida, _env, _wait_for
 
 SMALL = SyntheticSpec(num_train=8, num_val=4, height=32, width=64, seed=0)
 VALID_IDS = set(range(19)) | {255}
@@ -198,59 +199,6 @@ def test_domain_gap_is_in_colour_not_layout():
     # colour is still informative in the target: road is darker than sky and sidewalk
     assert stats["target"][road][0].mean() < stats["target"][sky][0].mean()
     assert stats["target"][road][0].mean() < stats["target"][1][0].mean()
-
-
-def _wait_for(predicate, procs, timeout: float = 180.0, what: str = "") -> None:
-    t0 = time.monotonic()
-    while not predicate():
-        for p in procs:
-            assert p.poll() is None, (what, p.communicate())
-        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-HOOK = textwrap.dedent("""
-    import os
-    if os.environ.get("BIDA_TEST_HOOK"):  # test hook: MODULE:FUNCTION:ACTION:MARKER
-        import dataclasses, importlib, signal, time
-        from pathlib import Path
-        module, function, action, marker = os.environ["BIDA_TEST_HOOK"].split(":", 3)
-        mod = importlib.import_module("bida." + module)
-        real = getattr(mod, function)
-        calls = []
-        def hooked(*args, **kwargs):
-            Path(f"{marker}-rank{os.environ.get('RANK', '0')}").touch()  # the place was reached
-            if action == "slow":
-                time.sleep(0.4)
-            out = real(*args, **kwargs)
-            calls.append(1)
-            if action == "term":
-                os.kill(os.getpid(), signal.SIGTERM)
-            if action == "nan" and os.environ.get("RANK") == "1" and len(calls) == 2:  # a step's StepResult
-                out = dataclasses.replace(out, loss=out.loss * float("nan"))
-            return out
-        setattr(mod, function, hooked)
-""")
-
-
-def _env(tmp_path: Path, hook: str | None = None) -> dict:
-    """Environment of a child: short collective timeout, one thread, an optional hook
-    (``module:function:action``, action ``slow``, ``term``, or ``nan``: rank 1's second step
-    result gets a NaN loss) that marks ``tmp_path/started-rank<r>``."""
-    site = tmp_path / "site"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(HOOK)
-    env = dict(os.environ, OMP_NUM_THREADS="1", BIDA_DIST_TIMEOUT_S="90",
-               PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
-    env.pop("BIDA_TEST_HOOK", None)
-    if hook:
-        env["BIDA_TEST_HOOK"] = f"{hook}:{tmp_path / 'started'}"
-    return env
-
-
-def _bida(args: list[str], env: dict, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bida", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, **kwargs)
 
 
 @pytest.mark.slow

@@ -26,23 +26,16 @@ from bida.method.train_step import adapt_step, source_step
 from bida.models import build_model
 from bida.pseudo_labels import Calibration
 from bida.tools.cli import main
+from helpers import WORLD, _assert_same_states, _env, _free_port, _spawn_teacher, _teacher_run, _wait_for, hrda_run_overrides
 
 pytestmark = pytest.mark.slow
 
-
-WORLD = 2
 
 BATCH = 2  # per rank; the single process takes WORLD * BATCH
 
 ITERS = 3
 
 STATIC_SHARE = 0.4  # share of target pixels given a static pseudo label (the rest: 255)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _static_labels(labels: torch.Tensor, step: int) -> torch.Tensor:
@@ -211,49 +204,6 @@ MIT = ["model.backbone=mit_b0", "method.feature=decoder", "model.width=0.25", "m
        "model.proj_dim=16", "model.drop_path=0.3", "data.normalize=imagenet"]
 
 
-def _teacher_run(rank: int, world: int, overrides: list[str], run: str, tag: str, port: int = 0,
-                 stop_after: int | None = None, resume: bool = False, head_dropout: bool = True,
-                 config: str | None = None) -> None:
-    """A teacher run (or its resume) as rank ``rank`` of ``world``; saves what this rank holds
-    at the end: the student's and the teacher's state dicts, and how many of the student's
-    BatchNorms are synchronised. ``head_dropout=False``: the MiT head's dropout off (each rank
-    draws its own masks, which one process does not draw), for comparisons with one process.
-    ``config``: a config file under the overrides."""
-    from bida.models import heads
-    from bida.models.sync_bn import SyncBatchNorm2d
-    from bida.engine.train import Trainer
-
-    if world > 1:
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), BIDA_DIST_TIMEOUT_S="120")
-    torch.set_num_threads(1)
-    dropout = heads.DROPOUT
-    try:
-        heads.DROPOUT = dropout if head_dropout else 0.0
-        trainer = Trainer(load_config(config, overrides), Path(run), resume=resume)
-        trainer.fit(stop_after=stop_after)
-        torch.save({"student": trainer.model.state_dict(), "teacher": trainer.mean_teacher.teacher.model.state_dict(),
-                    "sync_bn": sum(isinstance(m, SyncBatchNorm2d) for m in trainer.model.modules())},
-                   Path(run).parent / f"{tag}-rank{rank}.pt")
-    finally:
-        heads.DROPOUT = dropout
-        distributed.shutdown()
-
-
-def _spawn_teacher(overrides: list[str], run: Path, tag: str, **kwargs) -> list[dict]:
-    mp.spawn(_teacher_run, args=(WORLD, overrides, str(run), tag, _free_port(), kwargs.get("stop_after"),
-                                 kwargs.get("resume", False), kwargs.get("head_dropout", True), kwargs.get("config")),
-             nprocs=WORLD, join=True)
-    return [torch.load(run.parent / f"{tag}-rank{r}.pt", weights_only=True) for r in range(WORLD)]
-
-
-def _assert_same_states(a: dict, b: dict, what: str) -> None:
-    for part in ("student", "teacher"):
-        assert a[part].keys() == b[part].keys()
-        for key in a[part]:
-            assert torch.equal(a[part][key], b[part][key]), f"{what}: {part}.{key}"
-
-
 def _teacher_records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if '"phase": "teacher"' in line]
 
@@ -345,7 +295,7 @@ def test_sync_bn_two_ranks_give_the_losses_and_batchnorm_statistics_of_one_proce
     # synchronised, 2 ranks give one process's numbers (measured: 3e-7). The warm-up keeps the
     # first updates tiny, so later steps compare the same computation too.
     import yaml
-    from tests.config.test_configs import _domain_overrides, shrink
+    from helpers import _domain_overrides, shrink
 
     raw = yaml.safe_load(DEMO_TRANSFORMER.read_text())
     overrides = (_domain_overrides(raw, tmp_path / "data", synthetic_cache) + shrink(raw) + [
@@ -384,29 +334,13 @@ def test_sync_bn_two_ranks_give_the_losses_and_batchnorm_statistics_of_one_proce
     build_model(cfg.model, num_classes, cfg.method.feature).load_state_dict(a["model"])
 
 
-TINY_MIT = ["model.backbone=mit_b0", "model.width=0.25", "model.decoder=daformer", "model.decoder_dim=16",
-            "model.proj_dim=8", "model.drop_path=0", "train.schedule=teacher", "method.name=self_training",
-            "train.student_forwards=separate", "data.crop=[64,64]", "model.hrda.enabled=true",
-            "model.hrda.detail_crop=[32,32]"]
-
-
-def hrda_run_overrides(cache) -> list[str]:
-    """A tiny HRDA teacher run: 64x64 context crops (MiT needs 32 pixels a side at half
-    resolution), 32x32 detail crops, of the synthetic pair at 64x128."""
-    from conftest import TINY
-
-    return TINY + [f"data.synthetic.cache_dir={cache}", "data.synthetic.height=64", "data.synthetic.width=128",
-                   "method.feature=decoder", "data.normalize=imagenet", "train.optimizer=adamw", "train.lr=6e-4",
-                   "train.iters=3", *TINY_MIT]
-
-
 def test_hrda_teacher_on_two_ranks_gives_the_losses_of_one_process(tmp_path, synthetic_cache):
     """BiDA + MIC under HRDA, global batch 2 (one image per rank): every detail crop, mix and
     mask is drawn by global sample index and the BatchNorms see the global batch, so two
     ranks log one process's losses (head dropout and drop path off: each rank draws its own)."""
     import json
 
-    from tests.engine.test_distributed import _assert_same_states, _spawn_teacher, _teacher_run
+    from helpers import _assert_same_states, _spawn_teacher, _teacher_run
 
     overrides = hrda_run_overrides(synthetic_cache) + [
         "method=bida", "mic.weight=1", "mic.block_size=16", "train.iters=2", "model.drop_path=0",
@@ -429,57 +363,9 @@ def _records(run: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
 
 
-def _wait_for(predicate, procs, timeout: float = 180.0, what: str = "") -> None:
-    t0 = time.monotonic()
-    while not predicate():
-        for p in procs:
-            assert p.poll() is None, (what, p.communicate())
-        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-HOOK = textwrap.dedent("""
-    import os
-    if os.environ.get("BIDA_TEST_HOOK"):  # test hook: MODULE:FUNCTION:ACTION:MARKER
-        import dataclasses, importlib, signal, time
-        from pathlib import Path
-        module, function, action, marker = os.environ["BIDA_TEST_HOOK"].split(":", 3)
-        mod = importlib.import_module("bida." + module)
-        real = getattr(mod, function)
-        calls = []
-        def hooked(*args, **kwargs):
-            Path(f"{marker}-rank{os.environ.get('RANK', '0')}").touch()  # the place was reached
-            if action == "slow":
-                time.sleep(0.4)
-            out = real(*args, **kwargs)
-            calls.append(1)
-            if action == "term":
-                os.kill(os.getpid(), signal.SIGTERM)
-            if action == "nan" and os.environ.get("RANK") == "1" and len(calls) == 2:  # a step's StepResult
-                out = dataclasses.replace(out, loss=out.loss * float("nan"))
-            return out
-        setattr(mod, function, hooked)
-""")
-
-
-def _env(tmp_path: Path, hook: str | None = None) -> dict:
-    """Environment of a child: short collective timeout, one thread, an optional hook
-    (``module:function:action``, action ``slow``, ``term``, or ``nan``: rank 1's second step
-    result gets a NaN loss) that marks ``tmp_path/started-rank<r>``."""
-    site = tmp_path / "site"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(HOOK)
-    env = dict(os.environ, OMP_NUM_THREADS="1", BIDA_DIST_TIMEOUT_S="90",
-               PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
-    env.pop("BIDA_TEST_HOOK", None)
-    if hook:
-        env["BIDA_TEST_HOOK"] = f"{hook}:{tmp_path / 'started'}"
-    return env
-
-
 def _ranks(args: list[str], env: dict) -> list[subprocess.Popen]:
     """``python -m bida ...`` as the ranks of a 2-process gloo job (what torchrun starts)."""
-    from tests.engine.test_distributed import _free_port
+    from helpers import _free_port
 
     port = _free_port()
     return [subprocess.Popen([sys.executable, "-m", "bida", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -29,12 +29,8 @@ import torch
 from bida.checkpoint import load_checkpoint
 from bida.config import load_config
 from bida.errors import Interrupted
+from helpers import MIT, TEACHER
 
-TEACHER = ["train.schedule=teacher", "train.iters=4", "train.optimizer=adamw", "train.weight_decay=0.01",
-           "train.lr=6e-4", "train.warmup_iters=2", "train.poly_power=1.0", "data.rare_class_sampling=true",
-           "data.rcs_min_pixels=2"]
-MIT = ["model.backbone=mit_b0", "method.feature=decoder", "model.width=0.25", "model.decoder_dim=32",
-       "model.proj_dim=16"]
 DINO = ["model.backbone=dinov2_vits14", "model.width=0.125", "model.decoder=daformer", "model.decoder_dim=16",
         "model.proj_dim=8", "eval.max_images=1"]
 

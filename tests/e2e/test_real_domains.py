@@ -12,8 +12,8 @@ from bida.tools.cli import main
 from bida.config import load_config
 from bida.data.datasets import build_eval_dataset, build_train_dataset, resolve_domain
 from fixtures import make_cityscapes_tree, make_folder_tree, make_gta5_tree, make_synthia_tree
+from helpers import CONFIGS
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SMALL = ["model.backbone=resnet18", "model.width=0.125", "model.pretrained=null", "model.init_checkpoint=null",
          "data.crop=[8,16]", "data.resize=null", "data.num_workers=0", "train.iters=2", "train.rounds=1",
          "train.iters_per_round=2", "train.quiet=true", "eval.size=null", "train.eval_every=100"]

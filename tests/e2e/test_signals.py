@@ -11,13 +11,9 @@ from pathlib import Path
 import bida.data.datasets
 import bida.method.train_step
 from bida.checkpoint import load_checkpoint
+from helpers import _records
 
 pytestmark = pytest.mark.slow
-
-
-def _records(run: Path) -> list[dict]:
-    log = run / "log.jsonl"
-    return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
 
 
 def test_sigterm_to_the_process_group_with_workers_stops_cleanly(tmp_path, tiny_overrides):

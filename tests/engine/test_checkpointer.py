@@ -19,31 +19,7 @@ from bida.models import build_model
 from bida.tools.cli import main
 
 from fixtures import make_folder_tree
-
-
-TINY = ["model.width=0.125", "train.iters=2", "train.quiet=true", "data.crop=[8,12]", "train.eval_every=100"]
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file under ``root`` with a hash of its bytes (dirs as markers)."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        out[rel] = "dir" if p.is_dir() else hashlib.sha1(p.read_bytes()).hexdigest()
-    return out
-
-
-def folder_pair(tmp_path: Path) -> tuple[Path, Path]:
-    src = tmp_path / "data" / "src"
-    tgt = tmp_path / "data" / "tgt"
-    make_folder_tree(src)
-    make_folder_tree(tgt, target_without_train_labels=True)
-    return src, tgt
-
-
-def folder_args(src: Path, tgt: Path) -> list[str]:
-    return ["data.source.kind=folder", f"data.source.root={src}", "data.source.val_split=null",
-            "data.target.kind=folder", f"data.target.root={tgt}", *TINY]
+from helpers import _one_line, _records, _records_trust, _same_weights, _tree, folder_args, folder_pair, snapshot, stopped_run  # noqa: F401 (fixtures)
 
 
 def test_a_bad_saved_config_is_one_line_on_resume_and_evaluate(tmp_path, capsys):
@@ -115,11 +91,6 @@ def test_checkpointer_alone_saves_rotates_and_restores(tmp_path):
         assert torch.equal(a, b)
 
 
-def _records(run: Path) -> list[dict]:
-    log = run / "log.jsonl"
-    return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-
-
 def test_a_checkpoint_with_a_non_finite_tensor_is_never_written(tmp_path, tiny_overrides):
     import bida.engine.train as tr
 
@@ -132,12 +103,6 @@ def test_a_checkpoint_with_a_non_finite_tensor_is_never_written(tmp_path, tiny_o
     with pytest.raises(TrainingDiverged, match="non-finite.*the last good checkpoint is .*last.pt"):
         trainer.checkpointer.save("last", optimizer, torch.amp.GradScaler("cpu", enabled=False))
     assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
-
-
-def _same_weights(a: Path, b: Path) -> None:
-    wa, wb = (load_checkpoint(r / "checkpoints" / "last.pt")["model"] for r in (a, b))
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
 
 
 def test_a_run_stopped_before_its_first_checkpoint_resumes(tmp_path, capsys, tiny_overrides):
@@ -165,32 +130,6 @@ def test_resume_honours_quiet_and_logs_round_statistics_once(tmp_path, capsys, t
     assert "pseudo labels" not in printed.out + printed.err  # before: --quiet was ignored with --resume
     rounds = [r for r in _records(run) if "pseudo/static_accuracy" in r]
     assert [r["round"] for r in rounds] == [0]  # before: logged again by the resumed run
-
-
-def _records_trust(run: Path, name: str = "log.jsonl") -> list[dict]:
-    log = run / name
-    return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-
-
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err and "\n" not in err, err
-    return err
-
-
-def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def stopped_run(tmp_path, tiny_overrides):
-    """A source-only run stopped at step 3 (checkpoints at 2 and 3: last.pt and last.prev.pt)."""
-    import bida.engine.train as tr
-
-    run = tmp_path / "run"
-    cfg = load_config(None, tiny_overrides + ["train.iters=6"])
-    assert tr.Trainer(cfg, run).fit(stop_after=3) is None
-    return run
 
 
 def test_resume_without_last_pt_falls_back_and_keeps_every_record(stopped_run, capsys):

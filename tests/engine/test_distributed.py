@@ -18,15 +18,7 @@ from bida.config import load_config
 from bida.engine import distributed
 from bida.engine.distributed import DistContext, init_from_env, timeout_from_env
 from bida.engine.train import train
-
-
-WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import WORLD, _free_port
 
 
 def test_single_process_context_is_a_no_op():
@@ -114,49 +106,6 @@ def test_a_stalled_rank_makes_the_others_fail_after_the_timeout_not_hang():
 TEACHER = ["method=bida", "train.schedule=teacher", "train.batch_size=4", "train.optimizer=adamw", "train.lr=6e-4",
            "data.rare_class_sampling=true", "data.rcs_min_pixels=2", "mic.weight=1", "mic.block_size=8",
            "pseudo.teacher_threshold=0.07", "train.checkpoint_every=1000"]  # 0.07: tiny models are unsure
-
-
-def _teacher_run(rank: int, world: int, overrides: list[str], run: str, tag: str, port: int = 0,
-                 stop_after: int | None = None, resume: bool = False, head_dropout: bool = True,
-                 config: str | None = None) -> None:
-    """A teacher run (or its resume) as rank ``rank`` of ``world``; saves what this rank holds
-    at the end: the student's and the teacher's state dicts, and how many of the student's
-    BatchNorms are synchronised. ``head_dropout=False``: the MiT head's dropout off (each rank
-    draws its own masks, which one process does not draw), for comparisons with one process.
-    ``config``: a config file under the overrides."""
-    from bida.models import heads
-    from bida.models.sync_bn import SyncBatchNorm2d
-    from bida.engine.train import Trainer
-
-    if world > 1:
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), BIDA_DIST_TIMEOUT_S="120")
-    torch.set_num_threads(1)
-    dropout = heads.DROPOUT
-    try:
-        heads.DROPOUT = dropout if head_dropout else 0.0
-        trainer = Trainer(load_config(config, overrides), Path(run), resume=resume)
-        trainer.fit(stop_after=stop_after)
-        torch.save({"student": trainer.model.state_dict(), "teacher": trainer.mean_teacher.teacher.model.state_dict(),
-                    "sync_bn": sum(isinstance(m, SyncBatchNorm2d) for m in trainer.model.modules())},
-                   Path(run).parent / f"{tag}-rank{rank}.pt")
-    finally:
-        heads.DROPOUT = dropout
-        distributed.shutdown()
-
-
-def _spawn_teacher(overrides: list[str], run: Path, tag: str, **kwargs) -> list[dict]:
-    mp.spawn(_teacher_run, args=(WORLD, overrides, str(run), tag, _free_port(), kwargs.get("stop_after"),
-                                 kwargs.get("resume", False), kwargs.get("head_dropout", True), kwargs.get("config")),
-             nprocs=WORLD, join=True)
-    return [torch.load(run.parent / f"{tag}-rank{r}.pt", weights_only=True) for r in range(WORLD)]
-
-
-def _assert_same_states(a: dict, b: dict, what: str) -> None:
-    for part in ("student", "teacher"):
-        assert a[part].keys() == b[part].keys()
-        for key in a[part]:
-            assert torch.equal(a[part][key], b[part][key]), f"{what}: {part}.{key}"
 
 
 def test_a_global_batch_that_the_ranks_cannot_split_is_a_one_line_config_error_on_every_schedule(

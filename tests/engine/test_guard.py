@@ -13,6 +13,7 @@ import bida.method.train_step
 from bida.checkpoint import load_checkpoint
 from bida.config import load_config
 from bida.engine.guard import StepGuard, _first_non_finite, _grad_max_norm, _step_is_finite
+from helpers import _records, _records_trust
 
 
 def test_a_nan_forward_is_undone_in_the_running_statistics():
@@ -42,11 +43,6 @@ def test_flags_and_first_non_finite():
     tree = {"model": {"a": torch.ones(2), "b": torch.tensor([1.0, float("inf")]), "n": torch.tensor([7])}}
     assert _first_non_finite(tree) == "model.b"
     assert _first_non_finite({"model": {"a": torch.ones(2)}, "steps": 3}) is None
-
-
-def _records(run: Path) -> list[dict]:
-    log = run / "log.jsonl"
-    return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
 
 
 def _poison_second_batch(monkeypatch):
@@ -85,11 +81,6 @@ def test_a_skipped_step_leaves_no_trace_and_resume_stays_exact(tmp_path, tiny_ov
     assert part["data_pos"] == full["data_pos"] == 6 and part["step"] == 5
     for k in full["model"]:
         assert torch.equal(full["model"][k], part["model"][k]), k
-
-
-def _records_trust(run: Path, name: str = "log.jsonl") -> list[dict]:
-    log = run / name
-    return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
 
 
 def test_a_step_that_blows_up_a_batchnorm_statistic_is_skipped(tmp_path, tiny_overrides):

@@ -216,7 +216,7 @@ def test_teacher_steps_under_two_ranks_read_nothing_from_the_device_but_their_fi
     import json
 
     import torch.multiprocessing as mp
-    from tests.engine.test_distributed import _free_port
+    from helpers import _free_port
 
     overrides = tiny_overrides + extra + [
         "method=bida", "train.schedule=teacher", "train.batch_size=4", "train.iters=2", "train.log_every=1000",

@@ -8,11 +8,7 @@ import torch
 from bida.config import load_config
 from bida.engine.optim import WARMUP_RATIO, warmup_factor
 from bida.engine.schedules import plan_phases
-
-
-TEACHER = ["train.schedule=teacher", "train.iters=4", "train.optimizer=adamw", "train.weight_decay=0.01",
-           "train.lr=6e-4", "train.warmup_iters=2", "train.poly_power=1.0", "data.rare_class_sampling=true",
-           "data.rcs_min_pixels=2"]
+from helpers import TEACHER
 
 
 def test_adamw_warm_up_and_poly_lr(tiny_overrides):

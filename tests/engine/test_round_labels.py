@@ -16,6 +16,7 @@ from bida.checkpoint import load_checkpoint
 from bida.config import load_config
 from bida.errors import Interrupted
 from bida.tools.cli import main
+from helpers import _same_weights
 
 
 def test_rounds_read_the_source_class_counts(tmp_path, tiny_overrides):
@@ -29,12 +30,6 @@ def test_rounds_read_the_source_class_counts(tmp_path, tiny_overrides):
     assert stats["classes_without_source_pixels"] == ["rider", "truck", "bus", "train", "motorcycle", "bicycle"]
     labels = np.stack([np.array(Image.open(p)) for p in (tmp_path / "run" / "pseudo_labels" / "round_0").glob("*.png")])
     assert not np.isin(labels, [12, 14, 15, 16, 17, 18]).any()
-
-
-def _same_weights(a: Path, b: Path) -> None:
-    wa, wb = (load_checkpoint(r / "checkpoints" / "last.pt")["model"] for r in (a, b))
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
 
 
 def test_sigterm_in_the_pseudo_label_pass_stops_at_once_and_the_pass_resumes(tmp_path, tiny_overrides, monkeypatch):

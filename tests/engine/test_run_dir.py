@@ -24,6 +24,7 @@ from bida.errors import BidaError, RunDirError
 from bida.tools.cli import main
 
 from fixtures import make_folder_tree
+from helpers import TINY_RUN, _one_line_error, _one_line_trust, _tree, fill_disk, folder_args, folder_pair, run_cli, stopped_run  # noqa: F401 (fixtures)
 
 
 def test_check_refuses_to_clobber_and_to_overwrite_what_is_not_a_run(tmp_path):
@@ -75,94 +76,11 @@ def test_create_refuses_a_run_created_meanwhile(tmp_path):
     assert (run / "config.yaml").read_text() == "seed: 0\n"
 
 
-TINY = ["model.width=0.125", "train.iters=2", "train.quiet=true", "data.crop=[8,12]", "train.eval_every=100"]
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file under ``root`` with a hash of its bytes (dirs as markers)."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        out[rel] = "dir" if p.is_dir() else hashlib.sha1(p.read_bytes()).hexdigest()
-    return out
-
-
-def folder_pair(tmp_path: Path) -> tuple[Path, Path]:
-    src = tmp_path / "data" / "src"
-    tgt = tmp_path / "data" / "tgt"
-    make_folder_tree(src)
-    make_folder_tree(tgt, target_without_train_labels=True)
-    return src, tgt
-
-
-def folder_args(src: Path, tgt: Path) -> list[str]:
-    return ["data.source.kind=folder", f"data.source.root={src}", "data.source.val_split=null",
-            "data.target.kind=folder", f"data.target.root={tgt}", *TINY]
-
-
-def run_cli(tmp_path: Path, args: list[str], capsys, needle: str) -> None:
-    """Run ``bida ...``; expect exit 2, one stderr line containing ``needle``, nothing changed."""
-    before = snapshot(tmp_path)
-    code = main(args)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("bida: error:") and "\n" not in err, err
-    assert needle in err, err
-    assert snapshot(tmp_path) == before
-
-
 def test_output_directory_not_writable(tmp_path, capsys):
     src, tgt = folder_pair(tmp_path)
     blocker = tmp_path / "afile"
     blocker.write_text("x")
     run_cli(tmp_path, ["train", "--out", str(blocker / "run"), *folder_args(src, tgt)], capsys, "not writable")
-
-
-TINY_RUN = [
-    "data.synthetic.num_train=8", "data.synthetic.num_val=4", "data.synthetic.num_test=2", "data.synthetic.height=32",
-    "data.synthetic.width=64", "data.crop=[32,64]", "model.width=0.125", "train.iters=4",
-    "train.eval_every=100", "train.checkpoint_every=100", "train.log_every=1", "train.quiet=true",
-]
-
-
-class _FullFile:
-    """A real file object whose writes fail with ENOSPC once ``budget[0]`` bytes are written."""
-
-    def __init__(self, fh, budget: list[int]):
-        self._fh, self._budget = fh, budget
-
-    def write(self, data):
-        if len(data) > self._budget[0]:
-            if self._budget[0]:
-                self._fh.write(data[: self._budget[0]])  # the disk takes what fits
-                self._fh.flush()
-            self._budget[0] = 0
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self._budget[0] -= len(data)
-        return self._fh.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self._fh, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._fh.close()
-
-
-def fill_disk(monkeypatch, target, budget: int) -> None:
-    """Files opened for writing whose path ``target(path)`` accepts share ``budget`` bytes."""
-    real_open, left = builtins.open, [budget]
-
-    def open_(file, mode="r", *args, **kwargs):
-        fh = real_open(file, mode, *args, **kwargs)
-        if isinstance(file, (str, os.PathLike)) and any(m in mode for m in "wax") and target(Path(file)):
-            return _FullFile(fh, left)
-        return fh
-
-    monkeypatch.setattr(builtins, "open", open_)
-    monkeypatch.setattr(io, "open", open_)  # what pathlib's write_text and open call
 
 
 def _one_line(capsys) -> str:
@@ -182,14 +100,6 @@ def test_full_disk_leaves_no_write_probe(tmp_path, capsys, synthetic_cache, monk
     assert "not writable: No space left on device" in _one_line(capsys)
     assert list((tmp_path / "out").iterdir()) == []
     assert [p.name for p in run.rglob(".write-test*")] == []
-
-
-def _one_line_error(capsys) -> str:
-    """The final stderr line; the announcement a stop signal prints at once is left out."""
-    lines = capsys.readouterr().err.strip().splitlines()
-    err = "\n".join(line for line in lines if not line.startswith("bida: stop requested"))
-    assert "\n" not in err, err
-    return err
 
 
 def test_a_live_run_directory_is_locked(tmp_path, capsys, tiny_overrides):
@@ -251,27 +161,6 @@ def test_a_sigkilled_holder_with_live_forked_children_does_not_block_resume(tmp_
 def _records(run: Path, name: str = "log.jsonl") -> list[dict]:
     log = run / name
     return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-
-
-def _one_line_trust(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err and "\n" not in err, err
-    return err
-
-
-def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def stopped_run(tmp_path, tiny_overrides):
-    """A source-only run stopped at step 3 (checkpoints at 2 and 3: last.pt and last.prev.pt)."""
-    import bida.engine.train as tr
-
-    run = tmp_path / "run"
-    cfg = load_config(None, tiny_overrides + ["train.iters=6"])
-    assert tr.Trainer(cfg, run).fit(stop_after=3) is None
-    return run
 
 
 def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path, capsys, tiny_overrides):

@@ -22,53 +22,7 @@ import bida.method.train_step
 from bida.config import load_config
 from bida.engine.runlog import LOG_DISCARDED, LogAccumulator, RunLogger, log_has, logged_steps, truncate_log
 from bida.tools.cli import main
-
-
-TINY_RUN = [
-    "data.synthetic.num_train=8", "data.synthetic.num_val=4", "data.synthetic.num_test=2", "data.synthetic.height=32",
-    "data.synthetic.width=64", "data.crop=[32,64]", "model.width=0.125", "train.iters=4",
-    "train.eval_every=100", "train.checkpoint_every=100", "train.log_every=1", "train.quiet=true",
-]
-
-
-class _FullFile:
-    """A real file object whose writes fail with ENOSPC once ``budget[0]`` bytes are written."""
-
-    def __init__(self, fh, budget: list[int]):
-        self._fh, self._budget = fh, budget
-
-    def write(self, data):
-        if len(data) > self._budget[0]:
-            if self._budget[0]:
-                self._fh.write(data[: self._budget[0]])  # the disk takes what fits
-                self._fh.flush()
-            self._budget[0] = 0
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self._budget[0] -= len(data)
-        return self._fh.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self._fh, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._fh.close()
-
-
-def fill_disk(monkeypatch, target, budget: int) -> None:
-    """Files opened for writing whose path ``target(path)`` accepts share ``budget`` bytes."""
-    real_open, left = builtins.open, [budget]
-
-    def open_(file, mode="r", *args, **kwargs):
-        fh = real_open(file, mode, *args, **kwargs)
-        if isinstance(file, (str, os.PathLike)) and any(m in mode for m in "wax") and target(Path(file)):
-            return _FullFile(fh, left)
-        return fh
-
-    monkeypatch.setattr(builtins, "open", open_)
-    monkeypatch.setattr(io, "open", open_)  # what pathlib's write_text and open call
+from helpers import TINY_RUN, _one_line_error, fill_disk
 
 
 def _one_line(capsys) -> str:
@@ -89,14 +43,6 @@ def test_full_disk_while_logging_names_the_log_and_keeps_whole_records(tmp_path,
     assert f"cannot write {log}: No space left on device" in err, err
     lines = log.read_text().splitlines()
     assert lines and all(json.loads(line)["step"] >= 1 for line in lines)  # no half record left behind
-
-
-def _one_line_error(capsys) -> str:
-    """The final stderr line; the announcement a stop signal prints at once is left out."""
-    lines = capsys.readouterr().err.strip().splitlines()
-    err = "\n".join(line for line in lines if not line.startswith("bida: stop requested"))
-    assert "\n" not in err, err
-    return err
 
 
 def test_full_disk_or_read_only_output_in_other_writers_gives_one_line(tmp_path, capsys, tiny_overrides, monkeypatch):

@@ -19,6 +19,7 @@ from bida.errors import ConfigError
 from bida.tools.cli import main
 
 from fixtures import make_folder_tree
+from helpers import folder_run  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
@@ -64,36 +65,6 @@ def test_deterministic_run_on_cpu_equals_default_and_restores(tmp_path, tiny_ove
 def test_bad_value_names_the_key():
     with pytest.raises(ConfigError, match=r"train\.deterministic"):
         load_config(None, ["train.deterministic=maybe"])
-
-
-PALETTE = ((250, 0, 0), (0, 250, 0), (0, 0, 250))
-
-
-FOLDER_TINY = ["model.width=0.125", "data.crop=[16,32]", "train.iters=2", "train.checkpoint_every=1",
-               "train.eval_every=100", "train.log_every=1", "train.quiet=true", "data.num_workers=0"]
-
-
-def _folder_pair(root: Path, palette=PALETTE, target_classes=("sky", "tree", "house")) -> list[str]:
-    make_folder_tree(root / "A", classes=("sky", "tree", "house"), size=(16, 32), palette=palette)
-    make_folder_tree(root / "B", classes=target_classes, size=(16, 32), palette=palette,
-                     target_without_train_labels=True)
-    return ["data.source.kind=folder", f"data.source.root={root / 'A'}",
-            "data.target.kind=folder", f"data.target.root={root / 'B'}"]
-
-
-@pytest.fixture(scope="module")
-def folder_run(tmp_path_factory) -> tuple[Path, list[str], str]:
-    """A tiny source-only run on a folder pair with its own palette (trained once)."""
-    root = tmp_path_factory.mktemp("folders")
-    data = _folder_pair(root)
-    run = root / "run"
-    import io
-    from contextlib import redirect_stdout
-
-    err = io.StringIO()
-    with redirect_stdout(err):
-        assert main(["train", *data, *FOLDER_TINY, "--out", str(run)]) == 0
-    return run, data, err.getvalue()
 
 
 def test_random_init_is_warned_and_source_val_is_reported(folder_run):

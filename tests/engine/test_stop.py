@@ -22,6 +22,7 @@ from bida.engine.state import RunState
 from bida.engine.stop import StopControl, _Stopping
 from bida.errors import Interrupted
 from bida.tools.cli import main
+from helpers import _bida, _env, _one_line_error, _records, _wait_for
 
 
 def _run(step: int = 3) -> StopControl:
@@ -85,19 +86,6 @@ def test_set_up_stops_at_once_unless_the_run_directory_is_being_written():
     assert _run().on_rank0(lambda check_stop: 7) == 7
 
 
-def _records(run: Path) -> list[dict]:
-    log = run / "log.jsonl"
-    return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-
-
-def _one_line_error(capsys) -> str:
-    """The final stderr line; the announcement a stop signal prints at once is left out."""
-    lines = capsys.readouterr().err.strip().splitlines()
-    err = "\n".join(line for line in lines if not line.startswith("bida: stop requested"))
-    assert "\n" not in err, err
-    return err
-
-
 def test_stop_flag_is_read_before_the_first_iteration(tmp_path, tiny_overrides, monkeypatch):
     # before: the flag was read only after an iteration, so a SIGTERM that arrived while the
     # loaders were built still ran a full step (at real scale: minutes) before stopping.
@@ -147,54 +135,6 @@ def _records_stop_paths(run: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
 
 
-def _wait_for(predicate, procs, timeout: float = 180.0, what: str = "") -> None:
-    t0 = time.monotonic()
-    while not predicate():
-        for p in procs:
-            assert p.poll() is None, (what, p.communicate())
-        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-HOOK = textwrap.dedent("""
-    import os
-    if os.environ.get("BIDA_TEST_HOOK"):  # test hook: MODULE:FUNCTION:ACTION:MARKER
-        import dataclasses, importlib, signal, time
-        from pathlib import Path
-        module, function, action, marker = os.environ["BIDA_TEST_HOOK"].split(":", 3)
-        mod = importlib.import_module("bida." + module)
-        real = getattr(mod, function)
-        calls = []
-        def hooked(*args, **kwargs):
-            Path(f"{marker}-rank{os.environ.get('RANK', '0')}").touch()  # the place was reached
-            if action == "slow":
-                time.sleep(0.4)
-            out = real(*args, **kwargs)
-            calls.append(1)
-            if action == "term":
-                os.kill(os.getpid(), signal.SIGTERM)
-            if action == "nan" and os.environ.get("RANK") == "1" and len(calls) == 2:  # a step's StepResult
-                out = dataclasses.replace(out, loss=out.loss * float("nan"))
-            return out
-        setattr(mod, function, hooked)
-""")
-
-
-def _env(tmp_path: Path, hook: str | None = None) -> dict:
-    """Environment of a child: short collective timeout, one thread, an optional hook
-    (``module:function:action``, action ``slow``, ``term``, or ``nan``: rank 1's second step
-    result gets a NaN loss) that marks ``tmp_path/started-rank<r>``."""
-    site = tmp_path / "site"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(HOOK)
-    env = dict(os.environ, OMP_NUM_THREADS="1", BIDA_DIST_TIMEOUT_S="90",
-               PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
-    env.pop("BIDA_TEST_HOOK", None)
-    if hook:
-        env["BIDA_TEST_HOOK"] = f"{hook}:{tmp_path / 'started'}"
-    return env
-
-
 def _stop_lines(capsys) -> tuple[str, str]:
     """(the announcement printed at the signal, the rest of stderr)."""
     err = capsys.readouterr().err.strip().splitlines()
@@ -226,11 +166,6 @@ def test_the_stop_message_names_the_step_really_saved(tmp_path, capsys, tiny_ove
     saved = load_checkpoint(run / "checkpoints" / "last.pt")["step"]
     assert saved == 2 and f"at step {saved} " in announced and f"at step {saved} " in final, (announced, final)
     assert main(["train", "--resume", str(run)]) == 0
-
-
-def _bida(args: list[str], env: dict, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bida", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, **kwargs)
 
 
 @pytest.mark.slow

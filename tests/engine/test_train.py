@@ -20,6 +20,7 @@ from bida.engine.train import Trainer, train
 from bida.method.losses import seg_cross_entropy
 
 from fixtures import make_folder_tree
+from helpers import _assert_same, _stems
 
 
 def test_trainer_keeps_moving_averages_for_memory_partners_alone(tmp_path, tiny_overrides):
@@ -154,22 +155,6 @@ def test_class_weights_make_small_objects_learnable_where_plain_ce_learns_backgr
     labelled = 0.0312  # the squares' share of the val labels (2 x 64 of 4096 pixels, less overlaps)
     assert share[1:].sum() >= labelled / 2 and small_iou > 0.2
     assert "warning: the model predicts" not in printed
-
-
-STEM = ("conv1.", "bn1.", "layer1.")
-
-
-def _stems(state: dict) -> tuple[dict, dict]:
-    """(source stem, target stem) of a model state dict, under the same keys."""
-    source = {k: v for k, v in state.items() if k.startswith(STEM)}
-    target = {k[len("target_stem."):]: v for k, v in state.items() if k.startswith("target_stem.")}
-    return source, target
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def test_source_phase_keeps_the_target_stem_in_sync(tmp_path, tiny_overrides):

@@ -8,22 +8,7 @@ import torch.nn.functional as F
 
 from bida.config import load_config
 from bida.models import build_model
-
-
-TINY_MIT = ["model.backbone=mit_b0", "model.width=0.25", "model.decoder=daformer", "model.decoder_dim=16",
-            "model.proj_dim=8", "model.drop_path=0", "train.schedule=teacher", "method.name=self_training",
-            "train.student_forwards=separate", "data.crop=[64,64]", "model.hrda.enabled=true",
-            "model.hrda.detail_crop=[32,32]"]
-
-
-def hrda_run_overrides(cache) -> list[str]:
-    """A tiny HRDA teacher run: 64x64 context crops (MiT needs 32 pixels a side at half
-    resolution), 32x32 detail crops, of the synthetic pair at 64x128."""
-    from conftest import TINY
-
-    return TINY + [f"data.synthetic.cache_dir={cache}", "data.synthetic.height=64", "data.synthetic.width=128",
-                   "method.feature=decoder", "data.normalize=imagenet", "train.optimizer=adamw", "train.lr=6e-4",
-                   "train.iters=3", *TINY_MIT]
+from helpers import TINY_MIT, hrda_run_overrides
 
 
 class Recorder(torch.nn.Module):

@@ -12,8 +12,8 @@ from bida.losses import entropy, pixel_prototype_contrast, seg_cross_entropy
 from bida.method.losses import (inverse_sqrt_frequency_weights,
     seg_cross_entropy as seg_cross_entropy_class_weights)
 from bida.prototypes import class_prototypes, pair_prototypes
+from helpers import IGNORE
 
-IGNORE = 255
 TAU = 0.1
 
 

@@ -18,11 +18,7 @@ from bida.method.mixing import STRONG_DRAWS, strong_augment
 from bida.method.teacher import MeanTeacher, bn_batch_stats_only, teacher_step, weighted_cross_entropy
 from bida.method.train_step import adapt_step, forward_domains
 from bida.models import SegOutput
-
-
-TEACHER = ["train.schedule=teacher", "train.iters=4", "train.optimizer=adamw", "train.weight_decay=0.01",
-           "train.lr=6e-4", "train.warmup_iters=2", "train.poly_power=1.0", "data.rare_class_sampling=true",
-           "data.rcs_min_pixels=2"]
+from helpers import TEACHER
 
 
 def test_block_masks_follow_the_block_grid_cut_at_the_border():

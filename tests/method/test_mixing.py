@@ -10,11 +10,7 @@ import torch
 from bida.config import load_config
 from bida.method.mixing import (WEAK_JITTER_PROB, ClassMix, blur_kernel_size, class_mix_masks, color_jitter,
     from_unit_rgb, gaussian_blur, mix, to_unit_rgb, weak_jitter)
-
-
-TEACHER = ["train.schedule=teacher", "train.iters=4", "train.optimizer=adamw", "train.weight_decay=0.01",
-           "train.lr=6e-4", "train.warmup_iters=2", "train.poly_power=1.0", "data.rare_class_sampling=true",
-           "data.rcs_min_pixels=2"]
+from helpers import TEACHER
 
 
 def test_class_mix_labels_follow_the_chosen_source_classes():

@@ -15,8 +15,7 @@ from bida.method.train_step import adapt_step
 from bida.models import SegOutput
 from bida.prototypes import (PrototypeMemory, class_prototypes, class_sums, downsample_labels,
     pair_prototypes, prototype_similarity, prototypes_from_sums, scaled_similarity)
-
-IGNORE = 255
+from helpers import IGNORE, _features, _holed_batch
 
 
 def naive_prototypes(features, labels, num_classes, ignore_index=IGNORE):
@@ -240,13 +239,6 @@ def test_memory_state_dict_round_trip():
         PrototypeMemory(num_classes=3, dim=4).load_state_dict({"value": state["value"]})
 
 
-# ----------------------------------------------------------------- autocast (bug 3)
-def _features(seed=0, b=2, d=76, h=23, w=23, offset=30.0):
-    g = torch.Generator().manual_seed(seed)
-    # a large shared component, as the ASPP class scores have: what half precision loses
-    return torch.randn(b, d, h, w, generator=g) + offset, torch.randint(0, 5, (b, h, w), generator=g)
-
-
 def test_class_sums_exact_in_fp32_under_autocast():
     f, y = _features()
     ref_sums, ref_counts = class_sums(f, y, 5)
@@ -257,51 +249,6 @@ def test_class_sums_exact_in_fp32_under_autocast():
     torch.testing.assert_close(sums, ref_sums, rtol=1e-6, atol=1e-4)
     torch.testing.assert_close(counts, ref_counts)
     torch.testing.assert_close(half_sums, class_sums(f.bfloat16().float(), y, 5)[0], rtol=1e-6, atol=1e-4)
-
-
-class _Replay(torch.nn.Module):
-    """A "network" that returns fixed outputs per domain, so that the test controls features."""
-
-    def __init__(self, src: SegOutput, tgt: SegOutput):
-        super().__init__()
-        self.src, self.tgt = src, tgt
-        self.weight = torch.nn.Parameter(torch.ones(()))
-
-    def forward(self, x, domain="source"):
-        if x.shape[0] == 2 * self.src.logits.shape[0]:  # both domains in one call
-            logits, features = torch.cat([self.src.logits, self.tgt.logits]), torch.cat([self.src.features, self.tgt.features])
-        else:
-            out = self.src if bool(x[0, 0, 0, 0] == 0) else self.tgt  # source images are zeros
-            logits, features = out.logits, out.features
-        return SegOutput(logits * self.weight, features * self.weight)
-
-
-def _bida_batch(pad_feature: torch.Tensor):
-    g = torch.Generator().manual_seed(0)
-    b, k, d, h, w = 2, 4, 16, 8, 8
-    f_src = torch.randn(b, d, h, w, generator=g)
-    y_src = torch.randint(0, k, (b, h * 8, w * 8), generator=g)
-    f_tgt = torch.randn(b, d, h, w, generator=g)
-    f_tgt[:, :, :, 6:] = pad_feature.view(1, d, 1, 1)  # the padded columns' features
-    logits_tgt = torch.randn(b, k, h, w, generator=g)
-    logits_tgt[:, :, :, 6:] = pad_feature[:k].view(1, k, 1, 1) * 5
-    y_static = torch.randint(0, k, (b, h * 8, w * 8), generator=g)
-    y_static[..., 24:] = 255
-    valid = torch.ones(b, h * 8, w * 8, dtype=torch.bool)
-    valid[..., 48:] = False  # crop padding: the last two feature columns
-    src = SegOutput(torch.randn(b, k, h, w, generator=g), f_src)
-    tgt = SegOutput(logits_tgt, f_tgt)
-    batch_src = {"image": torch.zeros(b, 3, h * 8, w * 8), "label": y_src}
-    batch_tgt = {"image": torch.ones(b, 3, h * 8, w * 8), "label": y_static, "valid": valid}
-    return _Replay(src, tgt), batch_src, batch_tgt, k, d
-
-
-def _holed_batch():
-    model, bs, bt, k, d = _bida_batch(torch.zeros(16))
-    g = torch.Generator().manual_seed(5)
-    holes = torch.rand(bt["label"].shape, generator=g) < 0.1  # scattered holes inside labelled cells
-    bt["label"] = torch.where(holes, torch.full_like(bt["label"], 255), bt["label"])
-    return model, bs, bt, k
 
 
 def test_pair_scope_averages_the_per_pair_means():

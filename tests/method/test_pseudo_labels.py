@@ -20,8 +20,7 @@ from bida.losses import pixel_prototype_contrast
 from bida.prototypes import PrototypeMemory, scaled_similarity
 from bida.pseudo_labels import (Calibration, calibrated_prototypes, calibration_weight, class_thresholds,
     fuse_labels, image_thresholds, label_transfer, sample_confidences, static_labels)
-
-IGNORE = 255
+from helpers import IGNORE, _features
 
 
 # --- label transfer and fusion -----------------------------------------------------------
@@ -295,13 +294,6 @@ def test_sample_confidences_bounded_deterministic_and_paired():
     assert torch.equal(first[1], (first[0] * 100).round().long() % 7)  # pairs kept together
     whole = sample_confidences(conf, pred, 1000)
     assert torch.equal(whole[0], conf.flatten()) and torch.equal(whole[1], pred.flatten())
-
-
-# ----------------------------------------------------------------- autocast (bug 3)
-def _features(seed=0, b=2, d=76, h=23, w=23, offset=30.0):
-    g = torch.Generator().manual_seed(seed)
-    # a large shared component, as the ASPP class scores have: what half precision loses
-    return torch.randn(b, d, h, w, generator=g) + offset, torch.randint(0, 5, (b, h, w), generator=g)
 
 
 def test_similarity_label_transfer_and_contrast_exact_under_autocast():

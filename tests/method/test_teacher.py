@@ -19,17 +19,11 @@ from bida.method.teacher import (EMATeacher, MeanTeacher, ema_alpha, mixed_targe
     teacher_step, weighted_cross_entropy)
 from bida.models import build_model
 from bida.models.deeplabv2 import SegOutput
+from helpers import IGNORE, MIT, MIXED, TEACHER
 
-
-IGNORE = 255
 
 K = 19
 
-TEACHER = ["train.schedule=teacher", "train.iters=4", "train.optimizer=adamw", "train.weight_decay=0.01",
-           "train.lr=6e-4", "train.warmup_iters=2", "train.poly_power=1.0", "data.rare_class_sampling=true",
-           "data.rcs_min_pixels=2"]
-
-MIXED = ["method=bida", "method.target_features=mixed"]
 
 THRESHOLD = 0.01  # tiny models are unsure: most teacher labels pass, some may not
 
@@ -360,10 +354,6 @@ def test_teacher_runs_self_training(tmp_path, tiny_overrides):
 
 BIDA_OFF = ["method=bida", "method.t2s=false", "method.s2t=false", "method.dynamic_labels=false",
             "method.calibration=false"]
-
-
-MIT = ["model.backbone=mit_b0", "method.feature=decoder", "model.width=0.25", "model.decoder_dim=32",
-       "model.proj_dim=16"]
 
 
 @pytest.mark.parametrize("backbone", [[], MIT], ids=["deeplab", "mit"])

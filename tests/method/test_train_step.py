@@ -15,43 +15,7 @@ from bida.losses import pixel_prototype_contrast
 from bida.method.train_step import adapt_step
 from bida.models import SegOutput
 from bida.pseudo_labels import Calibration
-
-
-class _Replay(torch.nn.Module):
-    """A "network" that returns fixed outputs per domain, so that the test controls features."""
-
-    def __init__(self, src: SegOutput, tgt: SegOutput):
-        super().__init__()
-        self.src, self.tgt = src, tgt
-        self.weight = torch.nn.Parameter(torch.ones(()))
-
-    def forward(self, x, domain="source"):
-        if x.shape[0] == 2 * self.src.logits.shape[0]:  # both domains in one call
-            logits, features = torch.cat([self.src.logits, self.tgt.logits]), torch.cat([self.src.features, self.tgt.features])
-        else:
-            out = self.src if bool(x[0, 0, 0, 0] == 0) else self.tgt  # source images are zeros
-            logits, features = out.logits, out.features
-        return SegOutput(logits * self.weight, features * self.weight)
-
-
-def _bida_batch(pad_feature: torch.Tensor):
-    g = torch.Generator().manual_seed(0)
-    b, k, d, h, w = 2, 4, 16, 8, 8
-    f_src = torch.randn(b, d, h, w, generator=g)
-    y_src = torch.randint(0, k, (b, h * 8, w * 8), generator=g)
-    f_tgt = torch.randn(b, d, h, w, generator=g)
-    f_tgt[:, :, :, 6:] = pad_feature.view(1, d, 1, 1)  # the padded columns' features
-    logits_tgt = torch.randn(b, k, h, w, generator=g)
-    logits_tgt[:, :, :, 6:] = pad_feature[:k].view(1, k, 1, 1) * 5
-    y_static = torch.randint(0, k, (b, h * 8, w * 8), generator=g)
-    y_static[..., 24:] = 255
-    valid = torch.ones(b, h * 8, w * 8, dtype=torch.bool)
-    valid[..., 48:] = False  # crop padding: the last two feature columns
-    src = SegOutput(torch.randn(b, k, h, w, generator=g), f_src)
-    tgt = SegOutput(logits_tgt, f_tgt)
-    batch_src = {"image": torch.zeros(b, 3, h * 8, w * 8), "label": y_src}
-    batch_tgt = {"image": torch.ones(b, 3, h * 8, w * 8), "label": y_static, "valid": valid}
-    return _Replay(src, tgt), batch_src, batch_tgt, k, d
+from helpers import _bida_batch, _holed_batch
 
 
 @pytest.mark.parametrize("method", ["minent", "self_training", "bida"])
@@ -98,14 +62,6 @@ def test_label_size_holes_are_filled_from_dynamic_labels_only():
     assert torch.equal(_fused_at_label_size(y_static, torch.full((1, 1, 2), 255), {}), y_static)
     filled = _fused_at_label_size(y_static, torch.tensor([[[255, 2]]]), {})
     assert filled.tolist() == [[[0, 255, 1, 2], [255, 255, 2, 2]]]
-
-
-def _holed_batch():
-    model, bs, bt, k, d = _bida_batch(torch.zeros(16))
-    g = torch.Generator().manual_seed(5)
-    holes = torch.rand(bt["label"].shape, generator=g) < 0.1  # scattered holes inside labelled cells
-    bt["label"] = torch.where(holes, torch.full_like(bt["label"], 255), bt["label"])
-    return model, bs, bt, k
 
 
 def test_label_size_contrast_without_dynamic_labels_scores_only_static_pixels():

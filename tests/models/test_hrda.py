@@ -9,12 +9,7 @@ import torch.nn.functional as F
 from bida.config import load_config
 from bida.models import build_model
 from bida.models.hrda import HRDASegmentor, crop_boxes, draw_detail_boxes, fuse
-
-
-TINY_MIT = ["model.backbone=mit_b0", "model.width=0.25", "model.decoder=daformer", "model.decoder_dim=16",
-            "model.proj_dim=8", "model.drop_path=0", "train.schedule=teacher", "method.name=self_training",
-            "train.student_forwards=separate", "data.crop=[64,64]", "model.hrda.enabled=true",
-            "model.hrda.detail_crop=[32,32]"]
+from helpers import TINY_MIT, naive_fused
 
 
 def tiny_hrda(*extra: str, num_classes: int = 5) -> HRDASegmentor:
@@ -97,27 +92,6 @@ def test_crop_boxes_slices_each_sample_at_its_corner():
     for i, (y, c) in enumerate(box.tolist()):
         assert torch.equal(crops[i], x[i, :, y:y + 4, c:c + 6])
         assert torch.equal(crop_boxes(x[:, 0], box, (4, 6))[i], x[i, 0, y:y + 4, c:c + 6])
-
-
-@torch.no_grad()
-def naive_fused(model, x):
-    """HRDA's prediction of a whole input (sides multiples of 16, 32-pixel detail crops): the
-    context at half resolution, the detail on 32-pixel windows at stride 16 (one forward
-    each), averaged where they overlap, fused with the unmasked attention (paper eq. 5)."""
-    base, (h, w) = model.base, x.shape[-2:]
-    small = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
-    levels = base.backbone(small)
-    context = base.decode_head(levels)[0]
-    attention = torch.sigmoid(model.scale_attention(levels)[0])
-    total, count = torch.zeros(x.shape[0], model.num_classes, h // 4, w // 4), torch.zeros(1, 1, h // 4, w // 4)
-    for y in range(0, h - 16, 16):
-        for c in range(0, w - 16, 16):
-            total[..., y // 4:y // 4 + 8, c // 4:c // 4 + 8] += base.decode_head(
-                base.backbone(x[..., y:y + 32, c:c + 32]))[0]
-            count[..., y // 4:y // 4 + 8, c // 4:c // 4 + 8] += 1
-    a_up = F.interpolate(attention, scale_factor=2, mode="bilinear", align_corners=False)
-    low = F.interpolate((1 - attention) * context, scale_factor=2, mode="bilinear", align_corners=False)
-    return a_up * (total / count) + low
 
 
 def test_fused_inference_slides_detail_windows_like_a_naive_loop():

@@ -20,8 +20,8 @@ from bida.method.teacher import EMATeacher, bn_batch_stats_only
 from bida.models import build_model
 from bida.models.grad_checkpoint import checkpointed
 from bida.models.sync_bn import SyncBatchNorm2d, convert_sync_bn
+from helpers import WORLD
 
-WORLD = 2
 SLICES = (slice(0, 1), slice(1, 4))  # unequal slices: the statistics must weigh by pixel count
 
 
@@ -127,7 +127,7 @@ def _rank(rank: int, port: int) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_normalise_with_the_global_batch_as_batchnorm_does():
-    from tests.engine.test_distributed import _free_port
+    from helpers import _free_port
 
     mp.spawn(_rank, args=(_free_port(),), nprocs=WORLD, join=True)
 

@@ -10,6 +10,7 @@ from bida.checkpoint import load_checkpoint, save_checkpoint
 from bida.errors import CheckpointError
 from bida.models import DeepLabV2
 from bida.models.weights import load_model_weights, load_pretrained
+from helpers import _assert_same, _stems
 
 
 def _model(k=19, **kw):
@@ -210,22 +211,6 @@ def test_converters_live_beside_their_models():
     assert dinov2.hf_dinov2_name("embeddings.position_embeddings") == "pos_embed"
     out, skipped = dinov2.from_dinov2_release({"blocks.1.4.attn.qkv.weight": torch.zeros(1), "mask_token": torch.zeros(1)})
     assert list(out) == ["backbone.blocks.4.attn.qkv.weight"] and skipped == ["mask_token"]
-
-
-STEM = ("conv1.", "bn1.", "layer1.")
-
-
-def _stems(state: dict) -> tuple[dict, dict]:
-    """(source stem, target stem) of a model state dict, under the same keys."""
-    source = {k: v for k, v in state.items() if k.startswith(STEM)}
-    target = {k[len("target_stem."):]: v for k, v in state.items() if k.startswith("target_stem.")}
-    return source, target
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def test_shared_stem_checkpoint_initialises_the_target_stem(tmp_path):

@@ -19,6 +19,7 @@ from bida.errors import CheckpointError
 from bida.tools.cli import main, parse_args
 
 from fixtures import make_folder_tree
+from helpers import FOLDER_TINY, _folder_pair, _one_line_error
 
 
 def test_train_evaluate_predict(tmp_path, tiny_overrides, capsys):
@@ -206,14 +207,6 @@ def test_transformer_demo_runs_source_only_teacher_self_training_bida_and_both_w
     assert "self_training + MIC" in page and "bida + MIC" in page and "bida_mic" in page
 
 
-def _one_line_error(capsys) -> str:
-    """The final stderr line; the announcement a stop signal prints at once is left out."""
-    lines = capsys.readouterr().err.strip().splitlines()
-    err = "\n".join(line for line in lines if not line.startswith("bida: stop requested"))
-    assert "\n" not in err, err
-    return err
-
-
 def test_evaluate_refuses_a_checkpoint_of_another_class_count(tmp_path, capsys, tiny_overrides):
     # before: exit 0 and metrics computed with 7 output channels against the dataset's classes
     from bida.checkpoint import save_checkpoint
@@ -228,21 +221,6 @@ def test_evaluate_refuses_a_checkpoint_of_another_class_count(tmp_path, capsys, 
     err = _one_line_error(capsys)
     assert "7 classes, the config has" in err and "k7.pt" in err
     assert not (tmp_path / "eval").exists()
-
-
-PALETTE = ((250, 0, 0), (0, 250, 0), (0, 0, 250))
-
-
-FOLDER_TINY = ["model.width=0.125", "data.crop=[16,32]", "train.iters=2", "train.checkpoint_every=1",
-               "train.eval_every=100", "train.log_every=1", "train.quiet=true", "data.num_workers=0"]
-
-
-def _folder_pair(root: Path, palette=PALETTE, target_classes=("sky", "tree", "house")) -> list[str]:
-    make_folder_tree(root / "A", classes=("sky", "tree", "house"), size=(16, 32), palette=palette)
-    make_folder_tree(root / "B", classes=target_classes, size=(16, 32), palette=palette,
-                     target_without_train_labels=True)
-    return ["data.source.kind=folder", f"data.source.root={root / 'A'}",
-            "data.target.kind=folder", f"data.target.root={root / 'B'}"]
 
 
 def test_the_embedded_pair_is_reported_as_synthetic(tiny_overrides, capsys):

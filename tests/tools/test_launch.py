@@ -15,66 +15,12 @@ import pytest
 
 from bida.checkpoint import load_checkpoint
 from bida.tools.cli import main
+from helpers import WORLD, _bida, _env, _wait_for
 
 
 def _records(run: Path) -> list[dict]:
     log = run / "log.jsonl"
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
-
-
-def _wait_for(predicate, procs, timeout: float = 180.0, what: str = "") -> None:
-    t0 = time.monotonic()
-    while not predicate():
-        for p in procs:
-            assert p.poll() is None, (what, p.communicate())
-        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-WORLD = 2
-
-HOOK = textwrap.dedent("""
-    import os
-    if os.environ.get("BIDA_TEST_HOOK"):  # test hook: MODULE:FUNCTION:ACTION:MARKER
-        import dataclasses, importlib, signal, time
-        from pathlib import Path
-        module, function, action, marker = os.environ["BIDA_TEST_HOOK"].split(":", 3)
-        mod = importlib.import_module("bida." + module)
-        real = getattr(mod, function)
-        calls = []
-        def hooked(*args, **kwargs):
-            Path(f"{marker}-rank{os.environ.get('RANK', '0')}").touch()  # the place was reached
-            if action == "slow":
-                time.sleep(0.4)
-            out = real(*args, **kwargs)
-            calls.append(1)
-            if action == "term":
-                os.kill(os.getpid(), signal.SIGTERM)
-            if action == "nan" and os.environ.get("RANK") == "1" and len(calls) == 2:  # a step's StepResult
-                out = dataclasses.replace(out, loss=out.loss * float("nan"))
-            return out
-        setattr(mod, function, hooked)
-""")
-
-
-def _env(tmp_path: Path, hook: str | None = None) -> dict:
-    """Environment of a child: short collective timeout, one thread, an optional hook
-    (``module:function:action``, action ``slow``, ``term``, or ``nan``: rank 1's second step
-    result gets a NaN loss) that marks ``tmp_path/started-rank<r>``."""
-    site = tmp_path / "site"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(HOOK)
-    env = dict(os.environ, OMP_NUM_THREADS="1", BIDA_DIST_TIMEOUT_S="90",
-               PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
-    env.pop("BIDA_TEST_HOOK", None)
-    if hook:
-        env["BIDA_TEST_HOOK"] = f"{hook}:{tmp_path / 'started'}"
-    return env
-
-
-def _bida(args: list[str], env: dict, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bida", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, **kwargs)
 
 
 LAUNCH_CASES = {  # (signal to the launcher, overrides, hook, what shows the place was reached)

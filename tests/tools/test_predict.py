@@ -16,43 +16,7 @@ from bida.models.hrda import HRDASegmentor
 from bida.tools.cli import main
 
 from fixtures import make_folder_tree
-
-
-TINY_MIT = ["model.backbone=mit_b0", "model.width=0.25", "model.decoder=daformer", "model.decoder_dim=16",
-            "model.proj_dim=8", "model.drop_path=0", "train.schedule=teacher", "method.name=self_training",
-            "train.student_forwards=separate", "data.crop=[64,64]", "model.hrda.enabled=true",
-            "model.hrda.detail_crop=[32,32]"]
-
-
-@torch.no_grad()
-def naive_fused(model, x):
-    """HRDA's prediction of a whole input (sides multiples of 16, 32-pixel detail crops): the
-    context at half resolution, the detail on 32-pixel windows at stride 16 (one forward
-    each), averaged where they overlap, fused with the unmasked attention (paper eq. 5)."""
-    base, (h, w) = model.base, x.shape[-2:]
-    small = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
-    levels = base.backbone(small)
-    context = base.decode_head(levels)[0]
-    attention = torch.sigmoid(model.scale_attention(levels)[0])
-    total, count = torch.zeros(x.shape[0], model.num_classes, h // 4, w // 4), torch.zeros(1, 1, h // 4, w // 4)
-    for y in range(0, h - 16, 16):
-        for c in range(0, w - 16, 16):
-            total[..., y // 4:y // 4 + 8, c // 4:c // 4 + 8] += base.decode_head(
-                base.backbone(x[..., y:y + 32, c:c + 32]))[0]
-            count[..., y // 4:y // 4 + 8, c // 4:c // 4 + 8] += 1
-    a_up = F.interpolate(attention, scale_factor=2, mode="bilinear", align_corners=False)
-    low = F.interpolate((1 - attention) * context, scale_factor=2, mode="bilinear", align_corners=False)
-    return a_up * (total / count) + low
-
-
-def hrda_run_overrides(cache) -> list[str]:
-    """A tiny HRDA teacher run: 64x64 context crops (MiT needs 32 pixels a side at half
-    resolution), 32x32 detail crops, of the synthetic pair at 64x128."""
-    from conftest import TINY
-
-    return TINY + [f"data.synthetic.cache_dir={cache}", "data.synthetic.height=64", "data.synthetic.width=128",
-                   "method.feature=decoder", "data.normalize=imagenet", "train.optimizer=adamw", "train.lr=6e-4",
-                   "train.iters=3", *TINY_MIT]
+from helpers import PALETTE, _one_line, _one_line_error, _tree, folder_run, hrda_run_overrides, naive_fused, stopped_run  # noqa: F401 (fixtures)
 
 
 def test_bida_predict_on_an_unseen_size_uses_the_sliding_fused_prediction(tmp_path, synthetic_cache):
@@ -93,14 +57,6 @@ def test_bida_predict_on_an_unseen_size_uses_the_sliding_fused_prediction(tmp_pa
     assert written.shape == (70, 101) and (written == expected).mean() > 0.999
 
 
-def _one_line_error(capsys) -> str:
-    """The final stderr line; the announcement a stop signal prints at once is left out."""
-    lines = capsys.readouterr().err.strip().splitlines()
-    err = "\n".join(line for line in lines if not line.startswith("bida: stop requested"))
-    assert "\n" not in err, err
-    return err
-
-
 def test_predict_after_a_bad_file_resumes_without_overwrite(tmp_path, capsys, tiny_overrides):
     # before: the outputs written before the bad file made the rerun refuse without --overwrite
     import numpy as np
@@ -124,27 +80,6 @@ def test_predict_after_a_bad_file_resumes_without_overwrite(tmp_path, capsys, ti
     assert (tmp_path / "pred" / "a.png").stat().st_mtime_ns == first  # kept, not predicted again
 
 
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err and "\n" not in err, err
-    return err
-
-
-def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def stopped_run(tmp_path, tiny_overrides):
-    """A source-only run stopped at step 3 (checkpoints at 2 and 3: last.pt and last.prev.pt)."""
-    import bida.engine.train as tr
-
-    run = tmp_path / "run"
-    cfg = load_config(None, tiny_overrides + ["train.iters=6"])
-    assert tr.Trainer(cfg, run).fit(stop_after=3) is None
-    return run
-
-
 def test_predict_overwrite_never_replaces_inputs_or_files_it_did_not_write(stopped_run, tmp_path, capsys):
     # before: --overwrite with --out the input folder replaced the input images by label maps
     from PIL import Image
@@ -165,36 +100,6 @@ def test_predict_overwrite_never_replaces_inputs_or_files_it_did_not_write(stopp
     for _ in range(2):  # predictions of bida are replaced with --overwrite
         assert main(["predict", "--checkpoint", ckpt, str(images), "--out", str(out), "--overwrite", "--quiet"]) == 0
     assert (out / "a.png").is_file()
-
-
-PALETTE = ((250, 0, 0), (0, 250, 0), (0, 0, 250))
-
-
-FOLDER_TINY = ["model.width=0.125", "data.crop=[16,32]", "train.iters=2", "train.checkpoint_every=1",
-               "train.eval_every=100", "train.log_every=1", "train.quiet=true", "data.num_workers=0"]
-
-
-def _folder_pair(root: Path, palette=PALETTE, target_classes=("sky", "tree", "house")) -> list[str]:
-    make_folder_tree(root / "A", classes=("sky", "tree", "house"), size=(16, 32), palette=palette)
-    make_folder_tree(root / "B", classes=target_classes, size=(16, 32), palette=palette,
-                     target_without_train_labels=True)
-    return ["data.source.kind=folder", f"data.source.root={root / 'A'}",
-            "data.target.kind=folder", f"data.target.root={root / 'B'}"]
-
-
-@pytest.fixture(scope="module")
-def folder_run(tmp_path_factory) -> tuple[Path, list[str], str]:
-    """A tiny source-only run on a folder pair with its own palette (trained once)."""
-    root = tmp_path_factory.mktemp("folders")
-    data = _folder_pair(root)
-    run = root / "run"
-    import io
-    from contextlib import redirect_stdout
-
-    err = io.StringIO()
-    with redirect_stdout(err):
-        assert main(["train", *data, *FOLDER_TINY, "--out", str(run)]) == 0
-    return run, data, err.getvalue()
 
 
 def test_predictions_use_the_palette_of_classes_json(folder_run, tmp_path):

@@ -26,6 +26,7 @@ from bida.tools.cli import main
 from bida.tools.features import SOURCE, TARGET, prototype_distances, sample_features
 from bida.tools.predict import model_from_checkpoint
 from bida.tools.report import write_report
+from helpers import TINY_RUN, _one_line_trust, _tree, fill_disk, stopped_run  # noqa: F401 (fixtures)
 
 TINY = [
     "data.synthetic.num_train=8", "data.synthetic.num_val=4", "data.synthetic.num_test=2", "data.synthetic.height=32",
@@ -261,53 +262,6 @@ def test_prototype_alignment_hand_example():
     assert np.isclose(a["nearest_own_share"], 0.5)
 
 
-TINY_RUN = [
-    "data.synthetic.num_train=8", "data.synthetic.num_val=4", "data.synthetic.num_test=2", "data.synthetic.height=32",
-    "data.synthetic.width=64", "data.crop=[32,64]", "model.width=0.125", "train.iters=4",
-    "train.eval_every=100", "train.checkpoint_every=100", "train.log_every=1", "train.quiet=true",
-]
-
-
-class _FullFile:
-    """A real file object whose writes fail with ENOSPC once ``budget[0]`` bytes are written."""
-
-    def __init__(self, fh, budget: list[int]):
-        self._fh, self._budget = fh, budget
-
-    def write(self, data):
-        if len(data) > self._budget[0]:
-            if self._budget[0]:
-                self._fh.write(data[: self._budget[0]])  # the disk takes what fits
-                self._fh.flush()
-            self._budget[0] = 0
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self._budget[0] -= len(data)
-        return self._fh.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self._fh, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._fh.close()
-
-
-def fill_disk(monkeypatch, target, budget: int) -> None:
-    """Files opened for writing whose path ``target(path)`` accepts share ``budget`` bytes."""
-    real_open, left = builtins.open, [budget]
-
-    def open_(file, mode="r", *args, **kwargs):
-        fh = real_open(file, mode, *args, **kwargs)
-        if isinstance(file, (str, os.PathLike)) and any(m in mode for m in "wax") and target(Path(file)):
-            return _FullFile(fh, left)
-        return fh
-
-    monkeypatch.setattr(builtins, "open", open_)
-    monkeypatch.setattr(io, "open", open_)  # what pathlib's write_text and open call
-
-
 def _one_line(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert err.startswith("bida: error:") and "\n" not in err, err
@@ -329,27 +283,6 @@ def test_full_disk_in_the_report_names_the_figure_and_leaves_no_empty_png(tmp_pa
     assert "No space left on device" in err and str(out / "figures") in err and ".png" in err, err
     assert list((out / "figures").iterdir()) == []  # no empty, partial or temporary file
     assert not (out / "index.html").exists()
-
-
-def _one_line_trust(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert err and "\n" not in err, err
-    return err
-
-
-def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def stopped_run(tmp_path, tiny_overrides):
-    """A source-only run stopped at step 3 (checkpoints at 2 and 3: last.pt and last.prev.pt)."""
-    import bida.engine.train as tr
-
-    run = tmp_path / "run"
-    cfg = load_config(None, tiny_overrides + ["train.iters=6"])
-    assert tr.Trainer(cfg, run).fit(stop_after=3) is None
-    return run
 
 
 def test_report_overwrite_replaces_only_a_bida_report(stopped_run, tmp_path, capsys):
