@@ -263,3 +263,21 @@ def test_deeplabv2_state_dict_is_the_segmentors_plus_an_aspp_attention():
         model.conv1.weight.add_(1.0)
     model.sync_target_stem()
     assert torch.equal(model.target_stem.conv1.weight, model.conv1.weight)
+    model.eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        same = [model.base.encode(x, d)[0] for d in ("source", "target")]
+        model.target_stem.conv1.weight.mul_(2.0)  # target images go through the target stem
+        source, target = (model.base.encode(x, d)[0] for d in ("source", "target"))
+    assert torch.equal(same[0], same[1]) and torch.equal(source, same[0]) and not torch.equal(target, same[1])
+
+
+def test_deeplabv2_attention_head_sums_the_four_dilated_convs():
+    """On a grid wide enough for every dilation (the tiny models' grids see the centre taps only)."""
+    torch.manual_seed(0)
+    head = tiny_dlv2_hrda().scale_attention
+    feat = torch.randn(2, 64, 30, 30)
+    ref = sum(F.conv2d(feat, conv.weight, conv.bias, padding=d, dilation=d)
+              for conv, d in zip(head.conv2d_list, (6, 12, 18, 24)))
+    assert head.conv2d_list[0].weight.shape == (5, 64, 3, 3)  # layer4's channels (512 x 0.125) to K maps
+    torch.testing.assert_close(head([torch.zeros(1), feat])[0], ref)  # the deepest level only
