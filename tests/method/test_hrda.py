@@ -16,14 +16,22 @@ TINY_MIT = ["model.backbone=mit_b0", "model.width=0.25", "model.decoder=daformer
             "model.hrda.detail_crop=[32,32]"]
 
 
-def hrda_run_overrides(cache) -> list[str]:
+TINY_DLV2 = ["model.backbone=resnet18", "model.width=0.125", "train.schedule=teacher", "method.name=self_training",
+             "train.student_forwards=separate", "data.crop=[64,64]", "model.hrda.enabled=true",
+             "model.hrda.detail_crop=[32,32]", "model.hrda.crop_divisible=16"]
+# Each segmentor's own settings, and its context grid's input pixels a cell (alignment unit).
+SEGMENTORS = {"mit": (["method.feature=decoder", "data.normalize=imagenet", "train.optimizer=adamw", "train.lr=6e-4",
+                       "train.iters=3", *TINY_MIT], 8),
+              "deeplabv2": (["data.normalize=imagenet", "train.iters=3", *TINY_DLV2], 16)}
+
+
+def hrda_run_overrides(cache, segmentor: str = "mit") -> list[str]:
     """A tiny HRDA teacher run: 64x64 context crops (MiT needs 32 pixels a side at half
     resolution), 32x32 detail crops, of the synthetic pair at 64x128."""
     from conftest import TINY
 
     return TINY + [f"data.synthetic.cache_dir={cache}", "data.synthetic.height=64", "data.synthetic.width=128",
-                   "method.feature=decoder", "data.normalize=imagenet", "train.optimizer=adamw", "train.lr=6e-4",
-                   "train.iters=3", *TINY_MIT]
+                   *SEGMENTORS[segmentor][0]]
 
 
 class Recorder(torch.nn.Module):
@@ -39,11 +47,12 @@ class Recorder(torch.nn.Module):
         return out
 
 
-@pytest.mark.parametrize("lam, mix_weight", [(0.1, 0.0), (0.3, 1.0)])
-def test_teacher_step_weighs_fused_and_detail_ces_one_minus_lambda_and_lambda(synthetic_cache, lam, mix_weight):
+@pytest.mark.parametrize("segmentor, lam, mix_weight", [("mit", 0.1, 0.0), ("mit", 0.3, 1.0), ("deeplabv2", 0.3, 1.0)])
+def test_teacher_step_weighs_fused_and_detail_ces_one_minus_lambda_and_lambda(synthetic_cache, segmentor, lam,
+                                                                               mix_weight):
     from bida.method.teacher import MeanTeacher, teacher_step
 
-    cfg = load_config(None, hrda_run_overrides(synthetic_cache) + [
+    cfg = load_config(None, hrda_run_overrides(synthetic_cache, segmentor) + [
         f"model.hrda.detail_loss_weight={lam}", f"loss.mix_weight={mix_weight}"])
     torch.manual_seed(0)
     model = build_model(cfg.model, 5).train()
@@ -165,14 +174,16 @@ def test_grad_checkpoint_gives_the_same_hrda_step(synthetic_cache):
         torch.testing.assert_close(ga[k], gb[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
-def test_bida_under_hrda_contrasts_the_context_crops_features(synthetic_cache):
+@pytest.mark.parametrize("segmentor", list(SEGMENTORS))
+def test_bida_under_hrda_contrasts_the_context_crops_features(synthetic_cache, segmentor):
     """BiDA's design under HRDA: the source side reads the source forward's context features,
     the target side one extra forward of the unmixed target's context crop alone (no detail
-    crop, no fused prediction); the contrast terms are BiDA's on exactly these features."""
+    crop, no fused prediction); the contrast terms are BiDA's on exactly these features
+    (MiT's decoder feature; DeepLab-V2's ASPP branches)."""
     from bida.method.teacher import IGNORE, MeanTeacher, teacher_step
     from bida.method.train_step import adapt_step
 
-    cfg = load_config(None, hrda_run_overrides(synthetic_cache) + [
+    cfg = load_config(None, hrda_run_overrides(synthetic_cache, segmentor) + [
         "method=bida", "method.calibration=false", "pseudo.teacher_threshold=0.1"])
     torch.manual_seed(0)
     model = build_model(cfg.model, 5).train()
@@ -186,8 +197,11 @@ def test_bida_under_hrda_contrasts_the_context_crops_features(synthetic_cache):
     kinds = [(args[1], "detail_box" in kw, kw.get("context_only", False)) for args, kw, _ in rec.calls]
     assert kinds == [("source", True, False), ("target", True, False), ("target", False, True)]
     out_src, out_tgt = rec.calls[0][2], rec.calls[2][2]
-    assert out_src.features.shape[-2:] == out_tgt.features.shape[-2:] == (8, 8)  # the context grid (64 / 8)
-    assert out_tgt.logits.shape[-2:] == (8, 8)  # no fused prediction of the target
+    cells = 64 // SEGMENTORS[segmentor][1]  # the context grid
+    assert out_src.features.shape[-2:] == out_tgt.features.shape[-2:] == (cells, cells)
+    assert out_tgt.logits.shape[-2:] == (cells, cells)  # no fused prediction of the target
+    if segmentor == "deeplabv2":
+        assert out_src.features.shape[1] == 4 * 5  # the ASPP branches, as without HRDA
     labels, conf, _ = state.teacher.pseudo_labels(tgt["image"], None, cfg.pseudo.teacher_threshold)
     y_static = torch.where(conf >= cfg.pseudo.teacher_threshold, labels, torch.full_like(labels, IGNORE))
     ref = adapt_step(model, src, {"image": tgt["image"], "label": y_static}, cfg, None, 5,

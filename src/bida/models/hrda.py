@@ -234,9 +234,10 @@ class HRDASegmentor(nn.Module):
             x: (B, 3, H, W); detail_box: (B, 2) int64 or None -> logits (B, K, ceil(H/os), ceil(W/os))
             (context_only: the context grid), features (B, D, ceil(H/unit), ceil(W/unit)).
         """
-        if context_only:
-            return self.base.forward(F.interpolate(x, scale_factor=self.context_scale, mode="bilinear",
-                                                   align_corners=False, recompute_scale_factor=False), domain)
+        if context_only:  # through encode/decode: on the grid of the context branch (DeepLab-V2: H/8 cells)
+            small = F.interpolate(x, scale_factor=self.context_scale, mode="bilinear", align_corners=False,
+                                  recompute_scale_factor=False)
+            return self.base.decode(self.base.encode(small, domain), tuple(small.shape[-2:]))
         if detail_box is not None:
             return self._train_forward(x, domain, detail_box)
         return self._fused_inference(x, domain)
