@@ -123,6 +123,31 @@ def test_hrda_bida_mic_teacher_run_stopped_mid_phase_resumes_exactly(tmp_path, s
         assert torch.equal(ta[part]["generator"], tb[part]["generator"]), part
 
 
+@pytest.mark.slow
+def test_hrda_deeplabv2_bida_mic_run_stopped_mid_phase_resumes_exactly(tmp_path, synthetic_cache):
+    """BiDA + MIC under HRDA on DeepLab-V2 (a target stem of its own, ASPP attention), in bf16:
+    a run stopped after its first step and resumed ends bit-identical to the uninterrupted one."""
+    from bida.checkpoint import load_checkpoint
+    from bida.engine.train import Trainer, train
+
+    cfg = load_config(None, hrda_run_overrides(synthetic_cache, "deeplabv2") + [
+        "method=bida", "mic.weight=1", "mic.block_size=16", "train.amp=bf16", "pseudo.teacher_threshold=0.2",
+        "model.separate_target_stem=true"])
+    train(cfg, tmp_path / "full")
+    records = [line for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines() if '"teacher"' in line]
+    assert len(records) == 3 and all('"loss/hrda_detail"' in r and '"loss/contrast_t2s"' in r for r in records)
+    assert Trainer(cfg, tmp_path / "part").fit(stop_after=1) is None
+    Trainer(cfg, tmp_path / "part", resume=True).fit()
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("full", "part"))
+    assert any(k.startswith("scale_attention.") for k in a["model"])
+    assert any(k.startswith("target_stem.") for k in a["model"])
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ta, tb = a["mean_teacher"], b["mean_teacher"]
+    for k in ta["teacher"]["model"]:
+        assert torch.equal(ta["teacher"]["model"][k], tb["teacher"]["model"][k]), k
+
+
 def test_pseudo_margins_weigh_the_teacher_labels_zero(synthetic_cache):
     """MIC's masked loss reads the teacher labels alone: 0 when the whole crop is margin,
     the plain loss when none of it is."""
