@@ -221,9 +221,10 @@ TINY_DLV2 = ["model.backbone=resnet18", "model.width=0.125", "train.schedule=tea
 def test_hrda_takes_deeplabv2_on_crops_of_whole_16_pixel_units():
     """DeepLab-V2's 8 input pixels a cell at context scale 0.5: every crop side a multiple of 16."""
     assert load_config(None, TINY_DLV2).model.hrda.enabled
-    for override, needle in (("model.hrda.detail_crop=[40,40]", "model.hrda.detail_crop: [40, 40] must be a multiple of 16"),
-                             ("data.crop=[72,64]", "data.crop: [72, 64] must be a multiple of 16"),
-                             ("model.hrda.crop_divisible=8", "model.hrda.crop_divisible: 8 must be a multiple of 16")):
+    for override, needle in (
+            ("model.hrda.detail_crop=[40,40]", "model.hrda.detail_crop: [40, 40] must be a multiple of 16"),
+            ("data.crop=[72,64]", "data.crop: [72, 64] must be a multiple of 16"),
+            ("model.hrda.crop_divisible=8", "model.hrda.crop_divisible: 8 must be a multiple of 16")):
         with pytest.raises(ConfigError, match="^" + re.escape(needle)):
             load_config(None, [*TINY_DLV2, override])
 
