@@ -286,14 +286,22 @@ def _assert_same_states(a: dict, b: dict, what: str) -> None:
             assert torch.equal(a[part][key], b[part][key]), f"{what}: {part}.{key}"
 
 
-def hrda_run_overrides(cache) -> list[str]:
+TINY_DLV2 = ["model.backbone=resnet18", "model.width=0.125", "train.schedule=teacher", "method.name=self_training",
+             "train.student_forwards=separate", "data.crop=[64,64]", "model.hrda.enabled=true",
+             "model.hrda.detail_crop=[32,32]", "model.hrda.crop_divisible=16"]
+# Each segmentor's own settings, and its context grid's input pixels a cell (alignment unit).
+SEGMENTORS = {"mit": (["method.feature=decoder", "data.normalize=imagenet", "train.optimizer=adamw", "train.lr=6e-4",
+                       "train.iters=3", *TINY_MIT], 8),
+              "deeplabv2": (["data.normalize=imagenet", "train.iters=3", *TINY_DLV2], 16)}
+
+
+def hrda_run_overrides(cache, segmentor: str = "mit") -> list[str]:
     """A tiny HRDA teacher run: 64x64 context crops (MiT needs 32 pixels a side at half
     resolution), 32x32 detail crops, of the synthetic pair at 64x128."""
     from conftest import TINY
 
     return TINY + [f"data.synthetic.cache_dir={cache}", "data.synthetic.height=64", "data.synthetic.width=128",
-                   "method.feature=decoder", "data.normalize=imagenet", "train.optimizer=adamw", "train.lr=6e-4",
-                   "train.iters=3", *TINY_MIT]
+                   *SEGMENTORS[segmentor][0]]
 
 
 MIT = ["model.backbone=mit_b0", "method.feature=decoder", "model.width=0.25", "model.decoder_dim=32",
@@ -480,21 +488,28 @@ def _holed_batch():
 
 
 @torch.no_grad()
-def naive_fused(model, x):
+@torch.no_grad()
+def naive_fused(model, x, run=None, os_=4):
     """HRDA's prediction of a whole input (sides multiples of 16, 32-pixel detail crops): the
     context at half resolution, the detail on 32-pixel windows at stride 16 (one forward
-    each), averaged where they overlap, fused with the unmasked attention (paper eq. 5)."""
+    each), averaged where they overlap, fused with the unmasked attention (paper eq. 5).
+    ``run(image) -> (logits, attention logit)`` (default: MiT's decoder and attention on its
+    encoder's levels); ``os_`` input pixels a cell."""
     base, (h, w) = model.base, x.shape[-2:]
+    if run is None:
+        def run(img):
+            levels = base.backbone(img)
+            return base.decode_head(levels)[0], model.scale_attention(levels)[0]
     small = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
-    levels = base.backbone(small)
-    context = base.decode_head(levels)[0]
-    attention = torch.sigmoid(model.scale_attention(levels)[0])
-    total, count = torch.zeros(x.shape[0], model.num_classes, h // 4, w // 4), torch.zeros(1, 1, h // 4, w // 4)
+    context, attention = run(small)
+    attention = torch.sigmoid(attention)
+    n = 32 // os_  # cells a window
+    total = torch.zeros(x.shape[0], model.num_classes, h // os_, w // os_)
+    count = torch.zeros(1, 1, h // os_, w // os_)
     for y in range(0, h - 16, 16):
         for c in range(0, w - 16, 16):
-            total[..., y // 4:y // 4 + 8, c // 4:c // 4 + 8] += base.decode_head(
-                base.backbone(x[..., y:y + 32, c:c + 32]))[0]
-            count[..., y // 4:y // 4 + 8, c // 4:c // 4 + 8] += 1
+            total[..., y // os_:y // os_ + n, c // os_:c // os_ + n] += run(x[..., y:y + 32, c:c + 32])[0]
+            count[..., y // os_:y // os_ + n, c // os_:c // os_ + n] += 1
     a_up = F.interpolate(attention, scale_factor=2, mode="bilinear", align_corners=False)
     low = F.interpolate((1 - attention) * context, scale_factor=2, mode="bilinear", align_corners=False)
     return a_up * (total / count) + low

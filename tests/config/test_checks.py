@@ -157,7 +157,7 @@ def test_contrast_design_keys_are_checked():
     ("data.crop=[60,64]", "data.crop: [60, 64] must be a multiple of 8"),
     ("model.hrda.detail_crop=[36,36]", "model.hrda.detail_crop: [36, 36] must be a multiple of 8"),
     ("model.hrda.context_scale=0.3", "model.hrda.context_scale: 0.3"),
-    ("model.backbone=resnet18", "model.hrda.enabled: HRDA wraps a MiT or DINOv2 segmentor"),
+    ("model.backbone=resnet18", "model.hrda.crop_divisible: 8 must be a multiple of 16"),
     ("train.student_forwards=joint", "model.hrda.enabled: each student forward draws its own detail crop"),
     ("train.source_iters=10", "model.hrda.enabled: HRDA trains on the mean-teacher schedule"),
     ("method.name=source_only", "model.hrda.enabled: HRDA trains on the mean-teacher schedule"),
@@ -166,6 +166,22 @@ def test_contrast_design_keys_are_checked():
 def test_bad_hrda_settings_fail_at_load(override, needle):
     with pytest.raises(ConfigError, match="^" + re.escape(needle)):
         load_config(None, [*TINY_MIT, override])
+
+
+TINY_DLV2 = ["model.backbone=resnet18", "model.width=0.125", "train.schedule=teacher", "method.name=self_training",
+             "train.student_forwards=separate", "data.crop=[64,64]", "model.hrda.enabled=true",
+             "model.hrda.detail_crop=[32,32]", "model.hrda.crop_divisible=16"]
+
+
+def test_hrda_takes_deeplabv2_on_crops_of_whole_16_pixel_units():
+    """DeepLab-V2's 8 input pixels a cell at context scale 0.5: every crop side a multiple of 16."""
+    assert load_config(None, TINY_DLV2).model.hrda.enabled
+    for override, needle in (
+            ("model.hrda.detail_crop=[40,40]", "model.hrda.detail_crop: [40, 40] must be a multiple of 16"),
+            ("data.crop=[72,64]", "data.crop: [72, 64] must be a multiple of 16"),
+            ("model.hrda.crop_divisible=8", "model.hrda.crop_divisible: 8 must be a multiple of 16")):
+        with pytest.raises(ConfigError, match="^" + re.escape(needle)):
+            load_config(None, [*TINY_DLV2, override])
 
 
 def test_pseudo_margins_config_checks():

@@ -8,7 +8,22 @@ import torch.nn.functional as F
 
 from bida.config import load_config
 from bida.models import build_model
-from helpers import TINY_MIT, hrda_run_overrides
+from helpers import SEGMENTORS, TINY_MIT, hrda_run_overrides
+
+
+def step_inputs(cfg):
+    """A seeded tiny HRDA student (5 classes) with its started mean teacher, and a random
+    64x64 source batch and target batch (no target labels)."""
+    from bida.method.teacher import MeanTeacher
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 5).train()
+    state = MeanTeacher(cfg, 5, "cpu")
+    state.start(model)
+    g = torch.Generator().manual_seed(3)
+    src = {"image": torch.randn(2, 3, 64, 64, generator=g), "label": torch.randint(0, 5, (2, 64, 64), generator=g)}
+    tgt = {"image": torch.randn(2, 3, 64, 64, generator=g), "label": torch.full((2, 64, 64), 255)}
+    return model, state, src, tgt
 
 
 class Recorder(torch.nn.Module):
@@ -24,20 +39,15 @@ class Recorder(torch.nn.Module):
         return out
 
 
-@pytest.mark.parametrize("lam, mix_weight", [(0.1, 0.0), (0.3, 1.0)])
-def test_teacher_step_weighs_fused_and_detail_ces_one_minus_lambda_and_lambda(synthetic_cache, lam, mix_weight):
-    from bida.method.teacher import MeanTeacher, teacher_step
+@pytest.mark.parametrize("segmentor, lam, mix_weight", [("mit", 0.1, 0.0), ("mit", 0.3, 1.0), ("deeplabv2", 0.3, 1.0)])
+def test_teacher_step_weighs_fused_and_detail_ces_one_minus_lambda_and_lambda(synthetic_cache, segmentor, lam,
+                                                                               mix_weight):
+    from bida.method.teacher import teacher_step
 
-    cfg = load_config(None, hrda_run_overrides(synthetic_cache) + [
+    cfg = load_config(None, hrda_run_overrides(synthetic_cache, segmentor) + [
         f"model.hrda.detail_loss_weight={lam}", f"loss.mix_weight={mix_weight}"])
-    torch.manual_seed(0)
-    model = build_model(cfg.model, 5).train()
-    state = MeanTeacher(cfg, 5, "cpu")
-    state.start(model)
-    g = torch.Generator().manual_seed(3)
-    src = {"image": torch.randn(2, 3, 64, 64, generator=g), "label": torch.randint(0, 5, (2, 64, 64), generator=g)}
+    model, state, src, tgt = step_inputs(cfg)
     src["label"][0, :10] = 255
-    tgt = {"image": torch.randn(2, 3, 64, 64, generator=g), "label": torch.full((2, 64, 64), 255)}
     rec = Recorder(model)
     logs = teacher_step(rec, src, tgt, cfg, state, None, 5).logs
     (args, kwargs, out), = [c for c in rec.calls if c[0][1] == "source"]
@@ -99,23 +109,42 @@ def test_hrda_bida_mic_teacher_run_stopped_mid_phase_resumes_exactly(tmp_path, s
         assert torch.equal(ta[part]["generator"], tb[part]["generator"]), part
 
 
+@pytest.mark.slow
+def test_hrda_deeplabv2_bida_mic_run_stopped_mid_phase_resumes_exactly(tmp_path, synthetic_cache):
+    """BiDA + MIC under HRDA on DeepLab-V2 (a target stem of its own, ASPP attention), in bf16:
+    a run stopped after its first step and resumed ends bit-identical to the uninterrupted one."""
+    from bida.checkpoint import load_checkpoint
+    from bida.engine.train import Trainer, train
+
+    cfg = load_config(None, hrda_run_overrides(synthetic_cache, "deeplabv2") + [
+        "method=bida", "mic.weight=1", "mic.block_size=16", "train.amp=bf16", "pseudo.teacher_threshold=0.2",
+        "model.separate_target_stem=true"])
+    train(cfg, tmp_path / "full")
+    records = [line for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines() if '"teacher"' in line]
+    assert len(records) == 3 and all('"loss/hrda_detail"' in r and '"loss/contrast_t2s"' in r for r in records)
+    assert Trainer(cfg, tmp_path / "part").fit(stop_after=1) is None
+    Trainer(cfg, tmp_path / "part", resume=True).fit()
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("full", "part"))
+    assert any(k.startswith("scale_attention.") for k in a["model"])
+    assert any(k.startswith("target_stem.") for k in a["model"])
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ta, tb = a["mean_teacher"], b["mean_teacher"]
+    for k in ta["teacher"]["model"]:
+        assert torch.equal(ta["teacher"]["model"][k], tb["teacher"]["model"][k]), k
+
+
 def test_pseudo_margins_weigh_the_teacher_labels_zero(synthetic_cache):
     """MIC's masked loss reads the teacher labels alone: 0 when the whole crop is margin,
     the plain loss when none of it is."""
-    from bida.method.teacher import MeanTeacher, teacher_step
+    from bida.method.teacher import teacher_step
 
     cfg = load_config(None, hrda_run_overrides(synthetic_cache) + ["mic.weight=1", "mic.block_size=16",
                                                                   "pseudo.teacher_threshold=0",
                                                                   "pseudo.margins=[2,2,2,2]"])
     out = {}
     for keep in (None, True, False):
-        torch.manual_seed(0)
-        model = build_model(cfg.model, 5).train()
-        state = MeanTeacher(cfg, 5, "cpu")
-        state.start(model)
-        g = torch.Generator().manual_seed(3)
-        src = {"image": torch.randn(2, 3, 64, 64, generator=g), "label": torch.randint(0, 5, (2, 64, 64), generator=g)}
-        tgt = {"image": torch.randn(2, 3, 64, 64, generator=g), "label": torch.full((2, 64, 64), 255)}
+        model, state, src, tgt = step_inputs(cfg)
         if keep is not None:
             tgt["pseudo_keep"] = torch.full((2, 64, 64), keep)
         out[keep] = teacher_step(model, src, tgt, cfg, state, None, 5).logs
@@ -125,20 +154,14 @@ def test_pseudo_margins_weigh_the_teacher_labels_zero(synthetic_cache):
 
 
 def test_grad_checkpoint_gives_the_same_hrda_step(synthetic_cache):
-    from bida.method.teacher import MeanTeacher, teacher_step
+    from bida.method.teacher import teacher_step
 
     got = {}
     for ckpt in ("false", "true"):
         cfg = load_config(None, hrda_run_overrides(synthetic_cache) + ["method=bida", "mic.weight=1",
                                                                       "mic.block_size=16",
                                                                       f"model.grad_checkpoint={ckpt}"])
-        torch.manual_seed(0)
-        model = build_model(cfg.model, 5).train()
-        state = MeanTeacher(cfg, 5, "cpu")
-        state.start(model)
-        g = torch.Generator().manual_seed(3)
-        src = {"image": torch.randn(2, 3, 64, 64, generator=g), "label": torch.randint(0, 5, (2, 64, 64), generator=g)}
-        tgt = {"image": torch.randn(2, 3, 64, 64, generator=g), "label": torch.full((2, 64, 64), 255)}
+        model, state, src, tgt = step_inputs(cfg)
         torch.manual_seed(1)
         result = teacher_step(model, src, tgt, cfg, state, None, 5)
         result.loss.backward()
@@ -150,29 +173,28 @@ def test_grad_checkpoint_gives_the_same_hrda_step(synthetic_cache):
         torch.testing.assert_close(ga[k], gb[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
-def test_bida_under_hrda_contrasts_the_context_crops_features(synthetic_cache):
+@pytest.mark.parametrize("segmentor", list(SEGMENTORS))
+def test_bida_under_hrda_contrasts_the_context_crops_features(synthetic_cache, segmentor):
     """BiDA's design under HRDA: the source side reads the source forward's context features,
     the target side one extra forward of the unmixed target's context crop alone (no detail
-    crop, no fused prediction); the contrast terms are BiDA's on exactly these features."""
-    from bida.method.teacher import IGNORE, MeanTeacher, teacher_step
+    crop, no fused prediction); the contrast terms are BiDA's on exactly these features
+    (MiT's decoder feature; DeepLab-V2's ASPP branches)."""
+    from bida.method.teacher import IGNORE, teacher_step
     from bida.method.train_step import adapt_step
 
-    cfg = load_config(None, hrda_run_overrides(synthetic_cache) + [
+    cfg = load_config(None, hrda_run_overrides(synthetic_cache, segmentor) + [
         "method=bida", "method.calibration=false", "pseudo.teacher_threshold=0.1"])
-    torch.manual_seed(0)
-    model = build_model(cfg.model, 5).train()
-    state = MeanTeacher(cfg, 5, "cpu")
-    state.start(model)
-    g = torch.Generator().manual_seed(3)
-    src = {"image": torch.randn(2, 3, 64, 64, generator=g), "label": torch.randint(0, 5, (2, 64, 64), generator=g)}
-    tgt = {"image": torch.randn(2, 3, 64, 64, generator=g), "label": torch.full((2, 64, 64), 255)}
+    model, state, src, tgt = step_inputs(cfg)
     rec = Recorder(model)
     logs = teacher_step(rec, src, tgt, cfg, state, None, 5).logs
     kinds = [(args[1], "detail_box" in kw, kw.get("context_only", False)) for args, kw, _ in rec.calls]
     assert kinds == [("source", True, False), ("target", True, False), ("target", False, True)]
     out_src, out_tgt = rec.calls[0][2], rec.calls[2][2]
-    assert out_src.features.shape[-2:] == out_tgt.features.shape[-2:] == (8, 8)  # the context grid (64 / 8)
-    assert out_tgt.logits.shape[-2:] == (8, 8)  # no fused prediction of the target
+    cells = 64 // SEGMENTORS[segmentor][1]  # the context grid
+    assert out_src.features.shape[-2:] == out_tgt.features.shape[-2:] == (cells, cells)
+    assert out_tgt.logits.shape[-2:] == (cells, cells)  # no fused prediction of the target
+    if segmentor == "deeplabv2":
+        assert out_src.features.shape[1] == 4 * 5  # the ASPP branches, as without HRDA
     labels, conf, _ = state.teacher.pseudo_labels(tgt["image"], None, cfg.pseudo.teacher_threshold)
     y_static = torch.where(conf >= cfg.pseudo.teacher_threshold, labels, torch.full_like(labels, IGNORE))
     ref = adapt_step(model, src, {"image": tgt["image"], "label": y_static}, cfg, None, 5,
@@ -186,18 +208,12 @@ def test_bida_under_hrda_with_mixed_target_features_reads_the_mixed_forwards_con
     """``method.target_features: mixed`` under HRDA: no forward of its own; the target side is the
     mixed forward's context features at its target-origin pixels (the ClassMix mask sampled to
     the context grid as the labels are), the source side the source forward's."""
-    from bida.method.teacher import IGNORE, MeanTeacher, mixed_target_batch, teacher_step
+    from bida.method.teacher import IGNORE, mixed_target_batch, teacher_step
     from bida.method.train_step import adapt_step
 
     cfg = load_config(None, hrda_run_overrides(synthetic_cache) + [
         "method=bida", "method.calibration=false", "pseudo.teacher_threshold=0.1", "method.target_features=mixed"])
-    torch.manual_seed(0)
-    model = build_model(cfg.model, 5).train()
-    state = MeanTeacher(cfg, 5, "cpu")
-    state.start(model)
-    g = torch.Generator().manual_seed(3)
-    src = {"image": torch.randn(2, 3, 64, 64, generator=g), "label": torch.randint(0, 5, (2, 64, 64), generator=g)}
-    tgt = {"image": torch.randn(2, 3, 64, 64, generator=g), "label": torch.full((2, 64, 64), 255)}
+    model, state, src, tgt = step_inputs(cfg)
     mixer_state = state.mixer.state_dict()
     rec = Recorder(model)
     logs = teacher_step(rec, src, tgt, cfg, state, None, 5).logs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,3 +146,106 @@ def test_dinov2_training_forward_matches_the_papers_fusion():
         detail = base(crops).logits
     assert out.logits.shape == (2, 5, 16, 24) and detail.shape == (2, 5, 8, 8)
     torch.testing.assert_close(out.logits, reference_fusion(context, attention, detail, box, 3.5, 0.5))
+
+
+TINY_DLV2 = ["model.backbone=resnet18", "model.width=0.125", "train.schedule=teacher", "method.name=self_training",
+             "train.student_forwards=separate", "data.crop=[64,64]", "model.hrda.enabled=true",
+             "model.hrda.detail_crop=[32,32]", "model.hrda.crop_divisible=16"]
+
+
+def tiny_dlv2_hrda(*extra: str) -> HRDASegmentor:
+    torch.manual_seed(0)
+    return build_model(load_config(None, [*TINY_DLV2, *extra]).model, 5)
+
+
+def floor_pool_deeplab(model: HRDASegmentor):
+    """An independent DeepLab-V2 reference for HRDA: a copy of the segmentor whose stem pools
+    in floor mode (mmseg's ResNetV1c), run through its plain ``forward``, and a function giving
+    its logits and the scale attention's logit, the four dilated convs of the attention summed
+    by hand on the copy's layer4 output."""
+    ref = copy.deepcopy(model.base).eval()
+    ref.maxpool = torch.nn.MaxPool2d(3, 2, 1, ceil_mode=False)
+    seen = []
+    ref.layer4.register_forward_hook(lambda mod, inp, out: seen.append(out))
+
+    def run(img):
+        seen.clear()
+        logits = ref(img).logits
+        att = sum(F.conv2d(seen[0], conv.weight, conv.bias, padding=d, dilation=d)
+                  for conv, d in zip(model.scale_attention.conv2d_list, (6, 12, 18, 24)))
+        return logits, att
+
+    return ref, run
+
+
+@pytest.mark.parametrize("classwise", [True, False])
+def test_deeplabv2_training_forward_matches_the_papers_fusion(classwise):
+    """DeepLab-V2 (8 input pixels a cell, crops on multiples of 16): the fusion of the paper on
+    H/8 cells, the caffe pool's extra last cell left out."""
+    model = tiny_dlv2_hrda(f"model.hrda.attention_classwise={str(classwise).lower()}").eval()
+    x = torch.randn(2, 3, 64, 64)
+    box = torch.tensor([[16, 32], [32, 0]])
+    out = model(x, "source", detail_box=box)
+    ref, run = floor_pool_deeplab(model)
+    with torch.no_grad():
+        small = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
+        context, attention = run(small)
+        attention = torch.sigmoid(attention)
+        context_features = ref(small).features
+        crops = torch.stack([x[i, :, y:y + 32, c:c + 32] for i, (y, c) in enumerate(box.tolist())])
+        detail = run(crops)[0]
+    assert model.base(small).logits.shape == (2, 5, 5, 5)  # forward keeps the caffe pool: 32 / 8 + 1
+    assert attention.shape == (2, 5 if classwise else 1, 4, 4)
+    assert out.detail_logits.shape == (2, 5, 4, 4) and out.logits.shape == (2, 5, 8, 8)
+    assert out.features.shape == (2, 20, 4, 4)  # the context crop's ASPP branches (4K)
+    torch.testing.assert_close(out.detail_logits, detail)
+    torch.testing.assert_close(out.features, context_features)
+    torch.testing.assert_close(out.logits, reference_fusion(context, attention, detail, box, 8, 0.5))
+
+
+def test_deeplabv2_fused_inference_slides_detail_windows_like_a_naive_loop():
+    model = tiny_dlv2_hrda().eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        out = model(x, "target")
+        assert out.logits.shape == (2, 5, 8, 12) and out.features.shape == (2, 20, 4, 6)
+        torch.testing.assert_close(out.logits, naive_fused(model, x, floor_pool_deeplab(model)[1], os_=8))
+        # any size: padded to whole 16-pixel units, cropped back to ceil(H / 8) cells
+        assert model(torch.randn(1, 3, 70, 101), "target").logits.shape == (1, 5, 9, 13)
+
+
+def test_deeplabv2_state_dict_is_the_segmentors_plus_an_aspp_attention():
+    model = tiny_dlv2_hrda("model.separate_target_stem=true")
+    torch.manual_seed(0)
+    plain = build_model(load_config(None, [*TINY_DLV2, "model.hrda.enabled=false",
+                                           "model.separate_target_stem=true"]).model, 5)
+    keys = set(model.state_dict())
+    assert set(plain.state_dict()) == {k for k in keys if not k.startswith("scale_attention.")}
+    assert {k for k in keys if k.startswith("scale_attention.")} == {
+        f"scale_attention.conv2d_list.{i}.{p}" for i in range(4) for p in ("weight", "bias")}
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    head = next(g for g in model.param_groups(1.0, 10.0) if g["name"] == "head")
+    assert {id(p) for p in model.scale_attention.parameters()} <= {id(p) for p in head["params"]}
+    with torch.no_grad():  # the target stem is the segmentor's, kept in step by sync_target_stem
+        model.conv1.weight.add_(1.0)
+    model.sync_target_stem()
+    assert torch.equal(model.target_stem.conv1.weight, model.conv1.weight)
+    model.eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        same = [model.base.encode(x, d)[0] for d in ("source", "target")]
+        model.target_stem.conv1.weight.mul_(2.0)  # target images go through the target stem
+        source, target = (model.base.encode(x, d)[0] for d in ("source", "target"))
+    assert torch.equal(same[0], same[1]) and torch.equal(source, same[0]) and not torch.equal(target, same[1])
+
+
+def test_deeplabv2_attention_head_sums_the_four_dilated_convs():
+    """On a grid wide enough for every dilation (the tiny models' grids see the centre taps only)."""
+    torch.manual_seed(0)
+    head = tiny_dlv2_hrda().scale_attention
+    feat = torch.randn(2, 64, 30, 30)
+    ref = sum(F.conv2d(feat, conv.weight, conv.bias, padding=d, dilation=d)
+              for conv, d in zip(head.conv2d_list, (6, 12, 18, 24)))
+    assert head.conv2d_list[0].weight.shape == (5, 64, 3, 3)  # layer4's channels (512 x 0.125) to K maps
+    torch.testing.assert_close(head([torch.zeros(1), feat])[0], ref)  # the deepest level only

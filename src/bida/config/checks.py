@@ -345,8 +345,8 @@ def check_model_choices(cfg: "Config") -> None:
 
 
 # Input pixels per output cell of the segmentors HRDA wraps (MiT: ceil(H/4); DINOv2 at
-# input_scale 1: ceil(2H/7)); ResNets' caffe pooling gives H/8 + 1 cells, off HRDA's grid.
-HRDA_OUTPUT_STRIDES = {"mit_": Fraction(4), "dinov2_": Fraction(7, 2)}
+# input_scale 1: ceil(2H/7); DeepLab-V2's encode, floor-mode pool: H/8 for multiples of 8).
+HRDA_OUTPUT_STRIDES = {"mit_": Fraction(4), "dinov2_": Fraction(7, 2), "resnet": Fraction(8)}
 
 
 def check_hrda(cfg: "Config") -> None:
@@ -354,7 +354,7 @@ def check_hrda(cfg: "Config") -> None:
 
     The detail crop lies inside the context crop (``data.crop``), and the context crop, the
     detail crop and ``crop_divisible`` are whole multiples of the alignment unit
-    ``output_stride / context_scale`` (8 for MiT at 0.5, 7 for DINOv2), so that every crop
+    ``output_stride / context_scale`` (8 for MiT at 0.5, 7 for DINOv2, 16 for DeepLab-V2), so that every crop
     falls on whole cells of both output grids.
 
     Raises:
@@ -365,8 +365,8 @@ def check_hrda(cfg: "Config") -> None:
         return
     stride = next((s for prefix, s in HRDA_OUTPUT_STRIDES.items() if m.backbone.startswith(prefix)), None)
     if stride is None:
-        raise ConfigError(f"model.hrda.enabled: HRDA wraps a MiT or DINOv2 segmentor, not model.backbone={m.backbone} "
-                          "(DeepLab-V2's caffe pooling gives H/8 + 1 cells, which a detail crop cannot align to)")
+        raise ConfigError(f"model.hrda.enabled: HRDA wraps a MiT, DINOv2 or DeepLab-V2 segmentor, not "
+                          f"model.backbone={m.backbone}")
     for what, on in (("model.decoder=light", m.decoder == "light"), (f"model.input_scale={m.input_scale:g}",
                      m.input_scale != 1.0), ("model.mask_token=true", m.mask_token)):
         if on:

@@ -7,7 +7,7 @@
   feature pyramid and the same decoders, ``model.backbone: dinov2_*``.
 
 - :mod:`bida.models.hrda`: HRDA's context and detail crops fused by a scale attention, around
-  a MiT or DINOv2 segmentor (``model.hrda.enabled``).
+  a MiT, DINOv2 or DeepLab-V2 segmentor (``model.hrda.enabled``).
 
 - :mod:`bida.models.weights`: pretrained and checkpoint weights into a model (each public
   release's key layout, detected and converted).
@@ -25,6 +25,8 @@ never :mod:`bida.method`, :mod:`bida.engine`, :mod:`bida.tools` or :mod:`bida.da
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch.nn as nn
 
 from ..config import default_feature
@@ -37,6 +39,9 @@ from .hrda import HRDAOutput, HRDASegmentor
 from .mit import ARCHS as MIT_ARCHS
 from .mit import MiTSegmentor, MixTransformer
 from .output import SegOutput, upsample
+
+if TYPE_CHECKING:
+    from ..config.schema import HRDAConfig
 
 __all__ = ["SegOutput", "DeepLabV2", "MiTSegmentor", "MixTransformer", "DINOv2Segmentor", "VisionTransformer",
            "build_model", "upsample", "HRDASegmentor", "HRDAOutput", "RESNET_ARCHS", "MIT_ARCHS", "DINOV2_ARCHS", "is_mit", "is_dinov2"]
@@ -68,10 +73,7 @@ def build_model(model_cfg, num_classes: int, feature: str | None = None) -> nn.M
     if feature is None:
         feature = default_feature(model_cfg.backbone)
     if not is_mit(model_cfg.backbone) and not is_dinov2(model_cfg.backbone):
-        if model_cfg.hrda.enabled:
-            raise ConfigError(f"model.hrda.enabled: HRDA wraps a MiT or DINOv2 segmentor, not "
-                              f"model.backbone={model_cfg.backbone}")
-        return build_deeplabv2(model_cfg, num_classes, feature)
+        return _with_hrda(build_deeplabv2(model_cfg, num_classes, feature), model_cfg.hrda)
     if feature != "decoder":
         raise ConfigError(f"method.feature={feature}: model.backbone={model_cfg.backbone} contrasts its decoder "
                           "feature (method.feature=decoder)")
@@ -89,7 +91,11 @@ def build_model(model_cfg, num_classes: int, feature: str | None = None) -> nn.M
         grad_checkpoint=model_cfg.grad_checkpoint,
         **vit_only,
     )
-    hrda = model_cfg.hrda
+    return _with_hrda(model, model_cfg.hrda)
+
+
+def _with_hrda(model: nn.Module, hrda: HRDAConfig) -> nn.Module:
+    """``model`` inside :class:`HRDASegmentor` when ``model.hrda.enabled``, else ``model``."""
     if not hrda.enabled:
         return model
     # Drawn after the segmentor: its weights start as without HRDA, the attention decoder's follow.

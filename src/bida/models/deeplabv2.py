@@ -7,15 +7,26 @@ the DeepLab-V2 checkpoints that UDA repositories share (the classifier is
 Bottlenecks put their stride on the first 1x1 conv, as the caffe DeepLab does; layer3 and
 layer4 keep stride 1 and use dilation 2 and 4. The ASPP classifier is four 3x3 convs of
 dilation 6/12/18/24, each giving K class scores, **summed** into the logits.
+
+HRDA (:mod:`bida.models.hrda`) reads the model through :meth:`DeepLabV2.encode` /
+:meth:`DeepLabV2.decode`. Its crops need cell ``i`` of the output grid to stand for input pixels
+``[8i, 8i + 8)`` on every crop alike. The caffe stem's ceil-mode max pool adds one cell past
+the end (an input of side ``H``, a multiple of 8, gives ``H/2`` conv1 cells, then ``H/4 + 1``
+pooled cells, then ``H/8 + 1`` output cells, cell ``i`` centred on input pixel ``8i``: the last
+one on pixel ``H``, outside the input). :meth:`encode` pools in floor mode instead, which is
+the ceil-mode output without that last row and column: ``H/8`` cells, as mmseg's ResNetV1c
+gives HRDA. :meth:`forward` keeps the caffe pool.
 """
 
 from __future__ import annotations
 
 import copy
+from fractions import Fraction
 from typing import Literal
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
@@ -107,6 +118,16 @@ class ASPPClassifier(nn.Module):
         """Returns (logits (B,K,h,w), branches (B,4K,h,w)); each branch is computed once."""
         branches = [conv(x) for conv in self.conv2d_list]
         return torch.stack(branches, 0).sum(0), torch.cat(branches, 1)
+
+
+class ASPPAttentionHead(ASPPClassifier):
+    """HRDA's scale attention on DeepLab-V2: an ASPP of the classifier's kind (four dilated 3x3
+    convs, summed, no norm or activation) to ``out_channels`` maps (K, or 1 for all classes), on
+    the deepest of :meth:`DeepLabV2.encode`'s levels. Its output is the attention's logit."""
+
+    def forward(self, levels: list[Tensor]) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        """(logits (B, out_channels, h, w), branches) of ``levels[-1]`` (B, C, h, w)."""
+        return super().forward(levels[-1])
 
 
 class Stem(nn.Module):
@@ -286,9 +307,42 @@ class DeepLabV2(nn.Module):
         else:
             x = self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
         x = self.layer4(self.layer3(self.layer2(x)))  # (B, C, h, w), output stride 8
+        return self.decode([x], tuple(x.shape[-2:]))
+
+    # ------------------------------------------------------------------ HRDA's interface
+    output_stride = Fraction(8)  # input pixels per cell of encode/decode's grid (H/8 cells)
+    min_input = 8  # the shortest side encode takes: one output cell
+
+    def encode(self, x: Tensor, domain: Literal["source", "target"] = "source") -> list[Tensor]:
+        """layer4's output (what the ASPP classifier reads), with the stem's max pool in floor mode.
+
+        The floor-mode pool drops the ceil-mode pool's extra last row and column (see the module
+        docstring), so that cell ``i`` stands for input pixels ``[8i, 8i + 8)`` on any input whose
+        sides are multiples of 8.
+
+        Shape:
+            x: (B, 3, H, W) -> [(B, C, floor-pooled H/8, W/8)] (H/8, W/8 for multiples of 8).
+        """
+        stem = self.target_stem if domain == "target" and self.target_stem is not None else self
+        x = F.max_pool2d(stem.relu(stem.bn1(stem.conv1(x))), 3, 2, 1, ceil_mode=False)
+        return [self.layer4(self.layer3(self.layer2(stem.layer1(x))))]
+
+    def decode(self, levels: list[Tensor], size: tuple[int, int]) -> SegOutput:  # noqa: ARG002
+        """The ASPP classifier's logits and the contrast features (as :meth:`forward` gives them)
+        of :meth:`encode`'s levels (``size``: the input's, unused).
+
+        Shape:
+            levels: [(B, C, h, w)] -> SegOutput(logits (B, K, h, w), features (B, D, h, w)).
+        """
+        x = levels[-1]
         logits, branches = self.layer5(x)
         features = branches if self.proj is None else self.proj(x)
         return SegOutput(logits=logits, features=features)
+
+    def attention_head(self, out_channels: int) -> nn.Module:
+        """A fresh ASPP of ``out_channels`` maps on :meth:`encode`'s levels (HRDA's scale attention
+        on DeepLab-V2: a second DeepLab-V2 classifier)."""
+        return ASPPAttentionHead(self.backbone_channels, out_channels)
 
 
 def build_deeplabv2(model_cfg, num_classes: int, feature: str = "aspp_branches") -> DeepLabV2:

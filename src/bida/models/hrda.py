@@ -22,7 +22,7 @@ averaged where they overlap, and the unmasked attention fuses them with the cont
 cells of both grids first and the outputs cropped back.
 
 Alignment: the crop corners, the crop sizes and the input sides are multiples of
-``unit = output_stride / context_scale`` input pixels (8 for MiT at 0.5), so that every
+``unit = output_stride / context_scale`` input pixels (8 for MiT at 0.5, 16 for DeepLab-V2), so that every
 crop covers whole cells of the context grid (``unit`` pixels a cell) and of the
 full-resolution grid (``output_stride`` pixels). The config checks enforce it.
 
@@ -158,7 +158,7 @@ class HRDASegmentor(nn.Module):
     """A segmentor with HRDA's context and detail crops and scale attention (see the module docstring).
 
     ``base``: a segmentor with ``encode(x, domain) -> levels``, ``decode(levels, size) ->
-    SegOutput``, ``attention_head(channels)`` and ``output_stride`` (MiT, DINOv2). Its
+    SegOutput``, ``attention_head(channels)`` and ``output_stride`` (MiT, DINOv2, DeepLab-V2). Its
     modules become this module's own (same state-dict names), plus ``scale_attention``.
 
     ``forward(x, domain, detail_box=None, context_only=False)``:
@@ -196,7 +196,8 @@ class HRDASegmentor(nn.Module):
         return self._base[0]
 
     def sync_target_stem(self) -> None:
-        """Nothing to copy (MiT and DINOv2 have no target stem)."""
+        """The segmentor's (DeepLab-V2's target stem; MiT and DINOv2 have none)."""
+        self.base.sync_target_stem()
 
     def backbone_output_module(self) -> nn.Module:
         """The segmentor's deepest encoder level; the context crop is encoded first in every forward."""
@@ -233,9 +234,10 @@ class HRDASegmentor(nn.Module):
             x: (B, 3, H, W); detail_box: (B, 2) int64 or None -> logits (B, K, ceil(H/os), ceil(W/os))
             (context_only: the context grid), features (B, D, ceil(H/unit), ceil(W/unit)).
         """
-        if context_only:
-            return self.base.forward(F.interpolate(x, scale_factor=self.context_scale, mode="bilinear",
-                                                   align_corners=False, recompute_scale_factor=False), domain)
+        if context_only:  # through encode/decode: on the grid of the context branch (DeepLab-V2: H/8 cells)
+            small = F.interpolate(x, scale_factor=self.context_scale, mode="bilinear", align_corners=False,
+                                  recompute_scale_factor=False)
+            return self.base.decode(self.base.encode(small, domain), tuple(small.shape[-2:]))
         if detail_box is not None:
             return self._train_forward(x, domain, detail_box)
         return self._fused_inference(x, domain)
