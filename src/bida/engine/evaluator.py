@@ -182,10 +182,10 @@ class Evaluator:
         metrics["method"] = self.cfg.method.name
         metrics["best"] = {"mIoU": state.best_miou, "step": state.best_step,
                            "note": "selected on target val (as the official code does); report 'last' as the main number"}
-        if self.dist.rank == 0 and metrics.get("confusion") and (warn := inference.majority_collapse(
-                torch.tensor(metrics["confusion"]), self.classes.names, f"target {metrics['split']}")):
-            tqdm.write(warn)  # even with --quiet, as the random-weights warning
         if self.dist.rank == 0:
+            if metrics.get("confusion") and (warn := inference.majority_collapse(
+                    torch.tensor(metrics["confusion"]), self.classes.names, f"target {metrics['split']}")):
+                tqdm.write(warn)  # even with --quiet, as the random-weights warning
             inference.write_metrics(metrics, self.run_dir / "metrics.json")
             self.info(inference.markdown_table(metrics))
             if "test" in metrics:
